@@ -1,0 +1,67 @@
+"""PyTorch side of the CPU ViT training-throughput benchmark (compare with ferrovit's bench).
+
+Example: python3 scripts/bench_torch.py --preset all --batch 128 --threads 2 --steps 10
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_vit import PRESETS, ViT  # noqa: E402
+
+
+def bench(preset, args):
+    torch.manual_seed(0)
+    model = ViT(dropout=0.1, **PRESETS[preset]).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    step_model = torch.compile(model) if args.compile else model
+    images = torch.randn(args.batch, 3, 32, 32)
+    labels = torch.randint(0, 10, (args.batch,))
+
+    times = []
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(step_model(images), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        if i >= args.warmup:
+            times.append(dt)
+
+    step_s = statistics.median(times)
+    framework = "pytorch-compile" if args.compile else "pytorch-eager"
+    print(f"{preset} [{framework}] batch={args.batch} threads={args.threads}: "
+          f"{args.batch / step_s:.1f} img/s, {step_s * 1e3:.1f} ms/step (median of {len(times)}), "
+          f"loss={loss.item():.4f}")
+    print(json.dumps({
+        "preset": preset, "framework": framework, "batch": args.batch, "threads": args.threads,
+        "images_per_s_median": args.batch / step_s, "step_s_median": step_s,
+        "torch_version": torch.__version__,
+    }))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--preset", default="vit_tiny_patch4_32", choices=[*PRESETS, "all"])
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    args = p.parse_args()
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
+    torch.set_num_threads(args.threads)
+    for preset in PRESETS if args.preset == "all" else [args.preset]:
+        bench(preset, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,543 @@
+//! A thin reverse-mode tape over coarse ops.
+//!
+//! A [`Graph`] is an arena of nodes addressed by index ([`Var`]); inputs always have
+//! smaller indices than their consumers, so the backward pass is one reverse sweep.
+//! Each op is one fused backend computation with a hand-written backward. Parameter
+//! gradients accumulate straight into the [`ParamStore`]; `backward_from(var, grad)`
+//! starts the sweep at any node with a given gradient (what a pipeline stage needs
+//! when its output gradient arrives from the next stage).
+
+mod params;
+
+pub use params::{Param, ParamId, ParamStore};
+
+use crate::backend::{self, AttnDims, Backend, DropoutKey};
+use crate::error::{Error, Result};
+use crate::tensor::{Device, Shape, Tensor};
+use std::sync::Arc;
+
+/// A node of a [`Graph`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Var(usize);
+
+/// Activation fused into a linear layer's epilogue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    None,
+    Gelu,
+}
+
+enum Op {
+    /// A tensor from outside (images, or a received activation).
+    Input,
+    Param(ParamId),
+    Patchify,
+    Linear {
+        x: Var,
+        w: Var,
+        b: Option<Var>,
+        /// pre-activation output, kept when the activation is GELU
+        pre: Option<Tensor>,
+    },
+    Embed {
+        patches: Var,
+        cls: Var,
+        pos: Var,
+    },
+    LayerNorm {
+        x: Var,
+        gamma: Var,
+        beta: Var,
+        mean: Tensor,
+        rstd: Tensor,
+    },
+    Attention {
+        qkv: Var,
+        dims: AttnDims,
+        probs: Tensor,
+    },
+    Add {
+        a: Var,
+        b: Var,
+    },
+    Dropout {
+        x: Var,
+        p: f32,
+        key: DropoutKey,
+        samples: Arc<[u64]>,
+    },
+    SelectRows {
+        x: Var,
+        stride_rows: usize,
+    },
+    CrossEntropy {
+        logits: Var,
+        dlogits: Tensor,
+    },
+}
+
+struct Node {
+    /// `None` for parameters (their value lives in the store) and after the backward
+    /// sweep has released it.
+    value: Option<Tensor>,
+    grad: Option<Tensor>,
+    needs_grad: bool,
+    op: Op,
+}
+
+/// One forward computation, recorded for its backward pass.
+pub struct Graph<'a> {
+    store: &'a mut ParamStore,
+    nodes: Vec<Node>,
+    param_vars: Vec<Option<Var>>,
+    backend: &'static dyn Backend,
+    device: Device,
+}
+
+impl<'a> Graph<'a> {
+    pub fn new(store: &'a mut ParamStore) -> Self {
+        let n = store.len();
+        let device = store.iter().next().map_or(Device::Cpu, |p| p.value.device());
+        Graph {
+            store,
+            nodes: Vec::new(),
+            param_vars: vec![None; n],
+            backend: backend::for_device(device),
+            device,
+        }
+    }
+
+    pub fn store(&self) -> &ParamStore {
+        self.store
+    }
+
+    fn push(&mut self, value: Tensor, needs_grad: bool, op: Op) -> Var {
+        self.nodes.push(Node {
+            value: Some(value),
+            grad: None,
+            needs_grad,
+            op,
+        });
+        Var(self.nodes.len() - 1)
+    }
+
+    /// A constant input (no gradient).
+    pub fn input(&mut self, value: Tensor) -> Var {
+        self.push(value, false, Op::Input)
+    }
+
+    /// An input whose gradient is wanted (read it with [`Graph::grad`] after backward).
+    pub fn input_with_grad(&mut self, value: Tensor) -> Var {
+        self.push(value, true, Op::Input)
+    }
+
+    /// The node for a parameter (one node per parameter per graph).
+    pub fn param(&mut self, id: ParamId) -> Var {
+        if let Some(v) = self.param_vars[id.0] {
+            return v;
+        }
+        self.nodes.push(Node {
+            value: None,
+            grad: None,
+            needs_grad: true,
+            op: Op::Param(id),
+        });
+        let v = Var(self.nodes.len() - 1);
+        self.param_vars[id.0] = Some(v);
+        v
+    }
+
+    /// The value of a node.
+    ///
+    /// # Panics
+    /// If the backward sweep already released it (values are freed as the sweep
+    /// passes them, to bound memory).
+    pub fn value(&self, v: Var) -> &Tensor {
+        let node = &self.nodes[v.0];
+        match (&node.op, &node.value) {
+            (Op::Param(id), _) => &self.store.get(*id).value,
+            (_, Some(t)) => t,
+            (_, None) => panic!("value of node {} was released by backward", v.0),
+        }
+    }
+
+    /// The gradient of an input node after [`Graph::backward`] (parameter gradients are
+    /// in the store).
+    pub fn grad(&self, v: Var) -> Option<&Tensor> {
+        match self.nodes[v.0].op {
+            Op::Param(id) => Some(&self.store.get(id).grad),
+            _ => self.nodes[v.0].grad.as_ref(),
+        }
+    }
+
+    fn needs(&self, v: Var) -> bool {
+        self.nodes[v.0].needs_grad
+    }
+
+    fn out(&self, dims: &[usize]) -> Tensor {
+        Tensor::uninit(Shape::new(dims), self.device)
+    }
+
+    fn with_last(dims: &[usize], last: usize) -> Vec<usize> {
+        let mut d = dims.to_vec();
+        if let Some(l) = d.last_mut() {
+            *l = last;
+        }
+        d
+    }
+
+    /// Images `[b, c, h, w]` to patches `[b, (h/p)(w/p), c p p]`. Images are data, not
+    /// trained, so this has no backward.
+    pub fn patchify(&mut self, images: Var, patch: usize) -> Result<Var> {
+        if self.needs(images) {
+            return Err(Error::Graph("patchify of a tensor that needs a gradient".into()));
+        }
+        let x = self.value(images);
+        let &[b, c, h, w] = x.dims() else {
+            return Err(Error::shape("patchify", "[batch, channels, height, width]", x.shape()));
+        };
+        if patch == 0 || h % patch != 0 || w % patch != 0 {
+            return Err(Error::shape("patchify", format!("sides divisible by {patch}"), x.shape()));
+        }
+        let mut out = self.out(&[b, (h / patch) * (w / patch), c * patch * patch]);
+        self.backend.patchify(x, patch, &mut out)?;
+        Ok(self.push(out, false, Op::Patchify))
+    }
+
+    /// `y = x Wᵀ + b` over the last dimension, optionally followed by GELU in the same
+    /// pass. `W` is `[out, in…]` (a conv weight `[d, c, p, p]` counts as `[d, c p p]`).
+    pub fn linear(&mut self, x: Var, w: Var, b: Option<Var>, act: Activation) -> Result<Var> {
+        let (xv, wv) = (self.value(x), self.value(w));
+        let out_f = wv.dims().first().copied().unwrap_or(0);
+        let in_f = xv.shape().last();
+        if out_f == 0 || wv.numel() != out_f * in_f {
+            return Err(Error::shape("linear", format!("weight [_, {in_f}] for input {}", xv.shape()), wv.shape()));
+        }
+        if let Some(b) = b {
+            self.value(b).expect_dims("linear bias", &[out_f])?;
+        }
+        let n = xv.shape().rows();
+        let dims = Self::with_last(xv.dims(), out_f);
+        let mut out = self.out(&dims);
+        let pre = match act {
+            Activation::None => {
+                if let Some(b) = b {
+                    self.backend.fill_rows(&mut out, self.value(b))?;
+                }
+                self.backend.matmul(&mut out, xv, false, wv, true, (n, out_f, in_f), b.is_some())?;
+                None
+            }
+            Activation::Gelu => {
+                let mut pre = self.out(&dims);
+                self.backend.matmul(&mut pre, xv, false, wv, true, (n, out_f, in_f), false)?;
+                let zero;
+                let bias = match b {
+                    Some(b) => self.value(b),
+                    None => {
+                        zero = Tensor::zeros([out_f], self.device);
+                        &zero
+                    }
+                };
+                self.backend.bias_gelu(&mut pre, bias, &mut out)?;
+                Some(pre)
+            }
+        };
+        let needs = self.needs(x) || self.needs(w) || b.is_some_and(|b| self.needs(b));
+        Ok(self.push(out, needs, Op::Linear { x, w, b, pre }))
+    }
+
+    /// Token embedding: cls token first, then the patches, plus position embeddings.
+    pub fn embed(&mut self, patches: Var, cls: Var, pos: Var) -> Result<Var> {
+        let (p, c, e) = (self.value(patches), self.value(cls), self.value(pos));
+        let &[b, l, d] = p.dims() else {
+            return Err(Error::shape("embed", "patches [batch, tokens, dim]", p.shape()));
+        };
+        if c.numel() != d || e.numel() != (l + 1) * d {
+            return Err(Error::shape(
+                "embed",
+                format!("cls of {d} and pos of {} elements", (l + 1) * d),
+                format!("{} and {}", c.shape(), e.shape()),
+            ));
+        }
+        let mut out = self.out(&[b, l + 1, d]);
+        self.backend.embed(p, c, e, &mut out)?;
+        let needs = self.needs(patches) || self.needs(cls) || self.needs(pos);
+        Ok(self.push(out, needs, Op::Embed { patches, cls, pos }))
+    }
+
+    /// LayerNorm over the last dimension.
+    pub fn layernorm(&mut self, x: Var, gamma: Var, beta: Var, eps: f32) -> Result<Var> {
+        let (xv, g, b) = (self.value(x), self.value(gamma), self.value(beta));
+        let d = xv.shape().last();
+        g.expect_dims("layernorm weight", &[d])?;
+        b.expect_dims("layernorm bias", &[d])?;
+        let rows = xv.shape().rows();
+        let mut y = self.out(xv.dims());
+        let mut mean = self.out(&[rows]);
+        let mut rstd = self.out(&[rows]);
+        self.backend.layernorm(xv, g, b, eps, &mut y, &mut mean, &mut rstd)?;
+        let needs = self.needs(x) || self.needs(gamma) || self.needs(beta);
+        Ok(self.push(y, needs, Op::LayerNorm { x, gamma, beta, mean, rstd }))
+    }
+
+    /// Multi-head self-attention core on packed `qkv` `[b, t, 3d]` → `[b, t, d]`.
+    pub fn attention(&mut self, qkv: Var, heads: usize) -> Result<Var> {
+        let v = self.value(qkv);
+        let &[b, t, d3] = v.dims() else {
+            return Err(Error::shape("attention", "qkv [batch, tokens, 3 dim]", v.shape()));
+        };
+        if d3 % 3 != 0 {
+            return Err(Error::shape("attention", "last dimension divisible by 3", v.shape()));
+        }
+        let dims = AttnDims {
+            batch: b,
+            tokens: t,
+            dim: d3 / 3,
+            heads,
+        };
+        let mut probs = self.out(&[b, heads, t, t]);
+        let mut out = self.out(&[b, t, d3 / 3]);
+        self.backend.attention(v, dims, &mut probs, &mut out)?;
+        let needs = self.needs(qkv);
+        Ok(self.push(out, needs, Op::Attention { qkv, dims, probs }))
+    }
+
+    pub fn add(&mut self, a: Var, b: Var) -> Result<Var> {
+        let (av, bv) = (self.value(a), self.value(b));
+        if av.shape() != bv.shape() {
+            return Err(Error::shape("add", av.shape(), bv.shape()));
+        }
+        let mut out = self.out(av.dims());
+        self.backend.add(av, bv, &mut out)?;
+        let needs = self.needs(a) || self.needs(b);
+        Ok(self.push(out, needs, Op::Add { a, b }))
+    }
+
+    /// Inverted dropout with a counter-based mask (see [`DropoutKey`]); `samples` holds
+    /// the global index of each sample in the batch (leading dimension). `p == 0` is
+    /// the identity and records nothing.
+    pub fn dropout(&mut self, x: Var, p: f32, key: DropoutKey, samples: &Arc<[u64]>) -> Result<Var> {
+        if p == 0.0 {
+            return Ok(x);
+        }
+        let xv = self.value(x);
+        if xv.dims().first() != Some(&samples.len()) {
+            return Err(Error::shape("dropout", format!("leading dimension {}", samples.len()), xv.shape()));
+        }
+        let mut out = self.out(xv.dims());
+        self.backend.dropout(xv, p, key, samples, &mut out, false)?;
+        let needs = self.needs(x);
+        let samples = samples.clone();
+        Ok(self.push(out, needs, Op::Dropout { x, p, key, samples }))
+    }
+
+    /// `[b, t, d]` → `[b, d]`: token 0 (the cls token) of every image.
+    pub fn select_cls(&mut self, x: Var) -> Result<Var> {
+        let xv = self.value(x);
+        let &[b, t, d] = xv.dims() else {
+            return Err(Error::shape("select_cls", "[batch, tokens, dim]", xv.shape()));
+        };
+        let mut out = self.out(&[b, d]);
+        self.backend.select_rows(xv, t, &mut out)?;
+        let needs = self.needs(x);
+        Ok(self.push(out, needs, Op::SelectRows { x, stride_rows: t }))
+    }
+
+    /// Mean softmax cross-entropy of `logits` `[b, classes]` against `labels`, with
+    /// label smoothing. The result is a one-element tensor.
+    pub fn cross_entropy(&mut self, logits: Var, labels: &[usize], label_smoothing: f32) -> Result<Var> {
+        if !(0.0..=1.0).contains(&label_smoothing) {
+            return Err(Error::Config(format!("label smoothing {label_smoothing} is outside [0, 1]")));
+        }
+        let z = self.value(logits);
+        if z.shape().rank() != 2 {
+            return Err(Error::shape("cross_entropy", "logits [batch, classes]", z.shape()));
+        }
+        let mut dlogits = self.out(z.dims());
+        let loss = self.backend.cross_entropy(z, labels, label_smoothing, &mut dlogits)?;
+        let out = Tensor::from_vec(vec![loss], [1])?;
+        let needs = self.needs(logits);
+        Ok(self.push(out, needs, Op::CrossEntropy { logits, dlogits }))
+    }
+
+    /// Backpropagates from a one-element node (a loss) with gradient 1.
+    pub fn backward(&mut self, loss: Var) -> Result<()> {
+        let shape = self.value(loss).shape().clone();
+        if shape.numel() != 1 {
+            return Err(Error::shape("backward", "a one-element loss", shape));
+        }
+        let one = Tensor::full(shape, 1.0, self.device);
+        self.backward_from(loss, one)
+    }
+
+    /// Backpropagates `grad` (the gradient of some objective w.r.t. `var`) through
+    /// everything `var` depends on. Parameter gradients accumulate into the store;
+    /// intermediate values are released as the sweep passes them.
+    pub fn backward_from(&mut self, var: Var, grad: Tensor) -> Result<()> {
+        let want = self.value(var).shape().clone();
+        if grad.shape() != &want {
+            return Err(Error::shape("backward_from", want, grad.shape()));
+        }
+        self.accumulate(var, &grad)?;
+        for i in (0..=var.0).rev() {
+            let Some(g) = self.nodes[i].grad.take() else {
+                continue;
+            };
+            self.backward_node(i, &g)?;
+            let node = &mut self.nodes[i];
+            if matches!(node.op, Op::Input) {
+                node.grad = Some(g); // callers read input gradients
+            } else if !matches!(node.op, Op::Param(_)) {
+                // The root keeps its value (callers read the loss after backward).
+                if i != var.0 {
+                    node.value = None;
+                }
+                node.op = Op::Input; // drops saved tensors
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the gradient slot of `v` out (zeroed if empty) so a kernel can write it
+    /// while other nodes are borrowed; [`Graph::put_grad`] puts it back.
+    fn take_grad(&mut self, v: Var) -> Option<Tensor> {
+        if !self.needs(v) {
+            return None;
+        }
+        match self.nodes[v.0].op {
+            Op::Param(id) => {
+                let g = &mut self.store.get_mut(id).grad;
+                Some(std::mem::replace(g, Tensor::zeros([0], self.device)))
+            }
+            _ => Some(match self.nodes[v.0].grad.take() {
+                Some(g) => g,
+                None => Tensor::zeros(self.value(v).shape().clone(), self.device),
+            }),
+        }
+    }
+
+    /// The gradient slot of `v`, or a scratch buffer when `v` needs no gradient (for
+    /// kernels that always produce every input's gradient); the flag says which.
+    fn grad_or_scratch(&mut self, v: Var) -> (Tensor, bool) {
+        match self.take_grad(v) {
+            Some(g) => (g, true),
+            None => (Tensor::zeros(self.value(v).shape().clone(), self.device), false),
+        }
+    }
+
+    fn put_grad(&mut self, v: Var, g: Option<Tensor>) {
+        let Some(g) = g else { return };
+        match self.nodes[v.0].op {
+            Op::Param(id) => self.store.get_mut(id).grad = g,
+            _ => self.nodes[v.0].grad = Some(g),
+        }
+    }
+
+    fn accumulate(&mut self, v: Var, g: &Tensor) -> Result<()> {
+        if let Some(mut slot) = self.take_grad(v) {
+            let r = self.backend.add_assign(&mut slot, g);
+            self.put_grad(v, Some(slot));
+            r?;
+        }
+        Ok(())
+    }
+
+    fn backward_node(&mut self, i: usize, g: &Tensor) -> Result<()> {
+        // Move the op out so its saved tensors can be read while grads are written.
+        let op = std::mem::replace(&mut self.nodes[i].op, Op::Input);
+        let r = self.backward_op(&op, g);
+        self.nodes[i].op = op;
+        r
+    }
+
+    fn backward_op(&mut self, op: &Op, g: &Tensor) -> Result<()> {
+        let be = self.backend;
+        match op {
+            Op::Input | Op::Param(_) | Op::Patchify => {}
+            Op::Linear { x, w, b, pre } => {
+                let dpre_owned;
+                let dpre = match pre {
+                    Some(pre) => {
+                        let mut d = self.out(g.dims());
+                        be.gelu_backward(g, pre, &mut d)?;
+                        dpre_owned = d;
+                        &dpre_owned
+                    }
+                    None => g,
+                };
+                let out_f = dpre.shape().last();
+                let n = dpre.shape().rows();
+                let in_f = self.value(*x).shape().last();
+                if let Some(b) = *b {
+                    let mut db = self.take_grad(b);
+                    if let Some(db) = db.as_mut() {
+                        be.bias_grad(dpre, db)?;
+                    }
+                    self.put_grad(b, db);
+                }
+                let mut dw = self.take_grad(*w);
+                if let Some(dw) = dw.as_mut() {
+                    be.matmul(dw, dpre, true, self.value(*x), false, (out_f, in_f, n), true)?;
+                }
+                self.put_grad(*w, dw);
+                let mut dx = self.take_grad(*x);
+                if let Some(dx) = dx.as_mut() {
+                    be.matmul(dx, dpre, false, self.value(*w), false, (n, in_f, out_f), true)?;
+                }
+                self.put_grad(*x, dx);
+            }
+            Op::Embed { patches, cls, pos } => {
+                let (mut dp, kp) = self.grad_or_scratch(*patches);
+                let (mut dc, kc) = self.grad_or_scratch(*cls);
+                let (mut de, ke) = self.grad_or_scratch(*pos);
+                let r = be.embed_backward(g, &mut dp, &mut dc, &mut de);
+                self.put_grad(*patches, kp.then_some(dp));
+                self.put_grad(*cls, kc.then_some(dc));
+                self.put_grad(*pos, ke.then_some(de));
+                r?;
+            }
+            Op::LayerNorm { x, gamma, beta, mean, rstd } => {
+                let (mut dx, kx) = self.grad_or_scratch(*x);
+                let (mut dg, kg) = self.grad_or_scratch(*gamma);
+                let (mut db, kb) = self.grad_or_scratch(*beta);
+                let (xv, gv) = (self.value(*x), self.value(*gamma));
+                let r = be.layernorm_backward(g, xv, gv, mean, rstd, &mut dx, &mut dg, &mut db);
+                self.put_grad(*x, kx.then_some(dx));
+                self.put_grad(*gamma, kg.then_some(dg));
+                self.put_grad(*beta, kb.then_some(db));
+                r?;
+            }
+            Op::Attention { qkv, dims, probs } => {
+                let mut d = self.take_grad(*qkv);
+                if let Some(d) = d.as_mut() {
+                    be.attention_backward(g, self.value(*qkv), probs, *dims, d)?;
+                }
+                self.put_grad(*qkv, d);
+            }
+            Op::Add { a, b } => {
+                self.accumulate(*a, g)?;
+                self.accumulate(*b, g)?;
+            }
+            Op::Dropout { x, p, key, samples } => {
+                let mut d = self.take_grad(*x);
+                if let Some(d) = d.as_mut() {
+                    be.dropout(g, *p, *key, samples, d, true)?;
+                }
+                self.put_grad(*x, d);
+            }
+            Op::SelectRows { x, stride_rows } => {
+                let mut d = self.take_grad(*x);
+                if let Some(d) = d.as_mut() {
+                    be.select_rows_backward(g, *stride_rows, d)?;
+                }
+                self.put_grad(*x, d);
+            }
+            Op::CrossEntropy { logits, dlogits } => {
+                let mut scaled = dlogits.clone();
+                be.scale(&mut scaled, g.f32s()?[0])?;
+                self.accumulate(*logits, &scaled)?;
+            }
+        }
+        Ok(())
+    }
+}

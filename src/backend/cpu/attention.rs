@@ -1,0 +1,183 @@
+//! Multi-head self-attention on a packed `qkv` tensor `[b, t, 3d]` (q, k, v blocks of
+//! width `d`, head `h` at columns `h*hd..(h+1)*hd` of each block, as timm packs them).
+//!
+//! ViT's sequences are short (65 tokens), so each (image, head) pair is a handful of
+//! tiny products; they run in parallel over images × heads, each single-threaded, and
+//! read q, k, v in place through strides — no reshapes or copies.
+
+use super::gemm::{matmul_raw, Mat, Par};
+use rayon::prelude::*;
+
+/// Geometry of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnDims {
+    pub batch: usize,
+    pub tokens: usize,
+    pub dim: usize,
+    pub heads: usize,
+}
+
+impl AttnDims {
+    fn head_dim(self) -> usize {
+        self.dim / self.heads
+    }
+    /// View of q (`which` = 0), k (1) or v (2) of head `h` of image `b` in qkv.
+    fn qkv_view(self, b: usize, h: usize, which: usize) -> Mat {
+        let (t, d) = (self.tokens, self.dim);
+        Mat {
+            offset: b * t * 3 * d + which * d + h * self.head_dim(),
+            rows: t,
+            cols: self.head_dim(),
+            rs: 3 * d,
+            cs: 1,
+        }
+    }
+    /// View of head `h` of image `b` in an output-shaped tensor `[b, t, d]`.
+    fn out_view(self, b: usize, h: usize) -> Mat {
+        let (t, d) = (self.tokens, self.dim);
+        Mat {
+            offset: b * t * d + h * self.head_dim(),
+            rows: t,
+            cols: self.head_dim(),
+            rs: d,
+            cs: 1,
+        }
+    }
+}
+
+/// A pointer that may cross threads; users guarantee disjoint writes.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+/// `out = softmax(q kᵀ / sqrt(hd)) v` per head; saves the probabilities
+/// (`probs`, `[b, heads, t, t]`) for the backward pass.
+pub fn attention(qkv: &[f32], dims: AttnDims, probs: &mut [f32], out: &mut [f32]) {
+    let (t, d) = (dims.tokens, dims.dim);
+    assert!(qkv.len() == dims.batch * t * 3 * d && out.len() == dims.batch * t * d);
+    assert!(probs.len() == dims.batch * dims.heads * t * t && d % dims.heads == 0);
+    let scale = 1.0 / (dims.head_dim() as f32).sqrt();
+    let out_ptr = SharedMut(out.as_mut_ptr());
+    probs.par_chunks_mut(t * t).enumerate().for_each(|(bh, p)| {
+        let (b, h) = (bh / dims.heads, bh % dims.heads);
+        let out_ptr = out_ptr;
+        // SAFETY: all views lie inside their buffers (lengths asserted above), and
+        // each (b, h) task writes only its own head's columns of `out`.
+        unsafe {
+            matmul_raw(
+                p.as_mut_ptr(),
+                Mat::dense(t, t),
+                qkv.as_ptr(),
+                dims.qkv_view(b, h, 0),
+                qkv.as_ptr(),
+                dims.qkv_view(b, h, 1).t(),
+                false,
+                Par::Single,
+            );
+        }
+        for row in p.chunks_mut(t) {
+            let m = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+            let mut sum = 0.0;
+            for v in row.iter_mut() {
+                *v = super::math::exp((*v - m) * scale);
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|v| *v *= inv);
+        }
+        unsafe {
+            matmul_raw(
+                out_ptr.0,
+                dims.out_view(b, h),
+                p.as_ptr(),
+                Mat::dense(t, t),
+                qkv.as_ptr(),
+                dims.qkv_view(b, h, 2),
+                false,
+                Par::Single,
+            );
+        }
+    });
+}
+
+/// Backward of [`attention`]: `dqkv += …` given `dout` and the saved `probs`.
+pub fn attention_backward(
+    dout: &[f32],
+    qkv: &[f32],
+    probs: &[f32],
+    dims: AttnDims,
+    dqkv: &mut [f32],
+) {
+    let (t, d) = (dims.tokens, dims.dim);
+    assert!(qkv.len() == dims.batch * t * 3 * d && dqkv.len() == qkv.len());
+    assert!(dout.len() == dims.batch * t * d && probs.len() == dims.batch * dims.heads * t * t);
+    let scale = 1.0 / (dims.head_dim() as f32).sqrt();
+    let dqkv_ptr = SharedMut(dqkv.as_mut_ptr());
+    probs.par_chunks(t * t).enumerate().for_each_init(
+        || vec![0.0f32; t * t],
+        |ds, (bh, p)| {
+            let (b, h) = (bh / dims.heads, bh % dims.heads);
+            let dqkv_ptr = dqkv_ptr;
+            let dense = Mat::dense(t, t);
+            // SAFETY: views lie inside their buffers (asserted above); task (b, h)
+            // writes only head h's q, k, v columns of image b in `dqkv`.
+            unsafe {
+                // dP = dO Vᵀ
+                matmul_raw(
+                    ds.as_mut_ptr(),
+                    dense,
+                    dout.as_ptr(),
+                    dims.out_view(b, h),
+                    qkv.as_ptr(),
+                    dims.qkv_view(b, h, 2).t(),
+                    false,
+                    Par::Single,
+                );
+                // dV += Pᵀ dO
+                matmul_raw(
+                    dqkv_ptr.0,
+                    dims.qkv_view(b, h, 2),
+                    p.as_ptr(),
+                    dense.t(),
+                    dout.as_ptr(),
+                    dims.out_view(b, h),
+                    true,
+                    Par::Single,
+                );
+            }
+            // dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale   (softmax backward, with the
+            // 1/sqrt(hd) of the forward folded in)
+            for (dsr, pr) in ds.chunks_mut(t).zip(p.chunks(t)) {
+                let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                for (g, &pv) in dsr.iter_mut().zip(pr) {
+                    *g = pv * (*g - dot) * scale;
+                }
+            }
+            unsafe {
+                // dQ += dS K
+                matmul_raw(
+                    dqkv_ptr.0,
+                    dims.qkv_view(b, h, 0),
+                    ds.as_ptr(),
+                    dense,
+                    qkv.as_ptr(),
+                    dims.qkv_view(b, h, 1),
+                    true,
+                    Par::Single,
+                );
+                // dK += dSᵀ Q
+                matmul_raw(
+                    dqkv_ptr.0,
+                    dims.qkv_view(b, h, 1),
+                    ds.as_ptr(),
+                    dense.t(),
+                    qkv.as_ptr(),
+                    dims.qkv_view(b, h, 0),
+                    true,
+                    Par::Single,
+                );
+            }
+        },
+    );
+}

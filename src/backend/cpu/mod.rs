@@ -1,0 +1,328 @@
+//! The CPU backend: f32, multi-threaded with rayon, GEMMs through the `gemm` crate.
+//! It is also the reference every other backend is tested against.
+
+pub mod attention;
+pub mod gemm;
+pub mod math;
+pub mod ops;
+pub mod optim;
+
+pub use ops::fill;
+
+use super::{AdamStep, AttnDims, Backend, DropoutKey, SgdStep};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// Sets the number of CPU threads (rayon's global pool, which the GEMMs use too).
+/// Call once, before any compute; `0` means one per core.
+pub fn set_num_threads(n: usize) -> Result<()> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| Error::Config(format!("cannot set thread count to {n}: {e}")))
+}
+
+/// Number of threads compute runs on.
+pub fn num_threads() -> usize {
+    rayon::current_num_threads()
+}
+
+pub struct CpuBackend;
+
+fn same_len(op: &'static str, a: &[f32], b: &[f32]) -> Result<()> {
+    if a.len() != b.len() {
+        return Err(Error::shape(op, format!("{} elements", a.len()), format!("{} elements", b.len())));
+    }
+    Ok(())
+}
+
+fn rows_of(op: &'static str, x: &[f32], width: usize) -> Result<usize> {
+    if width == 0 || x.len() % width != 0 {
+        return Err(Error::shape(op, format!("rows of width {width}"), format!("{} elements", x.len())));
+    }
+    Ok(x.len() / width)
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn matmul(
+        &self,
+        c: &mut Tensor,
+        a: &Tensor,
+        ta: bool,
+        b: &Tensor,
+        tb: bool,
+        (m, n, k): (usize, usize, usize),
+        accumulate: bool,
+    ) -> Result<()> {
+        let (a, b, c) = (a.f32s()?, b.f32s()?, c.f32s_mut()?);
+        if a.len() != m * k || b.len() != k * n || c.len() != m * n {
+            return Err(Error::shape(
+                "matmul",
+                format!("{m}x{k} · {k}x{n} -> {m}x{n}"),
+                format!("{} · {} -> {} elements", a.len(), b.len(), c.len()),
+            ));
+        }
+        gemm::matmul(c, a, ta, b, tb, (m, n, k), accumulate);
+        Ok(())
+    }
+
+    fn fill_rows(&self, out: &mut Tensor, bias: &Tensor) -> Result<()> {
+        let (out, bias) = (out.f32s_mut()?, bias.f32s()?);
+        rows_of("fill_rows", out, bias.len())?;
+        ops::fill_rows(out, bias);
+        Ok(())
+    }
+
+    fn bias_grad(&self, dy: &Tensor, db: &mut Tensor) -> Result<()> {
+        let (dy, db) = (dy.f32s()?, db.f32s_mut()?);
+        rows_of("bias_grad", dy, db.len())?;
+        ops::bias_grad(dy, db);
+        Ok(())
+    }
+
+    fn bias_gelu(&self, pre: &mut Tensor, bias: &Tensor, out: &mut Tensor) -> Result<()> {
+        let (pre, bias, out) = (pre.f32s_mut()?, bias.f32s()?, out.f32s_mut()?);
+        same_len("bias_gelu", pre, out)?;
+        rows_of("bias_gelu", pre, bias.len())?;
+        ops::bias_gelu(pre, bias, out);
+        Ok(())
+    }
+
+    fn gelu_backward(&self, dy: &Tensor, pre: &Tensor, dpre: &mut Tensor) -> Result<()> {
+        let (dy, pre, dpre) = (dy.f32s()?, pre.f32s()?, dpre.f32s_mut()?);
+        same_len("gelu_backward", dy, pre)?;
+        same_len("gelu_backward", dy, dpre)?;
+        ops::gelu_backward(dy, pre, dpre);
+        Ok(())
+    }
+
+    fn layernorm(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+        y: &mut Tensor,
+        mean: &mut Tensor,
+        rstd: &mut Tensor,
+    ) -> Result<()> {
+        let (x, g, b) = (x.f32s()?, gamma.f32s()?, beta.f32s()?);
+        let (y, mean, rstd) = (y.f32s_mut()?, mean.f32s_mut()?, rstd.f32s_mut()?);
+        let n = rows_of("layernorm", x, g.len())?;
+        same_len("layernorm", x, y)?;
+        same_len("layernorm", g, b)?;
+        if mean.len() != n || rstd.len() != n {
+            return Err(Error::shape("layernorm", format!("{n} row statistics"), mean.len()));
+        }
+        ops::layernorm(x, g, b, eps, y, mean, rstd);
+        Ok(())
+    }
+
+    fn layernorm_backward(
+        &self,
+        dy: &Tensor,
+        x: &Tensor,
+        gamma: &Tensor,
+        mean: &Tensor,
+        rstd: &Tensor,
+        dx: &mut Tensor,
+        dgamma: &mut Tensor,
+        dbeta: &mut Tensor,
+    ) -> Result<()> {
+        let (dy, x, g) = (dy.f32s()?, x.f32s()?, gamma.f32s()?);
+        let (mean, rstd) = (mean.f32s()?, rstd.f32s()?);
+        let (dx, dg, db) = (dx.f32s_mut()?, dgamma.f32s_mut()?, dbeta.f32s_mut()?);
+        let n = rows_of("layernorm_backward", x, g.len())?;
+        same_len("layernorm_backward", dy, x)?;
+        same_len("layernorm_backward", dx, x)?;
+        same_len("layernorm_backward", dg, g)?;
+        same_len("layernorm_backward", db, g)?;
+        if mean.len() != n || rstd.len() != n {
+            return Err(Error::shape("layernorm_backward", format!("{n} row statistics"), mean.len()));
+        }
+        ops::layernorm_backward(dy, x, g, mean, rstd, dx, dg, db);
+        Ok(())
+    }
+
+    fn patchify(&self, images: &Tensor, patch: usize, out: &mut Tensor) -> Result<()> {
+        let &[b, c, h, w] = images.dims() else {
+            return Err(Error::shape("patchify", "[batch, channels, height, width]", images.shape()));
+        };
+        if patch == 0 || h % patch != 0 || w % patch != 0 {
+            return Err(Error::shape("patchify", format!("sides divisible by patch {patch}"), images.shape()));
+        }
+        out.expect_dims("patchify", &[b, (h / patch) * (w / patch), c * patch * patch])?;
+        ops::patchify(images.f32s()?, (b, c, h, w), patch, out.f32s_mut()?);
+        Ok(())
+    }
+
+    fn embed(&self, patches: &Tensor, cls: &Tensor, pos: &Tensor, out: &mut Tensor) -> Result<()> {
+        let (p, c, e, o) = (patches.f32s()?, cls.f32s()?, pos.f32s()?, out.f32s_mut()?);
+        let t = rows_of("embed", e, c.len())?;
+        let b = rows_of("embed", p, (t - 1).max(1) * c.len())?;
+        if o.len() != b * t * c.len() {
+            return Err(Error::shape("embed", format!("{} elements", b * t * c.len()), o.len()));
+        }
+        ops::embed(p, c, e, o);
+        Ok(())
+    }
+
+    fn embed_backward(
+        &self,
+        dout: &Tensor,
+        dpatches: &mut Tensor,
+        dcls: &mut Tensor,
+        dpos: &mut Tensor,
+    ) -> Result<()> {
+        let (g, dp, dc, de) = (dout.f32s()?, dpatches.f32s_mut()?, dcls.f32s_mut()?, dpos.f32s_mut()?);
+        let t = rows_of("embed_backward", de, dc.len())?;
+        let b = rows_of("embed_backward", g, t * dc.len())?;
+        if dp.len() != b * (t - 1) * dc.len() {
+            return Err(Error::shape("embed_backward", b * (t - 1) * dc.len(), dp.len()));
+        }
+        ops::embed_backward(g, dp, dc, de);
+        Ok(())
+    }
+
+    fn attention(&self, qkv: &Tensor, dims: AttnDims, probs: &mut Tensor, out: &mut Tensor) -> Result<()> {
+        check_attn(dims, qkv, probs, out)?;
+        attention::attention(qkv.f32s()?, dims, probs.f32s_mut()?, out.f32s_mut()?);
+        Ok(())
+    }
+
+    fn attention_backward(
+        &self,
+        dout: &Tensor,
+        qkv: &Tensor,
+        probs: &Tensor,
+        dims: AttnDims,
+        dqkv: &mut Tensor,
+    ) -> Result<()> {
+        check_attn(dims, qkv, probs, dout)?;
+        if dqkv.numel() != qkv.numel() {
+            return Err(Error::shape("attention_backward", qkv.shape(), dqkv.shape()));
+        }
+        attention::attention_backward(dout.f32s()?, qkv.f32s()?, probs.f32s()?, dims, dqkv.f32s_mut()?);
+        Ok(())
+    }
+
+    fn add(&self, a: &Tensor, b: &Tensor, out: &mut Tensor) -> Result<()> {
+        let (a, b, out) = (a.f32s()?, b.f32s()?, out.f32s_mut()?);
+        same_len("add", a, b)?;
+        same_len("add", a, out)?;
+        ops::add(a, b, out);
+        Ok(())
+    }
+
+    fn add_assign(&self, dst: &mut Tensor, src: &Tensor) -> Result<()> {
+        let (dst, src) = (dst.f32s_mut()?, src.f32s()?);
+        same_len("add_assign", dst, src)?;
+        ops::add_assign(dst, src);
+        Ok(())
+    }
+
+    fn scale(&self, x: &mut Tensor, s: f32) -> Result<()> {
+        ops::scale(x.f32s_mut()?, s);
+        Ok(())
+    }
+
+    fn sum_squares(&self, x: &Tensor) -> Result<f64> {
+        Ok(ops::sum_squares(x.f32s()?))
+    }
+
+    fn dropout(
+        &self,
+        x: &Tensor,
+        p: f32,
+        key: DropoutKey,
+        samples: &[u64],
+        out: &mut Tensor,
+        accumulate: bool,
+    ) -> Result<()> {
+        let (x, out) = (x.f32s()?, out.f32s_mut()?);
+        same_len("dropout", x, out)?;
+        if samples.is_empty() || x.len() % samples.len() != 0 {
+            return Err(Error::shape("dropout", format!("a multiple of {} samples", samples.len()), x.len()));
+        }
+        if !(0.0..1.0).contains(&p) {
+            return Err(Error::Config(format!("dropout probability {p} is outside [0, 1)")));
+        }
+        ops::dropout(x, p, key, samples, out, accumulate);
+        Ok(())
+    }
+
+    fn cross_entropy(&self, logits: &Tensor, labels: &[usize], eps: f32, dlogits: &mut Tensor) -> Result<f32> {
+        let (z, dz) = (logits.f32s()?, dlogits.f32s_mut()?);
+        same_len("cross_entropy", z, dz)?;
+        let c = rows_of("cross_entropy", z, logits.shape().last())?;
+        if c != labels.len() || labels.is_empty() {
+            return Err(Error::shape("cross_entropy", format!("{c} labels"), labels.len()));
+        }
+        let classes = logits.shape().last();
+        if let Some((i, y)) = labels.iter().enumerate().find(|(_, &y)| y >= classes) {
+            return Err(Error::Config(format!("label {y} of sample {i} is out of range for {classes} classes")));
+        }
+        Ok(ops::cross_entropy(z, labels, eps, dz))
+    }
+
+    fn select_rows(&self, x: &Tensor, stride_rows: usize, out: &mut Tensor) -> Result<()> {
+        let d = out.shape().last();
+        let (x, o) = (x.f32s()?, out.f32s_mut()?);
+        if x.len() != o.len() * stride_rows {
+            return Err(Error::shape("select_rows", o.len() * stride_rows, x.len()));
+        }
+        ops::select_rows(x, d, stride_rows, o);
+        Ok(())
+    }
+
+    fn select_rows_backward(&self, dout: &Tensor, stride_rows: usize, dx: &mut Tensor) -> Result<()> {
+        let d = dout.shape().last();
+        let (g, dx) = (dout.f32s()?, dx.f32s_mut()?);
+        if dx.len() != g.len() * stride_rows {
+            return Err(Error::shape("select_rows_backward", g.len() * stride_rows, dx.len()));
+        }
+        ops::select_rows_backward(g, d, stride_rows, dx);
+        Ok(())
+    }
+
+    fn adam(&self, p: &mut Tensor, g: &Tensor, m: &mut Tensor, v: &mut Tensor, step: AdamStep) -> Result<()> {
+        let (p, g, m, v) = (p.f32s_mut()?, g.f32s()?, m.f32s_mut()?, v.f32s_mut()?);
+        same_len("adam", p, g)?;
+        same_len("adam", m, g)?;
+        same_len("adam", v, g)?;
+        optim::adam(p, g, m, v, step);
+        Ok(())
+    }
+
+    fn sgd(&self, p: &mut Tensor, g: &Tensor, buf: &mut Tensor, step: SgdStep) -> Result<()> {
+        let (p, g, b) = (p.f32s_mut()?, g.f32s()?, buf.f32s_mut()?);
+        same_len("sgd", p, g)?;
+        if step.momentum != 0.0 {
+            same_len("sgd", b, g)?;
+        }
+        optim::sgd(p, g, b, step);
+        Ok(())
+    }
+}
+
+/// Checks attention geometry and buffer sizes before the kernel's raw-pointer work.
+fn check_attn(d: AttnDims, qkv: &Tensor, probs: &Tensor, out: &Tensor) -> Result<()> {
+    if d.heads == 0 || d.dim % d.heads != 0 {
+        return Err(Error::Config(format!("dim {} is not divisible by {} heads", d.dim, d.heads)));
+    }
+    let (b, t, c) = (d.batch, d.tokens, d.dim);
+    for (what, have, want) in [
+        ("qkv", qkv.numel(), b * t * 3 * c),
+        ("probs", probs.numel(), b * d.heads * t * t),
+        ("out", out.numel(), b * t * c),
+    ] {
+        if have != want {
+            return Err(Error::shape("attention", format!("{what} of {want} elements"), have));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,362 @@
+//! Fused f32 kernels for the ViT op set, multi-threaded with rayon.
+//!
+//! Every kernel is one pass over its data where PyTorch eager would launch several
+//! ops. Work is split into fixed-size chunks (never "one chunk per thread"), so results
+//! do not depend on the thread count. Gradient outputs accumulate (`+=`), because a
+//! tensor may feed several consumers.
+
+use super::math;
+use rayon::prelude::*;
+
+/// Elements per parallel task for elementwise loops.
+const CHUNK: usize = 1 << 15;
+/// Rows per parallel task for row-wise kernels whose rows are a few hundred wide.
+const ROWS: usize = 32;
+
+pub fn fill(x: &mut [f32], v: f32) {
+    x.par_chunks_mut(CHUNK).for_each(|c| c.fill(v));
+}
+
+/// `dst += src`
+pub fn add_assign(dst: &mut [f32], src: &[f32]) {
+    assert_eq!(dst.len(), src.len());
+    dst.par_chunks_mut(CHUNK)
+        .zip(src.par_chunks(CHUNK))
+        .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d += s));
+}
+
+/// `out = a + b`
+pub fn add(a: &[f32], b: &[f32], out: &mut [f32]) {
+    assert!(a.len() == b.len() && a.len() == out.len());
+    out.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(o, (a, b))| {
+            for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+                *o = a + b;
+            }
+        });
+}
+
+/// `x *= s`
+pub fn scale(x: &mut [f32], s: f32) {
+    x.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v *= s));
+}
+
+/// Sum of squares, accumulated in f64 per chunk (for global-norm clipping).
+pub fn sum_squares(x: &[f32]) -> f64 {
+    let partial: Vec<f64> = x
+        .par_chunks(CHUNK)
+        .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum())
+        .collect();
+    partial.iter().sum()
+}
+
+/// Sums over rows into `acc` (length `width`): each task of `ROWS` rows fills a
+/// private partial with `f(row, partial)`; partials are added in row order.
+fn reduce_rows<F>(rows: usize, width: usize, acc: &mut [f32], f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
+    let tasks = rows.div_ceil(ROWS);
+    let partials: Vec<Vec<f32>> = (0..tasks)
+        .into_par_iter()
+        .map(|t| {
+            let mut p = vec![0.0f32; width];
+            for r in t * ROWS..((t + 1) * ROWS).min(rows) {
+                f(r, &mut p);
+            }
+            p
+        })
+        .collect();
+    for p in partials {
+        acc.iter_mut().zip(&p).for_each(|(a, v)| *a += v);
+    }
+}
+
+/// Every row of `out` (`[n, d]`) set to `bias` (`[d]`): the start value of a GEMM that
+/// accumulates, which fuses the bias add into the product.
+pub fn fill_rows(out: &mut [f32], bias: &[f32]) {
+    let d = bias.len();
+    out.par_chunks_mut(d * ROWS)
+        .for_each(|c| c.chunks_mut(d).for_each(|r| r.copy_from_slice(bias)));
+}
+
+/// `db += column sums of dy` (`dy` is `[n, d]`).
+pub fn bias_grad(dy: &[f32], db: &mut [f32]) {
+    let d = db.len();
+    reduce_rows(dy.len() / d, d, db, |r, p| {
+        p.iter_mut().zip(&dy[r * d..(r + 1) * d]).for_each(|(p, g)| *p += g)
+    });
+}
+
+/// In one pass: `pre += bias` (row-wise) and `out = gelu(pre)`.
+pub fn bias_gelu(pre: &mut [f32], bias: &[f32], out: &mut [f32]) {
+    let d = bias.len();
+    pre.par_chunks_mut(d * ROWS)
+        .zip(out.par_chunks_mut(d * ROWS))
+        .for_each(|(p, o)| {
+            for (p, o) in p.chunks_mut(d).zip(o.chunks_mut(d)) {
+                for ((p, o), b) in p.iter_mut().zip(o.iter_mut()).zip(bias) {
+                    *p += b;
+                    *o = math::gelu(*p);
+                }
+            }
+        });
+}
+
+/// `dpre = dy * gelu'(pre)` (overwrites `dpre`).
+pub fn gelu_backward(dy: &[f32], pre: &[f32], dpre: &mut [f32]) {
+    dpre.par_chunks_mut(CHUNK)
+        .zip(dy.par_chunks(CHUNK).zip(pre.par_chunks(CHUNK)))
+        .for_each(|(o, (g, x))| {
+            for ((o, g), x) in o.iter_mut().zip(g).zip(x) {
+                *o = g * math::gelu_grad(*x);
+            }
+        });
+}
+
+/// LayerNorm over the last dimension `d` of `x` (`[n, d]`); saves per-row mean and
+/// 1/std for the backward pass.
+pub fn layernorm(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    y: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+) {
+    let d = gamma.len();
+    y.par_chunks_mut(d * ROWS)
+        .zip(x.par_chunks(d * ROWS))
+        .zip(mean.par_chunks_mut(ROWS).zip(rstd.par_chunks_mut(ROWS)))
+        .for_each(|((y, x), (mean, rstd))| {
+            for (((y, x), m), s) in y
+                .chunks_mut(d)
+                .zip(x.chunks(d))
+                .zip(mean.iter_mut())
+                .zip(rstd.iter_mut())
+            {
+                let mu = x.iter().sum::<f32>() / d as f32;
+                let var = x.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / d as f32;
+                let r = 1.0 / (var + eps).sqrt();
+                for (((y, x), g), b) in y.iter_mut().zip(x).zip(gamma).zip(beta) {
+                    *y = (x - mu) * r * g + b;
+                }
+                *m = mu;
+                *s = r;
+            }
+        });
+}
+
+/// Backward of [`layernorm`]: `dx += …`, `dgamma += …`, `dbeta += …`.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward(
+    dy: &[f32],
+    x: &[f32],
+    gamma: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
+    let d = gamma.len();
+    let n = mean.len();
+    dx.par_chunks_mut(d * ROWS).enumerate().for_each(|(t, dx)| {
+        for (i, dx) in dx.chunks_mut(d).enumerate() {
+            let r = t * ROWS + i;
+            let (x, dy) = (&x[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
+            let (mu, rs) = (mean[r], rstd[r]);
+            let mut sum_g = 0.0f32;
+            let mut sum_gx = 0.0f32;
+            for ((x, dy), g) in x.iter().zip(dy).zip(gamma) {
+                let dxh = dy * g;
+                sum_g += dxh;
+                sum_gx += dxh * (x - mu) * rs;
+            }
+            let (a, c) = (sum_g / d as f32, sum_gx / d as f32);
+            for (((dx, x), dy), g) in dx.iter_mut().zip(x).zip(dy).zip(gamma) {
+                let xh = (x - mu) * rs;
+                *dx += rs * (dy * g - a - xh * c);
+            }
+        }
+    });
+    let mut acc = vec![0.0f32; 2 * d];
+    reduce_rows(n, 2 * d, &mut acc, |r, p| {
+        let (pg, pb) = p.split_at_mut(d);
+        let (mu, rs) = (mean[r], rstd[r]);
+        for (((pg, pb), x), dy) in pg
+            .iter_mut()
+            .zip(pb.iter_mut())
+            .zip(&x[r * d..(r + 1) * d])
+            .zip(&dy[r * d..(r + 1) * d])
+        {
+            *pg += dy * (x - mu) * rs;
+            *pb += dy;
+        }
+    });
+    dgamma.iter_mut().zip(&acc[..d]).for_each(|(a, v)| *a += v);
+    dbeta.iter_mut().zip(&acc[d..]).for_each(|(a, v)| *a += v);
+}
+
+/// Cuts images `[b, c, h, w]` into non-overlapping `p × p` patches, row-major over the
+/// patch grid, each flattened in `(c, dy, dx)` order — the order of a conv weight
+/// `[dim, c, p, p]`, so patch embedding is this followed by one GEMM.
+pub fn patchify(img: &[f32], (b, c, h, w): (usize, usize, usize, usize), p: usize, out: &mut [f32]) {
+    let (gh, gw) = (h / p, w / p);
+    let plen = c * p * p;
+    out.par_chunks_mut(gh * gw * plen)
+        .enumerate()
+        .take(b)
+        .for_each(|(n, o)| {
+            let img = &img[n * c * h * w..(n + 1) * c * h * w];
+            for (pi, patch) in o.chunks_mut(plen).enumerate() {
+                let (py, px) = (pi / gw, pi % gw);
+                for ch in 0..c {
+                    for dy in 0..p {
+                        let src = ch * h * w + (py * p + dy) * w + px * p;
+                        let dst = ch * p * p + dy * p;
+                        patch[dst..dst + p].copy_from_slice(&img[src..src + p]);
+                    }
+                }
+            }
+        });
+}
+
+/// Token embedding: `out[b, 0] = cls + pos[0]`, `out[b, 1 + l] = patches[b, l] + pos[1 + l]`.
+pub fn embed(patches: &[f32], cls: &[f32], pos: &[f32], out: &mut [f32]) {
+    let d = cls.len();
+    let t = pos.len() / d;
+    out.par_chunks_mut(t * d).enumerate().for_each(|(b, o)| {
+        let patches = &patches[b * (t - 1) * d..(b + 1) * (t - 1) * d];
+        for (i, (o, p)) in o.chunks_mut(d).zip(pos.chunks(d)).enumerate() {
+            let src = if i == 0 { cls } else { &patches[(i - 1) * d..i * d] };
+            for ((o, s), p) in o.iter_mut().zip(src).zip(p) {
+                *o = s + p;
+            }
+        }
+    });
+}
+
+/// Backward of [`embed`]: `dpatches += …`, `dcls += …`, `dpos += …`.
+pub fn embed_backward(dout: &[f32], dpatches: &mut [f32], dcls: &mut [f32], dpos: &mut [f32]) {
+    let d = dcls.len();
+    let t = dpos.len() / d;
+    let b = dout.len() / (t * d);
+    dpatches
+        .par_chunks_mut((t - 1) * d)
+        .enumerate()
+        .for_each(|(n, dp)| add_assign_serial(dp, &dout[n * t * d + d..(n + 1) * t * d]));
+    let mut acc = vec![0.0f32; t * d];
+    // Rows here are whole images (t * d wide), reduced over the batch.
+    let partials: Vec<Vec<f32>> = (0..b.div_ceil(4))
+        .into_par_iter()
+        .map(|c| {
+            let mut p = vec![0.0f32; t * d];
+            for n in c * 4..(c * 4 + 4).min(b) {
+                add_assign_serial(&mut p, &dout[n * t * d..(n + 1) * t * d]);
+            }
+            p
+        })
+        .collect();
+    for p in partials {
+        add_assign_serial(&mut acc, &p);
+    }
+    add_assign_serial(dpos, &acc);
+    add_assign_serial(dcls, &acc[..d]);
+}
+
+fn add_assign_serial(dst: &mut [f32], src: &[f32]) {
+    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+}
+
+/// Row `i` of `out` (`[b, d]`) = row `i * stride_rows + offset` of `x`: picks the cls
+/// token (token 0) of every image.
+pub fn select_rows(x: &[f32], d: usize, stride_rows: usize, out: &mut [f32]) {
+    for (i, o) in out.chunks_mut(d).enumerate() {
+        o.copy_from_slice(&x[i * stride_rows * d..i * stride_rows * d + d]);
+    }
+}
+
+/// Backward of [`select_rows`]: `dx[i * stride_rows] += dout[i]`.
+pub fn select_rows_backward(dout: &[f32], d: usize, stride_rows: usize, dx: &mut [f32]) {
+    for (i, g) in dout.chunks(d).enumerate() {
+        add_assign_serial(&mut dx[i * stride_rows * d..i * stride_rows * d + d], g);
+    }
+}
+
+/// Identifies one dropout mask: the run's seed and the dropout site (layer). The mask
+/// bit of element `e` of sample `s` is a hash of (seed, site, s, e), so masks do not
+/// depend on thread count, batch composition or parallel layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropoutKey {
+    pub seed: u64,
+    pub site: u64,
+}
+
+#[inline(always)]
+fn mix64(mut z: u64) -> u64 {
+    // splitmix64 finaliser
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn sample_base(key: DropoutKey, sample: u64) -> u64 {
+    mix64(mix64(mix64(key.seed) ^ key.site.wrapping_mul(0x9e37_79b9_7f4a_7c15)) ^ sample)
+}
+
+/// Applies a dropout mask scaled by 1/(1-p): `out = x * mask` (forward) or
+/// `out += x * mask` (backward, where `x` is the incoming gradient).
+/// `per_sample` elements belong to each entry of `samples`.
+pub fn dropout(
+    x: &[f32],
+    p: f32,
+    key: DropoutKey,
+    samples: &[u64],
+    out: &mut [f32],
+    accumulate: bool,
+) {
+    let per_sample = x.len() / samples.len();
+    // keep iff the top 32 hash bits >= p * 2^32
+    let threshold = (p as f64 * 4_294_967_296.0) as u64;
+    let scale = 1.0 / (1.0 - p);
+    out.par_chunks_mut(per_sample)
+        .zip(x.par_chunks(per_sample))
+        .zip(samples.par_iter())
+        .for_each(|((o, x), &s)| {
+            let base = sample_base(key, s);
+            for (e, (o, x)) in o.iter_mut().zip(x).enumerate() {
+                let keep = (mix64(base ^ e as u64) >> 32) >= threshold;
+                let v = if keep { x * scale } else { 0.0 };
+                if accumulate {
+                    *o += v;
+                } else {
+                    *o = v;
+                }
+            }
+        });
+}
+
+/// Softmax cross-entropy with label smoothing `eps`, averaged over the batch (PyTorch's
+/// `F.cross_entropy(logits, y, label_smoothing=eps)`). Returns the loss and writes
+/// d loss / d logits (= (softmax - target) / batch) into `dlogits` in the same pass.
+pub fn cross_entropy(logits: &[f32], labels: &[usize], eps: f32, dlogits: &mut [f32]) -> f32 {
+    let b = labels.len();
+    let c = logits.len() / b;
+    let mut total = 0.0f64;
+    for ((z, dz), &y) in logits.chunks(c).zip(dlogits.chunks_mut(c)).zip(labels) {
+        let m = z.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+        let sum: f64 = z.iter().map(|&v| ((v - m) as f64).exp()).sum();
+        let lse = m as f64 + sum.ln();
+        let mean_z = z.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
+        total += (1.0 - eps as f64) * (lse - z[y] as f64) + eps as f64 * (lse - mean_z);
+        for (k, (dz, &v)) in dz.iter_mut().zip(z).enumerate() {
+            let p = ((v as f64 - lse).exp()) as f32;
+            let q = eps / c as f32 + if k == y { 1.0 - eps } else { 0.0 };
+            *dz = (p - q) / b as f32;
+        }
+    }
+    (total / b as f64) as f32
+}

@@ -1,0 +1,55 @@
+//! The crate's one error type.
+
+use std::path::PathBuf;
+
+/// Every fallible ferrovit call returns this error. Messages name the offending
+/// value (tensor, shape, file, field) so a user can act on them without a debugger.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("shape mismatch in {op}: expected {expected}, got {actual}")]
+    Shape {
+        op: &'static str,
+        expected: String,
+        actual: String,
+    },
+    #[error("{op} needs dtype {expected}, got {actual}")]
+    DType {
+        op: &'static str,
+        expected: &'static str,
+        actual: &'static str,
+    },
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("unknown parameter `{0}`")]
+    UnknownParam(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {msg}")]
+    Format { path: PathBuf, msg: String },
+    #[error("non-finite loss ({value}) at step {step}")]
+    NonFinite { step: u64, value: f32 },
+    #[error("autograd: {0}")]
+    Graph(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn shape(op: &'static str, expected: impl ToString, actual: impl ToString) -> Self {
+        Error::Shape {
+            op,
+            expected: expected.to_string(),
+            actual: actual.to_string(),
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! ferrovit: Vision Transformer training in Rust.
+//!
+//! Layers, in the order data flows through a training step:
+//! [`tensor`] (shape, dtype, device-tagged storage) → [`backend`] (the op set, per
+//! device) → [`autograd`] (the tape and the parameter store) → [`nn`] (layers and the
+//! ViT presets) → [`optim`] (optimizers, clipping, schedules).
+
+pub mod autograd;
+pub mod backend;
+pub mod error;
+pub mod nn;
+pub mod optim;
+pub mod rng;
+pub mod tensor;
+
+pub use autograd::{Activation, Graph, ParamId, ParamStore, Var};
+pub use error::{Error, Result};
+pub use nn::{ForwardCtx, Vit, VitConfig};
+pub use tensor::{DType, Device, Shape, Tensor};

@@ -1,0 +1,107 @@
+//! Layers: small structs holding parameter ids, each with `new` (registers and
+//! initialises its parameters in a [`ParamStore`]) and `forward` (records ops on a
+//! [`Graph`]).
+//!
+//! Initialisation follows PyTorch's defaults: `nn.Linear` and `nn.Conv2d` weights and
+//! biases are U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform with a = sqrt(5));
+//! `nn.LayerNorm` starts at weight 1, bias 0. The ViT's own tensors follow timm:
+//! position embedding trunc_normal(std 0.02, cut at ±2 std), cls token normal(std 1e-6).
+
+mod vit;
+
+pub use vit::{ForwardCtx, Vit, VitConfig, PRESETS};
+
+use crate::autograd::{Activation, Graph, ParamId, ParamStore, Var};
+use crate::error::Result;
+use crate::rng::Rng;
+use crate::tensor::Tensor;
+
+/// `y = x Wᵀ + b`, weight `[out, in…]`.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: ParamId,
+    pub bias: ParamId,
+}
+
+impl Linear {
+    /// `weight_dims` is `[out, in]`, or a conv kernel `[out, c, kh, kw]` (fan_in = c kh kw).
+    pub fn new(store: &mut ParamStore, prefix: &str, weight_dims: &[usize], rng: &mut Rng) -> Result<Self> {
+        let out = weight_dims[0];
+        let fan_in: usize = weight_dims[1..].iter().product();
+        let bound = 1.0 / (fan_in as f32).sqrt();
+        let n = out * fan_in;
+        let w = Tensor::from_vec(rng.vec(n, |r| r.uniform(-bound, bound)), weight_dims)?;
+        let b = Tensor::from_vec(rng.vec(out, |r| r.uniform(-bound, bound)), [out])?;
+        Ok(Linear {
+            weight: store.add(format!("{prefix}.weight"), w)?,
+            bias: store.add(format!("{prefix}.bias"), b)?,
+        })
+    }
+
+    pub fn forward(&self, g: &mut Graph, x: Var, act: Activation) -> Result<Var> {
+        let (w, b) = (g.param(self.weight), g.param(self.bias));
+        g.linear(x, w, Some(b), act)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub weight: ParamId,
+    pub bias: ParamId,
+    pub eps: f32,
+}
+
+impl LayerNorm {
+    pub fn new(store: &mut ParamStore, prefix: &str, dim: usize, eps: f32) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: store.add(format!("{prefix}.weight"), Tensor::from_vec(vec![1.0; dim], [dim])?)?,
+            bias: store.add(format!("{prefix}.bias"), Tensor::from_vec(vec![0.0; dim], [dim])?)?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, g: &mut Graph, x: Var) -> Result<Var> {
+        let (w, b) = (g.param(self.weight), g.param(self.bias));
+        g.layernorm(x, w, b, self.eps)
+    }
+}
+
+/// Multi-head self-attention: packed qkv projection, scaled softmax, output projection.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    pub qkv: Linear,
+    pub proj: Linear,
+    pub heads: usize,
+}
+
+impl Attention {
+    pub fn new(store: &mut ParamStore, prefix: &str, dim: usize, heads: usize, rng: &mut Rng) -> Result<Self> {
+        Ok(Attention {
+            qkv: Linear::new(store, &format!("{prefix}.qkv"), &[3 * dim, dim], rng)?,
+            proj: Linear::new(store, &format!("{prefix}.proj"), &[dim, dim], rng)?,
+            heads,
+        })
+    }
+
+    pub fn forward(&self, g: &mut Graph, x: Var) -> Result<Var> {
+        let qkv = self.qkv.forward(g, x, Activation::None)?;
+        let a = g.attention(qkv, self.heads)?;
+        self.proj.forward(g, a, Activation::None)
+    }
+}
+
+/// `fc2(gelu(fc1(x)))`, with GELU fused into fc1's epilogue.
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+impl Mlp {
+    pub fn new(store: &mut ParamStore, prefix: &str, dim: usize, hidden: usize, rng: &mut Rng) -> Result<Self> {
+        Ok(Mlp {
+            fc1: Linear::new(store, &format!("{prefix}.fc1"), &[hidden, dim], rng)?,
+            fc2: Linear::new(store, &format!("{prefix}.fc2"), &[dim, hidden], rng)?,
+        })
+    }
+}

@@ -1,0 +1,265 @@
+//! The Vision Transformer and its named presets.
+
+use super::{Attention, LayerNorm, Linear, Mlp};
+use crate::autograd::{Activation, Graph, ParamId, ParamStore, Var};
+use crate::backend::DropoutKey;
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+use crate::tensor::Tensor;
+use std::sync::Arc;
+
+/// Architecture hyper-parameters of a ViT.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VitConfig {
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub in_channels: usize,
+    pub num_classes: usize,
+    pub dim: usize,
+    pub depth: usize,
+    pub heads: usize,
+    /// Hidden width of each MLP (dim × MLP ratio).
+    pub mlp_dim: usize,
+    /// Dropout after the embedding, the attention output projection, the MLP's GELU
+    /// and the MLP output.
+    pub dropout: f32,
+    pub layernorm_eps: f32,
+}
+
+/// Named presets with the hyper-parameters of Colossal-AI's model zoo.
+pub const PRESETS: &[&str] = &["vit_tiny_patch4_32", "vit_lite_depth7_patch4_32"];
+
+impl VitConfig {
+    /// A preset by name (see [`PRESETS`]).
+    pub fn preset(name: &str) -> Result<VitConfig> {
+        let (dim, depth, heads, mlp_ratio) = match name {
+            "vit_tiny_patch4_32" => (512, 6, 8, 1),
+            "vit_lite_depth7_patch4_32" => (256, 7, 4, 2),
+            _ => {
+                return Err(Error::Config(format!(
+                    "unknown preset `{name}` (known: {})",
+                    PRESETS.join(", ")
+                )))
+            }
+        };
+        Ok(VitConfig {
+            image_size: 32,
+            patch_size: 4,
+            in_channels: 3,
+            num_classes: 10,
+            dim,
+            depth,
+            heads,
+            mlp_dim: dim * mlp_ratio,
+            dropout: 0.1,
+            layernorm_eps: 1e-6,
+        })
+    }
+
+    /// Patches per image.
+    pub fn num_patches(&self) -> usize {
+        (self.image_size / self.patch_size).pow(2)
+    }
+
+    /// Sequence length: patches plus the cls token.
+    pub fn tokens(&self) -> usize {
+        self.num_patches() + 1
+    }
+
+    /// Rejects configurations that cannot build a model, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("image_size", self.image_size),
+            ("patch_size", self.patch_size),
+            ("in_channels", self.in_channels),
+            ("num_classes", self.num_classes),
+            ("dim", self.dim),
+            ("depth", self.depth),
+            ("heads", self.heads),
+            ("mlp_dim", self.mlp_dim),
+        ];
+        if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(Error::Config(format!("{field} must be positive")));
+        }
+        if self.image_size % self.patch_size != 0 {
+            return Err(Error::Config(format!(
+                "image_size {} is not divisible by patch_size {}",
+                self.image_size, self.patch_size
+            )));
+        }
+        if self.dim % self.heads != 0 {
+            return Err(Error::Config(format!("dim {} is not divisible by heads {}", self.dim, self.heads)));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::Config(format!("dropout {} is outside [0, 1)", self.dropout)));
+        }
+        if self.layernorm_eps.is_nan() || self.layernorm_eps <= 0.0 {
+            return Err(Error::Config(format!("layernorm_eps {} must be positive", self.layernorm_eps)));
+        }
+        Ok(())
+    }
+
+    /// Number of trainable scalars, computed from the architecture alone.
+    pub fn num_params(&self) -> usize {
+        let (d, h) = (self.dim, self.mlp_dim);
+        let patch = d * self.in_channels * self.patch_size.pow(2) + d;
+        let block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (h * d + h) + (d * h + d);
+        patch + d + self.tokens() * d + self.depth * block + 2 * d + self.num_classes * d + self.num_classes
+    }
+}
+
+/// How one forward pass runs: training (dropout on) or evaluation, the dropout seed
+/// of this step, and the global index of each sample in the batch (dropout masks are
+/// keyed by them, so they do not depend on batch composition or layout).
+#[derive(Clone, Debug)]
+pub struct ForwardCtx {
+    pub train: bool,
+    pub seed: u64,
+    pub samples: Arc<[u64]>,
+}
+
+impl ForwardCtx {
+    pub fn eval(batch: usize) -> Self {
+        ForwardCtx {
+            train: false,
+            seed: 0,
+            samples: (0..batch as u64).collect(),
+        }
+    }
+
+    pub fn train(seed: u64, samples: impl Into<Arc<[u64]>>) -> Self {
+        ForwardCtx {
+            train: true,
+            seed,
+            samples: samples.into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Block {
+    norm1: LayerNorm,
+    attn: Attention,
+    norm2: LayerNorm,
+    mlp: Mlp,
+}
+
+/// A ViT: patch embedding, cls token and learned position embedding, pre-LayerNorm
+/// blocks, a final LayerNorm and a linear head on the cls token.
+#[derive(Clone, Debug)]
+pub struct Vit {
+    pub config: VitConfig,
+    patch_embed: Linear,
+    cls_token: ParamId,
+    pos_embed: ParamId,
+    blocks: Vec<Block>,
+    norm: LayerNorm,
+    head: Linear,
+}
+
+impl Vit {
+    /// Builds the model, registering its parameters under their global names
+    /// (`patch_embed.proj.*`, `cls_token`, `pos_embed`, `blocks.{i}.…`, `norm.*`,
+    /// `head.*`) in `store`, initialised from `seed`.
+    pub fn new(config: &VitConfig, store: &mut ParamStore, seed: u64) -> Result<Vit> {
+        config.validate()?;
+        let c = config;
+        let mut rng = Rng::new(seed);
+        let d = c.dim;
+        let patch_embed = Linear::new(
+            store,
+            "patch_embed.proj",
+            &[d, c.in_channels, c.patch_size, c.patch_size],
+            &mut rng,
+        )?;
+        let cls = Tensor::from_vec(rng.vec(d, |r| r.normal() * 1e-6), [1, 1, d])?;
+        let cls_token = store.add("cls_token", cls)?;
+        let pos = Tensor::from_vec(rng.vec(c.tokens() * d, |r| r.trunc_normal(0.02)), [1, c.tokens(), d])?;
+        let pos_embed = store.add("pos_embed", pos)?;
+        let blocks = (0..c.depth)
+            .map(|i| {
+                let p = format!("blocks.{i}");
+                Ok(Block {
+                    norm1: LayerNorm::new(store, &format!("{p}.norm1"), d, c.layernorm_eps)?,
+                    attn: Attention::new(store, &format!("{p}.attn"), d, c.heads, &mut rng)?,
+                    norm2: LayerNorm::new(store, &format!("{p}.norm2"), d, c.layernorm_eps)?,
+                    mlp: Mlp::new(store, &format!("{p}.mlp"), d, c.mlp_dim, &mut rng)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = LayerNorm::new(store, "norm", d, c.layernorm_eps)?;
+        let head = Linear::new(store, "head", &[c.num_classes, d], &mut rng)?;
+        Ok(Vit {
+            config: c.clone(),
+            patch_embed,
+            cls_token,
+            pos_embed,
+            blocks,
+            norm,
+            head,
+        })
+    }
+
+    /// Logits `[b, num_classes]` for images `[b, c, h, w]`.
+    pub fn forward(&self, g: &mut Graph, images: Tensor, ctx: &ForwardCtx) -> Result<Var> {
+        let x = self.embed(g, images, ctx)?;
+        let x = self.blocks(g, x, 0..self.blocks.len(), ctx)?;
+        self.head(g, x)
+    }
+
+    /// Patch embedding, cls token, position embedding (and embedding dropout).
+    pub fn embed(&self, g: &mut Graph, images: Tensor, ctx: &ForwardCtx) -> Result<Var> {
+        let c = &self.config;
+        let want = [c.in_channels, c.image_size, c.image_size];
+        if images.dims().len() != 4 || images.dims()[1..] != want {
+            return Err(Error::shape("Vit::forward images", format!("[batch, {}, {}, {}]", want[0], want[1], want[2]), images.shape()));
+        }
+        if images.dims()[0] != ctx.samples.len() {
+            return Err(Error::shape("Vit::forward", format!("{} sample ids", images.dims()[0]), ctx.samples.len()));
+        }
+        let img = g.input(images);
+        let patches = g.patchify(img, c.patch_size)?;
+        let tokens = self.patch_embed.forward(g, patches, Activation::None)?;
+        let (cls, pos) = (g.param(self.cls_token), g.param(self.pos_embed));
+        let x = g.embed(tokens, cls, pos)?;
+        self.dropout(g, x, 0, ctx)
+    }
+
+    /// Transformer blocks `range` (global indices), for a pipeline stage or the whole model.
+    pub fn blocks(&self, g: &mut Graph, mut x: Var, range: std::ops::Range<usize>, ctx: &ForwardCtx) -> Result<Var> {
+        if range.end > self.blocks.len() {
+            return Err(Error::Config(format!("blocks {range:?} out of 0..{}", self.blocks.len())));
+        }
+        for i in range {
+            let b = &self.blocks[i];
+            let site = 1 + 3 * i as u64;
+            let h = b.norm1.forward(g, x)?;
+            let h = b.attn.forward(g, h)?;
+            let h = self.dropout(g, h, site, ctx)?;
+            x = g.add(x, h)?;
+            let h = b.norm2.forward(g, x)?;
+            let h = b.mlp.fc1.forward(g, h, Activation::Gelu)?;
+            let h = self.dropout(g, h, site + 1, ctx)?;
+            let h = b.mlp.fc2.forward(g, h, Activation::None)?;
+            let h = self.dropout(g, h, site + 2, ctx)?;
+            x = g.add(x, h)?;
+        }
+        Ok(x)
+    }
+
+    /// Final LayerNorm and the classifier, on the cls token only (LayerNorm is per token,
+    /// so normalising just that token gives the same logits as normalising all).
+    pub fn head(&self, g: &mut Graph, x: Var) -> Result<Var> {
+        let cls = g.select_cls(x)?;
+        let h = self.norm.forward(g, cls)?;
+        self.head.forward(g, h, Activation::None)
+    }
+
+    fn dropout(&self, g: &mut Graph, x: Var, site: u64, ctx: &ForwardCtx) -> Result<Var> {
+        if !ctx.train || self.config.dropout == 0.0 {
+            return Ok(x);
+        }
+        let key = DropoutKey { seed: ctx.seed, site };
+        g.dropout(x, self.config.dropout, key, &ctx.samples)
+    }
+}

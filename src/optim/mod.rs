@@ -1,0 +1,228 @@
+//! Optimizers (SGD, Adam, AdamW), global-norm gradient clipping and LR schedules.
+//!
+//! Each optimizer update is one fused backend pass per parameter tensor, following
+//! `torch.optim`'s update order so results agree with PyTorch to rounding. State
+//! (moments, momentum buffers, step count) is exposed by the parameter's global name
+//! so checkpoints can save and reshard it like the weights.
+
+use crate::autograd::ParamStore;
+use crate::backend::{self, AdamStep, SgdStep};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// Which update rule, with its hyper-parameters (PyTorch's defaults via `Default`-like
+/// constructors).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum OptimizerKind {
+    Sgd {
+        momentum: f32,
+        dampening: f32,
+        nesterov: bool,
+    },
+    Adam {
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+    },
+    /// Adam with decoupled weight decay (Loshchilov & Hutter).
+    AdamW {
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+    },
+}
+
+impl OptimizerKind {
+    pub fn sgd(momentum: f32, nesterov: bool) -> Self {
+        OptimizerKind::Sgd {
+            momentum,
+            dampening: 0.0,
+            nesterov,
+        }
+    }
+    pub fn adam() -> Self {
+        OptimizerKind::Adam {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        }
+    }
+    pub fn adamw() -> Self {
+        OptimizerKind::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        }
+    }
+
+    fn state_names(self) -> &'static [&'static str] {
+        match self {
+            OptimizerKind::Sgd { momentum, .. } if momentum == 0.0 => &[],
+            OptimizerKind::Sgd { .. } => &["momentum_buffer"],
+            _ => &["exp_avg", "exp_avg_sq"],
+        }
+    }
+}
+
+/// An optimizer over every parameter of a [`ParamStore`].
+#[derive(Clone, Debug)]
+pub struct Optimizer {
+    pub kind: OptimizerKind,
+    pub weight_decay: f32,
+    steps: u64,
+    /// Per parameter (store order), one tensor per `kind.state_names()` entry.
+    state: Vec<Vec<Tensor>>,
+}
+
+impl Optimizer {
+    pub fn new(kind: OptimizerKind, weight_decay: f32, store: &ParamStore) -> Result<Self> {
+        if let OptimizerKind::Sgd { momentum, dampening, nesterov } = kind {
+            if nesterov && (momentum <= 0.0 || dampening != 0.0) {
+                return Err(Error::Config("Nesterov momentum needs momentum > 0 and dampening 0".into()));
+            }
+        }
+        if !(weight_decay >= 0.0) {
+            return Err(Error::Config(format!("weight decay {weight_decay} must be >= 0")));
+        }
+        let n = kind.state_names().len();
+        let state = store
+            .iter()
+            .map(|p| (0..n).map(|_| Tensor::zeros(p.value.shape().clone(), p.value.device())).collect())
+            .collect();
+        Ok(Optimizer {
+            kind,
+            weight_decay,
+            steps: 0,
+            state,
+        })
+    }
+
+    /// Number of updates applied so far.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Applies one update with learning rate `lr` using the gradients in `store`.
+    pub fn step(&mut self, store: &mut ParamStore, lr: f32) -> Result<()> {
+        if store.len() != self.state.len() {
+            return Err(Error::Config(format!(
+                "optimizer was built for {} parameters, store has {}",
+                self.state.len(),
+                store.len()
+            )));
+        }
+        if !lr.is_finite() || lr < 0.0 {
+            return Err(Error::Config(format!("learning rate {lr} must be finite and >= 0")));
+        }
+        let t = self.steps + 1;
+        for (p, st) in store.iter_mut().zip(self.state.iter_mut()) {
+            let be = backend::for_device(p.value.device());
+            match self.kind {
+                OptimizerKind::Adam { beta1, beta2, eps } | OptimizerKind::AdamW { beta1, beta2, eps } => {
+                    let s = AdamStep {
+                        lr,
+                        beta1,
+                        beta2,
+                        eps,
+                        weight_decay: self.weight_decay,
+                        decoupled: matches!(self.kind, OptimizerKind::AdamW { .. }),
+                        step_size: (lr as f64 / (1.0 - (beta1 as f64).powi(t as i32))) as f32,
+                        bias_correction2_sqrt: (1.0 - (beta2 as f64).powi(t as i32)).sqrt() as f32,
+                    };
+                    let [m, v] = &mut st[..] else { unreachable!("adam keeps two moments") };
+                    be.adam(&mut p.value, &p.grad, m, v, s)?;
+                }
+                OptimizerKind::Sgd { momentum, dampening, nesterov } => {
+                    let s = SgdStep {
+                        lr,
+                        momentum,
+                        dampening,
+                        weight_decay: self.weight_decay,
+                        nesterov,
+                        first: t == 1,
+                    };
+                    // Without momentum there is no buffer; the kernel takes an empty one.
+                    let mut none = Tensor::zeros([0], p.value.device());
+                    be.sgd(&mut p.value, &p.grad, st.first_mut().unwrap_or(&mut none), s)?;
+                }
+            }
+        }
+        self.steps = t;
+        Ok(())
+    }
+
+    /// State tensors by name: `"{state}.{param}"`, e.g. `exp_avg.blocks.0.attn.qkv.weight`.
+    pub fn named_state<'a>(&'a self, store: &'a ParamStore) -> Vec<(String, &'a Tensor)> {
+        let names = self.kind.state_names();
+        store
+            .iter()
+            .zip(&self.state)
+            .flat_map(|(p, st)| names.iter().zip(st).map(move |(n, t)| (format!("{n}.{}", p.name), t)))
+            .collect()
+    }
+
+    /// Restores state saved by [`Optimizer::named_state`] plus the step count. Every
+    /// state tensor must be present with its parameter's shape.
+    pub fn load_state(&mut self, store: &ParamStore, steps: u64, mut get: impl FnMut(&str) -> Option<Tensor>) -> Result<()> {
+        let names = self.kind.state_names();
+        for (p, st) in store.iter().zip(self.state.iter_mut()) {
+            for (n, slot) in names.iter().zip(st.iter_mut()) {
+                let key = format!("{n}.{}", p.name);
+                let t = get(&key).ok_or_else(|| Error::Config(format!("optimizer state `{key}` is missing")))?;
+                if t.shape() != p.value.shape() {
+                    return Err(Error::shape("Optimizer::load_state", format!("`{key}` {}", p.value.shape()), t.shape()));
+                }
+                *slot = t;
+            }
+        }
+        self.steps = steps;
+        Ok(())
+    }
+}
+
+/// Scales all gradients so their global L2 norm is at most `max_norm` (PyTorch's
+/// `clip_grad_norm_`); returns the norm before clipping.
+pub fn clip_grad_norm(store: &mut ParamStore, max_norm: f32) -> Result<f32> {
+    let mut sum = 0.0f64;
+    for p in store.iter() {
+        sum += backend::for_device(p.grad.device()).sum_squares(&p.grad)?;
+    }
+    let total = sum.sqrt() as f32;
+    let coef = max_norm / (total + 1e-6);
+    if coef < 1.0 {
+        for p in store.iter_mut() {
+            backend::for_device(p.grad.device()).scale(&mut p.grad, coef)?;
+        }
+    }
+    Ok(total)
+}
+
+/// Learning rate as a function of the update step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LrSchedule {
+    Constant,
+    /// Multiply by `gamma` every `step_size` steps (PyTorch's `StepLR`).
+    Step { step_size: u64, gamma: f32 },
+    /// Linear warm-up from 0 over `warmup` steps, then cosine decay to `min_lr` at
+    /// `total` steps (held there after).
+    WarmupCosine { warmup: u64, total: u64, min_lr: f32 },
+}
+
+impl LrSchedule {
+    /// The learning rate for update `step` (0-based) given the base rate.
+    pub fn lr(&self, base: f32, step: u64) -> f32 {
+        match *self {
+            LrSchedule::Constant => base,
+            LrSchedule::Step { step_size, gamma } => base * gamma.powi((step / step_size.max(1)) as i32),
+            LrSchedule::WarmupCosine { warmup, total, min_lr } => {
+                if step < warmup {
+                    return base * (step + 1) as f32 / warmup as f32;
+                }
+                let span = total.saturating_sub(warmup).max(1);
+                let t = ((step - warmup) as f64 / span as f64).min(1.0);
+                let cos = 0.5 * (1.0 + (std::f64::consts::PI * t).cos());
+                (min_lr as f64 + (base - min_lr) as f64 * cos) as f32
+            }
+        }
+    }
+}

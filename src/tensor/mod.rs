@@ -1,0 +1,326 @@
+//! `Tensor`: a shape, a dtype and device-tagged storage.
+//!
+//! Storage is an enum with one variant per device (candle's `Storage` idea): every
+//! device-specific decision is a `match` on it, so a new device is a new variant, not
+//! `cfg`s scattered over models and optimizers. Compute on the CPU is f32; bf16 and f16
+//! exist for storage and transfer (checkpoints, mixed precision) through `half`.
+
+mod pool;
+
+use crate::error::{Error, Result};
+use half::{bf16, f16};
+use std::fmt;
+
+pub use pool::{pool_bytes, trim_pool};
+
+/// Element type of a tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    BF16,
+    F16,
+}
+
+impl DType {
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::BF16 | DType::F16 => 2,
+        }
+    }
+
+    /// The name used in safetensors headers and error messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::BF16 => "BF16",
+            DType::F16 => "F16",
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where a tensor's memory lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Device {
+    Cpu,
+}
+
+/// Dimensions of a row-major tensor.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Shape(Vec<usize>);
+
+impl Shape {
+    pub fn new(dims: &[usize]) -> Self {
+        Shape(dims.to_vec())
+    }
+    pub fn dims(&self) -> &[usize] {
+        &self.0
+    }
+    pub fn rank(&self) -> usize {
+        self.0.len()
+    }
+    pub fn numel(&self) -> usize {
+        self.0.iter().product()
+    }
+    /// Size of the last dimension (1 for a scalar).
+    pub fn last(&self) -> usize {
+        self.0.last().copied().unwrap_or(1)
+    }
+    /// Number of rows when viewed as a matrix `[numel / last, last]`.
+    pub fn rows(&self) -> usize {
+        self.numel() / self.last().max(1)
+    }
+}
+
+impl From<&[usize]> for Shape {
+    fn from(d: &[usize]) -> Self {
+        Shape::new(d)
+    }
+}
+impl<const N: usize> From<[usize; N]> for Shape {
+    fn from(d: [usize; N]) -> Self {
+        Shape(d.to_vec())
+    }
+}
+
+impl fmt::Display for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+/// Host memory of one tensor, by dtype.
+#[derive(Clone, Debug)]
+pub enum CpuStorage {
+    F32(pool::Buf),
+    BF16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+
+/// Memory of one tensor, tagged by device. The single dispatch point for devices.
+#[derive(Clone, Debug)]
+pub enum Storage {
+    Cpu(CpuStorage),
+}
+
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    shape: Shape,
+    storage: Storage,
+}
+
+impl Tensor {
+    /// A zero-filled f32 tensor.
+    pub fn zeros(shape: impl Into<Shape>, device: Device) -> Tensor {
+        let shape = shape.into();
+        match device {
+            Device::Cpu => Tensor {
+                storage: Storage::Cpu(CpuStorage::F32(pool::Buf::zeroed(shape.numel()))),
+                shape,
+            },
+        }
+    }
+
+    /// An f32 tensor whose contents are unspecified (but initialised): for outputs that
+    /// a kernel overwrites completely. Reuses pooled buffers, so no page faults in the
+    /// training loop.
+    pub fn uninit(shape: impl Into<Shape>, device: Device) -> Tensor {
+        let shape = shape.into();
+        match device {
+            Device::Cpu => Tensor {
+                storage: Storage::Cpu(CpuStorage::F32(pool::Buf::uninit(shape.numel()))),
+                shape,
+            },
+        }
+    }
+
+    pub fn full(shape: impl Into<Shape>, value: f32, device: Device) -> Tensor {
+        let mut t = Tensor::uninit(shape, device);
+        t.fill(value);
+        t
+    }
+
+    /// An f32 CPU tensor from data; the length must match the shape.
+    pub fn from_vec(data: Vec<f32>, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        if data.len() != shape.numel() {
+            return Err(Error::shape(
+                "Tensor::from_vec",
+                format!("{} elements for shape {shape}", shape.numel()),
+                format!("{} elements", data.len()),
+            ));
+        }
+        Ok(Tensor {
+            shape,
+            storage: Storage::Cpu(CpuStorage::F32(pool::Buf::from_vec(data))),
+        })
+    }
+
+    pub fn from_slice(data: &[f32], shape: impl Into<Shape>) -> Result<Tensor> {
+        Tensor::from_vec(data.to_vec(), shape)
+    }
+
+    pub fn shape(&self) -> &Shape {
+        &self.shape
+    }
+    pub fn dims(&self) -> &[usize] {
+        self.shape.dims()
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.numel()
+    }
+    pub fn device(&self) -> Device {
+        match &self.storage {
+            Storage::Cpu(_) => Device::Cpu,
+        }
+    }
+    pub fn dtype(&self) -> DType {
+        match &self.storage {
+            Storage::Cpu(CpuStorage::F32(_)) => DType::F32,
+            Storage::Cpu(CpuStorage::BF16(_)) => DType::BF16,
+            Storage::Cpu(CpuStorage::F16(_)) => DType::F16,
+        }
+    }
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// Same data, new shape with the same number of elements.
+    pub fn reshape(mut self, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        if shape.numel() != self.numel() {
+            return Err(Error::shape("reshape", format!("{} elements", self.numel()), shape));
+        }
+        self.shape = shape;
+        Ok(self)
+    }
+
+    /// The f32 elements of a CPU tensor.
+    pub fn f32s(&self) -> Result<&[f32]> {
+        match &self.storage {
+            Storage::Cpu(CpuStorage::F32(b)) => Ok(b.as_slice()),
+            _ => Err(self.dtype_error("f32s")),
+        }
+    }
+
+    pub fn f32s_mut(&mut self) -> Result<&mut [f32]> {
+        match &mut self.storage {
+            Storage::Cpu(CpuStorage::F32(b)) => Ok(b.as_mut_slice()),
+            other => Err(Error::DType {
+                op: "f32s_mut",
+                expected: "F32",
+                actual: match other {
+                    Storage::Cpu(CpuStorage::BF16(_)) => "BF16",
+                    _ => "F16",
+                },
+            }),
+        }
+    }
+
+    fn dtype_error(&self, op: &'static str) -> Error {
+        Error::DType {
+            op,
+            expected: "F32",
+            actual: self.dtype().name(),
+        }
+    }
+
+    /// A copy of the elements as f32, whatever the storage dtype.
+    pub fn to_vec_f32(&self) -> Vec<f32> {
+        match &self.storage {
+            Storage::Cpu(CpuStorage::F32(b)) => b.as_slice().to_vec(),
+            Storage::Cpu(CpuStorage::BF16(v)) => v.iter().map(|x| x.to_f32()).collect(),
+            Storage::Cpu(CpuStorage::F16(v)) => v.iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+
+    /// Converts to another dtype (round-to-nearest-even for the 16-bit types).
+    pub fn to_dtype(&self, dtype: DType) -> Tensor {
+        if dtype == self.dtype() {
+            return self.clone();
+        }
+        let v = self.to_vec_f32();
+        let cpu = match dtype {
+            DType::F32 => CpuStorage::F32(pool::Buf::from_vec(v)),
+            DType::BF16 => CpuStorage::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect()),
+            DType::F16 => CpuStorage::F16(v.iter().map(|&x| f16::from_f32(x)).collect()),
+        };
+        Tensor {
+            shape: self.shape.clone(),
+            storage: Storage::Cpu(cpu),
+        }
+    }
+
+    /// The raw little-endian bytes of the elements (for file formats).
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        match &self.storage {
+            Storage::Cpu(CpuStorage::F32(b)) => {
+                b.as_slice().iter().flat_map(|x| x.to_le_bytes()).collect()
+            }
+            Storage::Cpu(CpuStorage::BF16(v)) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Storage::Cpu(CpuStorage::F16(v)) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+
+    /// Builds a tensor from little-endian bytes of the given dtype.
+    pub fn from_le_bytes(bytes: &[u8], dtype: DType, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        let want = shape.numel() * dtype.size_in_bytes();
+        if bytes.len() != want {
+            return Err(Error::shape(
+                "Tensor::from_le_bytes",
+                format!("{want} bytes for {dtype} {shape}"),
+                format!("{} bytes", bytes.len()),
+            ));
+        }
+        let cpu = match dtype {
+            DType::F32 => CpuStorage::F32(pool::Buf::from_vec(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            )),
+            DType::BF16 => CpuStorage::BF16(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| bf16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
+            ),
+            DType::F16 => CpuStorage::F16(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
+            ),
+        };
+        Ok(Tensor {
+            shape,
+            storage: Storage::Cpu(cpu),
+        })
+    }
+
+    /// Sets every element (f32 tensors; a no-op error-free call on others is a bug, so
+    /// they are converted in place to f32 first).
+    pub fn fill(&mut self, value: f32) {
+        if self.dtype() != DType::F32 {
+            *self = self.to_dtype(DType::F32);
+        }
+        if let Ok(s) = self.f32s_mut() {
+            crate::backend::cpu::fill(s, value);
+        }
+    }
+
+    /// Checks this tensor has exactly `dims`, naming `what` in the error.
+    pub fn expect_dims(&self, what: &'static str, dims: &[usize]) -> Result<()> {
+        if self.dims() != dims {
+            return Err(Error::shape(what, Shape::new(dims), &self.shape));
+        }
+        Ok(())
+    }
+}

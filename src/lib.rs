@@ -7,6 +7,8 @@
 
 pub mod autograd;
 pub mod backend;
+pub mod data;
+pub mod engine;
 pub mod error;
 pub mod nn;
 pub mod optim;

@@ -5,7 +5,7 @@
 //! tiny products; they run in parallel over images × heads, each single-threaded, and
 //! read q, k, v in place through strides — no reshapes or copies.
 
-use super::gemm::{matmul_raw, Mat, Par};
+use super::gemm::{matmul_raw, Mat, Par, SharedMut};
 use rayon::prelude::*;
 
 /// Geometry of one attention call.
@@ -44,12 +44,6 @@ impl AttnDims {
         }
     }
 }
-
-/// A pointer that may cross threads; users guarantee disjoint writes.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
 
 /// `out = softmax(q kᵀ / sqrt(hd)) v` per head; saves the probabilities
 /// (`probs`, `[b, heads, t, t]`) for the backward pass.

@@ -1,0 +1,124 @@
+//! Data sets. The CIFAR-10 binary format reader; the embedded default data set
+//! (`data/digits`) uses the same format.
+
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+use crate::tensor::Tensor;
+use std::path::{Path, PathBuf};
+
+/// Bytes per CIFAR-10 record: one label byte, then 3 × 32 × 32 pixel bytes (planar RGB).
+pub const RECORD: usize = 1 + 3 * 32 * 32;
+/// Per-channel mean and std used to normalise images (CIFAR-10's, as torchvision
+/// tutorials use them).
+pub const MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];
+pub const STD: [f32; 3] = [0.2470, 0.2435, 0.2616];
+
+/// Images as raw bytes `[n, 3, 32, 32]` and their labels.
+#[derive(Clone, Debug, Default)]
+pub struct Dataset {
+    pub images: Vec<u8>,
+    pub labels: Vec<u8>,
+    pub classes: Vec<String>,
+}
+
+/// The default data set shipped with the repository.
+pub fn default_data_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/digits")
+}
+
+impl Dataset {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Reads CIFAR-10 binary files; every record is checked (size, label range).
+    pub fn read_cifar(files: &[PathBuf], classes: Vec<String>) -> Result<Dataset> {
+        let mut ds = Dataset {
+            classes,
+            ..Dataset::default()
+        };
+        for path in files {
+            let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+            if bytes.is_empty() || bytes.len() % RECORD != 0 {
+                return Err(Error::Format {
+                    path: path.clone(),
+                    msg: format!(
+                        "size {} is not a positive multiple of the {RECORD}-byte record (truncated or not CIFAR-10 binary?)",
+                        bytes.len()
+                    ),
+                });
+            }
+            for (i, rec) in bytes.chunks_exact(RECORD).enumerate() {
+                if rec[0] as usize >= ds.classes.len() {
+                    return Err(Error::Format {
+                        path: path.clone(),
+                        msg: format!("record {i}: label {} is out of range for {} classes", rec[0], ds.classes.len()),
+                    });
+                }
+                ds.labels.push(rec[0]);
+                ds.images.extend_from_slice(&rec[1..]);
+            }
+        }
+        Ok(ds)
+    }
+
+    /// The train and test splits of a CIFAR-10 binary directory
+    /// (`data_batch_*.bin`, `test_batch.bin`, `batches.meta.txt`).
+    pub fn cifar_dir(dir: &Path) -> Result<(Dataset, Dataset)> {
+        let meta = dir.join("batches.meta.txt");
+        let text = std::fs::read_to_string(&meta).map_err(|e| Error::io(&meta, e))?;
+        let classes: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+        if classes.is_empty() || classes.len() > 256 {
+            return Err(Error::Format {
+                path: meta,
+                msg: format!("expected 1..=256 class names, found {}", classes.len()),
+            });
+        }
+        let mut train: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("data_batch_") && n.ends_with(".bin"))
+            })
+            .collect();
+        train.sort();
+        if train.is_empty() {
+            return Err(Error::Format {
+                path: dir.to_path_buf(),
+                msg: "no data_batch_*.bin files".into(),
+            });
+        }
+        let train = Dataset::read_cifar(&train, classes.clone())?;
+        let test = Dataset::read_cifar(&[dir.join("test_batch.bin")], classes)?;
+        Ok((train, test))
+    }
+
+    /// Normalised f32 images `[b, 3, 32, 32]` and labels for the given indices, with an
+    /// optional random horizontal flip per image.
+    pub fn batch(&self, idx: &[usize], flip: Option<&mut Rng>) -> Result<(Tensor, Vec<usize>)> {
+        let px = 32 * 32;
+        let mut out = Vec::with_capacity(idx.len() * 3 * px);
+        let mut flip = flip;
+        for &i in idx {
+            let img = &self.images[i * 3 * px..(i + 1) * 3 * px];
+            let mirror = flip.as_mut().is_some_and(|r| r.next_u64() & 1 == 1);
+            for c in 0..3 {
+                for y in 0..32 {
+                    for x in 0..32 {
+                        let sx = if mirror { 31 - x } else { x };
+                        let v = img[c * px + y * 32 + sx] as f32 / 255.0;
+                        out.push((v - MEAN[c]) / STD[c]);
+                    }
+                }
+            }
+        }
+        let labels = idx.iter().map(|&i| self.labels[i] as usize).collect();
+        Ok((Tensor::from_vec(out, [idx.len(), 3, 32, 32])?, labels))
+    }
+}

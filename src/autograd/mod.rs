@@ -11,7 +11,7 @@ mod params;
 
 pub use params::{Param, ParamId, ParamStore};
 
-use crate::backend::{self, AttnDims, Backend, DropoutKey};
+use crate::backend::{self, AttnDims, Backend, DropoutKey, DropoutMode};
 use crate::error::{Error, Result};
 use crate::tensor::{Device, Shape, Tensor};
 use std::sync::Arc;
@@ -65,6 +65,8 @@ enum Op {
         p: f32,
         key: DropoutKey,
         samples: Arc<[u64]>,
+        /// `Some(r)`: the op is `r + dropout(x)` (dropout fused with a residual add)
+        residual: Option<Var>,
     },
     SelectRows {
         x: Var,
@@ -320,15 +322,37 @@ impl<'a> Graph<'a> {
         if p == 0.0 {
             return Ok(x);
         }
+        self.dropout_op(x, None, p, key, samples)
+    }
+
+    /// `residual + dropout(x)` in one pass (the residual connection of a block).
+    pub fn dropout_add(&mut self, residual: Var, x: Var, p: f32, key: DropoutKey, samples: &Arc<[u64]>) -> Result<Var> {
+        if p == 0.0 {
+            return self.add(residual, x);
+        }
+        self.dropout_op(x, Some(residual), p, key, samples)
+    }
+
+    fn dropout_op(&mut self, x: Var, residual: Option<Var>, p: f32, key: DropoutKey, samples: &Arc<[u64]>) -> Result<Var> {
         let xv = self.value(x);
         if xv.dims().first() != Some(&samples.len()) {
             return Err(Error::shape("dropout", format!("leading dimension {}", samples.len()), xv.shape()));
         }
         let mut out = self.out(xv.dims());
-        self.backend.dropout(xv, p, key, samples, &mut out, false)?;
-        let needs = self.needs(x);
+        let mode = match residual {
+            Some(r) => {
+                let rv = self.value(r);
+                if rv.shape() != xv.shape() {
+                    return Err(Error::shape("dropout_add", xv.shape(), rv.shape()));
+                }
+                DropoutMode::AddTo(rv)
+            }
+            None => DropoutMode::Write,
+        };
+        self.backend.dropout(xv, p, key, samples, mode, &mut out)?;
+        let needs = self.needs(x) || residual.is_some_and(|r| self.needs(r));
         let samples = samples.clone();
-        Ok(self.push(out, needs, Op::Dropout { x, p, key, samples }))
+        Ok(self.push(out, needs, Op::Dropout { x, p, key, samples, residual }))
     }
 
     /// `[b, t, d]` → `[b, d]`: token 0 (the cls token) of every image.
@@ -518,10 +542,13 @@ impl<'a> Graph<'a> {
                 self.accumulate(*a, g)?;
                 self.accumulate(*b, g)?;
             }
-            Op::Dropout { x, p, key, samples } => {
+            Op::Dropout { x, p, key, samples, residual } => {
+                if let Some(r) = residual {
+                    self.accumulate(*r, g)?;
+                }
                 let mut d = self.take_grad(*x);
                 if let Some(d) = d.as_mut() {
-                    be.dropout(g, *p, *key, samples, d, true)?;
+                    be.dropout(g, *p, *key, samples, DropoutMode::Accumulate, d)?;
                 }
                 self.put_grad(*x, d);
             }

@@ -14,6 +14,17 @@ pub use cpu::attention::AttnDims;
 pub use cpu::ops::DropoutKey;
 pub use cpu::optim::{AdamStep, SgdStep};
 
+/// Where a dropout result goes.
+#[derive(Clone, Copy)]
+pub enum DropoutMode<'a> {
+    /// `out = m`
+    Write,
+    /// `out += m`
+    Accumulate,
+    /// `out = residual + m`: dropout fused with the residual add after it
+    AddTo(&'a Tensor),
+}
+
 pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
 
@@ -94,16 +105,16 @@ pub trait Backend: Send + Sync {
     fn add_assign(&self, dst: &mut Tensor, src: &Tensor) -> Result<()>;
     fn scale(&self, x: &mut Tensor, s: f32) -> Result<()>;
     fn sum_squares(&self, x: &Tensor) -> Result<f64>;
-    /// `out (+)= x * mask / (1 - p)`; `samples` names the sample of each leading row.
-    #[allow(clippy::too_many_arguments)]
+    /// Inverted dropout `m = x * mask / (1 - p)`, written, accumulated or added to a
+    /// residual as `mode` says; `samples` names the sample of each leading row.
     fn dropout(
         &self,
         x: &Tensor,
         p: f32,
         key: DropoutKey,
         samples: &[u64],
+        mode: DropoutMode,
         out: &mut Tensor,
-        accumulate: bool,
     ) -> Result<()>;
     /// Mean softmax cross-entropy; writes d loss / d logits into `dlogits`.
     fn cross_entropy(

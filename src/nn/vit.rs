@@ -235,14 +235,12 @@ impl Vit {
             let site = 1 + 3 * i as u64;
             let h = b.norm1.forward(g, x)?;
             let h = b.attn.forward(g, h)?;
-            let h = self.dropout(g, h, site, ctx)?;
-            x = g.add(x, h)?;
+            x = self.dropout_add(g, x, h, site, ctx)?;
             let h = b.norm2.forward(g, x)?;
             let h = b.mlp.fc1.forward(g, h, Activation::Gelu)?;
             let h = self.dropout(g, h, site + 1, ctx)?;
             let h = b.mlp.fc2.forward(g, h, Activation::None)?;
-            let h = self.dropout(g, h, site + 2, ctx)?;
-            x = g.add(x, h)?;
+            x = self.dropout_add(g, x, h, site + 2, ctx)?;
         }
         Ok(x)
     }
@@ -253,6 +251,15 @@ impl Vit {
         let cls = g.select_cls(x)?;
         let h = self.norm.forward(g, cls)?;
         self.head.forward(g, h, Activation::None)
+    }
+
+    /// `residual + dropout(x)`, fused when dropout is active.
+    fn dropout_add(&self, g: &mut Graph, residual: Var, x: Var, site: u64, ctx: &ForwardCtx) -> Result<Var> {
+        if !ctx.train || self.config.dropout == 0.0 {
+            return g.add(residual, x);
+        }
+        let key = DropoutKey { seed: ctx.seed, site };
+        g.dropout_add(residual, x, self.config.dropout, key, &ctx.samples)
     }
 
     fn dropout(&self, g: &mut Graph, x: Var, site: u64, ctx: &ForwardCtx) -> Result<Var> {

@@ -70,16 +70,7 @@ pub fn attention(qkv: &[f32], dims: AttnDims, probs: &mut [f32], out: &mut [f32]
                 Par::Single,
             );
         }
-        for row in p.chunks_mut(t) {
-            let m = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-            let mut sum = 0.0;
-            for v in row.iter_mut() {
-                *v = super::math::exp((*v - m) * scale);
-                sum += *v;
-            }
-            let inv = 1.0 / sum;
-            row.iter_mut().for_each(|v| *v *= inv);
-        }
+        super::simd::softmax_rows(p, t, scale);
         unsafe {
             matmul_raw(
                 out_ptr.0,
@@ -142,12 +133,7 @@ pub fn attention_backward(
             }
             // dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale   (softmax backward, with the
             // 1/sqrt(hd) of the forward folded in)
-            for (dsr, pr) in ds.chunks_mut(t).zip(p.chunks(t)) {
-                let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                for (g, &pv) in dsr.iter_mut().zip(pr) {
-                    *g = pv * (*g - dot) * scale;
-                }
-            }
+            super::simd::softmax_backward_rows(ds, p, t, scale);
             unsafe {
                 // dQ += dS K
                 matmul_raw(

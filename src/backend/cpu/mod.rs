@@ -6,10 +6,11 @@ pub mod gemm;
 pub mod math;
 pub mod ops;
 pub mod optim;
+pub mod simd;
 
 pub use ops::fill;
 
-use super::{AdamStep, AttnDims, Backend, DropoutKey, SgdStep};
+use super::{AdamStep, AttnDims, Backend, DropoutKey, DropoutMode, SgdStep};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -240,8 +241,8 @@ impl Backend for CpuBackend {
         p: f32,
         key: DropoutKey,
         samples: &[u64],
+        mode: DropoutMode,
         out: &mut Tensor,
-        accumulate: bool,
     ) -> Result<()> {
         let (x, out) = (x.f32s()?, out.f32s_mut()?);
         same_len("dropout", x, out)?;
@@ -251,7 +252,16 @@ impl Backend for CpuBackend {
         if !(0.0..1.0).contains(&p) {
             return Err(Error::Config(format!("dropout probability {p} is outside [0, 1)")));
         }
-        ops::dropout(x, p, key, samples, out, accumulate);
+        let mode = match mode {
+            DropoutMode::Write => simd::DropMode::Write,
+            DropoutMode::Accumulate => simd::DropMode::Accumulate,
+            DropoutMode::AddTo(r) => {
+                let r = r.f32s()?;
+                same_len("dropout residual", r, x)?;
+                simd::DropMode::AddTo(r)
+            }
+        };
+        ops::dropout(x, p, key, samples, mode, out);
         Ok(())
     }
 

@@ -5,7 +5,7 @@
 //! do not depend on the thread count. Gradient outputs accumulate (`+=`), because a
 //! tensor may feed several consumers.
 
-use super::math;
+use super::simd::{self, mix64, DropMode};
 use rayon::prelude::*;
 
 /// Elements per parallel task for elementwise loops.
@@ -94,25 +94,14 @@ pub fn bias_gelu(pre: &mut [f32], bias: &[f32], out: &mut [f32]) {
     let d = bias.len();
     pre.par_chunks_mut(d * ROWS)
         .zip(out.par_chunks_mut(d * ROWS))
-        .for_each(|(p, o)| {
-            for (p, o) in p.chunks_mut(d).zip(o.chunks_mut(d)) {
-                for ((p, o), b) in p.iter_mut().zip(o.iter_mut()).zip(bias) {
-                    *p += b;
-                    *o = math::gelu(*p);
-                }
-            }
-        });
+        .for_each(|(p, o)| simd::bias_gelu_rows(p, bias, o));
 }
 
 /// `dpre = dy * gelu'(pre)` (overwrites `dpre`).
 pub fn gelu_backward(dy: &[f32], pre: &[f32], dpre: &mut [f32]) {
     dpre.par_chunks_mut(CHUNK)
         .zip(dy.par_chunks(CHUNK).zip(pre.par_chunks(CHUNK)))
-        .for_each(|(o, (g, x))| {
-            for ((o, g), x) in o.iter_mut().zip(g).zip(x) {
-                *o = g * math::gelu_grad(*x);
-            }
-        });
+        .for_each(|(o, (g, x))| simd::gelu_backward(g, x, o));
 }
 
 /// LayerNorm over the last dimension `d` of `x` (`[n, d]`); saves per-row mean and
@@ -130,23 +119,7 @@ pub fn layernorm(
     y.par_chunks_mut(d * ROWS)
         .zip(x.par_chunks(d * ROWS))
         .zip(mean.par_chunks_mut(ROWS).zip(rstd.par_chunks_mut(ROWS)))
-        .for_each(|((y, x), (mean, rstd))| {
-            for (((y, x), m), s) in y
-                .chunks_mut(d)
-                .zip(x.chunks(d))
-                .zip(mean.iter_mut())
-                .zip(rstd.iter_mut())
-            {
-                let mu = x.iter().sum::<f32>() / d as f32;
-                let var = x.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / d as f32;
-                let r = 1.0 / (var + eps).sqrt();
-                for (((y, x), g), b) in y.iter_mut().zip(x).zip(gamma).zip(beta) {
-                    *y = (x - mu) * r * g + b;
-                }
-                *m = mu;
-                *s = r;
-            }
-        });
+        .for_each(|((y, x), (mean, rstd))| simd::layernorm_rows(x, gamma, beta, eps, y, mean, rstd));
 }
 
 /// Backward of [`layernorm`]: `dx += …`, `dgamma += …`, `dbeta += …`.
@@ -164,23 +137,9 @@ pub fn layernorm_backward(
     let d = gamma.len();
     let n = mean.len();
     dx.par_chunks_mut(d * ROWS).enumerate().for_each(|(t, dx)| {
-        for (i, dx) in dx.chunks_mut(d).enumerate() {
-            let r = t * ROWS + i;
-            let (x, dy) = (&x[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
-            let (mu, rs) = (mean[r], rstd[r]);
-            let mut sum_g = 0.0f32;
-            let mut sum_gx = 0.0f32;
-            for ((x, dy), g) in x.iter().zip(dy).zip(gamma) {
-                let dxh = dy * g;
-                sum_g += dxh;
-                sum_gx += dxh * (x - mu) * rs;
-            }
-            let (a, c) = (sum_g / d as f32, sum_gx / d as f32);
-            for (((dx, x), dy), g) in dx.iter_mut().zip(x).zip(dy).zip(gamma) {
-                let xh = (x - mu) * rs;
-                *dx += rs * (dy * g - a - xh * c);
-            }
-        }
+        let rows = t * ROWS..t * ROWS + dx.len() / d;
+        let span = rows.start * d..rows.end * d;
+        simd::layernorm_backward_rows(&dy[span.clone()], &x[span], gamma, &mean[rows.clone()], &rstd[rows], dx);
     });
     let mut acc = vec![0.0f32; 2 * d];
     reduce_rows(n, 2 * d, &mut acc, |r, p| {
@@ -295,47 +254,27 @@ pub struct DropoutKey {
     pub site: u64,
 }
 
-#[inline(always)]
-fn mix64(mut z: u64) -> u64 {
-    // splitmix64 finaliser
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 fn sample_base(key: DropoutKey, sample: u64) -> u64 {
     mix64(mix64(mix64(key.seed) ^ key.site.wrapping_mul(0x9e37_79b9_7f4a_7c15)) ^ sample)
 }
 
-/// Applies a dropout mask scaled by 1/(1-p): `out = x * mask` (forward) or
-/// `out += x * mask` (backward, where `x` is the incoming gradient).
-/// `per_sample` elements belong to each entry of `samples`.
-pub fn dropout(
-    x: &[f32],
-    p: f32,
-    key: DropoutKey,
-    samples: &[u64],
-    out: &mut [f32],
-    accumulate: bool,
-) {
-    let per_sample = x.len() / samples.len();
-    // keep iff the top 32 hash bits >= p * 2^32
-    let threshold = (p as f64 * 4_294_967_296.0) as u64;
+/// Inverted dropout: `out = m`, `out += m` or `out = residual + m` (see [`DropMode`]),
+/// where `m = x * mask / (1 - p)`. `x.len() / samples.len()` elements belong to each
+/// sample. Keep probabilities are quantised to 1/65536.
+pub fn dropout(x: &[f32], p: f32, key: DropoutKey, samples: &[u64], mode: DropMode, out: &mut [f32]) {
+    let per = x.len() / samples.len();
+    let threshold = (p as f64 * 65536.0).round() as u32;
     let scale = 1.0 / (1.0 - p);
-    out.par_chunks_mut(per_sample)
-        .zip(x.par_chunks(per_sample))
+    out.par_chunks_mut(per)
+        .zip(x.par_chunks(per))
         .zip(samples.par_iter())
-        .for_each(|((o, x), &s)| {
-            let base = sample_base(key, s);
-            for (e, (o, x)) in o.iter_mut().zip(x).enumerate() {
-                let keep = (mix64(base ^ e as u64) >> 32) >= threshold;
-                let v = if keep { x * scale } else { 0.0 };
-                if accumulate {
-                    *o += v;
-                } else {
-                    *o = v;
-                }
-            }
+        .enumerate()
+        .for_each(|(i, ((o, x), &s))| {
+            let mode = match mode {
+                DropMode::AddTo(r) => DropMode::AddTo(&r[i * per..(i + 1) * per]),
+                m => m,
+            };
+            simd::dropout_sample(x, sample_base(key, s), threshold, scale, mode, o)
         });
 }
 

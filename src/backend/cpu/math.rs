@@ -6,13 +6,15 @@ const LN2_HI: f32 = 0.693_145_75;
 const LN2_LO: f32 = 1.428_606_8e-6;
 /// 1.5 * 2^23: adding and subtracting it rounds an f32 in (-2^22, 2^22) to an integer.
 const ROUND_MAGIC: f32 = 12_582_912.0;
+const ROUND_MAGIC_BITS: u32 = 0x4b40_0000;
 
 /// e^x with relative error below 2e-7 for x in [-87, 88]; inputs outside are clamped
 /// (e^-87 ≈ 1.6e-38, so softmax and GELU never notice).
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND_MAGIC) - ROUND_MAGIC;
+    let y = x * LOG2E + ROUND_MAGIC;
+    let n = y - ROUND_MAGIC;
     let r = x - n * LN2_HI - n * LN2_LO;
     // Taylor series of e^r to degree 7 on |r| <= ln2/2: truncation error < 5e-9.
     let p = 1.0
@@ -21,7 +23,8 @@ pub fn exp(x: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    // 2^n from the integer n sitting in y's low mantissa bits (no float→int convert).
+    let scale = f32::from_bits(y.to_bits().wrapping_sub(ROUND_MAGIC_BITS).wrapping_add(127) << 23);
     p * scale
 }
 

@@ -192,17 +192,24 @@ pub fn mix64(mut z: u64) -> u64 {
 
 simd_fn! {
     /// Dropout over one sample's elements. Element `e` is kept iff 16-bit lane `e % 4`
-    /// of `mix64(base ^ (e / 4))` is at least `threshold` (= p · 2^16).
+    /// of `mix64(base ^ (e / 4))` is at least `threshold` (= p · 2^16). Masks are built
+    /// 64 elements at a time so the hashing and the apply loop both vectorise.
     pub fn dropout_sample(x: &[f32], base: u64, threshold: u32, scale: f32, mode: DropMode, out: &mut [f32]) {
-        for (g, (o, x)) in out.chunks_mut(4).zip(x.chunks(4)).enumerate() {
-            let h = mix64(base ^ g as u64);
-            for (k, (o, x)) in o.iter_mut().zip(x).enumerate() {
-                let lane = ((h >> (16 * k)) & 0xffff) as u32;
-                let m = if lane >= threshold { x * scale } else { 0.0 };
-                match mode {
-                    DropMode::Write => *o = m,
-                    DropMode::Accumulate => *o += m,
-                    DropMode::AddTo(r) => *o = r[g * 4 + k] + m,
+        let mut mask = [0.0f32; 64];
+        for (blk, (o, x)) in out.chunks_mut(64).zip(x.chunks(64)).enumerate() {
+            for (g, m) in mask.chunks_exact_mut(4).enumerate() {
+                let h = mix64(base ^ (blk * 16 + g) as u64);
+                for (k, m) in m.iter_mut().enumerate() {
+                    *m = if ((h >> (16 * k)) & 0xffff) as u32 >= threshold { scale } else { 0.0 };
+                }
+            }
+            let mask = &mask[..o.len()];
+            match mode {
+                DropMode::Write => o.iter_mut().zip(x).zip(mask).for_each(|((o, x), m)| *o = x * m),
+                DropMode::Accumulate => o.iter_mut().zip(x).zip(mask).for_each(|((o, x), m)| *o += x * m),
+                DropMode::AddTo(r) => {
+                    let r = &r[blk * 64..blk * 64 + o.len()];
+                    o.iter_mut().zip(x).zip(mask).zip(r).for_each(|(((o, x), m), r)| *o = r + x * m)
                 }
             }
         }

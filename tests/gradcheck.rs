@@ -276,3 +276,16 @@ fn dropout_fused_with_residual_add() {
         g.dropout_add(v[0], v[1], 0.25, DropoutKey { seed: 3, site: 9 }, &samples)
     });
 }
+
+#[test]
+fn attention_with_fewer_queries_than_tokens() {
+    check("attention_queries", vec![randn(&[2, 5, 24], 42)], &[0], &|g, v| g.attention_queries(v[0], 2, 2));
+}
+
+#[test]
+fn reshape_passes_gradients_through() {
+    check("reshape", vec![randn(&[2, 1, 6], 43)], &[0], &|g, v| {
+        let r = g.reshape(v[0], &[2, 6])?;
+        g.cross_entropy(r, &[1, 5], 0.0)
+    });
+}

@@ -72,6 +72,9 @@ enum Op {
         x: Var,
         stride_rows: usize,
     },
+    Reshape {
+        x: Var,
+    },
     CrossEntropy {
         logits: Var,
         dlogits: Tensor,
@@ -284,6 +287,13 @@ impl<'a> Graph<'a> {
 
     /// Multi-head self-attention core on packed `qkv` `[b, t, 3d]` → `[b, t, d]`.
     pub fn attention(&mut self, qkv: Var, heads: usize) -> Result<Var> {
+        let t = self.value(qkv).dims().get(1).copied().unwrap_or(0);
+        self.attention_queries(qkv, heads, t)
+    }
+
+    /// Attention where only the first `queries` tokens attend (all tokens are keys and
+    /// values): `[b, t, 3d]` → `[b, queries, d]`.
+    pub fn attention_queries(&mut self, qkv: Var, heads: usize, queries: usize) -> Result<Var> {
         let v = self.value(qkv);
         let &[b, t, d3] = v.dims() else {
             return Err(Error::shape("attention", "qkv [batch, tokens, 3 dim]", v.shape()));
@@ -294,11 +304,12 @@ impl<'a> Graph<'a> {
         let dims = AttnDims {
             batch: b,
             tokens: t,
+            queries,
             dim: d3 / 3,
             heads,
         };
-        let mut probs = self.out(&[b, heads, t, t]);
-        let mut out = self.out(&[b, t, d3 / 3]);
+        let mut probs = self.out(&[b, heads, queries, t]);
+        let mut out = self.out(&[b, queries, d3 / 3]);
         self.backend.attention(v, dims, &mut probs, &mut out)?;
         let needs = self.needs(qkv);
         Ok(self.push(out, needs, Op::Attention { qkv, dims, probs }))
@@ -355,16 +366,24 @@ impl<'a> Graph<'a> {
         Ok(self.push(out, needs, Op::Dropout { x, p, key, samples, residual }))
     }
 
-    /// `[b, t, d]` → `[b, d]`: token 0 (the cls token) of every image.
+    /// `[b, t, d]` → `[b, 1, d]`: token 0 (the cls token) of every image.
     pub fn select_cls(&mut self, x: Var) -> Result<Var> {
         let xv = self.value(x);
         let &[b, t, d] = xv.dims() else {
             return Err(Error::shape("select_cls", "[batch, tokens, dim]", xv.shape()));
         };
-        let mut out = self.out(&[b, d]);
+        let mut out = self.out(&[b, 1, d]);
         self.backend.select_rows(xv, t, &mut out)?;
         let needs = self.needs(x);
         Ok(self.push(out, needs, Op::SelectRows { x, stride_rows: t }))
+    }
+
+    /// The same elements under a new shape. Copies (meant for small tensors such as
+    /// logits; large activations keep their shape through the ops).
+    pub fn reshape(&mut self, x: Var, dims: &[usize]) -> Result<Var> {
+        let out = self.value(x).clone().reshape(dims)?;
+        let needs = self.needs(x);
+        Ok(self.push(out, needs, Op::Reshape { x }))
     }
 
     /// Mean softmax cross-entropy of `logits` `[b, classes]` against `labels`, with
@@ -558,6 +577,10 @@ impl<'a> Graph<'a> {
                     be.select_rows_backward(g, *stride_rows, d)?;
                 }
                 self.put_grad(*x, d);
+            }
+            Op::Reshape { x } => {
+                let g = g.clone().reshape(self.value(*x).shape().clone())?;
+                self.accumulate(*x, &g)?;
             }
             Op::CrossEntropy { logits, dlogits } => {
                 let mut scaled = dlogits.clone();

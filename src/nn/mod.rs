@@ -83,11 +83,6 @@ impl Attention {
         })
     }
 
-    pub fn forward(&self, g: &mut Graph, x: Var) -> Result<Var> {
-        let qkv = self.qkv.forward(g, x, Activation::None)?;
-        let a = g.attention(qkv, self.heads)?;
-        self.proj.forward(g, a, Activation::None)
-    }
 }
 
 /// `fc2(gelu(fc1(x)))`, with GELU fused into fc1's epilogue.

@@ -8,11 +8,14 @@
 use super::gemm::{matmul_raw, Mat, Par, SharedMut};
 use rayon::prelude::*;
 
-/// Geometry of one attention call.
+/// Geometry of one attention call. Only the first `queries` tokens attend (all
+/// `tokens` serve as keys and values): `queries == tokens` is ordinary self-attention,
+/// `queries == 1` is what the last block needs when only the cls token is read.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnDims {
     pub batch: usize,
     pub tokens: usize,
+    pub queries: usize,
     pub dim: usize,
     pub heads: usize,
 }
@@ -21,23 +24,24 @@ impl AttnDims {
     fn head_dim(self) -> usize {
         self.dim / self.heads
     }
-    /// View of q (`which` = 0), k (1) or v (2) of head `h` of image `b` in qkv.
+    /// View of q (`which` = 0, the querying tokens only), k (1) or v (2) of head `h`
+    /// of image `b` in qkv.
     fn qkv_view(self, b: usize, h: usize, which: usize) -> Mat {
         let (t, d) = (self.tokens, self.dim);
         Mat {
             offset: b * t * 3 * d + which * d + h * self.head_dim(),
-            rows: t,
+            rows: if which == 0 { self.queries } else { t },
             cols: self.head_dim(),
             rs: 3 * d,
             cs: 1,
         }
     }
-    /// View of head `h` of image `b` in an output-shaped tensor `[b, t, d]`.
+    /// View of head `h` of image `b` in an output-shaped tensor `[b, queries, d]`.
     fn out_view(self, b: usize, h: usize) -> Mat {
-        let (t, d) = (self.tokens, self.dim);
+        let (q, d) = (self.queries, self.dim);
         Mat {
-            offset: b * t * d + h * self.head_dim(),
-            rows: t,
+            offset: b * q * d + h * self.head_dim(),
+            rows: q,
             cols: self.head_dim(),
             rs: d,
             cs: 1,
@@ -46,14 +50,14 @@ impl AttnDims {
 }
 
 /// `out = softmax(q kᵀ / sqrt(hd)) v` per head; saves the probabilities
-/// (`probs`, `[b, heads, t, t]`) for the backward pass.
+/// (`probs`, `[b, heads, queries, t]`) for the backward pass.
 pub fn attention(qkv: &[f32], dims: AttnDims, probs: &mut [f32], out: &mut [f32]) {
-    let (t, d) = (dims.tokens, dims.dim);
-    assert!(qkv.len() == dims.batch * t * 3 * d && out.len() == dims.batch * t * d);
-    assert!(probs.len() == dims.batch * dims.heads * t * t && d % dims.heads == 0);
+    let (t, q, d) = (dims.tokens, dims.queries, dims.dim);
+    assert!(qkv.len() == dims.batch * t * 3 * d && out.len() == dims.batch * q * d && q <= t);
+    assert!(probs.len() == dims.batch * dims.heads * q * t && d % dims.heads == 0);
     let scale = 1.0 / (dims.head_dim() as f32).sqrt();
     let out_ptr = SharedMut(out.as_mut_ptr());
-    probs.par_chunks_mut(t * t).enumerate().for_each(|(bh, p)| {
+    probs.par_chunks_mut(q * t).enumerate().for_each(|(bh, p)| {
         let (b, h) = (bh / dims.heads, bh % dims.heads);
         let out_ptr = out_ptr;
         // SAFETY: all views lie inside their buffers (lengths asserted above), and
@@ -61,7 +65,7 @@ pub fn attention(qkv: &[f32], dims: AttnDims, probs: &mut [f32], out: &mut [f32]
         unsafe {
             matmul_raw(
                 p.as_mut_ptr(),
-                Mat::dense(t, t),
+                Mat::dense(q, t),
                 qkv.as_ptr(),
                 dims.qkv_view(b, h, 0),
                 qkv.as_ptr(),
@@ -76,7 +80,7 @@ pub fn attention(qkv: &[f32], dims: AttnDims, probs: &mut [f32], out: &mut [f32]
                 out_ptr.0,
                 dims.out_view(b, h),
                 p.as_ptr(),
-                Mat::dense(t, t),
+                Mat::dense(q, t),
                 qkv.as_ptr(),
                 dims.qkv_view(b, h, 2),
                 false,
@@ -94,17 +98,17 @@ pub fn attention_backward(
     dims: AttnDims,
     dqkv: &mut [f32],
 ) {
-    let (t, d) = (dims.tokens, dims.dim);
-    assert!(qkv.len() == dims.batch * t * 3 * d && dqkv.len() == qkv.len());
-    assert!(dout.len() == dims.batch * t * d && probs.len() == dims.batch * dims.heads * t * t);
+    let (t, q, d) = (dims.tokens, dims.queries, dims.dim);
+    assert!(qkv.len() == dims.batch * t * 3 * d && dqkv.len() == qkv.len() && q <= t);
+    assert!(dout.len() == dims.batch * q * d && probs.len() == dims.batch * dims.heads * q * t);
     let scale = 1.0 / (dims.head_dim() as f32).sqrt();
     let dqkv_ptr = SharedMut(dqkv.as_mut_ptr());
-    probs.par_chunks(t * t).enumerate().for_each_init(
-        || vec![0.0f32; t * t],
+    probs.par_chunks(q * t).enumerate().for_each_init(
+        || vec![0.0f32; q * t],
         |ds, (bh, p)| {
             let (b, h) = (bh / dims.heads, bh % dims.heads);
             let dqkv_ptr = dqkv_ptr;
-            let dense = Mat::dense(t, t);
+            let dense = Mat::dense(q, t);
             // SAFETY: views lie inside their buffers (asserted above); task (b, h)
             // writes only head h's q, k, v columns of image b in `dqkv`.
             unsafe {

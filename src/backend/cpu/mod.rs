@@ -324,11 +324,14 @@ fn check_attn(d: AttnDims, qkv: &Tensor, probs: &Tensor, out: &Tensor) -> Result
     if d.heads == 0 || d.dim % d.heads != 0 {
         return Err(Error::Config(format!("dim {} is not divisible by {} heads", d.dim, d.heads)));
     }
-    let (b, t, c) = (d.batch, d.tokens, d.dim);
+    let (b, t, q, c) = (d.batch, d.tokens, d.queries, d.dim);
+    if q == 0 || q > t {
+        return Err(Error::Config(format!("{q} querying tokens out of {t}")));
+    }
     for (what, have, want) in [
         ("qkv", qkv.numel(), b * t * 3 * c),
-        ("probs", probs.numel(), b * d.heads * t * t),
-        ("out", out.numel(), b * t * c),
+        ("probs", probs.numel(), b * d.heads * q * t),
+        ("out", out.numel(), b * q * c),
     ] {
         if have != want {
             return Err(Error::shape("attention", format!("{what} of {want} elements"), have));

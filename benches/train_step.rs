@@ -27,11 +27,19 @@ fn train_step(c: &mut Criterion) {
         let cfg = VitConfig::preset(preset).expect("preset");
         let mut engine = Engine::new(&cfg, TrainConfig::default()).expect("engine");
         let mut rng = Rng::new(1);
-        let images = Tensor::from_vec(rng.vec(BATCH * 3 * 32 * 32, |r| r.normal()), [BATCH, 3, 32, 32]).unwrap();
+        let images = Tensor::from_vec(
+            rng.vec(BATCH * 3 * 32 * 32, |r| r.normal()),
+            [BATCH, 3, 32, 32],
+        )
+        .unwrap();
         let labels: Vec<usize> = (0..BATCH).map(|i| i % 10).collect();
         let samples: Vec<u64> = (0..BATCH as u64).collect();
         group.bench_function(*preset, |b| {
-            b.iter(|| engine.train_step(images.clone(), &labels, &samples).expect("step"))
+            b.iter(|| {
+                engine
+                    .train_step(images.clone(), &labels, &samples)
+                    .expect("step")
+            })
         });
     }
     group.finish();

@@ -78,7 +78,12 @@ impl Engine {
     /// One training step on a batch: forward (dropout on), loss, backward, update.
     /// `samples` are the global dataset indices of the batch (dropout masks are keyed by
     /// them). A non-finite loss stops before the update, naming the step.
-    pub fn train_step(&mut self, images: Tensor, labels: &[usize], samples: &[u64]) -> Result<BatchStats> {
+    pub fn train_step(
+        &mut self,
+        images: Tensor,
+        labels: &[usize],
+        samples: &[u64],
+    ) -> Result<BatchStats> {
         self.params.zero_grad();
         // Dropout seed of this step: the run's seed and the step number.
         let seed = self.config.seed ^ self.step.wrapping_mul(0x9e37_79b9_7f4a_7c15);
@@ -89,7 +94,10 @@ impl Engine {
         let loss_var = g.cross_entropy(logits, labels, self.config.label_smoothing)?;
         let loss = g.value(loss_var).f32s()?[0];
         if !loss.is_finite() {
-            return Err(Error::NonFinite { step: self.step, value: loss });
+            return Err(Error::NonFinite {
+                step: self.step,
+                value: loss,
+            });
         }
         g.backward(loss_var)?;
         drop(g);
@@ -125,16 +133,28 @@ impl Engine {
 pub fn argmax_rows(logits: &Tensor) -> Result<Vec<usize>> {
     let c = logits.shape().last();
     if logits.shape().rank() != 2 || c == 0 {
-        return Err(Error::shape("argmax_rows", "[batch, classes]", logits.shape()));
+        return Err(Error::shape(
+            "argmax_rows",
+            "[batch, classes]",
+            logits.shape(),
+        ));
     }
     Ok(logits
         .f32s()?
         .chunks(c)
-        .map(|r| r.iter().enumerate().fold(0, |best, (i, v)| if *v > r[best] { i } else { best }))
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .fold(0, |best, (i, v)| if *v > r[best] { i } else { best })
+        })
         .collect())
 }
 
 /// How many rows of `logits` have their argmax at the label.
 pub fn count_correct(logits: &Tensor, labels: &[usize]) -> Result<usize> {
-    Ok(argmax_rows(logits)?.iter().zip(labels).filter(|(p, y)| p == y).count())
+    Ok(argmax_rows(logits)?
+        .iter()
+        .zip(labels)
+        .filter(|(p, y)| p == y)
+        .count())
 }

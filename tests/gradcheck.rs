@@ -28,7 +28,10 @@ fn objective(inputs: &[Tensor], r: &Tensor, build: &Build) -> f64 {
     let vars: Vec<Var> = inputs.iter().map(|t| g.input(t.clone())).collect();
     let out = build(&mut g, &vars).expect("forward");
     let out = g.value(out).f32s().expect("f32");
-    out.iter().zip(r.f32s().expect("f32")).map(|(a, b)| *a as f64 * *b as f64).sum()
+    out.iter()
+        .zip(r.f32s().expect("f32"))
+        .map(|(a, b)| *a as f64 * *b as f64)
+        .sum()
 }
 
 /// Checks d sum(r ⊙ out) / d input for every input listed in `wrt`.
@@ -38,24 +41,38 @@ fn check(name: &str, inputs: Vec<Tensor>, wrt: &[usize], build: &Build) {
     let vars: Vec<Var> = inputs
         .iter()
         .enumerate()
-        .map(|(i, t)| if wrt.contains(&i) { g.input_with_grad(t.clone()) } else { g.input(t.clone()) })
+        .map(|(i, t)| {
+            if wrt.contains(&i) {
+                g.input_with_grad(t.clone())
+            } else {
+                g.input(t.clone())
+            }
+        })
         .collect();
     let out = build(&mut g, &vars).expect("forward");
     let r = randn(g.value(out).dims(), 99);
     g.backward_from(out, r.clone()).expect("backward");
-    let grads: Vec<Vec<f32>> = wrt.iter().map(|&i| g.grad(vars[i]).expect("input grad").to_vec_f32()).collect();
+    let grads: Vec<Vec<f32>> = wrt
+        .iter()
+        .map(|&i| g.grad(vars[i]).expect("input grad").to_vec_f32())
+        .collect();
     drop(g);
 
     let mut rng = Rng::new(7);
     for (gi, &i) in wrt.iter().enumerate() {
         let n = inputs[i].numel();
         for probe in 0..PROBES.min(n) {
-            let j = if n <= PROBES { probe } else { (rng.next_u64() % n as u64) as usize };
+            let j = if n <= PROBES {
+                probe
+            } else {
+                (rng.next_u64() % n as u64) as usize
+            };
             let mut plus = inputs.clone();
             let mut minus = inputs.clone();
             plus[i].f32s_mut().unwrap()[j] += EPS;
             minus[i].f32s_mut().unwrap()[j] -= EPS;
-            let num = (objective(&plus, &r, build) - objective(&minus, &r, build)) / (2.0 * EPS as f64);
+            let num =
+                (objective(&plus, &r, build) - objective(&minus, &r, build)) / (2.0 * EPS as f64);
             let ana = grads[gi][j] as f64;
             let tol = ATOL + RTOL * num.abs().max(ana.abs());
             assert!(
@@ -78,9 +95,12 @@ fn linear_with_bias() {
 
 #[test]
 fn linear_without_bias() {
-    check("linear_nobias", vec![randn(&[9, 4], 1), randn(&[3, 4], 2)], &[0, 1], &|g, v| {
-        g.linear(v[0], v[1], None, Activation::None)
-    });
+    check(
+        "linear_nobias",
+        vec![randn(&[9, 4], 1), randn(&[3, 4], 2)],
+        &[0, 1],
+        &|g, v| g.linear(v[0], v[1], None, Activation::None),
+    );
 }
 
 #[test]
@@ -98,7 +118,11 @@ fn patch_embedding_conv_weight() {
     // images are data (no gradient); the conv weight [d, c, p, p] and bias are checked.
     check(
         "patch_embed",
-        vec![randn(&[2, 3, 8, 8], 7), randn(&[5, 3, 4, 4], 8), randn(&[5], 9)],
+        vec![
+            randn(&[2, 3, 8, 8], 7),
+            randn(&[5, 3, 4, 4], 8),
+            randn(&[5], 9),
+        ],
         &[1, 2],
         &|g, v| {
             let p = g.patchify(v[0], 4)?;
@@ -111,7 +135,11 @@ fn patch_embedding_conv_weight() {
 fn cls_and_position_embedding() {
     check(
         "embed",
-        vec![randn(&[3, 4, 6], 10), randn(&[1, 1, 6], 11), randn(&[1, 5, 6], 12)],
+        vec![
+            randn(&[3, 4, 6], 10),
+            randn(&[1, 1, 6], 11),
+            randn(&[1, 5, 6], 12),
+        ],
         &[0, 1, 2],
         &|g, v| g.embed(v[0], v[1], v[2]),
     );
@@ -120,22 +148,33 @@ fn cls_and_position_embedding() {
 #[test]
 fn layernorm() {
     let gamma = randn(&[8], 14);
-    check("layernorm", vec![randn(&[3, 5, 8], 13), gamma, randn(&[8], 15)], &[0, 1, 2], &|g, v| {
-        g.layernorm(v[0], v[1], v[2], 1e-6)
-    });
+    check(
+        "layernorm",
+        vec![randn(&[3, 5, 8], 13), gamma, randn(&[8], 15)],
+        &[0, 1, 2],
+        &|g, v| g.layernorm(v[0], v[1], v[2], 1e-6),
+    );
 }
 
 #[test]
 fn multi_head_attention_core() {
     // batch 2, 5 tokens, dim 8, 2 heads; scale inputs to keep softmax away from saturation
-    check("attention", vec![randn(&[2, 5, 24], 16)], &[0], &|g, v| g.attention(v[0], 2));
+    check("attention", vec![randn(&[2, 5, 24], 16)], &[0], &|g, v| {
+        g.attention(v[0], 2)
+    });
 }
 
 #[test]
 fn attention_with_projections() {
     check(
         "attention_block",
-        vec![randn(&[2, 7, 8], 17), randn(&[24, 8], 18), randn(&[24], 19), randn(&[8, 8], 20), randn(&[8], 21)],
+        vec![
+            randn(&[2, 7, 8], 17),
+            randn(&[24, 8], 18),
+            randn(&[24], 19),
+            randn(&[8, 8], 20),
+            randn(&[8], 21),
+        ],
         &[0, 1, 2, 3, 4],
         &|g, v| {
             let qkv = g.linear(v[0], v[1], Some(v[2]), Activation::None)?;
@@ -147,34 +186,49 @@ fn attention_with_projections() {
 
 #[test]
 fn residual_add() {
-    check("add", vec![randn(&[4, 6], 22), randn(&[4, 6], 23)], &[0, 1], &|g, v| g.add(v[0], v[1]));
+    check(
+        "add",
+        vec![randn(&[4, 6], 22), randn(&[4, 6], 23)],
+        &[0, 1],
+        &|g, v| g.add(v[0], v[1]),
+    );
 }
 
 #[test]
 fn add_with_shared_input_accumulates() {
     // x feeds both operands: the gradient must be 2r.
-    check("add_shared", vec![randn(&[3, 3], 24)], &[0], &|g, v| g.add(v[0], v[0]));
+    check("add_shared", vec![randn(&[3, 3], 24)], &[0], &|g, v| {
+        g.add(v[0], v[0])
+    });
 }
 
 #[test]
 fn dropout_is_a_fixed_linear_mask() {
     let samples: Arc<[u64]> = vec![5, 9, 2].into();
-    check("dropout", vec![randn(&[3, 4, 10], 25)], &[0], &move |g, v| {
-        g.dropout(v[0], 0.3, DropoutKey { seed: 11, site: 3 }, &samples)
-    });
+    check(
+        "dropout",
+        vec![randn(&[3, 4, 10], 25)],
+        &[0],
+        &move |g, v| g.dropout(v[0], 0.3, DropoutKey { seed: 11, site: 3 }, &samples),
+    );
 }
 
 #[test]
 fn select_cls_token() {
-    check("select_cls", vec![randn(&[3, 4, 5], 26)], &[0], &|g, v| g.select_cls(v[0]));
+    check("select_cls", vec![randn(&[3, 4, 5], 26)], &[0], &|g, v| {
+        g.select_cls(v[0])
+    });
 }
 
 #[test]
 fn softmax_cross_entropy_with_label_smoothing() {
     for smoothing in [0.0, 0.1] {
-        check("cross_entropy", vec![randn(&[5, 7], 27)], &[0], &move |g, v| {
-            g.cross_entropy(v[0], &[0, 3, 6, 2, 2], smoothing)
-        });
+        check(
+            "cross_entropy",
+            vec![randn(&[5, 7], 27)],
+            &[0],
+            &move |g, v| g.cross_entropy(v[0], &[0, 3, 6, 2, 2], smoothing),
+        );
     }
 }
 
@@ -193,7 +247,13 @@ fn tiny_config() -> VitConfig {
     }
 }
 
-fn vit_loss(vit: &Vit, store: &mut ParamStore, images: &Tensor, labels: &[usize], backward: bool) -> f64 {
+fn vit_loss(
+    vit: &Vit,
+    store: &mut ParamStore,
+    images: &Tensor,
+    labels: &[usize],
+    backward: bool,
+) -> f64 {
     let ctx = ForwardCtx::train(1234, vec![10u64, 11, 12]);
     let mut g = Graph::new(store);
     let logits = vit.forward(&mut g, images.clone(), &ctx).expect("forward");
@@ -212,7 +272,10 @@ fn whole_vit_with_dropout_per_element() {
     let images = randn(&[3, 3, 8, 8], 30);
     let labels = [1, 0, 3];
     vit_loss(&vit, &mut store, &images, &labels, true);
-    let analytic: Vec<(String, Vec<f32>)> = store.iter().map(|p| (p.name.clone(), p.grad.to_vec_f32())).collect();
+    let analytic: Vec<(String, Vec<f32>)> = store
+        .iter()
+        .map(|p| (p.name.clone(), p.grad.to_vec_f32()))
+        .collect();
     let mut rng = Rng::new(5);
     for (name, grad) in analytic {
         let id = store.id(&name).unwrap();
@@ -247,15 +310,31 @@ fn whole_vit_directional_derivative() {
     let labels = [2, 2, 0];
     vit_loss(&vit, &mut store, &images, &labels, true);
     let mut rng = Rng::new(8);
-    let dirs: Vec<Vec<f32>> = store.iter().map(|p| rng.vec(p.value.numel(), |r| r.normal())).collect();
+    let dirs: Vec<Vec<f32>> = store
+        .iter()
+        .map(|p| rng.vec(p.value.numel(), |r| r.normal()))
+        .collect();
     let dot: f64 = store
         .iter()
         .zip(&dirs)
-        .map(|(p, d)| p.grad.f32s().unwrap().iter().zip(d).map(|(g, v)| *g as f64 * *v as f64).sum::<f64>())
+        .map(|(p, d)| {
+            p.grad
+                .f32s()
+                .unwrap()
+                .iter()
+                .zip(d)
+                .map(|(g, v)| *g as f64 * *v as f64)
+                .sum::<f64>()
+        })
         .sum();
     let shift = |store: &mut ParamStore, h: f32| {
         for (p, d) in store.iter_mut().zip(&dirs) {
-            p.value.f32s_mut().unwrap().iter_mut().zip(d).for_each(|(x, v)| *x += h * v);
+            p.value
+                .f32s_mut()
+                .unwrap()
+                .iter_mut()
+                .zip(d)
+                .for_each(|(x, v)| *x += h * v);
         }
     };
     // The direction has norm ~sqrt(#params) ≈ 50, so a small step keeps the loss in
@@ -266,20 +345,31 @@ fn whole_vit_directional_derivative() {
     shift(&mut store, -2.0 * h);
     let lm = vit_loss(&vit, &mut store, &images, &labels, false);
     let num = (lp - lm) / (2.0 * h as f64);
-    assert!((num - dot).abs() <= 1e-2 * dot.abs().max(1e-1), "directional: analytic {dot:.6}, numeric {num:.6}");
+    assert!(
+        (num - dot).abs() <= 1e-2 * dot.abs().max(1e-1),
+        "directional: analytic {dot:.6}, numeric {num:.6}"
+    );
 }
 
 #[test]
 fn dropout_fused_with_residual_add() {
     let samples: Arc<[u64]> = vec![1, 4].into();
-    check("dropout_add", vec![randn(&[2, 3, 8], 40), randn(&[2, 3, 8], 41)], &[0, 1], &move |g, v| {
-        g.dropout_add(v[0], v[1], 0.25, DropoutKey { seed: 3, site: 9 }, &samples)
-    });
+    check(
+        "dropout_add",
+        vec![randn(&[2, 3, 8], 40), randn(&[2, 3, 8], 41)],
+        &[0, 1],
+        &move |g, v| g.dropout_add(v[0], v[1], 0.25, DropoutKey { seed: 3, site: 9 }, &samples),
+    );
 }
 
 #[test]
 fn attention_with_fewer_queries_than_tokens() {
-    check("attention_queries", vec![randn(&[2, 5, 24], 42)], &[0], &|g, v| g.attention_queries(v[0], 2, 2));
+    check(
+        "attention_queries",
+        vec![randn(&[2, 5, 24], 42)],
+        &[0],
+        &|g, v| g.attention_queries(v[0], 2, 2),
+    );
 }
 
 #[test]

@@ -13,7 +13,10 @@ use ferrovit::optim::{Optimizer, OptimizerKind};
 use ferrovit::{DType, ForwardCtx, Graph, ParamStore, Tensor, Vit, VitConfig};
 use safetensors::SafeTensors;
 
-const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/vit_parity.safetensors");
+const FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/vit_parity.safetensors"
+);
 const RTOL: f64 = 1e-5;
 
 struct Fixture {
@@ -23,7 +26,8 @@ struct Fixture {
 impl Fixture {
     fn load() -> Self {
         Fixture {
-            bytes: std::fs::read(FIXTURE).expect("fixture present (scripts/make_parity_fixture.py)"),
+            bytes: std::fs::read(FIXTURE)
+                .expect("fixture present (scripts/make_parity_fixture.py)"),
         }
     }
 
@@ -39,7 +43,9 @@ impl Fixture {
 
     fn tensor(&self, name: &str) -> Tensor {
         let st = self.st();
-        let v = st.tensor(name).unwrap_or_else(|_| panic!("fixture tensor {name}"));
+        let v = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("fixture tensor {name}"));
         assert_eq!(v.dtype(), safetensors::Dtype::F32, "{name}");
         Tensor::from_le_bytes(v.data(), DType::F32, v.shape()).expect("size")
     }
@@ -73,7 +79,10 @@ fn config(f: &Fixture) -> VitConfig {
 fn assert_close(what: &str, ours: &Tensor, torch: &Tensor) {
     assert_eq!(ours.dims(), torch.dims(), "{what}: shape");
     let (err, i) = max_rel_err(&ours.to_vec_f32(), &torch.to_vec_f32());
-    assert!(err <= RTOL, "{what}: relative error {err:.2e} at element {i} exceeds {RTOL:.0e}");
+    assert!(
+        err <= RTOL,
+        "{what}: relative error {err:.2e} at element {i} exceeds {RTOL:.0e}"
+    );
 }
 
 fn model(f: &Fixture) -> (Vit, ParamStore) {
@@ -81,7 +90,9 @@ fn model(f: &Fixture) -> (Vit, ParamStore) {
     let vit = Vit::new(&config(f), &mut store, 0).unwrap();
     let names: Vec<String> = store.iter().map(|p| p.name.clone()).collect();
     for name in names {
-        store.set(&name, f.tensor(&format!("param.{name}"))).unwrap();
+        store
+            .set(&name, f.tensor(&format!("param.{name}")))
+            .unwrap();
     }
     (vit, store)
 }
@@ -119,7 +130,11 @@ fn forward_backward_and_adamw_match_pytorch() {
             assert_close("loss", g.value(loss), &f.tensor("out.loss"));
             drop(g);
             for p in store.iter() {
-                assert_close(&format!("grad of {}", p.name), &p.grad, &f.tensor(&format!("grad.{}", p.name)));
+                assert_close(
+                    &format!("grad of {}", p.name),
+                    &p.grad,
+                    &f.tensor(&format!("grad.{}", p.name)),
+                );
             }
         } else {
             drop(g);
@@ -137,19 +152,25 @@ fn forward_backward_and_adamw_match_pytorch() {
             // The key bias gets an analytically zero gradient (softmax ignores a shift
             // shared by a whole row of scores), so both frameworks "update" it from
             // rounding noise that Adam amplifies to ~lr. Leave those elements out.
-            for i in dim..2 * dim {
-                ours[i] = start[i];
-                want_cmp[i] = start[i];
-            }
+            ours[dim..2 * dim].copy_from_slice(&start[dim..2 * dim]);
+            want_cmp[dim..2 * dim].copy_from_slice(&start[dim..2 * dim]);
         }
         let d_ours: Vec<f32> = ours.iter().zip(&start).map(|(a, b)| a - b).collect();
         let d_want: Vec<f32> = want_cmp.iter().zip(&start).map(|(a, b)| a - b).collect();
         let (err, i) = max_rel_err(&d_ours, &d_want);
         // Adam normalises each update to ~lr, so elements with small gradients count as
         // much as large ones: the change gets a slightly wider bound than the values.
-        assert!(err <= 1e-4, "update of {}: relative error {err:.2e} at element {i}", p.name);
+        assert!(
+            err <= 1e-4,
+            "update of {}: relative error {err:.2e} at element {i}",
+            p.name
+        );
         let want = Tensor::from_vec(want_cmp, p.value.dims()).unwrap();
-        assert_close(&format!("{} after {steps} AdamW steps", p.name), &Tensor::from_vec(ours, p.value.dims()).unwrap(), &want);
+        assert_close(
+            &format!("{} after {steps} AdamW steps", p.name),
+            &Tensor::from_vec(ours, p.value.dims()).unwrap(),
+            &want,
+        );
     }
 }
 
@@ -170,7 +191,12 @@ fn key_bias_gradient_is_zero() {
         let p = store.get(store.id(&format!("blocks.{i}.attn.qkv.bias")).unwrap());
         let grad = p.grad.f32s().unwrap();
         let max = grad.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let kmax = grad[dim..2 * dim].iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        assert!(kmax <= 1e-5 * max, "block {i}: key-bias gradient {kmax:e} vs {max:e}");
+        let kmax = grad[dim..2 * dim]
+            .iter()
+            .fold(0.0f32, |m, v| m.max(v.abs()));
+        assert!(
+            kmax <= 1e-5 * max,
+            "block {i}: key-bias gradient {kmax:e} vs {max:e}"
+        );
     }
 }

@@ -8,13 +8,20 @@ use ferrovit::{ForwardCtx, Graph, ParamStore, Vit, VitConfig};
 
 #[test]
 fn preset_parameter_counts_are_exact() {
-    for (name, want) in [("vit_tiny_patch4_32", 9_532_938), ("vit_lite_depth7_patch4_32", 3_722_250)] {
+    for (name, want) in [
+        ("vit_tiny_patch4_32", 9_532_938),
+        ("vit_lite_depth7_patch4_32", 3_722_250),
+    ] {
         let cfg = VitConfig::preset(name).unwrap();
         let mut store = ParamStore::new();
         Vit::new(&cfg, &mut store, 0).unwrap();
         assert_eq!(store.num_elements(), want, "{name}: built model");
         assert_eq!(cfg.num_params(), want, "{name}: formula");
-        assert_eq!((cfg.tokens(), cfg.dropout, cfg.layernorm_eps), (65, 0.1, 1e-6), "{name}");
+        assert_eq!(
+            (cfg.tokens(), cfg.dropout, cfg.layernorm_eps),
+            (65, 0.1, 1e-6),
+            "{name}"
+        );
     }
     assert_eq!(PRESETS.len(), 2);
 }
@@ -22,20 +29,49 @@ fn preset_parameter_counts_are_exact() {
 #[test]
 fn unknown_preset_is_a_clear_error() {
     let e = VitConfig::preset("vit_huge").unwrap_err().to_string();
-    assert!(e.contains("vit_huge") && e.contains("vit_tiny_patch4_32"), "{e}");
+    assert!(
+        e.contains("vit_huge") && e.contains("vit_tiny_patch4_32"),
+        "{e}"
+    );
 }
 
 #[test]
 fn invalid_configs_name_the_field() {
     let base = VitConfig::preset("vit_lite_depth7_patch4_32").unwrap();
     let cases: Vec<(VitConfig, &str)> = vec![
-        (VitConfig { heads: 3, ..base.clone() }, "heads"),
-        (VitConfig { patch_size: 5, ..base.clone() }, "patch_size"),
-        (VitConfig { depth: 0, ..base.clone() }, "depth"),
-        (VitConfig { dropout: 1.0, ..base.clone() }, "dropout"),
+        (
+            VitConfig {
+                heads: 3,
+                ..base.clone()
+            },
+            "heads",
+        ),
+        (
+            VitConfig {
+                patch_size: 5,
+                ..base.clone()
+            },
+            "patch_size",
+        ),
+        (
+            VitConfig {
+                depth: 0,
+                ..base.clone()
+            },
+            "depth",
+        ),
+        (
+            VitConfig {
+                dropout: 1.0,
+                ..base.clone()
+            },
+            "dropout",
+        ),
     ];
     for (cfg, field) in cases {
-        let e = Vit::new(&cfg, &mut ParamStore::new(), 0).unwrap_err().to_string();
+        let e = Vit::new(&cfg, &mut ParamStore::new(), 0)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(field), "{field}: {e}");
     }
 }
@@ -46,7 +82,15 @@ fn parameter_names_are_global_and_ordered() {
     let mut store = ParamStore::new();
     Vit::new(&cfg, &mut store, 0).unwrap();
     let names: Vec<&str> = store.named_parameters().map(|(n, _)| n).collect();
-    assert_eq!(&names[..4], ["patch_embed.proj.weight", "patch_embed.proj.bias", "cls_token", "pos_embed"]);
+    assert_eq!(
+        &names[..4],
+        [
+            "patch_embed.proj.weight",
+            "patch_embed.proj.bias",
+            "cls_token",
+            "pos_embed"
+        ]
+    );
     assert_eq!(
         &names[4..16],
         [
@@ -65,7 +109,10 @@ fn parameter_names_are_global_and_ordered() {
         ]
     );
     assert!(names.contains(&"blocks.6.mlp.fc2.bias"));
-    assert_eq!(&names[names.len() - 4..], ["norm.weight", "norm.bias", "head.weight", "head.bias"]);
+    assert_eq!(
+        &names[names.len() - 4..],
+        ["norm.weight", "norm.bias", "head.weight", "head.bias"]
+    );
     let dims = |n: &str| store.get(store.id(n).unwrap()).value.dims().to_vec();
     assert_eq!(dims("patch_embed.proj.weight"), [256, 3, 4, 4]);
     assert_eq!(dims("pos_embed"), [1, 65, 256]);
@@ -80,14 +127,23 @@ fn initialisation_follows_pytorch_defaults_and_is_seeded() {
     Vit::new(&cfg, &mut b, 1).unwrap();
     Vit::new(&cfg, &mut c, 2).unwrap();
     let get = |s: &ParamStore, n: &str| s.get(s.id(n).unwrap()).value.to_vec_f32();
-    assert_eq!(get(&a, "blocks.2.mlp.fc1.weight"), get(&b, "blocks.2.mlp.fc1.weight"));
-    assert_ne!(get(&a, "blocks.2.mlp.fc1.weight"), get(&c, "blocks.2.mlp.fc1.weight"));
+    assert_eq!(
+        get(&a, "blocks.2.mlp.fc1.weight"),
+        get(&b, "blocks.2.mlp.fc1.weight")
+    );
+    assert_ne!(
+        get(&a, "blocks.2.mlp.fc1.weight"),
+        get(&c, "blocks.2.mlp.fc1.weight")
+    );
     // nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)); fc1 fan_in = 256
     let w = get(&a, "blocks.2.mlp.fc1.weight");
     let bound = 1.0 / 16.0;
     assert!(w.iter().all(|v| v.abs() <= bound));
     let var = w.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
-    assert!((var - bound * bound / 3.0).abs() < 0.05 * bound * bound / 3.0, "variance {var}");
+    assert!(
+        (var - bound * bound / 3.0).abs() < 0.05 * bound * bound / 3.0,
+        "variance {var}"
+    );
     assert!(get(&a, "blocks.0.norm1.weight").iter().all(|&v| v == 1.0));
     assert!(get(&a, "norm.bias").iter().all(|&v| v == 0.0));
     let pos = get(&a, "pos_embed");

@@ -102,7 +102,10 @@ pub struct Graph<'a> {
 impl<'a> Graph<'a> {
     pub fn new(store: &'a mut ParamStore) -> Self {
         let n = store.len();
-        let device = store.iter().next().map_or(Device::Cpu, |p| p.value.device());
+        let device = store
+            .iter()
+            .next()
+            .map_or(Device::Cpu, |p| p.value.device());
         Graph {
             store,
             nodes: Vec::new(),
@@ -195,14 +198,24 @@ impl<'a> Graph<'a> {
     /// trained, so this has no backward.
     pub fn patchify(&mut self, images: Var, patch: usize) -> Result<Var> {
         if self.needs(images) {
-            return Err(Error::Graph("patchify of a tensor that needs a gradient".into()));
+            return Err(Error::Graph(
+                "patchify of a tensor that needs a gradient".into(),
+            ));
         }
         let x = self.value(images);
         let &[b, c, h, w] = x.dims() else {
-            return Err(Error::shape("patchify", "[batch, channels, height, width]", x.shape()));
+            return Err(Error::shape(
+                "patchify",
+                "[batch, channels, height, width]",
+                x.shape(),
+            ));
         };
         if patch == 0 || h % patch != 0 || w % patch != 0 {
-            return Err(Error::shape("patchify", format!("sides divisible by {patch}"), x.shape()));
+            return Err(Error::shape(
+                "patchify",
+                format!("sides divisible by {patch}"),
+                x.shape(),
+            ));
         }
         let mut out = self.out(&[b, (h / patch) * (w / patch), c * patch * patch]);
         self.backend.patchify(x, patch, &mut out)?;
@@ -216,7 +229,11 @@ impl<'a> Graph<'a> {
         let out_f = wv.dims().first().copied().unwrap_or(0);
         let in_f = xv.shape().last();
         if out_f == 0 || wv.numel() != out_f * in_f {
-            return Err(Error::shape("linear", format!("weight [_, {in_f}] for input {}", xv.shape()), wv.shape()));
+            return Err(Error::shape(
+                "linear",
+                format!("weight [_, {in_f}] for input {}", xv.shape()),
+                wv.shape(),
+            ));
         }
         if let Some(b) = b {
             self.value(b).expect_dims("linear bias", &[out_f])?;
@@ -229,12 +246,21 @@ impl<'a> Graph<'a> {
                 if let Some(b) = b {
                     self.backend.fill_rows(&mut out, self.value(b))?;
                 }
-                self.backend.matmul(&mut out, xv, false, wv, true, (n, out_f, in_f), b.is_some())?;
+                self.backend.matmul(
+                    &mut out,
+                    xv,
+                    false,
+                    wv,
+                    true,
+                    (n, out_f, in_f),
+                    b.is_some(),
+                )?;
                 None
             }
             Activation::Gelu => {
                 let mut pre = self.out(&dims);
-                self.backend.matmul(&mut pre, xv, false, wv, true, (n, out_f, in_f), false)?;
+                self.backend
+                    .matmul(&mut pre, xv, false, wv, true, (n, out_f, in_f), false)?;
                 let zero;
                 let bias = match b {
                     Some(b) => self.value(b),
@@ -255,7 +281,11 @@ impl<'a> Graph<'a> {
     pub fn embed(&mut self, patches: Var, cls: Var, pos: Var) -> Result<Var> {
         let (p, c, e) = (self.value(patches), self.value(cls), self.value(pos));
         let &[b, l, d] = p.dims() else {
-            return Err(Error::shape("embed", "patches [batch, tokens, dim]", p.shape()));
+            return Err(Error::shape(
+                "embed",
+                "patches [batch, tokens, dim]",
+                p.shape(),
+            ));
         };
         if c.numel() != d || e.numel() != (l + 1) * d {
             return Err(Error::shape(
@@ -280,9 +310,20 @@ impl<'a> Graph<'a> {
         let mut y = self.out(xv.dims());
         let mut mean = self.out(&[rows]);
         let mut rstd = self.out(&[rows]);
-        self.backend.layernorm(xv, g, b, eps, &mut y, &mut mean, &mut rstd)?;
+        self.backend
+            .layernorm(xv, g, b, eps, &mut y, &mut mean, &mut rstd)?;
         let needs = self.needs(x) || self.needs(gamma) || self.needs(beta);
-        Ok(self.push(y, needs, Op::LayerNorm { x, gamma, beta, mean, rstd }))
+        Ok(self.push(
+            y,
+            needs,
+            Op::LayerNorm {
+                x,
+                gamma,
+                beta,
+                mean,
+                rstd,
+            },
+        ))
     }
 
     /// Multi-head self-attention core on packed `qkv` `[b, t, 3d]` → `[b, t, d]`.
@@ -296,10 +337,18 @@ impl<'a> Graph<'a> {
     pub fn attention_queries(&mut self, qkv: Var, heads: usize, queries: usize) -> Result<Var> {
         let v = self.value(qkv);
         let &[b, t, d3] = v.dims() else {
-            return Err(Error::shape("attention", "qkv [batch, tokens, 3 dim]", v.shape()));
+            return Err(Error::shape(
+                "attention",
+                "qkv [batch, tokens, 3 dim]",
+                v.shape(),
+            ));
         };
         if d3 % 3 != 0 {
-            return Err(Error::shape("attention", "last dimension divisible by 3", v.shape()));
+            return Err(Error::shape(
+                "attention",
+                "last dimension divisible by 3",
+                v.shape(),
+            ));
         }
         let dims = AttnDims {
             batch: b,
@@ -329,7 +378,13 @@ impl<'a> Graph<'a> {
     /// Inverted dropout with a counter-based mask (see [`DropoutKey`]); `samples` holds
     /// the global index of each sample in the batch (leading dimension). `p == 0` is
     /// the identity and records nothing.
-    pub fn dropout(&mut self, x: Var, p: f32, key: DropoutKey, samples: &Arc<[u64]>) -> Result<Var> {
+    pub fn dropout(
+        &mut self,
+        x: Var,
+        p: f32,
+        key: DropoutKey,
+        samples: &Arc<[u64]>,
+    ) -> Result<Var> {
         if p == 0.0 {
             return Ok(x);
         }
@@ -337,17 +392,35 @@ impl<'a> Graph<'a> {
     }
 
     /// `residual + dropout(x)` in one pass (the residual connection of a block).
-    pub fn dropout_add(&mut self, residual: Var, x: Var, p: f32, key: DropoutKey, samples: &Arc<[u64]>) -> Result<Var> {
+    pub fn dropout_add(
+        &mut self,
+        residual: Var,
+        x: Var,
+        p: f32,
+        key: DropoutKey,
+        samples: &Arc<[u64]>,
+    ) -> Result<Var> {
         if p == 0.0 {
             return self.add(residual, x);
         }
         self.dropout_op(x, Some(residual), p, key, samples)
     }
 
-    fn dropout_op(&mut self, x: Var, residual: Option<Var>, p: f32, key: DropoutKey, samples: &Arc<[u64]>) -> Result<Var> {
+    fn dropout_op(
+        &mut self,
+        x: Var,
+        residual: Option<Var>,
+        p: f32,
+        key: DropoutKey,
+        samples: &Arc<[u64]>,
+    ) -> Result<Var> {
         let xv = self.value(x);
         if xv.dims().first() != Some(&samples.len()) {
-            return Err(Error::shape("dropout", format!("leading dimension {}", samples.len()), xv.shape()));
+            return Err(Error::shape(
+                "dropout",
+                format!("leading dimension {}", samples.len()),
+                xv.shape(),
+            ));
         }
         let mut out = self.out(xv.dims());
         let mode = match residual {
@@ -363,14 +436,28 @@ impl<'a> Graph<'a> {
         self.backend.dropout(xv, p, key, samples, mode, &mut out)?;
         let needs = self.needs(x) || residual.is_some_and(|r| self.needs(r));
         let samples = samples.clone();
-        Ok(self.push(out, needs, Op::Dropout { x, p, key, samples, residual }))
+        Ok(self.push(
+            out,
+            needs,
+            Op::Dropout {
+                x,
+                p,
+                key,
+                samples,
+                residual,
+            },
+        ))
     }
 
     /// `[b, t, d]` → `[b, 1, d]`: token 0 (the cls token) of every image.
     pub fn select_cls(&mut self, x: Var) -> Result<Var> {
         let xv = self.value(x);
         let &[b, t, d] = xv.dims() else {
-            return Err(Error::shape("select_cls", "[batch, tokens, dim]", xv.shape()));
+            return Err(Error::shape(
+                "select_cls",
+                "[batch, tokens, dim]",
+                xv.shape(),
+            ));
         };
         let mut out = self.out(&[b, 1, d]);
         self.backend.select_rows(xv, t, &mut out)?;
@@ -388,16 +475,29 @@ impl<'a> Graph<'a> {
 
     /// Mean softmax cross-entropy of `logits` `[b, classes]` against `labels`, with
     /// label smoothing. The result is a one-element tensor.
-    pub fn cross_entropy(&mut self, logits: Var, labels: &[usize], label_smoothing: f32) -> Result<Var> {
+    pub fn cross_entropy(
+        &mut self,
+        logits: Var,
+        labels: &[usize],
+        label_smoothing: f32,
+    ) -> Result<Var> {
         if !(0.0..=1.0).contains(&label_smoothing) {
-            return Err(Error::Config(format!("label smoothing {label_smoothing} is outside [0, 1]")));
+            return Err(Error::Config(format!(
+                "label smoothing {label_smoothing} is outside [0, 1]"
+            )));
         }
         let z = self.value(logits);
         if z.shape().rank() != 2 {
-            return Err(Error::shape("cross_entropy", "logits [batch, classes]", z.shape()));
+            return Err(Error::shape(
+                "cross_entropy",
+                "logits [batch, classes]",
+                z.shape(),
+            ));
         }
         let mut dlogits = self.out(z.dims());
-        let loss = self.backend.cross_entropy(z, labels, label_smoothing, &mut dlogits)?;
+        let loss = self
+            .backend
+            .cross_entropy(z, labels, label_smoothing, &mut dlogits)?;
         let out = Tensor::from_vec(vec![loss], [1])?;
         let needs = self.needs(logits);
         Ok(self.push(out, needs, Op::CrossEntropy { logits, dlogits }))
@@ -464,7 +564,10 @@ impl<'a> Graph<'a> {
     fn grad_or_scratch(&mut self, v: Var) -> (Tensor, bool) {
         match self.take_grad(v) {
             Some(g) => (g, true),
-            None => (Tensor::zeros(self.value(v).shape().clone(), self.device), false),
+            None => (
+                Tensor::zeros(self.value(v).shape().clone(), self.device),
+                false,
+            ),
         }
     }
 
@@ -520,12 +623,28 @@ impl<'a> Graph<'a> {
                 }
                 let mut dw = self.take_grad(*w);
                 if let Some(dw) = dw.as_mut() {
-                    be.matmul(dw, dpre, true, self.value(*x), false, (out_f, in_f, n), true)?;
+                    be.matmul(
+                        dw,
+                        dpre,
+                        true,
+                        self.value(*x),
+                        false,
+                        (out_f, in_f, n),
+                        true,
+                    )?;
                 }
                 self.put_grad(*w, dw);
                 let mut dx = self.take_grad(*x);
                 if let Some(dx) = dx.as_mut() {
-                    be.matmul(dx, dpre, false, self.value(*w), false, (n, in_f, out_f), true)?;
+                    be.matmul(
+                        dx,
+                        dpre,
+                        false,
+                        self.value(*w),
+                        false,
+                        (n, in_f, out_f),
+                        true,
+                    )?;
                 }
                 self.put_grad(*x, dx);
             }
@@ -539,7 +658,13 @@ impl<'a> Graph<'a> {
                 self.put_grad(*pos, ke.then_some(de));
                 r?;
             }
-            Op::LayerNorm { x, gamma, beta, mean, rstd } => {
+            Op::LayerNorm {
+                x,
+                gamma,
+                beta,
+                mean,
+                rstd,
+            } => {
                 let (mut dx, kx) = self.grad_or_scratch(*x);
                 let (mut dg, kg) = self.grad_or_scratch(*gamma);
                 let (mut db, kb) = self.grad_or_scratch(*beta);
@@ -561,7 +686,13 @@ impl<'a> Graph<'a> {
                 self.accumulate(*a, g)?;
                 self.accumulate(*b, g)?;
             }
-            Op::Dropout { x, p, key, samples, residual } => {
+            Op::Dropout {
+                x,
+                p,
+                key,
+                samples,
+                residual,
+            } => {
                 if let Some(r) = residual {
                     self.accumulate(*r, g)?;
                 }

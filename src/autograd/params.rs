@@ -37,7 +37,9 @@ impl ParamStore {
     pub fn add(&mut self, name: impl Into<String>, value: Tensor) -> Result<ParamId> {
         let name = name.into();
         if self.by_name.contains_key(&name) {
-            return Err(Error::Config(format!("parameter `{name}` registered twice")));
+            return Err(Error::Config(format!(
+                "parameter `{name}` registered twice"
+            )));
         }
         let id = ParamId(self.params.len());
         let grad = Tensor::zeros(value.shape().clone(), value.device());
@@ -99,7 +101,11 @@ impl ParamStore {
         let id = self.id(name)?;
         let p = &mut self.params[id.0];
         if p.value.shape() != value.shape() {
-            return Err(Error::shape("ParamStore::set", format!("`{name}` {}", p.value.shape()), value.shape()));
+            return Err(Error::shape(
+                "ParamStore::set",
+                format!("`{name}` {}", p.value.shape()),
+                value.shape(),
+            ));
         }
         p.value = value.to_dtype(p.value.dtype());
         Ok(())

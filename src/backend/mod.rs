@@ -75,8 +75,7 @@ pub trait Backend: Send + Sync {
     /// `[b, c, h, w]` images to `[b, (h/p)(w/p), c p p]` patches (overwrites `out`).
     fn patchify(&self, images: &Tensor, patch: usize, out: &mut Tensor) -> Result<()>;
     /// Prepends the cls token and adds position embeddings (overwrites `out`).
-    fn embed(&self, patches: &Tensor, cls: &Tensor, pos: &Tensor, out: &mut Tensor)
-        -> Result<()>;
+    fn embed(&self, patches: &Tensor, cls: &Tensor, pos: &Tensor, out: &mut Tensor) -> Result<()>;
     fn embed_backward(
         &self,
         dout: &Tensor,
@@ -126,8 +125,12 @@ pub trait Backend: Send + Sync {
     ) -> Result<f32>;
     /// Row `i` of `out` = row `i * stride_rows` of `x` (the cls token of each image).
     fn select_rows(&self, x: &Tensor, stride_rows: usize, out: &mut Tensor) -> Result<()>;
-    fn select_rows_backward(&self, dout: &Tensor, stride_rows: usize, dx: &mut Tensor)
-        -> Result<()>;
+    fn select_rows_backward(
+        &self,
+        dout: &Tensor,
+        stride_rows: usize,
+        dx: &mut Tensor,
+    ) -> Result<()>;
     fn adam(
         &self,
         p: &mut Tensor,

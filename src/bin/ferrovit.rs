@@ -13,7 +13,11 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 #[derive(Parser)]
-#[command(name = "ferrovit", version, about = "Train Vision Transformers on CIFAR-10-style data")]
+#[command(
+    name = "ferrovit",
+    version,
+    about = "Train Vision Transformers on CIFAR-10-style data"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -106,6 +110,9 @@ struct TrainArgs {
     label_smoothing: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Random horizontal flips (off by default: the digits data is not mirror-symmetric)
+    #[arg(long)]
+    flip: bool,
 }
 
 #[derive(Args)]
@@ -139,10 +146,20 @@ fn main() -> ExitCode {
 }
 
 fn presets() -> Result<()> {
-    println!("{:<28} {:>5} {:>6} {:>6} {:>8} {:>12}", "preset", "dim", "depth", "heads", "mlp_dim", "params");
+    println!(
+        "{:<28} {:>5} {:>6} {:>6} {:>8} {:>12}",
+        "preset", "dim", "depth", "heads", "mlp_dim", "params"
+    );
     for p in PRESETS {
         let c = VitConfig::preset(p)?;
-        println!("{p:<28} {:>5} {:>6} {:>6} {:>8} {:>12}", c.dim, c.depth, c.heads, c.mlp_dim, c.num_params());
+        println!(
+            "{p:<28} {:>5} {:>6} {:>6} {:>8} {:>12}",
+            c.dim,
+            c.depth,
+            c.heads,
+            c.mlp_dim,
+            c.num_params()
+        );
     }
     Ok(())
 }
@@ -150,7 +167,9 @@ fn presets() -> Result<()> {
 fn train(a: TrainArgs) -> Result<()> {
     a.model.apply_threads()?;
     if a.batch_size == 0 || a.epochs == 0 {
-        return Err(Error::Config("--batch-size and --epochs must be at least 1".into()));
+        return Err(Error::Config(
+            "--batch-size and --epochs must be at least 1".into(),
+        ));
     }
     let dir = a.data.clone().unwrap_or_else(default_data_dir);
     let (train, test) = Dataset::cifar_dir(&dir)?;
@@ -193,7 +212,7 @@ fn train(a: TrainArgs) -> Result<()> {
         }
         let mut tot = Totals::default();
         for idx in order.chunks(a.batch_size) {
-            let (images, labels) = train.batch(idx, Some(&mut rng))?;
+            let (images, labels) = train.batch(idx, a.flip.then_some(&mut rng))?;
             let samples: Vec<u64> = idx.iter().map(|&i| i as u64).collect();
             tot.add(engine.train_step(images, &labels, &samples)?);
         }
@@ -249,7 +268,9 @@ fn evaluate(engine: &mut Engine, ds: &Dataset, batch: usize) -> Result<Totals> {
 fn bench(a: BenchArgs) -> Result<()> {
     a.model.apply_threads()?;
     if a.batch_size == 0 || a.steps == 0 {
-        return Err(Error::Config("--batch-size and --steps must be at least 1".into()));
+        return Err(Error::Config(
+            "--batch-size and --steps must be at least 1".into(),
+        ));
     }
     let cfg = a.model.config(10)?;
     let mut engine = Engine::new(&cfg, TrainConfig::default())?;

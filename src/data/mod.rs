@@ -56,7 +56,11 @@ impl Dataset {
                 if rec[0] as usize >= ds.classes.len() {
                     return Err(Error::Format {
                         path: path.clone(),
-                        msg: format!("record {i}: label {} is out of range for {} classes", rec[0], ds.classes.len()),
+                        msg: format!(
+                            "record {i}: label {} is out of range for {} classes",
+                            rec[0],
+                            ds.classes.len()
+                        ),
                     });
                 }
                 ds.labels.push(rec[0]);
@@ -71,7 +75,12 @@ impl Dataset {
     pub fn cifar_dir(dir: &Path) -> Result<(Dataset, Dataset)> {
         let meta = dir.join("batches.meta.txt");
         let text = std::fs::read_to_string(&meta).map_err(|e| Error::io(&meta, e))?;
-        let classes: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+        let classes: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
         if classes.is_empty() || classes.len() > 256 {
             return Err(Error::Format {
                 path: meta,

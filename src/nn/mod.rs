@@ -25,7 +25,12 @@ pub struct Linear {
 
 impl Linear {
     /// `weight_dims` is `[out, in]`, or a conv kernel `[out, c, kh, kw]` (fan_in = c kh kw).
-    pub fn new(store: &mut ParamStore, prefix: &str, weight_dims: &[usize], rng: &mut Rng) -> Result<Self> {
+    pub fn new(
+        store: &mut ParamStore,
+        prefix: &str,
+        weight_dims: &[usize],
+        rng: &mut Rng,
+    ) -> Result<Self> {
         let out = weight_dims[0];
         let fan_in: usize = weight_dims[1..].iter().product();
         let bound = 1.0 / (fan_in as f32).sqrt();
@@ -54,8 +59,14 @@ pub struct LayerNorm {
 impl LayerNorm {
     pub fn new(store: &mut ParamStore, prefix: &str, dim: usize, eps: f32) -> Result<Self> {
         Ok(LayerNorm {
-            weight: store.add(format!("{prefix}.weight"), Tensor::from_vec(vec![1.0; dim], [dim])?)?,
-            bias: store.add(format!("{prefix}.bias"), Tensor::from_vec(vec![0.0; dim], [dim])?)?,
+            weight: store.add(
+                format!("{prefix}.weight"),
+                Tensor::from_vec(vec![1.0; dim], [dim])?,
+            )?,
+            bias: store.add(
+                format!("{prefix}.bias"),
+                Tensor::from_vec(vec![0.0; dim], [dim])?,
+            )?,
             eps,
         })
     }
@@ -75,14 +86,19 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn new(store: &mut ParamStore, prefix: &str, dim: usize, heads: usize, rng: &mut Rng) -> Result<Self> {
+    pub fn new(
+        store: &mut ParamStore,
+        prefix: &str,
+        dim: usize,
+        heads: usize,
+        rng: &mut Rng,
+    ) -> Result<Self> {
         Ok(Attention {
             qkv: Linear::new(store, &format!("{prefix}.qkv"), &[3 * dim, dim], rng)?,
             proj: Linear::new(store, &format!("{prefix}.proj"), &[dim, dim], rng)?,
             heads,
         })
     }
-
 }
 
 /// `fc2(gelu(fc1(x)))`, with GELU fused into fc1's epilogue.
@@ -93,7 +109,13 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn new(store: &mut ParamStore, prefix: &str, dim: usize, hidden: usize, rng: &mut Rng) -> Result<Self> {
+    pub fn new(
+        store: &mut ParamStore,
+        prefix: &str,
+        dim: usize,
+        hidden: usize,
+        rng: &mut Rng,
+    ) -> Result<Self> {
         Ok(Mlp {
             fc1: Linear::new(store, &format!("{prefix}.fc1"), &[hidden, dim], rng)?,
             fc2: Linear::new(store, &format!("{prefix}.fc2"), &[dim, hidden], rng)?,

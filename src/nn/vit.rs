@@ -88,13 +88,22 @@ impl VitConfig {
             )));
         }
         if self.dim % self.heads != 0 {
-            return Err(Error::Config(format!("dim {} is not divisible by heads {}", self.dim, self.heads)));
+            return Err(Error::Config(format!(
+                "dim {} is not divisible by heads {}",
+                self.dim, self.heads
+            )));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(Error::Config(format!("dropout {} is outside [0, 1)", self.dropout)));
+            return Err(Error::Config(format!(
+                "dropout {} is outside [0, 1)",
+                self.dropout
+            )));
         }
         if self.layernorm_eps.is_nan() || self.layernorm_eps <= 0.0 {
-            return Err(Error::Config(format!("layernorm_eps {} must be positive", self.layernorm_eps)));
+            return Err(Error::Config(format!(
+                "layernorm_eps {} must be positive",
+                self.layernorm_eps
+            )));
         }
         Ok(())
     }
@@ -104,7 +113,13 @@ impl VitConfig {
         let (d, h) = (self.dim, self.mlp_dim);
         let patch = d * self.in_channels * self.patch_size.pow(2) + d;
         let block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (h * d + h) + (d * h + d);
-        patch + d + self.tokens() * d + self.depth * block + 2 * d + self.num_classes * d + self.num_classes
+        patch
+            + d
+            + self.tokens() * d
+            + self.depth * block
+            + 2 * d
+            + self.num_classes * d
+            + self.num_classes
     }
 }
 
@@ -174,7 +189,10 @@ impl Vit {
         )?;
         let cls = Tensor::from_vec(rng.vec(d, |r| r.normal() * 1e-6), [1, 1, d])?;
         let cls_token = store.add("cls_token", cls)?;
-        let pos = Tensor::from_vec(rng.vec(c.tokens() * d, |r| r.trunc_normal(0.02)), [1, c.tokens(), d])?;
+        let pos = Tensor::from_vec(
+            rng.vec(c.tokens() * d, |r| r.trunc_normal(0.02)),
+            [1, c.tokens(), d],
+        )?;
         let pos_embed = store.add("pos_embed", pos)?;
         let blocks = (0..c.depth)
             .map(|i| {
@@ -225,10 +243,18 @@ impl Vit {
         let c = &self.config;
         let want = [c.in_channels, c.image_size, c.image_size];
         if images.dims().len() != 4 || images.dims()[1..] != want {
-            return Err(Error::shape("Vit::forward images", format!("[batch, {}, {}, {}]", want[0], want[1], want[2]), images.shape()));
+            return Err(Error::shape(
+                "Vit::forward images",
+                format!("[batch, {}, {}, {}]", want[0], want[1], want[2]),
+                images.shape(),
+            ));
         }
         if images.dims()[0] != ctx.samples.len() {
-            return Err(Error::shape("Vit::forward", format!("{} sample ids", images.dims()[0]), ctx.samples.len()));
+            return Err(Error::shape(
+                "Vit::forward",
+                format!("{} sample ids", images.dims()[0]),
+                ctx.samples.len(),
+            ));
         }
         let img = g.input(images);
         let patches = g.patchify(img, c.patch_size)?;
@@ -239,9 +265,18 @@ impl Vit {
     }
 
     /// Transformer blocks `range` (global indices), for a pipeline stage or the whole model.
-    pub fn blocks(&self, g: &mut Graph, mut x: Var, range: std::ops::Range<usize>, ctx: &ForwardCtx) -> Result<Var> {
+    pub fn blocks(
+        &self,
+        g: &mut Graph,
+        mut x: Var,
+        range: std::ops::Range<usize>,
+        ctx: &ForwardCtx,
+    ) -> Result<Var> {
         if range.end > self.blocks.len() {
-            return Err(Error::Config(format!("blocks {range:?} out of 0..{}", self.blocks.len())));
+            return Err(Error::Config(format!(
+                "blocks {range:?} out of 0..{}",
+                self.blocks.len()
+            )));
         }
         for i in range {
             x = self.block(g, x, i, ctx, false)?;
@@ -252,7 +287,10 @@ impl Vit {
     /// Block `i` computed for the cls token only: `[b, t, d]` → `[b, 1, d]`.
     pub fn block_cls(&self, g: &mut Graph, x: Var, i: usize, ctx: &ForwardCtx) -> Result<Var> {
         if i >= self.blocks.len() {
-            return Err(Error::Config(format!("block {i} out of 0..{}", self.blocks.len())));
+            return Err(Error::Config(format!(
+                "block {i} out of 0..{}",
+                self.blocks.len()
+            )));
         }
         self.block(g, x, i, ctx, true)
     }
@@ -260,7 +298,14 @@ impl Vit {
     /// One pre-LayerNorm block; with `cls_only`, only token 0 queries and continues.
     /// Dropout masks are keyed by the element's index within its sample, and token 0's
     /// elements come first, so both forms apply the same masks to the cls token.
-    fn block(&self, g: &mut Graph, x: Var, i: usize, ctx: &ForwardCtx, cls_only: bool) -> Result<Var> {
+    fn block(
+        &self,
+        g: &mut Graph,
+        x: Var,
+        i: usize,
+        ctx: &ForwardCtx,
+        cls_only: bool,
+    ) -> Result<Var> {
         let b = &self.blocks[i];
         let site = 1 + 3 * i as u64;
         let h = b.norm1.forward(g, x)?;
@@ -294,11 +339,21 @@ impl Vit {
     }
 
     /// `residual + dropout(x)`, fused when dropout is active.
-    fn dropout_add(&self, g: &mut Graph, residual: Var, x: Var, site: u64, ctx: &ForwardCtx) -> Result<Var> {
+    fn dropout_add(
+        &self,
+        g: &mut Graph,
+        residual: Var,
+        x: Var,
+        site: u64,
+        ctx: &ForwardCtx,
+    ) -> Result<Var> {
         if !ctx.train || self.config.dropout == 0.0 {
             return g.add(residual, x);
         }
-        let key = DropoutKey { seed: ctx.seed, site };
+        let key = DropoutKey {
+            seed: ctx.seed,
+            site,
+        };
         g.dropout_add(residual, x, self.config.dropout, key, &ctx.samples)
     }
 
@@ -306,7 +361,10 @@ impl Vit {
         if !ctx.train || self.config.dropout == 0.0 {
             return Ok(x);
         }
-        let key = DropoutKey { seed: ctx.seed, site };
+        let key = DropoutKey {
+            seed: ctx.seed,
+            site,
+        };
         g.dropout(x, self.config.dropout, key, &ctx.samples)
     }
 }

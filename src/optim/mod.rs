@@ -57,7 +57,7 @@ impl OptimizerKind {
 
     fn state_names(self) -> &'static [&'static str] {
         match self {
-            OptimizerKind::Sgd { momentum, .. } if momentum == 0.0 => &[],
+            OptimizerKind::Sgd { momentum: 0.0, .. } => &[],
             OptimizerKind::Sgd { .. } => &["momentum_buffer"],
             _ => &["exp_avg", "exp_avg_sq"],
         }
@@ -76,18 +76,31 @@ pub struct Optimizer {
 
 impl Optimizer {
     pub fn new(kind: OptimizerKind, weight_decay: f32, store: &ParamStore) -> Result<Self> {
-        if let OptimizerKind::Sgd { momentum, dampening, nesterov } = kind {
+        if let OptimizerKind::Sgd {
+            momentum,
+            dampening,
+            nesterov,
+        } = kind
+        {
             if nesterov && (momentum <= 0.0 || dampening != 0.0) {
-                return Err(Error::Config("Nesterov momentum needs momentum > 0 and dampening 0".into()));
+                return Err(Error::Config(
+                    "Nesterov momentum needs momentum > 0 and dampening 0".into(),
+                ));
             }
         }
-        if !(weight_decay >= 0.0) {
-            return Err(Error::Config(format!("weight decay {weight_decay} must be >= 0")));
+        if weight_decay.is_nan() || weight_decay < 0.0 {
+            return Err(Error::Config(format!(
+                "weight decay {weight_decay} must be >= 0"
+            )));
         }
         let n = kind.state_names().len();
         let state = store
             .iter()
-            .map(|p| (0..n).map(|_| Tensor::zeros(p.value.shape().clone(), p.value.device())).collect())
+            .map(|p| {
+                (0..n)
+                    .map(|_| Tensor::zeros(p.value.shape().clone(), p.value.device()))
+                    .collect()
+            })
             .collect();
         Ok(Optimizer {
             kind,
@@ -112,13 +125,16 @@ impl Optimizer {
             )));
         }
         if !lr.is_finite() || lr < 0.0 {
-            return Err(Error::Config(format!("learning rate {lr} must be finite and >= 0")));
+            return Err(Error::Config(format!(
+                "learning rate {lr} must be finite and >= 0"
+            )));
         }
         let t = self.steps + 1;
         for (p, st) in store.iter_mut().zip(self.state.iter_mut()) {
             let be = backend::for_device(p.value.device());
             match self.kind {
-                OptimizerKind::Adam { beta1, beta2, eps } | OptimizerKind::AdamW { beta1, beta2, eps } => {
+                OptimizerKind::Adam { beta1, beta2, eps }
+                | OptimizerKind::AdamW { beta1, beta2, eps } => {
                     let s = AdamStep {
                         lr,
                         beta1,
@@ -129,10 +145,16 @@ impl Optimizer {
                         step_size: (lr as f64 / (1.0 - (beta1 as f64).powi(t as i32))) as f32,
                         bias_correction2_sqrt: (1.0 - (beta2 as f64).powi(t as i32)).sqrt() as f32,
                     };
-                    let [m, v] = &mut st[..] else { unreachable!("adam keeps two moments") };
+                    let [m, v] = &mut st[..] else {
+                        unreachable!("adam keeps two moments")
+                    };
                     be.adam(&mut p.value, &p.grad, m, v, s)?;
                 }
-                OptimizerKind::Sgd { momentum, dampening, nesterov } => {
+                OptimizerKind::Sgd {
+                    momentum,
+                    dampening,
+                    nesterov,
+                } => {
                     let s = SgdStep {
                         lr,
                         momentum,
@@ -143,7 +165,12 @@ impl Optimizer {
                     };
                     // Without momentum there is no buffer; the kernel takes an empty one.
                     let mut none = Tensor::zeros([0], p.value.device());
-                    be.sgd(&mut p.value, &p.grad, st.first_mut().unwrap_or(&mut none), s)?;
+                    be.sgd(
+                        &mut p.value,
+                        &p.grad,
+                        st.first_mut().unwrap_or(&mut none),
+                        s,
+                    )?;
                 }
             }
         }
@@ -157,20 +184,35 @@ impl Optimizer {
         store
             .iter()
             .zip(&self.state)
-            .flat_map(|(p, st)| names.iter().zip(st).map(move |(n, t)| (format!("{n}.{}", p.name), t)))
+            .flat_map(|(p, st)| {
+                names
+                    .iter()
+                    .zip(st)
+                    .map(move |(n, t)| (format!("{n}.{}", p.name), t))
+            })
             .collect()
     }
 
     /// Restores state saved by [`Optimizer::named_state`] plus the step count. Every
     /// state tensor must be present with its parameter's shape.
-    pub fn load_state(&mut self, store: &ParamStore, steps: u64, mut get: impl FnMut(&str) -> Option<Tensor>) -> Result<()> {
+    pub fn load_state(
+        &mut self,
+        store: &ParamStore,
+        steps: u64,
+        mut get: impl FnMut(&str) -> Option<Tensor>,
+    ) -> Result<()> {
         let names = self.kind.state_names();
         for (p, st) in store.iter().zip(self.state.iter_mut()) {
             for (n, slot) in names.iter().zip(st.iter_mut()) {
                 let key = format!("{n}.{}", p.name);
-                let t = get(&key).ok_or_else(|| Error::Config(format!("optimizer state `{key}` is missing")))?;
+                let t = get(&key)
+                    .ok_or_else(|| Error::Config(format!("optimizer state `{key}` is missing")))?;
                 if t.shape() != p.value.shape() {
-                    return Err(Error::shape("Optimizer::load_state", format!("`{key}` {}", p.value.shape()), t.shape()));
+                    return Err(Error::shape(
+                        "Optimizer::load_state",
+                        format!("`{key}` {}", p.value.shape()),
+                        t.shape(),
+                    ));
                 }
                 *slot = t;
             }
@@ -202,10 +244,17 @@ pub fn clip_grad_norm(store: &mut ParamStore, max_norm: f32) -> Result<f32> {
 pub enum LrSchedule {
     Constant,
     /// Multiply by `gamma` every `step_size` steps (PyTorch's `StepLR`).
-    Step { step_size: u64, gamma: f32 },
+    Step {
+        step_size: u64,
+        gamma: f32,
+    },
     /// Linear warm-up from 0 over `warmup` steps, then cosine decay to `min_lr` at
     /// `total` steps (held there after).
-    WarmupCosine { warmup: u64, total: u64, min_lr: f32 },
+    WarmupCosine {
+        warmup: u64,
+        total: u64,
+        min_lr: f32,
+    },
 }
 
 impl LrSchedule {
@@ -213,8 +262,14 @@ impl LrSchedule {
     pub fn lr(&self, base: f32, step: u64) -> f32 {
         match *self {
             LrSchedule::Constant => base,
-            LrSchedule::Step { step_size, gamma } => base * gamma.powi((step / step_size.max(1)) as i32),
-            LrSchedule::WarmupCosine { warmup, total, min_lr } => {
+            LrSchedule::Step { step_size, gamma } => {
+                base * gamma.powi((step / step_size.max(1)) as i32)
+            }
+            LrSchedule::WarmupCosine {
+                warmup,
+                total,
+                min_lr,
+            } => {
                 if step < warmup {
                     return base * (step + 1) as f32 / warmup as f32;
                 }

@@ -195,7 +195,11 @@ impl Tensor {
     pub fn reshape(mut self, shape: impl Into<Shape>) -> Result<Tensor> {
         let shape = shape.into();
         if shape.numel() != self.numel() {
-            return Err(Error::shape("reshape", format!("{} elements", self.numel()), shape));
+            return Err(Error::shape(
+                "reshape",
+                format!("{} elements", self.numel()),
+                shape,
+            ));
         }
         self.shape = shape;
         Ok(self)

@@ -21,7 +21,11 @@ fn take(len: usize) -> Option<Vec<f32>> {
 
 fn give(v: Vec<f32>) {
     let mut guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    guard.get_or_insert_with(HashMap::new).entry(v.len()).or_default().push(v);
+    guard
+        .get_or_insert_with(HashMap::new)
+        .entry(v.len())
+        .or_default()
+        .push(v);
 }
 
 /// Releases every pooled buffer back to the allocator.
@@ -33,9 +37,9 @@ pub fn trim_pool() {
 /// Bytes currently held by the pool.
 pub fn pool_bytes() -> usize {
     let guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    guard.as_ref().map_or(0, |m| {
-        m.iter().map(|(len, v)| len * v.len() * 4).sum()
-    })
+    guard
+        .as_ref()
+        .map_or(0, |m| m.iter().map(|(len, v)| len * v.len() * 4).sum())
 }
 
 /// An f32 buffer that returns to the pool when dropped.

@@ -14,10 +14,16 @@ pub fn randn(dims: &[usize], seed: u64) -> Tensor {
 /// Largest |a - b| relative to the largest |b| (plus a floor), with the index.
 pub fn max_rel_err(a: &[f32], b: &[f32]) -> (f64, usize) {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64)).max(1e-12);
+    let scale = b
+        .iter()
+        .fold(0.0f64, |m, v| m.max(v.abs() as f64))
+        .max(1e-12);
     a.iter()
         .zip(b)
         .map(|(x, y)| (*x as f64 - *y as f64).abs() / scale)
         .enumerate()
-        .fold((0.0, 0), |(m, mi), (i, e)| if e > m { (e, i) } else { (m, mi) })
+        .fold(
+            (0.0, 0),
+            |(m, mi), (i, e)| if e > m { (e, i) } else { (m, mi) },
+        )
 }

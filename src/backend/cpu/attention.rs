@@ -59,7 +59,6 @@ pub fn attention(qkv: &[f32], dims: AttnDims, probs: &mut [f32], out: &mut [f32]
     let out_ptr = SharedMut(out.as_mut_ptr());
     probs.par_chunks_mut(q * t).enumerate().for_each(|(bh, p)| {
         let (b, h) = (bh / dims.heads, bh % dims.heads);
-        let out_ptr = out_ptr;
         // SAFETY: all views lie inside their buffers (lengths asserted above), and
         // each (b, h) task writes only its own head's columns of `out`.
         unsafe {
@@ -77,7 +76,7 @@ pub fn attention(qkv: &[f32], dims: AttnDims, probs: &mut [f32], out: &mut [f32]
         super::simd::softmax_rows(p, t, scale);
         unsafe {
             matmul_raw(
-                out_ptr.0,
+                out_ptr.get(),
                 dims.out_view(b, h),
                 p.as_ptr(),
                 Mat::dense(q, t),
@@ -107,7 +106,6 @@ pub fn attention_backward(
         || vec![0.0f32; q * t],
         |ds, (bh, p)| {
             let (b, h) = (bh / dims.heads, bh % dims.heads);
-            let dqkv_ptr = dqkv_ptr;
             let dense = Mat::dense(q, t);
             // SAFETY: views lie inside their buffers (asserted above); task (b, h)
             // writes only head h's q, k, v columns of image b in `dqkv`.
@@ -125,7 +123,7 @@ pub fn attention_backward(
                 );
                 // dV += Pᵀ dO
                 matmul_raw(
-                    dqkv_ptr.0,
+                    dqkv_ptr.get(),
                     dims.qkv_view(b, h, 2),
                     p.as_ptr(),
                     dense.t(),
@@ -141,7 +139,7 @@ pub fn attention_backward(
             unsafe {
                 // dQ += dS K
                 matmul_raw(
-                    dqkv_ptr.0,
+                    dqkv_ptr.get(),
                     dims.qkv_view(b, h, 0),
                     ds.as_ptr(),
                     dense,
@@ -152,7 +150,7 @@ pub fn attention_backward(
                 );
                 // dK += dSᵀ Q
                 matmul_raw(
-                    dqkv_ptr.0,
+                    dqkv_ptr.get(),
                     dims.qkv_view(b, h, 1),
                     ds.as_ptr(),
                     dense.t(),

@@ -69,6 +69,13 @@ pub(crate) struct SharedMut(pub *mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
+impl SharedMut {
+    /// The pointer (a method, so closures capture the `Send` wrapper, not the field).
+    pub fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// `dst_view (+)= lhs_view · rhs_view` on views into slices.
 ///
 /// # Panics
@@ -88,7 +95,18 @@ pub fn matmul_views(
     assert!(d.extent() <= dst.len() && a.extent() <= lhs.len() && b.extent() <= rhs.len());
     // SAFETY: every view lies inside its slice (checked above), and `dst` is borrowed
     // mutably so it cannot alias `lhs` or `rhs`.
-    unsafe { matmul_raw(dst.as_mut_ptr(), d, lhs.as_ptr(), a, rhs.as_ptr(), b, accumulate, par) }
+    unsafe {
+        matmul_raw(
+            dst.as_mut_ptr(),
+            d,
+            lhs.as_ptr(),
+            a,
+            rhs.as_ptr(),
+            b,
+            accumulate,
+            par,
+        )
+    }
 }
 
 /// Raw-pointer form of [`matmul_views`], for products that write disjoint parts of
@@ -152,26 +170,50 @@ pub unsafe fn matmul_raw(
                 let (dst, lhs, rhs) = (dst, lhs as *const f32, rhs as *const f32);
                 let (dv, av, bv) = if split_rows {
                     (
-                        Mat { offset: d.offset + start * d.rs, rows: n, ..d },
-                        Mat { offset: a.offset + start * a.rs, rows: n, ..a },
+                        Mat {
+                            offset: d.offset + start * d.rs,
+                            rows: n,
+                            ..d
+                        },
+                        Mat {
+                            offset: a.offset + start * a.rs,
+                            rows: n,
+                            ..a
+                        },
                         b,
                     )
                 } else {
                     (
-                        Mat { offset: d.offset + start * d.cs, cols: n, ..d },
+                        Mat {
+                            offset: d.offset + start * d.cs,
+                            cols: n,
+                            ..d
+                        },
                         a,
-                        Mat { offset: b.offset + start * b.cs, cols: n, ..b },
+                        Mat {
+                            offset: b.offset + start * b.cs,
+                            cols: n,
+                            ..b
+                        },
                     )
                 };
                 // SAFETY: the blocks are disjoint parts of the caller's `d` view.
-                unsafe { gemm_single(dst.0, dv, lhs, av, rhs, bv, accumulate) }
+                unsafe { gemm_single(dst.get(), dv, lhs, av, rhs, bv, accumulate) }
             });
         }
     });
 }
 
 /// One single-threaded gemm call on views (shapes already checked).
-unsafe fn gemm_single(dst: *mut f32, d: Mat, lhs: *const f32, a: Mat, rhs: *const f32, b: Mat, accumulate: bool) {
+unsafe fn gemm_single(
+    dst: *mut f32,
+    d: Mat,
+    lhs: *const f32,
+    a: Mat,
+    rhs: *const f32,
+    b: Mat,
+    accumulate: bool,
+) {
     gemm::gemm(
         d.rows,
         d.cols,
@@ -205,8 +247,16 @@ pub fn matmul(
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
 ) {
-    let av = if ta { Mat::dense(k, m).t() } else { Mat::dense(m, k) };
-    let bv = if tb { Mat::dense(n, k).t() } else { Mat::dense(k, n) };
+    let av = if ta {
+        Mat::dense(k, m).t()
+    } else {
+        Mat::dense(m, k)
+    };
+    let bv = if tb {
+        Mat::dense(n, k).t()
+    } else {
+        Mat::dense(k, n)
+    };
     matmul_views(c, Mat::dense(m, n), a, av, b, bv, accumulate, Par::Pool);
 }
 
@@ -237,8 +287,12 @@ mod tests {
     #[test]
     fn all_transpose_combinations_match_naive() {
         let (m, n, k) = (37, 29, 53);
-        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
-        let b: Vec<f32> = (0..k * n).map(|i| ((i * 104729) % 97) as f32 / 48.0 - 1.0).collect();
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 104729) % 97) as f32 / 48.0 - 1.0)
+            .collect();
         let want = naive(&a, &b, m, n, k);
         let at = transpose(&a, m, k);
         let bt = transpose(&b, k, n);

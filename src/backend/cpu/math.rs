@@ -93,7 +93,10 @@ mod tests {
             let e = erf64(x as f64);
             assert!((erf(x) as f64 - e).abs() < 5e-7, "erf({x})");
             let g = 0.5 * x as f64 * (1.0 + erf64(x as f64 / 2f64.sqrt()));
-            assert!((gelu(x) as f64 - g).abs() < 5e-7 * (1.0 + x.abs() as f64), "gelu({x})");
+            assert!(
+                (gelu(x) as f64 - g).abs() < 5e-7 * (1.0 + x.abs() as f64),
+                "gelu({x})"
+            );
         }
         assert_eq!(erf(10.0), 1.0);
         assert_eq!(erf(-10.0), -1.0);

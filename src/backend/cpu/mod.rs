@@ -32,14 +32,22 @@ pub struct CpuBackend;
 
 fn same_len(op: &'static str, a: &[f32], b: &[f32]) -> Result<()> {
     if a.len() != b.len() {
-        return Err(Error::shape(op, format!("{} elements", a.len()), format!("{} elements", b.len())));
+        return Err(Error::shape(
+            op,
+            format!("{} elements", a.len()),
+            format!("{} elements", b.len()),
+        ));
     }
     Ok(())
 }
 
 fn rows_of(op: &'static str, x: &[f32], width: usize) -> Result<usize> {
     if width == 0 || x.len() % width != 0 {
-        return Err(Error::shape(op, format!("rows of width {width}"), format!("{} elements", x.len())));
+        return Err(Error::shape(
+            op,
+            format!("rows of width {width}"),
+            format!("{} elements", x.len()),
+        ));
     }
     Ok(x.len() / width)
 }
@@ -117,7 +125,11 @@ impl Backend for CpuBackend {
         same_len("layernorm", x, y)?;
         same_len("layernorm", g, b)?;
         if mean.len() != n || rstd.len() != n {
-            return Err(Error::shape("layernorm", format!("{n} row statistics"), mean.len()));
+            return Err(Error::shape(
+                "layernorm",
+                format!("{n} row statistics"),
+                mean.len(),
+            ));
         }
         ops::layernorm(x, g, b, eps, y, mean, rstd);
         Ok(())
@@ -143,7 +155,11 @@ impl Backend for CpuBackend {
         same_len("layernorm_backward", dg, g)?;
         same_len("layernorm_backward", db, g)?;
         if mean.len() != n || rstd.len() != n {
-            return Err(Error::shape("layernorm_backward", format!("{n} row statistics"), mean.len()));
+            return Err(Error::shape(
+                "layernorm_backward",
+                format!("{n} row statistics"),
+                mean.len(),
+            ));
         }
         ops::layernorm_backward(dy, x, g, mean, rstd, dx, dg, db);
         Ok(())
@@ -151,12 +167,23 @@ impl Backend for CpuBackend {
 
     fn patchify(&self, images: &Tensor, patch: usize, out: &mut Tensor) -> Result<()> {
         let &[b, c, h, w] = images.dims() else {
-            return Err(Error::shape("patchify", "[batch, channels, height, width]", images.shape()));
+            return Err(Error::shape(
+                "patchify",
+                "[batch, channels, height, width]",
+                images.shape(),
+            ));
         };
         if patch == 0 || h % patch != 0 || w % patch != 0 {
-            return Err(Error::shape("patchify", format!("sides divisible by patch {patch}"), images.shape()));
+            return Err(Error::shape(
+                "patchify",
+                format!("sides divisible by patch {patch}"),
+                images.shape(),
+            ));
         }
-        out.expect_dims("patchify", &[b, (h / patch) * (w / patch), c * patch * patch])?;
+        out.expect_dims(
+            "patchify",
+            &[b, (h / patch) * (w / patch), c * patch * patch],
+        )?;
         ops::patchify(images.f32s()?, (b, c, h, w), patch, out.f32s_mut()?);
         Ok(())
     }
@@ -166,7 +193,11 @@ impl Backend for CpuBackend {
         let t = rows_of("embed", e, c.len())?;
         let b = rows_of("embed", p, (t - 1).max(1) * c.len())?;
         if o.len() != b * t * c.len() {
-            return Err(Error::shape("embed", format!("{} elements", b * t * c.len()), o.len()));
+            return Err(Error::shape(
+                "embed",
+                format!("{} elements", b * t * c.len()),
+                o.len(),
+            ));
         }
         ops::embed(p, c, e, o);
         Ok(())
@@ -179,17 +210,32 @@ impl Backend for CpuBackend {
         dcls: &mut Tensor,
         dpos: &mut Tensor,
     ) -> Result<()> {
-        let (g, dp, dc, de) = (dout.f32s()?, dpatches.f32s_mut()?, dcls.f32s_mut()?, dpos.f32s_mut()?);
+        let (g, dp, dc, de) = (
+            dout.f32s()?,
+            dpatches.f32s_mut()?,
+            dcls.f32s_mut()?,
+            dpos.f32s_mut()?,
+        );
         let t = rows_of("embed_backward", de, dc.len())?;
         let b = rows_of("embed_backward", g, t * dc.len())?;
         if dp.len() != b * (t - 1) * dc.len() {
-            return Err(Error::shape("embed_backward", b * (t - 1) * dc.len(), dp.len()));
+            return Err(Error::shape(
+                "embed_backward",
+                b * (t - 1) * dc.len(),
+                dp.len(),
+            ));
         }
         ops::embed_backward(g, dp, dc, de);
         Ok(())
     }
 
-    fn attention(&self, qkv: &Tensor, dims: AttnDims, probs: &mut Tensor, out: &mut Tensor) -> Result<()> {
+    fn attention(
+        &self,
+        qkv: &Tensor,
+        dims: AttnDims,
+        probs: &mut Tensor,
+        out: &mut Tensor,
+    ) -> Result<()> {
         check_attn(dims, qkv, probs, out)?;
         attention::attention(qkv.f32s()?, dims, probs.f32s_mut()?, out.f32s_mut()?);
         Ok(())
@@ -205,9 +251,19 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         check_attn(dims, qkv, probs, dout)?;
         if dqkv.numel() != qkv.numel() {
-            return Err(Error::shape("attention_backward", qkv.shape(), dqkv.shape()));
+            return Err(Error::shape(
+                "attention_backward",
+                qkv.shape(),
+                dqkv.shape(),
+            ));
         }
-        attention::attention_backward(dout.f32s()?, qkv.f32s()?, probs.f32s()?, dims, dqkv.f32s_mut()?);
+        attention::attention_backward(
+            dout.f32s()?,
+            qkv.f32s()?,
+            probs.f32s()?,
+            dims,
+            dqkv.f32s_mut()?,
+        );
         Ok(())
     }
 
@@ -247,10 +303,16 @@ impl Backend for CpuBackend {
         let (x, out) = (x.f32s()?, out.f32s_mut()?);
         same_len("dropout", x, out)?;
         if samples.is_empty() || x.len() % samples.len() != 0 {
-            return Err(Error::shape("dropout", format!("a multiple of {} samples", samples.len()), x.len()));
+            return Err(Error::shape(
+                "dropout",
+                format!("a multiple of {} samples", samples.len()),
+                x.len(),
+            ));
         }
         if !(0.0..1.0).contains(&p) {
-            return Err(Error::Config(format!("dropout probability {p} is outside [0, 1)")));
+            return Err(Error::Config(format!(
+                "dropout probability {p} is outside [0, 1)"
+            )));
         }
         let mode = match mode {
             DropoutMode::Write => simd::DropMode::Write,
@@ -265,16 +327,28 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn cross_entropy(&self, logits: &Tensor, labels: &[usize], eps: f32, dlogits: &mut Tensor) -> Result<f32> {
+    fn cross_entropy(
+        &self,
+        logits: &Tensor,
+        labels: &[usize],
+        eps: f32,
+        dlogits: &mut Tensor,
+    ) -> Result<f32> {
         let (z, dz) = (logits.f32s()?, dlogits.f32s_mut()?);
         same_len("cross_entropy", z, dz)?;
         let c = rows_of("cross_entropy", z, logits.shape().last())?;
         if c != labels.len() || labels.is_empty() {
-            return Err(Error::shape("cross_entropy", format!("{c} labels"), labels.len()));
+            return Err(Error::shape(
+                "cross_entropy",
+                format!("{c} labels"),
+                labels.len(),
+            ));
         }
         let classes = logits.shape().last();
         if let Some((i, y)) = labels.iter().enumerate().find(|(_, &y)| y >= classes) {
-            return Err(Error::Config(format!("label {y} of sample {i} is out of range for {classes} classes")));
+            return Err(Error::Config(format!(
+                "label {y} of sample {i} is out of range for {classes} classes"
+            )));
         }
         Ok(ops::cross_entropy(z, labels, eps, dz))
     }
@@ -289,17 +363,33 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn select_rows_backward(&self, dout: &Tensor, stride_rows: usize, dx: &mut Tensor) -> Result<()> {
+    fn select_rows_backward(
+        &self,
+        dout: &Tensor,
+        stride_rows: usize,
+        dx: &mut Tensor,
+    ) -> Result<()> {
         let d = dout.shape().last();
         let (g, dx) = (dout.f32s()?, dx.f32s_mut()?);
         if dx.len() != g.len() * stride_rows {
-            return Err(Error::shape("select_rows_backward", g.len() * stride_rows, dx.len()));
+            return Err(Error::shape(
+                "select_rows_backward",
+                g.len() * stride_rows,
+                dx.len(),
+            ));
         }
         ops::select_rows_backward(g, d, stride_rows, dx);
         Ok(())
     }
 
-    fn adam(&self, p: &mut Tensor, g: &Tensor, m: &mut Tensor, v: &mut Tensor, step: AdamStep) -> Result<()> {
+    fn adam(
+        &self,
+        p: &mut Tensor,
+        g: &Tensor,
+        m: &mut Tensor,
+        v: &mut Tensor,
+        step: AdamStep,
+    ) -> Result<()> {
         let (p, g, m, v) = (p.f32s_mut()?, g.f32s()?, m.f32s_mut()?, v.f32s_mut()?);
         same_len("adam", p, g)?;
         same_len("adam", m, g)?;
@@ -322,7 +412,10 @@ impl Backend for CpuBackend {
 /// Checks attention geometry and buffer sizes before the kernel's raw-pointer work.
 fn check_attn(d: AttnDims, qkv: &Tensor, probs: &Tensor, out: &Tensor) -> Result<()> {
     if d.heads == 0 || d.dim % d.heads != 0 {
-        return Err(Error::Config(format!("dim {} is not divisible by {} heads", d.dim, d.heads)));
+        return Err(Error::Config(format!(
+            "dim {} is not divisible by {} heads",
+            d.dim, d.heads
+        )));
     }
     let (b, t, q, c) = (d.batch, d.tokens, d.queries, d.dim);
     if q == 0 || q > t {
@@ -334,7 +427,11 @@ fn check_attn(d: AttnDims, qkv: &Tensor, probs: &Tensor, out: &Tensor) -> Result
         ("out", out.numel(), b * q * c),
     ] {
         if have != want {
-            return Err(Error::shape("attention", format!("{what} of {want} elements"), have));
+            return Err(Error::shape(
+                "attention",
+                format!("{what} of {want} elements"),
+                have,
+            ));
         }
     }
     Ok(())

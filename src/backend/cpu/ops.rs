@@ -39,7 +39,8 @@ pub fn add(a: &[f32], b: &[f32], out: &mut [f32]) {
 
 /// `x *= s`
 pub fn scale(x: &mut [f32], s: f32) {
-    x.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v *= s));
+    x.par_chunks_mut(CHUNK)
+        .for_each(|c| c.iter_mut().for_each(|v| *v *= s));
 }
 
 /// Sum of squares, accumulated in f64 per chunk (for global-norm clipping).
@@ -85,7 +86,9 @@ pub fn fill_rows(out: &mut [f32], bias: &[f32]) {
 pub fn bias_grad(dy: &[f32], db: &mut [f32]) {
     let d = db.len();
     reduce_rows(dy.len() / d, d, db, |r, p| {
-        p.iter_mut().zip(&dy[r * d..(r + 1) * d]).for_each(|(p, g)| *p += g)
+        p.iter_mut()
+            .zip(&dy[r * d..(r + 1) * d])
+            .for_each(|(p, g)| *p += g)
     });
 }
 
@@ -119,7 +122,9 @@ pub fn layernorm(
     y.par_chunks_mut(d * ROWS)
         .zip(x.par_chunks(d * ROWS))
         .zip(mean.par_chunks_mut(ROWS).zip(rstd.par_chunks_mut(ROWS)))
-        .for_each(|((y, x), (mean, rstd))| simd::layernorm_rows(x, gamma, beta, eps, y, mean, rstd));
+        .for_each(|((y, x), (mean, rstd))| {
+            simd::layernorm_rows(x, gamma, beta, eps, y, mean, rstd)
+        });
 }
 
 /// Backward of [`layernorm`]: `dx += …`, `dgamma += …`, `dbeta += …`.
@@ -139,7 +144,14 @@ pub fn layernorm_backward(
     dx.par_chunks_mut(d * ROWS).enumerate().for_each(|(t, dx)| {
         let rows = t * ROWS..t * ROWS + dx.len() / d;
         let span = rows.start * d..rows.end * d;
-        simd::layernorm_backward_rows(&dy[span.clone()], &x[span], gamma, &mean[rows.clone()], &rstd[rows], dx);
+        simd::layernorm_backward_rows(
+            &dy[span.clone()],
+            &x[span],
+            gamma,
+            &mean[rows.clone()],
+            &rstd[rows],
+            dx,
+        );
     });
     let mut acc = vec![0.0f32; 2 * d];
     reduce_rows(n, 2 * d, &mut acc, |r, p| {
@@ -162,7 +174,12 @@ pub fn layernorm_backward(
 /// Cuts images `[b, c, h, w]` into non-overlapping `p × p` patches, row-major over the
 /// patch grid, each flattened in `(c, dy, dx)` order — the order of a conv weight
 /// `[dim, c, p, p]`, so patch embedding is this followed by one GEMM.
-pub fn patchify(img: &[f32], (b, c, h, w): (usize, usize, usize, usize), p: usize, out: &mut [f32]) {
+pub fn patchify(
+    img: &[f32],
+    (b, c, h, w): (usize, usize, usize, usize),
+    p: usize,
+    out: &mut [f32],
+) {
     let (gh, gw) = (h / p, w / p);
     let plen = c * p * p;
     out.par_chunks_mut(gh * gw * plen)
@@ -190,7 +207,11 @@ pub fn embed(patches: &[f32], cls: &[f32], pos: &[f32], out: &mut [f32]) {
     out.par_chunks_mut(t * d).enumerate().for_each(|(b, o)| {
         let patches = &patches[b * (t - 1) * d..(b + 1) * (t - 1) * d];
         for (i, (o, p)) in o.chunks_mut(d).zip(pos.chunks(d)).enumerate() {
-            let src = if i == 0 { cls } else { &patches[(i - 1) * d..i * d] };
+            let src = if i == 0 {
+                cls
+            } else {
+                &patches[(i - 1) * d..i * d]
+            };
             for ((o, s), p) in o.iter_mut().zip(src).zip(p) {
                 *o = s + p;
             }
@@ -261,7 +282,14 @@ fn sample_base(key: DropoutKey, sample: u64) -> u64 {
 /// Inverted dropout: `out = m`, `out += m` or `out = residual + m` (see [`DropMode`]),
 /// where `m = x * mask / (1 - p)`. `x.len() / samples.len()` elements belong to each
 /// sample. Keep probabilities are quantised to 1/65536.
-pub fn dropout(x: &[f32], p: f32, key: DropoutKey, samples: &[u64], mode: DropMode, out: &mut [f32]) {
+pub fn dropout(
+    x: &[f32],
+    p: f32,
+    key: DropoutKey,
+    samples: &[u64],
+    mode: DropMode,
+    out: &mut [f32],
+) {
     let per = x.len() / samples.len();
     let threshold = (p as f64 * 65536.0).round() as u32;
     let scale = 1.0 / (1.0 - p);

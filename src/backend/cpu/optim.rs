@@ -57,11 +57,13 @@ pub struct SgdStep {
 /// `buf` is the momentum buffer; it may be empty when `momentum == 0`.
 pub fn sgd(p: &mut [f32], g: &[f32], buf: &mut [f32], s: SgdStep) {
     if s.momentum == 0.0 {
-        p.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(p, g)| {
-            for (p, &g) in p.iter_mut().zip(g) {
-                *p -= s.lr * (g + s.weight_decay * *p);
-            }
-        });
+        p.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(p, g)| {
+                for (p, &g) in p.iter_mut().zip(g) {
+                    *p -= s.lr * (g + s.weight_decay * *p);
+                }
+            });
         return;
     }
     p.par_chunks_mut(CHUNK)

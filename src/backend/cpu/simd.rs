@@ -66,7 +66,12 @@ pub fn dot(x: &[f32], y: &[f32]) -> f32 {
             *s += u * v;
         }
     }
-    let tail: f32 = cx.remainder().iter().zip(cy.remainder()).map(|(u, v)| u * v).sum();
+    let tail: f32 = cx
+        .remainder()
+        .iter()
+        .zip(cy.remainder())
+        .map(|(u, v)| u * v)
+        .sum();
     acc.iter().sum::<f32>() + tail
 }
 

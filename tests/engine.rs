@@ -1,0 +1,83 @@
+//! The training step on real data: it learns, it is deterministic, it stops on NaN.
+
+use ferrovit::data::{default_data_dir, Dataset};
+use ferrovit::engine::{Engine, TrainConfig};
+use ferrovit::{Error, Tensor, VitConfig};
+
+fn small() -> VitConfig {
+    VitConfig {
+        dim: 32,
+        depth: 2,
+        heads: 4,
+        mlp_dim: 64,
+        ..VitConfig::preset("vit_tiny_patch4_32").unwrap()
+    }
+}
+
+fn losses(steps: usize, seed: u64) -> Vec<f32> {
+    let (train, _) = Dataset::cifar_dir(&default_data_dir()).unwrap();
+    let mut e = Engine::new(
+        &small(),
+        TrainConfig {
+            seed,
+            lr: 2e-3,
+            ..TrainConfig::default()
+        },
+    )
+    .unwrap();
+    (0..steps)
+        .map(|s| {
+            let idx: Vec<usize> = (s * 32..(s + 1) * 32).map(|i| i % train.len()).collect();
+            let (x, y) = train.batch(&idx, None).unwrap();
+            let ids: Vec<u64> = idx.iter().map(|&i| i as u64).collect();
+            e.train_step(x, &y, &ids).unwrap().loss
+        })
+        .collect()
+}
+
+#[test]
+fn loss_falls_on_the_digits_data() {
+    let l = losses(120, 0);
+    let first: f32 = l[..10].iter().sum::<f32>() / 10.0;
+    let last: f32 = l[110..].iter().sum::<f32>() / 10.0;
+    assert!(
+        last < 0.85 * first,
+        "loss did not fall: first {first}, last {last}"
+    );
+}
+
+#[test]
+fn same_seed_same_losses_different_seed_different_losses() {
+    let a = losses(4, 7);
+    assert_eq!(a, losses(4, 7));
+    assert_ne!(a, losses(4, 8));
+}
+
+#[test]
+fn non_finite_loss_stops_with_the_step_number() {
+    let mut e = Engine::new(&small(), TrainConfig::default()).unwrap();
+    let x = Tensor::full([2, 3, 32, 32], 0.5, ferrovit::Device::Cpu);
+    e.train_step(x.clone(), &[1, 2], &[0, 1]).unwrap();
+    let nan = Tensor::full([2, 3, 32, 32], f32::NAN, ferrovit::Device::Cpu);
+    match e.train_step(nan, &[1, 2], &[0, 1]) {
+        Err(Error::NonFinite { step: 1, .. }) => {}
+        other => panic!("expected NonFinite at step 1, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_labels_and_shapes_are_errors_not_panics() {
+    let mut e = Engine::new(&small(), TrainConfig::default()).unwrap();
+    let x = Tensor::full([2, 3, 32, 32], 0.5, ferrovit::Device::Cpu);
+    let err = e
+        .train_step(x.clone(), &[1, 10], &[0, 1])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("label 10"), "{err}");
+    let wrong = Tensor::full([2, 3, 16, 16], 0.5, ferrovit::Device::Cpu);
+    let err = e
+        .train_step(wrong, &[1, 2], &[0, 1])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("[2, 3, 16, 16]"), "{err}");
+}

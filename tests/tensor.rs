@@ -1,0 +1,78 @@
+//! Tensor basics: shapes, dtypes (bf16/f16 storage), byte round trips, errors.
+
+use ferrovit::tensor::{pool_bytes, trim_pool};
+use ferrovit::{DType, Device, Tensor};
+
+#[test]
+fn shape_and_reshape() {
+    let t = Tensor::from_vec((0..24).map(|i| i as f32).collect(), [2, 3, 4]).unwrap();
+    assert_eq!(
+        (t.dims(), t.numel(), t.shape().rows(), t.shape().last()),
+        (&[2, 3, 4][..], 24, 6, 4)
+    );
+    let r = t.clone().reshape([6, 4]).unwrap();
+    assert_eq!(r.f32s().unwrap(), t.f32s().unwrap());
+    let e = t.reshape([5, 5]).unwrap_err().to_string();
+    assert!(e.contains("24") && e.contains("[5, 5]"), "{e}");
+    assert!(Tensor::from_vec(vec![1.0; 5], [2, 3]).is_err());
+}
+
+#[test]
+fn half_precision_storage_round_trips() {
+    let vals = vec![1.0f32, -2.5, 0.1, 65504.0, 3.140625, -0.0];
+    let t = Tensor::from_vec(vals.clone(), [6]).unwrap();
+    for dt in [DType::BF16, DType::F16] {
+        let h = t.to_dtype(dt);
+        assert_eq!(h.dtype(), dt);
+        assert!(h.f32s().is_err(), "compute on {dt} must be refused");
+        let back = h.to_dtype(DType::F32).to_vec_f32();
+        for (a, b) in back.iter().zip(&vals) {
+            let tol = if dt == DType::BF16 { 4e-3 } else { 1e-3 };
+            assert!((a - b).abs() <= tol * b.abs().max(1e-3), "{dt}: {a} vs {b}");
+        }
+        let bytes = h.to_le_bytes();
+        assert_eq!(bytes.len(), 12);
+        let again = Tensor::from_le_bytes(&bytes, dt, [6]).unwrap();
+        assert_eq!(again.to_vec_f32(), h.to_vec_f32());
+    }
+    // exact values survive exactly; 1/3 is rounded to nearest even in bf16
+    assert_eq!(
+        Tensor::from_vec(vec![3.140625], [1])
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .to_vec_f32(),
+        [3.140625]
+    );
+    assert_eq!(
+        Tensor::from_vec(vec![1.0 / 3.0], [1])
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .to_vec_f32(),
+        [0.333_984_38]
+    );
+}
+
+#[test]
+fn byte_length_mismatch_is_an_error() {
+    let e = Tensor::from_le_bytes(&[0u8; 10], DType::F32, [3])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("12 bytes") && e.contains("10 bytes"), "{e}");
+}
+
+#[test]
+fn large_buffers_are_reused_through_the_pool() {
+    trim_pool();
+    let n = 1 << 16;
+    let mut t = Tensor::uninit([n], Device::Cpu);
+    t.fill(3.0);
+    drop(t);
+    assert!(pool_bytes() >= n * 4);
+    let z = Tensor::zeros([n], Device::Cpu);
+    assert!(
+        z.f32s().unwrap().iter().all(|&v| v == 0.0),
+        "pooled buffers are zeroed for zeros()"
+    );
+    trim_pool();
+    assert_eq!(pool_bytes(), 0);
+}

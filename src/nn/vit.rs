@@ -81,13 +81,13 @@ impl VitConfig {
         if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(Error::Config(format!("{field} must be positive")));
         }
-        if self.image_size % self.patch_size != 0 {
+        if !self.image_size.is_multiple_of(self.patch_size) {
             return Err(Error::Config(format!(
                 "image_size {} is not divisible by patch_size {}",
                 self.image_size, self.patch_size
             )));
         }
-        if self.dim % self.heads != 0 {
+        if !self.dim.is_multiple_of(self.heads) {
             return Err(Error::Config(format!(
                 "dim {} is not divisible by heads {}",
                 self.dim, self.heads

@@ -42,7 +42,7 @@ fn same_len(op: &'static str, a: &[f32], b: &[f32]) -> Result<()> {
 }
 
 fn rows_of(op: &'static str, x: &[f32], width: usize) -> Result<usize> {
-    if width == 0 || x.len() % width != 0 {
+    if width == 0 || !x.len().is_multiple_of(width) {
         return Err(Error::shape(
             op,
             format!("rows of width {width}"),
@@ -411,7 +411,7 @@ impl Backend for CpuBackend {
 
 /// Checks attention geometry and buffer sizes before the kernel's raw-pointer work.
 fn check_attn(d: AttnDims, qkv: &Tensor, probs: &Tensor, out: &Tensor) -> Result<()> {
-    if d.heads == 0 || d.dim % d.heads != 0 {
+    if d.heads == 0 || !d.dim.is_multiple_of(d.heads) {
         return Err(Error::Config(format!(
             "dim {} is not divisible by {} heads",
             d.dim, d.heads

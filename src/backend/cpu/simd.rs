@@ -150,6 +150,32 @@ simd_fn! {
     }
 }
 
+simd_fn! {
+    /// Row-wise softmax of `scale * s` in place (rows of width `t`).
+    pub fn softmax_rows(s: &mut [f32], t: usize, scale: f32) {
+        for row in s.chunks_mut(t) {
+            let m = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+            for v in row.iter_mut() {
+                *v = math::exp((*v - m) * scale);
+            }
+            let inv = 1.0 / sum(row);
+            row.iter_mut().for_each(|v| *v *= inv);
+        }
+    }
+}
+
+simd_fn! {
+    /// Softmax backward in place: `ds = p ⊙ (ds − rowsum(p ⊙ ds)) · scale`.
+    pub fn softmax_backward_rows(ds: &mut [f32], p: &[f32], t: usize, scale: f32) {
+        for (dsr, pr) in ds.chunks_mut(t).zip(p.chunks(t)) {
+            let d = dot(dsr, pr);
+            for (g, &pv) in dsr.iter_mut().zip(pr) {
+                *g = pv * (*g - d) * scale;
+            }
+        }
+    }
+}
+
 /// What a dropout pass does with the masked, rescaled input `m = x * mask / (1 - p)`.
 #[derive(Clone, Copy)]
 pub enum DropMode<'a> {
@@ -192,107 +218,5 @@ simd_fn! {
                 }
             }
         }
-    }
-}
-
-/// Lanes of the small-product micro-kernel (one AVX-512 register, two AVX2 ones).
-pub const LANES: usize = 16;
-const MR: usize = 4;
-
-/// `c[m, n] (+)= a[m, k] · b[k, n]` for the small products of attention. `a(i, p)` is
-/// `a[i * a_rs + p * a_cs]`; `b` and `c` are row-major with row strides `b_rs`, `c_rs`;
-/// `n` must be a multiple of [`LANES`] (callers pad). Blocks of 4 rows × 16 columns
-/// stay in registers across the whole `k` loop: one vector load and four broadcasts
-/// feed four FMAs, where a row-by-row AXPY would reload its accumulator every time.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn small_gemm(
-    (m, n, k): (usize, usize, usize),
-    a: &[f32],
-    (a_rs, a_cs): (usize, usize),
-    b: &[f32],
-    b_rs: usize,
-    c: &mut [f32],
-    c_rs: usize,
-    accumulate: bool,
-) {
-    debug_assert!(n % LANES == 0 && m > 0);
-    for i0 in (0..m).step_by(MR) {
-        // Rows past the end re-read the last row; their results are not stored.
-        let rows: [usize; MR] = std::array::from_fn(|r| (i0 + r).min(m - 1));
-        for j0 in (0..n).step_by(LANES) {
-            let mut acc = [[0.0f32; LANES]; MR];
-            for p in 0..k {
-                let bv: &[f32; LANES] = b[p * b_rs + j0..p * b_rs + j0 + LANES]
-                    .try_into()
-                    .expect("lanes");
-                for (acc, &row) in acc.iter_mut().zip(&rows) {
-                    let av = a[row * a_rs + p * a_cs];
-                    for (x, y) in acc.iter_mut().zip(bv) {
-                        *x += av * y;
-                    }
-                }
-            }
-            for (r, acc) in acc.iter().enumerate().take(m - i0) {
-                let out = &mut c[(i0 + r) * c_rs + j0..(i0 + r) * c_rs + j0 + LANES];
-                if accumulate {
-                    out.iter_mut().zip(acc).for_each(|(o, v)| *o += v);
-                } else {
-                    out.copy_from_slice(acc);
-                }
-            }
-        }
-    }
-}
-
-/// Buffers of one attention head, padded so every product's output width is a
-/// multiple of [`LANES`]: `tp` ≥ tokens, `hp` ≥ head dim, padding zero.
-pub struct HeadDims {
-    pub t: usize,
-    pub nq: usize,
-    pub tp: usize,
-    pub hp: usize,
-}
-
-simd_fn! {
-    /// One attention head, forward. `q` `[nq, hp]`, `kt` = kᵀ `[hp, tp]`, `v` `[t, hp]`;
-    /// writes probabilities `p` `[nq, tp]` (zero past `t`) and output `o` `[nq, hp]`.
-    pub fn attn_head_forward(q: &[f32], kt: &[f32], v: &[f32], dims: &HeadDims, scale: f32, p: &mut [f32], o: &mut [f32]) {
-        let HeadDims { t, nq, tp, hp } = *dims;
-        small_gemm((nq, tp, hp), q, (hp, 1), kt, tp, p, tp, false);
-        for pi in p.chunks_mut(tp) {
-            let (pi, pad) = pi.split_at_mut(t);
-            let m = pi.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-            for x in pi.iter_mut() {
-                *x = math::exp((*x - m) * scale);
-            }
-            let inv = 1.0 / sum(pi);
-            pi.iter_mut().for_each(|x| *x *= inv);
-            pad.fill(0.0);
-        }
-        small_gemm((nq, hp, t), p, (tp, 1), v, hp, o, hp, false);
-    }
-}
-
-simd_fn! {
-    /// One attention head, backward: from `dout` `[nq, hp]` and the saved `p`
-    /// `[nq, tp]`, writes `dq` `[nq, hp]`, `dk` and `dv` `[t, hp]` (overwriting); `ds`
-    /// `[nq, tp]` is scratch. `k` is `[t, hp]`, `vt` = vᵀ `[hp, tp]`.
-    pub fn attn_head_backward(
-        q: &[f32], k: &[f32], vt: &[f32], p: &[f32], dout: &[f32], dims: &HeadDims, scale: f32,
-        ds: &mut [f32], dq: &mut [f32], dk: &mut [f32], dv: &mut [f32],
-    ) {
-        let HeadDims { t, nq, tp, hp } = *dims;
-        small_gemm((nq, tp, hp), dout, (hp, 1), vt, tp, ds, tp, false); // dP = dO Vᵀ
-        small_gemm((t, hp, nq), p, (1, tp), dout, hp, dv, hp, false); // dV = Pᵀ dO
-        // softmax backward, with the forward's 1/sqrt(hd) folded in
-        for (dsi, pi) in ds.chunks_mut(tp).zip(p.chunks(tp)) {
-            let dd = dot(&dsi[..t], &pi[..t]);
-            for (g, &pv) in dsi.iter_mut().zip(pi) {
-                *g = pv * (*g - dd) * scale;
-            }
-        }
-        small_gemm((nq, hp, t), ds, (tp, 1), k, hp, dq, hp, false); // dQ = dS K
-        small_gemm((t, hp, nq), ds, (1, tp), q, hp, dk, hp, false); // dK = dSᵀ Q
     }
 }

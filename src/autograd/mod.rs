@@ -210,14 +210,9 @@ impl<'a> Graph<'a> {
                 x.shape(),
             ));
         };
-        if patch == 0 || h % patch != 0 || w % patch != 0 {
-            return Err(Error::shape(
-                "patchify",
-                format!("sides divisible by {patch}"),
-                x.shape(),
-            ));
-        }
-        let mut out = self.out(&[b, (h / patch) * (w / patch), c * patch * patch]);
+        // The backend checks that `patch` divides the sides.
+        let p = patch.max(1);
+        let mut out = self.out(&[b, (h / p) * (w / p), c * patch * patch]);
         self.backend.patchify(x, patch, &mut out)?;
         Ok(self.push(out, false, Op::Patchify))
     }
@@ -579,13 +574,23 @@ impl<'a> Graph<'a> {
         }
     }
 
+    /// Runs `f` on the gradient slot of `v` (if `v` needs one) with the graph readable.
+    fn update_grad(
+        &mut self,
+        v: Var,
+        f: impl FnOnce(&Self, &mut Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let Some(mut slot) = self.take_grad(v) else {
+            return Ok(());
+        };
+        let r = f(self, &mut slot);
+        self.put_grad(v, Some(slot));
+        r
+    }
+
     fn accumulate(&mut self, v: Var, g: &Tensor) -> Result<()> {
-        if let Some(mut slot) = self.take_grad(v) {
-            let r = self.backend.add_assign(&mut slot, g);
-            self.put_grad(v, Some(slot));
-            r?;
-        }
-        Ok(())
+        let be = self.backend;
+        self.update_grad(v, |_, slot| be.add_assign(slot, g))
     }
 
     fn backward_node(&mut self, i: usize, g: &Tensor) -> Result<()> {
@@ -615,38 +620,15 @@ impl<'a> Graph<'a> {
                 let n = dpre.shape().rows();
                 let in_f = self.value(*x).shape().last();
                 if let Some(b) = *b {
-                    let mut db = self.take_grad(b);
-                    if let Some(db) = db.as_mut() {
-                        be.bias_grad(dpre, db)?;
-                    }
-                    self.put_grad(b, db);
+                    self.update_grad(b, |_, db| be.bias_grad(dpre, db))?;
                 }
-                let mut dw = self.take_grad(*w);
-                if let Some(dw) = dw.as_mut() {
-                    be.matmul(
-                        dw,
-                        dpre,
-                        true,
-                        self.value(*x),
-                        false,
-                        (out_f, in_f, n),
-                        true,
-                    )?;
-                }
-                self.put_grad(*w, dw);
-                let mut dx = self.take_grad(*x);
-                if let Some(dx) = dx.as_mut() {
-                    be.matmul(
-                        dx,
-                        dpre,
-                        false,
-                        self.value(*w),
-                        false,
-                        (n, in_f, out_f),
-                        true,
-                    )?;
-                }
-                self.put_grad(*x, dx);
+                let (wt, xt) = ((out_f, in_f, n), (n, in_f, out_f));
+                self.update_grad(*w, |s, dw| {
+                    be.matmul(dw, dpre, true, s.value(*x), false, wt, true)
+                })?;
+                self.update_grad(*x, |s, dx| {
+                    be.matmul(dx, dpre, false, s.value(*w), false, xt, true)
+                })?;
             }
             Op::Embed { patches, cls, pos } => {
                 let (mut dp, kp) = self.grad_or_scratch(*patches);
@@ -676,11 +658,9 @@ impl<'a> Graph<'a> {
                 r?;
             }
             Op::Attention { qkv, dims, probs } => {
-                let mut d = self.take_grad(*qkv);
-                if let Some(d) = d.as_mut() {
-                    be.attention_backward(g, self.value(*qkv), probs, *dims, d)?;
-                }
-                self.put_grad(*qkv, d);
+                self.update_grad(*qkv, |s, d| {
+                    be.attention_backward(g, s.value(*qkv), probs, *dims, d)
+                })?;
             }
             Op::Add { a, b } => {
                 self.accumulate(*a, g)?;
@@ -696,18 +676,12 @@ impl<'a> Graph<'a> {
                 if let Some(r) = residual {
                     self.accumulate(*r, g)?;
                 }
-                let mut d = self.take_grad(*x);
-                if let Some(d) = d.as_mut() {
-                    be.dropout(g, *p, *key, samples, DropoutMode::Accumulate, d)?;
-                }
-                self.put_grad(*x, d);
+                self.update_grad(*x, |_, d| {
+                    be.dropout(g, *p, *key, samples, DropoutMode::Accumulate, d)
+                })?;
             }
             Op::SelectRows { x, stride_rows } => {
-                let mut d = self.take_grad(*x);
-                if let Some(d) = d.as_mut() {
-                    be.select_rows_backward(g, *stride_rows, d)?;
-                }
-                self.put_grad(*x, d);
+                self.update_grad(*x, |_, d| be.select_rows_backward(g, *stride_rows, d))?;
             }
             Op::Reshape { x } => {
                 let g = g.clone().reshape(self.value(*x).shape().clone())?;

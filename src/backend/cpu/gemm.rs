@@ -39,8 +39,22 @@ impl Mat {
         }
     }
 
-    pub fn at(self, offset: usize) -> Mat {
-        Mat { offset, ..self }
+    /// Rows `start..start + n`.
+    fn row_block(self, start: usize, n: usize) -> Mat {
+        Mat {
+            offset: self.offset + start * self.rs,
+            rows: n,
+            ..self
+        }
+    }
+
+    /// Columns `start..start + n`.
+    fn col_block(self, start: usize, n: usize) -> Mat {
+        Mat {
+            offset: self.offset + start * self.cs,
+            cols: n,
+            ..self
+        }
     }
 
     /// One past the largest index the view touches.
@@ -162,6 +176,7 @@ pub unsafe fn matmul_raw(
     let len = if split_rows { d.rows } else { d.cols };
     // Multiples of 64 keep the AVX-512 micro-kernel's tiles full.
     let step = len.div_ceil(threads).div_ceil(64) * 64;
+    // Read-only operands cross threads as addresses (raw pointers are not `Send`).
     let (dst, lhs, rhs) = (SharedMut(dst), lhs as usize, rhs as usize);
     rayon::scope(|s| {
         for start in (0..len).step_by(step) {
@@ -169,33 +184,9 @@ pub unsafe fn matmul_raw(
             s.spawn(move |_| {
                 let (dst, lhs, rhs) = (dst, lhs as *const f32, rhs as *const f32);
                 let (dv, av, bv) = if split_rows {
-                    (
-                        Mat {
-                            offset: d.offset + start * d.rs,
-                            rows: n,
-                            ..d
-                        },
-                        Mat {
-                            offset: a.offset + start * a.rs,
-                            rows: n,
-                            ..a
-                        },
-                        b,
-                    )
+                    (d.row_block(start, n), a.row_block(start, n), b)
                 } else {
-                    (
-                        Mat {
-                            offset: d.offset + start * d.cs,
-                            cols: n,
-                            ..d
-                        },
-                        a,
-                        Mat {
-                            offset: b.offset + start * b.cs,
-                            cols: n,
-                            ..b
-                        },
-                    )
+                    (d.col_block(start, n), a, b.col_block(start, n))
                 };
                 // SAFETY: the blocks are disjoint parts of the caller's `d` view.
                 unsafe { gemm_single(dst.get(), dv, lhs, av, rhs, bv, accumulate) }

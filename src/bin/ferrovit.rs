@@ -94,8 +94,10 @@ struct TrainArgs {
     /// Directory with CIFAR-10 binary files (default: the embedded digits data)
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Passes over the training set
     #[arg(long, default_value_t = 10)]
     epochs: usize,
+    /// Images per step
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
     /// Peak learning rate (AdamW)
@@ -104,10 +106,13 @@ struct TrainArgs {
     /// Linear warm-up length in epochs, before cosine decay
     #[arg(long, default_value_t = 1)]
     warmup: usize,
+    /// AdamW decoupled weight decay
     #[arg(long, default_value_t = 0.05)]
     weight_decay: f32,
+    /// Label smoothing of the cross-entropy loss, in [0, 1]
     #[arg(long, default_value_t = 0.0)]
     label_smoothing: f32,
+    /// Seed of initialisation, data order and dropout
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Random horizontal flips (off by default: the digits data is not mirror-symmetric)
@@ -119,6 +124,7 @@ struct TrainArgs {
 struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
+    /// Images per step
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
     /// Timed steps

@@ -95,7 +95,7 @@ struct TrainArgs {
     #[arg(long)]
     data: Option<PathBuf>,
     /// Passes over the training set
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 20)]
     epochs: usize,
     /// Images per step
     #[arg(long, default_value_t = 64)]

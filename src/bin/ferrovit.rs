@@ -2,7 +2,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use ferrovit::backend::cpu;
-use ferrovit::data::{default_data_dir, Dataset};
+use ferrovit::data::{default_data_dir, Dataset, Loader, Sampler};
 use ferrovit::engine::{BatchStats, Engine, TrainConfig};
 use ferrovit::nn::PRESETS;
 use ferrovit::optim::LrSchedule;
@@ -10,6 +10,7 @@ use ferrovit::rng::Rng;
 use ferrovit::{Error, Result, Tensor, VitConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Parser)]
@@ -209,18 +210,19 @@ fn train(a: TrainArgs) -> Result<()> {
         cpu::num_threads()
     );
     let start = Instant::now();
+    let train_len = train.len();
+    let mut loader = Loader::new(
+        Arc::new(train),
+        Sampler::new(train_len, true, a.seed),
+        a.batch_size,
+    )?;
+    loader.flip = a.flip;
     for epoch in 0..a.epochs {
         let t0 = Instant::now();
-        let mut order: Vec<usize> = (0..train.len()).collect();
-        let mut rng = Rng::new(a.seed ^ (epoch as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
-        for i in (1..order.len()).rev() {
-            order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-        }
         let mut tot = Totals::default();
-        for idx in order.chunks(a.batch_size) {
-            let (images, labels) = train.batch(idx, a.flip.then_some(&mut rng))?;
-            let samples: Vec<u64> = idx.iter().map(|&i| i as u64).collect();
-            tot.add(engine.train_step(images, &labels, &samples)?);
+        for batch in loader.epoch(epoch as u64) {
+            let b = batch?;
+            tot.add(engine.train_step(b.images, &b.labels, &b.samples)?);
         }
         let secs = t0.elapsed().as_secs_f64();
         let te = evaluate(&mut engine, &test, a.batch_size)?;
@@ -233,7 +235,7 @@ fn train(a: TrainArgs) -> Result<()> {
             te.loss(),
             te.acc(),
             engine.lr(),
-            train.len() as f64 / secs
+            train_len as f64 / secs
         );
     }
     println!("done in {:.1} s", start.elapsed().as_secs_f64());

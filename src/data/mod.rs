@@ -1,5 +1,9 @@
-//! Data sets. The CIFAR-10 binary format reader; the embedded default data set
-//! (`data/digits`) uses the same format.
+//! Data sets. The CIFAR-10 binary format reader (the embedded default data set,
+//! `data/digits`, uses the same format), and the sampler and loader.
+
+mod loader;
+
+pub use loader::{Batch, Epoch, Loader, Sampler};
 
 use crate::error::{Error, Result};
 use crate::rng::Rng;

@@ -1,0 +1,223 @@
+//! Epoch order and batch loading.
+//!
+//! [`Sampler`] decides which samples a rank sees in an epoch and in what order (a
+//! seeded shuffle per epoch, split across data-parallel ranks like PyTorch's
+//! `DistributedSampler`). [`Loader`] builds the batches on background threads with a
+//! bounded prefetch queue. Batch `i` is always built by worker `i % workers` with an
+//! RNG keyed by (seed, epoch, i), and the consumer reads the workers in turn, so the
+//! batches and their order do not depend on the number of workers.
+
+use super::Dataset;
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+use crate::tensor::Tensor;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// Which samples one rank sees per epoch, and in what order.
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    pub len: usize,
+    pub shuffle: bool,
+    pub seed: u64,
+    /// This rank and the number of data-parallel ranks.
+    pub rank: usize,
+    pub world: usize,
+    /// Without `drop_last`, the epoch is padded (repeating its first samples) so every
+    /// rank gets the same count; with it, the tail that does not divide is dropped.
+    pub drop_last: bool,
+}
+
+impl Sampler {
+    pub fn new(len: usize, shuffle: bool, seed: u64) -> Sampler {
+        Sampler {
+            len,
+            shuffle,
+            seed,
+            rank: 0,
+            world: 1,
+            drop_last: false,
+        }
+    }
+
+    /// The same sampler restricted to `rank` of `world`.
+    pub fn shard(self, rank: usize, world: usize) -> Result<Sampler> {
+        if world == 0 || rank >= world {
+            return Err(Error::Config(format!(
+                "rank {rank} is not in a world of {world}"
+            )));
+        }
+        Ok(Sampler {
+            rank,
+            world,
+            ..self
+        })
+    }
+
+    /// This rank's dataset indices for `epoch`, in order.
+    pub fn indices(&self, epoch: u64) -> Vec<usize> {
+        let mut all: Vec<usize> = (0..self.len).collect();
+        if self.shuffle {
+            let mut rng = Rng::new(self.seed ^ (epoch + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
+            for i in (1..all.len()).rev() {
+                all.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+            }
+        }
+        let per_rank = if self.drop_last {
+            self.len / self.world
+        } else {
+            self.len.div_ceil(self.world)
+        };
+        let total = per_rank * self.world;
+        if total > all.len() && !all.is_empty() {
+            let pad: Vec<usize> = all
+                .iter()
+                .cycle()
+                .take(total - all.len())
+                .copied()
+                .collect();
+            all.extend(pad);
+        }
+        all.truncate(total);
+        all.into_iter()
+            .skip(self.rank)
+            .step_by(self.world)
+            .collect()
+    }
+}
+
+/// One batch: normalised images `[b, 3, 32, 32]`, labels, and the dataset index of
+/// each sample (dropout masks are keyed by it).
+#[derive(Debug)]
+pub struct Batch {
+    pub images: Tensor,
+    pub labels: Vec<usize>,
+    pub samples: Vec<u64>,
+}
+
+/// Builds batches of a data set on background threads.
+#[derive(Clone, Debug)]
+pub struct Loader {
+    pub data: Arc<Dataset>,
+    pub sampler: Sampler,
+    pub batch_size: usize,
+    /// Drop the last partial batch of an epoch.
+    pub drop_last: bool,
+    /// Random horizontal flips.
+    pub flip: bool,
+    /// Background threads building batches (at least 1).
+    pub workers: usize,
+    /// Batches each worker may hold ready ahead of the consumer.
+    pub prefetch: usize,
+}
+
+impl Loader {
+    pub fn new(data: Arc<Dataset>, sampler: Sampler, batch_size: usize) -> Result<Loader> {
+        if batch_size == 0 {
+            return Err(Error::Config("batch size must be at least 1".into()));
+        }
+        Ok(Loader {
+            data,
+            sampler,
+            batch_size,
+            drop_last: false,
+            flip: false,
+            workers: 2,
+            prefetch: 2,
+        })
+    }
+
+    /// Batches in one epoch on this rank.
+    pub fn batches_per_epoch(&self) -> usize {
+        let n = self.sampler.indices(0).len();
+        if self.drop_last {
+            n / self.batch_size
+        } else {
+            n.div_ceil(self.batch_size)
+        }
+    }
+
+    /// The batches of `epoch`, built ahead on `workers` threads.
+    pub fn epoch(&self, epoch: u64) -> Epoch {
+        let idx = self.sampler.indices(epoch);
+        let mut chunks: Vec<Vec<usize>> =
+            idx.chunks(self.batch_size).map(<[usize]>::to_vec).collect();
+        if self.drop_last && chunks.last().is_some_and(|c| c.len() < self.batch_size) {
+            chunks.pop();
+        }
+        let chunks = Arc::new(chunks);
+        let workers = self.workers.max(1).min(chunks.len().max(1));
+        let mut receivers = Vec::with_capacity(workers);
+        let mut handles = Vec::with_capacity(workers);
+        for w in 0..workers {
+            let (tx, rx) = sync_channel(self.prefetch.max(1));
+            let (chunks, data) = (chunks.clone(), self.data.clone());
+            let (flip, seed) = (self.flip, self.sampler.seed);
+            handles.push(std::thread::spawn(move || {
+                for (i, idx) in chunks.iter().enumerate().skip(w).step_by(workers) {
+                    let key = seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ ((i as u64) << 32);
+                    let mut rng = Rng::new(key);
+                    let batch =
+                        data.batch(idx, flip.then_some(&mut rng))
+                            .map(|(images, labels)| Batch {
+                                images,
+                                labels,
+                                samples: idx.iter().map(|&i| i as u64).collect(),
+                            });
+                    // The consumer stopped early: nothing left to do.
+                    if tx.send(batch).is_err() {
+                        return;
+                    }
+                }
+            }));
+            receivers.push(rx);
+        }
+        Epoch {
+            receivers,
+            handles,
+            next: 0,
+            total: chunks.len(),
+        }
+    }
+}
+
+/// Iterator over one epoch's batches, in order.
+pub struct Epoch {
+    receivers: Vec<Receiver<Result<Batch>>>,
+    handles: Vec<JoinHandle<()>>,
+    next: usize,
+    total: usize,
+}
+
+impl Iterator for Epoch {
+    type Item = Result<Batch>;
+
+    fn next(&mut self) -> Option<Result<Batch>> {
+        if self.next >= self.total {
+            return None;
+        }
+        let rx = &self.receivers[self.next % self.receivers.len()];
+        self.next += 1;
+        Some(rx.recv().unwrap_or_else(|_| {
+            Err(Error::Config(
+                "a data loader worker stopped unexpectedly".into(),
+            ))
+        }))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.total - self.next;
+        (left, Some(left))
+    }
+}
+
+impl Drop for Epoch {
+    fn drop(&mut self) {
+        // Closing the receivers makes blocked workers' sends fail, so they exit.
+        self.receivers.clear();
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! Sampler and loader: epoch coverage, order, sharding, drop_last, worker independence.
+
+use ferrovit::data::{default_data_dir, Dataset, Loader, Sampler};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+#[test]
+fn each_epoch_covers_every_sample_once_in_a_seeded_order() {
+    let s = Sampler::new(100, true, 3);
+    let e0 = s.indices(0);
+    let mut sorted = e0.clone();
+    sorted.sort();
+    assert_eq!(sorted, (0..100).collect::<Vec<_>>());
+    assert_eq!(
+        e0,
+        Sampler::new(100, true, 3).indices(0),
+        "same seed, same order"
+    );
+    assert_ne!(e0, s.indices(1), "epochs differ");
+    assert_ne!(e0, Sampler::new(100, true, 4).indices(0), "seeds differ");
+    assert_eq!(
+        Sampler::new(5, false, 3).indices(7),
+        [0, 1, 2, 3, 4],
+        "no shuffle keeps order"
+    );
+}
+
+#[test]
+fn shards_partition_the_epoch_across_ranks() {
+    for world in [2, 3, 4] {
+        let shards: Vec<Vec<usize>> = (0..world)
+            .map(|r| {
+                Sampler::new(12, true, 9)
+                    .shard(r, world)
+                    .unwrap()
+                    .indices(5)
+            })
+            .collect();
+        let all: HashSet<usize> = shards.iter().flatten().copied().collect();
+        assert_eq!(all.len(), 12, "world {world}: union covers the epoch");
+        assert!(
+            shards.iter().all(|s| s.len() == 12 / world),
+            "world {world}: equal shares"
+        );
+        // Interleaved like DistributedSampler: rank r takes positions r, r + world, …
+        let full = Sampler::new(12, true, 9).indices(5);
+        assert_eq!(
+            shards[1],
+            full.iter()
+                .skip(1)
+                .step_by(world)
+                .copied()
+                .collect::<Vec<_>>()
+        );
+    }
+    assert!(Sampler::new(12, true, 9).shard(2, 2).is_err());
+}
+
+#[test]
+fn uneven_epochs_are_padded_or_dropped() {
+    let padded: Vec<Vec<usize>> = (0..4)
+        .map(|r| Sampler::new(10, false, 0).shard(r, 4).unwrap().indices(0))
+        .collect();
+    assert!(padded.iter().all(|s| s.len() == 3), "{padded:?}");
+    assert_eq!(padded[2], [2, 6, 0], "padding repeats the first samples");
+    let mut dropped = Sampler::new(10, false, 0).shard(1, 4).unwrap();
+    dropped.drop_last = true;
+    assert_eq!(dropped.indices(0), [1, 5]);
+}
+
+fn digits() -> Arc<Dataset> {
+    Arc::new(Dataset::cifar_dir(&default_data_dir()).unwrap().0)
+}
+
+#[test]
+fn batches_arrive_in_order_whatever_the_worker_count() {
+    let data = digits();
+    let run = |workers: usize| {
+        let mut l = Loader::new(data.clone(), Sampler::new(data.len(), true, 1), 100).unwrap();
+        l.workers = workers;
+        l.flip = true;
+        l.epoch(2)
+            .map(|b| {
+                let b = b.unwrap();
+                (b.samples, b.images.to_vec_f32())
+            })
+            .collect::<Vec<_>>()
+    };
+    let one = run(1);
+    assert_eq!(one.len(), 15); // 1437 images in batches of 100
+    assert_eq!(one.last().unwrap().0.len(), 37);
+    assert_eq!(
+        one,
+        run(3),
+        "identical batches and augmentation with 1 or 3 workers"
+    );
+    let order: Vec<u64> = one.iter().flat_map(|(s, _)| s.clone()).collect();
+    let want: Vec<u64> = Sampler::new(data.len(), true, 1)
+        .indices(2)
+        .iter()
+        .map(|&i| i as u64)
+        .collect();
+    assert_eq!(order, want);
+}
+
+#[test]
+fn drop_last_and_early_stop() {
+    let data = digits();
+    let mut l = Loader::new(data.clone(), Sampler::new(data.len(), false, 0), 100).unwrap();
+    l.drop_last = true;
+    assert_eq!(l.batches_per_epoch(), 14);
+    assert!(l.epoch(0).all(|b| b.unwrap().labels.len() == 100));
+    // Stopping after one batch must not hang on workers blocked on a full queue.
+    let first = l.epoch(1).next().unwrap().unwrap();
+    assert_eq!(first.samples[..3], [0, 1, 2]);
+    assert!(Loader::new(data, Sampler::new(1, false, 0), 0).is_err());
+}

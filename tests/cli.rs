@@ -40,6 +40,8 @@ fn train_runs_on_the_embedded_data() {
         "1",
         "--mlp-dim",
         "32",
+        "--augment",
+        "crop-flip",
     ]);
     assert!(ok, "{err}");
     assert!(
@@ -85,6 +87,7 @@ fn bad_inputs_fail_with_one_clear_message() {
         (vec!["train", "--heads", "3"], "not divisible by heads 3"),
         (vec!["train", "--data", dir_s], "data_batch_1.bin"),
         (vec!["bench", "--threads", "0"], "--threads"),
+        (vec!["train", "--augment", "mixup"], "mixup"),
     ];
     for (args, want) in cases {
         let (ok, out, err) = ferrovit(&args);

@@ -1,6 +1,6 @@
 //! Sampler and loader: epoch coverage, order, sharding, drop_last, worker independence.
 
-use ferrovit::data::{default_data_dir, Dataset, Loader, Sampler};
+use ferrovit::data::{default_data_dir, Augment, Dataset, Loader, Sampler};
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -78,7 +78,10 @@ fn batches_arrive_in_order_whatever_the_worker_count() {
     let run = |workers: usize| {
         let mut l = Loader::new(data.clone(), Sampler::new(data.len(), true, 1), 100).unwrap();
         l.workers = workers;
-        l.flip = true;
+        l.augment = Augment {
+            crop_padding: 4,
+            flip: true,
+        };
         l.epoch(2)
             .map(|b| {
                 let b = b.unwrap();

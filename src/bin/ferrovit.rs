@@ -1,8 +1,8 @@
 //! The `ferrovit` command line.
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use ferrovit::backend::cpu;
-use ferrovit::data::{default_data_dir, Dataset, Loader, Sampler};
+use ferrovit::data::{default_data_dir, Augment, Dataset, Loader, Sampler};
 use ferrovit::engine::{BatchStats, Engine, TrainConfig};
 use ferrovit::nn::PRESETS;
 use ferrovit::optim::LrSchedule;
@@ -116,9 +116,18 @@ struct TrainArgs {
     /// Seed of initialisation, data order and dropout
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Random horizontal flips (off by default: the digits data is not mirror-symmetric)
-    #[arg(long)]
-    flip: bool,
+    /// Training augmentation: `crop` is a random crop of the image zero-padded by 4,
+    /// `crop-flip` adds random horizontal flips (off by default: digits are not
+    /// mirror-symmetric)
+    #[arg(long, value_enum, default_value_t = AugmentArg::None)]
+    augment: AugmentArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AugmentArg {
+    None,
+    Crop,
+    CropFlip,
 }
 
 #[derive(Args)]
@@ -216,7 +225,17 @@ fn train(a: TrainArgs) -> Result<()> {
         Sampler::new(train_len, true, a.seed),
         a.batch_size,
     )?;
-    loader.flip = a.flip;
+    loader.augment = match a.augment {
+        AugmentArg::None => Augment::default(),
+        AugmentArg::Crop => Augment {
+            crop_padding: 4,
+            flip: false,
+        },
+        AugmentArg::CropFlip => Augment {
+            crop_padding: 4,
+            flip: true,
+        },
+    };
     for epoch in 0..a.epochs {
         let t0 = Instant::now();
         let mut tot = Totals::default();

@@ -7,7 +7,7 @@
 //! RNG keyed by (seed, epoch, i), and the consumer reads the workers in turn, so the
 //! batches and their order do not depend on the number of workers.
 
-use super::Dataset;
+use super::{Augment, Dataset};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
@@ -104,8 +104,8 @@ pub struct Loader {
     pub batch_size: usize,
     /// Drop the last partial batch of an epoch.
     pub drop_last: bool,
-    /// Random horizontal flips.
-    pub flip: bool,
+    /// Random augmentation of every image.
+    pub augment: Augment,
     /// Background threads building batches (at least 1).
     pub workers: usize,
     /// Batches each worker may hold ready ahead of the consumer.
@@ -122,7 +122,7 @@ impl Loader {
             sampler,
             batch_size,
             drop_last: false,
-            flip: false,
+            augment: Augment::default(),
             workers: 2,
             prefetch: 2,
         })
@@ -153,13 +153,13 @@ impl Loader {
         for w in 0..workers {
             let (tx, rx) = sync_channel(self.prefetch.max(1));
             let (chunks, data) = (chunks.clone(), self.data.clone());
-            let (flip, seed) = (self.flip, self.sampler.seed);
+            let (augment, seed) = (self.augment, self.sampler.seed);
             handles.push(std::thread::spawn(move || {
                 for (i, idx) in chunks.iter().enumerate().skip(w).step_by(workers) {
                     let key = seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ ((i as u64) << 32);
                     let mut rng = Rng::new(key);
                     let batch =
-                        data.batch(idx, flip.then_some(&mut rng))
+                        data.batch(idx, Some((augment, &mut rng)))
                             .map(|(images, labels)| Batch {
                                 images,
                                 labels,

@@ -2,8 +2,11 @@
 //! `data/digits`, uses the same format), and the sampler and loader.
 
 mod loader;
+pub mod transforms;
 
 pub use loader::{Batch, Epoch, Loader, Sampler};
+pub use transforms::Augment;
+use transforms::{normalize_into, PIXELS};
 
 use crate::error::{Error, Result};
 use crate::rng::Rng;
@@ -112,23 +115,30 @@ impl Dataset {
         Ok((train, test))
     }
 
-    /// Normalised f32 images `[b, 3, 32, 32]` and labels for the given indices, with an
-    /// optional random horizontal flip per image.
-    pub fn batch(&self, idx: &[usize], flip: Option<&mut Rng>) -> Result<(Tensor, Vec<usize>)> {
-        let px = 32 * 32;
-        let mut out = Vec::with_capacity(idx.len() * 3 * px);
-        let mut flip = flip;
+    /// Normalised f32 images `[b, 3, 32, 32]` and labels for the given indices, each
+    /// image augmented from `rng` when one is given.
+    pub fn batch(
+        &self,
+        idx: &[usize],
+        augment: Option<(Augment, &mut Rng)>,
+    ) -> Result<(Tensor, Vec<usize>)> {
+        let mut out = Vec::with_capacity(idx.len() * 3 * PIXELS);
+        let mut augment = augment;
         for &i in idx {
-            let img = &self.images[i * 3 * px..(i + 1) * 3 * px];
-            let mirror = flip.as_mut().is_some_and(|r| r.next_u64() & 1 == 1);
-            for c in 0..3 {
-                for y in 0..32 {
-                    for x in 0..32 {
-                        let sx = if mirror { 31 - x } else { x };
-                        let v = img[c * px + y * 32 + sx] as f32 / 255.0;
-                        out.push((v - MEAN[c]) / STD[c]);
-                    }
+            let img = self
+                .images
+                .get(i * 3 * PIXELS..(i + 1) * 3 * PIXELS)
+                .ok_or_else(|| {
+                    Error::Config(format!(
+                        "sample {i} is out of range for {} images",
+                        self.len()
+                    ))
+                })?;
+            match augment.as_mut() {
+                Some((aug, rng)) if !aug.is_identity() => {
+                    normalize_into(&aug.apply(img, rng), &MEAN, &STD, &mut out)
                 }
+                _ => normalize_into(img, &MEAN, &STD, &mut out),
             }
         }
         let labels = idx.iter().map(|&i| self.labels[i] as usize).collect();

@@ -1,0 +1,152 @@
+//! Image transforms on raw CIFAR-style images (`[3, 32, 32]` planar `u8`), applied per
+//! sample by the loader before normalisation.
+
+use crate::rng::Rng;
+
+pub const SIDE: usize = 32;
+pub const PIXELS: usize = SIDE * SIDE;
+
+/// Which random augmentation the training loader applies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Augment {
+    /// Random crop of a zero-padded image (torchvision `RandomCrop(32, padding)`); 0: off.
+    pub crop_padding: usize,
+    /// Random horizontal flip with probability 1/2.
+    pub flip: bool,
+}
+
+impl Augment {
+    pub fn is_identity(&self) -> bool {
+        self.crop_padding == 0 && !self.flip
+    }
+
+    /// Applies the augmentation to one image, drawing from `rng` in a fixed order
+    /// (crop offsets, then the flip), so results depend only on the RNG's seed.
+    pub fn apply(&self, img: &[u8], rng: &mut Rng) -> Vec<u8> {
+        let mut out = img.to_vec();
+        if self.crop_padding > 0 {
+            let span = 2 * self.crop_padding as u64 + 1;
+            let dy = (rng.next_u64() % span) as isize - self.crop_padding as isize;
+            let dx = (rng.next_u64() % span) as isize - self.crop_padding as isize;
+            out = shift(&out, dy, dx);
+        }
+        if self.flip && rng.next_u64() & 1 == 1 {
+            out = hflip(&out);
+        }
+        out
+    }
+}
+
+/// The image moved by (`dy`, `dx`) with zeros shifted in: the same as cropping a
+/// zero-padded image at offset (`pad + dy`, `pad + dx`).
+pub fn shift(img: &[u8], dy: isize, dx: isize) -> Vec<u8> {
+    let mut out = vec![0u8; img.len()];
+    let s = SIDE as isize;
+    for c in 0..img.len() / PIXELS {
+        for y in 0..s {
+            let sy = y + dy;
+            if !(0..s).contains(&sy) {
+                continue;
+            }
+            for x in 0..s {
+                let sx = x + dx;
+                if (0..s).contains(&sx) {
+                    out[c * PIXELS + (y * s + x) as usize] =
+                        img[c * PIXELS + (sy * s + sx) as usize];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Mirror image (left ↔ right).
+pub fn hflip(img: &[u8]) -> Vec<u8> {
+    let mut out = img.to_vec();
+    for row in out.chunks_mut(SIDE) {
+        row.reverse();
+    }
+    out
+}
+
+/// `u8` pixels to f32, `(v / 255 - mean[c]) / std[c]` per channel, appended to `out`.
+pub fn normalize_into(img: &[u8], mean: &[f32; 3], std: &[f32; 3], out: &mut Vec<f32>) {
+    for (c, plane) in img.chunks(PIXELS).enumerate() {
+        out.extend(plane.iter().map(|&v| (v as f32 / 255.0 - mean[c]) / std[c]));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 3-channel image whose pixel value encodes its position (and channel).
+    fn ramp() -> Vec<u8> {
+        (0..3 * PIXELS)
+            .map(|i| ((i % PIXELS) % 251) as u8 + (i / PIXELS) as u8)
+            .collect()
+    }
+
+    #[test]
+    fn hflip_mirrors_rows_and_is_an_involution() {
+        let img = ramp();
+        let f = hflip(&img);
+        assert_eq!(f[0], img[31]);
+        assert_eq!(f[PIXELS + 5 * 32 + 2], img[PIXELS + 5 * 32 + 29]);
+        assert_eq!(hflip(&f), img);
+    }
+
+    #[test]
+    fn shift_moves_content_and_fills_zeros() {
+        let img = ramp();
+        let s = shift(&img, 2, -3);
+        // out(y, x) = in(y + 2, x - 3)
+        assert_eq!(s[10 * 32 + 10], img[12 * 32 + 7]);
+        assert_eq!(s[2 * PIXELS + 10 * 32 + 10], img[2 * PIXELS + 12 * 32 + 7]);
+        assert!(
+            (0..3).all(|x| s[5 * 32 + x] == 0),
+            "left columns shifted in as zeros"
+        );
+        assert!(
+            (0..32).all(|x| s[31 * 32 + x] == 0 && s[30 * 32 + x] == 0),
+            "bottom rows zero"
+        );
+        assert_eq!(shift(&img, 0, 0), img);
+    }
+
+    #[test]
+    fn augment_is_seeded_and_covers_all_offsets() {
+        let img = ramp();
+        let aug = Augment {
+            crop_padding: 4,
+            flip: true,
+        };
+        assert_eq!(
+            aug.apply(&img, &mut Rng::new(5)),
+            aug.apply(&img, &mut Rng::new(5))
+        );
+        let mut seen = std::collections::HashSet::new();
+        let mut rng = Rng::new(1);
+        for _ in 0..2000 {
+            seen.insert(aug.apply(&img, &mut rng));
+        }
+        // 9 × 9 offsets × 2 flips, all reachable
+        assert_eq!(seen.len(), 162);
+        assert!(Augment::default().is_identity());
+        assert_eq!(Augment::default().apply(&img, &mut Rng::new(0)), img);
+    }
+
+    #[test]
+    fn normalize_uses_per_channel_mean_and_std() {
+        let mut img = vec![0u8; 3 * PIXELS];
+        img[0] = 255;
+        img[PIXELS] = 51;
+        let mut out = Vec::new();
+        normalize_into(&img, &[0.5, 0.2, 0.0], &[0.25, 0.1, 1.0], &mut out);
+        assert_eq!(out.len(), 3 * PIXELS);
+        assert!((out[0] - 2.0).abs() < 1e-6);
+        assert!((out[1] + 2.0).abs() < 1e-6);
+        assert!((out[PIXELS] - 0.0).abs() < 1e-6);
+        assert_eq!(out[2 * PIXELS], 0.0);
+    }
+}

@@ -114,18 +114,29 @@ impl Engine {
         })
     }
 
-    /// Loss and accuracy on a batch without dropout or gradients.
-    pub fn eval_batch(&mut self, images: Tensor, labels: &[usize]) -> Result<BatchStats> {
+    /// Loss, accuracy and the predicted class of each image on a batch, without dropout
+    /// or gradients.
+    pub fn eval_batch(
+        &mut self,
+        images: Tensor,
+        labels: &[usize],
+    ) -> Result<(BatchStats, Vec<usize>)> {
         let ctx = ForwardCtx::eval(labels.len());
         let mut g = Graph::new(&mut self.params);
         let logits = self.model.forward(&mut g, images, &ctx)?;
-        let correct = count_correct(g.value(logits), labels)?;
+        let predictions = argmax_rows(g.value(logits))?;
+        let correct = predictions
+            .iter()
+            .zip(labels)
+            .filter(|(p, y)| p == y)
+            .count();
         let loss = g.cross_entropy(logits, labels, 0.0)?;
-        Ok(BatchStats {
+        let stats = BatchStats {
             loss: g.value(loss).f32s()?[0],
             correct,
             count: labels.len(),
-        })
+        };
+        Ok((stats, predictions))
     }
 }
 

@@ -10,6 +10,7 @@ pub mod backend;
 pub mod data;
 pub mod engine;
 pub mod error;
+pub mod metrics;
 pub mod nn;
 pub mod optim;
 pub mod rng;

@@ -30,10 +30,11 @@ fn presets_lists_exact_parameter_counts() {
 
 #[test]
 fn train_runs_on_the_embedded_data() {
+    let out_dir = std::env::temp_dir().join(format!("ferrovit-cli-out-{}", std::process::id()));
     let (ok, out, err) = ferrovit(&[
         "train",
         "--epochs",
-        "1",
+        "2",
         "--dim",
         "32",
         "--depth",
@@ -42,12 +43,38 @@ fn train_runs_on_the_embedded_data() {
         "32",
         "--augment",
         "crop-flip",
+        "--out",
+        out_dir.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
     assert!(
-        out.contains("1437 train / 360 test") && out.contains("epoch   1/1"),
+        out.contains("1437 train / 360 test") && out.contains("epoch   2/2"),
         "{out}"
     );
+    assert!(
+        out.contains("final test accuracy") && out.contains("confusion matrix"),
+        "{out}"
+    );
+    let metrics = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
+    let lines: Vec<&str> = metrics.lines().collect();
+    assert_eq!(lines.len(), 2, "{metrics}");
+    for key in [
+        "epoch",
+        "train_loss",
+        "train_acc",
+        "test_loss",
+        "test_acc",
+        "lr",
+        "images_per_s",
+    ] {
+        assert!(
+            lines[1].contains(&format!("\"{key}\":")),
+            "{key} missing: {}",
+            lines[1]
+        );
+    }
+    assert!(lines[1].starts_with("{\"epoch\":2,") && lines[1].ends_with('}'));
+    std::fs::remove_dir_all(&out_dir).unwrap();
 }
 
 #[test]

@@ -4,10 +4,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ferrovit::backend::cpu;
 use ferrovit::data::{default_data_dir, Augment, Dataset, Loader, Sampler};
 use ferrovit::engine::{BatchStats, Engine, TrainConfig};
+use ferrovit::metrics::ConfusionMatrix;
 use ferrovit::nn::PRESETS;
 use ferrovit::optim::LrSchedule;
 use ferrovit::rng::Rng;
 use ferrovit::{Error, Result, Tensor, VitConfig};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -121,6 +123,9 @@ struct TrainArgs {
     /// mirror-symmetric)
     #[arg(long, value_enum, default_value_t = AugmentArg::None)]
     augment: AugmentArg,
+    /// Output directory (per-epoch metrics as JSON lines in metrics.jsonl)
+    #[arg(long, default_value = "out")]
+    out: PathBuf,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -218,6 +223,11 @@ fn train(a: TrainArgs) -> Result<()> {
         cfg.num_params(),
         cpu::num_threads()
     );
+    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
+    let metrics_path = a.out.join("metrics.jsonl");
+    let mut metrics =
+        std::fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
+    let mut last_confusion = None;
     let start = Instant::now();
     let train_len = train.len();
     let mut loader = Loader::new(
@@ -244,7 +254,8 @@ fn train(a: TrainArgs) -> Result<()> {
             tot.add(engine.train_step(b.images, &b.labels, &b.samples)?);
         }
         let secs = t0.elapsed().as_secs_f64();
-        let te = evaluate(&mut engine, &test, a.batch_size)?;
+        let (te, confusion) = evaluate(&mut engine, &test, a.batch_size)?;
+        last_confusion = Some(confusion);
         println!(
             "epoch {:>3}/{}  train loss {:.4} acc {:5.1}%  test loss {:.4} acc {:5.1}%  lr {:.2e}  {:.0} img/s",
             epoch + 1,
@@ -256,7 +267,32 @@ fn train(a: TrainArgs) -> Result<()> {
             engine.lr(),
             train_len as f64 / secs
         );
+        let line = format!(
+            "{{\"epoch\":{},\"train_loss\":{:.6},\"train_acc\":{:.6},\"test_loss\":{:.6},\"test_acc\":{:.6},\"lr\":{:e},\"images_per_s\":{:.1}}}\n",
+            epoch + 1,
+            tot.loss(),
+            tot.acc() / 100.0,
+            te.loss(),
+            te.acc() / 100.0,
+            engine.lr(),
+            train_len as f64 / secs
+        );
+        metrics
+            .write_all(line.as_bytes())
+            .map_err(|e| Error::io(&metrics_path, e))?;
     }
+    if let Some(c) = last_confusion {
+        println!(
+            "final test accuracy {:.2}% ({} images)",
+            100.0 * c.accuracy(),
+            c.total()
+        );
+        println!(
+            "confusion matrix (classes: {}):\n{c}",
+            test.classes.join(", ")
+        );
+    }
+    println!("metrics: {}", metrics_path.display());
     println!("done in {:.1} s", start.elapsed().as_secs_f64());
     Ok(())
 }
@@ -282,14 +318,17 @@ impl Totals {
     }
 }
 
-fn evaluate(engine: &mut Engine, ds: &Dataset, batch: usize) -> Result<Totals> {
+fn evaluate(engine: &mut Engine, ds: &Dataset, batch: usize) -> Result<(Totals, ConfusionMatrix)> {
     let mut tot = Totals::default();
+    let mut confusion = ConfusionMatrix::new(ds.classes.len());
     let idx: Vec<usize> = (0..ds.len()).collect();
     for chunk in idx.chunks(batch) {
         let (images, labels) = ds.batch(chunk, None)?;
-        tot.add(engine.eval_batch(images, &labels)?);
+        let (stats, predictions) = engine.eval_batch(images, &labels)?;
+        tot.add(stats);
+        confusion.add(&labels, &predictions);
     }
-    Ok(tot)
+    Ok((tot, confusion))
 }
 
 fn bench(a: BenchArgs) -> Result<()> {

@@ -9,6 +9,7 @@ use ferrovit::nn::PRESETS;
 use ferrovit::optim::LrSchedule;
 use ferrovit::rng::Rng;
 use ferrovit::{Error, Result, Tensor, VitConfig};
+use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -249,10 +250,21 @@ fn train(a: TrainArgs) -> Result<()> {
     for epoch in 0..a.epochs {
         let t0 = Instant::now();
         let mut tot = Totals::default();
+        // Drawn on stderr only when it is a terminal (hidden in tests and CI logs).
+        let bar = ProgressBar::new(loader.batches_per_epoch() as u64).with_style(bar_style());
+        bar.set_prefix(format!("epoch {}/{}", epoch + 1, a.epochs));
         for batch in loader.epoch(epoch as u64) {
             let b = batch?;
             tot.add(engine.train_step(b.images, &b.labels, &b.samples)?);
+            let rate = tot.count as f64 / t0.elapsed().as_secs_f64();
+            bar.set_message(format!(
+                "loss {:.4} acc {:5.1}% {rate:.0} img/s",
+                tot.loss(),
+                tot.acc()
+            ));
+            bar.inc(1);
         }
+        bar.finish_and_clear();
         let secs = t0.elapsed().as_secs_f64();
         let (te, confusion) = evaluate(&mut engine, &test, a.batch_size)?;
         last_confusion = Some(confusion);
@@ -295,6 +307,12 @@ fn train(a: TrainArgs) -> Result<()> {
     println!("metrics: {}", metrics_path.display());
     println!("done in {:.1} s", start.elapsed().as_secs_f64());
     Ok(())
+}
+
+fn bar_style() -> ProgressStyle {
+    ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ")
 }
 
 #[derive(Default)]

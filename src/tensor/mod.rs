@@ -162,10 +162,6 @@ impl Tensor {
         })
     }
 
-    pub fn from_slice(data: &[f32], shape: impl Into<Shape>) -> Result<Tensor> {
-        Tensor::from_vec(data.to_vec(), shape)
-    }
-
     pub fn shape(&self) -> &Shape {
         &self.shape
     }

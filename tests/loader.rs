@@ -78,10 +78,7 @@ fn batches_arrive_in_order_whatever_the_worker_count() {
     let run = |workers: usize| {
         let mut l = Loader::new(data.clone(), Sampler::new(data.len(), true, 1), 100).unwrap();
         l.workers = workers;
-        l.augment = Augment {
-            crop_padding: 4,
-            flip: true,
-        };
+        l.augment = Augment::parse("crop,flip,autoaugment").unwrap();
         l.epoch(2)
             .map(|b| {
                 let b = b.unwrap();

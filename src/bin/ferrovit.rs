@@ -241,10 +241,12 @@ fn train(a: TrainArgs) -> Result<()> {
         AugmentArg::Crop => Augment {
             crop_padding: 4,
             flip: false,
+            auto_augment: false,
         },
         AugmentArg::CropFlip => Augment {
             crop_padding: 4,
             flip: true,
+            auto_augment: false,
         },
     };
     for epoch in 0..a.epochs {

@@ -1,6 +1,7 @@
 //! Data sets. The CIFAR-10 binary format reader (the embedded default data set,
 //! `data/digits`, uses the same format), and the sampler and loader.
 
+pub mod autoaugment;
 mod loader;
 pub mod transforms;
 

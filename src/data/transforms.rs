@@ -1,6 +1,8 @@
 //! Image transforms on raw CIFAR-style images (`[3, 32, 32]` planar `u8`), applied per
 //! sample by the loader before normalisation.
 
+use super::autoaugment::auto_augment;
+use crate::error::{Error, Result};
 use crate::rng::Rng;
 
 pub const SIDE: usize = 32;
@@ -13,15 +15,38 @@ pub struct Augment {
     pub crop_padding: usize,
     /// Random horizontal flip with probability 1/2.
     pub flip: bool,
+    /// AutoAugment with the CIFAR-10 policy, after crop and flip.
+    pub auto_augment: bool,
 }
 
 impl Augment {
     pub fn is_identity(&self) -> bool {
-        self.crop_padding == 0 && !self.flip
+        self.crop_padding == 0 && !self.flip && !self.auto_augment
+    }
+
+    /// Parses a comma-separated list of `crop` (pad 4), `flip`, `autoaugment`, or
+    /// `none` (as the CLI and config files spell it).
+    pub fn parse(spec: &str) -> Result<Augment> {
+        let mut a = Augment::default();
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part {
+                "none" => {}
+                "crop" => a.crop_padding = 4,
+                "flip" => a.flip = true,
+                "autoaugment" => a.auto_augment = true,
+                other => {
+                    return Err(Error::Config(format!(
+                        "unknown augmentation `{other}` in `{spec}` (expected a comma-separated list of crop, flip, autoaugment, or none)"
+                    )))
+                }
+            }
+        }
+        Ok(a)
     }
 
     /// Applies the augmentation to one image, drawing from `rng` in a fixed order
-    /// (crop offsets, then the flip), so results depend only on the RNG's seed.
+    /// (crop offsets, then the flip, then AutoAugment), so results depend only on the
+    /// RNG's seed.
     pub fn apply(&self, img: &[u8], rng: &mut Rng) -> Vec<u8> {
         let mut out = img.to_vec();
         if self.crop_padding > 0 {
@@ -32,6 +57,9 @@ impl Augment {
         }
         if self.flip && rng.next_u64() & 1 == 1 {
             out = hflip(&out);
+        }
+        if self.auto_augment {
+            out = auto_augment(&out, rng);
         }
         out
     }
@@ -117,10 +145,7 @@ mod tests {
     #[test]
     fn augment_is_seeded_and_covers_all_offsets() {
         let img = ramp();
-        let aug = Augment {
-            crop_padding: 4,
-            flip: true,
-        };
+        let aug = Augment::parse("crop,flip").unwrap();
         assert_eq!(
             aug.apply(&img, &mut Rng::new(5)),
             aug.apply(&img, &mut Rng::new(5))
@@ -133,6 +158,10 @@ mod tests {
         // 9 × 9 offsets × 2 flips, all reachable
         assert_eq!(seen.len(), 162);
         assert!(Augment::default().is_identity());
+        assert!(Augment::parse("none").unwrap().is_identity());
+        assert!(Augment::parse("crop,autoaugment").unwrap().auto_augment);
+        let e = Augment::parse("crop,rotate").unwrap_err().to_string();
+        assert!(e.contains("`rotate`"), "{e}");
         assert_eq!(Augment::default().apply(&img, &mut Rng::new(0)), img);
     }
 

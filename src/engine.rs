@@ -1,19 +1,20 @@
 //! The training engine: one model, its parameters and optimizer, and the step that
 //! ties forward, loss, backward and update together.
 
-use crate::autograd::{Graph, ParamStore};
+use crate::autograd::{Graph, ParamStore, Var};
 use crate::error::{Error, Result};
 use crate::nn::{ForwardCtx, Vit, VitConfig};
-use crate::optim::{clip_grad_norm, LrSchedule, Optimizer, OptimizerKind};
+use crate::optim::{clip_grad_norm, Optimizer, OptimizerKind};
 use crate::tensor::Tensor;
 
 /// Hyper-parameters of the update rule.
 #[derive(Clone, Debug)]
 pub struct TrainConfig {
     pub optimizer: OptimizerKind,
+    /// Base learning rate (the rate until something calls [`Engine::set_lr`]; an LR
+    /// scheduler hook scales it).
     pub lr: f32,
     pub weight_decay: f32,
-    pub schedule: LrSchedule,
     pub label_smoothing: f32,
     /// Clip gradients to this global L2 norm (none when `None`).
     pub clip_grad_norm: Option<f32>,
@@ -27,7 +28,6 @@ impl Default for TrainConfig {
             optimizer: OptimizerKind::adamw(),
             lr: 1e-3,
             weight_decay: 0.05,
-            schedule: LrSchedule::Constant,
             label_smoothing: 0.0,
             clip_grad_norm: None,
             seed: 0,
@@ -43,11 +43,55 @@ pub struct BatchStats {
     pub count: usize,
 }
 
+/// The model's output for a batch: the logits `[batch, classes]` (a copy; the engine
+/// keeps the recorded graph for `criterion` and `backward`).
+#[derive(Clone, Debug)]
+pub struct Output {
+    pub logits: Tensor,
+    var: Var,
+    id: u64,
+}
+
+/// A loss value returned by [`Engine::criterion`], to pass to [`Engine::backward`].
+#[derive(Clone, Copy, Debug)]
+pub struct Loss {
+    pub value: f32,
+    var: Var,
+    id: u64,
+}
+
+/// The graph of the last forward pass, holding the parameters until backward ends.
+struct Pending {
+    graph: Graph<'static>,
+    id: u64,
+}
+
+/// A model with its parameters and optimizer, driven like Colossal-AI's engine:
+///
+/// ```no_run
+/// # fn main() -> ferrovit::Result<()> {
+/// # let (mut engine, loader): (ferrovit::engine::Engine, ferrovit::data::Loader) = todo!();
+/// engine.train();
+/// for batch in loader.epoch(0) {
+///     let batch = batch?;
+///     engine.zero_grad();
+///     let output = engine.forward(batch.images, &batch.samples)?;
+///     let loss = engine.criterion(&output, &batch.labels)?;
+///     engine.backward(&loss)?;
+///     engine.step()?;
+/// }
+/// # Ok(()) }
+/// ```
 pub struct Engine {
     pub model: Vit,
-    pub params: ParamStore,
     pub optimizer: Optimizer,
     pub config: TrainConfig,
+    /// Empty while `pending` holds the parameters.
+    params: ParamStore,
+    pending: Option<Pending>,
+    next_id: u64,
+    training: bool,
+    lr: f32,
     step: u64,
 }
 
@@ -58,11 +102,29 @@ impl Engine {
         let optimizer = Optimizer::new(config.optimizer, config.weight_decay, &params)?;
         Ok(Engine {
             model,
-            params,
             optimizer,
+            lr: config.lr,
             config,
+            params,
+            pending: None,
+            next_id: 0,
+            training: true,
             step: 0,
         })
+    }
+
+    /// Training mode: dropout on, `forward` records for `backward`.
+    pub fn train(&mut self) {
+        self.training = true;
+    }
+
+    /// Evaluation mode: dropout off.
+    pub fn eval(&mut self) {
+        self.training = false;
+    }
+
+    pub fn is_training(&self) -> bool {
+        self.training
     }
 
     /// Updates applied so far.
@@ -72,71 +134,177 @@ impl Engine {
 
     /// The learning rate the next update will use.
     pub fn lr(&self) -> f32 {
-        self.config.schedule.lr(self.config.lr, self.step)
+        self.lr
     }
 
-    /// One training step on a batch: forward (dropout on), loss, backward, update.
-    /// `samples` are the global dataset indices of the batch (dropout masks are keyed by
-    /// them). A non-finite loss stops before the update, naming the step.
+    pub fn set_lr(&mut self, lr: f32) {
+        self.lr = lr;
+    }
+
+    /// The parameters (and their gradients).
+    pub fn params(&self) -> &ParamStore {
+        match &self.pending {
+            Some(p) => p.graph.store(),
+            None => &self.params,
+        }
+    }
+
+    /// The parameters, mutably; discards a forward pass that was not backpropagated.
+    pub fn params_mut(&mut self) -> &mut ParamStore {
+        self.finish();
+        &mut self.params
+    }
+
+    /// Ends the pending graph (if any), taking the parameters back.
+    fn finish(&mut self) {
+        if let Some(p) = self.pending.take() {
+            if let Some(store) = p.graph.into_store() {
+                self.params = store;
+            }
+        }
+    }
+
+    /// Sets every parameter gradient to zero.
+    pub fn zero_grad(&mut self) {
+        self.params_mut().zero_grad();
+    }
+
+    /// Runs the model on images `[b, 3, H, W]`; `samples` are the global dataset
+    /// indices of the batch (dropout masks are keyed by them and the step number).
+    pub fn forward(&mut self, images: Tensor, samples: &[u64]) -> Result<Output> {
+        self.finish();
+        let ctx = if self.training {
+            // Dropout seed of this step: the run's seed and the step number.
+            let seed = self.config.seed ^ self.step.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            ForwardCtx::train(seed, samples.to_vec())
+        } else {
+            ForwardCtx::eval(samples.len())
+        };
+        let mut graph = Graph::owning(std::mem::take(&mut self.params));
+        let result = self.model.forward(&mut graph, images, &ctx);
+        let id = self.next_id;
+        self.next_id += 1;
+        self.pending = Some(Pending { graph, id });
+        let var = result?;
+        let logits = self.graph()?.value(var).clone();
+        Ok(Output { logits, var, id })
+    }
+
+    fn graph(&mut self) -> Result<&mut Graph<'static>> {
+        self.pending
+            .as_mut()
+            .map(|p| &mut p.graph)
+            .ok_or_else(|| Error::Graph("no forward pass to continue: call forward first".into()))
+    }
+
+    fn check(&self, id: u64) -> Result<()> {
+        match &self.pending {
+            Some(p) if p.id == id => Ok(()),
+            _ => Err(Error::Graph(
+                "this output belongs to an earlier forward pass (each forward replaces the last)"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Softmax cross-entropy of the output against `labels` (with the configured label
+    /// smoothing while training).
+    pub fn criterion(&mut self, output: &Output, labels: &[usize]) -> Result<Loss> {
+        self.check(output.id)?;
+        let smoothing = if self.training {
+            self.config.label_smoothing
+        } else {
+            0.0
+        };
+        let graph = self.graph()?;
+        let var = graph.cross_entropy(output.var, labels, smoothing)?;
+        let value = graph.value(var).f32s()?[0];
+        Ok(Loss {
+            value,
+            var,
+            id: output.id,
+        })
+    }
+
+    /// Backpropagates the loss into the parameter gradients (accumulating, as in
+    /// PyTorch). A non-finite loss stops here with an error naming the step.
+    pub fn backward(&mut self, loss: &Loss) -> Result<()> {
+        self.check(loss.id)?;
+        if !loss.value.is_finite() {
+            self.finish();
+            return Err(Error::NonFinite {
+                step: self.step,
+                value: loss.value,
+            });
+        }
+        let result = self.graph()?.backward(loss.var);
+        self.finish();
+        result
+    }
+
+    /// Applies one optimizer update with the current learning rate (after clipping the
+    /// gradients when configured).
+    pub fn step(&mut self) -> Result<()> {
+        self.finish();
+        if let Some(max) = self.config.clip_grad_norm {
+            clip_grad_norm(&mut self.params, max)?;
+        }
+        self.optimizer.step(&mut self.params, self.lr)?;
+        self.step += 1;
+        Ok(())
+    }
+
+    /// One training step on a batch: zero_grad, forward, criterion, backward, step.
     pub fn train_step(
         &mut self,
         images: Tensor,
         labels: &[usize],
         samples: &[u64],
     ) -> Result<BatchStats> {
-        self.params.zero_grad();
-        // Dropout seed of this step: the run's seed and the step number.
-        let seed = self.config.seed ^ self.step.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        let ctx = ForwardCtx::train(seed, samples.to_vec());
-        let mut g = Graph::new(&mut self.params);
-        let logits = self.model.forward(&mut g, images, &ctx)?;
-        let correct = count_correct(g.value(logits), labels)?;
-        let loss_var = g.cross_entropy(logits, labels, self.config.label_smoothing)?;
-        let loss = g.value(loss_var).f32s()?[0];
-        if !loss.is_finite() {
-            return Err(Error::NonFinite {
-                step: self.step,
-                value: loss,
-            });
-        }
-        g.backward(loss_var)?;
-        drop(g);
-        if let Some(max) = self.config.clip_grad_norm {
-            clip_grad_norm(&mut self.params, max)?;
-        }
-        let lr = self.lr();
-        self.optimizer.step(&mut self.params, lr)?;
-        self.step += 1;
+        self.train();
+        self.zero_grad();
+        let output = self.forward(images, samples)?;
+        let loss = self.criterion(&output, labels)?;
+        self.backward(&loss)?;
+        self.step()?;
         Ok(BatchStats {
-            loss,
-            correct,
+            loss: loss.value,
+            correct: count_correct(&output.logits, labels)?,
             count: labels.len(),
         })
     }
 
-    /// Loss, accuracy and the predicted class of each image on a batch, without dropout
-    /// or gradients.
+    /// Loss, accuracy and the predicted class of each image on a batch, in evaluation
+    /// mode (the engine's mode is restored afterwards).
     pub fn eval_batch(
         &mut self,
         images: Tensor,
         labels: &[usize],
     ) -> Result<(BatchStats, Vec<usize>)> {
-        let ctx = ForwardCtx::eval(labels.len());
-        let mut g = Graph::new(&mut self.params);
-        let logits = self.model.forward(&mut g, images, &ctx)?;
-        let predictions = argmax_rows(g.value(logits))?;
+        let was_training = self.training;
+        self.eval();
+        let samples = vec![0; labels.len()];
+        let result = self.forward(images, &samples).and_then(|output| {
+            let loss = self.criterion(&output, labels)?;
+            let predictions = argmax_rows(&output.logits)?;
+            Ok((loss.value, predictions))
+        });
+        self.finish();
+        self.training = was_training;
+        let (loss, predictions) = result?;
         let correct = predictions
             .iter()
             .zip(labels)
             .filter(|(p, y)| p == y)
             .count();
-        let loss = g.cross_entropy(logits, labels, 0.0)?;
-        let stats = BatchStats {
-            loss: g.value(loss).f32s()?[0],
-            correct,
-            count: labels.len(),
-        };
-        Ok((stats, predictions))
+        Ok((
+            BatchStats {
+                loss,
+                correct,
+                count: labels.len(),
+            },
+            predictions,
+        ))
     }
 }
 

@@ -13,8 +13,10 @@ pub mod error;
 pub mod metrics;
 pub mod nn;
 pub mod optim;
+pub mod recipe;
 pub mod rng;
 pub mod tensor;
+pub mod trainer;
 
 pub use autograd::{Activation, Graph, ParamId, ParamStore, Var};
 pub use error::{Error, Result};

@@ -1,5 +1,7 @@
-//! The `ferrovit` binary: real runs on tiny settings and clear errors on bad input.
+//! The `ferrovit` binary: real runs on tiny settings, config files, determinism, and
+//! clear errors on bad input.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn ferrovit(args: &[&str]) -> (bool, String, String) {
@@ -13,6 +15,25 @@ fn ferrovit(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A fresh temporary directory for one test.
+fn temp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ferrovit-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn metrics(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Tiny model flags: a run takes about a second.
+const TINY: [&str; 6] = ["--dim", "32", "--depth", "1", "--mlp-dim", "32"];
 
 #[test]
 fn presets_lists_exact_parameter_counts() {
@@ -29,23 +50,20 @@ fn presets_lists_exact_parameter_counts() {
 }
 
 #[test]
-fn train_runs_on_the_embedded_data() {
-    let out_dir = std::env::temp_dir().join(format!("ferrovit-cli-out-{}", std::process::id()));
-    let (ok, out, err) = ferrovit(&[
+fn train_runs_on_the_embedded_data_and_writes_metrics_and_plot() {
+    let out_dir = temp("train");
+    let o = out_dir.to_str().unwrap();
+    let mut args = vec![
         "train",
         "--epochs",
         "2",
-        "--dim",
-        "32",
-        "--depth",
-        "1",
-        "--mlp-dim",
-        "32",
         "--augment",
-        "crop-flip",
+        "crop,autoaugment",
         "--out",
-        out_dir.to_str().unwrap(),
-    ]);
+        o,
+    ];
+    args.extend(TINY);
+    let (ok, out, err) = ferrovit(&args);
     assert!(ok, "{err}");
     assert!(
         out.contains("1437 train / 360 test") && out.contains("epoch   2/2"),
@@ -55,11 +73,9 @@ fn train_runs_on_the_embedded_data() {
         out.contains("final test accuracy") && out.contains("confusion matrix"),
         "{out}"
     );
-    let metrics = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
-    let lines: Vec<&str> = metrics.lines().collect();
-    assert_eq!(lines.len(), 2, "{metrics}");
+    let m = metrics(&out_dir);
+    assert_eq!(m.len(), 2);
     for key in [
-        "epoch",
         "train_loss",
         "train_acc",
         "test_loss",
@@ -67,63 +83,193 @@ fn train_runs_on_the_embedded_data() {
         "lr",
         "images_per_s",
     ] {
-        assert!(
-            lines[1].contains(&format!("\"{key}\":")),
-            "{key} missing: {}",
-            lines[1]
-        );
+        assert!(m[1][key].as_f64().is_some(), "{key} missing: {}", m[1]);
     }
-    assert!(lines[1].starts_with("{\"epoch\":2,") && lines[1].ends_with('}'));
+    assert_eq!(m[1]["epoch"], 2);
+    let png = std::fs::read(out_dir.join("metrics.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+    let resolved = std::fs::read_to_string(out_dir.join("config.toml")).unwrap();
+    assert!(
+        resolved.contains("augment = \"crop,autoaugment\""),
+        "{resolved}"
+    );
     std::fs::remove_dir_all(&out_dir).unwrap();
+}
+
+#[test]
+fn the_default_run_reaches_95_percent_on_digits() {
+    // `cargo run --release -- train` with no arguments (only the output moved)
+    let out_dir = temp("default");
+    let (ok, out, err) = ferrovit(&["train", "--out", out_dir.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let m = metrics(&out_dir);
+    assert_eq!(m.len(), 20);
+    let acc = m[19]["test_acc"].as_f64().unwrap();
+    assert!(acc >= 0.95, "final test accuracy {acc}\n{out}");
+    std::fs::remove_dir_all(&out_dir).unwrap();
+}
+
+#[test]
+fn same_seed_and_threads_give_identical_epoch_losses() {
+    let run = |name: &str, seed: &str| {
+        let out_dir = temp(name);
+        let mut args = vec![
+            "train",
+            "--epochs",
+            "2",
+            "--seed",
+            seed,
+            "--threads",
+            "2",
+            "--augment",
+            "crop,flip,autoaugment",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ];
+        args.extend(TINY);
+        let (ok, _, err) = ferrovit(&args);
+        assert!(ok, "{err}");
+        let losses: Vec<(f64, f64)> = metrics(&out_dir)
+            .iter()
+            .map(|m| {
+                (
+                    m["train_loss"].as_f64().unwrap(),
+                    m["test_loss"].as_f64().unwrap(),
+                )
+            })
+            .collect();
+        std::fs::remove_dir_all(&out_dir).unwrap();
+        losses
+    };
+    let a = run("det-a", "7");
+    assert_eq!(a, run("det-b", "7"));
+    assert_ne!(a, run("det-c", "8"), "the seed matters");
+}
+
+#[test]
+fn flags_override_the_config_file() {
+    let dir = temp("config");
+    let cfg = dir.join("run.toml");
+    std::fs::write(
+        &cfg,
+        "epochs = 3\nbatch_size = 128\ndim = 32\ndepth = 1\nmlp_dim = 32\nlabel_smoothing = 0.1\n",
+    )
+    .unwrap();
+    let out_dir = dir.join("out");
+    let (ok, out, err) = ferrovit(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("epoch   1/1") && out.contains("dim 32 depth 1"),
+        "{out}"
+    );
+    let resolved = std::fs::read_to_string(out_dir.join("config.toml")).unwrap();
+    for line in ["epochs = 1", "batch_size = 128", "label_smoothing = 0.1"] {
+        assert!(resolved.contains(line), "{line}: {resolved}");
+    }
+    std::fs::write(&cfg, "epochs = 2\nbatch_sise = 8\n").unwrap();
+    let (ok, _, err) = ferrovit(&["train", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("run.toml") && err.contains("batch_sise"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn bench_reports_images_per_second() {
     let (ok, out, err) = ferrovit(&[
         "bench",
-        "--dim",
-        "32",
-        "--depth",
-        "1",
+        "--preset",
+        "vit_lite_depth7_patch4_32",
         "--batch-size",
-        "4",
+        "2",
         "--steps",
         "1",
+        "--warmup",
+        "0",
     ]);
     assert!(ok, "{err}");
     assert!(out.contains("images/s"), "{out}");
 }
 
+/// A CIFAR-style directory with the given train file bytes and a valid test file.
+fn cifar_dir(name: &str, train: Vec<u8>) -> PathBuf {
+    let dir = temp(name);
+    std::fs::write(dir.join("batches.meta.txt"), "a\nb\n").unwrap();
+    std::fs::write(dir.join("data_batch_1.bin"), train).unwrap();
+    std::fs::write(dir.join("test_batch.bin"), vec![1u8; 3073]).unwrap();
+    dir
+}
+
 #[test]
 fn bad_inputs_fail_with_one_clear_message() {
-    let dir = std::env::temp_dir().join(format!("ferrovit-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("batches.meta.txt"), "a\nb\n").unwrap();
-    std::fs::write(dir.join("data_batch_1.bin"), vec![0u8; 3073 + 5]).unwrap();
-    let dir_s = dir.to_str().unwrap();
+    let truncated = cifar_dir("truncated", vec![0u8; 3073 * 2 - 100]);
+    let oversized = cifar_dir("oversized", vec![0u8; 3073 * 2 + 5]);
+    let mut bad_label = vec![0u8; 3073 * 3];
+    bad_label[2 * 3073] = 7;
+    let bad_label = cifar_dir("label", bad_label);
+    let images = temp("bad-image");
+    std::fs::create_dir_all(images.join("train/cat")).unwrap();
+    std::fs::create_dir_all(images.join("test/cat")).unwrap();
+    std::fs::write(images.join("train/cat/broken.png"), b"not a png at all").unwrap();
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    let (t, o, l, i) = (
+        path(&truncated),
+        path(&oversized),
+        path(&bad_label),
+        path(&images),
+    );
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec!["train", "--data", "/nonexistent/cifar"],
-            "/nonexistent/cifar",
+            "/nonexistent/cifar: data directory does not exist",
+        ),
+        (vec!["train", "--data", &t], "data_batch_1.bin: size 6046"),
+        (vec!["train", "--data", &o], "data_batch_1.bin: size 6151"),
+        (
+            vec!["train", "--data", &l],
+            "data_batch_1.bin: record 2: label 7 is out of range for 2 classes",
+        ),
+        (
+            vec!["train", "--data", &i],
+            "broken.png: cannot decode image",
         ),
         (
             vec!["train", "--preset", "vit_giant"],
             "unknown preset `vit_giant`",
         ),
-        (vec!["train", "--batch-size", "0"], "--batch-size"),
+        (vec!["train", "--batch-size", "0"], "batch_size = 0"),
+        (vec!["train", "--epochs", "0"], "epochs = 0"),
         (vec!["train", "--heads", "3"], "not divisible by heads 3"),
-        (vec!["train", "--data", dir_s], "data_batch_1.bin"),
-        (vec!["bench", "--threads", "0"], "--threads"),
+        (vec!["train", "--threads", "0"], "threads = 0"),
+        (
+            vec!["train", "--label-smoothing", "1.5"],
+            "label_smoothing = 1.5",
+        ),
         (vec!["train", "--augment", "mixup"], "mixup"),
+        (
+            vec!["train", "--config", "/nonexistent/run.toml"],
+            "/nonexistent/run.toml",
+        ),
     ];
     for (args, want) in cases {
         let (ok, out, err) = ferrovit(&args);
         assert!(!ok, "{args:?} should fail");
         assert!(
-            err.starts_with("error: ") && err.contains(want),
+            err.starts_with("error: ") && err.contains(want) && err.lines().count() == 1,
             "{args:?}: {err}"
         );
         assert!(!out.contains("epoch"), "{args:?} printed results: {out}");
     }
-    std::fs::remove_dir_all(&dir).unwrap();
+    for d in [truncated, oversized, bad_label, images] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
 }

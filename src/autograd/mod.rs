@@ -90,9 +90,36 @@ struct Node {
     op: Op,
 }
 
+/// The parameters a graph reads and accumulates gradients into: borrowed for one
+/// scoped computation, or owned while an [`Engine`](crate::engine::Engine) holds a
+/// graph between its `forward` and `backward` calls.
+enum Store<'a> {
+    Borrowed(&'a mut ParamStore),
+    Owned(ParamStore),
+}
+
+impl std::ops::Deref for Store<'_> {
+    type Target = ParamStore;
+    fn deref(&self) -> &ParamStore {
+        match self {
+            Store::Borrowed(s) => s,
+            Store::Owned(s) => s,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Store<'_> {
+    fn deref_mut(&mut self) -> &mut ParamStore {
+        match self {
+            Store::Borrowed(s) => s,
+            Store::Owned(s) => s,
+        }
+    }
+}
+
 /// One forward computation, recorded for its backward pass.
 pub struct Graph<'a> {
-    store: &'a mut ParamStore,
+    store: Store<'a>,
     nodes: Vec<Node>,
     param_vars: Vec<Option<Var>>,
     backend: &'static dyn Backend,
@@ -101,6 +128,10 @@ pub struct Graph<'a> {
 
 impl<'a> Graph<'a> {
     pub fn new(store: &'a mut ParamStore) -> Self {
+        Graph::with_store(Store::Borrowed(store))
+    }
+
+    fn with_store(store: Store<'a>) -> Self {
         let n = store.len();
         let device = store
             .iter()
@@ -116,7 +147,20 @@ impl<'a> Graph<'a> {
     }
 
     pub fn store(&self) -> &ParamStore {
-        self.store
+        &self.store
+    }
+
+    /// A graph that owns the parameters until [`Graph::into_store`] gives them back.
+    pub fn owning(store: ParamStore) -> Graph<'static> {
+        Graph::with_store(Store::Owned(store))
+    }
+
+    /// The parameters of a graph made by [`Graph::owning`] (`None` for a borrowing one).
+    pub fn into_store(self) -> Option<ParamStore> {
+        match self.store {
+            Store::Owned(s) => Some(s),
+            Store::Borrowed(_) => None,
+        }
     }
 
     fn push(&mut self, value: Tensor, needs_grad: bool, op: Op) -> Var {

@@ -1,19 +1,17 @@
 //! The `ferrovit` command line.
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use ferrovit::backend::cpu;
-use ferrovit::data::{default_data_dir, Augment, Dataset, Loader, Sampler};
-use ferrovit::engine::{BatchStats, Engine, TrainConfig};
-use ferrovit::metrics::ConfusionMatrix;
+use ferrovit::data::cifar10;
+use ferrovit::engine::{Engine, TrainConfig};
 use ferrovit::nn::PRESETS;
-use ferrovit::optim::LrSchedule;
+use ferrovit::recipe::{self, TrainOptions};
 use ferrovit::rng::Rng;
+use ferrovit::trainer::init_stdout;
 use ferrovit::{Error, Result, Tensor, VitConfig};
-use indicatif::{ProgressBar, ProgressStyle};
-use std::io::Write;
+use serde::Serialize;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Parser)]
@@ -31,115 +29,119 @@ struct Cli {
 enum Command {
     /// Train a ViT (default: a small ViT on the embedded digits data)
     Train(TrainArgs),
+    /// Get a data set (the real CIFAR-10)
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Time training steps of a model on random data (images/s)
     Bench(BenchArgs),
     /// List the model presets and their parameter counts
     Presets,
 }
 
-#[derive(Args)]
-struct ModelArgs {
-    /// Model preset (see `ferrovit presets`); overrides the dimension flags
+/// Flags of `ferrovit train`. Each one left out keeps the value from `--config` (or
+/// the default shown); field names are the config file's keys.
+#[derive(Args, Serialize)]
+struct TrainArgs {
+    /// TOML file with any of these options (keys as the flags, `_` for `-`); flags
+    /// given on the command line override it
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Model preset (see `ferrovit presets`); --dim/--depth/--heads/--mlp-dim/--patch-size override its values
     #[arg(long)]
     preset: Option<String>,
-    /// Embedding width
-    #[arg(long, default_value_t = 128)]
-    dim: usize,
-    /// Number of transformer blocks
-    #[arg(long, default_value_t = 4)]
-    depth: usize,
-    /// Attention heads (must divide --dim)
-    #[arg(long, default_value_t = 4)]
-    heads: usize,
-    /// MLP hidden width
-    #[arg(long, default_value_t = 256)]
-    mlp_dim: usize,
-    /// Dropout probability
-    #[arg(long, default_value_t = 0.1)]
-    dropout: f32,
-    /// CPU threads (default: one per core)
+    /// Embedding width [default: 128 without a preset]
+    #[arg(long)]
+    dim: Option<usize>,
+    /// Transformer blocks [default: 4 without a preset]
+    #[arg(long)]
+    depth: Option<usize>,
+    /// Attention heads, must divide --dim [default: 4 without a preset]
+    #[arg(long)]
+    heads: Option<usize>,
+    /// MLP hidden width [default: 256 without a preset]
+    #[arg(long)]
+    mlp_dim: Option<usize>,
+    /// Patch side in pixels, must divide 32 [default: 4]
+    #[arg(long)]
+    patch_size: Option<usize>,
+    /// Dropout probability [default: 0.1]
+    #[arg(long)]
+    dropout: Option<f32>,
+    /// Data directory: CIFAR-10 binary files or an image folder (train/<class>/*.png,
+    /// test/<class>/…) [default: the embedded digits data]
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Passes over the training set [default: 20]
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Images per step [default: 64]
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Peak learning rate of AdamW [default: 0.002]
+    #[arg(long)]
+    lr: Option<f32>,
+    /// Linear warm-up in epochs (fractions allowed), then cosine decay to 0 [default: 1]
+    #[arg(long)]
+    warmup: Option<f32>,
+    /// AdamW decoupled weight decay [default: 0.05]
+    #[arg(long)]
+    weight_decay: Option<f32>,
+    /// Label smoothing of the training loss, in [0, 1] [default: 0]
+    #[arg(long)]
+    label_smoothing: Option<f32>,
+    /// Training augmentation, a comma-separated list of: crop (random crop of the image
+    /// zero-padded by 4), flip (random horizontal flip), autoaugment (the CIFAR-10
+    /// AutoAugment policy); or none. Digits are not mirror-symmetric, hence no flip by
+    /// default [default: none]
+    #[arg(long)]
+    augment: Option<String>,
+    /// Seed of initialisation, data order, augmentation and dropout [default: 0]
+    #[arg(long)]
+    seed: Option<u64>,
+    /// CPU compute threads [default: one per core]
     #[arg(long)]
     threads: Option<usize>,
+    /// Data-loader worker threads [default: 2]
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Test every N epochs and after the last [default: 1]
+    #[arg(long)]
+    test_interval: Option<usize>,
+    /// Output directory: metrics.jsonl (per-epoch metrics), metrics.png (curves),
+    /// config.toml (the resolved options) [default: out]
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
-impl ModelArgs {
-    fn config(&self, num_classes: usize) -> Result<VitConfig> {
-        let mut cfg = match &self.preset {
-            Some(p) => VitConfig::preset(p)?,
-            None => VitConfig {
-                dim: self.dim,
-                depth: self.depth,
-                heads: self.heads,
-                mlp_dim: self.mlp_dim,
-                ..VitConfig::preset(PRESETS[0])?
-            },
-        };
-        cfg.num_classes = num_classes;
-        cfg.dropout = self.dropout;
-        cfg.validate()?;
-        Ok(cfg)
-    }
-
-    fn apply_threads(&self) -> Result<()> {
-        if let Some(n) = self.threads {
-            if n == 0 {
-                return Err(Error::Config("--threads must be at least 1".into()));
-            }
-            cpu::set_num_threads(n)?;
-        }
-        Ok(())
-    }
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Download (or extract an already-downloaded archive of) CIFAR-10, binary version
+    #[command(group = clap::ArgGroup::new("source").required(true))]
+    Cifar10(Cifar10Args),
 }
 
 #[derive(Args)]
-struct TrainArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// Directory with CIFAR-10 binary files (default: the embedded digits data)
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Passes over the training set
-    #[arg(long, default_value_t = 20)]
-    epochs: usize,
-    /// Images per step
-    #[arg(long, default_value_t = 64)]
-    batch_size: usize,
-    /// Peak learning rate (AdamW)
-    #[arg(long, default_value_t = 2e-3)]
-    lr: f32,
-    /// Linear warm-up length in epochs, before cosine decay
-    #[arg(long, default_value_t = 1)]
-    warmup: usize,
-    /// AdamW decoupled weight decay
-    #[arg(long, default_value_t = 0.05)]
-    weight_decay: f32,
-    /// Label smoothing of the cross-entropy loss, in [0, 1]
-    #[arg(long, default_value_t = 0.0)]
-    label_smoothing: f32,
-    /// Seed of initialisation, data order and dropout
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Training augmentation: `crop` is a random crop of the image zero-padded by 4,
-    /// `crop-flip` adds random horizontal flips (off by default: digits are not
-    /// mirror-symmetric)
-    #[arg(long, value_enum, default_value_t = AugmentArg::None)]
-    augment: AugmentArg,
-    /// Output directory (per-epoch metrics as JSON lines in metrics.jsonl)
-    #[arg(long, default_value = "out")]
-    out: PathBuf,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum AugmentArg {
-    None,
-    Crop,
-    CropFlip,
+struct Cifar10Args {
+    /// Download the archive into DIR and extract it there
+    #[arg(long, value_name = "DIR", group = "source")]
+    download: Option<PathBuf>,
+    /// Extract this cifar-10-binary.tar.gz (already downloaded) into --dir
+    #[arg(long, value_name = "FILE", group = "source")]
+    archive: Option<PathBuf>,
+    /// Where --archive extracts to
+    #[arg(long, value_name = "DIR", default_value = "data/cifar10")]
+    dir: PathBuf,
+    /// Where --download fetches from
+    #[arg(long, default_value = cifar10::URL)]
+    url: String,
 }
 
 #[derive(Args)]
 struct BenchArgs {
-    #[command(flatten)]
-    model: ModelArgs,
+    /// Model preset (see `ferrovit presets`)
+    #[arg(long, default_value = "vit_lite_depth7_patch4_32")]
+    preset: String,
     /// Images per step
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
@@ -149,12 +151,17 @@ struct BenchArgs {
     /// Untimed steps first
     #[arg(long, default_value_t = 1)]
     warmup: usize,
+    /// CPU threads [default: one per core]
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_stdout();
     let result = match cli.command {
         Command::Train(a) => train(a),
+        Command::Data(DataCommand::Cifar10(a)) => data_cifar10(a),
         Command::Bench(a) => bench(a),
         Command::Presets => presets(),
     };
@@ -187,178 +194,68 @@ fn presets() -> Result<()> {
 }
 
 fn train(a: TrainArgs) -> Result<()> {
-    a.model.apply_threads()?;
-    if a.batch_size == 0 || a.epochs == 0 {
-        return Err(Error::Config(
-            "--batch-size and --epochs must be at least 1".into(),
-        ));
-    }
-    let dir = a.data.clone().unwrap_or_else(default_data_dir);
-    let (train, test) = Dataset::cifar_dir(&dir)?;
-    let cfg = a.model.config(train.classes.len())?;
-    let steps_per_epoch = train.len().div_ceil(a.batch_size) as u64;
-    let schedule = LrSchedule::WarmupCosine {
-        warmup: a.warmup as u64 * steps_per_epoch,
-        total: a.epochs as u64 * steps_per_epoch,
-        min_lr: 0.0,
+    let base = match &a.config {
+        Some(path) => TrainOptions::from_toml_file(path)?,
+        None => TrainOptions::default(),
     };
-    let tc = TrainConfig {
-        lr: a.lr,
-        weight_decay: a.weight_decay,
-        schedule,
-        label_smoothing: a.label_smoothing,
-        seed: a.seed,
-        ..TrainConfig::default()
-    };
-    let mut engine = Engine::new(&cfg, tc)?;
-    println!(
-        "data {} ({} train / {} test images, {} classes); model dim {} depth {} heads {} mlp {} ({} params); {} threads",
-        dir.display(),
-        train.len(),
-        test.len(),
-        train.classes.len(),
-        cfg.dim,
-        cfg.depth,
-        cfg.heads,
-        cfg.mlp_dim,
-        cfg.num_params(),
-        cpu::num_threads()
-    );
-    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
-    let metrics_path = a.out.join("metrics.jsonl");
-    let mut metrics =
-        std::fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
-    let mut last_confusion = None;
-    let start = Instant::now();
-    let train_len = train.len();
-    let mut loader = Loader::new(
-        Arc::new(train),
-        Sampler::new(train_len, true, a.seed),
-        a.batch_size,
-    )?;
-    loader.augment = match a.augment {
-        AugmentArg::None => Augment::default(),
-        AugmentArg::Crop => Augment {
-            crop_padding: 4,
-            flip: false,
-            auto_augment: false,
-        },
-        AugmentArg::CropFlip => Augment {
-            crop_padding: 4,
-            flip: true,
-            auto_augment: false,
-        },
-    };
-    for epoch in 0..a.epochs {
-        let t0 = Instant::now();
-        let mut tot = Totals::default();
-        // Drawn on stderr only when it is a terminal (hidden in tests and CI logs).
-        let bar = ProgressBar::new(loader.batches_per_epoch() as u64).with_style(bar_style());
-        bar.set_prefix(format!("epoch {}/{}", epoch + 1, a.epochs));
-        for batch in loader.epoch(epoch as u64) {
-            let b = batch?;
-            tot.add(engine.train_step(b.images, &b.labels, &b.samples)?);
-            let rate = tot.count as f64 / t0.elapsed().as_secs_f64();
-            bar.set_message(format!(
-                "loss {:.4} acc {:5.1}% {rate:.0} img/s",
-                tot.loss(),
-                tot.acc()
-            ));
-            bar.inc(1);
-        }
-        bar.finish_and_clear();
-        let secs = t0.elapsed().as_secs_f64();
-        let (te, confusion) = evaluate(&mut engine, &test, a.batch_size)?;
-        last_confusion = Some(confusion);
-        println!(
-            "epoch {:>3}/{}  train loss {:.4} acc {:5.1}%  test loss {:.4} acc {:5.1}%  lr {:.2e}  {:.0} img/s",
-            epoch + 1,
-            a.epochs,
-            tot.loss(),
-            tot.acc(),
-            te.loss(),
-            te.acc(),
-            engine.lr(),
-            train_len as f64 / secs
-        );
-        let line = format!(
-            "{{\"epoch\":{},\"train_loss\":{:.6},\"train_acc\":{:.6},\"test_loss\":{:.6},\"test_acc\":{:.6},\"lr\":{:e},\"images_per_s\":{:.1}}}\n",
-            epoch + 1,
-            tot.loss(),
-            tot.acc() / 100.0,
-            te.loss(),
-            te.acc() / 100.0,
-            engine.lr(),
-            train_len as f64 / secs
-        );
-        metrics
-            .write_all(line.as_bytes())
-            .map_err(|e| Error::io(&metrics_path, e))?;
-    }
-    if let Some(c) = last_confusion {
+    let opts = TrainOptions::merged(&base, &a)?;
+    let summary = recipe::train(&opts)?;
+    if let (Some(acc), Some(c)) = (summary.final_test_accuracy, &summary.confusion) {
         println!(
             "final test accuracy {:.2}% ({} images)",
-            100.0 * c.accuracy(),
+            100.0 * acc,
             c.total()
         );
         println!(
-            "confusion matrix (classes: {}):\n{c}",
-            test.classes.join(", ")
+            "confusion matrix (rows: true class, columns: predicted; classes: {}):\n{c}",
+            summary.classes.join(", ")
         );
     }
-    println!("metrics: {}", metrics_path.display());
-    println!("done in {:.1} s", start.elapsed().as_secs_f64());
+    println!(
+        "metrics: {}  plot: {}",
+        summary.metrics_path.display(),
+        summary.plot_path.display()
+    );
+    println!("done in {:.1} s", summary.seconds);
     Ok(())
 }
 
-fn bar_style() -> ProgressStyle {
-    ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ")
-}
-
-#[derive(Default)]
-struct Totals {
-    loss: f64,
-    correct: usize,
-    count: usize,
-}
-
-impl Totals {
-    fn add(&mut self, s: BatchStats) {
-        self.loss += s.loss as f64 * s.count as f64;
-        self.correct += s.correct;
-        self.count += s.count;
-    }
-    fn loss(&self) -> f64 {
-        self.loss / self.count.max(1) as f64
-    }
-    fn acc(&self) -> f64 {
-        100.0 * self.correct as f64 / self.count.max(1) as f64
-    }
-}
-
-fn evaluate(engine: &mut Engine, ds: &Dataset, batch: usize) -> Result<(Totals, ConfusionMatrix)> {
-    let mut tot = Totals::default();
-    let mut confusion = ConfusionMatrix::new(ds.classes.len());
-    let idx: Vec<usize> = (0..ds.len()).collect();
-    for chunk in idx.chunks(batch) {
-        let (images, labels) = ds.batch(chunk, None)?;
-        let (stats, predictions) = engine.eval_batch(images, &labels)?;
-        tot.add(stats);
-        confusion.add(&labels, &predictions);
-    }
-    Ok((tot, confusion))
+fn data_cifar10(a: Cifar10Args) -> Result<()> {
+    let (dir, train, test) = match (&a.download, &a.archive) {
+        (Some(dir), _) => {
+            println!("downloading {} into {}", a.url, dir.display());
+            let (archive, train, test) = cifar10::download(&a.url, dir)?;
+            println!("downloaded {}", archive.display());
+            (dir.clone(), train, test)
+        }
+        (None, Some(archive)) => {
+            let (train, test) = cifar10::extract(archive, &a.dir)?;
+            (a.dir.clone(), train, test)
+        }
+        (None, None) => {
+            return Err(Error::Config(
+                "give --download DIR or --archive FILE".into(),
+            ))
+        }
+    };
+    println!(
+        "CIFAR-10 ready in {}: {train} train / {test} test images\ntrain with: ferrovit train --data {} --preset vit_lite_depth7_patch4_32 --augment crop,flip,autoaugment",
+        dir.display(),
+        dir.display()
+    );
+    Ok(())
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
-    a.model.apply_threads()?;
+    if let Some(n) = a.threads {
+        cpu::set_num_threads(n)?;
+    }
     if a.batch_size == 0 || a.steps == 0 {
         return Err(Error::Config(
             "--batch-size and --steps must be at least 1".into(),
         ));
     }
-    let cfg = a.model.config(10)?;
+    let cfg = VitConfig::preset(&a.preset)?;
     let mut engine = Engine::new(&cfg, TrainConfig::default())?;
     let mut rng = Rng::new(1);
     let b = a.batch_size;

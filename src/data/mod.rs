@@ -1,7 +1,10 @@
-//! Data sets. The CIFAR-10 binary format reader (the embedded default data set,
-//! `data/digits`, uses the same format), and the sampler and loader.
+//! Data sets: the CIFAR-10 binary format (the embedded default data set,
+//! `data/digits`, uses the same format) and image folders; the download/extract path
+//! for the real CIFAR-10; transforms; the sampler and loader.
 
 pub mod autoaugment;
+pub mod cifar10;
+pub mod folder;
 mod loader;
 pub mod transforms;
 
@@ -114,6 +117,27 @@ impl Dataset {
         let train = Dataset::read_cifar(&train, classes.clone())?;
         let test = Dataset::read_cifar(&[dir.join("test_batch.bin")], classes)?;
         Ok((train, test))
+    }
+
+    /// The train and test splits of a data directory: CIFAR-10 binary files when it
+    /// has `batches.meta.txt`, otherwise an image folder with `train/` and `test/`.
+    pub fn open(dir: &Path) -> Result<(Dataset, Dataset)> {
+        if !dir.is_dir() {
+            return Err(Error::Format {
+                path: dir.to_path_buf(),
+                msg: "data directory does not exist (or is not a directory)".into(),
+            });
+        }
+        if dir.join("batches.meta.txt").is_file() {
+            Dataset::cifar_dir(dir)
+        } else if dir.join("train").is_dir() {
+            folder::read_image_folder(dir)
+        } else {
+            Err(Error::Format {
+                path: dir.to_path_buf(),
+                msg: "neither CIFAR-10 binary data (no batches.meta.txt) nor an image folder (no train/ sub-folder)".into(),
+            })
+        }
     }
 
     /// Normalised f32 images `[b, 3, 32, 32]` and labels for the given indices, each

@@ -1,0 +1,299 @@
+//! The standard hooks. Metric hooks keep their metric current in `State::metrics`
+//! after every batch, so hooks that read metrics (logging, plots, progress bars) do
+//! not depend on the order hooks were added in.
+
+use super::{plot_metrics, Hook, State, StepOutput};
+use crate::error::{Error, Result};
+use crate::metrics::ConfusionMatrix;
+use crate::optim::LrSchedule;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::Write;
+use std::path::PathBuf;
+
+/// A running mean weighted by batch size.
+#[derive(Clone, Copy, Debug, Default)]
+struct Mean {
+    sum: f64,
+    count: usize,
+}
+
+impl Mean {
+    fn add(&mut self, value: f64, count: usize) -> f64 {
+        self.sum += value * count as f64;
+        self.count += count;
+        self.sum / self.count.max(1) as f64
+    }
+}
+
+/// Mean loss per image: `train_loss` over the epoch, `test_loss` over each test.
+#[derive(Debug, Default)]
+pub struct LossHook {
+    train: Mean,
+    test: Mean,
+}
+
+impl Hook for LossHook {
+    fn before_epoch(&mut self, _: &mut State) -> Result<()> {
+        self.train = Mean::default();
+        Ok(())
+    }
+    fn after_iter(&mut self, s: &mut State, out: &StepOutput) -> Result<()> {
+        let v = self.train.add(out.loss as f64, out.labels.len());
+        s.metrics.insert("train_loss".into(), v);
+        Ok(())
+    }
+    fn before_test(&mut self, _: &mut State) -> Result<()> {
+        self.test = Mean::default();
+        Ok(())
+    }
+    fn after_test_iter(&mut self, s: &mut State, out: &StepOutput) -> Result<()> {
+        let v = self.test.add(out.loss as f64, out.labels.len());
+        s.metrics.insert("test_loss".into(), v);
+        Ok(())
+    }
+}
+
+/// Top-1 accuracy as a fraction: `train_acc` and `test_acc`; keeps the confusion
+/// matrix of the last test.
+#[derive(Debug, Default)]
+pub struct AccuracyHook {
+    train: Mean,
+    /// The confusion matrix of the most recent test.
+    pub confusion: Option<ConfusionMatrix>,
+}
+
+fn correct(out: &StepOutput) -> usize {
+    out.predictions
+        .iter()
+        .zip(out.labels)
+        .filter(|(p, y)| p == y)
+        .count()
+}
+
+impl Hook for AccuracyHook {
+    fn before_epoch(&mut self, _: &mut State) -> Result<()> {
+        self.train = Mean::default();
+        Ok(())
+    }
+    fn after_iter(&mut self, s: &mut State, out: &StepOutput) -> Result<()> {
+        let n = out.labels.len().max(1);
+        let v = self
+            .train
+            .add(correct(out) as f64 / n as f64, out.labels.len());
+        s.metrics.insert("train_acc".into(), v);
+        Ok(())
+    }
+    fn before_test(&mut self, _: &mut State) -> Result<()> {
+        self.confusion = None;
+        Ok(())
+    }
+    fn after_test_iter(&mut self, s: &mut State, out: &StepOutput) -> Result<()> {
+        let classes = out.logits.shape().last();
+        let c = self
+            .confusion
+            .get_or_insert_with(|| ConfusionMatrix::new(classes));
+        c.add(out.labels, out.predictions);
+        s.metrics.insert("test_acc".into(), c.accuracy());
+        Ok(())
+    }
+}
+
+/// Sets the engine's learning rate from a schedule, per epoch or per step, and records
+/// it as `lr`. The schedule scales the engine's base rate (`TrainConfig::lr`); steps
+/// are counted as the engine's update count, so a resumed run continues the schedule.
+#[derive(Clone, Debug)]
+pub struct LrSchedulerHook {
+    pub schedule: LrSchedule,
+    pub by_epoch: bool,
+}
+
+impl LrSchedulerHook {
+    fn set(&self, s: &mut State, at: u64) {
+        let lr = self.schedule.lr(s.engine.config.lr, at);
+        s.engine.set_lr(lr);
+        s.metrics.insert("lr".into(), lr as f64);
+    }
+}
+
+impl Hook for LrSchedulerHook {
+    fn before_epoch(&mut self, s: &mut State) -> Result<()> {
+        if self.by_epoch {
+            self.set(s, s.epoch as u64);
+        }
+        Ok(())
+    }
+    fn before_iter(&mut self, s: &mut State) -> Result<()> {
+        if !self.by_epoch {
+            self.set(s, s.engine.step_count());
+        }
+        Ok(())
+    }
+}
+
+/// Training images per second over the epoch's wall time (data loading included) as
+/// `images_per_s`, and the mean time of the train step (forward, backward, update)
+/// over the run so far as `step_s`.
+#[derive(Debug, Default)]
+pub struct ThroughputHook {
+    images: usize,
+}
+
+impl Hook for ThroughputHook {
+    fn before_epoch(&mut self, _: &mut State) -> Result<()> {
+        *self = ThroughputHook::default();
+        Ok(())
+    }
+    fn after_iter(&mut self, s: &mut State, out: &StepOutput) -> Result<()> {
+        self.images += out.labels.len();
+        let wall = s.timers.elapsed("train-epoch").max(1e-9);
+        s.metrics
+            .insert("images_per_s".into(), self.images as f64 / wall);
+        Ok(())
+    }
+    fn after_epoch(&mut self, s: &mut State) -> Result<()> {
+        s.metrics
+            .insert("step_s".into(), s.timers.mean("train-step"));
+        Ok(())
+    }
+}
+
+/// At the end of each epoch, logs its metrics in one line and (on rank 0) appends
+/// them as a JSON object to a JSON-lines file.
+#[derive(Debug, Default)]
+pub struct LogMetricByEpochHook {
+    jsonl: Option<(PathBuf, std::fs::File)>,
+}
+
+impl LogMetricByEpochHook {
+    /// Logs only.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Logs and writes `path` (created or truncated now).
+    pub fn with_jsonl(path: impl Into<PathBuf>) -> Result<Self> {
+        let path = path.into();
+        let f = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(LogMetricByEpochHook {
+            jsonl: Some((path, f)),
+        })
+    }
+}
+
+/// `epoch   3/20  train_loss 0.4123  train_acc 87.12%  …`
+fn human_line(s: &State) -> String {
+    const FIRST: [&str; 6] = [
+        "train_loss",
+        "train_acc",
+        "test_loss",
+        "test_acc",
+        "lr",
+        "images_per_s",
+    ];
+    let mut line = format!("epoch {:>3}/{}", s.epoch + 1, s.epochs);
+    let known = FIRST.iter().filter_map(|k| Some((*k, *s.metrics.get(*k)?)));
+    let rest = s
+        .metrics
+        .iter()
+        .filter(|(k, _)| !FIRST.contains(&k.as_str()))
+        .map(|(k, v)| (k.as_str(), *v));
+    for (k, v) in known.chain(rest) {
+        match k {
+            "epoch" => {}
+            k if k.ends_with("_acc") => line += &format!("  {k} {:6.2}%", 100.0 * v),
+            "lr" => line += &format!("  lr {v:.3e}"),
+            "images_per_s" => line += &format!("  images_per_s {v:.0}"),
+            _ => line += &format!("  {k} {v:.4}"),
+        }
+    }
+    line
+}
+
+impl Hook for LogMetricByEpochHook {
+    fn after_epoch(&mut self, s: &mut State) -> Result<()> {
+        s.logger.info(human_line(s));
+        if let Some((path, f)) = self.jsonl.as_mut().filter(|_| s.logger.rank == 0) {
+            let mut obj = serde_json::Map::new();
+            for (k, v) in &s.metrics {
+                let value = if k == "epoch" {
+                    serde_json::Value::from(*v as u64)
+                } else {
+                    serde_json::Value::from(*v)
+                };
+                obj.insert(k.clone(), value);
+            }
+            let mut line = serde_json::Value::Object(obj).to_string();
+            line.push('\n');
+            f.write_all(line.as_bytes())
+                .and_then(|_| f.flush())
+                .map_err(|e| Error::io(path.as_path(), e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Redraws the training-curve PNG after every epoch (rank 0).
+#[derive(Debug)]
+pub struct PlotHook {
+    pub path: PathBuf,
+}
+
+impl Hook for PlotHook {
+    fn after_epoch(&mut self, s: &mut State) -> Result<()> {
+        if s.logger.rank == 0 {
+            plot_metrics(&s.history, &self.path)?;
+        }
+        Ok(())
+    }
+}
+
+/// A progress bar per training epoch with loss, accuracy, images/s and ETA, drawn on
+/// stderr when it is a terminal (hidden otherwise, e.g. in CI logs), on rank 0.
+#[derive(Debug, Default)]
+pub struct ProgressHook {
+    bar: Option<ProgressBar>,
+}
+
+impl ProgressHook {
+    fn clear(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl Hook for ProgressHook {
+    fn before_epoch(&mut self, s: &mut State) -> Result<()> {
+        if s.logger.rank != 0 {
+            return Ok(());
+        }
+        let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+        let bar = ProgressBar::new(s.iters_per_epoch as u64).with_style(style);
+        bar.set_prefix(format!("epoch {}/{}", s.epoch + 1, s.epochs));
+        self.bar = Some(bar);
+        Ok(())
+    }
+    fn after_iter(&mut self, s: &mut State, _: &StepOutput) -> Result<()> {
+        if let Some(bar) = &self.bar {
+            let m = |k: &str| s.metrics.get(k).copied().unwrap_or(f64::NAN);
+            bar.set_message(format!(
+                "loss {:.4} acc {:5.1}% {:.0} img/s",
+                m("train_loss"),
+                100.0 * m("train_acc"),
+                m("images_per_s")
+            ));
+            bar.inc(1);
+        }
+        Ok(())
+    }
+    fn before_test(&mut self, _: &mut State) -> Result<()> {
+        self.clear();
+        Ok(())
+    }
+    fn after_epoch(&mut self, _: &mut State) -> Result<()> {
+        self.clear();
+        Ok(())
+    }
+}

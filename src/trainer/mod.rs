@@ -1,0 +1,246 @@
+//! The trainer: `fit` runs epochs of training (and periodic testing) over an
+//! [`Engine`], calling [`Hook`]s before and after training, each epoch, each iteration
+//! and each test. Metrics, LR scheduling, throughput, logging, plots and progress bars
+//! are all hooks, as in Colossal-AI's trainer.
+//!
+//! Hook call order in `fit`:
+//! `before_train`, then per epoch `before_epoch`, per batch `before_iter` and
+//! `after_iter`, then (every `test_interval` epochs and after the last)
+//! `before_test`, `after_test_iter` per batch, `after_test`, and finally `after_epoch`;
+//! `after_train` at the end. Hooks run in the order they were added.
+
+mod hooks;
+mod logger;
+mod plot;
+mod timer;
+
+pub use hooks::{
+    AccuracyHook, LogMetricByEpochHook, LossHook, LrSchedulerHook, PlotHook, ProgressHook,
+    ThroughputHook,
+};
+pub use logger::{init_stdout, Logger};
+pub use plot::plot_metrics;
+pub use timer::Timers;
+
+use crate::data::Loader;
+use crate::engine::{argmax_rows, Engine};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+use std::any::Any;
+use std::collections::BTreeMap;
+
+/// Metric name → value for the current epoch (`epoch`, `train_loss`, `train_acc`,
+/// `test_loss`, `test_acc`, `lr`, `images_per_s`, … as the hooks write them).
+pub type Metrics = BTreeMap<String, f64>;
+
+/// Everything hooks may read or change during `fit`.
+pub struct State<'e> {
+    pub engine: &'e mut Engine,
+    /// Current epoch (0-based) and the number of epochs of this `fit`.
+    pub epoch: usize,
+    pub epochs: usize,
+    /// Batch index within the epoch, and batches per epoch.
+    pub iter: usize,
+    pub iters_per_epoch: usize,
+    /// This epoch's metrics, kept current by the metric hooks after every batch.
+    pub metrics: Metrics,
+    /// The metrics of every finished epoch (the current one is pushed before
+    /// `after_epoch`).
+    pub history: Vec<Metrics>,
+    pub timers: Timers,
+    pub logger: Logger,
+}
+
+/// One batch's result, passed to `after_iter` and `after_test_iter`.
+pub struct StepOutput<'a> {
+    pub loss: f32,
+    pub logits: &'a Tensor,
+    pub labels: &'a [usize],
+    pub predictions: &'a [usize],
+}
+
+/// A callback of the training loop. Every method defaults to doing nothing; an error
+/// stops `fit` and is returned from it.
+#[allow(unused_variables)]
+pub trait Hook: Any {
+    fn before_train(&mut self, s: &mut State) -> Result<()> {
+        Ok(())
+    }
+    fn after_train(&mut self, s: &mut State) -> Result<()> {
+        Ok(())
+    }
+    fn before_epoch(&mut self, s: &mut State) -> Result<()> {
+        Ok(())
+    }
+    fn after_epoch(&mut self, s: &mut State) -> Result<()> {
+        Ok(())
+    }
+    fn before_iter(&mut self, s: &mut State) -> Result<()> {
+        Ok(())
+    }
+    fn after_iter(&mut self, s: &mut State, out: &StepOutput) -> Result<()> {
+        Ok(())
+    }
+    fn before_test(&mut self, s: &mut State) -> Result<()> {
+        Ok(())
+    }
+    fn after_test_iter(&mut self, s: &mut State, out: &StepOutput) -> Result<()> {
+        Ok(())
+    }
+    fn after_test(&mut self, s: &mut State) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs training with hooks over an engine it owns.
+pub struct Trainer {
+    pub engine: Engine,
+    pub logger: Logger,
+    hooks: Vec<Box<dyn Hook>>,
+    history: Vec<Metrics>,
+    timers: Timers,
+}
+
+/// Calls one hook method on every hook, in order.
+macro_rules! call {
+    ($hooks:expr, $method:ident($($arg:expr),*)) => {
+        for h in $hooks.iter_mut() {
+            h.$method($($arg),*)?;
+        }
+    };
+}
+
+impl Trainer {
+    pub fn new(engine: Engine, logger: Logger) -> Trainer {
+        Trainer {
+            engine,
+            logger,
+            hooks: Vec::new(),
+            history: Vec::new(),
+            timers: Timers::default(),
+        }
+    }
+
+    pub fn add_hook(&mut self, hook: impl Hook) -> &mut Self {
+        self.hooks.push(Box::new(hook));
+        self
+    }
+
+    /// The first added hook of type `H` (to read what it collected after `fit`).
+    pub fn hook<H: Hook>(&self) -> Option<&H> {
+        self.hooks
+            .iter()
+            .find_map(|h| (h.as_ref() as &dyn Any).downcast_ref::<H>())
+    }
+
+    /// Per-epoch metrics of every `fit` so far.
+    pub fn history(&self) -> &[Metrics] {
+        &self.history
+    }
+
+    /// The named timers (`train-epoch`, `train-step`, `test-step`).
+    pub fn timers(&self) -> &Timers {
+        &self.timers
+    }
+
+    /// Trains for `epochs` passes over `train`, testing on `test` every
+    /// `test_interval` epochs and after the last one.
+    pub fn fit(
+        &mut self,
+        train: &Loader,
+        epochs: usize,
+        test: Option<&Loader>,
+        test_interval: usize,
+    ) -> Result<()> {
+        if test_interval == 0 {
+            return Err(Error::Config("test_interval must be at least 1".into()));
+        }
+        let Trainer {
+            engine,
+            logger,
+            hooks,
+            history,
+            timers,
+        } = self;
+        let mut s = State {
+            engine,
+            epoch: 0,
+            epochs,
+            iter: 0,
+            iters_per_epoch: train.batches_per_epoch(),
+            metrics: Metrics::new(),
+            history: std::mem::take(history),
+            timers: std::mem::take(timers),
+            logger: logger.clone(),
+        };
+        let result = run(&mut s, hooks, train, test, test_interval);
+        *history = s.history;
+        *timers = s.timers;
+        result
+    }
+}
+
+fn run(
+    s: &mut State,
+    hooks: &mut [Box<dyn Hook>],
+    train: &Loader,
+    test: Option<&Loader>,
+    test_interval: usize,
+) -> Result<()> {
+    call!(hooks, before_train(s));
+    for epoch in 0..s.epochs {
+        s.epoch = epoch;
+        s.metrics = Metrics::from([("epoch".to_string(), (epoch + 1) as f64)]);
+        s.engine.train();
+        s.timers.start("train-epoch");
+        call!(hooks, before_epoch(s));
+        for (i, batch) in train.epoch(epoch as u64).enumerate() {
+            let b = batch?;
+            s.iter = i;
+            call!(hooks, before_iter(s));
+            s.timers.start("train-step");
+            s.engine.zero_grad();
+            let output = s.engine.forward(b.images, &b.samples)?;
+            let loss = s.engine.criterion(&output, &b.labels)?;
+            s.engine.backward(&loss)?;
+            s.engine.step()?;
+            s.timers.stop("train-step");
+            let predictions = argmax_rows(&output.logits)?;
+            let out = StepOutput {
+                loss: loss.value,
+                logits: &output.logits,
+                labels: &b.labels,
+                predictions: &predictions,
+            };
+            call!(hooks, after_iter(s, &out));
+        }
+        s.timers.stop("train-epoch");
+        if let Some(test) =
+            test.filter(|_| (epoch + 1) % test_interval == 0 || epoch + 1 == s.epochs)
+        {
+            call!(hooks, before_test(s));
+            s.engine.eval();
+            for batch in test.epoch(0) {
+                let b = batch?;
+                s.timers.start("test-step");
+                let output = s.engine.forward(b.images, &b.samples)?;
+                let loss = s.engine.criterion(&output, &b.labels)?;
+                s.timers.stop("test-step");
+                let predictions = argmax_rows(&output.logits)?;
+                let out = StepOutput {
+                    loss: loss.value,
+                    logits: &output.logits,
+                    labels: &b.labels,
+                    predictions: &predictions,
+                };
+                call!(hooks, after_test_iter(s, &out));
+            }
+            s.engine.train();
+            call!(hooks, after_test(s));
+        }
+        s.history.push(s.metrics.clone());
+        call!(hooks, after_epoch(s));
+    }
+    call!(hooks, after_train(s));
+    Ok(())
+}

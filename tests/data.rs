@@ -1,0 +1,257 @@
+//! Data sets: the CIFAR-10 binary reader's checks, the image-folder reader, and the
+//! CIFAR-10 archive extraction and download (from archives built here).
+
+use ferrovit::data::{cifar10, default_data_dir, Dataset};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn temp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ferrovit-data-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn cifar_reader_reads_the_digits_and_names_bad_records() {
+    let (train, test) = Dataset::cifar_dir(&default_data_dir()).unwrap();
+    assert_eq!((train.len(), test.len()), (1437, 360));
+    assert_eq!(train.images.len(), 1437 * 3072);
+    assert_eq!(train.classes.len(), 10);
+    assert!(train.labels.iter().all(|&l| l < 10));
+
+    let dir = temp("cifar-bad");
+    std::fs::write(dir.join("batches.meta.txt"), "x\ny\nz\n").unwrap();
+    let mut recs = vec![0u8; 3073 * 4];
+    recs[3 * 3073] = 3;
+    let f = dir.join("data_batch_1.bin");
+    std::fs::write(&f, &recs).unwrap();
+    std::fs::write(dir.join("test_batch.bin"), vec![0u8; 3073]).unwrap();
+    let e = Dataset::open(&dir).unwrap_err().to_string();
+    assert!(
+        e.contains("data_batch_1.bin") && e.contains("record 3: label 3"),
+        "{e}"
+    );
+    std::fs::write(&f, &recs[..3073 * 2 + 1]).unwrap();
+    let e = Dataset::open(&dir).unwrap_err().to_string();
+    assert!(e.contains("data_batch_1.bin: size 6147"), "{e}");
+    std::fs::remove_file(dir.join("test_batch.bin")).unwrap();
+    std::fs::write(&f, &recs[..3073]).unwrap();
+    let e = Dataset::open(&dir).unwrap_err().to_string();
+    assert!(e.contains("test_batch.bin"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Writes an RGB image whose pixel (x, y) is (x, y, 100 + class).
+fn write_image(path: &Path, w: u32, h: u32, class: u8) {
+    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 100 + class]));
+    img.save(path).unwrap();
+}
+
+#[test]
+fn image_folder_reads_classes_resizes_and_rejects_bad_files() {
+    let dir = temp("folder");
+    for split in ["train", "test"] {
+        for (c, name) in ["cat", "dog"].iter().enumerate() {
+            let d = dir.join(split).join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            write_image(&d.join("a.png"), 32, 32, c as u8);
+            write_image(&d.join("b.jpg"), 64, 48, c as u8);
+            std::fs::write(d.join("notes.txt"), "ignored").unwrap();
+            std::fs::write(d.join(".hidden.png"), "ignored").unwrap();
+        }
+    }
+    let (train, test) = Dataset::open(&dir).unwrap();
+    assert_eq!(train.classes, ["cat", "dog"]);
+    assert_eq!((train.len(), test.len()), (4, 4));
+    assert_eq!(train.labels, [0, 0, 1, 1]);
+    // a.png is 32 × 32: read exactly; planar RGB
+    let a = &train.images[..3072];
+    assert_eq!((a[5], a[1024 + 7 * 32], a[2048]), (5, 7, 100));
+    // b.jpg (64 × 48) → resized to 43 × 32 and centre-cropped: still smooth ramps
+    let b = &train.images[3072..2 * 3072];
+    assert!(b[1024 + 31 * 32] > b[1024], "vertical ramp kept");
+    assert!((b[2048 + 500] as i32 - 100).abs() <= 3, "JPEG blue ≈ 100");
+
+    // a class in test/ that train/ lacks
+    std::fs::create_dir_all(dir.join("test/bird")).unwrap();
+    write_image(&dir.join("test/bird/x.png"), 32, 32, 2);
+    let e = Dataset::open(&dir).unwrap_err().to_string();
+    assert!(e.contains("class `bird`"), "{e}");
+    std::fs::remove_dir_all(dir.join("test/bird")).unwrap();
+    // an unreadable image names the file
+    std::fs::write(dir.join("train/dog/c.jpeg"), b"\xff\xd8 truncated jpeg").unwrap();
+    let e = Dataset::open(&dir).unwrap_err().to_string();
+    assert!(
+        e.contains("c.jpeg") && e.contains("cannot decode image"),
+        "{e}"
+    );
+    // neither format
+    let e = Dataset::open(&dir.join("train")).unwrap_err().to_string();
+    assert!(e.contains("neither CIFAR-10"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A gzip'd tar with the digits data under `cifar-10-batches-bin/`, like the real one.
+fn digits_archive(path: &Path, skip: Option<&str>) {
+    let f = std::fs::File::create(path).unwrap();
+    let gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    let src = default_data_dir();
+    for name in ["batches.meta.txt", "data_batch_1.bin", "test_batch.bin"] {
+        if Some(name) == skip {
+            continue;
+        }
+        tar.append_path_with_name(src.join(name), format!("cifar-10-batches-bin/{name}"))
+            .unwrap();
+    }
+    // The real archive has five training batches; the digits data has one, reused.
+    for i in 2..=5 {
+        let name = format!("data_batch_{i}.bin");
+        if Some(name.as_str()) == skip {
+            continue;
+        }
+        tar.append_path_with_name(
+            src.join("data_batch_1.bin"),
+            format!("cifar-10-batches-bin/{name}"),
+        )
+        .unwrap();
+    }
+    tar.into_inner().unwrap().finish().unwrap();
+}
+
+fn ferrovit(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrovit"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn extract_archive_then_train_on_it() {
+    let dir = temp("archive");
+    let archive = dir.join("cifar-10-binary.tar.gz");
+    digits_archive(&archive, None);
+    let data = dir.join("cifar10");
+    let (ok, out, err) = ferrovit(&[
+        "data",
+        "cifar10",
+        "--archive",
+        archive.to_str().unwrap(),
+        "--dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("7185 train / 360 test"), "{out}");
+    let (ok, out, err) = ferrovit(&[
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--dim",
+        "16",
+        "--depth",
+        "1",
+        "--heads",
+        "2",
+        "--mlp-dim",
+        "16",
+        "--batch-size",
+        "256",
+        "--out",
+        dir.join("out").to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("final test accuracy"), "{out}");
+
+    // a truncated archive: the gzip check catches it; nothing half-written is left
+    let bytes = std::fs::read(&archive).unwrap();
+    let cut = dir.join("cut.tar.gz");
+    std::fs::write(&cut, &bytes[..bytes.len() - 5000]).unwrap();
+    let e = cifar10::extract(&cut, &dir.join("cut"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cut.tar.gz"), "{e}");
+    assert_eq!(
+        std::fs::read_dir(dir.join("cut")).unwrap().count(),
+        0,
+        "nothing left behind"
+    );
+    // an archive missing a member
+    let partial = dir.join("partial.tar.gz");
+    digits_archive(&partial, Some("test_batch.bin"));
+    let e = cifar10::extract(&partial, &dir.join("partial"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("missing test_batch.bin"), "{e}");
+    // not an archive at all
+    let junk = dir.join("junk.tar.gz");
+    std::fs::write(&junk, b"hello").unwrap();
+    let (ok, _, err) = ferrovit(&[
+        "data",
+        "cifar10",
+        "--archive",
+        junk.to_str().unwrap(),
+        "--dir",
+        dir.join("j").to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("junk.tar.gz"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn download_from_a_local_server() {
+    let dir = temp("download");
+    let archive = dir.join("served.tar.gz");
+    digits_archive(&archive, None);
+    let body = std::fs::read(&archive).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut req = [0u8; 4096];
+        let _ = std::io::Read::read(&mut conn, &mut req);
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/gzip\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        conn.write_all(head.as_bytes()).unwrap();
+        conn.write_all(&body).unwrap();
+    });
+    let data = dir.join("cifar10");
+    let url = format!("http://127.0.0.1:{port}/cifar-10-binary.tar.gz");
+    let (ok, out, err) = ferrovit(&[
+        "data",
+        "cifar10",
+        "--download",
+        data.to_str().unwrap(),
+        "--url",
+        &url,
+    ]);
+    server.join().unwrap();
+    assert!(ok, "{err}");
+    assert!(out.contains("7185 train / 360 test"), "{out}");
+    assert!(data.join("cifar-10-binary.tar.gz").is_file());
+    assert!(Dataset::open(&data).is_ok());
+    // a server that is not there: one clear error naming the URL
+    let (ok, _, err) = ferrovit(&[
+        "data",
+        "cifar10",
+        "--download",
+        data.to_str().unwrap(),
+        "--url",
+        "http://127.0.0.1:9/none.tar.gz",
+    ]);
+    assert!(
+        !ok && err.contains("127.0.0.1:9/none.tar.gz") && err.contains("download failed"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

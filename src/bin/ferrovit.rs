@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a ViT (default: a small ViT on the embedded digits data)
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Get a data set (the real CIFAR-10)
     #[command(subcommand)]
     Data(DataCommand),
@@ -160,7 +160,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_stdout();
     let result = match cli.command {
-        Command::Train(a) => train(a),
+        Command::Train(a) => train(*a),
         Command::Data(DataCommand::Cifar10(a)) => data_cifar10(a),
         Command::Bench(a) => bench(a),
         Command::Presets => presets(),

@@ -23,6 +23,9 @@ fn register_font() -> Result<()> {
     }
 }
 
+/// A labelled, coloured series of `(epoch, value)` points.
+type Line = (&'static str, RGBColor, Vec<(f64, f64)>);
+
 /// Points `(epoch, value)` of one metric over the history.
 fn series(history: &[Metrics], name: &str) -> Vec<(f64, f64)> {
     history
@@ -65,7 +68,7 @@ fn draw(
         .zip([("loss", "loss", false), ("accuracy (%)", "acc", true)])
     {
         let scale = if percent { 100.0 } else { 1.0 };
-        let lines: Vec<(&str, RGBColor, Vec<(f64, f64)>)> = [("train", BLUE), ("test", RED)]
+        let lines: Vec<Line> = [("train", BLUE), ("test", RED)]
             .into_iter()
             .map(|(split, color)| {
                 let pts = series(history, &format!("{split}_{metric}"))

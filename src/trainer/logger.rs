@@ -62,3 +62,23 @@ pub fn init_stdout() {
         .with_max_level(tracing::Level::INFO)
         .try_init();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_rank_zero_speaks_unless_asked_and_lines_name_the_rank() {
+        let solo = Logger::default();
+        assert!(solo.enabled());
+        assert_eq!(solo.line("hi"), "hi");
+        let r1 = Logger::new(1, 4);
+        assert!(!r1.enabled());
+        assert_eq!(r1.line("hi"), "[rank 1/4] hi");
+        let all = Logger {
+            all_ranks: true,
+            ..r1
+        };
+        assert!(all.enabled());
+    }
+}

@@ -1,28 +1,10 @@
 //! The `ferrovit` binary: real runs on tiny settings, config files, determinism, and
 //! clear errors on bad input.
 
+mod common;
+
+use common::{ferrovit, temp_dir};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn ferrovit(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ferrovit"))
-        .args(args)
-        .output()
-        .expect("run ferrovit");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// A fresh temporary directory for one test.
-fn temp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ferrovit-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 fn metrics(out: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
@@ -51,7 +33,7 @@ fn presets_lists_exact_parameter_counts() {
 
 #[test]
 fn train_runs_on_the_embedded_data_and_writes_metrics_and_plot() {
-    let out_dir = temp("train");
+    let out_dir = temp_dir("train");
     let o = out_dir.to_str().unwrap();
     let mut args = vec![
         "train",
@@ -99,7 +81,7 @@ fn train_runs_on_the_embedded_data_and_writes_metrics_and_plot() {
 #[test]
 fn the_default_run_reaches_95_percent_on_digits() {
     // `cargo run --release -- train` with no arguments (only the output moved)
-    let out_dir = temp("default");
+    let out_dir = temp_dir("default");
     let (ok, out, err) = ferrovit(&["train", "--out", out_dir.to_str().unwrap()]);
     assert!(ok, "{err}");
     let m = metrics(&out_dir);
@@ -112,7 +94,7 @@ fn the_default_run_reaches_95_percent_on_digits() {
 #[test]
 fn same_seed_and_threads_give_identical_epoch_losses() {
     let run = |name: &str, seed: &str| {
-        let out_dir = temp(name);
+        let out_dir = temp_dir(name);
         let mut args = vec![
             "train",
             "--epochs",
@@ -148,7 +130,7 @@ fn same_seed_and_threads_give_identical_epoch_losses() {
 
 #[test]
 fn flags_override_the_config_file() {
-    let dir = temp("config");
+    let dir = temp_dir("config");
     let cfg = dir.join("run.toml");
     std::fs::write(
         &cfg,
@@ -202,7 +184,7 @@ fn bench_reports_images_per_second() {
 
 /// A CIFAR-style directory with the given train file bytes and a valid test file.
 fn cifar_dir(name: &str, train: Vec<u8>) -> PathBuf {
-    let dir = temp(name);
+    let dir = temp_dir(name);
     std::fs::write(dir.join("batches.meta.txt"), "a\nb\n").unwrap();
     std::fs::write(dir.join("data_batch_1.bin"), train).unwrap();
     std::fs::write(dir.join("test_batch.bin"), vec![1u8; 3073]).unwrap();
@@ -216,7 +198,7 @@ fn bad_inputs_fail_with_one_clear_message() {
     let mut bad_label = vec![0u8; 3073 * 3];
     bad_label[2 * 3073] = 7;
     let bad_label = cifar_dir("label", bad_label);
-    let images = temp("bad-image");
+    let images = temp_dir("bad-image");
     std::fs::create_dir_all(images.join("train/cat")).unwrap();
     std::fs::create_dir_all(images.join("test/cat")).unwrap();
     std::fs::write(images.join("train/cat/broken.png"), b"not a png at all").unwrap();

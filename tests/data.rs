@@ -1,17 +1,12 @@
 //! Data sets: the CIFAR-10 binary reader's checks, the image-folder reader, and the
 //! CIFAR-10 archive extraction and download (from archives built here).
 
+mod common;
+
+use common::{ferrovit, temp_dir};
 use ferrovit::data::{cifar10, default_data_dir, Dataset};
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn temp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ferrovit-data-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use std::path::Path;
 
 #[test]
 fn cifar_reader_reads_the_digits_and_names_bad_records() {
@@ -21,7 +16,7 @@ fn cifar_reader_reads_the_digits_and_names_bad_records() {
     assert_eq!(train.classes.len(), 10);
     assert!(train.labels.iter().all(|&l| l < 10));
 
-    let dir = temp("cifar-bad");
+    let dir = temp_dir("cifar-bad");
     std::fs::write(dir.join("batches.meta.txt"), "x\ny\nz\n").unwrap();
     let mut recs = vec![0u8; 3073 * 4];
     recs[3 * 3073] = 3;
@@ -51,7 +46,7 @@ fn write_image(path: &Path, w: u32, h: u32, class: u8) {
 
 #[test]
 fn image_folder_reads_classes_resizes_and_rejects_bad_files() {
-    let dir = temp("folder");
+    let dir = temp_dir("folder");
     for split in ["train", "test"] {
         for (c, name) in ["cat", "dog"].iter().enumerate() {
             let d = dir.join(split).join(name);
@@ -121,21 +116,9 @@ fn digits_archive(path: &Path, skip: Option<&str>) {
     tar.into_inner().unwrap().finish().unwrap();
 }
 
-fn ferrovit(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ferrovit"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn extract_archive_then_train_on_it() {
-    let dir = temp("archive");
+    let dir = temp_dir("archive");
     let archive = dir.join("cifar-10-binary.tar.gz");
     digits_archive(&archive, None);
     let data = dir.join("cifar10");
@@ -208,7 +191,7 @@ fn extract_archive_then_train_on_it() {
 
 #[test]
 fn download_from_a_local_server() {
-    let dir = temp("download");
+    let dir = temp_dir("download");
     let archive = dir.join("served.tar.gz");
     digits_archive(&archive, None);
     let body = std::fs::read(&archive).unwrap();

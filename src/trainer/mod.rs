@@ -22,7 +22,7 @@ pub use logger::{init_stdout, Logger};
 pub use plot::plot_metrics;
 pub use timer::Timers;
 
-use crate::data::Loader;
+use crate::data::{Batch, Loader};
 use crate::engine::{argmax_rows, Engine};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -198,21 +198,7 @@ fn run(
             let b = batch?;
             s.iter = i;
             call!(hooks, before_iter(s));
-            s.timers.start("train-step");
-            s.engine.zero_grad();
-            let output = s.engine.forward(b.images, &b.samples)?;
-            let loss = s.engine.criterion(&output, &b.labels)?;
-            s.engine.backward(&loss)?;
-            s.engine.step()?;
-            s.timers.stop("train-step");
-            let predictions = argmax_rows(&output.logits)?;
-            let out = StepOutput {
-                loss: loss.value,
-                logits: &output.logits,
-                labels: &b.labels,
-                predictions: &predictions,
-            };
-            call!(hooks, after_iter(s, &out));
+            run_batch(s, hooks, b, true)?;
         }
         s.timers.stop("train-epoch");
         if let Some(test) =
@@ -221,19 +207,7 @@ fn run(
             call!(hooks, before_test(s));
             s.engine.eval();
             for batch in test.epoch(0) {
-                let b = batch?;
-                s.timers.start("test-step");
-                let output = s.engine.forward(b.images, &b.samples)?;
-                let loss = s.engine.criterion(&output, &b.labels)?;
-                s.timers.stop("test-step");
-                let predictions = argmax_rows(&output.logits)?;
-                let out = StepOutput {
-                    loss: loss.value,
-                    logits: &output.logits,
-                    labels: &b.labels,
-                    predictions: &predictions,
-                };
-                call!(hooks, after_test_iter(s, &out));
+                run_batch(s, hooks, batch?, false)?;
             }
             s.engine.train();
             call!(hooks, after_test(s));
@@ -242,5 +216,36 @@ fn run(
         call!(hooks, after_epoch(s));
     }
     call!(hooks, after_train(s));
+    Ok(())
+}
+
+/// One batch: a training step (zero_grad, forward, criterion, backward, step; timed as
+/// `train-step`, then `after_iter`) or a test step (forward, criterion; timed as
+/// `test-step`, then `after_test_iter`).
+fn run_batch(s: &mut State, hooks: &mut [Box<dyn Hook>], b: Batch, train: bool) -> Result<()> {
+    let timer = if train { "train-step" } else { "test-step" };
+    s.timers.start(timer);
+    if train {
+        s.engine.zero_grad();
+    }
+    let output = s.engine.forward(b.images, &b.samples)?;
+    let loss = s.engine.criterion(&output, &b.labels)?;
+    if train {
+        s.engine.backward(&loss)?;
+        s.engine.step()?;
+    }
+    s.timers.stop(timer);
+    let predictions = argmax_rows(&output.logits)?;
+    let out = StepOutput {
+        loss: loss.value,
+        logits: &output.logits,
+        labels: &b.labels,
+        predictions: &predictions,
+    };
+    if train {
+        call!(hooks, after_iter(s, &out));
+    } else {
+        call!(hooks, after_test_iter(s, &out));
+    }
     Ok(())
 }

@@ -27,3 +27,24 @@ pub fn max_rel_err(a: &[f32], b: &[f32]) -> (f64, usize) {
             |(m, mi), (i, e)| if e > m { (e, i) } else { (m, mi) },
         )
 }
+
+/// Runs the `ferrovit` binary: (success, stdout, stderr).
+pub fn ferrovit(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferrovit"))
+        .args(args)
+        .output()
+        .expect("run ferrovit");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A fresh, empty temporary directory unique to this test process and `name`.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("ferrovit-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create temp dir");
+    d
+}

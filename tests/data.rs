@@ -189,12 +189,8 @@ fn extract_archive_then_train_on_it() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-#[test]
-fn download_from_a_local_server() {
-    let dir = temp_dir("download");
-    let archive = dir.join("served.tar.gz");
-    digits_archive(&archive, None);
-    let body = std::fs::read(&archive).unwrap();
+/// Serves one HTTP response claiming `claimed` bytes and sending `body`.
+fn serve_once(body: Vec<u8>, claimed: usize) -> (String, std::thread::JoinHandle<()>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let server = std::thread::spawn(move || {
@@ -202,36 +198,53 @@ fn download_from_a_local_server() {
         let mut req = [0u8; 4096];
         let _ = std::io::Read::read(&mut conn, &mut req);
         let head = format!(
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/gzip\r\nConnection: close\r\n\r\n",
-            body.len()
+            "HTTP/1.1 200 OK\r\nContent-Length: {claimed}\r\nContent-Type: application/gzip\r\nConnection: close\r\n\r\n"
         );
-        conn.write_all(head.as_bytes()).unwrap();
-        conn.write_all(&body).unwrap();
+        let _ = conn.write_all(head.as_bytes());
+        let _ = conn.write_all(&body);
     });
+    (
+        format!("http://127.0.0.1:{port}/cifar-10-binary.tar.gz"),
+        server,
+    )
+}
+
+#[test]
+fn download_from_a_local_server() {
+    let dir = temp_dir("download");
+    let archive = dir.join("served.tar.gz");
+    digits_archive(&archive, None);
+    let body = std::fs::read(&archive).unwrap();
     let data = dir.join("cifar10");
-    let url = format!("http://127.0.0.1:{port}/cifar-10-binary.tar.gz");
-    let (ok, out, err) = ferrovit(&[
-        "data",
-        "cifar10",
-        "--download",
-        data.to_str().unwrap(),
-        "--url",
-        &url,
-    ]);
+    let download = |url: &str| {
+        ferrovit(&[
+            "data",
+            "cifar10",
+            "--download",
+            data.to_str().unwrap(),
+            "--url",
+            url,
+        ])
+    };
+
+    // the connection drops half-way: a clear error, no partial file left
+    let (url, server) = serve_once(body[..body.len() / 2].to_vec(), body.len());
+    let (ok, _, err) = download(&url);
+    server.join().unwrap();
+    assert!(!ok && err.contains(&url), "{err}");
+    assert!(!data.join("cifar-10-binary.tar.gz.part").exists());
+    assert!(!data.join("cifar-10-binary.tar.gz").exists());
+
+    let (url, server) = serve_once(body.clone(), body.len());
+    let (ok, out, err) = download(&url);
     server.join().unwrap();
     assert!(ok, "{err}");
     assert!(out.contains("7185 train / 360 test"), "{out}");
     assert!(data.join("cifar-10-binary.tar.gz").is_file());
     assert!(Dataset::open(&data).is_ok());
-    // a server that is not there: one clear error naming the URL
-    let (ok, _, err) = ferrovit(&[
-        "data",
-        "cifar10",
-        "--download",
-        data.to_str().unwrap(),
-        "--url",
-        "http://127.0.0.1:9/none.tar.gz",
-    ]);
+
+    // no server there: one clear error naming the URL
+    let (ok, _, err) = download("http://127.0.0.1:9/none.tar.gz");
     assert!(
         !ok && err.contains("127.0.0.1:9/none.tar.gz") && err.contains("download failed"),
         "{err}"

@@ -130,23 +130,30 @@ pub fn download(url: &str, dir: &Path) -> Result<(PathBuf, usize, usize)> {
     let mut body = response.into_body();
     let mut reader = bar.wrap_read(body.with_config().limit(u64::MAX).reader());
     let mut out = std::fs::File::create(&part).map_err(|e| Error::io(&part, e))?;
-    let mut buf = vec![0u8; 1 << 16];
-    let mut total = 0u64;
-    loop {
-        let n = reader
-            .read(&mut buf)
-            .map_err(|e| net(format!("download interrupted after {total} bytes: {e}")))?;
-        if n == 0 {
-            break;
+    let mut save = || -> Result<()> {
+        let mut buf = vec![0u8; 1 << 16];
+        let mut total = 0u64;
+        loop {
+            let n = reader
+                .read(&mut buf)
+                .map_err(|e| net(format!("download interrupted after {total} bytes: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            out.write_all(&buf[..n]).map_err(|e| Error::io(&part, e))?;
+            total += n as u64;
         }
-        out.write_all(&buf[..n]).map_err(|e| Error::io(&part, e))?;
-        total += n as u64;
-    }
+        if let Some(len) = len.filter(|&l| l != total) {
+            return Err(net(format!("download incomplete: {total} of {len} bytes")));
+        }
+        out.sync_all().map_err(|e| Error::io(&part, e))
+    };
+    let saved = save();
     bar.finish_and_clear();
-    if let Some(len) = len.filter(|&l| l != total) {
-        return Err(net(format!("download incomplete: {total} of {len} bytes")));
+    if saved.is_err() {
+        let _ = std::fs::remove_file(&part);
     }
-    out.sync_all().map_err(|e| Error::io(&part, e))?;
+    saved?;
     std::fs::rename(&part, &archive).map_err(|e| Error::io(&archive, e))?;
     let (train, test) = extract(&archive, dir)?;
     Ok((archive, train, test))

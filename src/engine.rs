@@ -132,6 +132,11 @@ impl Engine {
         self.step
     }
 
+    /// Sets the update count (when resuming: it keys dropout and the LR schedule).
+    pub fn set_step(&mut self, step: u64) {
+        self.step = step;
+    }
+
     /// The learning rate the next update will use.
     pub fn lr(&self) -> f32 {
         self.lr

@@ -33,6 +33,9 @@ pub enum Error {
     NonFinite { step: u64, value: f32 },
     #[error("autograd: {0}")]
     Graph(String),
+    /// An error already formatted with its file (kept by a cache that outlives it).
+    #[error("{0}")]
+    Message(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

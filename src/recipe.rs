@@ -3,6 +3,7 @@
 //! standard hooks, metrics file, plot and final report.
 
 use crate::backend::cpu;
+use crate::checkpoint::{self, LoadOptions, SaveOptions};
 use crate::data::{Augment, Dataset, Loader, Sampler};
 use crate::engine::{Engine, TrainConfig};
 use crate::error::{Error, Result};
@@ -10,7 +11,7 @@ use crate::metrics::ConfusionMatrix;
 use crate::optim::LrSchedule;
 use crate::trainer::{
     AccuracyHook, LogMetricByEpochHook, Logger, LossHook, LrSchedulerHook, PlotHook, ProgressHook,
-    ThroughputHook, Trainer,
+    SaveCheckpointHook, ThroughputHook, Trainer,
 };
 use crate::VitConfig;
 use serde::{Deserialize, Serialize};
@@ -51,6 +52,24 @@ pub struct TrainOptions {
     /// Test every this many epochs (and after the last).
     pub test_interval: usize,
     pub out: PathBuf,
+    /// Save a checkpoint under `<out>/checkpoints/` every this many epochs (and after
+    /// the last); 0 turns epoch saves off.
+    pub save_every: usize,
+    /// Also save every this many optimizer steps.
+    pub save_every_steps: Option<u64>,
+    /// Keep the newest N checkpoints (0: keep all).
+    pub keep_last: usize,
+    /// Do not save checkpoints at all.
+    pub no_save: bool,
+    /// Largest shard file, in MiB.
+    pub shard_size_mb: u64,
+    /// Resume: `auto` (the newest committed checkpoint under `<out>/checkpoints`, or a
+    /// fresh start when there is none) or a checkpoint directory.
+    pub resume: Option<String>,
+    /// Start from a checkpoint's weights (non-strict: tensors whose shape differs, such
+    /// as a classifier head for another number of classes, keep their initial values;
+    /// the optimizer starts fresh).
+    pub init: Option<PathBuf>,
 }
 
 /// The default model when neither a preset nor dimensions are given: small enough to
@@ -80,6 +99,13 @@ impl Default for TrainOptions {
             workers: 2,
             test_interval: 1,
             out: PathBuf::from("out"),
+            save_every: 1,
+            save_every_steps: None,
+            keep_last: 3,
+            no_save: false,
+            shard_size_mb: 2048,
+            resume: None,
+            init: None,
         }
     }
 }
@@ -165,6 +191,14 @@ impl TrainOptions {
         if self.workers == 0 {
             return Err(invalid("workers", 0, "must be at least 1"));
         }
+        if self.shard_size_mb == 0 {
+            return Err(invalid("shard_size_mb", 0, "must be at least 1"));
+        }
+        if self.resume.is_some() && self.init.is_some() {
+            return Err(Error::Config(
+                "resume and init exclude each other (resume continues a run; init starts a new one from weights)".into(),
+            ));
+        }
         if self.test_interval == 0 {
             return Err(invalid("test_interval", 0, "must be at least 1"));
         }
@@ -177,6 +211,71 @@ impl TrainOptions {
             .clone()
             .unwrap_or_else(crate::data::default_data_dir)
     }
+}
+
+/// Loads the checkpoint to resume from (strict, optimizer state included) and positions
+/// the trainer after it.
+fn resume_from(
+    trainer: &mut Trainer,
+    resume: &str,
+    root: &Path,
+    cfg: &VitConfig,
+    opts: &TrainOptions,
+) -> Result<()> {
+    let listing = checkpoint::list(root)?;
+    if !listing.uncommitted.is_empty() {
+        trainer.logger.warn(format!(
+            "ignoring {} uncommitted checkpoint director{} (interrupted saves; `ferrovit ckpt list {} --clean` removes them)",
+            listing.uncommitted.len(),
+            if listing.uncommitted.len() == 1 { "y" } else { "ies" },
+            root.display()
+        ));
+    }
+    let dir = if resume == "auto" {
+        match checkpoint::newest(root)? {
+            Some(d) => d,
+            None => {
+                trainer.logger.info(format!(
+                    "no checkpoint under {} to resume from: starting fresh",
+                    root.display()
+                ));
+                return Ok(());
+            }
+        }
+    } else {
+        PathBuf::from(resume)
+    };
+    let saved = checkpoint::Checkpoint::open(&dir)?.index;
+    if saved.model != *cfg {
+        return Err(Error::Format {
+            path: dir,
+            msg: format!(
+                "saved with a different model ({:?}); this run has {:?}",
+                saved.model, cfg
+            ),
+        });
+    }
+    if saved.training.seed != opts.seed {
+        return Err(Error::Format {
+            path: dir,
+            msg: format!(
+                "saved with seed {}, this run has seed {}: resume with --seed {}",
+                saved.training.seed, opts.seed, saved.training.seed
+            ),
+        });
+    }
+    let (state, _) = trainer
+        .engine
+        .load_checkpoint(&dir, LoadOptions::default())?;
+    trainer.resume(&state);
+    trainer.logger.info(format!(
+        "resuming from {} at epoch {}, batch {} (step {})",
+        dir.display(),
+        state.epoch + 1,
+        state.batch,
+        state.step
+    ));
+    Ok(())
 }
 
 /// What a finished run reports.
@@ -256,7 +355,22 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     ));
     let metrics_path = opts.out.join("metrics.jsonl");
     let plot_path = opts.out.join("metrics.png");
+    let ckpt_root = opts.out.join("checkpoints");
     let mut trainer = Trainer::new(engine, logger.clone());
+    if let Some(resume) = &opts.resume {
+        resume_from(&mut trainer, resume, &ckpt_root, &cfg, opts)?;
+    }
+    if let Some(init) = &opts.init {
+        let (_, report) = trainer.engine.load_checkpoint(
+            init,
+            LoadOptions {
+                strict: false,
+                optimizer: false,
+            },
+        )?;
+        logger.info(format!("initialised from {}: {report}", init.display()));
+    }
+    let history = trainer.history().to_vec();
     trainer
         .add_hook(LrSchedulerHook {
             schedule,
@@ -266,10 +380,23 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         .add_hook(AccuracyHook::default())
         .add_hook(ThroughputHook::default())
         .add_hook(ProgressHook::default())
-        .add_hook(LogMetricByEpochHook::with_jsonl(&metrics_path)?)
+        .add_hook(LogMetricByEpochHook::with_jsonl(&metrics_path, &history)?)
         .add_hook(PlotHook {
             path: plot_path.clone(),
         });
+    if !opts.no_save {
+        let mut hook = SaveCheckpointHook::new(
+            &ckpt_root,
+            (opts.save_every > 0).then_some(opts.save_every),
+            opts.save_every_steps,
+            SaveOptions {
+                shard_bytes: opts.shard_size_mb << 20,
+                keep_last: (opts.keep_last > 0).then_some(opts.keep_last),
+            },
+        );
+        hook.schedule = Some(schedule);
+        trainer.add_hook(hook);
+    }
     trainer.fit(
         &train_loader,
         opts.epochs,

@@ -168,7 +168,7 @@ fn hooks_run_in_order_and_have_their_effect() {
     .add_hook(LossHook::default())
     .add_hook(AccuracyHook::default())
     .add_hook(ThroughputHook::default())
-    .add_hook(LogMetricByEpochHook::with_jsonl(&jsonl).unwrap());
+    .add_hook(LogMetricByEpochHook::with_jsonl(&jsonl, &[]).unwrap());
     t.fit(&train, 3, Some(&test), 2).unwrap();
 
     let calls = log.lock().unwrap().clone();

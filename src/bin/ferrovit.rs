@@ -2,6 +2,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use ferrovit::backend::cpu;
+use ferrovit::checkpoint::{self, Checkpoint};
 use ferrovit::data::cifar10;
 use ferrovit::engine::{Engine, TrainConfig};
 use ferrovit::nn::PRESETS;
@@ -32,6 +33,9 @@ enum Command {
     /// Get a data set (the real CIFAR-10)
     #[command(subcommand)]
     Data(DataCommand),
+    /// Inspect, verify, export and import checkpoints
+    #[command(subcommand)]
+    Ckpt(CkptCommand),
     /// Time training steps of a model on random data (images/s)
     Bench(BenchArgs),
     /// List the model presets and their parameter counts
@@ -109,9 +113,34 @@ struct TrainArgs {
     #[arg(long)]
     test_interval: Option<usize>,
     /// Output directory: metrics.jsonl (per-epoch metrics), metrics.png (curves),
-    /// config.toml (the resolved options) [default: out]
+    /// config.toml (the resolved options), checkpoints/ [default: out]
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Save a checkpoint every N epochs and after the last; 0: only after the last [default: 1]
+    #[arg(long, value_name = "N")]
+    save_every: Option<usize>,
+    /// Also save a checkpoint every N optimizer steps
+    #[arg(long, value_name = "N")]
+    save_every_steps: Option<u64>,
+    /// Keep the newest N checkpoints; 0 keeps all [default: 3]
+    #[arg(long, value_name = "N")]
+    keep_last: Option<usize>,
+    /// Save no checkpoints
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    no_save: bool,
+    /// Largest checkpoint shard file in MiB [default: 2048]
+    #[arg(long, value_name = "MIB")]
+    shard_size_mb: Option<u64>,
+    /// Continue a run: `auto` (the newest committed checkpoint under <out>/checkpoints;
+    /// a fresh start if there is none) or a checkpoint directory. Give the run's options
+    /// again (or its config.toml)
+    #[arg(long, value_name = "auto|DIR")]
+    resume: Option<String>,
+    /// Start from a checkpoint's weights, non-strictly (e.g. a new classifier head),
+    /// with a fresh optimizer
+    #[arg(long, value_name = "DIR")]
+    init: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -137,6 +166,54 @@ struct Cifar10Args {
     url: String,
 }
 
+#[derive(Subcommand)]
+enum CkptCommand {
+    /// Show a checkpoint's model, layout, training state and tensors
+    Inspect {
+        /// Checkpoint directory (or a root with a `latest` pointer)
+        dir: PathBuf,
+    },
+    /// Check every shard header, bound and checksum; exit code 0 only if all are good
+    Verify {
+        /// Checkpoint directory (or a root with a `latest` pointer)
+        dir: PathBuf,
+    },
+    /// List the committed and uncommitted checkpoints under a root
+    List {
+        /// Checkpoint root, e.g. out/checkpoints
+        root: PathBuf,
+        /// Remove the uncommitted directories (interrupted saves)
+        #[arg(long)]
+        clean: bool,
+    },
+    /// Write the model weights into one safetensors file
+    Export {
+        /// Checkpoint directory (or a root with a `latest` pointer)
+        dir: PathBuf,
+        /// Output .safetensors file
+        #[arg(long, value_name = "FILE")]
+        safetensors: PathBuf,
+    },
+    /// Make a weights-only checkpoint from a safetensors file
+    Import {
+        /// Input .safetensors file
+        file: PathBuf,
+        /// Checkpoint root to write into (as step-0000000000)
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Model preset the weights are for
+        #[arg(long, default_value = "vit_lite_depth7_patch4_32")]
+        preset: String,
+        /// Number of classes of the classifier head
+        #[arg(long, default_value_t = 10)]
+        num_classes: usize,
+        /// Rename tensors: FROM=TO replaces the name prefix FROM by TO (repeatable;
+        /// the first matching rule applies)
+        #[arg(long = "map", value_name = "FROM=TO")]
+        map: Vec<String>,
+    },
+}
+
 #[derive(Args)]
 struct BenchArgs {
     /// Model preset (see `ferrovit presets`)
@@ -157,11 +234,18 @@ struct BenchArgs {
 }
 
 fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`ferrovit ckpt inspect … | head`), as Unix tools do.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of one signal, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     init_stdout();
     let result = match cli.command {
         Command::Train(a) => train(*a),
         Command::Data(DataCommand::Cifar10(a)) => data_cifar10(a),
+        Command::Ckpt(c) => ckpt(c),
         Command::Bench(a) => bench(a),
         Command::Presets => presets(),
     };
@@ -244,6 +328,177 @@ fn data_cifar10(a: Cifar10Args) -> Result<()> {
         dir.display()
     );
     Ok(())
+}
+
+/// A checkpoint directory, or the one a root's `latest` pointer names.
+fn ckpt_dir(dir: PathBuf) -> Result<PathBuf> {
+    if !dir.join(checkpoint::INDEX).exists() {
+        if let Some(newest) = checkpoint::newest(&dir)? {
+            return Ok(newest);
+        }
+    }
+    Ok(dir)
+}
+
+fn ckpt(c: CkptCommand) -> Result<()> {
+    match c {
+        CkptCommand::Inspect { dir } => {
+            let dir = ckpt_dir(dir)?;
+            let ck = Checkpoint::open(&dir)?;
+            let ix = &ck.index;
+            let m = &ix.model;
+            println!("checkpoint {}", dir.display());
+            println!("format {} version {}", ix.format, ix.version);
+            println!(
+                "model: dim {} depth {} heads {} mlp {} patch {} image {} classes {} ({} params)",
+                m.dim,
+                m.depth,
+                m.heads,
+                m.mlp_dim,
+                m.patch_size,
+                m.image_size,
+                m.num_classes,
+                m.num_params()
+            );
+            println!("optimizer: {:?}", ix.optimizer);
+            println!(
+                "layout: world {} (dp {} × pp {})",
+                ix.layout.world, ix.layout.dp, ix.layout.pp
+            );
+            let t = &ix.training;
+            println!(
+                "training: {} epochs + {} batches done, step {}, lr {:e} (base {:e}), seed {}, schedule {:?}, {} epochs of history",
+                t.epoch, t.batch, t.step, t.lr, t.base_lr, t.seed, t.schedule, t.history.len()
+            );
+            let mut files: std::collections::BTreeMap<&str, u64> = Default::default();
+            println!(
+                "{:<44} {:<9} {:<6} {:>16} {:>12}  file",
+                "tensor", "group", "dtype", "shape", "bytes"
+            );
+            for (name, e) in &ix.tensors {
+                let bytes: u64 = e.chunks.iter().map(|c| c.end - c.start).sum();
+                for c in &e.chunks {
+                    *files.entry(&c.file).or_default() += c.end - c.start;
+                }
+                println!(
+                    "{name:<44} {:<9} {:<6} {:>16} {bytes:>12}  {}",
+                    format!("{:?}", e.group).to_lowercase(),
+                    e.dtype,
+                    format!("{:?}", e.shape),
+                    e.chunks
+                        .iter()
+                        .map(|c| c.file.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                );
+            }
+            for (f, b) in files {
+                println!("shard {f}: {b} bytes of tensors");
+            }
+            Ok(())
+        }
+        CkptCommand::Verify { dir } => {
+            let dir = ckpt_dir(dir)?;
+            let r = Checkpoint::open(&dir)?.verify()?;
+            println!(
+                "ok: {} tensors, {} bytes in {} shard files: every header, bound and checksum verified ({})",
+                r.tensors, r.bytes, r.files, dir.display()
+            );
+            Ok(())
+        }
+        CkptCommand::List { root, clean } => {
+            let l = checkpoint::list(&root)?;
+            let latest = checkpoint::read_latest(&root);
+            for p in &l.committed {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                let mark = if latest.as_deref() == Some(name) {
+                    "  (latest)"
+                } else {
+                    ""
+                };
+                println!("committed    {}{mark}", p.display());
+            }
+            for p in &l.uncommitted {
+                if clean {
+                    std::fs::remove_dir_all(p).map_err(|e| Error::io(p, e))?;
+                    println!("removed      {} (uncommitted)", p.display());
+                } else {
+                    println!(
+                        "uncommitted  {} (an interrupted save; never loaded)",
+                        p.display()
+                    );
+                }
+            }
+            Ok(())
+        }
+        CkptCommand::Export { dir, safetensors } => {
+            let dir = ckpt_dir(dir)?;
+            let n = checkpoint::export_safetensors(&dir, &safetensors)?;
+            println!("wrote {n} model tensors to {}", safetensors.display());
+            Ok(())
+        }
+        CkptCommand::Import {
+            file,
+            out,
+            preset,
+            num_classes,
+            map,
+        } => {
+            let map = map
+                .iter()
+                .map(|m| {
+                    m.split_once('=')
+                        .map(|(a, b)| (a.to_string(), b.to_string()))
+                        .ok_or_else(|| Error::Config(format!("--map `{m}` is not FROM=TO")))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let mut cfg = VitConfig::preset(&preset)?;
+            cfg.num_classes = num_classes;
+            let mut engine = Engine::new(&cfg, TrainConfig::default())?;
+            let tensors = checkpoint::read_safetensors(&file, &map)?;
+            let params = engine.params_mut();
+            let unknown: Vec<&str> = tensors
+                .iter()
+                .filter(|(n, _)| params.id(n).is_err())
+                .map(|(n, _)| n.as_str())
+                .collect();
+            if !unknown.is_empty() {
+                return Err(Error::Format {
+                    path: file.clone(),
+                    msg: format!(
+                        "{} tensors match no parameter of {preset} (first: `{}`); rename them with --map FROM=TO",
+                        unknown.len(),
+                        unknown[0]
+                    ),
+                });
+            }
+            let count = tensors.len();
+            for (n, t) in tensors {
+                params.set(&n, t).map_err(|e| Error::Format {
+                    path: file.clone(),
+                    msg: e.to_string(),
+                })?;
+            }
+            let missing = params.len() - count;
+            if missing > 0 {
+                return Err(Error::Format {
+                    path: file,
+                    msg: format!("{missing} parameters of {preset} are not in the file"),
+                });
+            }
+            let mut snap = engine.snapshot(Default::default());
+            snap.tensors.retain(|t| t.group == checkpoint::Group::Model);
+            snap.optimizer = None;
+            let dest = checkpoint::save(
+                &snap,
+                &out,
+                &checkpoint::checkpoint_name(0),
+                &Default::default(),
+            )?;
+            println!("imported {count} tensors into {}", dest.display());
+            Ok(())
+        }
+    }
 }
 
 fn bench(a: BenchArgs) -> Result<()> {

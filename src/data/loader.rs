@@ -140,13 +140,21 @@ impl Loader {
 
     /// The batches of `epoch`, built ahead on `workers` threads.
     pub fn epoch(&self, epoch: u64) -> Epoch {
+        self.epoch_from(epoch, 0)
+    }
+
+    /// The batches of `epoch` from batch `first` on (to resume mid-epoch): exactly
+    /// the batches `epoch(epoch)` yields after its first `first`.
+    pub fn epoch_from(&self, epoch: u64, first: usize) -> Epoch {
         let idx = self.sampler.indices(epoch);
         let mut chunks: Vec<Vec<usize>> =
             idx.chunks(self.batch_size).map(<[usize]>::to_vec).collect();
         if self.drop_last && chunks.last().is_some_and(|c| c.len() < self.batch_size) {
             chunks.pop();
         }
-        let chunks = Arc::new(chunks);
+        // (batch index in the epoch, its samples): the index keys the batch's RNG
+        let chunks: Arc<Vec<(usize, Vec<usize>)>> =
+            Arc::new(chunks.into_iter().enumerate().skip(first).collect());
         let workers = self.workers.max(1).min(chunks.len().max(1));
         let mut receivers = Vec::with_capacity(workers);
         let mut handles = Vec::with_capacity(workers);
@@ -155,8 +163,9 @@ impl Loader {
             let (chunks, data) = (chunks.clone(), self.data.clone());
             let (augment, seed) = (self.augment, self.sampler.seed);
             handles.push(std::thread::spawn(move || {
-                for (i, idx) in chunks.iter().enumerate().skip(w).step_by(workers) {
-                    let key = seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ ((i as u64) << 32);
+                for (i, idx) in chunks.iter().skip(w).step_by(workers) {
+                    let key =
+                        seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ ((*i as u64) << 32);
                     let mut rng = Rng::new(key);
                     let batch =
                         data.batch(idx, Some((augment, &mut rng)))

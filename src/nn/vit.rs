@@ -9,7 +9,7 @@ use crate::tensor::Tensor;
 use std::sync::Arc;
 
 /// Architecture hyper-parameters of a ViT.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct VitConfig {
     pub image_size: usize,
     pub patch_size: usize,

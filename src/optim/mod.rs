@@ -12,7 +12,7 @@ use crate::tensor::Tensor;
 
 /// Which update rule, with its hyper-parameters (PyTorch's defaults via `Default`-like
 /// constructors).
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum OptimizerKind {
     Sgd {
         momentum: f32,
@@ -240,7 +240,7 @@ pub fn clip_grad_norm(store: &mut ParamStore, max_norm: f32) -> Result<f32> {
 }
 
 /// Learning rate as a function of the update step.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum LrSchedule {
     Constant,
     /// Multiply by `gamma` every `step_size` steps (PyTorch's `StepLR`).

@@ -37,6 +37,13 @@ impl DType {
             DType::F16 => "F16",
         }
     }
+
+    /// The dtype a safetensors header names (`F32`, `BF16`, `F16`).
+    pub fn from_name(name: &str) -> Option<DType> {
+        [DType::F32, DType::BF16, DType::F16]
+            .into_iter()
+            .find(|d| d.name() == name)
+    }
 }
 
 impl fmt::Display for DType {

@@ -2,7 +2,8 @@
 //! after every batch, so hooks that read metrics (logging, plots, progress bars) do
 //! not depend on the order hooks were added in.
 
-use super::{plot_metrics, Hook, State, StepOutput};
+use super::{plot_metrics, Hook, Metrics, State, StepOutput};
+use crate::checkpoint::{checkpoint_name, AsyncSaver, SaveOptions, TrainingState};
 use crate::error::{Error, Result};
 use crate::metrics::ConfusionMatrix;
 use crate::optim::LrSchedule;
@@ -170,14 +171,35 @@ impl LogMetricByEpochHook {
         Self::default()
     }
 
-    /// Logs and writes `path` (created or truncated now).
-    pub fn with_jsonl(path: impl Into<PathBuf>) -> Result<Self> {
+    /// Logs and writes `path` (created or truncated now, starting with the lines of
+    /// `history`: the epochs of a resumed run so far).
+    pub fn with_jsonl(path: impl Into<PathBuf>, history: &[Metrics]) -> Result<Self> {
         let path = path.into();
-        let f = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+        let mut f = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+        for m in history {
+            f.write_all(json_line(m).as_bytes())
+                .map_err(|e| Error::io(&path, e))?;
+        }
         Ok(LogMetricByEpochHook {
             jsonl: Some((path, f)),
         })
     }
+}
+
+/// One epoch's metrics as a JSON object on one line (`epoch` as an integer).
+fn json_line(metrics: &Metrics) -> String {
+    let mut obj = serde_json::Map::new();
+    for (k, v) in metrics {
+        let value = if k == "epoch" {
+            serde_json::Value::from(*v as u64)
+        } else {
+            serde_json::Value::from(*v)
+        };
+        obj.insert(k.clone(), value);
+    }
+    let mut line = serde_json::Value::Object(obj).to_string();
+    line.push('\n');
+    line
 }
 
 /// `epoch   3/20  train_loss 0.4123  train_acc 87.12%  …`
@@ -213,18 +235,7 @@ impl Hook for LogMetricByEpochHook {
     fn after_epoch(&mut self, s: &mut State) -> Result<()> {
         s.logger.info(human_line(s));
         if let Some((path, f)) = self.jsonl.as_mut().filter(|_| s.logger.rank == 0) {
-            let mut obj = serde_json::Map::new();
-            for (k, v) in &s.metrics {
-                let value = if k == "epoch" {
-                    serde_json::Value::from(*v as u64)
-                } else {
-                    serde_json::Value::from(*v)
-                };
-                obj.insert(k.clone(), value);
-            }
-            let mut line = serde_json::Value::Object(obj).to_string();
-            line.push('\n');
-            f.write_all(line.as_bytes())
+            f.write_all(json_line(&s.metrics).as_bytes())
                 .and_then(|_| f.flush())
                 .map_err(|e| Error::io(path.as_path(), e))?;
         }
@@ -294,6 +305,90 @@ impl Hook for ProgressHook {
     }
     fn after_epoch(&mut self, _: &mut State) -> Result<()> {
         self.clear();
+        Ok(())
+    }
+}
+
+/// Saves a checkpoint every N epochs and/or every N steps, asynchronously: the
+/// parameters and optimizer state are copied to host memory and written on a
+/// background thread while training goes on. A save waits for the previous one (and
+/// `after_train` for the last one); a failed save's error stops training.
+#[derive(Debug)]
+pub struct SaveCheckpointHook {
+    pub root: PathBuf,
+    pub every_epochs: Option<usize>,
+    pub every_steps: Option<u64>,
+    pub options: SaveOptions,
+    /// Recorded in the checkpoint's training state.
+    pub schedule: Option<LrSchedule>,
+    saver: AsyncSaver,
+}
+
+impl SaveCheckpointHook {
+    pub fn new(
+        root: impl Into<PathBuf>,
+        every_epochs: Option<usize>,
+        every_steps: Option<u64>,
+        options: SaveOptions,
+    ) -> Self {
+        SaveCheckpointHook {
+            root: root.into(),
+            every_epochs,
+            every_steps,
+            options,
+            schedule: None,
+            saver: AsyncSaver::default(),
+        }
+    }
+
+    /// Starts a save positioned at (`epoch`, `batch`): where a resume continues.
+    fn save(&mut self, s: &mut State, epoch: usize, batch: usize) -> Result<()> {
+        let training = TrainingState {
+            epoch: epoch as u64,
+            batch: batch as u64,
+            schedule: self.schedule,
+            history: s.history.clone(),
+            ..TrainingState::default()
+        };
+        let name = checkpoint_name(s.engine.step_count());
+        let snapshot = s.engine.snapshot(training);
+        if let Some(done) = self.saver.save(
+            snapshot,
+            self.root.clone(),
+            name.clone(),
+            self.options.clone(),
+        )? {
+            tracing::debug!("checkpoint committed: {}", done.display());
+        }
+        s.logger.info(format!(
+            "saving checkpoint {} (in the background)",
+            self.root.join(name).display()
+        ));
+        Ok(())
+    }
+}
+
+impl Hook for SaveCheckpointHook {
+    fn after_iter(&mut self, s: &mut State, _: &StepOutput) -> Result<()> {
+        let due = self
+            .every_steps
+            .is_some_and(|n| n > 0 && s.engine.step_count() % n == 0);
+        if due {
+            self.save(s, s.epoch, s.iter + 1)?;
+        }
+        Ok(())
+    }
+    fn after_epoch(&mut self, s: &mut State) -> Result<()> {
+        let due = self
+            .every_epochs
+            .is_some_and(|n| n > 0 && (s.epoch + 1) % n == 0);
+        if due || s.epoch + 1 == s.epochs {
+            self.save(s, s.epoch + 1, 0)?;
+        }
+        Ok(())
+    }
+    fn after_train(&mut self, _: &mut State) -> Result<()> {
+        self.saver.wait()?;
         Ok(())
     }
 }

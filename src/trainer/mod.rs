@@ -16,7 +16,7 @@ mod timer;
 
 pub use hooks::{
     AccuracyHook, LogMetricByEpochHook, LossHook, LrSchedulerHook, PlotHook, ProgressHook,
-    ThroughputHook,
+    SaveCheckpointHook, ThroughputHook,
 };
 pub use logger::{init_stdout, Logger};
 pub use plot::plot_metrics;
@@ -96,6 +96,8 @@ pub trait Hook: Any {
 pub struct Trainer {
     pub engine: Engine,
     pub logger: Logger,
+    /// Where `fit` starts: epoch and batch within it (set by [`Trainer::resume`]).
+    pub start: (usize, usize),
     hooks: Vec<Box<dyn Hook>>,
     history: Vec<Metrics>,
     timers: Timers,
@@ -115,6 +117,7 @@ impl Trainer {
         Trainer {
             engine,
             logger,
+            start: (0, 0),
             hooks: Vec::new(),
             history: Vec::new(),
             timers: Timers::default(),
@@ -131,6 +134,13 @@ impl Trainer {
         self.hooks
             .iter()
             .find_map(|h| (h.as_ref() as &dyn Any).downcast_ref::<H>())
+    }
+
+    /// Continues from a checkpoint's training state (already loaded into the engine):
+    /// `fit` starts at its epoch and batch, with its metrics history.
+    pub fn resume(&mut self, state: &crate::checkpoint::TrainingState) {
+        self.start = (state.epoch as usize, state.batch as usize);
+        self.history = state.history.clone();
     }
 
     /// Per-epoch metrics of every `fit` so far.
@@ -158,6 +168,7 @@ impl Trainer {
         let Trainer {
             engine,
             logger,
+            start,
             hooks,
             history,
             timers,
@@ -173,7 +184,7 @@ impl Trainer {
             timers: std::mem::take(timers),
             logger: logger.clone(),
         };
-        let result = run(&mut s, hooks, train, test, test_interval);
+        let result = run(&mut s, hooks, *start, train, test, test_interval);
         *history = s.history;
         *timers = s.timers;
         result
@@ -183,20 +194,22 @@ impl Trainer {
 fn run(
     s: &mut State,
     hooks: &mut [Box<dyn Hook>],
+    (start_epoch, start_batch): (usize, usize),
     train: &Loader,
     test: Option<&Loader>,
     test_interval: usize,
 ) -> Result<()> {
     call!(hooks, before_train(s));
-    for epoch in 0..s.epochs {
+    for epoch in start_epoch..s.epochs {
+        let first = if epoch == start_epoch { start_batch } else { 0 };
         s.epoch = epoch;
         s.metrics = Metrics::from([("epoch".to_string(), (epoch + 1) as f64)]);
         s.engine.train();
         s.timers.start("train-epoch");
         call!(hooks, before_epoch(s));
-        for (i, batch) in train.epoch(epoch as u64).enumerate() {
+        for (i, batch) in train.epoch_from(epoch as u64, first).enumerate() {
             let b = batch?;
-            s.iter = i;
+            s.iter = first + i;
             call!(hooks, before_iter(s));
             run_batch(s, hooks, b, true)?;
         }

@@ -1,0 +1,368 @@
+//! Checkpoints: a directory of safetensors shard files plus a layout index
+//! (`index.json`, written last as the commit marker). See docs/checkpoint-format.md.
+//!
+//! - [`save`] / [`AsyncSaver`]: snapshot → shards → index → atomic rename, `latest`
+//!   pointer, `keep_last` retention.
+//! - [`Checkpoint`]: the reader — memory-mapped shards, strict header validation, CRC-32
+//!   of every byte range read, zero-copy views.
+//! - `Engine::snapshot`, `Engine::save_checkpoint`, `Engine::load_checkpoint`: the
+//!   engine-level calls (strict or not, with a report).
+
+mod format;
+mod reader;
+mod writer;
+
+pub use format::{
+    check_file_name, parse_shard_header, shard_header, Chunk, Group, HeaderEntry, Index, Layout,
+    TensorEntry, TrainingState, ALIGN, FORMAT, INDEX, MAX_HEADER_BYTES, MAX_INDEX_BYTES, VERSION,
+};
+pub use reader::{Checkpoint, VerifyReport};
+pub use writer::{
+    checkpoint_name, retain, save, set_latest, AsyncSaver, SaveOptions, SnapTensor, Snapshot,
+};
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Tensor};
+use std::path::{Path, PathBuf};
+
+/// The checkpoints under a root directory.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// Committed checkpoints (with an index), oldest first by name.
+    pub committed: Vec<PathBuf>,
+    /// Directories of interrupted saves: never loaded.
+    pub uncommitted: Vec<PathBuf>,
+}
+
+/// Lists a checkpoint root: sub-directories with `index.json` are committed; the rest
+/// (temporary directories of interrupted saves, directories without an index) are not.
+pub fn list(root: &Path) -> Result<Listing> {
+    let mut l = Listing::default();
+    if !root.exists() {
+        return Ok(l);
+    }
+    for e in std::fs::read_dir(root).map_err(|e| Error::io(root, e))? {
+        let p = e.map_err(|e| Error::io(root, e))?.path();
+        if !p.is_dir() {
+            continue;
+        }
+        if p.join(INDEX).is_file() {
+            l.committed.push(p);
+        } else {
+            l.uncommitted.push(p);
+        }
+    }
+    l.committed.sort();
+    l.uncommitted.sort();
+    Ok(l)
+}
+
+/// The checkpoint name in `root/latest`, if there is one.
+pub fn read_latest(root: &Path) -> Option<String> {
+    let s = std::fs::read_to_string(root.join("latest")).ok()?;
+    let name = s.trim().to_string();
+    check_file_name(&name).ok()?;
+    Some(name)
+}
+
+/// The checkpoint to resume from under `root`: the one `latest` names if it is
+/// committed, else the newest committed one.
+pub fn newest(root: &Path) -> Result<Option<PathBuf>> {
+    if let Some(name) = read_latest(root) {
+        let p = root.join(name);
+        if p.join(INDEX).is_file() {
+            return Ok(Some(p));
+        }
+    }
+    Ok(list(root)?.committed.pop())
+}
+
+/// How `Engine::load_checkpoint` treats differences.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Every model parameter must be present with its shape, and nothing extra.
+    pub strict: bool,
+    /// Restore the optimizer state (and the step count) too.
+    pub optimizer: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            strict: true,
+            optimizer: true,
+        }
+    }
+}
+
+/// What a load did not match.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Model parameters the checkpoint lacks (left as initialised).
+    pub missing: Vec<String>,
+    /// Checkpoint model tensors the model does not have.
+    pub unexpected: Vec<String>,
+    /// Present in both with different shapes: (name, checkpoint shape, model shape).
+    pub mismatched: Vec<(String, Vec<usize>, Vec<usize>)>,
+    /// Tensors loaded.
+    pub loaded: usize,
+    /// Whether the optimizer state was restored.
+    pub optimizer_loaded: bool,
+}
+
+impl LoadReport {
+    pub fn is_clean(&self) -> bool {
+        self.missing.is_empty() && self.unexpected.is_empty() && self.mismatched.is_empty()
+    }
+}
+
+impl std::fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "loaded {} tensors", self.loaded)?;
+        if !self.missing.is_empty() {
+            write!(
+                f,
+                "; missing (kept initial values): {}",
+                self.missing.join(", ")
+            )?;
+        }
+        if !self.unexpected.is_empty() {
+            write!(f, "; unexpected (ignored): {}", self.unexpected.join(", "))?;
+        }
+        for (n, c, m) in &self.mismatched {
+            write!(
+                f,
+                "; `{n}` shape {c:?} in the checkpoint vs {m:?} in the model (kept initial)"
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn snap(name: String, group: Group, t: &Tensor) -> SnapTensor {
+    SnapTensor {
+        name,
+        group,
+        dtype: t.dtype(),
+        shape: t.dims().to_vec(),
+        bytes: t.to_le_bytes(),
+    }
+}
+
+impl Engine {
+    /// Copies the parameters and optimizer state into host buffers (what an async save
+    /// writes while training goes on).
+    pub fn snapshot(&self, training: TrainingState) -> Snapshot {
+        let params = self.params();
+        let mut tensors: Vec<SnapTensor> = params
+            .named_parameters()
+            .map(|(n, t)| snap(n.to_string(), Group::Model, t))
+            .collect();
+        tensors.extend(
+            self.optimizer
+                .named_state(params)
+                .into_iter()
+                .map(|(n, t)| snap(n, Group::Optimizer, t)),
+        );
+        Snapshot {
+            model: self.model.config.clone(),
+            optimizer: Some(self.optimizer.kind),
+            training: TrainingState {
+                step: self.step_count(),
+                optimizer_steps: self.optimizer.steps(),
+                base_lr: self.config.lr,
+                lr: self.lr(),
+                seed: self.config.seed,
+                ..training
+            },
+            layout: Layout::default(),
+            rank: 0,
+            tensors,
+        }
+    }
+
+    /// Saves synchronously under `root` as `step-<step>`; returns the path.
+    pub fn save_checkpoint(
+        &self,
+        root: &Path,
+        training: TrainingState,
+        opts: &SaveOptions,
+    ) -> Result<PathBuf> {
+        let snapshot = self.snapshot(training);
+        save(&snapshot, root, &checkpoint_name(self.step_count()), opts)
+    }
+
+    /// Loads weights (and optimizer state and step count, when asked and present) from
+    /// a checkpoint directory. Strict: any missing, unexpected or mismatched tensor is
+    /// an error naming the first one, and nothing is changed. Non-strict: matching
+    /// tensors load, the rest are reported. Returns the checkpoint's training state
+    /// and the report.
+    pub fn load_checkpoint(
+        &mut self,
+        dir: &Path,
+        opts: LoadOptions,
+    ) -> Result<(TrainingState, LoadReport)> {
+        let ckpt = Checkpoint::open(dir)?;
+        let mut report = LoadReport::default();
+        let mut values = Vec::new();
+        let params = self.params_mut();
+        for p in params.iter() {
+            match ckpt.index.tensors.get(&p.name) {
+                None => report.missing.push(p.name.clone()),
+                Some(t) if t.shape.as_slice() != p.value.dims() => report.mismatched.push((
+                    p.name.clone(),
+                    t.shape.clone(),
+                    p.value.dims().to_vec(),
+                )),
+                Some(_) => values.push(p.name.clone()),
+            }
+        }
+        for name in ckpt.names(Group::Model) {
+            if params.id(name).is_err() {
+                report.unexpected.push(name.to_string());
+            }
+        }
+        if opts.strict && !report.is_clean() {
+            return Err(Error::Format {
+                path: dir.to_path_buf(),
+                msg: format!(
+                    "checkpoint does not match the model (strict load): {}",
+                    first_difference(&report)
+                ),
+            });
+        }
+        // Read (and checksum) everything before changing anything.
+        let loaded: Vec<(String, Tensor)> = values
+            .into_iter()
+            .map(|n| ckpt.read(&n).map(|t| (n, t)))
+            .collect::<Result<_>>()?;
+        // Optimizer state: all of it (same optimizer, every tensor present) or none.
+        let state_names: Vec<String> = self
+            .optimizer
+            .named_state(self.params())
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        let restore = opts.optimizer && report.is_clean();
+        let have_state = ckpt.index.optimizer == Some(self.optimizer.kind)
+            && state_names
+                .iter()
+                .all(|n| ckpt.index.tensors.contains_key(n));
+        if restore && opts.strict && !have_state {
+            return Err(Error::Format {
+                path: dir.to_path_buf(),
+                msg: format!(
+                    "the checkpoint has no optimizer state for {:?} (saved with {:?}); load the weights only to start the optimizer fresh",
+                    self.optimizer.kind, ckpt.index.optimizer
+                ),
+            });
+        }
+        let state: Vec<(String, Tensor)> = if restore && have_state {
+            state_names
+                .into_iter()
+                .map(|n| ckpt.read(&n).map(|t| (n, t)))
+                .collect::<Result<_>>()?
+        } else {
+            Vec::new()
+        };
+        report.loaded = loaded.len() + state.len();
+        let params = self.params_mut();
+        for (n, t) in loaded {
+            params.set(&n, t)?;
+        }
+        if restore && have_state {
+            let mut state: std::collections::HashMap<String, Tensor> = state.into_iter().collect();
+            let store = std::mem::take(self.params_mut());
+            let result =
+                self.optimizer
+                    .load_state(&store, ckpt.index.training.optimizer_steps, |n| {
+                        state.remove(n)
+                    });
+            *self.params_mut() = store;
+            result?;
+            self.set_step(ckpt.index.training.step);
+            report.optimizer_loaded = true;
+        }
+        Ok((ckpt.index.training.clone(), report))
+    }
+}
+
+fn first_difference(r: &LoadReport) -> String {
+    if let Some((n, c, m)) = r.mismatched.first() {
+        format!("`{n}` has shape {c:?} in the checkpoint but {m:?} in the model")
+    } else if let Some(n) = r.missing.first() {
+        format!(
+            "`{n}` is missing from the checkpoint ({} missing in all)",
+            r.missing.len()
+        )
+    } else if let Some(n) = r.unexpected.first() {
+        format!(
+            "`{n}` is in the checkpoint but not in the model ({} unexpected in all)",
+            r.unexpected.len()
+        )
+    } else {
+        "no difference".into()
+    }
+}
+
+/// Writes the model tensors of a checkpoint into one safetensors file (for other
+/// tools); returns the number of tensors written.
+pub fn export_safetensors(dir: &Path, out: &Path) -> Result<usize> {
+    let ckpt = Checkpoint::open(dir)?;
+    let names = ckpt.names(Group::Model);
+    let tensors: Vec<(String, Tensor)> = names
+        .iter()
+        .map(|n| ckpt.read(n).map(|t| (n.to_string(), t)))
+        .collect::<Result<_>>()?;
+    let meta: Vec<(&str, DType, &[usize])> = tensors
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.dtype(), t.dims()))
+        .collect();
+    let (header, _) = shard_header(&meta)?;
+    let tmp = out.with_extension("safetensors.part");
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        f.write_all(&header)?;
+        for (_, t) in &tensors {
+            f.write_all(&t.to_le_bytes())?;
+        }
+        f.into_inner().map_err(|e| e.into_error())?.sync_all()
+    };
+    write().map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+    Ok(tensors.len())
+}
+
+/// Reads every tensor of a safetensors file (validated as strictly as a shard), renamed
+/// by `map` (`from` → `to` prefix replacements, first match wins; unmatched names are
+/// kept).
+pub fn read_safetensors(path: &Path, map: &[(String, String)]) -> Result<Vec<(String, Tensor)>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    // SAFETY: read-only map; see the reader.
+    let mm = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let header = parse_shard_header(&mm, len, path)?;
+    let mut out = Vec::new();
+    for (name, e) in &header.entries {
+        let dtype = DType::from_name(&e.dtype).ok_or_else(|| Error::Format {
+            path: path.to_path_buf(),
+            msg: format!("tensor `{name}`: unsupported dtype {}", e.dtype),
+        })?;
+        let [s, t] = e.data_offsets;
+        let bytes = &mm[(header.data_start + s) as usize..(header.data_start + t) as usize];
+        let renamed = map
+            .iter()
+            .find_map(|(from, to)| {
+                name.strip_prefix(from.as_str())
+                    .map(|rest| format!("{to}{rest}"))
+            })
+            .unwrap_or_else(|| name.clone());
+        out.push((
+            renamed,
+            Tensor::from_le_bytes(bytes, dtype, e.shape.as_slice())?,
+        ));
+    }
+    Ok(out)
+}

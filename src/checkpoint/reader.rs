@@ -1,0 +1,228 @@
+//! Reading a checkpoint: the index, then shards memory-mapped on first use, every
+//! header validated, every byte range checksummed before its data is used.
+
+use super::format::{
+    check_file_name, parse_shard_header, Chunk, Index, ShardHeader, TensorEntry, INDEX,
+    MAX_INDEX_BYTES,
+};
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Tensor};
+use memmap2::Mmap;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// A memory-mapped, header-validated shard.
+struct Shard {
+    map: Mmap,
+    header: ShardHeader,
+}
+
+/// An open checkpoint: the validated index; shards are mapped when first read.
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub index: Index,
+    files: BTreeMap<String, OnceLock<std::result::Result<Shard, String>>>,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
+/// What `verify` checked.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub files: usize,
+    pub tensors: usize,
+    pub bytes: u64,
+}
+
+impl Checkpoint {
+    /// Opens a committed checkpoint directory (one with `index.json`).
+    pub fn open(dir: &Path) -> Result<Checkpoint> {
+        let path = dir.join(INDEX);
+        if !dir.is_dir() {
+            return Err(Error::Format {
+                path: dir.to_path_buf(),
+                msg: "checkpoint directory does not exist".into(),
+            });
+        }
+        let meta = std::fs::metadata(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::Format {
+                    path: dir.to_path_buf(),
+                    msg: format!("not a committed checkpoint: no {INDEX} (an interrupted save?)"),
+                }
+            } else {
+                Error::io(&path, e)
+            }
+        })?;
+        if meta.len() > MAX_INDEX_BYTES {
+            return Err(Error::Format {
+                path,
+                msg: format!(
+                    "{} bytes exceeds the {MAX_INDEX_BYTES}-byte index limit",
+                    meta.len()
+                ),
+            });
+        }
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let index = Index::parse(&bytes, &path)?;
+        let files = index
+            .tensors
+            .values()
+            .flat_map(|t| t.chunks.iter().map(|c| (c.file.clone(), OnceLock::new())))
+            .collect();
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            index,
+            files,
+        })
+    }
+
+    /// Names of the tensors of a group (model weights or optimizer state), sorted.
+    pub fn names(&self, group: super::Group) -> Vec<&str> {
+        self.index
+            .tensors
+            .iter()
+            .filter(|(_, t)| t.group == group)
+            .map(|(n, _)| n.as_str())
+            .collect()
+    }
+
+    pub fn entry(&self, name: &str) -> Result<&TensorEntry> {
+        self.index.tensors.get(name).ok_or_else(|| Error::Format {
+            path: self.dir.join(INDEX),
+            msg: format!("no tensor `{name}` in the checkpoint"),
+        })
+    }
+
+    fn shard(&self, file: &str) -> Result<&Shard> {
+        let path = self.dir.join(file);
+        let cell = self.files.get(file).ok_or_else(|| Error::Format {
+            path: path.clone(),
+            msg: "not listed in the index".into(),
+        })?;
+        cell.get_or_init(|| map_shard(&path).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|msg| Error::Message(msg.clone()))
+    }
+
+    /// The bytes of one chunk after checking them against the shard header and the
+    /// chunk's CRC-32.
+    fn chunk_bytes(&self, name: &str, t: &TensorEntry, c: &Chunk) -> Result<&[u8]> {
+        let path = self.dir.join(&c.file);
+        let bad = |msg: String| Error::Format {
+            path: path.clone(),
+            msg: format!("tensor `{name}`: {msg}"),
+        };
+        let shard = self.shard(&c.file)?;
+        let h = shard
+            .header
+            .entries
+            .get(&c.key)
+            .ok_or_else(|| bad(format!("the shard has no tensor `{}`", c.key)))?;
+        let [s, e] = h.data_offsets;
+        let (s, e) = (shard.header.data_start + s, shard.header.data_start + e);
+        if (s, e) != (c.start, c.end) {
+            return Err(bad(format!(
+                "index says bytes {}..{}, the shard header says {s}..{e}",
+                c.start, c.end
+            )));
+        }
+        if h.dtype != t.dtype {
+            return Err(bad(format!(
+                "index says dtype {}, the shard header says {}",
+                t.dtype, h.dtype
+            )));
+        }
+        let bytes = shard
+            .map
+            .get(s as usize..e as usize)
+            .ok_or_else(|| bad(format!("bytes {s}..{e} are outside the file")))?;
+        let crc = crc32fast::hash(bytes);
+        if crc != c.crc32 {
+            return Err(bad(format!(
+                "checksum mismatch in bytes {s}..{e}: stored {:08x}, computed {crc:08x} (corrupted data)",
+                c.crc32
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// Reads one tensor (checksums verified) into a new tensor of its dtype.
+    pub fn read(&self, name: &str) -> Result<Tensor> {
+        let t = self.entry(name)?;
+        let dtype = DType::from_name(&t.dtype).ok_or_else(|| Error::Format {
+            path: self.dir.join(INDEX),
+            msg: format!("tensor `{name}`: unknown dtype {}", t.dtype),
+        })?;
+        let size = dtype.size_in_bytes();
+        let mut bytes = vec![0u8; t.numel() as usize * size];
+        for c in &t.chunks {
+            let src = self.chunk_bytes(name, t, c)?;
+            let at = c.offset as usize * size;
+            bytes[at..at + src.len()].copy_from_slice(src);
+        }
+        Tensor::from_le_bytes(&bytes, dtype, t.shape.as_slice())
+    }
+
+    /// A zero-copy view of an F32 tensor stored in one chunk, straight from the page
+    /// cache (checksum verified).
+    pub fn view_f32(&self, name: &str) -> Result<&[f32]> {
+        let t = self.entry(name)?;
+        let not = |why: &str| Error::Format {
+            path: self.dir.join(INDEX),
+            msg: format!("tensor `{name}` cannot be viewed in place: {why}"),
+        };
+        if t.dtype != "F32" {
+            return Err(not("not F32"));
+        }
+        let [c] = t.chunks.as_slice() else {
+            return Err(not("stored in several chunks"));
+        };
+        let bytes = self.chunk_bytes(name, t, c)?;
+        if cfg!(target_endian = "big") {
+            return Err(not("big-endian host"));
+        }
+        bytemuck::try_cast_slice(bytes).map_err(|_| not("unaligned data"))
+    }
+
+    /// Checks every shard header, every chunk's bounds and checksum, and that every
+    /// shard in the directory's index is readable.
+    pub fn verify(&self) -> Result<VerifyReport> {
+        let mut report = VerifyReport {
+            files: self.files.len(),
+            ..VerifyReport::default()
+        };
+        for (name, t) in &self.index.tensors {
+            for c in &t.chunks {
+                report.bytes += self.chunk_bytes(name, t, c)?.len() as u64;
+            }
+            report.tensors += 1;
+        }
+        Ok(report)
+    }
+}
+
+fn map_shard(path: &Path) -> Result<Shard> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    check_file_name(name).map_err(|msg| Error::Format {
+        path: path.to_path_buf(),
+        msg,
+    })?;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    // SAFETY: the map is read-only; a file changed underneath us by another process
+    // can give wrong bytes, which the CRC-32 of every range read then rejects.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let header = parse_shard_header(&map, len, path)?;
+    Ok(Shard { map, header })
+}

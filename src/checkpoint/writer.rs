@@ -1,0 +1,314 @@
+//! Writing a checkpoint: snapshot → shard files → index → atomic commit; retention and
+//! the `latest` pointer; the background saver.
+
+use super::format::{
+    shard_header, Chunk, Group, Index, Layout, TensorEntry, TrainingState, FORMAT, INDEX, VERSION,
+};
+use crate::error::{Error, Result};
+use crate::optim::OptimizerKind;
+use crate::tensor::DType;
+use crate::VitConfig;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+
+/// One tensor copied out of training, ready to write.
+#[derive(Clone, Debug)]
+pub struct SnapTensor {
+    pub name: String,
+    pub group: Group,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+/// Everything a checkpoint holds, in host memory, independent of the live model.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub model: VitConfig,
+    pub optimizer: Option<OptimizerKind>,
+    pub training: TrainingState,
+    pub layout: Layout,
+    /// This rank's tensors (replicas written by one rank only).
+    pub rank: usize,
+    pub tensors: Vec<SnapTensor>,
+}
+
+/// How checkpoints are written and kept.
+#[derive(Clone, Debug)]
+pub struct SaveOptions {
+    /// Start a new shard file when the current one would grow past this many bytes
+    /// (a tensor larger than this gets a shard of its own).
+    pub shard_bytes: u64,
+    /// Keep only the newest N committed checkpoints under the root (`None`: keep all).
+    pub keep_last: Option<usize>,
+}
+
+impl Default for SaveOptions {
+    fn default() -> Self {
+        SaveOptions {
+            shard_bytes: 2 << 30,
+            keep_last: None,
+        }
+    }
+}
+
+/// The directory name of the checkpoint taken after `step` updates.
+pub fn checkpoint_name(step: u64) -> String {
+    format!("step-{step:010}")
+}
+
+/// Fault injection for crash tests: with `FERROVIT_FAULT_SAVE=k` and
+/// `FERROVIT_FAULT_STOP_AT_BYTE=n`, save number k (0-based, in this process) stops
+/// once n bytes of its files (shards, then the index) are written — or, when n is past
+/// the end, after the directory rename and before the `latest` pointer moves — prints
+/// `fault: stopped` on stderr and waits to be killed.
+struct Fault {
+    stop_at: Option<u64>,
+    written: u64,
+}
+
+static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+impl Fault {
+    fn for_this_save() -> Fault {
+        let n = SAVES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+        let stop_at = match (
+            env("FERROVIT_FAULT_SAVE"),
+            env("FERROVIT_FAULT_STOP_AT_BYTE"),
+        ) {
+            (Some(k), Some(b)) if k == n => Some(b),
+            _ => None,
+        };
+        Fault {
+            stop_at,
+            written: 0,
+        }
+    }
+
+    fn hang(&self) -> ! {
+        eprintln!("fault: stopped at byte {}", self.written);
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(60));
+        }
+    }
+
+    /// Writes `bytes`, stopping at the fault byte if it falls inside.
+    fn write(&mut self, f: &mut std::fs::File, bytes: &[u8], path: &Path) -> Result<()> {
+        if let Some(stop) = self.stop_at {
+            if self.written + bytes.len() as u64 >= stop && stop >= self.written {
+                let k = (stop - self.written) as usize;
+                f.write_all(&bytes[..k]).map_err(|e| Error::io(path, e))?;
+                let _ = f.flush();
+                self.written = stop;
+                self.hang();
+            }
+        }
+        f.write_all(bytes).map_err(|e| Error::io(path, e))?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn after_commit(&self) {
+        if self.stop_at.is_some_and(|s| s > self.written) {
+            self.hang();
+        }
+    }
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
+
+/// Writes the snapshot's tensors into shard files in `dir`; returns the index entries.
+fn write_shards(
+    snap: &Snapshot,
+    dir: &Path,
+    opts: &SaveOptions,
+    fault: &mut Fault,
+) -> Result<BTreeMap<String, TensorEntry>> {
+    // Pack tensors into shards in order, each shard at most `shard_bytes` of data.
+    let mut shards: Vec<Vec<&SnapTensor>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for t in &snap.tensors {
+        let len = t.bytes.len() as u64;
+        if size > 0 && size + len > opts.shard_bytes {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        shards.last_mut().map(|s| s.push(t));
+        size += len;
+    }
+    let count = shards.len();
+    let mut entries = BTreeMap::new();
+    for (k, tensors) in shards.iter().enumerate() {
+        let file = format!(
+            "rank{:05}-{:05}-of-{count:05}.safetensors",
+            snap.rank,
+            k + 1
+        );
+        let path = dir.join(&file);
+        let meta: Vec<(&str, DType, &[usize])> = tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice()))
+            .collect();
+        let (header, ranges) = shard_header(&meta)?;
+        let mut f = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+        fault.write(&mut f, &header, &path)?;
+        for (t, [s, e]) in tensors.iter().zip(ranges) {
+            fault.write(&mut f, &t.bytes, &path)?;
+            let base = header.len() as u64;
+            entries.insert(
+                t.name.clone(),
+                TensorEntry {
+                    dtype: t.dtype.name().into(),
+                    shape: t.shape.clone(),
+                    group: t.group,
+                    chunks: vec![Chunk {
+                        file: file.clone(),
+                        key: t.name.clone(),
+                        start: base + s,
+                        end: base + e,
+                        offset: 0,
+                        crc32: crc32fast::hash(&t.bytes),
+                        rank: snap.rank,
+                    }],
+                },
+            );
+        }
+        f.sync_all().map_err(|e| Error::io(&path, e))?;
+    }
+    Ok(entries)
+}
+
+/// Saves a snapshot as `root/<name>` with the commit protocol: everything is written
+/// into a temporary directory and fsynced, the index last; the directory is renamed
+/// into place and the root fsynced; then the `latest` pointer is replaced atomically
+/// and old checkpoints beyond `keep_last` are removed. Returns the checkpoint path.
+pub fn save(snap: &Snapshot, root: &Path, name: &str, opts: &SaveOptions) -> Result<PathBuf> {
+    super::format::check_file_name(name).map_err(Error::Config)?;
+    std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+    let mut fault = Fault::for_this_save();
+    let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let tensors = write_shards(snap, &tmp, opts, &mut fault)?;
+    let weight_map = tensors
+        .iter()
+        .filter(|(_, t)| t.group == Group::Model)
+        .map(|(n, t)| (n.clone(), t.chunks[0].file.clone()))
+        .collect();
+    let index = Index {
+        format: FORMAT.into(),
+        version: VERSION,
+        model: snap.model.clone(),
+        optimizer: snap.optimizer.clone(),
+        training: snap.training.clone(),
+        layout: snap.layout.clone(),
+        tensors,
+        weight_map,
+    };
+    let json =
+        serde_json::to_vec_pretty(&index).map_err(|e| Error::Config(format!("index: {e}")))?;
+    let index_path = tmp.join(INDEX);
+    let mut f = std::fs::File::create(&index_path).map_err(|e| Error::io(&index_path, e))?;
+    fault.write(&mut f, &json, &index_path)?;
+    f.sync_all().map_err(|e| Error::io(&index_path, e))?;
+    fsync_dir(&tmp)?;
+
+    let dest = root.join(name);
+    if dest.exists() {
+        // Replacing a checkpoint of the same name: move the old one aside first, so
+        // a crash leaves either the old or the new one committed.
+        let old = root.join(format!(".old-{name}-{}", std::process::id()));
+        std::fs::rename(&dest, &old).map_err(|e| Error::io(&dest, e))?;
+        std::fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
+    }
+    fsync_dir(root)?;
+    fault.after_commit();
+    set_latest(root, name)?;
+    if let Some(keep) = opts.keep_last {
+        retain(root, keep)?;
+    }
+    Ok(dest)
+}
+
+/// The `latest` pointer: a file naming the newest committed checkpoint, replaced by
+/// write-to-temporary + rename.
+pub fn set_latest(root: &Path, name: &str) -> Result<()> {
+    let tmp = root.join(".latest.tmp");
+    let path = root.join("latest");
+    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(format!("{name}\n").as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+    fsync_dir(root)
+}
+
+/// Removes all but the newest `keep` committed checkpoints (never the newest one, nor
+/// the one `latest` names).
+pub fn retain(root: &Path, keep: usize) -> Result<Vec<PathBuf>> {
+    let list = super::list(root)?;
+    let latest = super::read_latest(root);
+    let mut removed = Vec::new();
+    let n = list.committed.len();
+    for p in list.committed.iter().take(n.saturating_sub(keep.max(1))) {
+        let name = p.file_name().and_then(|n| n.to_str()).map(String::from);
+        if name.is_some() && name == latest {
+            continue;
+        }
+        std::fs::remove_dir_all(p).map_err(|e| Error::io(p, e))?;
+        removed.push(p.clone());
+    }
+    Ok(removed)
+}
+
+/// Saves on a background thread. `save` first waits for the previous save and returns
+/// its error if it failed; `wait` does the same at the end. Dropping the saver waits
+/// too (logging an error it can no longer return).
+#[derive(Debug, Default)]
+pub struct AsyncSaver {
+    pending: Option<JoinHandle<Result<PathBuf>>>,
+}
+
+impl AsyncSaver {
+    /// Starts writing `snap`; returns once the previous save has finished.
+    pub fn save(
+        &mut self,
+        snap: Snapshot,
+        root: PathBuf,
+        name: String,
+        opts: SaveOptions,
+    ) -> Result<Option<PathBuf>> {
+        let previous = self.wait()?;
+        self.pending = Some(std::thread::spawn(move || save(&snap, &root, &name, &opts)));
+        Ok(previous)
+    }
+
+    /// Waits for the save in flight, if any; returns its path or its error.
+    pub fn wait(&mut self) -> Result<Option<PathBuf>> {
+        match self.pending.take() {
+            None => Ok(None),
+            Some(h) => h
+                .join()
+                .map_err(|_| Error::Config("the checkpoint writer thread panicked".into()))?
+                .map(Some),
+        }
+    }
+}
+
+impl Drop for AsyncSaver {
+    fn drop(&mut self) {
+        if let Err(e) = self.wait() {
+            tracing::error!("checkpoint save failed: {e}");
+        }
+    }
+}

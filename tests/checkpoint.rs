@@ -1,0 +1,462 @@
+//! Checkpoints: round trips, strict and non-strict loads, retention, the `latest`
+//! pointer, and every kind of corruption refused with an error naming the file and
+//! tensor — including random corruptions driven through the parser.
+
+mod common;
+
+use common::temp_dir;
+use ferrovit::checkpoint::{
+    self, export_safetensors, list, read_safetensors, AsyncSaver, Checkpoint, Group, LoadOptions,
+    SaveOptions, TrainingState, INDEX,
+};
+use ferrovit::engine::{Engine, TrainConfig};
+use ferrovit::rng::Rng;
+use ferrovit::{Device, Tensor, VitConfig};
+use std::path::{Path, PathBuf};
+
+fn small(classes: usize) -> VitConfig {
+    VitConfig {
+        dim: 32,
+        depth: 2,
+        heads: 4,
+        mlp_dim: 64,
+        num_classes: classes,
+        ..VitConfig::preset("vit_tiny_patch4_32").unwrap()
+    }
+}
+
+/// An engine after a few training steps on random data (non-trivial optimizer state).
+fn trained(seed: u64) -> Engine {
+    let mut e = Engine::new(
+        &small(10),
+        TrainConfig {
+            seed,
+            ..TrainConfig::default()
+        },
+    )
+    .unwrap();
+    let mut rng = Rng::new(seed);
+    for _ in 0..3 {
+        let x = Tensor::from_vec(rng.vec(4 * 3 * 32 * 32, |r| r.normal()), [4, 3, 32, 32]).unwrap();
+        e.train_step(x, &[1, 2, 3, 4], &[0, 1, 2, 3]).unwrap();
+    }
+    e
+}
+
+/// Every model and optimizer tensor of an engine, by name.
+fn state(e: &Engine) -> Vec<(String, Vec<f32>)> {
+    let s = e.snapshot(TrainingState::default());
+    s.tensors
+        .iter()
+        .map(|t| {
+            let v = t
+                .bytes
+                .chunks(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (t.name.clone(), v)
+        })
+        .collect()
+}
+
+/// Saves `e` under a fresh root with small shards; returns (root, checkpoint dir).
+fn saved(e: &Engine, name: &str) -> (PathBuf, PathBuf) {
+    let root = temp_dir(name);
+    let opts = SaveOptions {
+        shard_bytes: 40_000,
+        keep_last: None,
+    };
+    let training = TrainingState {
+        epoch: 2,
+        batch: 5,
+        ..TrainingState::default()
+    };
+    let dir = e.save_checkpoint(&root, training, &opts).unwrap();
+    (root, dir)
+}
+
+fn shards(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn round_trip_restores_weights_optimizer_and_training_state() {
+    let e = trained(1);
+    let (root, dir) = saved(&e, "roundtrip");
+    assert!(shards(&dir).len() > 2, "small shard size → several shards");
+    let ck = Checkpoint::open(&dir).unwrap();
+    let report = ck.verify().unwrap();
+    assert_eq!(report.tensors, ck.index.tensors.len());
+    // every shard is a valid safetensors file for the reference implementation
+    for f in shards(&dir) {
+        let bytes = std::fs::read(&f).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert!(!st.names().is_empty());
+    }
+    let mut fresh = Engine::new(
+        &small(10),
+        TrainConfig {
+            seed: 1,
+            ..TrainConfig::default()
+        },
+    )
+    .unwrap();
+    assert_ne!(state(&fresh), state(&e));
+    let (training, report) = fresh.load_checkpoint(&dir, LoadOptions::default()).unwrap();
+    assert!(report.is_clean() && report.optimizer_loaded, "{report}");
+    assert_eq!(state(&fresh), state(&e));
+    assert_eq!((training.epoch, training.batch, training.step), (2, 5, 3));
+    assert_eq!(fresh.step_count(), 3);
+    assert_eq!(fresh.optimizer.steps(), e.optimizer.steps());
+    // zero-copy views equal the parameters
+    let p = e.params().iter().next().unwrap();
+    assert_eq!(
+        ck.view_f32(&p.name).unwrap(),
+        p.value.to_vec_f32().as_slice()
+    );
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn a_subset_loads_without_touching_other_shards() {
+    let e = trained(2);
+    let (root, dir) = saved(&e, "subset");
+    let ck = Checkpoint::open(&dir).unwrap();
+    let name = "head.weight";
+    let file = ck.index.tensors[name].chunks[0].file.clone();
+    for f in shards(&dir) {
+        if f.file_name().unwrap().to_str().unwrap() != file {
+            std::fs::remove_file(f).unwrap();
+        }
+    }
+    let want = e
+        .params()
+        .iter()
+        .find(|p| p.name == name)
+        .unwrap()
+        .value
+        .to_vec_f32();
+    assert_eq!(ck.read(name).unwrap().to_vec_f32(), want);
+    let err = ck.verify().unwrap_err().to_string();
+    assert!(err.contains(".safetensors"), "{err}");
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn strict_refuses_a_different_head_and_non_strict_reports_it() {
+    let e = trained(3);
+    let (root, dir) = saved(&e, "strict");
+    let mut other = Engine::new(&small(7), TrainConfig::default()).unwrap();
+    let err = other
+        .load_checkpoint(&dir, LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`head.weight` has shape [10, 32] in the checkpoint but [7, 32]"),
+        "{err}"
+    );
+    let before = state(&other);
+    let (_, report) = other
+        .load_checkpoint(
+            &dir,
+            LoadOptions {
+                strict: false,
+                optimizer: false,
+            },
+        )
+        .unwrap();
+    assert_eq!(report.mismatched.len(), 2, "{report}");
+    assert!(!report.optimizer_loaded);
+    let after = state(&other);
+    for ((n, a), (_, b)) in before.iter().zip(&after) {
+        if n.starts_with("head.") || n.starts_with("exp_avg") {
+            assert_eq!(a, b, "{n} kept");
+        } else {
+            assert_ne!(a, b, "{n} loaded");
+        }
+    }
+    // a deeper model: missing blocks are reported; strict names the first
+    let mut deeper = Engine::new(
+        &VitConfig {
+            depth: 3,
+            ..small(10)
+        },
+        TrainConfig::default(),
+    )
+    .unwrap();
+    let err = deeper
+        .load_checkpoint(&dir, LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`blocks.2.") && err.contains("missing"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn retention_latest_pointer_and_uncommitted_directories() {
+    let mut e = trained(4);
+    let root = temp_dir("retention");
+    let opts = SaveOptions {
+        keep_last: Some(2),
+        ..SaveOptions::default()
+    };
+    let mut saver = AsyncSaver::default();
+    for step in 10..15 {
+        e.set_step(step);
+        let snap = e.snapshot(TrainingState::default());
+        saver
+            .save(
+                snap,
+                root.clone(),
+                checkpoint::checkpoint_name(step),
+                opts.clone(),
+            )
+            .unwrap();
+    }
+    let last = saver.wait().unwrap().unwrap();
+    assert!(last.ends_with("step-0000000014"));
+    // an interrupted save and a directory without an index
+    std::fs::create_dir_all(root.join(".tmp-step-0000000099-1")).unwrap();
+    std::fs::create_dir_all(root.join("step-0000000098")).unwrap();
+    let l = list(&root).unwrap();
+    let names: Vec<String> = l
+        .committed
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into())
+        .collect();
+    assert_eq!(names, ["step-0000000013", "step-0000000014"]);
+    assert_eq!(l.uncommitted.len(), 2);
+    assert_eq!(
+        checkpoint::read_latest(&root).as_deref(),
+        Some("step-0000000014")
+    );
+    assert_eq!(checkpoint::newest(&root).unwrap().unwrap(), last);
+    let err = Checkpoint::open(&root.join("step-0000000098"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a committed checkpoint"), "{err}");
+    // a stale pointer falls back to the newest committed
+    checkpoint::set_latest(&root, "step-0000000098").unwrap();
+    assert_eq!(checkpoint::newest(&root).unwrap().unwrap(), last);
+    // an error in the background writer surfaces at the next call
+    let blocked = root.join("a-file");
+    std::fs::write(&blocked, "not a directory").unwrap();
+    let snap = e.snapshot(TrainingState::default());
+    saver
+        .save(snap, blocked.clone(), "step-1".into(), opts.clone())
+        .unwrap();
+    let err = saver.wait().unwrap_err().to_string();
+    assert!(err.contains("a-file"), "{err}");
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn export_writes_one_safetensors_file_that_reads_back() {
+    let e = trained(5);
+    let (root, dir) = saved(&e, "export");
+    let out = root.join("model.safetensors");
+    let n = export_safetensors(&dir, &out).unwrap();
+    assert_eq!(n, e.params().len());
+    let bytes = std::fs::read(&out).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.names().len(), n);
+    let back = read_safetensors(&out, &[("blocks.".into(), "layers.".into())]).unwrap();
+    assert!(back.iter().any(|(n, _)| n == "layers.0.attn.qkv.weight"));
+    let (_, t) = back.iter().find(|(n, _)| n == "head.weight").unwrap();
+    let want = e
+        .params()
+        .iter()
+        .find(|p| p.name == "head.weight")
+        .unwrap()
+        .value
+        .to_vec_f32();
+    assert_eq!(t.to_vec_f32(), want);
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+/// Loads a checkpoint into a fresh engine: the error text, or the loaded state.
+fn try_load(dir: &Path) -> Result<Vec<(String, Vec<f32>)>, String> {
+    let mut e = Engine::new(&small(10), TrainConfig::default()).unwrap();
+    let ck = Checkpoint::open(dir).map_err(|e| e.to_string())?;
+    ck.verify().map_err(|e| e.to_string())?;
+    e.load_checkpoint(dir, LoadOptions::default())
+        .map_err(|e| e.to_string())?;
+    Ok(state(&e))
+}
+
+fn edit_index(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join(INDEX);
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
+}
+
+#[test]
+fn every_corruption_gives_a_precise_error() {
+    let e = trained(6);
+    let (root, clean) = saved(&e, "corrupt");
+    let copy = |name: &str| {
+        let d = root.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in std::fs::read_dir(&clean).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, d.join(f.file_name().unwrap())).unwrap();
+        }
+        d
+    };
+    let ck = Checkpoint::open(&clean).unwrap();
+    let qkv = &ck.index.tensors["blocks.0.attn.qkv.weight"].chunks[0];
+    let (qkv_file, qkv_mid) = (qkv.file.clone(), (qkv.start + qkv.end) / 2);
+    let mut cases: Vec<(PathBuf, Vec<&str>)> = Vec::new();
+
+    let d = copy("flip");
+    let mut b = std::fs::read(d.join(&qkv_file)).unwrap();
+    b[qkv_mid as usize] ^= 0x10;
+    std::fs::write(d.join(&qkv_file), b).unwrap();
+    cases.push((
+        d,
+        vec![&qkv_file, "`blocks.0.attn.qkv.weight`", "checksum mismatch"],
+    ));
+
+    let d = copy("truncate");
+    let b = std::fs::read(d.join(&qkv_file)).unwrap();
+    std::fs::write(d.join(&qkv_file), &b[..b.len() - 7]).unwrap();
+    cases.push((d, vec![&qkv_file, "truncated"]));
+
+    let d = copy("delete");
+    std::fs::remove_file(d.join(&qkv_file)).unwrap();
+    cases.push((d, vec![&qkv_file, "No such file"]));
+
+    let d = copy("past-end");
+    edit_index(&d, |v| {
+        let c = &mut v["tensors"]["head.bias"]["chunks"][0];
+        c["start"] = (1u64 << 40).into();
+        c["end"] = ((1u64 << 40) + 40).into();
+    });
+    cases.push((
+        d,
+        vec![
+            "`head.bias`",
+            "index says bytes 1099511627776..1099511627816",
+        ],
+    ));
+
+    let d = copy("overlap");
+    edit_index(&d, |v| {
+        let chunks = v["tensors"]["head.bias"]["chunks"].as_array_mut().unwrap();
+        let c = chunks[0].clone();
+        chunks.push(c);
+    });
+    cases.push((d, vec![INDEX, "`head.bias`", "overlap"]));
+
+    let d = copy("dtype");
+    edit_index(&d, |v| v["tensors"]["head.bias"]["dtype"] = "F16".into());
+    cases.push((d, vec!["`head.bias`", "dtype"]));
+
+    let d = copy("escape");
+    edit_index(&d, |v| {
+        v["tensors"]["head.bias"]["chunks"][0]["file"] = "../x".into()
+    });
+    cases.push((
+        d,
+        vec![INDEX, "`head.bias`", "`../x` is not a plain file name"],
+    ));
+
+    let d = copy("header");
+    let mut b = std::fs::read(d.join(&qkv_file)).unwrap();
+    b[..8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+    std::fs::write(d.join(&qkv_file), b).unwrap();
+    cases.push((d, vec![&qkv_file, "header length", "exceeds"]));
+
+    let d = copy("version");
+    edit_index(&d, |v| v["version"] = 99.into());
+    cases.push((d, vec![INDEX, "version Some(99) is not supported"]));
+
+    for (dir, wants) in cases {
+        let err = try_load(&dir).expect_err(&format!("{} must be refused", dir.display()));
+        for w in wants {
+            assert!(err.contains(w), "{}: `{w}` not in: {err}", dir.display());
+        }
+    }
+    assert_eq!(try_load(&clean).unwrap(), state(&e));
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn random_corruptions_never_panic_and_never_load_wrong_values() {
+    let e = trained(7);
+    let (root, clean) = saved(&e, "fuzz");
+    let want = state(&e);
+    let files: Vec<PathBuf> = std::fs::read_dir(&clean)
+        .unwrap()
+        .map(|f| f.unwrap().path())
+        .collect();
+    let originals: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
+    let mut rng = Rng::new(42);
+    let (mut refused, mut harmless) = (0, 0);
+    for round in 0..300 {
+        let k = (rng.next_u64() % files.len() as u64) as usize;
+        let mut b = originals[k].clone();
+        match round % 4 {
+            // flip one byte anywhere
+            0 | 1 => {
+                let i = (rng.next_u64() % b.len() as u64) as usize;
+                b[i] ^= 1 << (rng.next_u64() % 8);
+            }
+            // truncate anywhere
+            2 => b.truncate((rng.next_u64() % b.len() as u64) as usize),
+            // overwrite a run with garbage
+            _ => {
+                let i = (rng.next_u64() % b.len() as u64) as usize;
+                for x in b.iter_mut().skip(i).take(16) {
+                    *x = rng.next_u64() as u8;
+                }
+            }
+        }
+        std::fs::write(&files[k], &b).unwrap();
+        match try_load(&clean) {
+            Err(_) => refused += 1,
+            // a change that loads must not have changed anything loaded
+            // (JSON whitespace, header padding, an unused metadata byte)
+            Ok(got) => {
+                assert_eq!(got, want, "round {round}: corrupted values loaded");
+                harmless += 1;
+            }
+        }
+        std::fs::write(&files[k], &originals[k]).unwrap();
+    }
+    assert!(refused > 200, "refused {refused}, harmless {harmless}");
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn tensors_of_other_dtypes_round_trip() {
+    let root = temp_dir("dtypes");
+    let e = trained(8);
+    let mut snap = e.snapshot(TrainingState::default());
+    let t = Tensor::from_vec(vec![1.5, -2.25, 3.0], [3])
+        .unwrap()
+        .to_dtype(ferrovit::DType::BF16);
+    snap.tensors.push(checkpoint::SnapTensor {
+        name: "extra.bf16".into(),
+        group: Group::Model,
+        dtype: t.dtype(),
+        shape: vec![3],
+        bytes: t.to_le_bytes(),
+    });
+    let dir = checkpoint::save(&snap, &root, "step-1", &SaveOptions::default()).unwrap();
+    let back = Checkpoint::open(&dir).unwrap().read("extra.bf16").unwrap();
+    assert_eq!(back.dtype(), ferrovit::DType::BF16);
+    assert_eq!(back.to_vec_f32(), vec![1.5, -2.25, 3.0]);
+    let _ = Tensor::zeros([1], Device::Cpu);
+    std::fs::remove_dir_all(root).unwrap();
+}

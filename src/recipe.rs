@@ -213,6 +213,25 @@ impl TrainOptions {
     }
 }
 
+/// A fresh run never mixes its checkpoints with an earlier run's (retention and
+/// `--resume auto` go by step): an existing checkpoint directory is renamed aside.
+fn set_aside_old_run(root: &Path, logger: &Logger) -> Result<()> {
+    if checkpoint::list(root)?.committed.is_empty() {
+        return Ok(());
+    }
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let aside = root.with_file_name(format!("checkpoints.old-{stamp}"));
+    std::fs::rename(root, &aside).map_err(|e| Error::io(root, e))?;
+    logger.info(format!(
+        "{} held checkpoints of an earlier run: moved to {} (use --resume auto to continue a run)",
+        root.display(),
+        aside.display()
+    ));
+    Ok(())
+}
+
 /// Loads the checkpoint to resume from (strict, optimizer state included) and positions
 /// the trainer after it.
 fn resume_from(
@@ -359,6 +378,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let mut trainer = Trainer::new(engine, logger.clone());
     if let Some(resume) = &opts.resume {
         resume_from(&mut trainer, resume, &ckpt_root, &cfg, opts)?;
+    }
+    if opts.resume.is_none() && !opts.no_save {
+        set_aside_old_run(&ckpt_root, &logger)?;
     }
     if let Some(init) = &opts.init {
         let (_, report) = trainer.engine.load_checkpoint(

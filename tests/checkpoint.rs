@@ -226,6 +226,7 @@ fn retention_latest_pointer_and_uncommitted_directories() {
     assert!(last.ends_with("step-0000000014"));
     // an interrupted save and a directory without an index
     std::fs::create_dir_all(root.join(".tmp-step-0000000099-1")).unwrap();
+    std::fs::write(root.join(".tmp-step-0000000099-1").join(INDEX), "{").unwrap();
     std::fs::create_dir_all(root.join("step-0000000098")).unwrap();
     let l = list(&root).unwrap();
     let names: Vec<String> = l

@@ -35,8 +35,10 @@ pub struct Listing {
     pub uncommitted: Vec<PathBuf>,
 }
 
-/// Lists a checkpoint root: sub-directories with `index.json` are committed; the rest
-/// (temporary directories of interrupted saves, directories without an index) are not.
+/// Lists a checkpoint root: sub-directories with `index.json` are committed, except
+/// the writer's hidden temporary directories (`.tmp-…`, `.old-…`), which never are,
+/// whatever they hold; those and directories without an index are listed as
+/// uncommitted.
 pub fn list(root: &Path) -> Result<Listing> {
     let mut l = Listing::default();
     if !root.exists() {
@@ -47,7 +49,11 @@ pub fn list(root: &Path) -> Result<Listing> {
         if !p.is_dir() {
             continue;
         }
-        if p.join(INDEX).is_file() {
+        let hidden = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_none_or(|n| n.starts_with('.'));
+        if !hidden && p.join(INDEX).is_file() {
             l.committed.push(p);
         } else {
             l.uncommitted.push(p);
@@ -66,15 +72,10 @@ pub fn read_latest(root: &Path) -> Option<String> {
     Some(name)
 }
 
-/// The checkpoint to resume from under `root`: the one `latest` names if it is
-/// committed, else the newest committed one.
+/// The checkpoint to resume from under `root`: the newest committed one (names order
+/// by step). This is what `latest` names, except after a crash between a commit and
+/// the pointer's update, when the newer committed checkpoint wins.
 pub fn newest(root: &Path) -> Result<Option<PathBuf>> {
-    if let Some(name) = read_latest(root) {
-        let p = root.join(name);
-        if p.join(INDEX).is_file() {
-            return Ok(Some(p));
-        }
-    }
     Ok(list(root)?.committed.pop())
 }
 

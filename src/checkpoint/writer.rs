@@ -140,7 +140,9 @@ fn write_shards(
             shards.push(Vec::new());
             size = 0;
         }
-        shards.last_mut().map(|s| s.push(t));
+        if let Some(s) = shards.last_mut() {
+            s.push(t);
+        }
         size += len;
     }
     let count = shards.len();
@@ -206,7 +208,7 @@ pub fn save(snap: &Snapshot, root: &Path, name: &str, opts: &SaveOptions) -> Res
         format: FORMAT.into(),
         version: VERSION,
         model: snap.model.clone(),
-        optimizer: snap.optimizer.clone(),
+        optimizer: snap.optimizer,
         training: snap.training.clone(),
         layout: snap.layout.clone(),
         tensors,

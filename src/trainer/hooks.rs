@@ -372,7 +372,7 @@ impl Hook for SaveCheckpointHook {
     fn after_iter(&mut self, s: &mut State, _: &StepOutput) -> Result<()> {
         let due = self
             .every_steps
-            .is_some_and(|n| n > 0 && s.engine.step_count() % n == 0);
+            .is_some_and(|n| n > 0 && s.engine.step_count().is_multiple_of(n));
         if due {
             self.save(s, s.epoch, s.iter + 1)?;
         }
@@ -381,7 +381,7 @@ impl Hook for SaveCheckpointHook {
     fn after_epoch(&mut self, s: &mut State) -> Result<()> {
         let due = self
             .every_epochs
-            .is_some_and(|n| n > 0 && (s.epoch + 1) % n == 0);
+            .is_some_and(|n| n > 0 && (s.epoch + 1).is_multiple_of(n));
         if due || s.epoch + 1 == s.epochs {
             self.save(s, s.epoch + 1, 0)?;
         }

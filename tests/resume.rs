@@ -1,0 +1,306 @@
+//! Resuming is exact: training straight through and training, saving, (crashing,)
+//! then resuming give bit-identical losses and parameters — data order, augmentation,
+//! dropout, LR schedule and optimizer state included.
+
+mod common;
+
+use common::{ferrovit, temp_dir};
+use ferrovit::checkpoint::{self, Checkpoint, LoadOptions, SaveOptions};
+use ferrovit::data::{default_data_dir, Augment, Dataset, Loader, Sampler};
+use ferrovit::engine::{Engine, TrainConfig};
+use ferrovit::optim::LrSchedule;
+use ferrovit::trainer::{
+    Hook, Logger, LossHook, LrSchedulerHook, SaveCheckpointHook, State, StepOutput, Trainer,
+};
+use ferrovit::{Result, VitConfig};
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+/// Records (step, loss) of every training step.
+struct Losses(Arc<Mutex<Vec<(u64, f32)>>>);
+
+impl Hook for Losses {
+    fn after_iter(&mut self, s: &mut State, out: &StepOutput) -> Result<()> {
+        self.0
+            .lock()
+            .unwrap()
+            .push((s.engine.step_count(), out.loss));
+        Ok(())
+    }
+}
+
+fn trainer(root: &Path, losses: Arc<Mutex<Vec<(u64, f32)>>>) -> Trainer {
+    let cfg = VitConfig {
+        dim: 32,
+        depth: 2,
+        heads: 4,
+        mlp_dim: 32,
+        ..VitConfig::preset("vit_tiny_patch4_32").unwrap()
+    };
+    let engine = Engine::new(
+        &cfg,
+        TrainConfig {
+            seed: 9,
+            lr: 2e-3,
+            ..TrainConfig::default()
+        },
+    )
+    .unwrap();
+    let mut t = Trainer::new(engine, Logger::default());
+    t.add_hook(LrSchedulerHook {
+        schedule: LrSchedule::WarmupCosine {
+            warmup: 3,
+            total: 15,
+            min_lr: 0.0,
+        },
+        by_epoch: false,
+    })
+    .add_hook(LossHook::default())
+    .add_hook(Losses(losses))
+    .add_hook(SaveCheckpointHook::new(
+        root,
+        Some(1),
+        Some(2),
+        SaveOptions::default(),
+    ));
+    t
+}
+
+fn loader() -> Loader {
+    let (mut ds, _) = Dataset::cifar_dir(&default_data_dir()).unwrap();
+    ds.labels.truncate(160);
+    ds.images.truncate(160 * 3072);
+    let mut l = Loader::new(Arc::new(ds), Sampler::new(160, true, 9), 32).unwrap();
+    l.augment = Augment::parse("crop,flip,autoaugment").unwrap();
+    l
+}
+
+#[test]
+fn resume_mid_epoch_is_bit_identical() {
+    let root = temp_dir("resume-lib");
+    let straight = Arc::new(Mutex::new(Vec::new()));
+    let mut a = trainer(&root.join("a"), straight.clone());
+    a.fit(&loader(), 3, None, 1).unwrap(); // 15 steps, saves every 2 steps and epoch
+    let straight = straight.lock().unwrap().clone();
+    assert_eq!(straight.len(), 15);
+
+    // resume from step 6: epoch 1, batch 1 (a mid-epoch save)
+    let dir = root.join("a").join(checkpoint::checkpoint_name(6));
+    let resumed = Arc::new(Mutex::new(Vec::new()));
+    let mut b = trainer(&root.join("b"), resumed.clone());
+    let (state, report) = b
+        .engine
+        .load_checkpoint(&dir, LoadOptions::default())
+        .unwrap();
+    assert!(report.is_clean() && report.optimizer_loaded);
+    assert_eq!((state.epoch, state.batch, state.step), (1, 1, 6));
+    b.resume(&state);
+    b.fit(&loader(), 3, None, 1).unwrap();
+    let resumed = resumed.lock().unwrap().clone();
+    assert_eq!(resumed, straight[6..], "per-step losses after the resume");
+    let last = |t: &Trainer| t.engine.snapshot(Default::default()).tensors;
+    for (x, y) in last(&a).iter().zip(last(&b)) {
+        assert_eq!(x.bytes, y.bytes, "{}", x.name);
+    }
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+/// The CRC-32 of every tensor of the newest checkpoint under `root`.
+fn final_state(root: &Path) -> Vec<(String, u32)> {
+    let dir = checkpoint::newest(root).unwrap().unwrap();
+    let ck = Checkpoint::open(&dir).unwrap();
+    ck.verify().unwrap();
+    ck.index
+        .tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.chunks[0].crc32))
+        .collect()
+}
+
+fn losses(out: &Path) -> Vec<String> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            format!("{} {} {}", v["epoch"], v["train_loss"], v["test_loss"])
+        })
+        .collect()
+}
+
+const RUN: [&str; 16] = [
+    "train",
+    "--epochs",
+    "3",
+    "--dim",
+    "32",
+    "--depth",
+    "1",
+    "--mlp-dim",
+    "32",
+    "--threads",
+    "2",
+    "--augment",
+    "crop,autoaugment",
+    "--save-every-steps",
+    "4",
+    "--keep-last=2",
+];
+
+#[test]
+fn killed_during_saves_the_newest_committed_checkpoint_resumes_exactly() {
+    let root = temp_dir("crash");
+    let straight = root.join("straight");
+    let mut args = RUN.to_vec();
+    args.extend(["--out", straight.to_str().unwrap()]);
+    let (ok, _, err) = ferrovit(&args);
+    assert!(ok, "{err}");
+    let want_state = final_state(&straight.join("checkpoints"));
+    let want_losses = losses(&straight);
+    assert_eq!(want_losses.len(), 3);
+
+    // Stop the 4th save (step 16, mid-epoch 0 of 23 steps) at these bytes, then SIGKILL:
+    // at the start, in the shard header, in the tensor data, at the end of the shard,
+    // in the index, and after the rename but before the `latest` pointer moves.
+    let newest = checkpoint::newest(&straight.join("checkpoints"))
+        .unwrap()
+        .unwrap();
+    let size = |f: &str| std::fs::metadata(newest.join(f)).unwrap().len();
+    let shard = size("rank00000-00001-of-00001.safetensors");
+    let index = size(checkpoint::INDEX);
+    let points = [0, 60, 20_000, shard - 1, shard + index / 2, 10_000_000];
+    for (i, byte) in points.into_iter().enumerate() {
+        let out = root.join(format!("crash-{i}"));
+        let mut args = RUN.to_vec();
+        args.extend(["--out", out.to_str().unwrap()]);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferrovit"))
+            .args(&args)
+            .env("FERROVIT_FAULT_SAVE", "3")
+            .env("FERROVIT_FAULT_STOP_AT_BYTE", byte.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut stopped = false;
+        for line in stderr.lines() {
+            if line.unwrap().starts_with("fault: stopped") {
+                stopped = true;
+                break;
+            }
+        }
+        assert!(stopped, "byte {byte}: the fault point was never reached");
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+
+        let ckpts = out.join("checkpoints");
+        let newest = checkpoint::newest(&ckpts)
+            .unwrap()
+            .expect("a committed checkpoint");
+        Checkpoint::open(&newest).unwrap().verify().unwrap();
+        let (ok, out_v, err) = ferrovit(&["ckpt", "verify", newest.to_str().unwrap()]);
+        assert!(ok && out_v.starts_with("ok:"), "{err}");
+
+        let mut args = RUN.to_vec();
+        args.extend(["--out", out.to_str().unwrap(), "--resume", "auto"]);
+        let (ok, stdout, err) = ferrovit(&args);
+        assert!(ok, "byte {byte}: {err}");
+        assert!(stdout.contains("resuming from"), "{stdout}");
+        assert_eq!(
+            final_state(&ckpts),
+            want_state,
+            "byte {byte}: final parameters"
+        );
+        assert_eq!(
+            losses(&out)[1..],
+            want_losses[1..],
+            "byte {byte}: epochs after the resume"
+        );
+        let (ok, listing, _) = ferrovit(&["ckpt", "list", ckpts.to_str().unwrap(), "--clean"]);
+        assert!(ok);
+        if byte < 10_000_000 {
+            assert!(
+                listing.contains("removed"),
+                "the interrupted save is reported: {listing}"
+            );
+        }
+    }
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn resume_refuses_a_different_model_or_seed() {
+    let out = temp_dir("resume-mismatch");
+    let o = out.to_str().unwrap();
+    let (ok, _, err) = ferrovit(&[
+        "train",
+        "--epochs",
+        "1",
+        "--dim",
+        "32",
+        "--depth",
+        "1",
+        "--mlp-dim",
+        "32",
+        "--out",
+        o,
+    ]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = ferrovit(&[
+        "train",
+        "--epochs",
+        "2",
+        "--dim",
+        "32",
+        "--depth",
+        "2",
+        "--mlp-dim",
+        "32",
+        "--out",
+        o,
+        "--resume",
+        "auto",
+    ]);
+    assert!(!ok && err.contains("different model"), "{err}");
+    let (ok, _, err) = ferrovit(&[
+        "train",
+        "--epochs",
+        "2",
+        "--dim",
+        "32",
+        "--depth",
+        "1",
+        "--mlp-dim",
+        "32",
+        "--seed",
+        "3",
+        "--out",
+        o,
+        "--resume",
+        "auto",
+    ]);
+    assert!(!ok && err.contains("resume with --seed 0"), "{err}");
+    let (ok, _, err) = ferrovit(&["train", "--resume", "/nonexistent/ckpt", "--out", o]);
+    assert!(!ok && err.contains("/nonexistent/ckpt"), "{err}");
+    // a fresh run sets the earlier run's checkpoints aside instead of mixing with them
+    let (ok, stdout, err) = ferrovit(&[
+        "train",
+        "--epochs",
+        "1",
+        "--dim",
+        "32",
+        "--depth",
+        "1",
+        "--mlp-dim",
+        "32",
+        "--out",
+        o,
+    ]);
+    assert!(
+        ok && stdout.contains("checkpoints of an earlier run"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(out).unwrap();
+}

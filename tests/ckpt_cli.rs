@@ -1,0 +1,213 @@
+//! `ferrovit ckpt …` on a checkpoint written by `ferrovit train`, and the checkpoint
+//! read by Python's `safetensors` (scripts/check_checkpoint.py).
+
+mod common;
+
+use common::{ferrovit, temp_dir};
+use std::path::Path;
+use std::process::Command;
+
+/// Trains one epoch of a small model (32 parameter tensors, 2.6 MB of weights and
+/// optimizer state in 1 MiB shards) into `out`; returns the checkpoint directory.
+fn train_one_epoch(out: &Path) -> std::path::PathBuf {
+    let (ok, _, err) = ferrovit(&[
+        "train",
+        "--epochs",
+        "1",
+        "--dim",
+        "128",
+        "--depth",
+        "2",
+        "--mlp-dim",
+        "128",
+        "--shard-size-mb",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    ferrovit::checkpoint::newest(&out.join("checkpoints"))
+        .unwrap()
+        .unwrap()
+}
+
+#[test]
+fn inspect_verify_list_export_import() {
+    let out = temp_dir("ckpt-cli");
+    let dir = train_one_epoch(&out);
+    let d = dir.to_str().unwrap();
+    let root = out.join("checkpoints");
+
+    let (ok, text, err) = ferrovit(&["ckpt", "inspect", root.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    for want in [
+        "version 1",
+        "dim 128 depth 2",
+        "1 epochs + 0 batches done, step 23",
+        "exp_avg_sq.head.weight",
+        "AdamW",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+    let (ok, text, _) = ferrovit(&["ckpt", "verify", d]);
+    assert!(
+        ok && text.starts_with("ok: 96 tensors") && !text.contains(" in 1 shard"),
+        "{text}"
+    );
+    let (ok, text, _) = ferrovit(&["ckpt", "list", root.to_str().unwrap()]);
+    assert!(ok && text.contains("step-0000000023  (latest)"), "{text}");
+
+    // export, then import under other names mapped back
+    let st = out.join("model.safetensors");
+    let (ok, text, err) = ferrovit(&["ckpt", "export", d, "--safetensors", st.to_str().unwrap()]);
+    assert!(ok && text.contains("wrote 32 model tensors"), "{err}");
+    let renamed = out.join("renamed.safetensors");
+    let tensors =
+        ferrovit::checkpoint::read_safetensors(&st, &[("blocks.".into(), "encoder.layer.".into())])
+            .unwrap();
+    write_safetensors(&renamed, &tensors);
+    let imported = out.join("imported");
+    let base = [
+        "ckpt",
+        "import",
+        renamed.to_str().unwrap(),
+        "--out",
+        imported.to_str().unwrap(),
+        "--preset",
+        "vit_tiny_patch4_32",
+    ];
+    let (ok, _, err) = ferrovit(&base);
+    assert!(
+        !ok && err.contains("encoder.layer.0") && err.contains("--map"),
+        "{err}"
+    );
+    let (ok, _, err) = ferrovit(&[&base[..], &["--map", "encoder.layer.=blocks."]].concat());
+    assert!(
+        !ok && err.contains("shape mismatch"),
+        "a tiny model is not the preset: {err}"
+    );
+
+    // a full preset imports, renamed back, and loads strictly into that model
+    let cfg = ferrovit::VitConfig::preset("vit_lite_depth7_patch4_32").unwrap();
+    let engine = ferrovit::engine::Engine::new(&cfg, Default::default()).unwrap();
+    let lite: Vec<(String, ferrovit::Tensor)> = engine
+        .params()
+        .named_parameters()
+        .map(|(n, t)| (n.replace("blocks.", "encoder.layer."), t.clone()))
+        .collect();
+    write_safetensors(&renamed, &lite);
+    let (ok, text, err) = ferrovit(&[
+        "ckpt",
+        "import",
+        renamed.to_str().unwrap(),
+        "--out",
+        imported.to_str().unwrap(),
+        "--map",
+        "encoder.layer.=blocks.",
+    ]);
+    assert!(ok && text.contains("imported 92 tensors"), "{err}");
+    let mut other = ferrovit::engine::Engine::new(
+        &cfg,
+        ferrovit::engine::TrainConfig {
+            seed: 5,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let weights_only = ferrovit::checkpoint::LoadOptions {
+        strict: true,
+        optimizer: false,
+    };
+    other
+        .load_checkpoint(&imported.join("step-0000000000"), weights_only)
+        .unwrap();
+    for (a, b) in engine.params().iter().zip(other.params().iter()) {
+        assert_eq!(a.value.to_vec_f32(), b.value.to_vec_f32(), "{}", a.name);
+    }
+
+    // a truncated shard: verify fails with the file named and a non-zero exit
+    let shard = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .unwrap();
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
+    let (ok, _, err) = ferrovit(&["ckpt", "verify", d]);
+    assert!(
+        !ok && err.contains(shard.file_name().unwrap().to_str().unwrap()),
+        "{err}"
+    );
+    let (ok, _, err) = ferrovit(&["ckpt", "verify", "/nonexistent/ckpt"]);
+    assert!(!ok && err.contains("does not exist"), "{err}");
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+fn write_safetensors(path: &Path, tensors: &[(String, ferrovit::Tensor)]) {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.to_le_bytes(), t.dims().to_vec()))
+        .collect::<Vec<_>>()
+        .leak()
+        .iter()
+        .map(|(n, b, s)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+#[test]
+fn python_safetensors_reads_every_shard_and_the_export() {
+    let have = Command::new("python3")
+        .args(["-c", "import safetensors, numpy"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have {
+        assert!(
+            std::env::var("FERROVIT_REQUIRE_PYTHON").is_err(),
+            "FERROVIT_REQUIRE_PYTHON is set but python3 with safetensors and numpy is missing"
+        );
+        eprintln!(
+            "SKIPPED: python3 with safetensors and numpy not found (pip install safetensors numpy)"
+        );
+        return;
+    }
+    let out = temp_dir("interop");
+    let dir = train_one_epoch(&out);
+    let st = out.join("model.safetensors");
+    let (ok, _, err) = ferrovit(&[
+        "ckpt",
+        "export",
+        dir.to_str().unwrap(),
+        "--safetensors",
+        st.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/check_checkpoint.py");
+    let res = Command::new("python3")
+        .args([
+            script,
+            dir.to_str().unwrap(),
+            "--export",
+            st.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&res.stdout);
+    assert!(
+        res.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert!(
+        text.contains("ok: 96 tensors in 3 shards")
+            && text.contains("32 model tensors with equal values"),
+        "{text}"
+    );
+    std::fs::remove_dir_all(out).unwrap();
+}

@@ -11,7 +11,7 @@ use ferrovit::checkpoint::{
 };
 use ferrovit::engine::{Engine, TrainConfig};
 use ferrovit::rng::Rng;
-use ferrovit::{Device, Tensor, VitConfig};
+use ferrovit::{Tensor, VitConfig};
 use std::path::{Path, PathBuf};
 
 fn small(classes: usize) -> VitConfig {
@@ -48,14 +48,7 @@ fn state(e: &Engine) -> Vec<(String, Vec<f32>)> {
     let s = e.snapshot(TrainingState::default());
     s.tensors
         .iter()
-        .map(|t| {
-            let v = t
-                .bytes
-                .chunks(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            (t.name.clone(), v)
-        })
+        .map(|t| (t.name.clone(), t.tensor.to_vec_f32()))
         .collect()
 }
 
@@ -440,6 +433,26 @@ fn random_corruptions_never_panic_and_never_load_wrong_values() {
 }
 
 #[test]
+fn a_snapshot_keeps_its_values_while_training_goes_on() {
+    let mut e = trained(9);
+    let snap = e.snapshot(TrainingState::default());
+    let before: Vec<Vec<f32>> = snap.tensors.iter().map(|t| t.tensor.to_vec_f32()).collect();
+    let x = Tensor::from_vec(
+        Rng::new(1).vec(4 * 3 * 32 * 32, |r| r.normal()),
+        [4, 3, 32, 32],
+    )
+    .unwrap();
+    e.train_step(x, &[1, 2, 3, 4], &[0, 1, 2, 3]).unwrap();
+    let after: Vec<Vec<f32>> = snap.tensors.iter().map(|t| t.tensor.to_vec_f32()).collect();
+    assert_eq!(before, after, "the snapshot is unchanged by the update");
+    assert_ne!(
+        state(&e).into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
+        before,
+        "the engine moved on"
+    );
+}
+
+#[test]
 fn tensors_of_other_dtypes_round_trip() {
     let root = temp_dir("dtypes");
     let e = trained(8);
@@ -450,14 +463,11 @@ fn tensors_of_other_dtypes_round_trip() {
     snap.tensors.push(checkpoint::SnapTensor {
         name: "extra.bf16".into(),
         group: Group::Model,
-        dtype: t.dtype(),
-        shape: vec![3],
-        bytes: t.to_le_bytes(),
+        tensor: t,
     });
     let dir = checkpoint::save(&snap, &root, "step-1", &SaveOptions::default()).unwrap();
     let back = Checkpoint::open(&dir).unwrap().read("extra.bf16").unwrap();
     assert_eq!(back.dtype(), ferrovit::DType::BF16);
     assert_eq!(back.to_vec_f32(), vec![1.5, -2.25, 3.0]);
-    let _ = Tensor::zeros([1], Device::Cpu);
     std::fs::remove_dir_all(root).unwrap();
 }

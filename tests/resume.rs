@@ -102,7 +102,7 @@ fn resume_mid_epoch_is_bit_identical() {
     assert_eq!(resumed, straight[6..], "per-step losses after the resume");
     let last = |t: &Trainer| t.engine.snapshot(Default::default()).tensors;
     for (x, y) in last(&a).iter().zip(last(&b)) {
-        assert_eq!(x.bytes, y.bytes, "{}", x.name);
+        assert_eq!(x.bytes(), y.bytes(), "{}", x.name);
     }
     std::fs::remove_dir_all(root).unwrap();
 }

@@ -141,30 +141,27 @@ impl std::fmt::Display for LoadReport {
     }
 }
 
-fn snap(name: String, group: Group, t: &Tensor) -> SnapTensor {
-    SnapTensor {
-        name,
-        group,
-        dtype: t.dtype(),
-        shape: t.dims().to_vec(),
-        bytes: t.to_le_bytes(),
-    }
-}
-
 impl Engine {
-    /// Copies the parameters and optimizer state into host buffers (what an async save
-    /// writes while training goes on).
+    /// The parameters and optimizer state as they are now, for a save: copy-on-write
+    /// shares of the live tensors, so this costs no copy and the training that goes on
+    /// meanwhile does not change what is written (an update to a tensor still being
+    /// written copies it first).
     pub fn snapshot(&self, training: TrainingState) -> Snapshot {
         let params = self.params();
+        let share = |name: String, group: Group, t: &Tensor| SnapTensor {
+            name,
+            group,
+            tensor: t.share(),
+        };
         let mut tensors: Vec<SnapTensor> = params
             .named_parameters()
-            .map(|(n, t)| snap(n.to_string(), Group::Model, t))
+            .map(|(n, t)| share(n.to_string(), Group::Model, t))
             .collect();
         tensors.extend(
             self.optimizer
                 .named_state(params)
                 .into_iter()
-                .map(|(n, t)| snap(n, Group::Optimizer, t)),
+                .map(|(n, t)| share(n, Group::Optimizer, t)),
         );
         Snapshot {
             model: self.model.config.clone(),
@@ -233,9 +230,10 @@ impl Engine {
                 ),
             });
         }
-        // Read (and checksum) everything before changing anything.
+        // Read (and checksum) everything, tensors in parallel, before changing anything.
+        use rayon::prelude::*;
         let loaded: Vec<(String, Tensor)> = values
-            .into_iter()
+            .into_par_iter()
             .map(|n| ckpt.read(&n).map(|t| (n, t)))
             .collect::<Result<_>>()?;
         // Optimizer state: all of it (same optimizer, every tensor present) or none.
@@ -261,7 +259,7 @@ impl Engine {
         }
         let state: Vec<(String, Tensor)> = if restore && have_state {
             state_names
-                .into_iter()
+                .into_par_iter()
                 .map(|n| ckpt.read(&n).map(|t| (n, t)))
                 .collect::<Result<_>>()?
         } else {

@@ -264,14 +264,40 @@ impl Tensor {
         }
     }
 
+    /// Another handle to the same data without copying it (f32 on the CPU; other
+    /// storage is copied). Writes through either handle copy first (copy-on-write),
+    /// so the share keeps the values it was taken with.
+    pub fn share(&self) -> Tensor {
+        let storage = match &self.storage {
+            Storage::Cpu(CpuStorage::F32(b)) => Storage::Cpu(CpuStorage::F32(b.share())),
+            other => other.clone(),
+        };
+        Tensor {
+            shape: self.shape.clone(),
+            storage,
+        }
+    }
+
     /// The raw little-endian bytes of the elements (for file formats).
     pub fn to_le_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.write_le_bytes(&mut out);
+        out
+    }
+
+    /// Replaces the contents of `out` with the raw little-endian bytes of the elements,
+    /// reusing its allocation (a memcpy for f32 on little-endian hosts).
+    pub fn write_le_bytes(&self, out: &mut Vec<u8>) {
+        out.clear();
         match &self.storage {
-            Storage::Cpu(CpuStorage::F32(b)) => {
-                b.as_slice().iter().flat_map(|x| x.to_le_bytes()).collect()
+            Storage::Cpu(CpuStorage::F32(b)) if cfg!(target_endian = "little") => {
+                out.extend_from_slice(bytemuck::cast_slice(b.as_slice()))
             }
-            Storage::Cpu(CpuStorage::BF16(v)) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            Storage::Cpu(CpuStorage::F16(v)) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Storage::Cpu(CpuStorage::F32(b)) => {
+                out.extend(b.as_slice().iter().flat_map(|x| x.to_le_bytes()))
+            }
+            Storage::Cpu(CpuStorage::BF16(v)) => out.extend(v.iter().flat_map(|x| x.to_le_bytes())),
+            Storage::Cpu(CpuStorage::F16(v)) => out.extend(v.iter().flat_map(|x| x.to_le_bytes())),
         }
     }
 

@@ -8,7 +8,7 @@
 //! alive at once per size; `trim_pool` releases it.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 const MIN_POOLED: usize = 1 << 14;
 
@@ -43,34 +43,43 @@ pub fn pool_bytes() -> usize {
 }
 
 /// An f32 buffer that returns to the pool when dropped.
+/// A pooled f32 buffer, shared copy-on-write: [`Buf::share`] hands out another
+/// reference in O(1) (a checkpoint snapshot), and the first write through a shared
+/// buffer copies it, so a reader holding a share never sees later writes.
 #[derive(Debug, Default)]
-pub struct Buf(Vec<f32>);
+pub struct Buf(Arc<Vec<f32>>);
 
 impl Buf {
     pub fn zeroed(len: usize) -> Buf {
         match take_pooled(len) {
             Some(mut v) => {
                 crate::backend::cpu::fill(&mut v, 0.0);
-                Buf(v)
+                Buf(Arc::new(v))
             }
-            None => Buf(vec![0.0; len]),
+            None => Buf(Arc::new(vec![0.0; len])),
         }
     }
 
     pub fn uninit(len: usize) -> Buf {
-        Buf(take_pooled(len).unwrap_or_else(|| vec![0.0; len]))
+        Buf(Arc::new(take_pooled(len).unwrap_or_else(|| vec![0.0; len])))
     }
 
     pub fn from_vec(v: Vec<f32>) -> Buf {
-        Buf(v)
+        Buf(Arc::new(v))
     }
 
     pub fn as_slice(&self) -> &[f32] {
         &self.0
     }
 
+    /// Mutable access; copies the data first if the buffer is shared.
     pub fn as_mut_slice(&mut self) -> &mut [f32] {
-        &mut self.0
+        Arc::make_mut(&mut self.0).as_mut_slice()
+    }
+
+    /// Another reference to the same data (no copy).
+    pub fn share(&self) -> Buf {
+        Buf(Arc::clone(&self.0))
     }
 }
 
@@ -83,17 +92,21 @@ fn take_pooled(len: usize) -> Option<Vec<f32>> {
 }
 
 impl Clone for Buf {
+    /// A deep copy (into a pooled buffer).
     fn clone(&self) -> Buf {
         let mut b = Buf::uninit(self.0.len());
-        b.0.copy_from_slice(&self.0);
+        b.as_mut_slice().copy_from_slice(&self.0);
         b
     }
 }
 
 impl Drop for Buf {
     fn drop(&mut self) {
-        if self.0.len() >= MIN_POOLED && self.0.len() == self.0.capacity() {
-            give(std::mem::take(&mut self.0));
+        // the last reference returns the memory to the pool
+        if let Some(v) = Arc::get_mut(&mut self.0) {
+            if v.len() >= MIN_POOLED && v.len() == v.capacity() {
+                give(std::mem::take(v));
+            }
         }
     }
 }

@@ -310,8 +310,9 @@ impl Hook for ProgressHook {
 }
 
 /// Saves a checkpoint every N epochs and/or every N steps, asynchronously: the
-/// parameters and optimizer state are copied to host memory and written on a
-/// background thread while training goes on. A save waits for the previous one (and
+/// parameters and optimizer state are snapshotted (copy-on-write, no copy unless
+/// training updates them before the writer is done) and written on a background
+/// thread while training goes on. A save waits for the previous one (and
 /// `after_train` for the last one); a failed save's error stops training.
 #[derive(Debug)]
 pub struct SaveCheckpointHook {

@@ -234,70 +234,23 @@ fn killed_during_saves_the_newest_committed_checkpoint_resumes_exactly() {
 fn resume_refuses_a_different_model_or_seed() {
     let out = temp_dir("resume-mismatch");
     let o = out.to_str().unwrap();
-    let (ok, _, err) = ferrovit(&[
-        "train",
-        "--epochs",
-        "1",
-        "--dim",
-        "32",
-        "--depth",
-        "1",
-        "--mlp-dim",
-        "32",
-        "--out",
-        o,
-    ]);
+    // a one-block model of width 32 with `extra` flags, writing into `out`
+    let run = |extra: &[&str]| {
+        let base = ["train", "--dim", "32", "--mlp-dim", "32", "--out", o];
+        ferrovit(&[&base[..], extra].concat())
+    };
+    let (ok, _, err) = run(&["--epochs", "1", "--depth", "1"]);
     assert!(ok, "{err}");
-    let (ok, _, err) = ferrovit(&[
-        "train",
-        "--epochs",
-        "2",
-        "--dim",
-        "32",
-        "--depth",
-        "2",
-        "--mlp-dim",
-        "32",
-        "--out",
-        o,
-        "--resume",
-        "auto",
-    ]);
+    let (ok, _, err) = run(&["--epochs", "2", "--depth", "2", "--resume", "auto"]);
     assert!(!ok && err.contains("different model"), "{err}");
-    let (ok, _, err) = ferrovit(&[
-        "train",
-        "--epochs",
-        "2",
-        "--dim",
-        "32",
-        "--depth",
-        "1",
-        "--mlp-dim",
-        "32",
-        "--seed",
-        "3",
-        "--out",
-        o,
-        "--resume",
-        "auto",
+    let (ok, _, err) = run(&[
+        "--epochs", "2", "--depth", "1", "--seed", "3", "--resume", "auto",
     ]);
     assert!(!ok && err.contains("resume with --seed 0"), "{err}");
-    let (ok, _, err) = ferrovit(&["train", "--resume", "/nonexistent/ckpt", "--out", o]);
+    let (ok, _, err) = run(&["--depth", "1", "--resume", "/nonexistent/ckpt"]);
     assert!(!ok && err.contains("/nonexistent/ckpt"), "{err}");
     // a fresh run sets the earlier run's checkpoints aside instead of mixing with them
-    let (ok, stdout, err) = ferrovit(&[
-        "train",
-        "--epochs",
-        "1",
-        "--dim",
-        "32",
-        "--depth",
-        "1",
-        "--mlp-dim",
-        "32",
-        "--out",
-        o,
-    ]);
+    let (ok, stdout, err) = run(&["--epochs", "1", "--depth", "1"]);
     assert!(
         ok && stdout.contains("checkpoints of an earlier run"),
         "{err}"

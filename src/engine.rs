@@ -68,11 +68,18 @@ struct Pending {
 
 /// A model with its parameters and optimizer, driven like Colossal-AI's engine:
 ///
-/// ```no_run
+/// ```
 /// # fn main() -> ferrovit::Result<()> {
-/// # let (mut engine, loader): (ferrovit::engine::Engine, ferrovit::data::Loader) = todo!();
+/// use ferrovit::data::{default_data_dir, Dataset, Loader, Sampler};
+/// use ferrovit::engine::{Engine, TrainConfig};
+/// use ferrovit::VitConfig;
+/// let (train, _) = Dataset::cifar_dir(&default_data_dir())?;
+/// let n = train.len();
+/// let loader = Loader::new(std::sync::Arc::new(train), Sampler::new(n, true, 0), 64)?;
+/// let model = VitConfig { dim: 32, depth: 1, mlp_dim: 32, ..VitConfig::preset("vit_lite_depth7_patch4_32")? };
+/// let mut engine = Engine::new(&model, TrainConfig::default())?;
 /// engine.train();
-/// for batch in loader.epoch(0) {
+/// for batch in loader.epoch(0).take(3) {
 ///     let batch = batch?;
 ///     engine.zero_grad();
 ///     let output = engine.forward(batch.images, &batch.samples)?;
@@ -80,6 +87,7 @@ struct Pending {
 ///     engine.backward(&loss)?;
 ///     engine.step()?;
 /// }
+/// assert_eq!(engine.step_count(), 3);
 /// # Ok(()) }
 /// ```
 pub struct Engine {

@@ -29,7 +29,7 @@ pub enum Error {
     },
     #[error("{path}: {msg}")]
     Format { path: PathBuf, msg: String },
-    #[error("non-finite loss ({value}) at step {step}")]
+    #[error("training stopped: the loss is {value} at step {step} (diverged; try a lower learning rate)")]
     NonFinite { step: u64, value: f32 },
     #[error("autograd: {0}")]
     Graph(String),

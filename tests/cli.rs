@@ -209,6 +209,7 @@ fn bad_inputs_fail_with_one_clear_message() {
         path(&bad_label),
         path(&images),
     );
+    let nan_out = path(&images.join("out"));
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec!["train", "--data", "/nonexistent/cifar"],
@@ -237,6 +238,22 @@ fn bad_inputs_fail_with_one_clear_message() {
             "label_smoothing = 1.5",
         ),
         (vec!["train", "--augment", "mixup"], "mixup"),
+        (
+            vec![
+                "train",
+                "--lr",
+                "1e30",
+                "--dim",
+                "32",
+                "--depth",
+                "1",
+                "--mlp-dim",
+                "32",
+                "--out",
+                &nan_out,
+            ],
+            "the loss is NaN at step 1",
+        ),
         (
             vec!["train", "--config", "/nonexistent/run.toml"],
             "/nonexistent/run.toml",

@@ -9,6 +9,7 @@ pub mod autograd;
 pub mod backend;
 pub mod checkpoint;
 pub mod data;
+pub mod dist;
 pub mod engine;
 pub mod error;
 pub mod metrics;

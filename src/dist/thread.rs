@@ -1,0 +1,288 @@
+//! Ranks as threads of one process, exchanging through shared memory.
+
+use super::{reduce, ProcessGroup, ReduceOp};
+use crate::error::{Error, Result};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// The contributions to one collective call.
+struct Round {
+    op: &'static str,
+    parts: Vec<Option<Arc<Vec<f32>>>>,
+    read: usize,
+}
+
+#[derive(Default)]
+struct State {
+    /// Collective number → its contributions (removed once every rank has read).
+    rounds: HashMap<u64, Round>,
+    /// (from, to, tag) → messages in order.
+    mail: HashMap<(usize, usize, u64), VecDeque<Vec<f32>>>,
+    /// Ranks whose handle is gone.
+    left: Vec<bool>,
+}
+
+struct Shared {
+    world: usize,
+    timeout: Duration,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One rank's handle on an in-process group (see [`ThreadGroup::new`]).
+pub struct ThreadGroup {
+    rank: usize,
+    shared: Arc<Shared>,
+    /// Collectives this rank has entered.
+    seq: AtomicU64,
+}
+
+fn comm(msg: String) -> Error {
+    Error::Comm(msg)
+}
+
+impl ThreadGroup {
+    /// Handles for ranks `0..world` (move one into each thread); every blocking call
+    /// fails after `timeout`.
+    pub fn new(world: usize, timeout: Duration) -> Result<Vec<ThreadGroup>> {
+        if world == 0 {
+            return Err(Error::Config(
+                "a process group needs at least one rank".into(),
+            ));
+        }
+        let shared = Arc::new(Shared {
+            world,
+            timeout,
+            state: Mutex::new(State {
+                left: vec![false; world],
+                ..State::default()
+            }),
+            changed: Condvar::new(),
+        });
+        Ok((0..world)
+            .map(|rank| ThreadGroup {
+                rank,
+                shared: shared.clone(),
+                seq: AtomicU64::new(0),
+            })
+            .collect())
+    }
+
+    /// Blocks on `changed` until `done` holds, failing at the deadline or when `gone`
+    /// names a rank that left.
+    fn wait_until<'a>(
+        &self,
+        mut st: MutexGuard<'a, State>,
+        what: &str,
+        mut done: impl FnMut(&State) -> bool,
+        missing: impl Fn(&State) -> Vec<usize>,
+    ) -> Result<MutexGuard<'a, State>> {
+        let deadline = Instant::now() + self.shared.timeout;
+        while !done(&st) {
+            let waiting = missing(&st);
+            if let Some(r) = waiting.iter().find(|&&r| st.left[r]) {
+                return Err(comm(format!(
+                    "rank {}: {what}: rank {r} left the group",
+                    self.rank
+                )));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(comm(format!(
+                    "rank {}: {what}: timed out after {:?} waiting for rank(s) {waiting:?}",
+                    self.rank, self.shared.timeout
+                )));
+            }
+            st = self
+                .shared
+                .changed
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(st)
+    }
+
+    /// Contributes `data` to this rank's next collective and returns every rank's
+    /// contribution, in rank order.
+    fn exchange(&self, op: &'static str, data: Vec<f32>) -> Result<Vec<Arc<Vec<f32>>>> {
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+        let world = self.shared.world;
+        let what = format!("{op} #{seq}");
+        let mut st = self.shared.lock();
+        let round = st.rounds.entry(seq).or_insert_with(|| Round {
+            op,
+            parts: vec![None; world],
+            read: 0,
+        });
+        if round.op != op {
+            return Err(comm(format!(
+                "rank {}: called {op} as collective #{seq} where another rank called {} (collectives out of order)",
+                self.rank, round.op
+            )));
+        }
+        round.parts[self.rank] = Some(Arc::new(data));
+        self.shared.changed.notify_all();
+        let parts = |st: &State| {
+            st.rounds
+                .get(&seq)
+                .map(|r| r.parts.clone())
+                .unwrap_or_default()
+        };
+        let mut st = self.wait_until(
+            st,
+            &what,
+            |st| parts(st).iter().all(Option::is_some),
+            |st| {
+                parts(st)
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| p.is_none())
+                    .map(|(r, _)| r)
+                    .collect()
+            },
+        )?;
+        let round = st
+            .rounds
+            .get_mut(&seq)
+            .ok_or_else(|| comm(format!("rank {}: {what}: round vanished", self.rank)))?;
+        let out: Vec<Arc<Vec<f32>>> = round.parts.iter().flatten().cloned().collect();
+        round.read += 1;
+        if round.read == world {
+            st.rounds.remove(&seq);
+        }
+        Ok(out)
+    }
+
+    fn same_lengths(&self, op: &str, parts: &[Arc<Vec<f32>>]) -> Result<usize> {
+        let n = parts[self.rank].len();
+        match parts.iter().position(|p| p.len() != n) {
+            None => Ok(n),
+            Some(r) => Err(comm(format!(
+                "{op}: rank {} has {n} elements but rank {r} has {}",
+                self.rank,
+                parts[r].len()
+            ))),
+        }
+    }
+
+    fn check_rank(&self, r: usize, what: &str) -> Result<()> {
+        if r < self.shared.world {
+            Ok(())
+        } else {
+            Err(Error::Config(format!(
+                "{what}: rank {r} is not in a group of {}",
+                self.shared.world
+            )))
+        }
+    }
+}
+
+impl ProcessGroup for ThreadGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.shared.world
+    }
+
+    fn all_reduce(&self, data: &mut [f32], op: ReduceOp) -> Result<()> {
+        let parts = self.exchange("all_reduce", data.to_vec())?;
+        self.same_lengths("all_reduce", &parts)?;
+        let refs: Vec<&[f32]> = parts.iter().map(|p| p.as_slice()).collect();
+        data.copy_from_slice(&reduce(&refs, op));
+        Ok(())
+    }
+
+    fn broadcast(&self, data: &mut [f32], root: usize) -> Result<()> {
+        self.check_rank(root, "broadcast")?;
+        let mine = if self.rank == root {
+            data.to_vec()
+        } else {
+            Vec::new()
+        };
+        let parts = self.exchange("broadcast", mine)?;
+        if parts[root].len() != data.len() {
+            return Err(comm(format!(
+                "broadcast: rank {} expects {} elements, root {root} sent {}",
+                self.rank,
+                data.len(),
+                parts[root].len()
+            )));
+        }
+        data.copy_from_slice(&parts[root]);
+        Ok(())
+    }
+
+    fn all_gather(&self, data: &[f32]) -> Result<Vec<f32>> {
+        let parts = self.exchange("all_gather", data.to_vec())?;
+        self.same_lengths("all_gather", &parts)?;
+        Ok(parts.iter().flat_map(|p| p.iter().copied()).collect())
+    }
+
+    fn reduce_scatter(&self, data: &[f32], op: ReduceOp) -> Result<Vec<f32>> {
+        let world = self.shared.world;
+        if !data.len().is_multiple_of(world) {
+            return Err(Error::Config(format!(
+                "reduce_scatter: {} elements do not split across {world} ranks",
+                data.len()
+            )));
+        }
+        let parts = self.exchange("reduce_scatter", data.to_vec())?;
+        let n = self.same_lengths("reduce_scatter", &parts)? / world;
+        let mine = self.rank * n..(self.rank + 1) * n;
+        let refs: Vec<&[f32]> = parts.iter().map(|p| &p[mine.clone()]).collect();
+        Ok(reduce(&refs, op))
+    }
+
+    fn send(&self, data: &[f32], to: usize, tag: u64) -> Result<()> {
+        self.check_rank(to, "send")?;
+        let mut st = self.shared.lock();
+        if st.left[to] {
+            return Err(comm(format!(
+                "rank {}: send to rank {to}: it left the group",
+                self.rank
+            )));
+        }
+        st.mail
+            .entry((self.rank, to, tag))
+            .or_default()
+            .push_back(data.to_vec());
+        self.shared.changed.notify_all();
+        Ok(())
+    }
+
+    fn recv(&self, from: usize, tag: u64) -> Result<Vec<f32>> {
+        self.check_rank(from, "recv")?;
+        let key = (from, self.rank, tag);
+        let st = self.shared.lock();
+        let what = format!("recv from rank {from} (tag {tag})");
+        let has = |st: &State| st.mail.get(&key).is_some_and(|q| !q.is_empty());
+        let mut st = self.wait_until(st, &what, has, |_| vec![from])?;
+        st.mail
+            .get_mut(&key)
+            .and_then(VecDeque::pop_front)
+            .ok_or_else(|| comm(format!("rank {}: {what}: message vanished", self.rank)))
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.exchange("barrier", Vec::new()).map(|_| ())
+    }
+}
+
+impl Drop for ThreadGroup {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        st.left[self.rank] = true;
+        self.shared.changed.notify_all();
+    }
+}

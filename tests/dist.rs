@@ -1,0 +1,151 @@
+//! The in-process process group: every operation across 4 ranks (results identical on
+//! every rank), point-to-point order, and failures (a rank that leaves, a rank that
+//! never comes, collectives called out of order) as errors, never hangs.
+
+use ferrovit::dist::{ProcessGroup, ReduceOp, ThreadGroup};
+use ferrovit::rng::Rng;
+use std::time::{Duration, Instant};
+
+/// Runs `f` on every rank of a fresh group in its own thread; results in rank order.
+fn on_ranks<T: Send + 'static>(
+    world: usize,
+    timeout: Duration,
+    f: impl Fn(ThreadGroup) -> T + Send + Sync + Clone + 'static,
+) -> Vec<T> {
+    let groups = ThreadGroup::new(world, timeout).unwrap();
+    let handles: Vec<_> = groups
+        .into_iter()
+        .map(|g| {
+            let f = f.clone();
+            std::thread::spawn(move || f(g))
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn data(rank: usize, n: usize) -> Vec<f32> {
+    Rng::new(rank as u64 + 1).vec(n, |r| r.normal())
+}
+
+#[test]
+fn collectives_agree_with_a_serial_computation() {
+    let world = 4;
+    let n = 12;
+    let long = Duration::from_secs(30);
+    let out = on_ranks(world, long, move |g| {
+        let r = g.rank();
+        let mut sum = data(r, n);
+        g.all_reduce(&mut sum, ReduceOp::Sum).unwrap();
+        let mut avg = data(r, n);
+        g.all_reduce(&mut avg, ReduceOp::Avg).unwrap();
+        let mut max = data(r, n);
+        g.all_reduce(&mut max, ReduceOp::Max).unwrap();
+        let mut b = if r == 2 { data(r, n) } else { vec![0.0; n] };
+        g.broadcast(&mut b, 2).unwrap();
+        let gathered = g.all_gather(&data(r, 3)).unwrap();
+        let scattered = g.reduce_scatter(&data(r, n), ReduceOp::Sum).unwrap();
+        g.barrier().unwrap();
+        (sum, avg, max, b, gathered, scattered)
+    });
+    let all: Vec<Vec<f32>> = (0..world).map(|r| data(r, n)).collect();
+    let serial_sum: Vec<f32> = (0..n)
+        .map(|i| all.iter().fold(0.0, |a, d| a + d[i]))
+        .collect();
+    for (r, (sum, avg, max, b, gathered, scattered)) in out.iter().enumerate() {
+        assert_eq!(
+            sum, &serial_sum,
+            "rank {r}: sum in rank order, bit-identical"
+        );
+        for i in 0..n {
+            assert_eq!(avg[i], serial_sum[i] / world as f32);
+            assert_eq!(max[i], all.iter().map(|d| d[i]).fold(f32::MIN, f32::max));
+        }
+        assert_eq!(b, &all[2]);
+        let want: Vec<f32> = (0..world).flat_map(|q| data(q, 3)).collect();
+        assert_eq!(gathered, &want);
+        assert_eq!(scattered, &serial_sum[r * 3..(r + 1) * 3]);
+    }
+}
+
+#[test]
+fn send_and_recv_keep_order_per_tag() {
+    let out = on_ranks(2, Duration::from_secs(30), |g| {
+        if g.rank() == 0 {
+            g.send(&[1.0], 1, 7).unwrap();
+            g.send(&[2.0, 2.0], 1, 7).unwrap();
+            g.send(&[3.0], 1, 8).unwrap();
+            g.recv(1, 0).unwrap()
+        } else {
+            let c = g.recv(0, 8).unwrap();
+            let a = g.recv(0, 7).unwrap();
+            let b = g.recv(0, 7).unwrap();
+            g.send(&[a[0] + b[0] + c[0]], 0, 0).unwrap();
+            vec![]
+        }
+    });
+    assert_eq!(out[0], vec![6.0]);
+}
+
+#[test]
+fn a_rank_that_leaves_fails_the_others_at_once() {
+    let t0 = Instant::now();
+    let out = on_ranks(3, Duration::from_secs(60), |g| {
+        if g.rank() == 1 {
+            drop(g); // the rank's thread fails before the collective
+            return Ok(());
+        }
+        let mut x = vec![1.0; 4];
+        g.all_reduce(&mut x, ReduceOp::Sum)
+    });
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "no waiting for the timeout"
+    );
+    for r in [0, 2] {
+        let e = out[r].as_ref().unwrap_err().to_string();
+        assert!(e.contains("rank 1 left the group"), "{e}");
+    }
+    // a receiver whose sender is gone
+    let out = on_ranks(2, Duration::from_secs(60), |g| {
+        if g.rank() == 0 {
+            return Ok(vec![]);
+        }
+        g.recv(0, 3)
+    });
+    let e = out[1].as_ref().unwrap_err().to_string();
+    assert!(e.contains("recv from rank 0 (tag 3): rank 0 left"), "{e}");
+}
+
+#[test]
+fn a_missing_rank_times_out_and_misordered_collectives_are_named() {
+    let groups = ThreadGroup::new(2, Duration::from_millis(200)).unwrap();
+    let t0 = Instant::now();
+    let e = groups[0].barrier().unwrap_err().to_string();
+    assert!(t0.elapsed() >= Duration::from_millis(200));
+    assert!(e.contains("timed out") && e.contains("[1]"), "{e}");
+    drop(groups);
+
+    let out = on_ranks(2, Duration::from_secs(5), |g| {
+        if g.rank() == 0 {
+            g.barrier().map(|_| ())
+        } else {
+            g.all_gather(&[1.0]).map(|_| ())
+        }
+    });
+    let errors: Vec<String> = out
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+        .collect();
+    assert!(
+        errors.iter().any(|e| e.contains("out of order")),
+        "{errors:?}"
+    );
+    // bad arguments are configuration errors
+    let g = ThreadGroup::new(2, Duration::from_secs(1)).unwrap();
+    assert!(g[0]
+        .send(&[1.0], 5, 0)
+        .unwrap_err()
+        .to_string()
+        .contains("rank 5"));
+    assert!(g[0].reduce_scatter(&[1.0; 3], ReduceOp::Sum).is_err());
+}

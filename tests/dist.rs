@@ -149,3 +149,78 @@ fn a_missing_rank_times_out_and_misordered_collectives_are_named() {
         .contains("rank 5"));
     assert!(g[0].reduce_scatter(&[1.0; 3], ReduceOp::Sum).is_err());
 }
+
+mod common;
+
+use ferrovit::data::{default_data_dir, Dataset};
+use ferrovit::dist::average_gradients;
+use ferrovit::engine::{Engine, TrainConfig};
+use ferrovit::VitConfig;
+use std::sync::Arc;
+
+fn dp_engine() -> Engine {
+    let cfg = VitConfig {
+        dim: 32,
+        depth: 2,
+        heads: 4,
+        mlp_dim: 64,
+        ..VitConfig::preset("vit_tiny_patch4_32").unwrap()
+    };
+    // SGD: Adam would turn the rounding noise of the attention key bias's
+    // analytically zero gradient into full-size updates (see tests/pytorch_parity.rs)
+    let tc = TrainConfig {
+        seed: 11,
+        lr: 0.05,
+        label_smoothing: 0.1,
+        optimizer: ferrovit::optim::OptimizerKind::sgd(0.9, false),
+        ..TrainConfig::default()
+    };
+    Engine::new(&cfg, tc).unwrap()
+}
+
+/// Steps on global batches of 8 digits images: on one rank, or split across `dp`
+/// ranks with averaged gradients. Returns the global loss per step and the final
+/// parameters (of rank 0).
+fn train_dp(dp: usize, steps: usize) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let (ds, _) = Dataset::cifar_dir(&default_data_dir()).unwrap();
+    let ds = Arc::new(ds);
+    let out = on_ranks(dp, Duration::from_secs(60), move |g| {
+        let mut e = dp_engine();
+        let per = 8 / g.world();
+        let mut losses = Vec::new();
+        for s in 0..steps {
+            let idx: Vec<usize> = (0..per).map(|i| s * 8 + g.rank() * per + i).collect();
+            let (x, y) = ds.batch(&idx, None).unwrap();
+            let samples: Vec<u64> = idx.iter().map(|&i| i as u64).collect();
+            e.zero_grad();
+            let out = e.forward(x, &samples).unwrap();
+            let loss = e.criterion(&out, &y).unwrap();
+            e.backward(&loss).unwrap();
+            average_gradients(e.params_mut(), &g, 10_000).unwrap();
+            e.step().unwrap();
+            let mut l = [loss.value];
+            g.all_reduce(&mut l, ReduceOp::Avg).unwrap();
+            losses.push(l[0]);
+        }
+        let params: Vec<Vec<f32>> = e.params().iter().map(|p| p.value.to_vec_f32()).collect();
+        (losses, params)
+    });
+    for (r, o) in out.iter().enumerate().skip(1) {
+        assert_eq!(o.1, out[0].1, "rank {r}'s replica equals rank 0's");
+    }
+    out.into_iter().next().unwrap()
+}
+
+#[test]
+fn data_parallel_steps_equal_a_single_rank_on_the_global_batch() {
+    let (l1, p1) = train_dp(1, 4);
+    for dp in [2, 4] {
+        let (l, p) = train_dp(dp, 4);
+        let (err, _) = common::max_rel_err(&l, &l1);
+        assert!(err < 1e-5, "dp={dp}: losses {l:?} vs {l1:?}");
+        for (a, b) in p.iter().zip(&p1) {
+            let (err, i) = common::max_rel_err(a, b);
+            assert!(err < 1e-4, "dp={dp}: parameter differs by {err} at {i}");
+        }
+    }
+}

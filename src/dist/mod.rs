@@ -11,6 +11,7 @@ mod thread;
 
 pub use thread::ThreadGroup;
 
+use crate::autograd::ParamStore;
 use crate::error::Result;
 
 /// How an all-reduce combines the ranks' values.
@@ -61,4 +62,39 @@ pub(crate) fn reduce(parts: &[&[f32]], op: ReduceOp) -> Vec<f32> {
         out.iter_mut().for_each(|o| *o /= n);
     }
     out
+}
+
+/// Data parallelism's gradient step: averages every parameter gradient across the
+/// group, in buckets of about `bucket` elements (fewer, larger messages), parameters
+/// in store order. Afterwards every replica holds the gradient of the global batch's
+/// mean loss (given equal shards), so identical updates keep replicas identical.
+pub fn average_gradients(
+    store: &mut ParamStore,
+    group: &dyn ProcessGroup,
+    bucket: usize,
+) -> Result<()> {
+    if group.world() == 1 {
+        return Ok(());
+    }
+    let bucket = bucket.max(1);
+    let mut members: Vec<usize> = Vec::new();
+    let mut flat: Vec<f32> = Vec::with_capacity(bucket);
+    let n = store.len();
+    let mut params: Vec<&mut crate::autograd::Param> = store.iter_mut().collect();
+    for i in 0..n {
+        flat.extend_from_slice(params[i].grad.f32s()?);
+        members.push(i);
+        if flat.len() >= bucket || i + 1 == n {
+            group.all_reduce(&mut flat, ReduceOp::Avg)?;
+            let mut at = 0;
+            for &m in &members {
+                let g = params[m].grad.f32s_mut()?;
+                g.copy_from_slice(&flat[at..at + g.len()]);
+                at += g.len();
+            }
+            members.clear();
+            flat.clear();
+        }
+    }
+    Ok(())
 }

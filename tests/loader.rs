@@ -115,3 +115,38 @@ fn drop_last_and_early_stop() {
     assert_eq!(first.samples[..3], [0, 1, 2]);
     assert!(Loader::new(data, Sampler::new(1, false, 0), 0).is_err());
 }
+
+#[test]
+fn an_images_augmentation_depends_on_its_sample_not_its_batch_or_rank() {
+    let data = digits();
+    let images = |batch: usize, rank: usize, world: usize| {
+        let s = Sampler::new(data.len(), true, 4)
+            .shard(rank, world)
+            .unwrap();
+        let mut l = Loader::new(data.clone(), s, batch).unwrap();
+        l.augment = Augment::parse("crop,flip,autoaugment").unwrap();
+        let mut by_sample = std::collections::HashMap::new();
+        for b in l.epoch(3) {
+            let b = b.unwrap();
+            let v = b.images.to_vec_f32();
+            for (k, s) in b.samples.iter().enumerate() {
+                by_sample.insert(*s, v[k * 3072..(k + 1) * 3072].to_vec());
+            }
+        }
+        by_sample
+    };
+    let whole = images(100, 0, 1);
+    let small = images(7, 0, 1);
+    let rank1 = images(50, 1, 2);
+    assert_eq!(whole.len(), data.len());
+    for (s, img) in &rank1 {
+        assert_eq!(img, &whole[s], "sample {s} on rank 1 of 2");
+        assert_eq!(img, &small[s], "sample {s} in batches of 7");
+    }
+    // a new epoch draws anew
+    let mut l = Loader::new(data.clone(), Sampler::new(data.len(), true, 4), 100).unwrap();
+    l.augment = Augment::parse("crop,flip,autoaugment").unwrap();
+    let b = l.epoch(4).next().unwrap().unwrap();
+    let first = &b.images.to_vec_f32()[..3072];
+    assert_ne!(first, &whole[&b.samples[0]][..], "a new epoch, a new draw");
+}

@@ -3,9 +3,10 @@
 //! [`Sampler`] decides which samples a rank sees in an epoch and in what order (a
 //! seeded shuffle per epoch, split across data-parallel ranks like PyTorch's
 //! `DistributedSampler`). [`Loader`] builds the batches on background threads with a
-//! bounded prefetch queue. Batch `i` is always built by worker `i % workers` with an
-//! RNG keyed by (seed, epoch, i), and the consumer reads the workers in turn, so the
-//! batches and their order do not depend on the number of workers.
+//! bounded prefetch queue. Batch `i` is always built by worker `i % workers`, each
+//! image augmented from a stream keyed by (seed, epoch, sample index), and the consumer
+//! reads the workers in turn, so the batches, their order and their augmentation do
+//! not depend on the number of workers (nor on how ranks split the epoch).
 
 use super::{Augment, Dataset};
 use crate::error::{Error, Result};
@@ -152,9 +153,7 @@ impl Loader {
         if self.drop_last && chunks.last().is_some_and(|c| c.len() < self.batch_size) {
             chunks.pop();
         }
-        // (batch index in the epoch, its samples): the index keys the batch's RNG
-        let chunks: Arc<Vec<(usize, Vec<usize>)>> =
-            Arc::new(chunks.into_iter().enumerate().skip(first).collect());
+        let chunks: Arc<Vec<Vec<usize>>> = Arc::new(chunks.into_iter().skip(first).collect());
         let workers = self.workers.max(1).min(chunks.len().max(1));
         let mut receivers = Vec::with_capacity(workers);
         let mut handles = Vec::with_capacity(workers);
@@ -163,17 +162,16 @@ impl Loader {
             let (chunks, data) = (chunks.clone(), self.data.clone());
             let (augment, seed) = (self.augment, self.sampler.seed);
             handles.push(std::thread::spawn(move || {
-                for (i, idx) in chunks.iter().skip(w).step_by(workers) {
-                    let key =
-                        seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ ((*i as u64) << 32);
-                    let mut rng = Rng::new(key);
-                    let batch =
-                        data.batch(idx, Some((augment, &mut rng)))
-                            .map(|(images, labels)| Batch {
-                                images,
-                                labels,
-                                samples: idx.iter().map(|&i| i as u64).collect(),
-                            });
+                // augmentation streams keyed by (seed, epoch, sample index)
+                let key = seed ^ (epoch + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                for idx in chunks.iter().skip(w).step_by(workers) {
+                    let batch = data
+                        .batch(idx, Some((augment, key)))
+                        .map(|(images, labels)| Batch {
+                            images,
+                            labels,
+                            samples: idx.iter().map(|&i| i as u64).collect(),
+                        });
                     // The consumer stopped early: nothing left to do.
                     if tx.send(batch).is_err() {
                         return;

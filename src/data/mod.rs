@@ -140,15 +140,16 @@ impl Dataset {
         }
     }
 
-    /// Normalised f32 images `[b, 3, 32, 32]` and labels for the given indices, each
-    /// image augmented from `rng` when one is given.
+    /// Normalised f32 images `[b, 3, 32, 32]` and labels for the given indices. With
+    /// `augment = Some((aug, key))`, each image is augmented from its own random stream
+    /// keyed by (`key`, sample index), so an image's augmentation does not depend on
+    /// which batch, worker or data-parallel rank builds it.
     pub fn batch(
         &self,
         idx: &[usize],
-        augment: Option<(Augment, &mut Rng)>,
+        augment: Option<(Augment, u64)>,
     ) -> Result<(Tensor, Vec<usize>)> {
         let mut out = Vec::with_capacity(idx.len() * 3 * PIXELS);
-        let mut augment = augment;
         for &i in idx {
             let img = self
                 .images
@@ -159,9 +160,10 @@ impl Dataset {
                         self.len()
                     ))
                 })?;
-            match augment.as_mut() {
-                Some((aug, rng)) if !aug.is_identity() => {
-                    normalize_into(&aug.apply(img, rng), &MEAN, &STD, &mut out)
+            match augment {
+                Some((aug, key)) if !aug.is_identity() => {
+                    let mut rng = Rng::new(key ^ (i as u64).wrapping_mul(0xd6e8_feb8_6659_fd93));
+                    normalize_into(&aug.apply(img, &mut rng), &MEAN, &STD, &mut out)
                 }
                 _ => normalize_into(img, &MEAN, &STD, &mut out),
             }

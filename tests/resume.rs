@@ -257,3 +257,70 @@ fn resume_refuses_a_different_model_or_seed() {
     );
     std::fs::remove_dir_all(out).unwrap();
 }
+
+#[test]
+fn init_fine_tunes_from_weights_with_a_new_head() {
+    let root = temp_dir("init");
+    let base = root.join("base");
+    let tiny = [
+        "--dim",
+        "32",
+        "--depth",
+        "1",
+        "--mlp-dim",
+        "32",
+        "--epochs",
+        "1",
+    ];
+    let (ok, _, err) = ferrovit(&[&["train", "--out", base.to_str().unwrap()], &tiny[..]].concat());
+    assert!(ok, "{err}");
+    let ckpt = checkpoint::newest(&base.join("checkpoints"))
+        .unwrap()
+        .unwrap();
+    // a 2-class image folder: the head's shape differs, everything else loads
+    let data = root.join("pets");
+    for split in ["train", "test"] {
+        for (c, name) in ["cat", "dog"].iter().enumerate() {
+            let d = data.join(split).join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            for k in 0..4u8 {
+                let img = image::RgbImage::from_fn(32, 32, |x, y| {
+                    image::Rgb([x as u8 * 8, y as u8 * 8, 100 * c as u8 + k])
+                });
+                img.save(d.join(format!("{k}.png"))).unwrap();
+            }
+        }
+    }
+    let out = root.join("fine");
+    let (ok, stdout, err) = ferrovit(
+        &[
+            &[
+                "train",
+                "--data",
+                data.to_str().unwrap(),
+                "--init",
+                ckpt.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            &tiny[..],
+        ]
+        .concat(),
+    );
+    assert!(ok, "{err}");
+    assert!(
+        stdout.contains("initialised from")
+            && stdout.contains("loaded 18 tensors")
+            && stdout.contains("`head.weight` shape [10, 32] in the checkpoint vs [2, 32]"),
+        "{stdout}"
+    );
+    let (ok, _, err) = ferrovit(&[
+        "train",
+        "--init",
+        "/nonexistent/ckpt",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("/nonexistent/ckpt"), "{err}");
+    std::fs::remove_dir_all(root).unwrap();
+}

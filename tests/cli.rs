@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{ferrovit, temp_dir};
+use common::{ferrovit, temp_dir, TINY};
 use std::path::{Path, PathBuf};
 
 fn metrics(out: &Path) -> Vec<serde_json::Value> {
@@ -13,9 +13,6 @@ fn metrics(out: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
-
-/// Tiny model flags: a run takes about a second.
-const TINY: [&str; 6] = ["--dim", "32", "--depth", "1", "--mlp-dim", "32"];
 
 #[test]
 fn presets_lists_exact_parameter_counts() {
@@ -239,19 +236,7 @@ fn bad_inputs_fail_with_one_clear_message() {
         ),
         (vec!["train", "--augment", "mixup"], "mixup"),
         (
-            vec![
-                "train",
-                "--lr",
-                "1e30",
-                "--dim",
-                "32",
-                "--depth",
-                "1",
-                "--mlp-dim",
-                "32",
-                "--out",
-                &nan_out,
-            ],
+            [&["train", "--lr", "1e30", "--out", &nan_out][..], &TINY[..]].concat(),
             "the loss is NaN at step 1",
         ),
         (

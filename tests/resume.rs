@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{ferrovit, temp_dir};
+use common::{ferrovit, temp_dir, TINY};
 use ferrovit::checkpoint::{self, Checkpoint, LoadOptions, SaveOptions};
 use ferrovit::data::{default_data_dir, Augment, Dataset, Loader, Sampler};
 use ferrovit::engine::{Engine, TrainConfig};
@@ -262,16 +262,7 @@ fn resume_refuses_a_different_model_or_seed() {
 fn init_fine_tunes_from_weights_with_a_new_head() {
     let root = temp_dir("init");
     let base = root.join("base");
-    let tiny = [
-        "--dim",
-        "32",
-        "--depth",
-        "1",
-        "--mlp-dim",
-        "32",
-        "--epochs",
-        "1",
-    ];
+    let tiny = [&TINY[..], &["--epochs", "1"]].concat();
     let (ok, _, err) = ferrovit(&[&["train", "--out", base.to_str().unwrap()], &tiny[..]].concat());
     assert!(ok, "{err}");
     let ckpt = checkpoint::newest(&base.join("checkpoints"))

@@ -5,7 +5,8 @@
 use crate::backend::cpu;
 use crate::checkpoint::{self, LoadOptions, SaveOptions};
 use crate::data::{Augment, Dataset, Loader, Sampler};
-use crate::engine::{Engine, TrainConfig};
+use crate::dist::{Layout, ProcessGroup, TcpGroup, ThreadGroup};
+use crate::engine::{Engine, Parallel, TrainConfig};
 use crate::error::{Error, Result};
 use crate::metrics::ConfusionMatrix;
 use crate::optim::LrSchedule;
@@ -17,7 +18,7 @@ use crate::VitConfig;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Every setting of a training run. Field names are the TOML keys of `--config` files
 /// and, with `-` for `_`, the flags of `ferrovit train`.
@@ -70,6 +71,19 @@ pub struct TrainOptions {
     /// as a classifier head for another number of classes, keep their initial values;
     /// the optimizer starts fresh).
     pub init: Option<PathBuf>,
+    /// Data-parallel replicas (each takes a share of every global batch).
+    pub dp: usize,
+    /// Pipeline stages (the blocks split across them; embedding on the first, head on
+    /// the last).
+    pub pp: usize,
+    /// Micro-batches per step in the pipeline (default: 2 × pp; 1 without a pipeline).
+    pub microbatches: Option<usize>,
+    /// First block of pipeline stages 1.. (default: an even split).
+    pub stages: Option<Vec<usize>>,
+    /// Gradient all-reduce bucket, in MiB.
+    pub bucket_mb: f32,
+    /// Seconds any rank waits for another before failing.
+    pub comm_timeout: u64,
 }
 
 /// The default model when neither a preset nor dimensions are given: small enough to
@@ -106,6 +120,12 @@ impl Default for TrainOptions {
             shard_size_mb: 2048,
             resume: None,
             init: None,
+            dp: 1,
+            pp: 1,
+            microbatches: None,
+            stages: None,
+            bucket_mb: 25.0,
+            comm_timeout: 300,
         }
     }
 }
@@ -203,7 +223,33 @@ impl TrainOptions {
             return Err(invalid("test_interval", 0, "must be at least 1"));
         }
         Augment::parse(&self.augment)?;
+        if self.dp == 0 || self.pp == 0 {
+            return Err(invalid(
+                "dp/pp",
+                format!("{}/{}", self.dp, self.pp),
+                "must be at least 1",
+            ));
+        }
+        if self.microbatches == Some(0) {
+            return Err(invalid("microbatches", 0, "must be at least 1"));
+        }
+        if !(self.bucket_mb.is_finite() && self.bucket_mb > 0.0) {
+            return Err(invalid(
+                "bucket_mb",
+                self.bucket_mb,
+                "must be a positive number",
+            ));
+        }
+        if self.comm_timeout == 0 {
+            return Err(invalid("comm_timeout", 0, "must be at least 1 second"));
+        }
         Ok(())
+    }
+
+    /// Micro-batches per step.
+    pub fn microbatches(&self) -> usize {
+        self.microbatches
+            .unwrap_or(if self.pp > 1 { 2 * self.pp } else { 1 })
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -265,15 +311,6 @@ fn resume_from(
         PathBuf::from(resume)
     };
     let saved = checkpoint::Checkpoint::open(&dir)?.index;
-    if saved.model != *cfg {
-        return Err(Error::Format {
-            path: dir,
-            msg: format!(
-                "saved with a different model ({:?}); this run has {:?}",
-                saved.model, cfg
-            ),
-        });
-    }
     if saved.training.seed != opts.seed {
         return Err(Error::Format {
             path: dir,
@@ -283,13 +320,24 @@ fn resume_from(
             ),
         });
     }
+    // strict: a different architecture fails naming the first tensor that differs
     let (state, _) = trainer
         .engine
         .load_checkpoint(&dir, LoadOptions::default())?;
+    if saved.model != *cfg {
+        return Err(Error::Format {
+            path: dir,
+            msg: format!(
+                "saved with a different model ({:?}); this run has {:?}",
+                saved.model, cfg
+            ),
+        });
+    }
     trainer.resume(&state);
     trainer.logger.info(format!(
-        "resuming from {} at epoch {}, batch {} (step {})",
+        "resuming from {} (saved under {}) at epoch {}, batch {} (step {})",
         dir.display(),
+        saved.layout.describe(),
         state.epoch + 1,
         state.batch,
         state.step
@@ -300,6 +348,8 @@ fn resume_from(
 /// What a finished run reports.
 #[derive(Debug)]
 pub struct TrainSummary {
+    /// The rank that reports (0; with a launcher every process gets its own).
+    pub rank: usize,
     pub final_test_accuracy: Option<f64>,
     pub confusion: Option<ConfusionMatrix>,
     pub classes: Vec<String>,
@@ -310,21 +360,118 @@ pub struct TrainSummary {
 
 /// Runs `ferrovit train` with these options: logs progress and per-epoch metrics,
 /// writes `metrics.jsonl`, `metrics.png` and the resolved `config.toml` into `out`.
+///
+/// The layout is `dp × pp`: as ranks in threads of this process, or — when launched
+/// with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set (`ferrovit launch`, torchrun,
+/// SLURM) — as this process's rank of a TCP group. Rank 0's summary is returned.
 pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     opts.validate()?;
     if let Some(n) = opts.threads {
         cpu::set_num_threads(n)?;
     }
+    let timeout = Duration::from_secs(opts.comm_timeout);
+    if let Some(group) = TcpGroup::from_env(timeout)? {
+        let world = group.world();
+        let opts = if opts.dp * opts.pp == 1 && world > 1 {
+            // the launcher's world size decides the data-parallel degree
+            TrainOptions {
+                dp: world,
+                ..opts.clone()
+            }
+        } else {
+            opts.clone()
+        };
+        if opts.dp * opts.pp != world {
+            return Err(Error::Config(format!(
+                "--dp {} × --pp {} = {} ranks, but WORLD_SIZE is {world}",
+                opts.dp,
+                opts.pp,
+                opts.dp * opts.pp
+            )));
+        }
+        let group: Arc<dyn ProcessGroup> = Arc::new(group);
+        return train_rank(&opts, Some(group));
+    }
+    let world = opts.dp * opts.pp;
+    if world == 1 {
+        return train_rank(opts, None);
+    }
+    // refuse a bad layout before starting any rank
+    let classes = Dataset::open(&opts.data_dir())?.0.classes.len();
+    layout(opts, &opts.model(classes)?)?;
+    let handles: Vec<_> = ThreadGroup::new(world, timeout)?
+        .into_iter()
+        .map(|g| {
+            let opts = opts.clone();
+            std::thread::Builder::new()
+                .name(format!("rank-{}", g.rank()))
+                .spawn(move || train_rank(&opts, Some(Arc::new(g))))
+                .map_err(|e| Error::Config(format!("cannot start a rank thread: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    let results: Vec<Result<TrainSummary>> = handles
+        .into_iter()
+        .map(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(Error::Comm("a rank thread panicked".into())))
+        })
+        .collect();
+    first_cause(results)
+}
+
+/// Rank 0's summary, or the error that started a failure: when one rank fails the
+/// others fail too, with communication errors naming it, so a rank's own error is
+/// reported before any communication error.
+fn first_cause(results: Vec<Result<TrainSummary>>) -> Result<TrainSummary> {
+    let mut errors: Vec<Error> = Vec::new();
+    let mut summary = None;
+    for r in results {
+        match r {
+            Ok(s) => summary = summary.or(Some(s)),
+            Err(e) => errors.push(e),
+        }
+    }
+    if let Some(i) = errors.iter().position(|e| !matches!(e, Error::Comm(_))) {
+        return Err(errors.swap_remove(i));
+    }
+    match (errors.into_iter().next(), summary) {
+        (Some(e), _) => Err(e),
+        (None, Some(s)) => Ok(s),
+        (None, None) => Err(Error::Comm("no rank finished".into())),
+    }
+}
+
+/// The layout the options ask for.
+fn layout(opts: &TrainOptions, cfg: &VitConfig) -> Result<Layout> {
+    Layout::new(opts.dp, opts.pp, cfg.depth, opts.stages.as_deref())
+}
+
+/// One rank's run (the whole run without a group).
+fn train_rank(opts: &TrainOptions, group: Option<Arc<dyn ProcessGroup>>) -> Result<TrainSummary> {
     let start = Instant::now();
-    let logger = Logger::new(0, 1);
+    let (rank, world) = group.as_ref().map_or((0, 1), |g| (g.rank(), g.world()));
+    let logger = Logger::new(rank, world);
     let dir = opts.data_dir();
     let (train, test) = Dataset::open(&dir)?;
     let cfg = opts.model(train.classes.len())?;
     let augment = Augment::parse(&opts.augment)?;
-    std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
-    let resolved = opts.out.join("config.toml");
-    let text = toml::to_string(opts).map_err(|e| Error::Config(format!("options: {e}")))?;
-    std::fs::write(&resolved, text).map_err(|e| Error::io(&resolved, e))?;
+    let layout = layout(opts, &cfg)?;
+    let par = match group {
+        Some(g) => Some(Parallel::new(
+            g,
+            layout.clone(),
+            opts.microbatches(),
+            ((opts.bucket_mb as f64 * (1 << 20) as f64) / 4.0) as usize,
+        )?),
+        None => None,
+    };
+    let (replica, stage) = layout.coords(rank);
+    if rank == 0 {
+        std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
+        let resolved = opts.out.join("config.toml");
+        let text = toml::to_string(opts).map_err(|e| Error::Config(format!("options: {e}")))?;
+        std::fs::write(&resolved, text).map_err(|e| Error::io(&resolved, e))?;
+    }
 
     let classes = train.classes.clone();
     let (train_len, test_len) = (train.len(), test.len());
@@ -332,15 +479,19 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         Arc::new(train),
         Sampler::new(train_len, true, opts.seed),
         opts.batch_size,
-    )?;
+    )?
+    .shard(replica, layout.dp)?;
     train_loader.augment = augment;
     train_loader.workers = opts.workers;
+    train_loader.images = stage == 0;
     let mut test_loader = Loader::new(
         Arc::new(test),
         Sampler::new(test_len, false, opts.seed),
         opts.batch_size,
-    )?;
+    )?
+    .shard(replica, layout.dp)?;
     test_loader.workers = opts.workers;
+    test_loader.images = stage == 0;
 
     let steps_per_epoch = train_loader.batches_per_epoch() as u64;
     let total = opts.epochs as u64 * steps_per_epoch;
@@ -349,16 +500,17 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         total,
         min_lr: 0.0,
     };
-    let engine = Engine::new(
-        &cfg,
-        TrainConfig {
-            lr: opts.lr,
-            weight_decay: opts.weight_decay,
-            label_smoothing: opts.label_smoothing,
-            seed: opts.seed,
-            ..TrainConfig::default()
-        },
-    )?;
+    let tc = TrainConfig {
+        lr: opts.lr,
+        weight_decay: opts.weight_decay,
+        label_smoothing: opts.label_smoothing,
+        seed: opts.seed,
+        ..TrainConfig::default()
+    };
+    let engine = match par {
+        Some(par) => Engine::parallel(&cfg, tc, par)?,
+        None => Engine::new(&cfg, tc)?,
+    };
     logger.info(format!(
         "data {} ({train_len} train / {test_len} test images, {} classes); model dim {} depth {} heads {} mlp {} patch {} ({} params); augment {}; {} threads",
         dir.display(),
@@ -372,6 +524,14 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         opts.augment,
         cpu::num_threads()
     ));
+    if world > 1 {
+        logger.info(format!(
+            "layout {}, {} micro-batches per step, global batch {}",
+            layout.describe(),
+            opts.microbatches(),
+            opts.batch_size
+        ));
+    }
     let metrics_path = opts.out.join("metrics.jsonl");
     let plot_path = opts.out.join("metrics.png");
     let ckpt_root = opts.out.join("checkpoints");
@@ -379,8 +539,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     if let Some(resume) = &opts.resume {
         resume_from(&mut trainer, resume, &ckpt_root, &cfg, opts)?;
     }
-    if opts.resume.is_none() && !opts.no_save {
+    if opts.resume.is_none() && !opts.no_save && rank == 0 {
         set_aside_old_run(&ckpt_root, &logger)?;
+    }
+    if let Some(p) = trainer.engine.parallel_info() {
+        p.world.barrier()?;
     }
     if let Some(init) = &opts.init {
         let (_, report) = trainer.engine.load_checkpoint(
@@ -400,12 +563,16 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         })
         .add_hook(LossHook::default())
         .add_hook(AccuracyHook::default())
-        .add_hook(ThroughputHook::default())
-        .add_hook(ProgressHook::default())
-        .add_hook(LogMetricByEpochHook::with_jsonl(&metrics_path, &history)?)
-        .add_hook(PlotHook {
-            path: plot_path.clone(),
-        });
+        .add_hook(ThroughputHook::default());
+    if rank == 0 {
+        // every rank has the global metrics; rank 0 reports them
+        trainer
+            .add_hook(ProgressHook::default())
+            .add_hook(LogMetricByEpochHook::with_jsonl(&metrics_path, &history)?)
+            .add_hook(PlotHook {
+                path: plot_path.clone(),
+            });
+    }
     if !opts.no_save {
         let mut hook = SaveCheckpointHook::new(
             &ckpt_root,
@@ -414,6 +581,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             SaveOptions {
                 shard_bytes: opts.shard_size_mb << 20,
                 keep_last: (opts.keep_last > 0).then_some(opts.keep_last),
+                part_timeout: Duration::from_secs(opts.comm_timeout),
             },
         );
         hook.schedule = Some(schedule);
@@ -436,6 +604,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         1e3 * t.mean("test-step")
     ));
     Ok(TrainSummary {
+        rank,
         final_test_accuracy: confusion.as_ref().map(ConfusionMatrix::accuracy),
         confusion,
         classes,

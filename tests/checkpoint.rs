@@ -58,6 +58,7 @@ fn saved(e: &Engine, name: &str) -> (PathBuf, PathBuf) {
     let opts = SaveOptions {
         shard_bytes: 40_000,
         keep_last: None,
+        ..SaveOptions::default()
     };
     let training = TrainingState {
         epoch: 2,

@@ -1,7 +1,7 @@
-//! Sampler and loader: epoch coverage, order, sharding, drop_last, worker independence.
+//! Sampler and loader: epoch coverage, order, data-parallel shares, drop_last, worker
+//! independence.
 
 use ferrovit::data::{default_data_dir, Augment, Dataset, Loader, Sampler};
-use std::collections::HashSet;
 use std::sync::Arc;
 
 #[test]
@@ -26,46 +26,46 @@ fn each_epoch_covers_every_sample_once_in_a_seeded_order() {
 }
 
 #[test]
-fn shards_partition_the_epoch_across_ranks() {
-    for world in [2, 3, 4] {
-        let shards: Vec<Vec<usize>> = (0..world)
-            .map(|r| {
-                Sampler::new(12, true, 9)
-                    .shard(r, world)
-                    .unwrap()
-                    .indices(5)
-            })
-            .collect();
-        let all: HashSet<usize> = shards.iter().flatten().copied().collect();
-        assert_eq!(all.len(), 12, "world {world}: union covers the epoch");
-        assert!(
-            shards.iter().all(|s| s.len() == 12 / world),
-            "world {world}: equal shares"
-        );
-        // Interleaved like DistributedSampler: rank r takes positions r, r + world, …
-        let full = Sampler::new(12, true, 9).indices(5);
-        assert_eq!(
-            shards[1],
-            full.iter()
-                .skip(1)
-                .step_by(world)
-                .copied()
-                .collect::<Vec<_>>()
-        );
+fn replicas_split_every_global_batch_into_contiguous_shares() {
+    let data = digits();
+    let batches = |replica: usize, replicas: usize| {
+        Loader::new(data.clone(), Sampler::new(data.len(), true, 9), 100)
+            .unwrap()
+            .shard(replica, replicas)
+            .unwrap()
+            .epoch(5)
+            .map(|b| b.unwrap())
+            .collect::<Vec<_>>()
+    };
+    let whole = batches(0, 1);
+    for replicas in [2, 3, 4] {
+        let shares: Vec<_> = (0..replicas).map(|r| batches(r, replicas)).collect();
+        for (k, w) in whole.iter().enumerate() {
+            // the shares of global batch k, in replica order, are batch k of one rank
+            let joined: Vec<u64> = shares.iter().flat_map(|s| s[k].samples.clone()).collect();
+            assert_eq!(joined, w.samples, "{replicas} replicas, batch {k}");
+            let mut at = 0;
+            for s in &shares {
+                let b = &s[k];
+                assert_eq!((b.global, b.offset), (w.samples.len(), at));
+                assert!(b.labels.len().abs_diff(w.samples.len() / replicas) <= 1);
+                assert_eq!(b.images.dims()[0], b.labels.len());
+                at += b.labels.len();
+            }
+        }
     }
-    assert!(Sampler::new(12, true, 9).shard(2, 2).is_err());
-}
-
-#[test]
-fn uneven_epochs_are_padded_or_dropped() {
-    let padded: Vec<Vec<usize>> = (0..4)
-        .map(|r| Sampler::new(10, false, 0).shard(r, 4).unwrap().indices(0))
-        .collect();
-    assert!(padded.iter().all(|s| s.len() == 3), "{padded:?}");
-    assert_eq!(padded[2], [2, 6, 0], "padding repeats the first samples");
-    let mut dropped = Sampler::new(10, false, 0).shard(1, 4).unwrap();
-    dropped.drop_last = true;
-    assert_eq!(dropped.indices(0), [1, 5]);
+    assert_eq!(
+        whole.last().unwrap().samples.len(),
+        37,
+        "1437 = 14 × 100 + 37"
+    );
+    let l = Loader::new(data.clone(), Sampler::new(10, false, 0), 4).unwrap();
+    assert!(l.clone().shard(2, 2).is_err());
+    // later pipeline stages need only the labels
+    let mut labels_only = l.shard(1, 2).unwrap();
+    labels_only.images = false;
+    let b = labels_only.epoch(0).next().unwrap().unwrap();
+    assert_eq!((b.labels.len(), b.images.numel()), (2, 0));
 }
 
 fn digits() -> Arc<Dataset> {
@@ -120,10 +120,11 @@ fn drop_last_and_early_stop() {
 fn an_images_augmentation_depends_on_its_sample_not_its_batch_or_rank() {
     let data = digits();
     let images = |batch: usize, rank: usize, world: usize| {
-        let s = Sampler::new(data.len(), true, 4)
+        let s = Sampler::new(data.len(), true, 4);
+        let mut l = Loader::new(data.clone(), s, batch)
+            .unwrap()
             .shard(rank, world)
             .unwrap();
-        let mut l = Loader::new(data.clone(), s, batch).unwrap();
         l.augment = Augment::parse("crop,flip,autoaugment").unwrap();
         let mut by_sample = std::collections::HashMap::new();
         for b in l.epoch(3) {

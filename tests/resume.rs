@@ -241,7 +241,42 @@ fn resume_refuses_a_different_model_or_seed() {
     };
     let (ok, _, err) = run(&["--epochs", "1", "--depth", "1"]);
     assert!(ok, "{err}");
+    // a different architecture is refused naming the first tensor that differs
     let (ok, _, err) = run(&["--epochs", "2", "--depth", "2", "--resume", "auto"]);
+    assert!(
+        !ok && err.contains("`blocks.1.norm1.weight` is missing from the checkpoint"),
+        "{err}"
+    );
+    let (ok, _, err) = ferrovit(&[
+        "train",
+        "--dim",
+        "64",
+        "--mlp-dim",
+        "32",
+        "--out",
+        o,
+        "--epochs",
+        "2",
+        "--depth",
+        "1",
+        "--resume",
+        "auto",
+    ]);
+    assert!(
+        !ok && err
+            .contains("has shape [32, 3, 4, 4] in the checkpoint but [64, 3, 4, 4] in the model"),
+        "{err}"
+    );
+    let (ok, _, err) = run(&[
+        "--epochs",
+        "2",
+        "--depth",
+        "1",
+        "--dropout",
+        "0.2",
+        "--resume",
+        "auto",
+    ]);
     assert!(!ok && err.contains("different model"), "{err}");
     let (ok, _, err) = run(&[
         "--epochs", "2", "--depth", "1", "--seed", "3", "--resume", "auto",

@@ -150,6 +150,10 @@ impl<'a> Graph<'a> {
         &self.store
     }
 
+    pub fn store_mut(&mut self) -> &mut ParamStore {
+        &mut self.store
+    }
+
     /// A graph that owns the parameters until [`Graph::into_store`] gives them back.
     pub fn owning(store: ParamStore) -> Graph<'static> {
         Graph::with_store(Store::Owned(store))

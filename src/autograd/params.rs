@@ -96,6 +96,32 @@ impl ParamStore {
         }
     }
 
+    /// A store with the same parameter values, shared copy-on-write (O(1) per
+    /// parameter), and empty gradients: lets several graphs read the parameters at
+    /// once (a pipeline stage's micro-batches in flight).
+    pub fn share(&self) -> ParamStore {
+        let params = self
+            .params
+            .iter()
+            .map(|p| Param {
+                name: p.name.clone(),
+                value: p.value.share(),
+                grad: Tensor::zeros([0], p.grad.device()),
+            })
+            .collect();
+        ParamStore {
+            params,
+            by_name: self.by_name.clone(),
+        }
+    }
+
+    /// Exchanges the gradients of two stores with the same parameters.
+    pub fn swap_grads(&mut self, other: &mut ParamStore) {
+        for (a, b) in self.params.iter_mut().zip(other.params.iter_mut()) {
+            std::mem::swap(&mut a.grad, &mut b.grad);
+        }
+    }
+
     /// Replaces a parameter's value; the shape must match.
     pub fn set(&mut self, name: &str, value: Tensor) -> Result<()> {
         let id = self.id(name)?;

@@ -141,6 +141,27 @@ struct TrainArgs {
     /// with a fresh optimizer
     #[arg(long, value_name = "DIR")]
     init: Option<PathBuf>,
+    /// Data-parallel replicas; each computes a share of every global batch (--batch-size
+    /// is the global batch) [default: 1, or WORLD_SIZE / --pp under a launcher]
+    #[arg(long, value_name = "N")]
+    dp: Option<usize>,
+    /// Pipeline stages; the blocks are split across them (embedding on the first, head
+    /// on the last) [default: 1]
+    #[arg(long, value_name = "N")]
+    pp: Option<usize>,
+    /// Micro-batches per step in the pipeline (1F1B schedule) [default: 2 × pp]
+    #[arg(long, value_name = "N")]
+    microbatches: Option<usize>,
+    /// First block of pipeline stages 1.., e.g. `--stages 3,5` for three stages [default:
+    /// an even split]
+    #[arg(long, value_name = "B,B,…", value_delimiter = ',')]
+    stages: Option<Vec<usize>>,
+    /// Gradient all-reduce bucket in MiB [default: 25]
+    #[arg(long, value_name = "MIB")]
+    bucket_mb: Option<f32>,
+    /// Seconds a rank waits for another before failing [default: 300]
+    #[arg(long, value_name = "S")]
+    comm_timeout: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -284,6 +305,9 @@ fn train(a: TrainArgs) -> Result<()> {
     };
     let opts = TrainOptions::merged(&base, &a)?;
     let summary = recipe::train(&opts)?;
+    if summary.rank != 0 {
+        return Ok(()); // rank 0 reports for the run
+    }
     if let (Some(acc), Some(c)) = (summary.final_test_accuracy, &summary.confusion) {
         println!(
             "final test accuracy {:.2}% ({} images)",

@@ -48,22 +48,7 @@ pub struct TrainingState {
 }
 
 /// The parallel layout a checkpoint was saved under.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Layout {
-    pub world: usize,
-    pub dp: usize,
-    pub pp: usize,
-}
-
-impl Default for Layout {
-    fn default() -> Self {
-        Layout {
-            world: 1,
-            dp: 1,
-            pp: 1,
-        }
-    }
-}
+pub use crate::dist::Layout;
 
 /// One contiguous piece of a tensor in a shard file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -174,8 +174,12 @@ impl Engine {
                 seed: self.config.seed,
                 ..training
             },
-            layout: Layout::default(),
-            rank: 0,
+            layout: self.parallel_info().map_or_else(
+                || Layout::single(self.model.config.depth),
+                |p| p.layout.clone(),
+            ),
+            rank: self.parallel_info().map_or(0, |p| p.rank()),
+            run: self.parallel_info().map_or(0, |p| p.run),
             tensors,
         }
     }
@@ -204,6 +208,7 @@ impl Engine {
         let ckpt = Checkpoint::open(dir)?;
         let mut report = LoadReport::default();
         let mut values = Vec::new();
+        let model = self.model.clone();
         let params = self.params_mut();
         for p in params.iter() {
             match ckpt.index.tensors.get(&p.name) {
@@ -216,8 +221,9 @@ impl Engine {
                 Some(_) => values.push(p.name.clone()),
             }
         }
+        // tensors of other pipeline stages are theirs to load
         for name in ckpt.names(Group::Model) {
-            if params.id(name).is_err() {
+            if model.owns(name) && params.id(name).is_err() {
                 report.unexpected.push(name.to_string());
             }
         }

@@ -43,6 +43,9 @@ pub struct Snapshot {
     pub layout: Layout,
     /// This rank's tensors (replicas written by one rank only).
     pub rank: usize,
+    /// Identifies the run (the same on every rank), so the ranks of a parallel save
+    /// meet in one temporary directory that no earlier run can have left.
+    pub run: u64,
     pub tensors: Vec<SnapTensor>,
 }
 
@@ -54,6 +57,9 @@ pub struct SaveOptions {
     pub shard_bytes: u64,
     /// Keep only the newest N committed checkpoints under the root (`None`: keep all).
     pub keep_last: Option<usize>,
+    /// In a parallel save, how long rank 0 waits for the other ranks' parts before
+    /// giving up (the checkpoint then stays uncommitted).
+    pub part_timeout: std::time::Duration,
 }
 
 impl Default for SaveOptions {
@@ -61,6 +67,7 @@ impl Default for SaveOptions {
         SaveOptions {
             shard_bytes: 2 << 30,
             keep_last: None,
+            part_timeout: std::time::Duration::from_secs(300),
         }
     }
 }
@@ -231,14 +238,49 @@ fn write_shards(
 /// into a temporary directory and fsynced, the index last; the directory is renamed
 /// into place and the root fsynced; then the `latest` pointer is replaced atomically
 /// and old checkpoints beyond `keep_last` are removed. Returns the checkpoint path.
+///
+/// In a parallel run every rank calls it with its own snapshot (the root must be on
+/// storage all ranks share): the first replica of each stage writes its shards and a
+/// part of the index; rank 0 waits for every part, then writes the index and commits.
+/// Other ranks return once their part is written (before the commit).
 pub fn save(snap: &Snapshot, root: &Path, name: &str, opts: &SaveOptions) -> Result<PathBuf> {
     super::format::check_file_name(name).map_err(Error::Config)?;
     std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
     let mut fault = Fault::for_this_save();
-    let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let tensors = write_shards(snap, &tmp, opts, &mut fault)?;
+    let layout = &snap.layout;
+    let tmp = if layout.world > 1 {
+        root.join(format!(".tmp-{name}-{:016x}", snap.run))
+    } else {
+        let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        tmp
+    };
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let (replica, _) = layout.coords(snap.rank);
+    let mut tensors = if replica == 0 {
+        write_shards(snap, &tmp, opts, &mut fault)?
+    } else {
+        BTreeMap::new() // a replica: its stage's first replica writes the same tensors
+    };
+    if layout.world > 1 {
+        if snap.rank != 0 {
+            if replica == 0 {
+                write_part(&tmp, snap.rank, &tensors)?;
+            }
+            return Ok(root.join(name));
+        }
+        let writers = (1..layout.pp).map(|s| layout.rank_of(0, s));
+        for rank in writers {
+            for (n, e) in read_part(&tmp, rank, opts.part_timeout)? {
+                if tensors.insert(n.clone(), e).is_some() {
+                    return Err(Error::Format {
+                        path: tmp.clone(),
+                        msg: format!("tensor `{n}` written by two ranks"),
+                    });
+                }
+            }
+        }
+    }
     let weight_map = tensors
         .iter()
         .filter(|(_, t)| t.group == Group::Model)
@@ -280,6 +322,49 @@ pub fn save(snap: &Snapshot, root: &Path, name: &str, opts: &SaveOptions) -> Res
         retain(root, keep)?;
     }
     Ok(dest)
+}
+
+fn part_path(tmp: &Path, rank: usize) -> PathBuf {
+    tmp.join(format!(".part-rank{rank:05}.json"))
+}
+
+/// A rank's index entries, published atomically (written, fsynced, renamed) once its
+/// shards are durable.
+fn write_part(tmp: &Path, rank: usize, tensors: &BTreeMap<String, TensorEntry>) -> Result<()> {
+    let path = part_path(tmp, rank);
+    let partial = path.with_extension("tmp");
+    let json =
+        serde_json::to_vec(tensors).map_err(|e| Error::Config(format!("index part: {e}")))?;
+    std::fs::write(&partial, json)
+        .and_then(|_| std::fs::File::open(&partial)?.sync_all())
+        .map_err(|e| Error::io(&partial, e))?;
+    std::fs::rename(&partial, &path).map_err(|e| Error::io(&path, e))
+}
+
+/// Waits for a rank's index part (up to `timeout`), reads and removes it.
+fn read_part(
+    tmp: &Path,
+    rank: usize,
+    timeout: std::time::Duration,
+) -> Result<BTreeMap<String, TensorEntry>> {
+    let path = part_path(tmp, rank);
+    let deadline = std::time::Instant::now() + timeout;
+    while !path.exists() {
+        if std::time::Instant::now() >= deadline {
+            return Err(Error::Comm(format!(
+                "checkpoint {}: rank {rank} did not write its part within {timeout:?}; the checkpoint stays uncommitted",
+                tmp.display()
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let part = serde_json::from_slice(&bytes).map_err(|e| Error::Format {
+        path: path.clone(),
+        msg: e.to_string(),
+    })?;
+    std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+    Ok(part)
 }
 
 /// The `latest` pointer: a file naming the newest committed checkpoint, replaced by

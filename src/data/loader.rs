@@ -1,62 +1,36 @@
 //! Epoch order and batch loading.
 //!
-//! [`Sampler`] decides which samples a rank sees in an epoch and in what order (a
-//! seeded shuffle per epoch, split across data-parallel ranks like PyTorch's
-//! `DistributedSampler`). [`Loader`] builds the batches on background threads with a
-//! bounded prefetch queue. Batch `i` is always built by worker `i % workers`, each
+//! [`Sampler`] decides the order of an epoch's samples (a seeded shuffle per epoch).
+//! [`Loader`] cuts it into global batches and builds this rank's share of each (the
+//! whole batch on one rank; a contiguous slice per data-parallel replica) on
+//! background threads with a bounded prefetch queue. Global batch `k` holds the same
+//! samples under every layout, so a run's data does not depend on how it is split. Batch `i` is always built by worker `i % workers`, each
 //! image augmented from a stream keyed by (seed, epoch, sample index), and the consumer
 //! reads the workers in turn, so the batches, their order and their augmentation do
-//! not depend on the number of workers (nor on how ranks split the epoch).
+//! not depend on the number of workers (nor on how replicas split the batches).
 
 use super::{Augment, Dataset};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
-use crate::tensor::Tensor;
+use crate::tensor::{Device, Tensor};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-/// Which samples one rank sees per epoch, and in what order.
+/// The order of each epoch's samples.
 #[derive(Clone, Debug)]
 pub struct Sampler {
     pub len: usize,
     pub shuffle: bool,
     pub seed: u64,
-    /// This rank and the number of data-parallel ranks.
-    pub rank: usize,
-    pub world: usize,
-    /// Without `drop_last`, the epoch is padded (repeating its first samples) so every
-    /// rank gets the same count; with it, the tail that does not divide is dropped.
-    pub drop_last: bool,
 }
 
 impl Sampler {
     pub fn new(len: usize, shuffle: bool, seed: u64) -> Sampler {
-        Sampler {
-            len,
-            shuffle,
-            seed,
-            rank: 0,
-            world: 1,
-            drop_last: false,
-        }
+        Sampler { len, shuffle, seed }
     }
 
-    /// The same sampler restricted to `rank` of `world`.
-    pub fn shard(self, rank: usize, world: usize) -> Result<Sampler> {
-        if world == 0 || rank >= world {
-            return Err(Error::Config(format!(
-                "rank {rank} is not in a world of {world}"
-            )));
-        }
-        Ok(Sampler {
-            rank,
-            world,
-            ..self
-        })
-    }
-
-    /// This rank's dataset indices for `epoch`, in order.
+    /// The dataset indices of `epoch`, in order.
     pub fn indices(&self, epoch: u64) -> Vec<usize> {
         let mut all: Vec<usize> = (0..self.len).collect();
         if self.shuffle {
@@ -65,36 +39,34 @@ impl Sampler {
                 all.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
             }
         }
-        let per_rank = if self.drop_last {
-            self.len / self.world
-        } else {
-            self.len.div_ceil(self.world)
-        };
-        let total = per_rank * self.world;
-        if total > all.len() && !all.is_empty() {
-            let pad: Vec<usize> = all
-                .iter()
-                .cycle()
-                .take(total - all.len())
-                .copied()
-                .collect();
-            all.extend(pad);
-        }
-        all.truncate(total);
-        all.into_iter()
-            .skip(self.rank)
-            .step_by(self.world)
-            .collect()
+        all
     }
 }
 
-/// One batch: normalised images `[b, 3, 32, 32]`, labels, and the dataset index of
-/// each sample (dropout masks are keyed by it).
+/// One batch (or this rank's share of one): normalised images `[b, 3, 32, 32]`,
+/// labels, and the dataset index of each sample (dropout masks are keyed by it).
 #[derive(Debug)]
 pub struct Batch {
     pub images: Tensor,
     pub labels: Vec<usize>,
     pub samples: Vec<u64>,
+    /// Size of the global batch this is a share of, and where the share starts in it.
+    pub global: usize,
+    pub offset: usize,
+}
+
+impl Batch {
+    /// A whole batch (not a share).
+    pub fn new(images: Tensor, labels: Vec<usize>, samples: Vec<u64>) -> Batch {
+        let global = labels.len();
+        Batch {
+            images,
+            labels,
+            samples,
+            global,
+            offset: 0,
+        }
+    }
 }
 
 /// Builds batches of a data set on background threads.
@@ -102,7 +74,13 @@ pub struct Batch {
 pub struct Loader {
     pub data: Arc<Dataset>,
     pub sampler: Sampler,
+    /// Samples per global batch (over all data-parallel replicas).
     pub batch_size: usize,
+    /// This replica and the number of replicas: each builds its contiguous share of
+    /// every global batch (shares differ by at most one sample).
+    pub shard: (usize, usize),
+    /// Build the images (stages after a pipeline's first need only the labels).
+    pub images: bool,
     /// Drop the last partial batch of an epoch.
     pub drop_last: bool,
     /// Random augmentation of every image.
@@ -122,6 +100,8 @@ impl Loader {
             data,
             sampler,
             batch_size,
+            shard: (0, 1),
+            images: true,
             drop_last: false,
             augment: Augment::default(),
             workers: 2,
@@ -129,9 +109,20 @@ impl Loader {
         })
     }
 
-    /// Batches in one epoch on this rank.
+    /// This loader building `replica`'s share of each batch, of `replicas`.
+    pub fn shard(mut self, replica: usize, replicas: usize) -> Result<Loader> {
+        if replicas == 0 || replica >= replicas {
+            return Err(Error::Config(format!(
+                "replica {replica} is not one of {replicas}"
+            )));
+        }
+        self.shard = (replica, replicas);
+        Ok(self)
+    }
+
+    /// Batches in one epoch.
     pub fn batches_per_epoch(&self) -> usize {
-        let n = self.sampler.indices(0).len();
+        let n = self.sampler.len;
         if self.drop_last {
             n / self.batch_size
         } else {
@@ -161,17 +152,27 @@ impl Loader {
             let (tx, rx) = sync_channel(self.prefetch.max(1));
             let (chunks, data) = (chunks.clone(), self.data.clone());
             let (augment, seed) = (self.augment, self.sampler.seed);
+            let ((replica, replicas), images) = (self.shard, self.images);
             handles.push(std::thread::spawn(move || {
                 // augmentation streams keyed by (seed, epoch, sample index)
                 let key = seed ^ (epoch + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                for idx in chunks.iter().skip(w).step_by(workers) {
-                    let batch = data
-                        .batch(idx, Some((augment, key)))
-                        .map(|(images, labels)| Batch {
-                            images,
-                            labels,
-                            samples: idx.iter().map(|&i| i as u64).collect(),
-                        });
+                for all in chunks.iter().skip(w).step_by(workers) {
+                    let n = all.len();
+                    let share = replica * n / replicas..(replica + 1) * n / replicas;
+                    let idx = &all[share.clone()];
+                    let built = if images {
+                        data.batch(idx, Some((augment, key)))
+                    } else {
+                        data.labels_of(idx)
+                            .map(|l| (Tensor::zeros([0], Device::Cpu), l))
+                    };
+                    let batch = built.map(|(images, labels)| Batch {
+                        images,
+                        labels,
+                        samples: idx.iter().map(|&i| i as u64).collect(),
+                        global: n,
+                        offset: share.start,
+                    });
                     // The consumer stopped early: nothing left to do.
                     if tx.send(batch).is_err() {
                         return;

@@ -168,7 +168,21 @@ impl Dataset {
                 _ => normalize_into(img, &MEAN, &STD, &mut out),
             }
         }
-        let labels = idx.iter().map(|&i| self.labels[i] as usize).collect();
+        let labels = self.labels_of(idx)?;
         Ok((Tensor::from_vec(out, [idx.len(), 3, 32, 32])?, labels))
+    }
+
+    /// The labels of samples `idx`.
+    pub fn labels_of(&self, idx: &[usize]) -> Result<Vec<usize>> {
+        idx.iter()
+            .map(|&i| {
+                self.labels.get(i).map(|&l| l as usize).ok_or_else(|| {
+                    Error::Config(format!(
+                        "sample {i} is out of range for {} images",
+                        self.len()
+                    ))
+                })
+            })
+            .collect()
     }
 }

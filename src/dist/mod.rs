@@ -7,12 +7,18 @@
 //! dropped, e.g. its thread failed) makes the others' pending and later calls fail at
 //! once with an error naming it — a dead rank never leaves the rest hanging.
 
+mod layout;
+mod mailbox;
+mod tcp;
 mod thread;
 
+pub use layout::Layout;
+pub use tcp::{DistEnv, TcpGroup, TcpStore};
 pub use thread::ThreadGroup;
 
 use crate::autograd::ParamStore;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use std::sync::Arc;
 
 /// How an all-reduce combines the ranks' values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,27 +29,211 @@ pub enum ReduceOp {
     Max,
 }
 
+/// Tags of point-to-point messages must be below this; larger ones are reserved for the
+/// collectives built from send/recv and for sub-groups.
+pub const MAX_TAG: u64 = 1 << 56;
+const COLLECTIVE_TAG: u64 = MAX_TAG;
+
 /// Collective and point-to-point operations over `world` ranks. Collectives must be
 /// called by every rank in the same order. Reductions add in rank order, so every
 /// rank gets bit-identical results, independent of timing.
+///
+/// Implementations provide `send`/`recv`; the collectives default to a star through
+/// rank 0 built from them (implementations with shared memory override them).
 pub trait ProcessGroup: Send + Sync {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;
-    /// Combines `data` across ranks in place.
-    fn all_reduce(&self, data: &mut [f32], op: ReduceOp) -> Result<()>;
-    /// Replaces `data` on every rank with `root`'s.
-    fn broadcast(&self, data: &mut [f32], root: usize) -> Result<()>;
-    /// Every rank's `data`, concatenated in rank order.
-    fn all_gather(&self, data: &[f32]) -> Result<Vec<f32>>;
-    /// Reduces `data` (length `world × n`) across ranks and returns this rank's `n`
-    /// elements of the result.
-    fn reduce_scatter(&self, data: &[f32], op: ReduceOp) -> Result<Vec<f32>>;
-    /// Sends `data` to rank `to` under `tag` (does not wait for the receiver).
+    /// Sends `data` to rank `to` under `tag` (below [`MAX_TAG`]; does not wait for the
+    /// receiver).
     fn send(&self, data: &[f32], to: usize, tag: u64) -> Result<()>;
     /// Receives what rank `from` sent under `tag`, in order.
     fn recv(&self, from: usize, tag: u64) -> Result<Vec<f32>>;
+
+    /// Combines `data` across ranks in place.
+    fn all_reduce(&self, data: &mut [f32], op: ReduceOp) -> Result<()> {
+        let parts = gather_to_root(self, data, "all_reduce")?;
+        let mut out = match parts {
+            Some(parts) => {
+                let refs: Vec<&[f32]> = parts.iter().map(Vec::as_slice).collect();
+                reduce(&refs, op)
+            }
+            None => Vec::new(),
+        };
+        broadcast_from_root(self, &mut out)?;
+        copy_same_len(data, &out, "all_reduce")
+    }
+
+    /// Replaces `data` on every rank with `root`'s.
+    fn broadcast(&self, data: &mut [f32], root: usize) -> Result<()> {
+        check_rank(root, self.world(), "broadcast")?;
+        if self.rank() == root {
+            for r in (0..self.world()).filter(|&r| r != root) {
+                self.send(data, r, COLLECTIVE_TAG)?;
+            }
+            Ok(())
+        } else {
+            let got = self.recv(root, COLLECTIVE_TAG)?;
+            copy_same_len(data, &got, "broadcast")
+        }
+    }
+
+    /// Every rank's `data`, concatenated in rank order.
+    fn all_gather(&self, data: &[f32]) -> Result<Vec<f32>> {
+        let mut out = gather_to_root(self, data, "all_gather")?
+            .map(|parts| parts.concat())
+            .unwrap_or_default();
+        broadcast_from_root(self, &mut out)?;
+        Ok(out)
+    }
+
+    /// Reduces `data` (length `world × n`) across ranks and returns this rank's `n`
+    /// elements of the result.
+    fn reduce_scatter(&self, data: &[f32], op: ReduceOp) -> Result<Vec<f32>> {
+        let world = self.world();
+        if !data.len().is_multiple_of(world) {
+            return Err(Error::Config(format!(
+                "reduce_scatter: {} elements do not split across {world} ranks",
+                data.len()
+            )));
+        }
+        let mut all = data.to_vec();
+        self.all_reduce(&mut all, op)?;
+        let n = data.len() / world;
+        Ok(all[self.rank() * n..(self.rank() + 1) * n].to_vec())
+    }
+
     /// Waits until every rank has reached it.
-    fn barrier(&self) -> Result<()>;
+    fn barrier(&self) -> Result<()> {
+        self.all_reduce(&mut [], ReduceOp::Sum)
+    }
+}
+
+fn check_rank(r: usize, world: usize, what: &str) -> Result<()> {
+    if r < world {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "{what}: rank {r} is not in a group of {world}"
+        )))
+    }
+}
+
+fn copy_same_len(dst: &mut [f32], src: &[f32], what: &str) -> Result<()> {
+    if dst.len() != src.len() {
+        return Err(Error::Comm(format!(
+            "{what}: this rank has {} elements but the result has {}",
+            dst.len(),
+            src.len()
+        )));
+    }
+    dst.copy_from_slice(src);
+    Ok(())
+}
+
+/// Rank 0 receives every rank's `data` (in rank order, equal lengths checked); the
+/// others send theirs and get `None`.
+fn gather_to_root<G: ProcessGroup + ?Sized>(
+    g: &G,
+    data: &[f32],
+    what: &str,
+) -> Result<Option<Vec<Vec<f32>>>> {
+    if g.rank() != 0 {
+        g.send(data, 0, COLLECTIVE_TAG)?;
+        return Ok(None);
+    }
+    let mut parts = vec![data.to_vec()];
+    for r in 1..g.world() {
+        let p = g.recv(r, COLLECTIVE_TAG)?;
+        if p.len() != data.len() {
+            return Err(Error::Comm(format!(
+                "{what}: rank 0 has {} elements but rank {r} has {}",
+                data.len(),
+                p.len()
+            )));
+        }
+        parts.push(p);
+    }
+    Ok(Some(parts))
+}
+
+/// Rank 0's `data` replaces everyone else's (any length).
+fn broadcast_from_root<G: ProcessGroup + ?Sized>(g: &G, data: &mut Vec<f32>) -> Result<()> {
+    if g.rank() == 0 {
+        for r in 1..g.world() {
+            g.send(data, r, COLLECTIVE_TAG)?;
+        }
+    } else {
+        *data = g.recv(0, COLLECTIVE_TAG)?;
+    }
+    Ok(())
+}
+
+/// Some ranks of a parent group acting as a group of their own (the data-parallel
+/// replicas of one pipeline stage, or the stages of one replica). Its messages travel
+/// through the parent under tags reserved for `kind`, so several sub-groups and the
+/// parent can be used side by side.
+pub struct SubGroup {
+    parent: Arc<dyn ProcessGroup>,
+    /// Parent ranks of the members, in this group's rank order.
+    members: Vec<usize>,
+    rank: usize,
+    kind: u64,
+}
+
+impl SubGroup {
+    /// The sub-group of `members` (parent ranks, which must include the parent's own
+    /// rank); `kind` (below 64) keeps its messages apart from other sub-groups'.
+    pub fn new(parent: Arc<dyn ProcessGroup>, members: Vec<usize>, kind: u64) -> Result<Self> {
+        let me = parent.rank();
+        let rank = members.iter().position(|&m| m == me).ok_or_else(|| {
+            Error::Config(format!(
+                "rank {me} is not a member of sub-group {members:?}"
+            ))
+        })?;
+        if kind >= 64 || members.iter().any(|&m| m >= parent.world()) {
+            return Err(Error::Config(format!(
+                "sub-group {members:?} (kind {kind}) does not fit a group of {}",
+                parent.world()
+            )));
+        }
+        Ok(SubGroup {
+            parent,
+            members,
+            rank,
+            kind,
+        })
+    }
+
+    fn tag(&self, tag: u64) -> Result<u64> {
+        if tag > COLLECTIVE_TAG {
+            return Err(Error::Config(format!("message tag {tag} is reserved")));
+        }
+        Ok((1 << 63) | (self.kind << 57) | tag)
+    }
+
+    fn member(&self, r: usize, what: &str) -> Result<usize> {
+        check_rank(r, self.members.len(), what)?;
+        Ok(self.members[r])
+    }
+}
+
+impl ProcessGroup for SubGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.members.len()
+    }
+
+    fn send(&self, data: &[f32], to: usize, tag: u64) -> Result<()> {
+        self.parent
+            .send(data, self.member(to, "send")?, self.tag(tag)?)
+    }
+
+    fn recv(&self, from: usize, tag: u64) -> Result<Vec<f32>> {
+        self.parent.recv(self.member(from, "recv")?, self.tag(tag)?)
+    }
 }
 
 /// Combines equal-length contributions in rank order.
@@ -73,6 +263,17 @@ pub fn average_gradients(
     group: &dyn ProcessGroup,
     bucket: usize,
 ) -> Result<()> {
+    reduce_gradients(store, group, bucket, ReduceOp::Avg)
+}
+
+/// Combines every parameter gradient across the group with `op`, in buckets of about
+/// `bucket` elements, parameters in store order.
+pub fn reduce_gradients(
+    store: &mut ParamStore,
+    group: &dyn ProcessGroup,
+    bucket: usize,
+    op: ReduceOp,
+) -> Result<()> {
     if group.world() == 1 {
         return Ok(());
     }
@@ -85,7 +286,7 @@ pub fn average_gradients(
         flat.extend_from_slice(params[i].grad.f32s()?);
         members.push(i);
         if flat.len() >= bucket || i + 1 == n {
-            group.all_reduce(&mut flat, ReduceOp::Avg)?;
+            group.all_reduce(&mut flat, op)?;
             let mut at = 0;
             for &m in &members {
                 let g = params[m].grad.f32s_mut()?;

@@ -1,11 +1,12 @@
 //! Ranks as threads of one process, exchanging through shared memory.
 
+use super::mailbox::{Mail, Mailbox};
 use super::{reduce, ProcessGroup, ReduceOp};
 use crate::error::{Error, Result};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// The contributions to one collective call.
 struct Round {
@@ -14,27 +15,14 @@ struct Round {
     read: usize,
 }
 
-#[derive(Default)]
-struct State {
-    /// Collective number → its contributions (removed once every rank has read).
-    rounds: HashMap<u64, Round>,
-    /// (from, to, tag) → messages in order.
-    mail: HashMap<(usize, usize, u64), VecDeque<Vec<f32>>>,
-    /// Ranks whose handle is gone.
-    left: Vec<bool>,
-}
+/// Collective number → its contributions (removed once every rank has read). Kept in
+/// the mailbox, under its lock, so collectives and point-to-point share the waiting
+/// and departure logic.
+type Rounds = HashMap<u64, Round>;
 
 struct Shared {
     world: usize,
-    timeout: Duration,
-    state: Mutex<State>,
-    changed: Condvar,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
+    mail: Mailbox<Rounds>,
 }
 
 /// One rank's handle on an in-process group (see [`ThreadGroup::new`]).
@@ -60,12 +48,7 @@ impl ThreadGroup {
         }
         let shared = Arc::new(Shared {
             world,
-            timeout,
-            state: Mutex::new(State {
-                left: vec![false; world],
-                ..State::default()
-            }),
-            changed: Condvar::new(),
+            mail: Mailbox::new(world, timeout, Rounds::new()),
         });
         Ok((0..world)
             .map(|rank| ThreadGroup {
@@ -76,49 +59,15 @@ impl ThreadGroup {
             .collect())
     }
 
-    /// Blocks on `changed` until `done` holds, failing at the deadline or when `gone`
-    /// names a rank that left.
-    fn wait_until<'a>(
-        &self,
-        mut st: MutexGuard<'a, State>,
-        what: &str,
-        mut done: impl FnMut(&State) -> bool,
-        missing: impl Fn(&State) -> Vec<usize>,
-    ) -> Result<MutexGuard<'a, State>> {
-        let deadline = Instant::now() + self.shared.timeout;
-        while !done(&st) {
-            let waiting = missing(&st);
-            if let Some(r) = waiting.iter().find(|&&r| st.left[r]) {
-                return Err(comm(format!(
-                    "rank {}: {what}: rank {r} left the group",
-                    self.rank
-                )));
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(comm(format!(
-                    "rank {}: {what}: timed out after {:?} waiting for rank(s) {waiting:?}",
-                    self.rank, self.shared.timeout
-                )));
-            }
-            st = self
-                .shared
-                .changed
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        Ok(st)
-    }
-
     /// Contributes `data` to this rank's next collective and returns every rank's
     /// contribution, in rank order.
     fn exchange(&self, op: &'static str, data: Vec<f32>) -> Result<Vec<Arc<Vec<f32>>>> {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
         let world = self.shared.world;
         let what = format!("{op} #{seq}");
-        let mut st = self.shared.lock();
-        let round = st.rounds.entry(seq).or_insert_with(|| Round {
+        let mail = &self.shared.mail;
+        let mut st = mail.lock();
+        let round = st.extra.entry(seq).or_insert_with(|| Round {
             op,
             parts: vec![None; world],
             read: 0,
@@ -130,15 +79,16 @@ impl ThreadGroup {
             )));
         }
         round.parts[self.rank] = Some(Arc::new(data));
-        self.shared.changed.notify_all();
-        let parts = |st: &State| {
-            st.rounds
+        mail.notify();
+        let parts = |st: &Mail<Rounds>| {
+            st.extra
                 .get(&seq)
                 .map(|r| r.parts.clone())
                 .unwrap_or_default()
         };
-        let mut st = self.wait_until(
+        let mut st = mail.wait_until(
             st,
+            self.rank,
             &what,
             |st| parts(st).iter().all(Option::is_some),
             |st| {
@@ -151,13 +101,13 @@ impl ThreadGroup {
             },
         )?;
         let round = st
-            .rounds
+            .extra
             .get_mut(&seq)
             .ok_or_else(|| comm(format!("rank {}: {what}: round vanished", self.rank)))?;
         let out: Vec<Arc<Vec<f32>>> = round.parts.iter().flatten().cloned().collect();
         round.read += 1;
         if round.read == world {
-            st.rounds.remove(&seq);
+            st.extra.remove(&seq);
         }
         Ok(out)
     }
@@ -246,32 +196,12 @@ impl ProcessGroup for ThreadGroup {
 
     fn send(&self, data: &[f32], to: usize, tag: u64) -> Result<()> {
         self.check_rank(to, "send")?;
-        let mut st = self.shared.lock();
-        if st.left[to] {
-            return Err(comm(format!(
-                "rank {}: send to rank {to}: it left the group",
-                self.rank
-            )));
-        }
-        st.mail
-            .entry((self.rank, to, tag))
-            .or_default()
-            .push_back(data.to_vec());
-        self.shared.changed.notify_all();
-        Ok(())
+        self.shared.mail.deliver(self.rank, to, tag, data.to_vec())
     }
 
     fn recv(&self, from: usize, tag: u64) -> Result<Vec<f32>> {
         self.check_rank(from, "recv")?;
-        let key = (from, self.rank, tag);
-        let st = self.shared.lock();
-        let what = format!("recv from rank {from} (tag {tag})");
-        let has = |st: &State| st.mail.get(&key).is_some_and(|q| !q.is_empty());
-        let mut st = self.wait_until(st, &what, has, |_| vec![from])?;
-        st.mail
-            .get_mut(&key)
-            .and_then(VecDeque::pop_front)
-            .ok_or_else(|| comm(format!("rank {}: {what}: message vanished", self.rank)))
+        self.shared.mail.take(self.rank, from, tag)
     }
 
     fn barrier(&self) -> Result<()> {
@@ -281,8 +211,6 @@ impl ProcessGroup for ThreadGroup {
 
 impl Drop for ThreadGroup {
     fn drop(&mut self) {
-        let mut st = self.shared.lock();
-        st.left[self.rank] = true;
-        self.shared.changed.notify_all();
+        self.shared.mail.leave(self.rank, "");
     }
 }

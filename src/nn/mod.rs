@@ -9,7 +9,7 @@
 
 mod vit;
 
-pub use vit::{ForwardCtx, Vit, VitConfig, PRESETS};
+pub use vit::{ForwardCtx, Part, PartInput, Vit, VitConfig, PRESETS};
 
 use crate::autograd::{Activation, Graph, ParamId, ParamStore, Var};
 use crate::error::Result;

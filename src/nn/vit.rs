@@ -159,17 +159,57 @@ struct Block {
     mlp: Mlp,
 }
 
-/// A ViT: patch embedding, cls token and learned position embedding, pre-LayerNorm
-/// blocks, a final LayerNorm and a linear head on the cls token.
 #[derive(Clone, Debug)]
-pub struct Vit {
-    pub config: VitConfig,
+struct Embed {
     patch_embed: Linear,
     cls_token: ParamId,
     pos_embed: ParamId,
-    blocks: Vec<Block>,
+}
+
+#[derive(Clone, Debug)]
+struct Head {
     norm: LayerNorm,
     head: Linear,
+}
+
+/// Which part of the model one pipeline stage holds: the embedding (first stage), a
+/// contiguous range of blocks (global indices), the final norm and head (last stage).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Part {
+    pub embed: bool,
+    pub blocks: std::ops::Range<usize>,
+    pub head: bool,
+}
+
+impl Part {
+    /// The whole model.
+    pub fn whole(depth: usize) -> Part {
+        Part {
+            embed: true,
+            blocks: 0..depth,
+            head: true,
+        }
+    }
+}
+
+/// What a model part starts from: images (the part with the embedding) or the hidden
+/// states `[b, tokens, dim]` the previous stage produced.
+pub enum PartInput {
+    Images(Tensor),
+    Hidden(Var),
+}
+
+/// A ViT: patch embedding, cls token and learned position embedding, pre-LayerNorm
+/// blocks, a final LayerNorm and a linear head on the cls token. A pipeline stage
+/// holds a [`Part`] of it; parameters keep their global names.
+#[derive(Clone, Debug)]
+pub struct Vit {
+    pub config: VitConfig,
+    pub part: Part,
+    embed: Option<Embed>,
+    /// Indexed by global block number; `None` for blocks other stages hold.
+    blocks: Vec<Option<Block>>,
+    head: Option<Head>,
 }
 
 impl Vit {
@@ -177,45 +217,122 @@ impl Vit {
     /// (`patch_embed.proj.*`, `cls_token`, `pos_embed`, `blocks.{i}.…`, `norm.*`,
     /// `head.*`) in `store`, initialised from `seed`.
     pub fn new(config: &VitConfig, store: &mut ParamStore, seed: u64) -> Result<Vit> {
+        Vit::new_part(config, store, seed, Part::whole(config.depth))
+    }
+
+    /// Builds only `part` of the model, registering only its parameters. They get the
+    /// same values as in the whole model from the same seed (the parts other stages
+    /// hold are drawn too, and dropped), so any split starts from the same network.
+    pub fn new_part(
+        config: &VitConfig,
+        store: &mut ParamStore,
+        seed: u64,
+        part: Part,
+    ) -> Result<Vit> {
         config.validate()?;
         let c = config;
+        if part.blocks.end > c.depth || (part.head && part.blocks.is_empty()) {
+            return Err(Error::Config(format!(
+                "model part with blocks {:?} does not fit a depth of {}",
+                part.blocks, c.depth
+            )));
+        }
         let mut rng = Rng::new(seed);
         let d = c.dim;
+        // The store a component goes to: the real one if this part holds it.
+        fn to<'a>(
+            own: bool,
+            store: &'a mut ParamStore,
+            scratch: &'a mut ParamStore,
+        ) -> &'a mut ParamStore {
+            *scratch = ParamStore::new();
+            if own {
+                store
+            } else {
+                scratch
+            }
+        }
+        let mut scratch = ParamStore::new();
+        let s = to(part.embed, store, &mut scratch);
         let patch_embed = Linear::new(
-            store,
+            s,
             "patch_embed.proj",
             &[d, c.in_channels, c.patch_size, c.patch_size],
             &mut rng,
         )?;
         let cls = Tensor::from_vec(rng.vec(d, |r| r.normal() * 1e-6), [1, 1, d])?;
-        let cls_token = store.add("cls_token", cls)?;
+        let cls_token = s.add("cls_token", cls)?;
         let pos = Tensor::from_vec(
             rng.vec(c.tokens() * d, |r| r.trunc_normal(0.02)),
             [1, c.tokens(), d],
         )?;
-        let pos_embed = store.add("pos_embed", pos)?;
-        let blocks = (0..c.depth)
-            .map(|i| {
-                let p = format!("blocks.{i}");
-                Ok(Block {
-                    norm1: LayerNorm::new(store, &format!("{p}.norm1"), d, c.layernorm_eps)?,
-                    attn: Attention::new(store, &format!("{p}.attn"), d, c.heads, &mut rng)?,
-                    norm2: LayerNorm::new(store, &format!("{p}.norm2"), d, c.layernorm_eps)?,
-                    mlp: Mlp::new(store, &format!("{p}.mlp"), d, c.mlp_dim, &mut rng)?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let norm = LayerNorm::new(store, "norm", d, c.layernorm_eps)?;
-        let head = Linear::new(store, "head", &[c.num_classes, d], &mut rng)?;
-        Ok(Vit {
-            config: c.clone(),
+        let pos_embed = s.add("pos_embed", pos)?;
+        let embed = part.embed.then_some(Embed {
             patch_embed,
             cls_token,
             pos_embed,
+        });
+        let mut blocks = Vec::with_capacity(c.depth);
+        for i in 0..c.depth {
+            let own = part.blocks.contains(&i);
+            let s = to(own, store, &mut scratch);
+            let p = format!("blocks.{i}");
+            let block = Block {
+                norm1: LayerNorm::new(s, &format!("{p}.norm1"), d, c.layernorm_eps)?,
+                attn: Attention::new(s, &format!("{p}.attn"), d, c.heads, &mut rng)?,
+                norm2: LayerNorm::new(s, &format!("{p}.norm2"), d, c.layernorm_eps)?,
+                mlp: Mlp::new(s, &format!("{p}.mlp"), d, c.mlp_dim, &mut rng)?,
+            };
+            blocks.push(own.then_some(block));
+        }
+        let s = to(part.head, store, &mut scratch);
+        let norm = LayerNorm::new(s, "norm", d, c.layernorm_eps)?;
+        let head = Linear::new(s, "head", &[c.num_classes, d], &mut rng)?;
+        Ok(Vit {
+            config: c.clone(),
+            part: part.clone(),
+            embed,
             blocks,
-            norm,
-            head,
+            head: part.head.then_some(Head { norm, head }),
         })
+    }
+
+    /// Whether parameter `name` belongs to this part (names of no part, such as
+    /// blocks beyond the depth, belong to the part with the head).
+    pub fn owns(&self, name: &str) -> bool {
+        let block = name
+            .strip_prefix("blocks.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok());
+        match block {
+            Some(i) if i < self.config.depth => self.part.blocks.contains(&i),
+            Some(_) => self.part.head,
+            None if ["patch_embed.", "cls_token", "pos_embed"]
+                .iter()
+                .any(|p| name.starts_with(p)) =>
+            {
+                self.part.embed
+            }
+            None => self.part.head,
+        }
+    }
+
+    /// Runs this part: from images (a part with the embedding) or the previous stage's
+    /// hidden states, to logits `[b, classes]` (a part with the head) or hidden states
+    /// `[b, tokens, dim]` for the next stage.
+    pub fn forward_part(&self, g: &mut Graph, input: PartInput, ctx: &ForwardCtx) -> Result<Var> {
+        let x = match input {
+            PartInput::Images(images) => self.embed(g, images, ctx)?,
+            PartInput::Hidden(x) => x,
+        };
+        let r = self.part.blocks.clone();
+        if self.part.head {
+            let x = self.blocks(g, x, r.start..r.end - 1, ctx)?;
+            let cls = self.block_cls(g, x, r.end - 1, ctx)?;
+            self.head_cls(g, cls)
+        } else {
+            self.blocks(g, x, r, ctx)
+        }
     }
 
     /// Logits `[b, num_classes]` for images `[b, c, h, w]`.
@@ -225,11 +342,18 @@ impl Vit {
     /// still cover every token). This gives the same logits as running the block on all
     /// tokens (see [`Vit::forward_features`]) and saves about 8% of the model's FLOPs.
     pub fn forward(&self, g: &mut Graph, images: Tensor, ctx: &ForwardCtx) -> Result<Var> {
-        let depth = self.blocks.len();
-        let x = self.embed(g, images, ctx)?;
-        let x = self.blocks(g, x, 0..depth - 1, ctx)?;
-        let cls = self.block_cls(g, x, depth - 1, ctx)?;
-        self.head_cls(g, cls)
+        if self.part != Part::whole(self.config.depth) {
+            return Err(self.missing("the whole model"));
+        }
+        self.forward_part(g, PartInput::Images(images), ctx)
+    }
+
+    /// The error for a component this part does not hold.
+    fn missing(&self, what: &str) -> Error {
+        Error::Config(format!(
+            "{what} is not in this model part (embedding: {}, blocks {:?}, head: {})",
+            self.part.embed, self.part.blocks, self.part.head
+        ))
     }
 
     /// Features `[b, tokens, dim]` of every token after the last block.
@@ -256,10 +380,14 @@ impl Vit {
                 ctx.samples.len(),
             ));
         }
+        let e = self
+            .embed
+            .as_ref()
+            .ok_or_else(|| self.missing("the embedding"))?;
         let img = g.input(images);
         let patches = g.patchify(img, c.patch_size)?;
-        let tokens = self.patch_embed.forward(g, patches, Activation::None)?;
-        let (cls, pos) = (g.param(self.cls_token), g.param(self.pos_embed));
+        let tokens = e.patch_embed.forward(g, patches, Activation::None)?;
+        let (cls, pos) = (g.param(e.cls_token), g.param(e.pos_embed));
         let x = g.embed(tokens, cls, pos)?;
         self.dropout(g, x, 0, ctx)
     }
@@ -272,12 +400,6 @@ impl Vit {
         range: std::ops::Range<usize>,
         ctx: &ForwardCtx,
     ) -> Result<Var> {
-        if range.end > self.blocks.len() {
-            return Err(Error::Config(format!(
-                "blocks {range:?} out of 0..{}",
-                self.blocks.len()
-            )));
-        }
         for i in range {
             x = self.block(g, x, i, ctx, false)?;
         }
@@ -286,12 +408,6 @@ impl Vit {
 
     /// Block `i` computed for the cls token only: `[b, t, d]` → `[b, 1, d]`.
     pub fn block_cls(&self, g: &mut Graph, x: Var, i: usize, ctx: &ForwardCtx) -> Result<Var> {
-        if i >= self.blocks.len() {
-            return Err(Error::Config(format!(
-                "block {i} out of 0..{}",
-                self.blocks.len()
-            )));
-        }
         self.block(g, x, i, ctx, true)
     }
 
@@ -306,7 +422,11 @@ impl Vit {
         ctx: &ForwardCtx,
         cls_only: bool,
     ) -> Result<Var> {
-        let b = &self.blocks[i];
+        let b = self
+            .blocks
+            .get(i)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| self.missing(&format!("block {i}")))?;
         let site = 1 + 3 * i as u64;
         let h = b.norm1.forward(g, x)?;
         let qkv = b.attn.qkv.forward(g, h, Activation::None)?;
@@ -332,9 +452,10 @@ impl Vit {
 
     /// Final LayerNorm and the classifier on cls features `[b, 1, d]` → `[b, classes]`.
     pub fn head_cls(&self, g: &mut Graph, cls: Var) -> Result<Var> {
+        let head = self.head.as_ref().ok_or_else(|| self.missing("the head"))?;
         let b = g.value(cls).dims()[0];
-        let h = self.norm.forward(g, cls)?;
-        let logits = self.head.forward(g, h, Activation::None)?;
+        let h = head.norm.forward(g, cls)?;
+        let logits = head.head.forward(g, h, Activation::None)?;
         g.reshape(logits, &[b, self.config.num_classes])
     }
 

@@ -225,18 +225,30 @@ impl Optimizer {
 /// Scales all gradients so their global L2 norm is at most `max_norm` (PyTorch's
 /// `clip_grad_norm_`); returns the norm before clipping.
 pub fn clip_grad_norm(store: &mut ParamStore, max_norm: f32) -> Result<f32> {
+    let total = grad_sum_squares(store)?.sqrt() as f32;
+    scale_grads(store, max_norm, total)?;
+    Ok(total)
+}
+
+/// Sum of the squares of every gradient element.
+pub fn grad_sum_squares(store: &ParamStore) -> Result<f64> {
     let mut sum = 0.0f64;
     for p in store.iter() {
         sum += backend::for_device(p.grad.device()).sum_squares(&p.grad)?;
     }
-    let total = sum.sqrt() as f32;
+    Ok(sum)
+}
+
+/// Scales the gradients, whose global L2 norm is `total`, down to norm `max_norm`
+/// (unchanged when already within it).
+pub fn scale_grads(store: &mut ParamStore, max_norm: f32, total: f32) -> Result<()> {
     let coef = max_norm / (total + 1e-6);
     if coef < 1.0 {
         for p in store.iter_mut() {
             backend::for_device(p.grad.device()).scale(&mut p.grad, coef)?;
         }
     }
-    Ok(total)
+    Ok(())
 }
 
 /// Learning rate as a function of the update step.

@@ -66,7 +66,7 @@ pub struct AccuracyHook {
 fn correct(out: &StepOutput) -> usize {
     out.predictions
         .iter()
-        .zip(out.labels)
+        .zip(&out.labels)
         .filter(|(p, y)| p == y)
         .count()
 }
@@ -89,11 +89,11 @@ impl Hook for AccuracyHook {
         Ok(())
     }
     fn after_test_iter(&mut self, s: &mut State, out: &StepOutput) -> Result<()> {
-        let classes = out.logits.shape().last();
+        let classes = s.engine.model.config.num_classes;
         let c = self
             .confusion
             .get_or_insert_with(|| ConfusionMatrix::new(classes));
-        c.add(out.labels, out.predictions);
+        c.add(&out.labels, &out.predictions);
         s.metrics.insert("test_acc".into(), c.accuracy());
         Ok(())
     }

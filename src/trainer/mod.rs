@@ -23,9 +23,8 @@ pub use plot::plot_metrics;
 pub use timer::Timers;
 
 use crate::data::{Batch, Loader};
-use crate::engine::{argmax_rows, Engine};
+use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::tensor::Tensor;
 use std::any::Any;
 use std::collections::BTreeMap;
 
@@ -51,13 +50,9 @@ pub struct State<'e> {
     pub logger: Logger,
 }
 
-/// One batch's result, passed to `after_iter` and `after_test_iter`.
-pub struct StepOutput<'a> {
-    pub loss: f32,
-    pub logits: &'a Tensor,
-    pub labels: &'a [usize],
-    pub predictions: &'a [usize],
-}
+/// One batch's result, passed to `after_iter` and `after_test_iter`: the global
+/// batch's loss, labels and predictions (the same on every rank of a parallel run).
+pub type StepOutput = crate::engine::StepResult;
 
 /// A callback of the training loop. Every method defaults to doing nothing; an error
 /// stops `fit` and is returned from it.
@@ -232,29 +227,19 @@ fn run(
     Ok(())
 }
 
-/// One batch: a training step (zero_grad, forward, criterion, backward, step; timed as
-/// `train-step`, then `after_iter`) or a test step (forward, criterion; timed as
-/// `test-step`, then `after_test_iter`).
+/// One batch: a training step ([`Engine::train_batch`]; timed as `train-step`, then
+/// `after_iter`) or a test step ([`Engine::test_batch`]; timed as `test-step`, then
+/// `after_test_iter`).
 fn run_batch(s: &mut State, hooks: &mut [Box<dyn Hook>], b: Batch, train: bool) -> Result<()> {
     let timer = if train { "train-step" } else { "test-step" };
     s.timers.start(timer);
-    if train {
-        s.engine.zero_grad();
-    }
-    let output = s.engine.forward(b.images, &b.samples)?;
-    let loss = s.engine.criterion(&output, &b.labels)?;
-    if train {
-        s.engine.backward(&loss)?;
-        s.engine.step()?;
-    }
-    s.timers.stop(timer);
-    let predictions = argmax_rows(&output.logits)?;
-    let out = StepOutput {
-        loss: loss.value,
-        logits: &output.logits,
-        labels: &b.labels,
-        predictions: &predictions,
+    let out = if train {
+        s.engine.train_batch(b)
+    } else {
+        s.engine.test_batch(b)
     };
+    s.timers.stop(timer);
+    let out = out?;
     if train {
         call!(hooks, after_iter(s, &out));
     } else {

@@ -1,10 +1,17 @@
 //! The training engine: one model, its parameters and optimizer, and the step that
 //! ties forward, loss, backward and update together.
 
+mod parallel;
+
+pub use parallel::Parallel;
+
 use crate::autograd::{Graph, ParamStore, Var};
+use crate::data::Batch;
+use crate::dist::average_gradients;
 use crate::error::{Error, Result};
 use crate::nn::{ForwardCtx, Vit, VitConfig};
 use crate::optim::{clip_grad_norm, Optimizer, OptimizerKind};
+use crate::tensor::Device;
 use crate::tensor::Tensor;
 
 /// Hyper-parameters of the update rule.
@@ -41,6 +48,15 @@ pub struct BatchStats {
     pub loss: f32,
     pub correct: usize,
     pub count: usize,
+}
+
+/// A training or test step's result for the whole (global) batch, the same on every
+/// rank of a parallel run: the mean loss, and each sample's label and predicted class.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepResult {
+    pub loss: f32,
+    pub labels: Vec<usize>,
+    pub predictions: Vec<usize>,
 }
 
 /// The model's output for a batch: the logits `[batch, classes]` (a copy; the engine
@@ -101,12 +117,43 @@ pub struct Engine {
     training: bool,
     lr: f32,
     step: u64,
+    /// This rank's place in a parallel run (`None`: one rank, the whole model).
+    par: Option<Parallel>,
+}
+
+/// Dropout seed of a step: the run's seed and the update count.
+fn dropout_seed(seed: u64, step: u64) -> u64 {
+    seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
 impl Engine {
     pub fn new(model: &VitConfig, config: TrainConfig) -> Result<Self> {
+        Engine::build(model, config, None)
+    }
+
+    /// One rank of a parallel run: holds only its stage's part of the model (with the
+    /// parameters the whole model would start from) and runs its share of each step
+    /// with [`Engine::train_batch`] / [`Engine::test_batch`].
+    pub fn parallel(model: &VitConfig, config: TrainConfig, par: Parallel) -> Result<Self> {
+        Engine::build(model, config, Some(par))
+    }
+
+    fn build(model: &VitConfig, config: TrainConfig, par: Option<Parallel>) -> Result<Self> {
         let mut params = ParamStore::new();
-        let model = Vit::new(model, &mut params, config.seed)?;
+        let part = match &par {
+            Some(p) => {
+                if p.layout.stages.last().map(|r| r.end) != Some(model.depth) {
+                    return Err(Error::Config(format!(
+                        "layout {} does not fit a model of depth {}",
+                        p.layout.describe(),
+                        model.depth
+                    )));
+                }
+                p.layout.part(p.coords().1)
+            }
+            None => crate::nn::Part::whole(model.depth),
+        };
+        let model = Vit::new_part(model, &mut params, config.seed, part)?;
         let optimizer = Optimizer::new(config.optimizer, config.weight_decay, &params)?;
         Ok(Engine {
             model,
@@ -118,7 +165,36 @@ impl Engine {
             next_id: 0,
             training: true,
             step: 0,
+            par,
         })
+    }
+
+    /// This rank's place in a parallel run, if any.
+    pub fn parallel_info(&self) -> Option<&Parallel> {
+        self.par.as_ref()
+    }
+
+    pub fn parallel_info_mut(&mut self) -> Option<&mut Parallel> {
+        self.par.as_mut()
+    }
+
+    fn params_device(&self) -> Device {
+        self.params
+            .iter()
+            .next()
+            .map_or(Device::Cpu, |p| p.value.device())
+    }
+
+    /// The tutorial calls (`forward`, `criterion`, `backward`) run the whole model on
+    /// this rank: one rank, or a data-parallel replica.
+    fn whole_model(&self) -> Result<()> {
+        match &self.par {
+            Some(p) if p.layout.pp > 1 => Err(Error::Config(format!(
+                "forward/criterion/backward need the whole model, but this rank holds one stage of {}; use train_batch",
+                p.layout.describe()
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Training mode: dropout on, `forward` records for `backward`.
@@ -186,10 +262,9 @@ impl Engine {
     /// indices of the batch (dropout masks are keyed by them and the step number).
     pub fn forward(&mut self, images: Tensor, samples: &[u64]) -> Result<Output> {
         self.finish();
+        self.whole_model()?;
         let ctx = if self.training {
-            // Dropout seed of this step: the run's seed and the step number.
-            let seed = self.config.seed ^ self.step.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            ForwardCtx::train(seed, samples.to_vec())
+            ForwardCtx::train(dropout_seed(self.config.seed, self.step), samples.to_vec())
         } else {
             ForwardCtx::eval(samples.len())
         };
@@ -255,10 +330,14 @@ impl Engine {
         result
     }
 
-    /// Applies one optimizer update with the current learning rate (after clipping the
-    /// gradients when configured).
+    /// Applies one optimizer update with the current learning rate (after averaging the
+    /// gradients across data-parallel replicas, and clipping them when configured).
     pub fn step(&mut self) -> Result<()> {
         self.finish();
+        self.whole_model()?;
+        if let Some(p) = &self.par {
+            average_gradients(&mut self.params, p.dp.as_ref(), p.bucket)?;
+        }
         if let Some(max) = self.config.clip_grad_norm {
             clip_grad_norm(&mut self.params, max)?;
         }
@@ -284,6 +363,44 @@ impl Engine {
             loss: loss.value,
             correct: count_correct(&output.logits, labels)?,
             count: labels.len(),
+        })
+    }
+
+    /// One training step on this rank's share of a global batch, in any layout: the
+    /// pipeline schedule and gradient all-reduce of a parallel run, or
+    /// zero_grad/forward/criterion/backward/step on one rank.
+    pub fn train_batch(&mut self, batch: Batch) -> Result<StepResult> {
+        self.train();
+        if self.par.is_some() {
+            return self.parallel_batch(batch, true);
+        }
+        self.zero_grad();
+        let output = self.forward(batch.images, &batch.samples)?;
+        let loss = self.criterion(&output, &batch.labels)?;
+        self.backward(&loss)?;
+        self.step()?;
+        Ok(StepResult {
+            loss: loss.value,
+            predictions: argmax_rows(&output.logits)?,
+            labels: batch.labels,
+        })
+    }
+
+    /// Loss and predictions on a batch in evaluation mode (the engine's mode is
+    /// restored afterwards), in any layout.
+    pub fn test_batch(&mut self, batch: Batch) -> Result<StepResult> {
+        if self.par.is_some() {
+            let was_training = self.training;
+            self.eval();
+            let r = self.parallel_batch(batch, false);
+            self.training = was_training;
+            return r;
+        }
+        let (stats, predictions) = self.eval_batch(batch.images, &batch.labels)?;
+        Ok(StepResult {
+            loss: stats.loss,
+            labels: batch.labels,
+            predictions,
         })
     }
 

@@ -1,0 +1,298 @@
+//! One rank's share of a parallel training step: its pipeline stage run over
+//! micro-batches with a 1F1B schedule, gradients summed across the stage's
+//! data-parallel replicas, and the step's metrics shared by every rank.
+//!
+//! Each micro-batch's loss is weighted by its share of the global batch, so the summed
+//! gradient is exactly the gradient of the global batch's mean loss, however the batch
+//! was split (uneven shares included): a `dp × pp` step computes what one rank would,
+//! up to the order of floating-point additions.
+
+use super::{Engine, StepResult};
+use crate::autograd::{Graph, Var};
+use crate::data::Batch;
+use crate::dist::{reduce_gradients, Layout, ProcessGroup, ReduceOp, SubGroup};
+use crate::error::{Error, Result};
+use crate::nn::{ForwardCtx, PartInput};
+use crate::optim::{grad_sum_squares, scale_grads};
+use crate::tensor::Tensor;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Where an engine sits in a parallel run, and the groups it talks through.
+pub struct Parallel {
+    pub layout: Layout,
+    /// Every rank (metrics, checkpoints).
+    pub world: Arc<dyn ProcessGroup>,
+    /// The replicas of this rank's stage (gradient all-reduce).
+    pub dp: Box<dyn ProcessGroup>,
+    /// The stages of this rank's replica, in order (activations and their gradients).
+    pub pp: Box<dyn ProcessGroup>,
+    /// Micro-batches per step (pipeline); each replica's share is split this many ways.
+    pub microbatches: usize,
+    /// Gradient all-reduce bucket, in elements.
+    pub bucket: usize,
+    /// Time this stage spent in the pipeline schedule and, of it, waiting for its
+    /// neighbours (the measured bubble is `wait / busy_and_wait`).
+    pub pipeline_time: Duration,
+    pub pipeline_wait: Duration,
+    /// A number rank 0 drew for this run, the same on every rank (names the shared
+    /// temporary directory of a parallel checkpoint save).
+    pub run: u64,
+}
+
+impl Parallel {
+    /// The groups of `layout` over `world` (whose size must be the layout's).
+    pub fn new(
+        world: Arc<dyn ProcessGroup>,
+        layout: Layout,
+        microbatches: usize,
+        bucket: usize,
+    ) -> Result<Parallel> {
+        if world.world() != layout.world {
+            return Err(Error::Config(format!(
+                "layout {} needs {} ranks but the process group has {}",
+                layout.describe(),
+                layout.world,
+                world.world()
+            )));
+        }
+        if microbatches == 0 {
+            return Err(Error::Config("--microbatches must be at least 1".into()));
+        }
+        let run = agree_on_run_id(world.as_ref())?;
+        let (replica, stage) = layout.coords(world.rank());
+        let dp_members = (0..layout.dp).map(|r| layout.rank_of(r, stage)).collect();
+        let pp_members = (0..layout.pp).map(|s| layout.rank_of(replica, s)).collect();
+        Ok(Parallel {
+            dp: Box::new(SubGroup::new(world.clone(), dp_members, 1)?),
+            pp: Box::new(SubGroup::new(world.clone(), pp_members, 2)?),
+            world,
+            layout,
+            microbatches,
+            bucket,
+            pipeline_time: Duration::ZERO,
+            pipeline_wait: Duration::ZERO,
+            run,
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.world.rank()
+    }
+
+    /// (replica, stage) of this rank.
+    pub fn coords(&self) -> (usize, usize) {
+        self.layout.coords(self.rank())
+    }
+
+    /// Receives from a neighbouring stage, counting the wait.
+    fn recv(&mut self, from: usize, tag: u64) -> Result<Vec<f32>> {
+        let t = Instant::now();
+        let r = self.pp.recv(from, tag);
+        self.pipeline_wait += t.elapsed();
+        r
+    }
+}
+
+/// Rank 0's clock reading, broadcast in 16-bit pieces (exact as f32).
+fn agree_on_run_id(world: &dyn ProcessGroup) -> Result<u64> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut pieces: Vec<f32> = (0..4)
+        .map(|k| ((now >> (16 * k)) & 0xffff) as f32)
+        .collect();
+    world.broadcast(&mut pieces, 0)?;
+    Ok(pieces
+        .iter()
+        .enumerate()
+        .fold(0, |id, (k, &p)| id | ((p as u64) << (16 * k))))
+}
+
+/// A micro-batch between its forward and backward pass.
+struct InFlight {
+    graph: Graph<'static>,
+    /// The received hidden states (not on the first stage).
+    input: Option<Var>,
+    /// The loss (last stage) or the hidden states sent on.
+    output: Var,
+    /// Share of the global batch (weights the loss gradient).
+    weight: f32,
+}
+
+/// Message tags between stages: micro-batch `i`'s activations and gradients.
+fn tag(i: usize, backward: bool) -> u64 {
+    2 * i as u64 + backward as u64
+}
+
+/// Rows `range` of a `[b, …]` tensor.
+fn rows(t: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor> {
+    let dims = t.dims();
+    let row: usize = dims[1..].iter().product();
+    let mut d = dims.to_vec();
+    d[0] = range.len();
+    Tensor::from_vec(
+        t.f32s()?[range.start * row..range.end * row].to_vec(),
+        crate::tensor::Shape::new(&d),
+    )
+}
+
+impl Engine {
+    /// This rank's step on its share of a global batch (see the module docs).
+    pub(super) fn parallel_batch(&mut self, batch: Batch, train: bool) -> Result<StepResult> {
+        self.finish();
+        let mut par = self
+            .par
+            .take()
+            .ok_or_else(|| Error::Config("parallel_batch needs a parallel layout".into()))?;
+        let result = self.run_stage(&mut par, batch, train);
+        self.par = Some(par);
+        result
+    }
+
+    fn run_stage(&mut self, par: &mut Parallel, batch: Batch, train: bool) -> Result<StepResult> {
+        let (_, stage) = par.coords();
+        let stages = par.layout.pp;
+        let last = stage + 1 == stages;
+        let n = batch.labels.len();
+        let m = par.microbatches.min(n);
+        let bounds: Vec<std::ops::Range<usize>> =
+            (0..m).map(|i| i * n / m..(i + 1) * n / m).collect();
+        let global = batch.global.max(1);
+        let ctx_for = |r: &std::ops::Range<usize>, step: u64, seed: u64| {
+            let samples = batch.samples[r.clone()].to_vec();
+            if train {
+                ForwardCtx::train(super::dropout_seed(seed, step), samples)
+            } else {
+                ForwardCtx::eval(samples.len())
+            }
+        };
+        if train {
+            self.params.zero_grad();
+        }
+        let smoothing = if train {
+            self.config.label_smoothing
+        } else {
+            0.0
+        };
+        // loss × samples, and predictions, of this replica's share (last stage)
+        let mut loss_sum = 0.0f64;
+        let mut predictions = vec![0usize; n];
+        let mut inflight: VecDeque<InFlight> = VecDeque::new();
+        let t0 = Instant::now();
+        // 1F1B: stage s runs (stages - s - 1) forwards ahead, then alternates one
+        // forward and one backward, then drains its remaining backwards.
+        let warmup = if train {
+            (stages - stage - 1).min(m)
+        } else {
+            m
+        };
+        let mut next_fwd = 0;
+        let mut next_bwd = 0;
+        while next_fwd < m || (train && next_bwd < m) {
+            let forward_now = next_fwd < m && (!train || next_fwd - next_bwd <= warmup);
+            if forward_now {
+                let i = next_fwd;
+                next_fwd += 1;
+                let r = bounds[i].clone();
+                let ctx = ctx_for(&r, self.step, self.config.seed);
+                let mut graph = Graph::owning(self.params.share());
+                let (input, x) = if stage == 0 {
+                    (None, PartInput::Images(rows(&batch.images, r.clone())?))
+                } else {
+                    let c = &self.model.config;
+                    let h = par.recv(stage - 1, tag(i, false))?;
+                    let t = Tensor::from_vec(h, [r.len(), c.tokens(), c.dim])?;
+                    let v = graph.input_with_grad(t);
+                    (Some(v), PartInput::Hidden(v))
+                };
+                let out = self.model.forward_part(&mut graph, x, &ctx)?;
+                let output = if last {
+                    let logits = graph.value(out).clone();
+                    for (p, row) in predictions[r.clone()]
+                        .iter_mut()
+                        .zip(super::argmax_rows(&logits)?)
+                    {
+                        *p = row;
+                    }
+                    let loss = graph.cross_entropy(out, &batch.labels[r.clone()], smoothing)?;
+                    loss_sum += graph.value(loss).f32s()?[0] as f64 * r.len() as f64;
+                    loss
+                } else {
+                    par.pp
+                        .send(graph.value(out).f32s()?, stage + 1, tag(i, false))?;
+                    out
+                };
+                if train {
+                    inflight.push_back(InFlight {
+                        graph,
+                        input,
+                        output,
+                        weight: r.len() as f32 / global as f32,
+                    });
+                }
+            } else if train {
+                let i = next_bwd;
+                next_bwd += 1;
+                let mut f = inflight.pop_front().ok_or_else(|| {
+                    Error::Graph(format!("pipeline: micro-batch {i} has no forward pass"))
+                })?;
+                let grad = if last {
+                    Tensor::full([1], f.weight, self.params_device())
+                } else {
+                    let g = par.recv(stage + 1, tag(i, true))?;
+                    Tensor::from_vec(g, f.graph.value(f.output).shape().clone())?
+                };
+                // gradients accumulate in the engine's store, one micro-batch at a time
+                f.graph.store_mut().swap_grads(&mut self.params);
+                let r = f.graph.backward_from(f.output, grad);
+                f.graph.store_mut().swap_grads(&mut self.params);
+                r?;
+                if let Some(input) = f.input {
+                    let g = f.graph.grad(input).ok_or_else(|| {
+                        Error::Graph("pipeline: no gradient for the received hidden states".into())
+                    })?;
+                    par.pp.send(g.f32s()?, stage - 1, tag(i, true))?;
+                }
+            }
+        }
+        par.pipeline_time += t0.elapsed();
+        // The step's metrics, shared by every rank: [loss × samples, labels, predictions]
+        // at this replica's offset in the global batch (last stages fill them in).
+        let mut shared = vec![0.0f32; 1 + 2 * global];
+        if last {
+            shared[0] = loss_sum as f32;
+            let at = batch.offset;
+            for (k, (&y, &p)) in batch.labels.iter().zip(&predictions).enumerate() {
+                shared[1 + at + k] = y as f32;
+                shared[1 + global + at + k] = p as f32;
+            }
+        }
+        par.world.all_reduce(&mut shared, ReduceOp::Sum)?;
+        let loss = shared[0] / global as f32;
+        if train && !loss.is_finite() {
+            return Err(Error::NonFinite {
+                step: self.step,
+                value: loss,
+            });
+        }
+        if train {
+            reduce_gradients(&mut self.params, par.dp.as_ref(), par.bucket, ReduceOp::Sum)?;
+            if let Some(max) = self.config.clip_grad_norm {
+                // replicas agree after the all-reduce; the norm spans the stages
+                let mut sq = [grad_sum_squares(&self.params)? as f32];
+                par.pp.all_reduce(&mut sq, ReduceOp::Sum)?;
+                scale_grads(&mut self.params, max, sq[0].sqrt())?;
+            }
+            self.optimizer.step(&mut self.params, self.lr)?;
+            self.step += 1;
+        }
+        let ints = |v: &[f32]| v.iter().map(|&x| x as usize).collect();
+        Ok(StepResult {
+            loss,
+            labels: ints(&shared[1..1 + global]),
+            predictions: ints(&shared[1 + global..]),
+        })
+    }
+}

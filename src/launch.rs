@@ -1,0 +1,275 @@
+//! Runs `nproc` copies of a program on this machine as the ranks of one process group
+//! (the single-node part of what torchrun does): each child gets RANK, WORLD_SIZE,
+//! LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT and FERROVIT_LAUNCHED=1 and
+//! joins the group with [`crate::dist::TcpGroup::from_env`].
+//!
+//! When one child fails, the others normally fail soon after by themselves (their
+//! connections to it close); those that do not within the grace period are killed.
+
+use crate::error::{Error, Result};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// What to launch and how.
+#[derive(Clone, Debug)]
+pub struct LaunchOptions {
+    /// Processes (ranks) to start.
+    pub nproc: usize,
+    /// Where rank 0 hosts the rendezvous store.
+    pub master_addr: String,
+    /// Its port; 0 picks a free one.
+    pub master_port: u16,
+    /// The children's command-line arguments.
+    pub args: Vec<String>,
+    /// The program to run; `None`: this executable (`std::env::current_exe`).
+    pub program: Option<PathBuf>,
+    /// How long the other children may take to exit by themselves after one failed,
+    /// before they are killed.
+    pub grace: Duration,
+}
+
+impl Default for LaunchOptions {
+    fn default() -> Self {
+        LaunchOptions {
+            nproc: 1,
+            master_addr: "127.0.0.1".into(),
+            master_port: 0,
+            args: Vec::new(),
+            program: None,
+            grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// How often the children are polled.
+const POLL: Duration = Duration::from_millis(20);
+
+/// The exit code that reports `status` (128 + the signal for a child killed by one,
+/// as shells do).
+fn exit_code(status: ExitStatus) -> i32 {
+    if let Some(c) = status.code() {
+        return c;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(sig) = status.signal() {
+            return 128 + sig;
+        }
+    }
+    1
+}
+
+/// A free port on `addr` (the OS picks; it is released again, so another process
+/// could take it before rank 0 binds it — unlikely enough).
+fn free_port(addr: &str) -> Result<u16> {
+    TcpListener::bind((addr, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| Error::Config(format!("launch: cannot find a free port on {addr}: {e}")))
+}
+
+/// Starts the ranks, waits for all of them, and returns the exit code of the first
+/// one that failed (0 when all succeeded).
+pub fn launch(opts: &LaunchOptions) -> Result<i32> {
+    if opts.nproc == 0 {
+        return Err(Error::Config("launch: nproc must be at least 1".into()));
+    }
+    if opts.master_addr.is_empty() {
+        return Err(Error::Config("launch: the master address is empty".into()));
+    }
+    let program = match &opts.program {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| Error::Message(format!("launch: cannot find this executable: {e}")))?,
+    };
+    let port = match opts.master_port {
+        0 => free_port(&opts.master_addr)?,
+        p => p,
+    };
+    tracing::info!(
+        "launching {} ranks of {} (master {}:{port})",
+        opts.nproc,
+        program.display(),
+        opts.master_addr
+    );
+
+    let mut children: Vec<Option<Child>> = Vec::with_capacity(opts.nproc);
+    for rank in 0..opts.nproc {
+        let spawned = Command::new(&program)
+            .args(&opts.args)
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", opts.nproc.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("LOCAL_WORLD_SIZE", opts.nproc.to_string())
+            .env("MASTER_ADDR", &opts.master_addr)
+            .env("MASTER_PORT", port.to_string())
+            .env("FERROVIT_LAUNCHED", "1")
+            .spawn();
+        match spawned {
+            Ok(c) => children.push(Some(c)),
+            Err(e) => {
+                kill_all(&mut children);
+                return Err(Error::Message(format!(
+                    "launch: cannot start rank {rank} ({}): {e}",
+                    program.display()
+                )));
+            }
+        }
+    }
+    wait_all(children, opts.grace)
+}
+
+/// A watcher's report: rank `.0` exited at `.1` (`None`: the watcher could not wait,
+/// poll the child instead).
+type Exit = (usize, Option<Instant>);
+
+/// Reports when the child `pid` exits, without reaping it: the launcher reaps it (so
+/// its pid stays reserved for `kill` until then), and learns the order in which
+/// children exited, which polling several children at once would lose.
+#[cfg(unix)]
+fn watch(pid: u32, rank: usize, tx: Sender<Exit>) -> Option<JoinHandle<()>> {
+    let watcher = move || {
+        let exited = loop {
+            // SAFETY: waitid only writes the zero-initialized `info` it is given.
+            let rc = unsafe {
+                let mut info: libc::siginfo_t = std::mem::zeroed();
+                libc::waitid(
+                    libc::P_PID,
+                    pid as libc::id_t,
+                    &mut info,
+                    libc::WEXITED | libc::WNOWAIT,
+                )
+            };
+            if rc == 0 {
+                break true;
+            }
+            if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                break false;
+            }
+        };
+        let _ = tx.send((rank, exited.then(Instant::now)));
+    };
+    std::thread::Builder::new()
+        .name(format!("ferrovit-launch-{rank}"))
+        .spawn(watcher)
+        .ok()
+}
+
+#[cfg(not(unix))]
+fn watch(_pid: u32, _rank: usize, _tx: Sender<Exit>) -> Option<JoinHandle<()>> {
+    None
+}
+
+/// Waits for every child; after the first failure, kills those still running once
+/// `grace` has passed. The first failure's exit code, or 0.
+fn wait_all(mut children: Vec<Option<Child>>, grace: Duration) -> Result<i32> {
+    let n = children.len();
+    let (tx, rx) = mpsc::channel::<Exit>();
+    // children without a watcher are polled
+    let mut polled = vec![true; n];
+    let mut watchers = Vec::new();
+    for (rank, child) in children.iter().enumerate() {
+        if let Some(c) = child {
+            if let Some(w) = watch(c.id(), rank, tx.clone()) {
+                watchers.push(w);
+                polled[rank] = false;
+            }
+        }
+    }
+    drop(tx);
+
+    let mut exited_at: Vec<Option<Instant>> = vec![None; n];
+    let mut first_failure: Option<(usize, ExitStatus)> = None;
+    let mut kill_at: Option<Instant> = None;
+    let result = loop {
+        if children.iter().all(Option::is_none) {
+            break Ok(());
+        }
+        let mut wait = POLL;
+        if let Some(t) = kill_at {
+            wait = wait.min(t.saturating_duration_since(Instant::now()));
+        }
+        let mut events: Vec<Exit> = Vec::new();
+        match rx.recv_timeout(wait) {
+            Ok(e) => events.push(e),
+            Err(RecvTimeoutError::Timeout) => {}
+            // no watcher left: only polled children remain
+            Err(RecvTimeoutError::Disconnected) => std::thread::sleep(wait),
+        }
+        events.extend(rx.try_iter());
+        for (rank, at) in events {
+            match at {
+                Some(t) => exited_at[rank] = Some(t),
+                None => polled[rank] = true,
+            }
+        }
+        // reap the children that exited, in the order they did
+        let mut done: Vec<(Instant, usize, ExitStatus)> = Vec::new();
+        let mut wait_error = None;
+        for (rank, slot) in children.iter_mut().enumerate() {
+            let Some(child) = slot else { continue };
+            if !polled[rank] && exited_at[rank].is_none() {
+                continue;
+            }
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    let at = exited_at[rank].unwrap_or_else(Instant::now);
+                    done.push((at, rank, status));
+                    *slot = None;
+                }
+                Ok(None) => polled[rank] = true, // reported but not reapable: poll it
+                Err(e) => {
+                    wait_error = Some(Error::Message(format!(
+                        "launch: cannot wait for rank {rank}: {e}"
+                    )));
+                    break;
+                }
+            }
+        }
+        if let Some(e) = wait_error {
+            break Err(e);
+        }
+        done.sort_by_key(|&(at, rank, _)| (at, rank));
+        for (_, rank, status) in done {
+            if status.success() {
+                tracing::debug!("rank {rank} finished");
+            } else if first_failure.is_none() {
+                tracing::error!(
+                    "rank {rank} failed first ({status}); the others get {grace:?} to exit"
+                );
+                first_failure = Some((rank, status));
+                kill_at = Instant::now().checked_add(grace); // None: a grace of forever
+            } else {
+                tracing::warn!("rank {rank} exited too ({status})");
+            }
+        }
+        if kill_at.is_some_and(|t| Instant::now() >= t) {
+            let stragglers: Vec<usize> = (0..n).filter(|&r| children[r].is_some()).collect();
+            if !stragglers.is_empty() {
+                tracing::warn!(
+                    "killing rank(s) {stragglers:?}, still running {grace:?} after the first failure"
+                );
+            }
+            break Ok(());
+        }
+    };
+    kill_all(&mut children);
+    for w in watchers {
+        let _ = w.join(); // every child is reaped by now, so their waits have ended
+    }
+    result.map(|()| first_failure.map_or(0, |(_, s)| exit_code(s)))
+}
+
+/// Kills and reaps every child still running.
+fn kill_all(children: &mut [Option<Child>]) {
+    for child in children.iter_mut().filter_map(Option::take) {
+        let mut child = child;
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

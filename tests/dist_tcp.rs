@@ -1,0 +1,468 @@
+//! The TCP process group and its rendezvous store, with ranks as threads of this
+//! process talking over loopback: every operation agrees with a serial computation,
+//! any u64 tag and large messages travel intact, and failures (a rank that leaves, a
+//! rank that never comes, a store key never set) are prompt errors naming the culprit.
+
+use ferrovit::dist::{DistEnv, ProcessGroup, ReduceOp, SubGroup, TcpGroup, TcpStore};
+use ferrovit::rng::Rng;
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const HOST: &str = "127.0.0.1";
+
+/// A port that was free a moment ago.
+fn free_port() -> u16 {
+    TcpListener::bind((HOST, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs `f` on ranks `ranks` of a fresh TCP group of `world` (each in its own thread,
+/// connecting by itself); results in the order of `ranks`.
+fn on_some_ranks<T: Send + 'static>(
+    ranks: &[usize],
+    world: usize,
+    timeout: Duration,
+    f: impl Fn(ferrovit::Result<TcpGroup>) -> T + Send + Sync + Clone + 'static,
+) -> Vec<T> {
+    let port = free_port();
+    let handles: Vec<_> = ranks
+        .iter()
+        .map(|&rank| {
+            let f = f.clone();
+            std::thread::spawn(move || f(TcpGroup::connect(rank, world, HOST, port, timeout)))
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn on_ranks<T: Send + 'static>(
+    world: usize,
+    timeout: Duration,
+    f: impl Fn(TcpGroup) -> T + Send + Sync + Clone + 'static,
+) -> Vec<T> {
+    let ranks: Vec<usize> = (0..world).collect();
+    on_some_ranks(&ranks, world, timeout, move |g| f(g.unwrap()))
+}
+
+/// Rank `rank`'s distinct test data.
+fn data(rank: usize, n: usize) -> Vec<f32> {
+    Rng::new(0x7c9 + rank as u64).vec(n, |r| r.uniform(-2.0, 2.0))
+}
+
+/// Element-wise fold over every rank's data, in rank order.
+fn serial(world: usize, n: usize, f: impl Fn(f32, f32) -> f32) -> Vec<f32> {
+    let all: Vec<Vec<f32>> = (0..world).map(|r| data(r, n)).collect();
+    (0..n)
+        .map(|i| all[1..].iter().fold(all[0][i], |a, d| f(a, d[i])))
+        .collect()
+}
+
+#[test]
+fn collectives_agree_with_a_serial_computation() {
+    let (world, n) = (4, 20);
+    let out = on_ranks(world, Duration::from_secs(30), move |g| {
+        let r = g.rank();
+        assert_eq!(g.world(), world);
+        let mut sum = data(r, n);
+        g.all_reduce(&mut sum, ReduceOp::Sum).unwrap();
+        let mut avg = data(r, n);
+        g.all_reduce(&mut avg, ReduceOp::Avg).unwrap();
+        let mut max = data(r, n);
+        g.all_reduce(&mut max, ReduceOp::Max).unwrap();
+        let mut b = if r == 3 { data(r, n) } else { vec![0.0; n] };
+        g.broadcast(&mut b, 3).unwrap();
+        let gathered = g.all_gather(&data(r, 5)).unwrap();
+        let scattered = g.reduce_scatter(&data(r, n), ReduceOp::Sum).unwrap();
+        g.barrier().unwrap();
+        (sum, avg, max, b, gathered, scattered)
+    });
+    let sum = serial(world, n, |a, b| a + b);
+    let max = serial(world, n, f32::max);
+    let gathered: Vec<f32> = (0..world).flat_map(|q| data(q, 5)).collect();
+    for (r, o) in out.iter().enumerate() {
+        assert_eq!(o.0, sum, "rank {r}: sum in rank order, bit-identical");
+        let avg: Vec<f32> = sum.iter().map(|s| s / world as f32).collect();
+        assert_eq!(o.1, avg, "rank {r}: avg");
+        assert_eq!(o.2, max, "rank {r}: max");
+        assert_eq!(o.3, data(3, n), "rank {r}: broadcast from rank 3");
+        assert_eq!(o.4, gathered, "rank {r}: all_gather");
+        assert_eq!(o.5, sum[r * 5..(r + 1) * 5], "rank {r}: reduce_scatter");
+    }
+}
+
+#[test]
+fn messages_keep_order_per_tag_and_any_tag_travels() {
+    let tags = [0u64, 7, (1 << 56) - 1, 1 << 56, 1 << 63, u64::MAX];
+    let out = on_ranks(3, Duration::from_secs(30), move |g| {
+        let r = g.rank();
+        // every rank sends to every rank (itself included) under every tag, twice
+        for to in 0..3 {
+            for (i, &t) in tags.iter().enumerate() {
+                g.send(&[r as f32, i as f32, 0.0], to, t).unwrap();
+                g.send(&[r as f32, i as f32, 1.0], to, t).unwrap();
+            }
+        }
+        // receive in another order than sent: by tag, last tag first
+        let mut got = HashMap::new();
+        for (i, &t) in tags.iter().enumerate().rev() {
+            for from in (0..3).rev() {
+                let a = g.recv(from, t).unwrap();
+                let b = g.recv(from, t).unwrap();
+                got.insert((from, i), (a, b));
+            }
+        }
+        g.barrier().unwrap();
+        got
+    });
+    for got in &out {
+        for ((from, i), (a, b)) in got {
+            assert_eq!(a, &vec![*from as f32, *i as f32, 0.0]);
+            assert_eq!(b, &vec![*from as f32, *i as f32, 1.0]);
+        }
+        assert_eq!(got.len(), 3 * tags.len());
+    }
+}
+
+#[test]
+fn large_messages_round_trip_exactly() {
+    let n = 3_000_000;
+    let out = on_ranks(4, Duration::from_secs(60), move |g| {
+        let r = g.rank();
+        // ranks 0 and 1 send each other 3M floats at the same time (no deadlock:
+        // reader threads drain both directions), then return what they got
+        if r < 2 {
+            let peer = 1 - r;
+            g.send(&data(r, n), peer, 5).unwrap();
+            let got = g.recv(peer, 5).unwrap();
+            g.send(&got, peer, 6).unwrap();
+            let back = g.recv(peer, 6).unwrap();
+            assert!(back == data(r, n), "rank {r}: round trip changed the data");
+            assert!(got == data(peer, n), "rank {r}: got rank {peer}'s data");
+        }
+        let mut x = data(r, 1_000_000);
+        g.all_reduce(&mut x, ReduceOp::Sum).unwrap();
+        x
+    });
+    let sum = serial(4, 1_000_000, |a, b| a + b);
+    for (r, x) in out.iter().enumerate() {
+        assert!(*x == sum, "rank {r}: large all_reduce");
+    }
+}
+
+#[test]
+fn a_rank_that_leaves_fails_the_others_at_once() {
+    let timeout = Duration::from_secs(60);
+    let t0 = Instant::now();
+    let out = on_ranks(4, timeout, |g| {
+        let r = g.rank();
+        g.barrier().unwrap();
+        if r == 3 {
+            // sends one message, then goes away while rank 1 waits for the next
+            g.send(&[42.0], 1, 9).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            drop(g);
+            return Vec::new();
+        }
+        let mut errors = Vec::new();
+        if r == 1 {
+            assert_eq!(g.recv(3, 9).unwrap(), vec![42.0], "sent before leaving");
+            errors.push(g.recv(3, 9).unwrap_err().to_string()); // pending
+            errors.push(g.recv(3, 10).unwrap_err().to_string()); // later
+            errors.push(g.send(&[1.0], 3, 0).unwrap_err().to_string());
+        }
+        // a collective needs rank 3: rank 0 fails on it, the others on rank 0
+        let mut x = vec![1.0; 4];
+        errors.push(g.all_reduce(&mut x, ReduceOp::Sum).unwrap_err().to_string());
+        errors
+    });
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "no waiting for the timeout: {:?}",
+        t0.elapsed()
+    );
+    let e = &out[1];
+    assert!(
+        e[0].contains("rank 1: recv from rank 3 (tag 9): rank 3 left the group (connection closed"),
+        "{e:?}"
+    );
+    assert!(
+        e[1].contains("recv from rank 3 (tag 10): rank 3 left"),
+        "{e:?}"
+    );
+    assert!(
+        e[2].contains("send to rank 3") && e[2].contains("rank 3 left"),
+        "{e:?}"
+    );
+    assert!(out[0][0].contains("rank 3 left the group"), "{:?}", out[0]);
+    for r in [1, 2] {
+        let last = out[r].last().unwrap();
+        assert!(last.contains("left the group"), "rank {r}: {last}");
+    }
+}
+
+#[test]
+fn a_rank_that_never_comes_fails_connect_after_the_timeout() {
+    let timeout = Duration::from_millis(1500);
+    let t0 = Instant::now();
+    // ranks 0 and 1 of 3 start; rank 2 never does
+    let out = on_some_ranks(&[0, 1], 3, timeout, |g| g.map(|_| ()));
+    let took = t0.elapsed();
+    assert!(took >= timeout && took < timeout * 4, "{took:?}");
+    for (r, o) in out.iter().enumerate() {
+        let e = o.as_ref().unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("rank {r}:")) && e.contains("timed out") && e.contains("[2]"),
+            "{e}"
+        );
+    }
+
+    // rank 0 (the store's host) never comes
+    let port = free_port();
+    let t0 = Instant::now();
+    let e = TcpGroup::connect(1, 2, HOST, port, timeout)
+        .unwrap_err()
+        .to_string();
+    assert!(t0.elapsed() >= timeout);
+    assert!(
+        e.contains("rank 1:")
+            && e.contains(&format!("rendezvous store at {HOST}:{port}"))
+            && e.contains("rank 0"),
+        "{e}"
+    );
+}
+
+#[test]
+fn ranks_may_start_late_and_a_world_of_one_needs_no_network() {
+    // rank 0 starts a second after the others: they keep trying
+    let port = free_port();
+    let late: Vec<_> = (0..3)
+        .map(|rank| {
+            std::thread::spawn(move || {
+                if rank == 0 {
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                let g = TcpGroup::connect(rank, 3, HOST, port, Duration::from_secs(20))?;
+                let mut x = [rank as f32];
+                g.all_reduce(&mut x, ReduceOp::Sum)?;
+                Ok::<f32, ferrovit::Error>(x[0])
+            })
+        })
+        .collect();
+    for h in late {
+        assert_eq!(h.join().unwrap().unwrap(), 3.0);
+    }
+
+    let g = TcpGroup::connect(0, 1, "no.such.host.invalid", 0, Duration::from_secs(1)).unwrap();
+    let mut x = vec![1.5, -2.0];
+    g.all_reduce(&mut x, ReduceOp::Avg).unwrap();
+    assert_eq!(x, vec![1.5, -2.0]);
+    assert_eq!(g.all_gather(&[3.0]).unwrap(), vec![3.0]);
+    g.send(&[7.0], 0, u64::MAX).unwrap();
+    assert_eq!(g.recv(0, u64::MAX).unwrap(), vec![7.0]);
+    g.store().set("k", b"v").unwrap();
+    assert_eq!(g.store().get("k").unwrap(), b"v");
+
+    // bad arguments are configuration errors
+    let bad = |r: ferrovit::Result<TcpGroup>| matches!(r, Err(ferrovit::Error::Config(_)));
+    assert!(bad(TcpGroup::connect(
+        2,
+        2,
+        HOST,
+        1234,
+        Duration::from_secs(1)
+    )));
+    assert!(bad(TcpGroup::connect(
+        0,
+        2,
+        HOST,
+        0,
+        Duration::from_secs(1)
+    )));
+    let e = g.send(&[1.0], 4, 0).unwrap_err().to_string();
+    assert!(e.contains("rank 4"), "{e}");
+}
+
+#[test]
+fn a_sub_group_over_tcp_reduces_within_its_members() {
+    let n = 6;
+    let out = on_ranks(4, Duration::from_secs(30), move |g| {
+        let r = g.rank();
+        let g: Arc<dyn ProcessGroup> = Arc::new(g);
+        // ranks {0, 2} and {1, 3}
+        let members = if r % 2 == 0 { vec![0, 2] } else { vec![1, 3] };
+        let sub = SubGroup::new(g.clone(), members, 1).unwrap();
+        let mut x = data(r, n);
+        sub.all_reduce(&mut x, ReduceOp::Sum).unwrap();
+        let mut whole = data(r, n);
+        g.all_reduce(&mut whole, ReduceOp::Max).unwrap();
+        (sub.rank(), x, whole)
+    });
+    let pair = |a: usize, b: usize| -> Vec<f32> {
+        data(a, n)
+            .iter()
+            .zip(data(b, n))
+            .map(|(x, y)| x + y)
+            .collect()
+    };
+    for (r, (sub_rank, x, whole)) in out.iter().enumerate() {
+        assert_eq!(*sub_rank, r / 2);
+        let want = if r % 2 == 0 { pair(0, 2) } else { pair(1, 3) };
+        assert_eq!(x, &want, "rank {r}");
+        assert_eq!(
+            whole,
+            &serial(4, n, f32::max),
+            "rank {r}: parent still works"
+        );
+    }
+}
+
+#[test]
+fn the_store_shares_values_and_waits_for_them() {
+    let timeout = Duration::from_secs(10);
+    let host = Arc::new(TcpStore::host(HOST, 0, timeout).unwrap());
+    let port = host.port();
+    assert_ne!(port, 0);
+    host.set("empty", b"").unwrap();
+    let big: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+
+    let clients: Vec<_> = (0..3u8)
+        .map(|i| {
+            let big = big.clone();
+            std::thread::spawn(move || {
+                let c = TcpStore::connect(HOST, port, timeout).unwrap();
+                c.set(&format!("client/{i}"), &[i; 3]).unwrap();
+                if i == 0 {
+                    c.set("big", &big).unwrap();
+                }
+                // waits for the host's later set
+                let t0 = Instant::now();
+                let late = c.get("late").unwrap();
+                assert!(t0.elapsed() >= Duration::from_millis(100));
+                let others: Vec<Vec<u8>> = (0..3u8)
+                    .map(|j| c.get(&format!("client/{j}")).unwrap())
+                    .collect();
+                (late, others, c.get("empty").unwrap(), c.get("big").unwrap())
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    host.set("late", b"at last").unwrap();
+    for h in clients {
+        let (late, others, empty, got_big) = h.join().unwrap();
+        assert_eq!(late, b"at last");
+        assert_eq!(others, vec![vec![0; 3], vec![1; 3], vec![2; 3]]);
+        assert!(empty.is_empty());
+        assert!(got_big == big);
+    }
+    assert_eq!(host.get("client/2").unwrap(), vec![2; 3]);
+
+    // a key nobody sets: an error after the timeout, naming the key and the store
+    let c = TcpStore::connect(HOST, port, timeout).unwrap();
+    let t0 = Instant::now();
+    let e = c
+        .get_timeout("never", Duration::from_millis(300))
+        .unwrap_err()
+        .to_string();
+    assert!(t0.elapsed() >= Duration::from_millis(300));
+    assert!(
+        e.contains("never") && e.contains(&format!("{HOST}:{port}")),
+        "{e}"
+    );
+    let e = host
+        .get_timeout("never", Duration::from_millis(50))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`never` was not set"), "{e}");
+
+    // the host goes away: clients get errors, not hangs
+    drop(host);
+    let e = c.get("client/0").unwrap_err().to_string();
+    assert!(e.contains(&format!("{HOST}:{port}")), "{e}");
+
+    // nobody hosts: connecting fails after the timeout, naming the address
+    let port = free_port();
+    let t0 = Instant::now();
+    let e = TcpStore::connect(HOST, port, Duration::from_millis(500))
+        .unwrap_err()
+        .to_string();
+    assert!(t0.elapsed() >= Duration::from_millis(500));
+    assert!(
+        e.contains(&format!(
+            "cannot reach the rendezvous store at {HOST}:{port}"
+        )),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_environment_describes_the_group() {
+    let env = |vars: &[(&str, &str)]| {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        DistEnv::from_lookup(move |k| vars.get(k).cloned())
+    };
+    assert_eq!(env(&[]).unwrap(), None);
+    let e = env(&[
+        ("RANK", "2"),
+        ("WORLD_SIZE", "4"),
+        ("LOCAL_RANK", "0"),
+        ("MASTER_ADDR", "node7"),
+        ("MASTER_PORT", "29500"),
+    ])
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        e,
+        DistEnv {
+            rank: 2,
+            world: 4,
+            local_rank: Some(0),
+            master_addr: "node7".into(),
+            master_port: 29500
+        }
+    );
+    // SLURM's names where torchrun's are unset
+    let e = env(&[
+        ("SLURM_PROCID", "1"),
+        ("SLURM_NTASKS", "2"),
+        ("MASTER_ADDR", "h"),
+        ("MASTER_PORT", "1"),
+    ])
+    .unwrap()
+    .unwrap();
+    assert_eq!((e.rank, e.world, e.local_rank), (1, 2, None));
+    // a world of one needs no master
+    let e = env(&[("WORLD_SIZE", "1"), ("RANK", "0")]).unwrap().unwrap();
+    assert_eq!(e.world, 1);
+    assert!(e.connect(Duration::from_secs(1)).is_ok());
+
+    let err = |vars: &[(&str, &str)]| env(vars).unwrap_err().to_string();
+    let full = |over: (&'static str, &'static str)| {
+        let mut v = vec![
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "h"),
+            ("MASTER_PORT", "29500"),
+        ];
+        v.retain(|(k, _)| *k != over.0);
+        if !over.1.is_empty() {
+            v.push(over);
+        }
+        err(&v)
+    };
+    assert!(full(("WORLD_SIZE", "four")).contains("WORLD_SIZE=\"four\""));
+    assert!(full(("RANK", "-1")).contains("RANK=\"-1\""));
+    assert!(full(("RANK", "2")).contains("RANK=2 is not below WORLD_SIZE=2"));
+    assert!(full(("RANK", "")).contains("RANK is not"));
+    assert!(full(("MASTER_PORT", "70000")).contains("MASTER_PORT=\"70000\""));
+    assert!(full(("MASTER_PORT", "")).contains("MASTER_PORT is not set"));
+    assert!(full(("MASTER_ADDR", "")).contains("MASTER_ADDR is not set"));
+    assert!(err(&[("WORLD_SIZE", "0"), ("RANK", "0")]).contains("WORLD_SIZE=0"));
+}

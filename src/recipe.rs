@@ -5,7 +5,7 @@
 use crate::backend::cpu;
 use crate::checkpoint::{self, LoadOptions, SaveOptions};
 use crate::data::{Augment, Dataset, Loader, Sampler};
-use crate::dist::{Layout, ProcessGroup, TcpGroup, ThreadGroup};
+use crate::dist::{DistEnv, Layout, ProcessGroup, ThreadGroup};
 use crate::engine::{Engine, Parallel, TrainConfig};
 use crate::error::{Error, Result};
 use crate::metrics::ConfusionMatrix;
@@ -370,8 +370,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         cpu::set_num_threads(n)?;
     }
     let timeout = Duration::from_secs(opts.comm_timeout);
-    if let Some(group) = TcpGroup::from_env(timeout)? {
-        let world = group.world();
+    if let Some(env) = DistEnv::from_env()? {
+        let world = env.world;
         let opts = if opts.dp * opts.pp == 1 && world > 1 {
             // the launcher's world size decides the data-parallel degree
             TrainOptions {
@@ -389,16 +389,15 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 opts.dp * opts.pp
             )));
         }
-        let group: Arc<dyn ProcessGroup> = Arc::new(group);
+        check_layout(&opts)?;
+        let group: Arc<dyn ProcessGroup> = Arc::new(env.connect(timeout)?);
         return train_rank(&opts, Some(group));
     }
     let world = opts.dp * opts.pp;
     if world == 1 {
         return train_rank(opts, None);
     }
-    // refuse a bad layout before starting any rank
-    let classes = Dataset::open(&opts.data_dir())?.0.classes.len();
-    layout(opts, &opts.model(classes)?)?;
+    check_layout(opts)?;
     let handles: Vec<_> = ThreadGroup::new(world, timeout)?
         .into_iter()
         .map(|g| {
@@ -439,6 +438,13 @@ fn first_cause(results: Vec<Result<TrainSummary>>) -> Result<TrainSummary> {
         (None, Some(s)) => Ok(s),
         (None, None) => Err(Error::Comm("no rank finished".into())),
     }
+}
+
+/// Refuses a layout that cannot work (more stages than blocks, bad boundaries) before
+/// any rank starts work.
+fn check_layout(opts: &TrainOptions) -> Result<()> {
+    let classes = Dataset::open(&opts.data_dir())?.0.classes.len();
+    layout(opts, &opts.model(classes)?).map(|_| ())
 }
 
 /// The layout the options ask for.

@@ -5,6 +5,7 @@ use ferrovit::backend::cpu;
 use ferrovit::checkpoint::{self, Checkpoint};
 use ferrovit::data::cifar10;
 use ferrovit::engine::{Engine, TrainConfig};
+use ferrovit::launch::LaunchOptions;
 use ferrovit::nn::PRESETS;
 use ferrovit::recipe::{self, TrainOptions};
 use ferrovit::rng::Rng;
@@ -13,7 +14,7 @@ use ferrovit::{Error, Result, Tensor, VitConfig};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +39,9 @@ enum Command {
     Ckpt(CkptCommand),
     /// Time training steps of a model on random data (images/s)
     Bench(BenchArgs),
+    /// Run N processes of ferrovit as the ranks of one group (TCP), e.g.
+    /// `ferrovit launch --nproc 4 -- train --dp 2 --pp 2`
+    Launch(LaunchArgs),
     /// List the model presets and their parameter counts
     Presets,
 }
@@ -164,6 +168,29 @@ struct TrainArgs {
     comm_timeout: Option<u64>,
 }
 
+/// Each process gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and
+/// MASTER_PORT (as torchrun sets them; `ferrovit train` honours them, and SLURM's
+/// SLURM_PROCID/SLURM_NTASKS, when launched by other tools). When one process fails,
+/// the others stop with an error naming it; stragglers are killed after --grace.
+#[derive(Args)]
+struct LaunchArgs {
+    /// Processes to start (the world size)
+    #[arg(long, value_name = "N")]
+    nproc: usize,
+    /// Address of rank 0's rendezvous store
+    #[arg(long, default_value = "127.0.0.1")]
+    master_addr: String,
+    /// Port of rank 0's rendezvous store; 0 picks a free one
+    #[arg(long, default_value_t = 0)]
+    master_port: u16,
+    /// Seconds the others may take to stop by themselves after one process failed
+    #[arg(long, value_name = "S", default_value_t = 10)]
+    grace: u64,
+    /// The ferrovit command each process runs (after `--`)
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    args: Vec<String>,
+}
+
 #[derive(Subcommand)]
 enum DataCommand {
     /// Download (or extract an already-downloaded archive of) CIFAR-10, binary version
@@ -269,14 +296,43 @@ fn main() -> ExitCode {
         Command::Ckpt(c) => ckpt(c),
         Command::Bench(a) => bench(a),
         Command::Presets => presets(),
+        Command::Launch(a) => {
+            return match launch(a) {
+                Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            // under a launcher every rank reports; say which one this is
+            match std::env::var("RANK") {
+                Ok(r) if std::env::var("WORLD_SIZE").is_ok_and(|w| w != "1") => {
+                    eprintln!("error (rank {r}): {e}")
+                }
+                _ => eprintln!("error: {e}"),
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+fn launch(a: LaunchArgs) -> Result<i32> {
+    if a.nproc == 0 {
+        return Err(Error::Config("--nproc must be at least 1".into()));
+    }
+    ferrovit::launch::launch(&LaunchOptions {
+        nproc: a.nproc,
+        master_addr: a.master_addr,
+        master_port: a.master_port,
+        args: a.args,
+        program: None,
+        grace: Duration::from_secs(a.grace),
+    })
 }
 
 fn presets() -> Result<()> {

@@ -372,10 +372,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let timeout = Duration::from_secs(opts.comm_timeout);
     if let Some(env) = DistEnv::from_env()? {
         let world = env.world;
-        let opts = if opts.dp * opts.pp == 1 && world > 1 {
+        let opts = if opts.dp == 1 && world > 1 && world.is_multiple_of(opts.pp) {
             // the launcher's world size decides the data-parallel degree
             TrainOptions {
-                dp: world,
+                dp: world / opts.pp,
                 ..opts.clone()
             }
         } else {

@@ -1,0 +1,201 @@
+//! Multi-process training: `ferrovit launch` runs ranks as processes over the TCP
+//! group; they train, save and resume across layouts; a killed rank brings the others
+//! down with a clear error instead of a hang; bad layouts are refused up front.
+
+mod common;
+
+use common::{ferrovit, temp_dir};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A three-block model of width 32 (pp up to 3).
+const MODEL: [&str; 10] = [
+    "--dim",
+    "32",
+    "--depth",
+    "3",
+    "--heads",
+    "2",
+    "--mlp-dim",
+    "64",
+    "--seed",
+    "7",
+];
+
+fn launch(nproc: usize, train: &[&str]) -> (bool, String, String) {
+    let n = nproc.to_string();
+    let args = [
+        &["launch", "--nproc", &n, "--", "train", "--epochs", "2"],
+        &MODEL[..],
+        train,
+    ]
+    .concat();
+    ferrovit(&args)
+}
+
+/// Train and test loss per epoch, from metrics.jsonl.
+fn losses(out: &Path) -> Vec<f64> {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .flat_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            ["train_loss", "test_loss"].map(|k| v[k].as_f64().unwrap())
+        })
+        .collect()
+}
+
+fn assert_close(a: &[f64], b: &[f64], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (x, y) in a.iter().zip(b) {
+        assert!((x - y).abs() <= 2e-3 * y.abs(), "{what}: {a:?} vs {b:?}");
+    }
+}
+
+#[test]
+fn processes_train_save_and_resume_across_layouts() {
+    let root = temp_dir("launch");
+    let dir = |n: &str| root.join(n);
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    // reference: one process, one rank
+    let single = dir("single");
+    let (ok, _, err) = ferrovit(
+        &[
+            &["train", "--epochs", "2"],
+            &MODEL[..],
+            &["--out", &s(&single)],
+        ]
+        .concat(),
+    );
+    assert!(ok, "{err}");
+    // two processes: dp = WORLD_SIZE = 2
+    let a = dir("a");
+    let (ok, stdout, err) = launch(2, &["--out", &s(&a)]);
+    assert!(ok, "{err}");
+    assert!(
+        stdout.contains("final test accuracy"),
+        "rank 0 reports: {stdout}"
+    );
+    assert_eq!(
+        stdout.matches("final test accuracy").count(),
+        1,
+        "only rank 0 reports"
+    );
+    assert_close(&losses(&a), &losses(&single), "dp=2 in 2 processes");
+    // four processes, dp=2 × pp=2, resuming the two-process run's epoch-1 checkpoint
+    let from = s(&a.join("checkpoints").join("step-0000000023"));
+    let b = dir("b");
+    let (ok, stdout, err) = launch(4, &["--pp", "2", "--out", &s(&b), "--resume", &from]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("saved under dp=2"), "{stdout}");
+    assert_close(&losses(&b), &losses(&single), "resumed as dp=2 × pp=2");
+    // and back: a four-process run's checkpoint resumed by 2 processes as pp=2
+    let d = dir("d");
+    let (ok, _, err) = launch(4, &["--dp", "2", "--pp", "2", "--out", &s(&d)]);
+    assert!(ok, "{err}");
+    assert_close(&losses(&d), &losses(&single), "dp=2 × pp=2 in 4 processes");
+    let from = s(&d.join("checkpoints").join("step-0000000023"));
+    let c = dir("c");
+    let (ok, _, err) = launch(2, &["--pp", "2", "--out", &s(&c), "--resume", &from]);
+    assert!(ok, "{err}");
+    assert_close(&losses(&c), &losses(&single), "resumed as pp=2");
+    let (ok, stdout, err) = ferrovit(&["ckpt", "verify", &s(&c.join("checkpoints"))]);
+    assert!(ok && stdout.contains("ok:"), "{stdout}{err}");
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+/// The RANK of a process, from its environment.
+fn rank_of(pid: u32) -> Option<usize> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    env.split(|&b| b == 0)
+        .find_map(|kv| kv.strip_prefix(b"RANK="))
+        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_killed_rank_stops_every_other_rank_with_a_clear_error() {
+    let out = temp_dir("launch-kill");
+    let o = out.to_str().unwrap();
+    let timeout = 120;
+    let mut launcher = Command::new(env!("CARGO_BIN_EXE_ferrovit"))
+        .args([&["launch", "--nproc", "4", "--", "train"], &MODEL[..]].concat())
+        .args(["--pp", "2", "--epochs", "200", "--no-save", "--out", o])
+        .args(["--comm-timeout", &timeout.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // wait until training runs (an epoch is logged), then kill rank 2
+    let started = Instant::now();
+    while !out.join("metrics.jsonl").exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "training never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let children =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", launcher.id())).unwrap();
+    let victim: u32 = children
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .find(|&p| rank_of(p) == Some(2))
+        .expect("rank 2 is a child of the launcher");
+    let killed = Instant::now();
+    Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .unwrap();
+    let status = loop {
+        if let Some(s) = launcher.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(timeout),
+            "the ranks hang after one was killed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut launcher.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    // the others noticed the closed connections, not the timeout
+    assert!(
+        killed.elapsed() < Duration::from_secs(timeout / 2),
+        "{:?}",
+        killed.elapsed()
+    );
+    assert!(err.contains("rank 2 left the group"), "{err}");
+    for r in [0, 1, 3] {
+        assert!(
+            err.contains(&format!("error (rank {r})")),
+            "rank {r}: {err}"
+        );
+    }
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
+fn wrong_layouts_are_refused_before_any_work() {
+    let out = temp_dir("launch-bad");
+    let o = out.to_str().unwrap();
+    for (nproc, flags, want) in [
+        (
+            3,
+            vec!["--dp", "2", "--pp", "2"],
+            "= 4 ranks, but WORLD_SIZE is 3",
+        ),
+        (3, vec!["--pp", "2"], "WORLD_SIZE is 3"),
+        (
+            4,
+            vec!["--pp", "4"],
+            "more pipeline stages than the model's 3 blocks",
+        ),
+    ] {
+        let (ok, _, err) = launch(nproc, &[&flags[..], &["--out", o]].concat());
+        assert!(!ok && err.contains(want), "{flags:?}: {err}");
+        assert!(!out.join("metrics.jsonl").exists(), "nothing trained");
+    }
+    std::fs::remove_dir_all(out).unwrap();
+}

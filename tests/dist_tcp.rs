@@ -466,3 +466,30 @@ fn the_environment_describes_the_group() {
     assert!(full(("MASTER_ADDR", "")).contains("MASTER_ADDR is not set"));
     assert!(err(&[("WORLD_SIZE", "0"), ("RANK", "0")]).contains("WORLD_SIZE=0"));
 }
+
+/// The NCCL group on a machine with a GPU (world size 1: every collective must return
+/// its input, through the device); elsewhere, a clear error instead of a panic.
+#[test]
+fn nccl_group_of_one_or_a_clear_error_without_a_gpu() {
+    use ferrovit::dist::NcclGroup;
+    let tcp = TcpGroup::connect(0, 1, HOST, free_port(), Duration::from_secs(30)).unwrap();
+    if !NcclGroup::available() {
+        let err = NcclGroup::new(tcp, 0)
+            .err()
+            .expect("no NCCL here")
+            .to_string();
+        assert!(err.contains("cannot be loaded"), "{err}");
+        eprintln!("skipped the NCCL collectives: no CUDA driver or NCCL library on this machine");
+        return;
+    }
+    let g = NcclGroup::new(tcp, 0).unwrap();
+    let data = Rng::new(3).vec(1000, |r| r.normal());
+    let mut x = data.clone();
+    g.all_reduce(&mut x, ReduceOp::Sum).unwrap();
+    assert_eq!(x, data);
+    g.broadcast(&mut x, 0).unwrap();
+    assert_eq!(x, data);
+    assert_eq!(g.all_gather(&data).unwrap(), data);
+    assert_eq!(g.reduce_scatter(&data, ReduceOp::Max).unwrap(), data);
+    g.barrier().unwrap();
+}

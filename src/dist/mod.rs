@@ -1,18 +1,22 @@
 //! Communication between ranks: the [`ProcessGroup`] interface that data- and
-//! pipeline-parallel training use, and its implementations. So far: ranks as threads
-//! of one process ([`ThreadGroup`]); the TCP and NCCL groups come with the parallel
-//! training issue.
+//! pipeline-parallel training use, and its implementations: ranks as threads of one
+//! process ([`ThreadGroup`]), as processes over TCP ([`TcpGroup`], with the rendezvous
+//! [`TcpStore`]), and on GPUs through NCCL ([`NcclGroup`]); [`SubGroup`] runs
+//! collectives over some ranks of a group. [`Layout`] maps ranks to (replica, stage).
 //!
 //! Every blocking call has a timeout, and a rank that leaves the group (its handle is
-//! dropped, e.g. its thread failed) makes the others' pending and later calls fail at
-//! once with an error naming it — a dead rank never leaves the rest hanging.
+//! dropped, its thread failed, its process was killed) makes the others' pending and
+//! later calls fail at once with an error naming it — a dead rank never leaves the rest
+//! hanging.
 
 mod layout;
 mod mailbox;
+mod nccl;
 mod tcp;
 mod thread;
 
 pub use layout::Layout;
+pub use nccl::NcclGroup;
 pub use tcp::{DistEnv, TcpGroup, TcpStore};
 pub use thread::ThreadGroup;
 

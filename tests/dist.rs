@@ -2,8 +2,9 @@
 //! every rank), point-to-point order, and failures (a rank that leaves, a rank that
 //! never comes, collectives called out of order) as errors, never hangs.
 
+mod common;
+
 use ferrovit::dist::{ProcessGroup, ReduceOp, ThreadGroup};
-use ferrovit::rng::Rng;
 use std::time::{Duration, Instant};
 
 /// Runs `f` on every rank of a fresh group in its own thread; results in rank order.
@@ -23,48 +24,11 @@ fn on_ranks<T: Send + 'static>(
     handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
-fn data(rank: usize, n: usize) -> Vec<f32> {
-    Rng::new(rank as u64 + 1).vec(n, |r| r.normal())
-}
-
 #[test]
 fn collectives_agree_with_a_serial_computation() {
-    let world = 4;
-    let n = 12;
-    let long = Duration::from_secs(30);
-    let out = on_ranks(world, long, move |g| {
-        let r = g.rank();
-        let mut sum = data(r, n);
-        g.all_reduce(&mut sum, ReduceOp::Sum).unwrap();
-        let mut avg = data(r, n);
-        g.all_reduce(&mut avg, ReduceOp::Avg).unwrap();
-        let mut max = data(r, n);
-        g.all_reduce(&mut max, ReduceOp::Max).unwrap();
-        let mut b = if r == 2 { data(r, n) } else { vec![0.0; n] };
-        g.broadcast(&mut b, 2).unwrap();
-        let gathered = g.all_gather(&data(r, 3)).unwrap();
-        let scattered = g.reduce_scatter(&data(r, n), ReduceOp::Sum).unwrap();
-        g.barrier().unwrap();
-        (sum, avg, max, b, gathered, scattered)
+    on_ranks(4, Duration::from_secs(30), |g| {
+        common::check_collectives(&g)
     });
-    let all: Vec<Vec<f32>> = (0..world).map(|r| data(r, n)).collect();
-    let serial_sum: Vec<f32> = (0..n)
-        .map(|i| all.iter().fold(0.0, |a, d| a + d[i]))
-        .collect();
-    for (r, (sum, avg, max, b, gathered, scattered)) in out.iter().enumerate() {
-        assert_eq!(
-            sum, &serial_sum,
-            "rank {r}: sum in rank order, bit-identical"
-        );
-        for i in 0..n {
-            assert_eq!(avg[i], serial_sum[i] / world as f32);
-            assert_eq!(max[i], all.iter().map(|d| d[i]).fold(f32::MIN, f32::max));
-        }
-        assert_eq!(b, &all[2]);
-        let want: Vec<f32> = (0..world).flat_map(|q| data(q, 3)).collect();
-        assert_eq!(gathered, &want);
-        assert_eq!(scattered, &serial_sum[r * 3..(r + 1) * 3]);
-    }
 }
 
 #[test]
@@ -149,8 +113,6 @@ fn a_missing_rank_times_out_and_misordered_collectives_are_named() {
         .contains("rank 5"));
     assert!(g[0].reduce_scatter(&[1.0; 3], ReduceOp::Sum).is_err());
 }
-
-mod common;
 
 use ferrovit::data::{default_data_dir, Dataset};
 use ferrovit::dist::average_gradients;

@@ -3,6 +3,9 @@
 //! any u64 tag and large messages travel intact, and failures (a rank that leaves, a
 //! rank that never comes, a store key never set) are prompt errors naming the culprit.
 
+mod common;
+
+use common::rank_data;
 use ferrovit::dist::{DistEnv, ProcessGroup, ReduceOp, SubGroup, TcpGroup, TcpStore};
 use ferrovit::rng::Rng;
 use std::collections::HashMap;
@@ -49,14 +52,9 @@ fn on_ranks<T: Send + 'static>(
     on_some_ranks(&ranks, world, timeout, move |g| f(g.unwrap()))
 }
 
-/// Rank `rank`'s distinct test data.
-fn data(rank: usize, n: usize) -> Vec<f32> {
-    Rng::new(0x7c9 + rank as u64).vec(n, |r| r.uniform(-2.0, 2.0))
-}
-
 /// Element-wise fold over every rank's data, in rank order.
 fn serial(world: usize, n: usize, f: impl Fn(f32, f32) -> f32) -> Vec<f32> {
-    let all: Vec<Vec<f32>> = (0..world).map(|r| data(r, n)).collect();
+    let all: Vec<Vec<f32>> = (0..world).map(|r| rank_data(r, n)).collect();
     (0..n)
         .map(|i| all[1..].iter().fold(all[0][i], |a, d| f(a, d[i])))
         .collect()
@@ -64,35 +62,9 @@ fn serial(world: usize, n: usize, f: impl Fn(f32, f32) -> f32) -> Vec<f32> {
 
 #[test]
 fn collectives_agree_with_a_serial_computation() {
-    let (world, n) = (4, 20);
-    let out = on_ranks(world, Duration::from_secs(30), move |g| {
-        let r = g.rank();
-        assert_eq!(g.world(), world);
-        let mut sum = data(r, n);
-        g.all_reduce(&mut sum, ReduceOp::Sum).unwrap();
-        let mut avg = data(r, n);
-        g.all_reduce(&mut avg, ReduceOp::Avg).unwrap();
-        let mut max = data(r, n);
-        g.all_reduce(&mut max, ReduceOp::Max).unwrap();
-        let mut b = if r == 3 { data(r, n) } else { vec![0.0; n] };
-        g.broadcast(&mut b, 3).unwrap();
-        let gathered = g.all_gather(&data(r, 5)).unwrap();
-        let scattered = g.reduce_scatter(&data(r, n), ReduceOp::Sum).unwrap();
-        g.barrier().unwrap();
-        (sum, avg, max, b, gathered, scattered)
+    on_ranks(4, Duration::from_secs(30), |g| {
+        common::check_collectives(&g)
     });
-    let sum = serial(world, n, |a, b| a + b);
-    let max = serial(world, n, f32::max);
-    let gathered: Vec<f32> = (0..world).flat_map(|q| data(q, 5)).collect();
-    for (r, o) in out.iter().enumerate() {
-        assert_eq!(o.0, sum, "rank {r}: sum in rank order, bit-identical");
-        let avg: Vec<f32> = sum.iter().map(|s| s / world as f32).collect();
-        assert_eq!(o.1, avg, "rank {r}: avg");
-        assert_eq!(o.2, max, "rank {r}: max");
-        assert_eq!(o.3, data(3, n), "rank {r}: broadcast from rank 3");
-        assert_eq!(o.4, gathered, "rank {r}: all_gather");
-        assert_eq!(o.5, sum[r * 5..(r + 1) * 5], "rank {r}: reduce_scatter");
-    }
 }
 
 #[test]
@@ -137,14 +109,20 @@ fn large_messages_round_trip_exactly() {
         // reader threads drain both directions), then return what they got
         if r < 2 {
             let peer = 1 - r;
-            g.send(&data(r, n), peer, 5).unwrap();
+            g.send(&rank_data(r, n), peer, 5).unwrap();
             let got = g.recv(peer, 5).unwrap();
             g.send(&got, peer, 6).unwrap();
             let back = g.recv(peer, 6).unwrap();
-            assert!(back == data(r, n), "rank {r}: round trip changed the data");
-            assert!(got == data(peer, n), "rank {r}: got rank {peer}'s data");
+            assert!(
+                back == rank_data(r, n),
+                "rank {r}: round trip changed the data"
+            );
+            assert!(
+                got == rank_data(peer, n),
+                "rank {r}: got rank {peer}'s data"
+            );
         }
-        let mut x = data(r, 1_000_000);
+        let mut x = rank_data(r, 1_000_000);
         g.all_reduce(&mut x, ReduceOp::Sum).unwrap();
         x
     });
@@ -296,16 +274,16 @@ fn a_sub_group_over_tcp_reduces_within_its_members() {
         // ranks {0, 2} and {1, 3}
         let members = if r % 2 == 0 { vec![0, 2] } else { vec![1, 3] };
         let sub = SubGroup::new(g.clone(), members, 1).unwrap();
-        let mut x = data(r, n);
+        let mut x = rank_data(r, n);
         sub.all_reduce(&mut x, ReduceOp::Sum).unwrap();
-        let mut whole = data(r, n);
+        let mut whole = rank_data(r, n);
         g.all_reduce(&mut whole, ReduceOp::Max).unwrap();
         (sub.rank(), x, whole)
     });
     let pair = |a: usize, b: usize| -> Vec<f32> {
-        data(a, n)
+        rank_data(a, n)
             .iter()
-            .zip(data(b, n))
+            .zip(rank_data(b, n))
             .map(|(x, y)| x + y)
             .collect()
     };

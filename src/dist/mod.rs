@@ -93,22 +93,26 @@ pub trait ProcessGroup: Send + Sync {
     /// Reduces `data` (length `world × n`) across ranks and returns this rank's `n`
     /// elements of the result.
     fn reduce_scatter(&self, data: &[f32], op: ReduceOp) -> Result<Vec<f32>> {
-        let world = self.world();
-        if !data.len().is_multiple_of(world) {
-            return Err(Error::Config(format!(
-                "reduce_scatter: {} elements do not split across {world} ranks",
-                data.len()
-            )));
-        }
+        let n = scatter_len(data.len(), self.world())?;
         let mut all = data.to_vec();
         self.all_reduce(&mut all, op)?;
-        let n = data.len() / world;
         Ok(all[self.rank() * n..(self.rank() + 1) * n].to_vec())
     }
 
     /// Waits until every rank has reached it.
     fn barrier(&self) -> Result<()> {
         self.all_reduce(&mut [], ReduceOp::Sum)
+    }
+}
+
+/// Each rank's share of a reduce_scatter over `len` elements.
+pub(crate) fn scatter_len(len: usize, world: usize) -> Result<usize> {
+    if len.is_multiple_of(world) {
+        Ok(len / world)
+    } else {
+        Err(Error::Config(format!(
+            "reduce_scatter: {len} elements do not split across {world} ranks"
+        )))
     }
 }
 

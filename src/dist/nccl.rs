@@ -195,14 +195,8 @@ impl ProcessGroup for NcclGroup {
     }
 
     fn reduce_scatter(&self, data: &[f32], op: ReduceOp) -> Result<Vec<f32>> {
-        let world = self.world();
-        if !data.len().is_multiple_of(world) {
-            return Err(Error::Config(format!(
-                "reduce_scatter: {} elements do not split across {world} ranks",
-                data.len()
-            )));
-        }
-        self.on_gpu("reduce_scatter", data, data.len() / world, |c, s, d| {
+        let n = super::scatter_len(data.len(), self.world())?;
+        self.on_gpu("reduce_scatter", data, n, |c, s, d| {
             c.reduce_scatter(s, d, &nccl_op(op)).map(|_| ())
         })
     }

@@ -180,15 +180,9 @@ impl ProcessGroup for ThreadGroup {
     }
 
     fn reduce_scatter(&self, data: &[f32], op: ReduceOp) -> Result<Vec<f32>> {
-        let world = self.shared.world;
-        if !data.len().is_multiple_of(world) {
-            return Err(Error::Config(format!(
-                "reduce_scatter: {} elements do not split across {world} ranks",
-                data.len()
-            )));
-        }
+        let n = super::scatter_len(data.len(), self.shared.world)?;
         let parts = self.exchange("reduce_scatter", data.to_vec())?;
-        let n = self.same_lengths("reduce_scatter", &parts)? / world;
+        self.same_lengths("reduce_scatter", &parts)?;
         let mine = self.rank * n..(self.rank + 1) * n;
         let refs: Vec<&[f32]> = parts.iter().map(|p| &p[mine.clone()]).collect();
         Ok(reduce(&refs, op))

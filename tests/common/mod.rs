@@ -51,3 +51,50 @@ pub fn temp_dir(name: &str) -> std::path::PathBuf {
 
 /// Flags of a one-block, width-32 model: a training epoch on the digits takes ~1 s.
 pub const TINY: [&str; 6] = ["--dim", "32", "--depth", "1", "--mlp-dim", "32"];
+
+/// Rank `rank`'s distinct data for the collective checks.
+pub fn rank_data(rank: usize, n: usize) -> Vec<f32> {
+    Rng::new(0x7c9 + rank as u64).vec(n, |r| r.uniform(-2.0, 2.0))
+}
+
+/// Runs every collective on this rank of `g` (all ranks call it) and checks each
+/// result against a serial computation over every rank's [`rank_data`]: reductions
+/// in rank order, bit-identical on every rank.
+pub fn check_collectives(g: &dyn ferrovit::dist::ProcessGroup) {
+    use ferrovit::dist::ReduceOp;
+    let (r, world, n) = (g.rank(), g.world(), 4 * g.world());
+    let all: Vec<Vec<f32>> = (0..world).map(|q| rank_data(q, n)).collect();
+    let fold = |f: fn(f32, f32) -> f32| -> Vec<f32> {
+        (0..n)
+            .map(|i| all[1..].iter().fold(all[0][i], |a, d| f(a, d[i])))
+            .collect()
+    };
+    let sum = fold(|a, b| a + b);
+    let mut x = rank_data(r, n);
+    g.all_reduce(&mut x, ReduceOp::Sum).unwrap();
+    assert_eq!(x, sum, "rank {r}: sum");
+    let mut x = rank_data(r, n);
+    g.all_reduce(&mut x, ReduceOp::Avg).unwrap();
+    let avg: Vec<f32> = sum.iter().map(|s| s / world as f32).collect();
+    assert_eq!(x, avg, "rank {r}: avg");
+    let mut x = rank_data(r, n);
+    g.all_reduce(&mut x, ReduceOp::Max).unwrap();
+    assert_eq!(x, fold(f32::max), "rank {r}: max");
+    let root = world - 1;
+    let mut x = if r == root {
+        rank_data(r, n)
+    } else {
+        vec![0.0; n]
+    };
+    g.broadcast(&mut x, root).unwrap();
+    assert_eq!(x, all[root], "rank {r}: broadcast from rank {root}");
+    let want: Vec<f32> = (0..world).flat_map(|q| rank_data(q, 3)).collect();
+    assert_eq!(
+        g.all_gather(&rank_data(r, 3)).unwrap(),
+        want,
+        "rank {r}: all_gather"
+    );
+    let mine = g.reduce_scatter(&rank_data(r, n), ReduceOp::Sum).unwrap();
+    assert_eq!(mine, sum[r * 4..(r + 1) * 4], "rank {r}: reduce_scatter");
+    g.barrier().unwrap();
+}

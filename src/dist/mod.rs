@@ -246,7 +246,14 @@ impl ProcessGroup for SubGroup {
 
 /// Combines equal-length contributions in rank order.
 pub(crate) fn reduce(parts: &[&[f32]], op: ReduceOp) -> Vec<f32> {
-    let mut out = parts[0].to_vec();
+    let mut out = vec![0.0; parts[0].len()];
+    reduce_into(&mut out, parts, op);
+    out
+}
+
+/// [`reduce`] into `out` (no allocation).
+pub(crate) fn reduce_into(out: &mut [f32], parts: &[&[f32]], op: ReduceOp) {
+    out.copy_from_slice(parts[0]);
     for p in &parts[1..] {
         for (o, v) in out.iter_mut().zip(p.iter()) {
             *o = match op {
@@ -259,7 +266,6 @@ pub(crate) fn reduce(parts: &[&[f32]], op: ReduceOp) -> Vec<f32> {
         let n = parts.len() as f32;
         out.iter_mut().for_each(|o| *o /= n);
     }
-    out
 }
 
 /// Data parallelism's gradient step: averages every parameter gradient across the

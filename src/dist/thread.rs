@@ -1,11 +1,11 @@
 //! Ranks as threads of one process, exchanging through shared memory.
 
 use super::mailbox::{Mail, Mailbox};
-use super::{reduce, ProcessGroup, ReduceOp};
+use super::{reduce, reduce_into, ProcessGroup, ReduceOp};
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The contributions to one collective call.
@@ -31,6 +31,9 @@ pub struct ThreadGroup {
     shared: Arc<Shared>,
     /// Collectives this rank has entered.
     seq: AtomicU64,
+    /// This rank's last all-reduce contribution: its buffer is reused by the next one
+    /// once every rank has let go of it (no fresh allocation, no page faults).
+    spare: Mutex<Option<Arc<Vec<f32>>>>,
 }
 
 fn comm(msg: String) -> Error {
@@ -55,13 +58,14 @@ impl ThreadGroup {
                 rank,
                 shared: shared.clone(),
                 seq: AtomicU64::new(0),
+                spare: Mutex::new(None),
             })
             .collect())
     }
 
     /// Contributes `data` to this rank's next collective and returns every rank's
     /// contribution, in rank order.
-    fn exchange(&self, op: &'static str, data: Vec<f32>) -> Result<Vec<Arc<Vec<f32>>>> {
+    fn exchange(&self, op: &'static str, data: Arc<Vec<f32>>) -> Result<Vec<Arc<Vec<f32>>>> {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
         let world = self.shared.world;
         let what = format!("{op} #{seq}");
@@ -78,7 +82,7 @@ impl ThreadGroup {
                 self.rank, round.op
             )));
         }
-        round.parts[self.rank] = Some(Arc::new(data));
+        round.parts[self.rank] = Some(data);
         mail.notify();
         let parts = |st: &Mail<Rounds>| {
             st.extra
@@ -146,10 +150,19 @@ impl ProcessGroup for ThreadGroup {
     }
 
     fn all_reduce(&self, data: &mut [f32], op: ReduceOp) -> Result<()> {
-        let parts = self.exchange("all_reduce", data.to_vec())?;
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        let reused = spare.take().and_then(|mut buf| {
+            let v = Arc::get_mut(&mut buf)?;
+            v.clear();
+            v.extend_from_slice(data);
+            Some(buf)
+        });
+        let mine = reused.unwrap_or_else(|| Arc::new(data.to_vec()));
+        let parts = self.exchange("all_reduce", mine)?;
+        *spare = Some(parts[self.rank].clone());
         self.same_lengths("all_reduce", &parts)?;
         let refs: Vec<&[f32]> = parts.iter().map(|p| p.as_slice()).collect();
-        data.copy_from_slice(&reduce(&refs, op));
+        reduce_into(data, &refs, op);
         Ok(())
     }
 
@@ -160,7 +173,7 @@ impl ProcessGroup for ThreadGroup {
         } else {
             Vec::new()
         };
-        let parts = self.exchange("broadcast", mine)?;
+        let parts = self.exchange("broadcast", Arc::new(mine))?;
         if parts[root].len() != data.len() {
             return Err(comm(format!(
                 "broadcast: rank {} expects {} elements, root {root} sent {}",
@@ -174,14 +187,14 @@ impl ProcessGroup for ThreadGroup {
     }
 
     fn all_gather(&self, data: &[f32]) -> Result<Vec<f32>> {
-        let parts = self.exchange("all_gather", data.to_vec())?;
+        let parts = self.exchange("all_gather", Arc::new(data.to_vec()))?;
         self.same_lengths("all_gather", &parts)?;
         Ok(parts.iter().flat_map(|p| p.iter().copied()).collect())
     }
 
     fn reduce_scatter(&self, data: &[f32], op: ReduceOp) -> Result<Vec<f32>> {
         let n = super::scatter_len(data.len(), self.shared.world)?;
-        let parts = self.exchange("reduce_scatter", data.to_vec())?;
+        let parts = self.exchange("reduce_scatter", Arc::new(data.to_vec()))?;
         self.same_lengths("reduce_scatter", &parts)?;
         let mine = self.rank * n..(self.rank + 1) * n;
         let refs: Vec<&[f32]> = parts.iter().map(|p| &p[mine.clone()]).collect();
@@ -199,7 +212,7 @@ impl ProcessGroup for ThreadGroup {
     }
 
     fn barrier(&self) -> Result<()> {
-        self.exchange("barrier", Vec::new()).map(|_| ())
+        self.exchange("barrier", Arc::new(Vec::new())).map(|_| ())
     }
 }
 

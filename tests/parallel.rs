@@ -315,6 +315,23 @@ fn a_checkpoint_saved_under_any_layout_resumes_under_any_other() {
 }
 
 #[test]
+fn two_saves_of_one_step_under_a_layout_both_commit() {
+    // a step save on the epoch's last batch, then the epoch save at the same step
+    let out = common::temp_dir("double-save");
+    let mut o = options(&out, (2, 2));
+    o.epochs = 1;
+    o.save_every_steps = Some(1437u64.div_ceil(64));
+    recipe::train(&o).unwrap();
+    let (ok, stdout, err) =
+        common::ferrovit(&["ckpt", "verify", out.join("checkpoints").to_str().unwrap()]);
+    assert!(ok && stdout.contains("ok:"), "{stdout}{err}");
+    let listing = ferrovit::checkpoint::list(&out.join("checkpoints")).unwrap();
+    assert_eq!(listing.committed.len(), 1);
+    assert!(listing.uncommitted.is_empty(), "{:?}", listing.uncommitted);
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
 fn bad_layouts_are_refused_before_any_work() {
     let out = common::temp_dir("bad-layout");
     for ((dp, pp), want) in [

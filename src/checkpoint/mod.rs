@@ -180,6 +180,7 @@ impl Engine {
             ),
             rank: self.parallel_info().map_or(0, |p| p.rank()),
             run: self.parallel_info().map_or(0, |p| p.run),
+            save: 0,
             tensors,
         }
     }

@@ -46,6 +46,9 @@ pub struct Snapshot {
     /// Identifies the run (the same on every rank), so the ranks of a parallel save
     /// meet in one temporary directory that no earlier run can have left.
     pub run: u64,
+    /// The number of this save within the run (the same on every rank; with `run`, it
+    /// names a parallel save's temporary directory, so two saves never share one).
+    pub save: u64,
     pub tensors: Vec<SnapTensor>,
 }
 
@@ -249,7 +252,7 @@ pub fn save(snap: &Snapshot, root: &Path, name: &str, opts: &SaveOptions) -> Res
     let mut fault = Fault::for_this_save();
     let layout = &snap.layout;
     let tmp = if layout.world > 1 {
-        root.join(format!(".tmp-{name}-{:016x}", snap.run))
+        root.join(format!(".tmp-{name}-{:016x}-{}", snap.run, snap.save))
     } else {
         let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);

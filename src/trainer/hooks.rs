@@ -323,6 +323,8 @@ pub struct SaveCheckpointHook {
     /// Recorded in the checkpoint's training state.
     pub schedule: Option<LrSchedule>,
     saver: AsyncSaver,
+    /// Saves started (numbers each save, the same on every rank).
+    saves: u64,
 }
 
 impl SaveCheckpointHook {
@@ -339,6 +341,7 @@ impl SaveCheckpointHook {
             options,
             schedule: None,
             saver: AsyncSaver::default(),
+            saves: 0,
         }
     }
 
@@ -352,7 +355,9 @@ impl SaveCheckpointHook {
             ..TrainingState::default()
         };
         let name = checkpoint_name(s.engine.step_count());
-        let snapshot = s.engine.snapshot(training);
+        let mut snapshot = s.engine.snapshot(training);
+        snapshot.save = self.saves;
+        self.saves += 1;
         if let Some(done) = self.saver.save(
             snapshot,
             self.root.clone(),

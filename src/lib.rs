@@ -12,6 +12,7 @@ pub mod data;
 pub mod dist;
 pub mod engine;
 pub mod error;
+pub mod infer;
 pub mod launch;
 pub mod metrics;
 pub mod nn;

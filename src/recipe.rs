@@ -591,6 +591,7 @@ fn train_rank(opts: &TrainOptions, group: Option<Arc<dyn ProcessGroup>>) -> Resu
             },
         );
         hook.schedule = Some(schedule);
+        hook.classes = classes.clone();
         trainer.add_hook(hook);
     }
     trainer.fit(

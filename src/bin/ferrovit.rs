@@ -4,7 +4,9 @@ use clap::{Args, Parser, Subcommand};
 use ferrovit::backend::cpu;
 use ferrovit::checkpoint::{self, Checkpoint};
 use ferrovit::data::cifar10;
+use ferrovit::data::Dataset;
 use ferrovit::engine::{Engine, TrainConfig};
+use ferrovit::infer::{load_images, Classifier};
 use ferrovit::launch::LaunchOptions;
 use ferrovit::nn::PRESETS;
 use ferrovit::recipe::{self, TrainOptions};
@@ -39,6 +41,11 @@ enum Command {
     Ckpt(CkptCommand),
     /// Time training steps of a model on random data (images/s)
     Bench(BenchArgs),
+    /// Classify images with a trained checkpoint: top-k classes with probabilities
+    Infer(InferArgs),
+    /// Evaluate a checkpoint on a data set's test split: accuracy, per-class accuracy,
+    /// confusion matrix
+    Eval(EvalArgs),
     /// Run N processes of ferrovit as the ranks of one group (TCP), e.g.
     /// `ferrovit launch --nproc 4 -- train --dp 2 --pp 2`
     Launch(LaunchArgs),
@@ -166,6 +173,44 @@ struct TrainArgs {
     /// Seconds a rank waits for another before failing [default: 300]
     #[arg(long, value_name = "S")]
     comm_timeout: Option<u64>,
+}
+
+/// Images are PNG or JPEG of any size: the shorter side is resized to the model's 32
+/// pixels (bilinear), then the centre is cropped, as for image-folder training data.
+/// Weights are used in place from the checkpoint's memory-mapped files (checksums
+/// verified); every image is read before anything is printed.
+#[derive(Args)]
+struct InferArgs {
+    /// Checkpoint directory (or a root such as out/checkpoints: its newest checkpoint)
+    #[arg(long, value_name = "DIR")]
+    ckpt: PathBuf,
+    /// Classes to show per image
+    #[arg(long, value_name = "K", default_value_t = 3)]
+    top_k: usize,
+    /// Print JSON: [{"image": …, "top": [{"index", "class", "probability"}, …]}, …]
+    #[arg(long)]
+    json: bool,
+    /// Images to classify
+    #[arg(required = true, value_name = "IMAGE")]
+    images: Vec<PathBuf>,
+}
+
+/// The data directory is read as for `train --data` (CIFAR-10 binary or an image
+/// folder); its test split is evaluated.
+#[derive(Args)]
+struct EvalArgs {
+    /// Checkpoint directory (or a root such as out/checkpoints: its newest checkpoint)
+    #[arg(long, value_name = "DIR")]
+    ckpt: PathBuf,
+    /// Data directory [default: the embedded digits data]
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Images per batch
+    #[arg(long, value_name = "B", default_value_t = 256)]
+    batch_size: usize,
+    /// Print JSON: {"accuracy", "images", "per_class": {class: accuracy}, "confusion": [[…]]}
+    #[arg(long)]
+    json: bool,
 }
 
 /// Each process gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and
@@ -296,6 +341,8 @@ fn main() -> ExitCode {
         Command::Ckpt(c) => ckpt(c),
         Command::Bench(a) => bench(a),
         Command::Presets => presets(),
+        Command::Infer(a) => infer(a),
+        Command::Eval(a) => eval(a),
         Command::Launch(a) => {
             return match launch(a) {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
@@ -319,6 +366,76 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn infer(a: InferArgs) -> Result<()> {
+    if a.top_k == 0 {
+        return Err(Error::Config("--top-k must be at least 1".into()));
+    }
+    let mut model = Classifier::load(&ckpt_dir(a.ckpt)?)?;
+    // every image is read before anything is printed
+    let images = load_images(&a.images)?;
+    let top = model.top_k(images, a.top_k)?;
+    if a.json {
+        let out: Vec<serde_json::Value> = a
+            .images
+            .iter()
+            .zip(&top)
+            .map(|(p, t)| serde_json::json!({ "image": p, "top": t }))
+            .collect();
+        println!("{}", serde_json::Value::Array(out));
+        return Ok(());
+    }
+    for (p, t) in a.images.iter().zip(&top) {
+        let classes: Vec<String> = t
+            .iter()
+            .map(|s| format!("{} {:.4}", s.class, s.probability))
+            .collect();
+        println!("{}: {}", p.display(), classes.join(", "));
+    }
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    if a.batch_size == 0 {
+        return Err(Error::Config("--batch-size must be at least 1".into()));
+    }
+    let mut model = Classifier::load(&ckpt_dir(a.ckpt)?)?;
+    let data = a.data.unwrap_or_else(ferrovit::data::default_data_dir);
+    let (_, test) = Dataset::open(&data)?;
+    let names = test.classes.clone();
+    let c = model.evaluate(test, a.batch_size)?;
+    let per_class = c.per_class_accuracy();
+    if a.json {
+        let per: serde_json::Map<String, serde_json::Value> = names
+            .iter()
+            .zip(&per_class)
+            .map(|(n, acc)| (n.clone(), serde_json::json!(acc)))
+            .collect();
+        let k = names.len();
+        let confusion: Vec<Vec<u64>> = (0..k)
+            .map(|y| (0..k).map(|p| c.count(y, p)).collect())
+            .collect();
+        let out = serde_json::json!({
+            "accuracy": c.accuracy(),
+            "images": c.total(),
+            "per_class": per,
+            "confusion": confusion,
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    println!(
+        "accuracy {:.2}% ({} images, {})",
+        100.0 * c.accuracy(),
+        c.total(),
+        data.display()
+    );
+    println!(
+        "confusion matrix (rows: true class, columns: predicted; classes: {}):\n{c}",
+        names.join(", ")
+    );
+    Ok(())
 }
 
 fn launch(a: LaunchArgs) -> Result<i32> {

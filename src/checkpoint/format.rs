@@ -45,6 +45,9 @@ pub struct TrainingState {
     /// Per-epoch metrics so far (for the metrics file and plot of a resumed run).
     #[serde(default)]
     pub history: Vec<BTreeMap<String, f64>>,
+    /// The names of the classes, by index (for inference; may be empty).
+    #[serde(default)]
+    pub classes: Vec<String>,
 }
 
 /// The parallel layout a checkpoint was saved under.

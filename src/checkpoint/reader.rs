@@ -10,11 +10,11 @@ use crate::tensor::{DType, Tensor};
 use memmap2::Mmap;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 /// A memory-mapped, header-validated shard.
 struct Shard {
-    map: Mmap,
+    map: Arc<Mmap>,
     header: ShardHeader,
 }
 
@@ -271,6 +271,23 @@ impl Checkpoint {
         bytemuck::try_cast_slice(bytes).map_err(|_| not("unaligned data"))
     }
 
+    /// An F32 tensor (stored in one chunk) used in place: its elements are the page
+    /// cache's (checksum verified), no copy; it keeps the shard mapped while it lives,
+    /// and writing to it copies it first.
+    pub fn view(&self, name: &str) -> Result<Tensor> {
+        let len = self.view_f32(name)?.len();
+        let t = self.entry(name)?;
+        let c = &t.chunks[0];
+        let map = self.shard(&c.file)?.map.clone();
+        let buf = crate::tensor::Buf::mapped(map, c.start as usize, len).ok_or_else(|| {
+            Error::Format {
+                path: self.dir.join(&c.file),
+                msg: format!("tensor `{name}` cannot be viewed in place"),
+            }
+        })?;
+        Tensor::from_buf(buf, t.shape.as_slice())
+    }
+
     /// Checks every shard header, every chunk's bounds and checksum, and that every
     /// shard in the directory's index is readable.
     pub fn verify(&self) -> Result<VerifyReport> {
@@ -303,5 +320,8 @@ fn map_shard(path: &Path) -> Result<Shard> {
     // can give wrong bytes, which the CRC-32 of every range read then rejects.
     let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
     let header = parse_shard_header(&map, len, path)?;
-    Ok(Shard { map, header })
+    Ok(Shard {
+        map: Arc::new(map),
+        header,
+    })
 }

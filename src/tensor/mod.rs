@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use half::{bf16, f16};
 use std::fmt;
 
-pub use pool::{pool_bytes, trim_pool};
+pub use pool::{pool_bytes, trim_pool, Buf};
 
 /// Element type of a tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -167,6 +167,27 @@ impl Tensor {
             shape,
             storage: Storage::Cpu(CpuStorage::F32(pool::Buf::from_vec(data))),
         })
+    }
+
+    /// An f32 tensor over `buf` (e.g. a view of a mapped file).
+    pub fn from_buf(buf: Buf, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        if buf.as_slice().len() != shape.numel() {
+            return Err(Error::shape(
+                "Tensor::from_buf",
+                format!("{} elements for shape {shape}", shape.numel()),
+                format!("{} elements", buf.as_slice().len()),
+            ));
+        }
+        Ok(Tensor {
+            shape,
+            storage: Storage::Cpu(CpuStorage::F32(buf)),
+        })
+    }
+
+    /// Whether the elements are a view of a mapped file (not copied yet).
+    pub fn is_mapped(&self) -> bool {
+        matches!(&self.storage, Storage::Cpu(CpuStorage::F32(b)) if b.is_mapped())
     }
 
     pub fn shape(&self) -> &Shape {

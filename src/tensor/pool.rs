@@ -42,44 +42,99 @@ pub fn pool_bytes() -> usize {
         .map_or(0, |m| m.iter().map(|(len, v)| len * v.len() * 4).sum())
 }
 
-/// An f32 buffer that returns to the pool when dropped.
 /// A pooled f32 buffer, shared copy-on-write: [`Buf::share`] hands out another
 /// reference in O(1) (a checkpoint snapshot), and the first write through a shared
-/// buffer copies it, so a reader holding a share never sees later writes.
-#[derive(Debug, Default)]
-pub struct Buf(Arc<Vec<f32>>);
+/// buffer copies it, so a reader holding a share never sees later writes. A buffer can
+/// also be a read-only view of a memory-mapped file ([`Buf::mapped`]: checkpoint
+/// weights used in place, from the page cache); writing to it copies it first too.
+#[derive(Debug)]
+pub struct Buf(Inner);
+
+#[derive(Debug)]
+enum Inner {
+    Heap(Arc<Vec<f32>>),
+    Mapped {
+        map: Arc<memmap2::Mmap>,
+        /// Byte offset of the first element (4-byte aligned).
+        start: usize,
+        len: usize,
+    },
+}
+
+impl Default for Buf {
+    fn default() -> Buf {
+        Buf::from_vec(Vec::new())
+    }
+}
 
 impl Buf {
     pub fn zeroed(len: usize) -> Buf {
         match take_pooled(len) {
             Some(mut v) => {
                 crate::backend::cpu::fill(&mut v, 0.0);
-                Buf(Arc::new(v))
+                Buf::from_vec(v)
             }
-            None => Buf(Arc::new(vec![0.0; len])),
+            None => Buf::from_vec(vec![0.0; len]),
         }
     }
 
     pub fn uninit(len: usize) -> Buf {
-        Buf(Arc::new(take_pooled(len).unwrap_or_else(|| vec![0.0; len])))
+        Buf::from_vec(take_pooled(len).unwrap_or_else(|| vec![0.0; len]))
     }
 
     pub fn from_vec(v: Vec<f32>) -> Buf {
-        Buf(Arc::new(v))
+        Buf(Inner::Heap(Arc::new(v)))
+    }
+
+    /// A view of `len` little-endian f32s at byte `start` of `map`; `None` if the
+    /// range is out of bounds or unaligned (or the host is big-endian).
+    pub fn mapped(map: Arc<memmap2::Mmap>, start: usize, len: usize) -> Option<Buf> {
+        let bytes = map.get(start..start.checked_add(len.checked_mul(4)?)?)?;
+        let ok =
+            cfg!(target_endian = "little") && bytemuck::try_cast_slice::<u8, f32>(bytes).is_ok();
+        ok.then_some(Buf(Inner::Mapped { map, start, len }))
+    }
+
+    /// Whether this is a view of a mapped file (not yet copied).
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.0, Inner::Mapped { .. })
     }
 
     pub fn as_slice(&self) -> &[f32] {
-        &self.0
+        match &self.0 {
+            Inner::Heap(v) => v,
+            // alignment and bounds were checked in `mapped`
+            Inner::Mapped { map, start, len } => {
+                bytemuck::cast_slice(&map[*start..*start + *len * 4])
+            }
+        }
     }
 
-    /// Mutable access; copies the data first if the buffer is shared.
+    /// Mutable access; copies the data first if the buffer is shared or mapped.
     pub fn as_mut_slice(&mut self) -> &mut [f32] {
-        Arc::make_mut(&mut self.0).as_mut_slice()
+        if self.is_mapped() {
+            let mut owned = Buf::uninit(self.as_slice().len());
+            if let Inner::Heap(v) = &mut owned.0 {
+                Arc::make_mut(v).copy_from_slice(self.as_slice());
+            }
+            *self = owned;
+        }
+        match &mut self.0 {
+            Inner::Heap(v) => Arc::make_mut(v).as_mut_slice(),
+            Inner::Mapped { .. } => &mut [], // replaced above
+        }
     }
 
     /// Another reference to the same data (no copy).
     pub fn share(&self) -> Buf {
-        Buf(Arc::clone(&self.0))
+        Buf(match &self.0 {
+            Inner::Heap(v) => Inner::Heap(Arc::clone(v)),
+            Inner::Mapped { map, start, len } => Inner::Mapped {
+                map: Arc::clone(map),
+                start: *start,
+                len: *len,
+            },
+        })
     }
 }
 
@@ -94,8 +149,8 @@ fn take_pooled(len: usize) -> Option<Vec<f32>> {
 impl Clone for Buf {
     /// A deep copy (into a pooled buffer).
     fn clone(&self) -> Buf {
-        let mut b = Buf::uninit(self.0.len());
-        b.as_mut_slice().copy_from_slice(&self.0);
+        let mut b = Buf::uninit(self.as_slice().len());
+        b.as_mut_slice().copy_from_slice(self.as_slice());
         b
     }
 }
@@ -103,7 +158,8 @@ impl Clone for Buf {
 impl Drop for Buf {
     fn drop(&mut self) {
         // the last reference returns the memory to the pool
-        if let Some(v) = Arc::get_mut(&mut self.0) {
+        if let Inner::Heap(a) = &mut self.0 {
+            let Some(v) = Arc::get_mut(a) else { return };
             if v.len() >= MIN_POOLED && v.len() == v.capacity() {
                 give(std::mem::take(v));
             }

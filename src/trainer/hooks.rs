@@ -323,6 +323,8 @@ pub struct SaveCheckpointHook {
     /// Recorded in the checkpoint's training state.
     pub schedule: Option<LrSchedule>,
     saver: AsyncSaver,
+    /// Class names, recorded for inference.
+    pub classes: Vec<String>,
     /// Saves started (numbers each save, the same on every rank).
     saves: u64,
 }
@@ -341,6 +343,7 @@ impl SaveCheckpointHook {
             options,
             schedule: None,
             saver: AsyncSaver::default(),
+            classes: Vec::new(),
             saves: 0,
         }
     }
@@ -352,6 +355,7 @@ impl SaveCheckpointHook {
             batch: batch as u64,
             schedule: self.schedule,
             history: s.history.clone(),
+            classes: self.classes.clone(),
             ..TrainingState::default()
         };
         let name = checkpoint_name(s.engine.step_count());

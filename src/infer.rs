@@ -1,0 +1,158 @@
+//! Inference: a trained model from a checkpoint, its weights used in place (memory
+//! mapped, every byte range checksummed, no copy on the CPU path), classifying images
+//! and evaluating data sets. Any checkpoint works, whatever layout it was saved under.
+
+use crate::autograd::{Graph, ParamStore};
+use crate::checkpoint::Checkpoint;
+use crate::data::{Dataset, Loader, Sampler, MEAN, STD};
+use crate::error::{Error, Result};
+use crate::metrics::ConfusionMatrix;
+use crate::nn::{ForwardCtx, Vit};
+use crate::tensor::Tensor;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A model ready to classify.
+pub struct Classifier {
+    pub model: Vit,
+    params: ParamStore,
+    /// Class names (from the checkpoint; the class indices when it has none).
+    pub classes: Vec<String>,
+    pub dir: PathBuf,
+}
+
+/// One class of a prediction.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Scored {
+    pub index: usize,
+    pub class: String,
+    pub probability: f32,
+}
+
+impl Classifier {
+    /// Loads the model of checkpoint `dir`: every weight present with its shape (the
+    /// first that is not is named), viewed in place where it is stored as one F32
+    /// chunk (read into memory otherwise).
+    pub fn load(dir: &Path) -> Result<Classifier> {
+        let ckpt = Checkpoint::open(dir)?;
+        let cfg = ckpt.index.model.clone();
+        let mut params = ParamStore::new();
+        let model = Vit::new(&cfg, &mut params, 0)?;
+        for p in params.iter_mut() {
+            let Some(entry) = ckpt.index.tensors.get(&p.name) else {
+                return Err(Error::Format {
+                    path: dir.to_path_buf(),
+                    msg: format!("the checkpoint has no `{}` for its model", p.name),
+                });
+            };
+            if entry.shape.as_slice() != p.value.dims() {
+                return Err(Error::Format {
+                    path: dir.to_path_buf(),
+                    msg: format!(
+                        "`{}` has shape {:?} in the checkpoint but {:?} in its model",
+                        p.name,
+                        entry.shape,
+                        p.value.dims()
+                    ),
+                });
+            }
+            p.value = match ckpt.view(&p.name) {
+                Ok(t) => t,
+                Err(_) => ckpt.read(&p.name)?.to_dtype(crate::tensor::DType::F32),
+            };
+        }
+        // the initial values just replaced go back to the system
+        crate::tensor::trim_pool();
+        let classes = match &ckpt.index.training.classes {
+            c if c.len() == cfg.num_classes => c.clone(),
+            _ => (0..cfg.num_classes).map(|i| i.to_string()).collect(),
+        };
+        Ok(Classifier {
+            model,
+            params,
+            classes,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Whether every weight is a view of the checkpoint's files (no copy).
+    pub fn weights_in_place(&self) -> bool {
+        self.params.iter().all(|p| p.value.is_mapped())
+    }
+
+    /// Class probabilities `[b, classes]` of normalised images `[b, 3, 32, 32]`.
+    pub fn probabilities(&mut self, images: Tensor) -> Result<Tensor> {
+        let b = images.dims().first().copied().unwrap_or(0);
+        let mut g = Graph::new(&mut self.params);
+        let logits = self.model.forward(&mut g, images, &ForwardCtx::eval(b))?;
+        let logits = g.value(logits);
+        let c = logits.shape().last();
+        let mut p = logits.to_vec_f32();
+        for row in p.chunks_mut(c) {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
+            for v in row.iter_mut() {
+                *v = (((*v - max) as f64).exp() / sum) as f32;
+            }
+        }
+        Tensor::from_vec(p, [b, c])
+    }
+
+    /// The `k` most probable classes of each image, most probable first.
+    pub fn top_k(&mut self, images: Tensor, k: usize) -> Result<Vec<Vec<Scored>>> {
+        let probs = self.probabilities(images)?;
+        let c = probs.shape().last();
+        Ok(probs
+            .f32s()?
+            .chunks(c)
+            .map(|row| {
+                let mut order: Vec<usize> = (0..c).collect();
+                order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+                order
+                    .into_iter()
+                    .take(k)
+                    .map(|i| Scored {
+                        index: i,
+                        class: self.classes[i].clone(),
+                        probability: row[i],
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// The confusion matrix of the model on a data set, in batches of `batch`
+    /// (loaded on background threads; the model runs on every core).
+    pub fn evaluate(&mut self, data: Dataset, batch: usize) -> Result<ConfusionMatrix> {
+        let classes = self.model.config.num_classes;
+        if data.classes.len() != classes {
+            return Err(Error::Config(format!(
+                "the data has {} classes ({}) but the checkpoint's model {classes}",
+                data.classes.len(),
+                data.classes.join(", ")
+            )));
+        }
+        let n = data.len();
+        let loader = Loader::new(Arc::new(data), Sampler::new(n, false, 0), batch)?;
+        let mut confusion = ConfusionMatrix::new(classes);
+        for b in loader.epoch(0) {
+            let b = b?;
+            let probs = self.probabilities(b.images)?;
+            let predictions = crate::engine::argmax_rows(&probs)?;
+            confusion.add(&b.labels, &predictions);
+        }
+        Ok(confusion)
+    }
+}
+
+/// Images from files (PNG/JPEG, any size: the shorter side resized to 32, then the
+/// centre cropped, as the image-folder reader does), normalised as in training:
+/// `[n, 3, 32, 32]`. The first file that cannot be read or decoded is named.
+pub fn load_images(paths: &[PathBuf]) -> Result<Tensor> {
+    let mut out = Vec::with_capacity(paths.len() * 3 * 32 * 32);
+    for p in paths {
+        let img = crate::data::folder::load_image(p)?;
+        crate::data::transforms::normalize_into(&img, &MEAN, &STD, &mut out);
+    }
+    Tensor::from_vec(out, [paths.len(), 3, 32, 32])
+}

@@ -1,0 +1,216 @@
+//! `ferrovit infer` and `ferrovit eval`: predictions equal the training engine's,
+//! weights are used in place, checkpoints of any layout work, and bad inputs are clear
+//! errors with nothing printed as a result.
+
+mod common;
+
+use common::{ferrovit, temp_dir, TINY};
+use ferrovit::checkpoint::{LoadOptions, INDEX};
+use ferrovit::data::{default_data_dir, Dataset};
+use ferrovit::engine::{Engine, TrainConfig};
+use ferrovit::infer::{load_images, Classifier};
+use std::path::{Path, PathBuf};
+
+/// Trains a model (`TINY` by default) for one epoch into `out`.
+fn train(out: &Path, flags: &[&str]) -> PathBuf {
+    let o = out.to_str().unwrap();
+    let flags = if flags.is_empty() { &TINY[..] } else { flags };
+    let (ok, _, err) = ferrovit(&[&["train", "--epochs", "1", "--out", o], flags].concat());
+    assert!(ok, "{err}");
+    out.join("checkpoints")
+}
+
+/// The first `n` digits test images, written as PNGs of other sizes.
+fn pngs(dir: &Path, n: usize) -> (Vec<PathBuf>, Vec<usize>) {
+    let (_, test) = Dataset::cifar_dir(&default_data_dir()).unwrap();
+    let mut paths = Vec::new();
+    for i in 0..n {
+        let px = &test.images[i * 3072..(i + 1) * 3072];
+        let img = image::RgbImage::from_fn(32, 32, |x, y| {
+            let at = (y * 32 + x) as usize;
+            image::Rgb([px[at], px[1024 + at], px[2048 + at]])
+        });
+        // an integer upscale keeps the picture after the resize back to 32
+        let big = image::imageops::resize(&img, 64, 64, image::imageops::FilterType::Nearest);
+        let p = dir.join(format!("digit{i}.png"));
+        big.save(&p).unwrap();
+        paths.push(p);
+    }
+    let labels = test.labels[..n].iter().map(|&l| l as usize).collect();
+    (paths, labels)
+}
+
+#[test]
+fn predictions_and_accuracy_match_the_training_engine() {
+    let out = temp_dir("infer");
+    let root = train(&out, &[]);
+    let newest = ferrovit::checkpoint::newest(&root).unwrap().unwrap();
+    let mut model = Classifier::load(&newest).unwrap();
+    assert!(
+        model.weights_in_place(),
+        "weights are views of the shard files"
+    );
+    assert_eq!(model.classes.len(), 10);
+    // a view has the stored values; writing to it copies it, never the file
+    let ckpt = ferrovit::checkpoint::Checkpoint::open(&newest).unwrap();
+    let stored = ckpt.read("head.weight").unwrap().to_vec_f32();
+    let mut view = ckpt.view("head.weight").unwrap();
+    assert!(view.is_mapped());
+    assert_eq!(view.to_vec_f32(), stored);
+    let other = view.share();
+    view.f32s_mut().unwrap()[0] += 1.0;
+    assert!(!view.is_mapped() && other.is_mapped());
+    assert_eq!(other.to_vec_f32(), stored, "another view is unchanged");
+    assert_eq!(ckpt.read("head.weight").unwrap().to_vec_f32(), stored);
+
+    // the same images through the engine that trained the model
+    let (paths, _) = pngs(&out, 8);
+    let images = load_images(&paths).unwrap();
+    let cfg = model.model.config.clone();
+    let mut engine = Engine::new(&cfg, TrainConfig::default()).unwrap();
+    engine
+        .load_checkpoint(&newest, LoadOptions::default())
+        .unwrap();
+    let (_, want) = engine.eval_batch(images.clone(), &[0; 8]).unwrap();
+    let top = model.top_k(images, 3).unwrap();
+    let got: Vec<usize> = top.iter().map(|t| t[0].index).collect();
+    assert_eq!(got, want, "top-1 classes equal the engine's predictions");
+    for t in &top {
+        assert!(t[0].probability >= t[1].probability && t[1].probability >= t[2].probability);
+        assert!(t.iter().all(|s| (0.0..=1.0).contains(&s.probability)));
+    }
+
+    // the CLI prints the same, for every image, in order
+    let ckpt = root.to_str().unwrap();
+    let args: Vec<&str> = paths.iter().map(|p| p.to_str().unwrap()).collect();
+    let (ok, stdout, err) = ferrovit(&[&["infer", "--ckpt", ckpt, "--json"], &args[..]].concat());
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    for (k, item) in v.as_array().unwrap().iter().enumerate() {
+        assert_eq!(item["image"], args[k]);
+        assert_eq!(item["top"][0]["index"], want[k]);
+        assert_eq!(item["top"].as_array().unwrap().len(), 3);
+    }
+    let (ok, stdout, _) =
+        ferrovit(&[&["infer", "--ckpt", ckpt, "--top-k", "1"], &args[..2]].concat());
+    assert!(ok && stdout.lines().count() == 2, "{stdout}");
+
+    // eval's accuracy is the run's last test accuracy (same model, same test set)
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    let (ok, stdout, err) = ferrovit(&["eval", "--ckpt", ckpt, "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let acc = v["accuracy"].as_f64().unwrap();
+    assert!(
+        (acc - last["test_acc"].as_f64().unwrap()).abs() < 1e-9,
+        "{acc} vs {last}"
+    );
+    assert_eq!(v["images"], 360);
+    assert_eq!(v["confusion"].as_array().unwrap().len(), 10);
+    let (ok, stdout, _) = ferrovit(&["eval", "--ckpt", ckpt]);
+    assert!(ok && stdout.contains("accuracy") && stdout.contains("confusion matrix"));
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
+fn a_checkpoint_saved_under_a_parallel_layout_classifies_the_same() {
+    let out = temp_dir("infer-layout");
+    let model = ["--dim", "32", "--depth", "2", "--mlp-dim", "32"];
+    let single = train(&out.join("single"), &model);
+    let parallel = train(
+        &out.join("parallel"),
+        &[&model[..], &["--dp", "2", "--pp", "2"]].concat(),
+    );
+    let (paths, _) = pngs(&out, 6);
+    let predict = |root: &Path| {
+        let dir = ferrovit::checkpoint::newest(root).unwrap().unwrap();
+        let mut m = Classifier::load(&dir).unwrap();
+        let top = m.top_k(load_images(&paths).unwrap(), 1).unwrap();
+        top.iter().map(|t| t[0].index).collect::<Vec<_>>()
+    };
+    assert_eq!(predict(&parallel), predict(&single));
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
+fn bad_inputs_are_clear_errors_and_print_no_result() {
+    let out = temp_dir("infer-bad");
+    let root = train(&out, &[]);
+    let (paths, _) = pngs(&out, 1);
+    let good = paths[0].to_str().unwrap();
+    let ckpt = root.to_str().unwrap();
+    let text = out.join("notes.txt");
+    std::fs::write(&text, "not an image").unwrap();
+    let broken = out.join("broken.png");
+    let mut bytes = std::fs::read(good).unwrap();
+    bytes.truncate(bytes.len() / 2);
+    std::fs::write(&broken, bytes).unwrap();
+    // a corrupted copy of the checkpoint: one flipped byte in a weight
+    let corrupt = out.join("corrupt");
+    let newest = ferrovit::checkpoint::newest(&root).unwrap().unwrap();
+    std::fs::create_dir_all(&corrupt).unwrap();
+    for e in std::fs::read_dir(&newest).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, corrupt.join(p.file_name().unwrap())).unwrap();
+    }
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(corrupt.join(INDEX)).unwrap()).unwrap();
+    let chunk = &index["tensors"]["head.weight"]["chunks"][0];
+    let shard = corrupt.join(chunk["file"].as_str().unwrap());
+    let mut data = std::fs::read(&shard).unwrap();
+    data[chunk["start"].as_u64().unwrap() as usize + 8] ^= 0x40;
+    std::fs::write(&shard, data).unwrap();
+    // a data set with 3 classes for a 10-class model
+    let three = out.join("three");
+    for split in ["train", "test"] {
+        for class in ["a", "b", "c"] {
+            let d = three.join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::copy(good, d.join("x.png")).unwrap();
+        }
+    }
+    let corrupt_s = corrupt.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, String)> = vec![
+        (
+            vec!["infer", "--ckpt", "/nonexistent/ckpt", good],
+            "/nonexistent/ckpt".into(),
+        ),
+        (
+            vec!["infer", "--ckpt", corrupt_s, good],
+            "checksum mismatch".into(),
+        ),
+        (
+            vec!["infer", "--ckpt", ckpt, good, text.to_str().unwrap()],
+            "notes.txt".into(),
+        ),
+        (
+            vec!["infer", "--ckpt", ckpt, broken.to_str().unwrap()],
+            "broken.png".into(),
+        ),
+        (
+            vec!["infer", "--ckpt", ckpt, "--top-k", "0", good],
+            "--top-k".into(),
+        ),
+        (
+            vec!["eval", "--ckpt", corrupt_s],
+            "checksum mismatch".into(),
+        ),
+        (
+            vec!["eval", "--ckpt", ckpt, "--data", three.to_str().unwrap()],
+            "3 classes".into(),
+        ),
+        // a directory that is no checkpoint (nor holds one)
+        (
+            vec!["eval", "--ckpt", three.to_str().unwrap()],
+            INDEX.into(),
+        ),
+    ];
+    for (args, want) in cases {
+        let (ok, stdout, err) = ferrovit(&args);
+        assert!(!ok, "{args:?} succeeded");
+        assert!(err.contains(&want), "{args:?}: {err}");
+        assert!(stdout.is_empty(), "{args:?} printed a result: {stdout}");
+    }
+    std::fs::remove_dir_all(out).unwrap();
+}

@@ -37,7 +37,7 @@ impl Classifier {
         let ckpt = Checkpoint::open(dir)?;
         let cfg = ckpt.index.model.clone();
         let mut params = ParamStore::new();
-        let model = Vit::new(&cfg, &mut params, 0)?;
+        let model = Vit::skeleton(&cfg, &mut params)?;
         for p in params.iter_mut() {
             let Some(entry) = ckpt.index.tensors.get(&p.name) else {
                 return Err(Error::Format {
@@ -61,8 +61,6 @@ impl Classifier {
                 Err(_) => ckpt.read(&p.name)?.to_dtype(crate::tensor::DType::F32),
             };
         }
-        // the initial values just replaced go back to the system
-        crate::tensor::trim_pool();
         let classes = match &ckpt.index.training.classes {
             c if c.len() == cfg.num_classes => c.clone(),
             _ => (0..cfg.num_classes).map(|i| i.to_string()).collect(),

@@ -16,6 +16,29 @@ use crate::error::Result;
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 
+/// Where initial parameter values come from: a seeded random stream (training), or
+/// zeros that are never touched (a model whose values a checkpoint replaces at once:
+/// the zeros cost no time and no resident memory).
+pub struct Init(Option<Rng>);
+
+impl Init {
+    pub fn random(seed: u64) -> Init {
+        Init(Some(Rng::new(seed)))
+    }
+
+    pub fn zeros() -> Init {
+        Init(None)
+    }
+
+    /// `n` values drawn with `f` (or zeros).
+    pub fn vec(&mut self, n: usize, f: impl FnMut(&mut Rng) -> f32) -> Vec<f32> {
+        match &mut self.0 {
+            Some(rng) => rng.vec(n, f),
+            None => vec![0.0; n],
+        }
+    }
+}
+
 /// `y = x Wᵀ + b`, weight `[out, in…]`.
 #[derive(Clone, Debug)]
 pub struct Linear {
@@ -29,14 +52,14 @@ impl Linear {
         store: &mut ParamStore,
         prefix: &str,
         weight_dims: &[usize],
-        rng: &mut Rng,
+        init: &mut Init,
     ) -> Result<Self> {
         let out = weight_dims[0];
         let fan_in: usize = weight_dims[1..].iter().product();
         let bound = 1.0 / (fan_in as f32).sqrt();
         let n = out * fan_in;
-        let w = Tensor::from_vec(rng.vec(n, |r| r.uniform(-bound, bound)), weight_dims)?;
-        let b = Tensor::from_vec(rng.vec(out, |r| r.uniform(-bound, bound)), [out])?;
+        let w = Tensor::from_vec(init.vec(n, |r| r.uniform(-bound, bound)), weight_dims)?;
+        let b = Tensor::from_vec(init.vec(out, |r| r.uniform(-bound, bound)), [out])?;
         Ok(Linear {
             weight: store.add(format!("{prefix}.weight"), w)?,
             bias: store.add(format!("{prefix}.bias"), b)?,
@@ -91,11 +114,11 @@ impl Attention {
         prefix: &str,
         dim: usize,
         heads: usize,
-        rng: &mut Rng,
+        init: &mut Init,
     ) -> Result<Self> {
         Ok(Attention {
-            qkv: Linear::new(store, &format!("{prefix}.qkv"), &[3 * dim, dim], rng)?,
-            proj: Linear::new(store, &format!("{prefix}.proj"), &[dim, dim], rng)?,
+            qkv: Linear::new(store, &format!("{prefix}.qkv"), &[3 * dim, dim], init)?,
+            proj: Linear::new(store, &format!("{prefix}.proj"), &[dim, dim], init)?,
             heads,
         })
     }
@@ -114,11 +137,11 @@ impl Mlp {
         prefix: &str,
         dim: usize,
         hidden: usize,
-        rng: &mut Rng,
+        init: &mut Init,
     ) -> Result<Self> {
         Ok(Mlp {
-            fc1: Linear::new(store, &format!("{prefix}.fc1"), &[hidden, dim], rng)?,
-            fc2: Linear::new(store, &format!("{prefix}.fc2"), &[dim, hidden], rng)?,
+            fc1: Linear::new(store, &format!("{prefix}.fc1"), &[hidden, dim], init)?,
+            fc2: Linear::new(store, &format!("{prefix}.fc2"), &[dim, hidden], init)?,
         })
     }
 }

@@ -1,10 +1,9 @@
 //! The Vision Transformer and its named presets.
 
-use super::{Attention, LayerNorm, Linear, Mlp};
+use super::{Attention, Init, LayerNorm, Linear, Mlp};
 use crate::autograd::{Activation, Graph, ParamId, ParamStore, Var};
 use crate::backend::DropoutKey;
 use crate::error::{Error, Result};
-use crate::rng::Rng;
 use crate::tensor::Tensor;
 use std::sync::Arc;
 
@@ -229,6 +228,21 @@ impl Vit {
         seed: u64,
         part: Part,
     ) -> Result<Vit> {
+        Vit::build(config, store, &mut Init::random(seed), part)
+    }
+
+    /// The whole model with zero parameters that take no memory until written: for a
+    /// caller that replaces every value at once (loading a checkpoint for inference).
+    pub fn skeleton(config: &VitConfig, store: &mut ParamStore) -> Result<Vit> {
+        Vit::build(config, store, &mut Init::zeros(), Part::whole(config.depth))
+    }
+
+    fn build(
+        config: &VitConfig,
+        store: &mut ParamStore,
+        rng: &mut Init,
+        part: Part,
+    ) -> Result<Vit> {
         config.validate()?;
         let c = config;
         if part.blocks.end > c.depth || (part.head && part.blocks.is_empty()) {
@@ -237,7 +251,6 @@ impl Vit {
                 part.blocks, c.depth
             )));
         }
-        let mut rng = Rng::new(seed);
         let d = c.dim;
         // The store a component goes to: the real one if this part holds it.
         fn to<'a>(
@@ -258,7 +271,7 @@ impl Vit {
             s,
             "patch_embed.proj",
             &[d, c.in_channels, c.patch_size, c.patch_size],
-            &mut rng,
+            rng,
         )?;
         let cls = Tensor::from_vec(rng.vec(d, |r| r.normal() * 1e-6), [1, 1, d])?;
         let cls_token = s.add("cls_token", cls)?;
@@ -279,15 +292,15 @@ impl Vit {
             let p = format!("blocks.{i}");
             let block = Block {
                 norm1: LayerNorm::new(s, &format!("{p}.norm1"), d, c.layernorm_eps)?,
-                attn: Attention::new(s, &format!("{p}.attn"), d, c.heads, &mut rng)?,
+                attn: Attention::new(s, &format!("{p}.attn"), d, c.heads, rng)?,
                 norm2: LayerNorm::new(s, &format!("{p}.norm2"), d, c.layernorm_eps)?,
-                mlp: Mlp::new(s, &format!("{p}.mlp"), d, c.mlp_dim, &mut rng)?,
+                mlp: Mlp::new(s, &format!("{p}.mlp"), d, c.mlp_dim, rng)?,
             };
             blocks.push(own.then_some(block));
         }
         let s = to(part.head, store, &mut scratch);
         let norm = LayerNorm::new(s, "norm", d, c.layernorm_eps)?;
-        let head = Linear::new(s, "head", &[c.num_classes, d], &mut rng)?;
+        let head = Linear::new(s, "head", &[c.num_classes, d], rng)?;
         Ok(Vit {
             config: c.clone(),
             part: part.clone(),

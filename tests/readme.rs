@@ -98,6 +98,50 @@ fn flags(text: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// The subcommands, each with the nested subcommands whose options it gathers.
+const SUBCOMMANDS: [(&str, &[&str]); 8] = [
+    ("train", &[]),
+    ("launch", &[]),
+    ("infer", &[]),
+    ("eval", &[]),
+    ("bench", &[]),
+    ("presets", &[]),
+    ("data", &["cifar10"]),
+    ("ckpt", &["inspect", "verify", "list", "export", "import"]),
+];
+
+/// The options `ferrovit <sub> [nested] --help` lists (not flags in its prose).
+fn help_flags(sub: &str, nested: &[&str]) -> BTreeSet<String> {
+    let paths: Vec<Vec<&str>> = if nested.is_empty() {
+        vec![vec![sub]]
+    } else {
+        nested.iter().map(|n| vec![sub, n]).collect()
+    };
+    let mut all = BTreeSet::new();
+    for path in paths {
+        let help = Command::new(env!("CARGO_BIN_EXE_ferrovit"))
+            .args(&path)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(help.status.success(), "{path:?} --help");
+        let options: String = String::from_utf8_lossy(&help.stdout)
+            .lines()
+            .filter(|l| l.trim_start().starts_with('-'))
+            .map(|l| {
+                l.split("  ")
+                    .find(|p| !p.trim().is_empty())
+                    .unwrap_or("")
+                    .to_string()
+                    + "\n"
+            })
+            .collect();
+        all.extend(flags(&options));
+    }
+    all.remove("--help");
+    all
+}
+
 #[test]
 fn the_synopsis_lists_every_flag_of_every_subcommand() {
     let text = readme();
@@ -117,32 +161,66 @@ fn the_synopsis_lists_every_flag_of_every_subcommand() {
             last.1.push_str(line);
         }
     }
-    let bin = env!("CARGO_BIN_EXE_ferrovit");
-    for sub in ["train", "launch", "infer", "eval", "bench"] {
+    for (sub, nested) in SUBCOMMANDS {
         let documented: BTreeSet<String> = synopsis
             .iter()
             .filter(|(s, _)| s == sub)
             .flat_map(|(_, l)| flags(l))
             .collect();
-        let help = Command::new(bin).args([sub, "--help"]).output().unwrap();
-        assert!(help.status.success());
-        // the options list: lines that start with a flag (not the prose above it)
-        let options: String = String::from_utf8_lossy(&help.stdout)
-            .lines()
-            .filter(|l| l.trim_start().starts_with('-'))
-            .map(|l| {
-                l.split("  ")
-                    .find(|p| !p.trim().is_empty())
-                    .unwrap_or("")
-                    .to_string()
-                    + "\n"
-            })
-            .collect();
-        let mut actual = flags(&options);
-        actual.remove("--help");
+        assert!(
+            synopsis.iter().any(|(s, _)| s == sub),
+            "`ferrovit {sub}` is not in the synopsis"
+        );
         assert_eq!(
-            documented, actual,
+            documented,
+            help_flags(sub, nested),
             "`ferrovit {sub}`: README synopsis vs --help"
         );
     }
+}
+
+/// Every `ferrovit …` invocation anywhere in the README (code blocks and inline code)
+/// uses only flags its subcommand has.
+#[test]
+fn every_invocation_in_the_readme_uses_real_flags() {
+    let text = readme();
+    let mut checked = 0;
+    for piece in text.split('`').flat_map(str::lines) {
+        let Some(at) = piece.find("ferrovit ") else {
+            continue;
+        };
+        let rest = &piece[at + "ferrovit ".len()..];
+        let Some(sub) = rest.split_whitespace().next() else {
+            continue;
+        };
+        let Some((_, nested)) = SUBCOMMANDS.iter().find(|(s, _)| *s == sub) else {
+            continue;
+        };
+        // `launch … -- train …`: the part after `--` belongs to train
+        let (own, inner) = match rest.split_once(" -- ") {
+            Some((a, b)) => (a, Some(b)),
+            None => (rest, None),
+        };
+        let known = help_flags(sub, nested);
+        for f in flags(own) {
+            assert!(
+                known.contains(&f),
+                "README: `{}` uses {f}, which `ferrovit {sub}` does not have",
+                piece.trim()
+            );
+        }
+        if let Some(inner) = inner {
+            let inner_sub = inner.split_whitespace().next().unwrap_or_default();
+            let known = help_flags(inner_sub, &[]);
+            for f in flags(inner) {
+                assert!(
+                    known.contains(&f),
+                    "README: `{}` uses {f}, which `ferrovit {inner_sub}` does not have",
+                    piece.trim()
+                );
+            }
+        }
+        checked += 1;
+    }
+    assert!(checked > 10, "found only {checked} invocations");
 }

@@ -13,6 +13,7 @@ pub mod dist;
 pub mod engine;
 pub mod error;
 pub mod infer;
+pub mod kernels;
 pub mod launch;
 pub mod metrics;
 pub mod nn;

@@ -86,13 +86,7 @@ impl Classifier {
         let logits = g.value(logits);
         let c = logits.shape().last();
         let mut p = logits.to_vec_f32();
-        for row in p.chunks_mut(c) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
-            for v in row.iter_mut() {
-                *v = (((*v - max) as f64).exp() / sum) as f32;
-            }
-        }
+        crate::backend::cpu::simd::softmax_rows(&mut p, c, 1.0);
         Tensor::from_vec(p, [b, c])
     }
 

@@ -1,23 +1,78 @@
-// LayerNorm forward over rows of `dim` f32 values: one warp per row, sums by warp
-// shuffles; writes y, and the mean and 1/std of each row for the backward pass.
-// (First kernel of the CUDA backend, issue 6: compiled and resource-checked by CI; its
-// conformance test against the CPU backend comes with the host emulation.)
+// LayerNorm over rows of `d` f32 values (the CPU backend's ops::layernorm and
+// layernorm_backward). One warp per row for the forward pass and the input gradient
+// (block 128 = 4 rows, grid ceil(rows / 4)); the parameter gradients are column sums,
+// done deterministically in two passes: per-chunk partials here, then reduce.cu's
+// add_column_partials_f32.
+#include "common.cuh"
+
+// y = (x - mean) * rstd * gamma + beta; saves mean and rstd per row.
 extern "C" __global__ void layernorm_forward_f32(const float* __restrict__ x, const float* __restrict__ gamma,
     const float* __restrict__ beta, float* __restrict__ y, float* __restrict__ mean_out,
-    float* __restrict__ rstd_out, int rows, int dim, float eps) {
+    float* __restrict__ rstd_out, int rows, int d, float eps) {
   int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   int lane = threadIdx.x % 32;
   if (row >= rows) return;
-  const float* xr = x + (long)row * dim;
+  const float* xr = x + (long)row * d;
   float s = 0.f;
-  for (int i = lane; i < dim; i += 32) s += xr[i];
-  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
-  float m = s / dim;
+  for (int i = lane; i < d; i += 32) s += xr[i];
+  float m = fv_warp_sum(s) / d;
   float v = 0.f;
-  for (int i = lane; i < dim; i += 32) { float d = xr[i] - m; v += d * d; }
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-  float r = rsqrtf(v / dim + eps);
-  float* yr = y + (long)row * dim;
-  for (int i = lane; i < dim; i += 32) yr[i] = (xr[i] - m) * r * gamma[i] + beta[i];
+  for (int i = lane; i < d; i += 32) { float c = xr[i] - m; v += c * c; }
+  float r = 1.f / sqrtf(fv_warp_sum(v) / d + eps);
+  float* yr = y + (long)row * d;
+  for (int i = lane; i < d; i += 32) yr[i] = (xr[i] - m) * r * gamma[i] + beta[i];
   if (lane == 0) { mean_out[row] = m; rstd_out[row] = r; }
+}
+
+// dx += rstd * (g dy - mean(g dy) - xhat * mean(g dy xhat)), xhat = (x - mean) * rstd.
+extern "C" __global__ void layernorm_backward_dx_f32(const float* __restrict__ dy, const float* __restrict__ x,
+    const float* __restrict__ gamma, const float* __restrict__ mean, const float* __restrict__ rstd,
+    float* __restrict__ dx, int rows, int d) {
+  int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  long off = (long)row * d;
+  float mu = mean[row], rs = rstd[row];
+  float sg = 0.f, sgx = 0.f;
+  for (int i = lane; i < d; i += 32) {
+    float g = gamma[i] * dy[off + i];
+    sg += g;
+    sgx += g * (x[off + i] - mu) * rs;
+  }
+  sg = fv_warp_sum(sg) / d;
+  sgx = fv_warp_sum(sgx) / d;
+  for (int i = lane; i < d; i += 32) {
+    float xhat = (x[off + i] - mu) * rs;
+    dx[off + i] += rs * (gamma[i] * dy[off + i] - sg - xhat * sgx);
+  }
+}
+
+// Partial dgamma (dy * xhat) and dbeta (dy) column sums of one chunk of rows:
+// grid (ceil(d / 32), chunks), block (32, 8); partial is [2][chunks][d] (gamma, then beta).
+extern "C" __global__ void layernorm_param_grad_partial_f32(const float* __restrict__ dy,
+    const float* __restrict__ x, const float* __restrict__ mean, const float* __restrict__ rstd,
+    float* __restrict__ partial, int rows, int d, int rows_per_chunk) {
+  __shared__ float sg[8][33];
+  __shared__ float sb[8][33];
+  int col = blockIdx.x * 32 + threadIdx.x;
+  int start = blockIdx.y * rows_per_chunk;
+  int end = min(rows, start + rows_per_chunk);
+  float ag = 0.f, ab = 0.f;
+  if (col < d) {
+    for (int r = start + threadIdx.y; r < end; r += 8) {
+      float g = dy[(long)r * d + col];
+      ag += g * (x[(long)r * d + col] - mean[r]) * rstd[r];
+      ab += g;
+    }
+  }
+  sg[threadIdx.y][threadIdx.x] = ag;
+  sb[threadIdx.y][threadIdx.x] = ab;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < d) {
+    float tg = 0.f, tb = 0.f;
+    for (int k = 0; k < 8; k++) { tg += sg[k][threadIdx.x]; tb += sb[k][threadIdx.x]; }
+    long chunks = gridDim.y;
+    partial[(long)blockIdx.y * d + col] = tg;
+    partial[(chunks + blockIdx.y) * d + col] = tb;
+  }
 }

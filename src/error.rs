@@ -33,6 +33,8 @@ pub enum Error {
     NonFinite { step: u64, value: f32 },
     #[error("autograd: {0}")]
     Graph(String),
+    #[error("{0}")]
+    Device(String),
     #[error("communication: {0}")]
     Comm(String),
     /// An error already formatted with its file (kept by a cache that outlives it).

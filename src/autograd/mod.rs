@@ -400,7 +400,7 @@ impl<'a> Graph<'a> {
             dim: d3 / 3,
             heads,
         };
-        let mut probs = self.out(&[b, heads, queries, t]);
+        let mut probs = self.out(&[self.backend.attention_saved_len(dims)]);
         let mut out = self.out(&[b, queries, d3 / 3]);
         self.backend.attention(v, dims, &mut probs, &mut out)?;
         let needs = self.needs(qkv);

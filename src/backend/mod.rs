@@ -6,6 +6,7 @@
 //! Gradient outputs accumulate (`+=`) unless a doc comment says otherwise.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::error::Result;
 use crate::tensor::{Device, Tensor};
@@ -83,6 +84,12 @@ pub trait Backend: Send + Sync {
         dcls: &mut Tensor,
         dpos: &mut Tensor,
     ) -> Result<()>;
+    /// Elements attention saves for its backward pass (`probs` below): the CPU keeps
+    /// the probabilities `[b, heads, queries, tokens]`, the CUDA kernels only each
+    /// row's log-sum-exp and recompute the rest.
+    fn attention_saved_len(&self, d: AttnDims) -> usize {
+        d.batch * d.heads * d.queries * d.tokens
+    }
     /// Multi-head attention over packed qkv (overwrites `probs` and `out`).
     fn attention(
         &self,
@@ -146,5 +153,6 @@ pub trait Backend: Send + Sync {
 pub fn for_device(device: Device) -> &'static dyn Backend {
     match device {
         Device::Cpu => &cpu::CpuBackend,
+        Device::Cuda(id) => &cuda::get(id).backend,
     }
 }

@@ -7,11 +7,13 @@
 
 mod pool;
 
+use crate::backend::cuda::{DevBuf, GpuId};
 use crate::error::{Error, Result};
 use half::{bf16, f16};
 use std::fmt;
 
 pub use pool::{pool_bytes, trim_pool, Buf};
+use std::sync::Arc;
 
 /// Element type of a tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -56,6 +58,17 @@ impl fmt::Display for DType {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Device {
     Cpu,
+    /// A CUDA device opened with [`Device::cuda`] or [`Device::cuda_emulated`].
+    Cuda(GpuId),
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(id) => id.fmt(f),
+        }
+    }
 }
 
 /// Dimensions of a row-major tensor.
@@ -114,12 +127,21 @@ pub enum CpuStorage {
 #[derive(Clone, Debug)]
 pub enum Storage {
     Cpu(CpuStorage),
+    /// f32 elements in device memory, shared copy-on-write between clones.
+    Cuda(Arc<DevBuf>),
 }
 
 #[derive(Clone, Debug)]
 pub struct Tensor {
     shape: Shape,
     storage: Storage,
+}
+
+fn on_device(op: &'static str, b: &DevBuf) -> Error {
+    Error::Device(format!(
+        "{op}: the tensor is on {}; copy it to the cpu with to_device(Device::Cpu)",
+        Device::Cuda(b.id)
+    ))
 }
 
 impl Tensor {
@@ -131,6 +153,11 @@ impl Tensor {
                 storage: Storage::Cpu(CpuStorage::F32(pool::Buf::zeroed(shape.numel()))),
                 shape,
             },
+            Device::Cuda(_) => {
+                let mut t = Tensor::uninit(shape, device);
+                t.fill(0.0);
+                t
+            }
         }
     }
 
@@ -142,6 +169,10 @@ impl Tensor {
         match device {
             Device::Cpu => Tensor {
                 storage: Storage::Cpu(CpuStorage::F32(pool::Buf::uninit(shape.numel()))),
+                shape,
+            },
+            Device::Cuda(id) => Tensor {
+                storage: Storage::Cuda(Arc::new(DevBuf::new(id, shape.numel() * 4))),
                 shape,
             },
         }
@@ -202,6 +233,7 @@ impl Tensor {
     pub fn device(&self) -> Device {
         match &self.storage {
             Storage::Cpu(_) => Device::Cpu,
+            Storage::Cuda(b) => Device::Cuda(b.id),
         }
     }
     pub fn dtype(&self) -> DType {
@@ -209,6 +241,7 @@ impl Tensor {
             Storage::Cpu(CpuStorage::F32(_)) => DType::F32,
             Storage::Cpu(CpuStorage::BF16(_)) => DType::BF16,
             Storage::Cpu(CpuStorage::F16(_)) => DType::F16,
+            Storage::Cuda(_) => DType::F32,
         }
     }
     pub fn storage(&self) -> &Storage {
@@ -233,6 +266,7 @@ impl Tensor {
     pub fn f32s(&self) -> Result<&[f32]> {
         match &self.storage {
             Storage::Cpu(CpuStorage::F32(b)) => Ok(b.as_slice()),
+            Storage::Cuda(b) => Err(on_device("f32s", b)),
             _ => Err(self.dtype_error("f32s")),
         }
     }
@@ -240,6 +274,7 @@ impl Tensor {
     pub fn f32s_mut(&mut self) -> Result<&mut [f32]> {
         match &mut self.storage {
             Storage::Cpu(CpuStorage::F32(b)) => Ok(b.as_mut_slice()),
+            Storage::Cuda(b) => Err(on_device("f32s_mut", b)),
             other => Err(Error::DType {
                 op: "f32s_mut",
                 expected: "F32",
@@ -259,9 +294,16 @@ impl Tensor {
         }
     }
 
-    /// A copy of the elements as f32, whatever the storage dtype.
+    /// A copy of the elements as f32, whatever the storage dtype or device.
+    ///
+    /// # Panics
+    /// If copying from a device fails (use [`Tensor::to_device`] to handle that).
     pub fn to_vec_f32(&self) -> Vec<f32> {
         match &self.storage {
+            Storage::Cuda(_) => match self.to_device(Device::Cpu) {
+                Ok(t) => t.to_vec_f32(),
+                Err(e) => panic!("{e}"),
+            },
             Storage::Cpu(CpuStorage::F32(b)) => b.as_slice().to_vec(),
             Storage::Cpu(CpuStorage::BF16(v)) => v.iter().map(|x| x.to_f32()).collect(),
             Storage::Cpu(CpuStorage::F16(v)) => v.iter().map(|x| x.to_f32()).collect(),
@@ -311,6 +353,9 @@ impl Tensor {
     pub fn write_le_bytes(&self, out: &mut Vec<u8>) {
         out.clear();
         match &self.storage {
+            Storage::Cuda(_) => self
+                .to_device(Device::Cpu)
+                .map_or_else(|e| panic!("{e}"), |t| t.write_le_bytes(out)),
             Storage::Cpu(CpuStorage::F32(b)) if cfg!(target_endian = "little") => {
                 out.extend_from_slice(bytemuck::cast_slice(b.as_slice()))
             }
@@ -362,11 +407,79 @@ impl Tensor {
     /// Sets every element (f32 tensors; a no-op error-free call on others is a bug, so
     /// they are converted in place to f32 first).
     pub fn fill(&mut self, value: f32) {
+        if let Device::Cuda(id) = self.device() {
+            if let Err(e) = crate::backend::cuda::get(id).backend.fill(self, value) {
+                panic!("{e}");
+            }
+            return;
+        }
         if self.dtype() != DType::F32 {
             *self = self.to_dtype(DType::F32);
         }
         if let Ok(s) = self.f32s_mut() {
             crate::backend::cpu::fill(s, value);
+        }
+    }
+
+    /// A copy on `device` (the same tensor when it is there already).
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        if device == self.device() {
+            return Ok(self.clone());
+        }
+        let host = match &self.storage {
+            Storage::Cuda(b) => {
+                let mut v = vec![0.0f32; self.numel()];
+                crate::backend::cuda::get(b.id)
+                    .gpu
+                    .download(b.ptr, bytemuck::cast_slice_mut(&mut v))?;
+                Tensor::from_vec(v, self.shape.clone())?
+            }
+            Storage::Cpu(_) => self.to_dtype(DType::F32),
+        };
+        match device {
+            Device::Cpu => Ok(host),
+            Device::Cuda(id) => {
+                let t = Tensor {
+                    storage: Storage::Cuda(Arc::new(DevBuf::new(id, self.numel() * 4))),
+                    shape: self.shape.clone(),
+                };
+                if let Storage::Cuda(b) = &t.storage {
+                    crate::backend::cuda::get(id)
+                        .gpu
+                        .upload(b.ptr, bytemuck::cast_slice(host.f32s()?))?;
+                }
+                Ok(t)
+            }
+        }
+    }
+
+    /// The device address of a CUDA tensor's elements.
+    pub fn cuda_ptr(&self) -> Result<u64> {
+        match &self.storage {
+            Storage::Cuda(b) => Ok(b.ptr),
+            Storage::Cpu(_) => Err(Error::Device(format!(
+                "a tensor of shape {} is on the cpu where a CUDA tensor was expected",
+                self.shape
+            ))),
+        }
+    }
+
+    /// The device address of a CUDA tensor's elements for writing: a buffer shared
+    /// with another tensor is copied first (copy-on-write).
+    pub fn cuda_ptr_mut(&mut self) -> Result<u64> {
+        let bytes = self.numel() * 4;
+        match &mut self.storage {
+            Storage::Cuda(b) => {
+                if Arc::strong_count(b) > 1 {
+                    let fresh = DevBuf::new(b.id, bytes);
+                    crate::backend::cuda::get(b.id)
+                        .gpu
+                        .copy(fresh.ptr, b.ptr, bytes)?;
+                    *b = Arc::new(fresh);
+                }
+                Ok(b.ptr)
+            }
+            Storage::Cpu(_) => self.cuda_ptr(),
         }
     }
 

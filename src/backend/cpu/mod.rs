@@ -236,7 +236,7 @@ impl Backend for CpuBackend {
         probs: &mut Tensor,
         out: &mut Tensor,
     ) -> Result<()> {
-        check_attn(dims, qkv, probs, out)?;
+        check_attn(dims, self.attention_saved_len(dims), qkv, probs, out)?;
         attention::attention(qkv.f32s()?, dims, probs.f32s_mut()?, out.f32s_mut()?);
         Ok(())
     }
@@ -249,7 +249,7 @@ impl Backend for CpuBackend {
         dims: AttnDims,
         dqkv: &mut Tensor,
     ) -> Result<()> {
-        check_attn(dims, qkv, probs, dout)?;
+        check_attn(dims, self.attention_saved_len(dims), qkv, probs, dout)?;
         if dqkv.numel() != qkv.numel() {
             return Err(Error::shape(
                 "attention_backward",
@@ -410,7 +410,13 @@ impl Backend for CpuBackend {
 }
 
 /// Checks attention geometry and buffer sizes before the kernel's raw-pointer work.
-fn check_attn(d: AttnDims, qkv: &Tensor, probs: &Tensor, out: &Tensor) -> Result<()> {
+pub(crate) fn check_attn(
+    d: AttnDims,
+    saved: usize,
+    qkv: &Tensor,
+    probs: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
     if d.heads == 0 || !d.dim.is_multiple_of(d.heads) {
         return Err(Error::Config(format!(
             "dim {} is not divisible by {} heads",
@@ -423,7 +429,7 @@ fn check_attn(d: AttnDims, qkv: &Tensor, probs: &Tensor, out: &Tensor) -> Result
     }
     for (what, have, want) in [
         ("qkv", qkv.numel(), b * t * 3 * c),
-        ("probs", probs.numel(), b * d.heads * q * t),
+        ("saved", probs.numel(), saved),
         ("out", out.numel(), b * q * c),
     ] {
         if have != want {

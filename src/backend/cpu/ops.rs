@@ -275,7 +275,7 @@ pub struct DropoutKey {
     pub site: u64,
 }
 
-fn sample_base(key: DropoutKey, sample: u64) -> u64 {
+pub(crate) fn sample_base(key: DropoutKey, sample: u64) -> u64 {
     mix64(mix64(mix64(key.seed) ^ key.site.wrapping_mul(0x9e37_79b9_7f4a_7c15)) ^ sample)
 }
 

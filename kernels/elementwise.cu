@@ -1,0 +1,149 @@
+// Elementwise f32 kernels of the ViT op set (the CPU backend's ops.rs / simd.rs): fills,
+// adds, scaling, bias+GELU and its backward, dropout, cls-token selection, patchify and
+// the token embedding. All are 1-D grid-stride loops (block 256, any grid), so the
+// launcher may pick any grid size; indices are 64-bit.
+#include "common.cuh"
+
+// A product that is never fused with a following add (nvcc contracts a*b+c into an FMA by
+// default; the CPU backend never does), so results round exactly as on the CPU.
+#ifdef FV_EMULATION
+static inline float ew_mul_rn(float a, float b) { return a * b; }
+#else
+static __device__ __forceinline__ float ew_mul_rn(float a, float b) { return __fmul_rn(a, b); }
+#endif
+
+// grid-stride, block 256: x[i] = v
+extern "C" __global__ void fill_f32(float* __restrict__ x, float v, long n) {
+  for (long i = fv_global_id(); i < n; i += fv_grid_stride()) x[i] = v;
+}
+
+// grid-stride, block 256: out[i] = bias[i % d] (every row of [n/d, d] set to bias)
+extern "C" __global__ void fill_rows_f32(float* __restrict__ out, const float* __restrict__ bias, long n, int d) {
+  for (long i = fv_global_id(); i < n; i += fv_grid_stride()) out[i] = bias[i % d];
+}
+
+// grid-stride, block 256: out = a + b
+extern "C" __global__ void add_f32(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ out,
+                                   long n) {
+  for (long i = fv_global_id(); i < n; i += fv_grid_stride()) out[i] = a[i] + b[i];
+}
+
+// grid-stride, block 256: dst += src
+extern "C" __global__ void add_assign_f32(float* __restrict__ dst, const float* __restrict__ src, long n) {
+  for (long i = fv_global_id(); i < n; i += fv_grid_stride()) dst[i] += src[i];
+}
+
+// grid-stride, block 256: x *= s
+extern "C" __global__ void scale_f32(float* __restrict__ x, float s, long n) {
+  for (long i = fv_global_id(); i < n; i += fv_grid_stride()) x[i] *= s;
+}
+
+// grid-stride, block 256: pre[i] += bias[i % d]; out[i] = gelu(pre[i])
+extern "C" __global__ void bias_gelu_f32(float* __restrict__ pre, const float* __restrict__ bias,
+                                         float* __restrict__ out, long n, int d) {
+  for (long i = fv_global_id(); i < n; i += fv_grid_stride()) {
+    float p = pre[i] + bias[i % d];
+    pre[i] = p;
+    out[i] = fv_gelu(p);
+  }
+}
+
+// grid-stride, block 256: dpre = dy * gelu'(pre) (overwrites dpre)
+extern "C" __global__ void gelu_backward_f32(const float* __restrict__ dy, const float* __restrict__ pre,
+                                             float* __restrict__ dpre, long n) {
+  for (long i = fv_global_id(); i < n; i += fv_grid_stride()) dpre[i] = dy[i] * fv_gelu_grad(pre[i]);
+}
+
+// grid-stride, block 256: inverted dropout (the CPU's dropout_sample). Element i is
+// element e = i % per of sample s = i / per; it is kept iff 16-bit lane e % 4 of
+// mix64(bases[s] ^ (e / 4)) is >= threshold; m = x * (kept ? scale : 0).
+// mode 0: out = m; mode 1: out += m; mode 2: out = residual + m (residual null otherwise).
+extern "C" __global__ void dropout_f32(const float* __restrict__ x, const float* __restrict__ residual,
+                                       float* __restrict__ out, const unsigned long long* __restrict__ bases,
+                                       long per, long n, unsigned threshold, float scale, int mode) {
+  for (long i = fv_global_id(); i < n; i += fv_grid_stride()) {
+    long s = i / per;
+    long e = i - s * per;
+    unsigned long long h = fv_mix64(bases[s] ^ (unsigned long long)(e >> 2));
+    unsigned lane16 = (unsigned)((h >> (16 * (e & 3))) & 0xffffull);
+    // x * 0 as on the CPU (keeps NaN/inf visible and the sign of zero).
+    float m = ew_mul_rn(x[i], lane16 >= threshold ? scale : 0.f);
+    if (mode == 0) {
+      out[i] = m;
+    } else if (mode == 1) {
+      out[i] += m;
+    } else {
+      out[i] = residual[i] + m;
+    }
+  }
+}
+
+// grid-stride over n = rows * d, block 256: out[r, :] = x[r * stride_rows, :]
+extern "C" __global__ void select_rows_f32(const float* __restrict__ x, float* __restrict__ out, long n, int d,
+                                           int stride_rows) {
+  for (long i = fv_global_id(); i < n; i += fv_grid_stride()) {
+    long r = i / d;
+    long k = i - r * d;
+    out[i] = x[r * stride_rows * d + k];
+  }
+}
+
+// grid-stride over n = rows * d, block 256: dx[r * stride_rows, :] += dout[r, :]
+extern "C" __global__ void select_rows_backward_f32(const float* __restrict__ dout, float* __restrict__ dx, long n,
+                                                    int d, int stride_rows) {
+  for (long i = fv_global_id(); i < n; i += fv_grid_stride()) {
+    long r = i / d;
+    long k = i - r * d;
+    dx[r * stride_rows * d + k] += dout[i];
+  }
+}
+
+// grid-stride over the b*(h/p)*(w/p)*c*p*p outputs (= b*c*h*w), block 256: images
+// [b, c, h, w] to patches [b, (h/p)*(w/p), c*p*p], patch grid row-major, each patch
+// flattened in (channel, dy, dx) order.
+extern "C" __global__ void patchify_f32(const float* __restrict__ img, float* __restrict__ out, int b, int c, int h,
+                                        int w, int p) {
+  const int gh = h / p, gw = w / p;
+  const long pp = (long)p * p;
+  const long plen = (long)c * pp;
+  const long per_img = (long)gh * gw * plen;
+  const long n = (long)b * per_img;
+  for (long i = fv_global_id(); i < n; i += fv_grid_stride()) {
+    long img_i = i / per_img;
+    long rem = i - img_i * per_img;
+    long pi = rem / plen;
+    long q = rem - pi * plen;
+    long ch = q / pp;
+    long q2 = q - ch * pp;
+    long dy = q2 / p;
+    long dx = q2 - dy * p;
+    long py = pi / gw;
+    long px = pi - py * gw;
+    out[i] = img[((img_i * c + ch) * h + py * p + dy) * w + px * p + dx];
+  }
+}
+
+// grid-stride over b*t*d, block 256: out[n,0,:] = cls + pos[0,:];
+// out[n,1+l,:] = patches[n,l,:] + pos[1+l,:] (patches is [b, t-1, d]); overwrites.
+extern "C" __global__ void embed_f32(const float* __restrict__ patches, const float* __restrict__ cls,
+                                     const float* __restrict__ pos, float* __restrict__ out, int b, int t, int d) {
+  const long td = (long)t * d;
+  const long n = (long)b * td;
+  for (long i = fv_global_id(); i < n; i += fv_grid_stride()) {
+    long img_i = i / td;
+    long rem = i - img_i * td; // = tok * d + k
+    float s = rem < d ? cls[rem] : patches[img_i * (td - d) + rem - d];
+    out[i] = s + pos[rem];
+  }
+}
+
+// grid-stride over b*(t-1)*d, block 256: dpatches[n,l,:] += dout[n,1+l,:]
+extern "C" __global__ void embed_backward_patches_f32(const float* __restrict__ dout, float* __restrict__ dpatches,
+                                                      int b, int t, int d) {
+  const long per = (long)(t - 1) * d;
+  const long n = (long)b * per;
+  for (long i = fv_global_id(); i < n; i += fv_grid_stride()) {
+    long img_i = i / per;
+    dpatches[i] += dout[i + (img_i + 1) * (long)d];
+  }
+}

@@ -1,0 +1,51 @@
+// Softmax cross-entropy with label smoothing (PyTorch's F.cross_entropy(..., label_smoothing
+// = eps)), fused with its gradient: the CPU backend's ops.rs cross_entropy, one warp per row,
+// with the log-sum-exp, mean logit and softmax in f64 as there.
+#include "common.cuh"
+
+// grid ceil(b/4), block 128 (one warp per row, any multiple of 32 works):
+// row_loss[r] = (1-eps)*(lse - z[y]) + eps*(lse - mean z);
+// dlogits[r,k] = (softmax_k - (eps/c + (k==y ? 1-eps : 0))) / b (overwrite).
+// A label outside [0, c) gives a NaN row loss (its gradient row has no 1-eps term).
+extern "C" __global__ void cross_entropy_f32(const float* __restrict__ logits, const int* __restrict__ labels,
+                                             float* __restrict__ dlogits, float* __restrict__ row_loss, int b, int c,
+                                             float eps) {
+  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row < b) { // whole warps take the same branch, and there is no __syncthreads
+    const float* z = logits + (long)row * c;
+    float* dz = dlogits + (long)row * c;
+    const int y = labels[row];
+
+    float m = -INFINITY;
+    for (int k = lane; k < c; k += 32) m = fmaxf(m, z[k]);
+    m = fv_warp_max(m);
+
+    double sum_exp = 0.0, sum_z = 0.0;
+    for (int k = lane; k < c; k += 32) {
+      float v = z[k];
+      sum_exp += exp((double)(v - m));
+      sum_z += (double)v;
+    }
+    sum_exp = fv_warp_sum_f64(sum_exp);
+    sum_z = fv_warp_sum_f64(sum_z);
+    const double lse = (double)m + log(sum_exp);
+    const double mean_z = sum_z / (double)c;
+
+    const bool valid = y >= 0 && y < c;
+    if (lane == 0) {
+      double zy = valid ? (double)z[y] : (double)NAN;
+      double e = (double)eps;
+      row_loss[row] = (float)((1.0 - e) * (lse - zy) + e * (lse - mean_z));
+    }
+
+    const float smooth = eps / (float)c;
+    const float hit = 1.f - eps;
+    const float fb = (float)b;
+    for (int k = lane; k < c; k += 32) {
+      float p = (float)exp((double)z[k] - lse);
+      float q = smooth + (k == y ? hit : 0.f);
+      dz[k] = (p - q) / fb;
+    }
+  }
+}

@@ -1,0 +1,60 @@
+// Deterministic reductions (no float atomics on global memory): column sums of a row-major
+// matrix in two passes (per-chunk partials, then an in-order sum of the partials), and
+// the per-block f64 sums of squares for global-norm clipping.
+#include "common.cuh"
+
+// grid (ceil(cols/32), ceil(rows/rows_per_chunk)), block (32, 8) (blockDim.y <= 32):
+// partial[by*cols + j] = sum of x[r*ld + j] over rows r of chunk by (overwrite). The
+// threads of one column take interleaved rows, then thread y = 0 adds their sums in y order.
+extern "C" __global__ void column_sums_f32(const float* __restrict__ x, float* __restrict__ partial, int rows,
+                                           int cols, long ld, int rows_per_chunk) {
+  __shared__ float sums[32][33];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int j = blockIdx.x * 32 + tx;
+  const long r0 = (long)blockIdx.y * rows_per_chunk;
+  long r1 = r0 + rows_per_chunk;
+  if (r1 > rows) r1 = rows;
+  float acc = 0.f;
+  if (j < cols) {
+    for (long r = r0 + ty; r < r1; r += blockDim.y) acc += x[r * ld + j];
+  }
+  sums[ty][tx] = acc;
+  __syncthreads();
+  if (ty == 0 && j < cols) {
+    float s = sums[0][tx];
+    for (int k = 1; k < (int)blockDim.y; ++k) s += sums[k][tx];
+    partial[(long)blockIdx.y * cols + j] = s;
+  }
+}
+
+// grid-stride over j < cols, block 256: out[j] += (partial[0*cols+j] + partial[1*cols+j] + ...)
+// (the partials summed in chunk order, then added to out).
+extern "C" __global__ void add_column_partials_f32(const float* __restrict__ partial, float* __restrict__ out,
+                                                   int chunks, int cols) {
+  for (long j = fv_global_id(); j < cols; j += fv_grid_stride()) {
+    float s = 0.f;
+    for (int c = 0; c < chunks; ++c) s += partial[(long)c * cols + j];
+    out[j] += s;
+  }
+}
+
+// grid g (<= 1024), block 256 (any multiple of 32 up to 1024): partial[blockIdx.x] = sum of
+// x[i]^2 in f64 over the block's grid-stride elements (the host adds the g partials).
+extern "C" __global__ void sum_squares_f32(const float* __restrict__ x, long n, double* __restrict__ partial) {
+  __shared__ double warp_sums[32];
+  double acc = 0.0;
+  for (long i = fv_global_id(); i < n; i += fv_grid_stride()) {
+    double v = (double)x[i];
+    acc += v * v;
+  }
+  acc = fv_warp_sum_f64(acc);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) warp_sums[warp] = acc;
+  __syncthreads();
+  if (warp == 0) {
+    const int warps = blockDim.x / 32;
+    double s = lane < warps ? warp_sums[lane] : 0.0;
+    s = fv_warp_sum_f64(s);
+    if (lane == 0) partial[blockIdx.x] = s;
+  }
+}

@@ -1,0 +1,247 @@
+//! [`Gpu`] on a real NVIDIA GPU through cudarc (dynamically loaded: a machine without
+//! CUDA builds and runs the CPU backend, and `--device cuda` fails with a clear error).
+//! Kernels come from the cubin build.rs embedded (PTX, JIT-compiled by the driver,
+//! when the GPU is not sm_90); GEMMs are cuBLAS. Everything runs on one stream;
+//! uploads and downloads wait for it.
+
+use super::{Arg, Gemm, Gpu, Launch};
+use crate::error::{Error, Result};
+use cudarc::cublas::{result as blas, sys as blas_sys};
+use cudarc::driver::{result as cu, sys, CudaContext, CudaStream};
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::{Arc, Mutex};
+
+pub struct DriverGpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    modules: Vec<sys::CUmodule>,
+    functions: Mutex<HashMap<&'static str, (sys::CUfunction, u32)>>,
+    blas: blas_sys::cublasHandle_t,
+    name: String,
+}
+
+// SAFETY: the raw module, function and cuBLAS handles are only used with the context
+// bound to the calling thread, and cuBLAS calls are serialised by the stream's order
+// (a handle may be shared between threads that do not call it concurrently; the
+// backend's callers hold the tensors they pass exclusively).
+unsafe impl Send for DriverGpu {}
+unsafe impl Sync for DriverGpu {}
+
+fn driver_error(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Device(format!("CUDA: {what}: {e:?}"))
+}
+
+impl DriverGpu {
+    pub fn open(ordinal: usize) -> Result<DriverGpu> {
+        if !crate::kernels::BUILT {
+            return Err(Error::Device(
+                "this ferrovit was built without CUDA kernels (no nvcc at build time): run \
+                 scripts/install-cuda.sh and rebuild, or use --device cpu"
+                    .into(),
+            ));
+        }
+        // SAFETY: only probes for the library; loading it is cudarc's business.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(Error::Device(
+                "no CUDA driver found (libcuda.so could not be loaded): --device cuda needs an \
+                 NVIDIA GPU with its driver; use --device cpu"
+                    .into(),
+            ));
+        }
+        let count = CudaContext::device_count().map_err(|e| driver_error("counting devices", e))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::Device(format!(
+                "no CUDA device {ordinal}: this machine has {count}"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| driver_error("creating a context", e))?;
+        let stream = ctx.default_stream();
+        let mut modules = Vec::new();
+        for (name, ptx, cubin) in crate::kernels::MODULES {
+            // SAFETY: the context is bound; the images are valid cubin / NUL-terminated PTX.
+            let module = unsafe { cu::module::load_data(cubin.as_ptr() as *const c_void) }
+                .or_else(|_| {
+                    let src = CString::new(*ptx).map_err(|e| driver_error(name, e))?;
+                    unsafe { cu::module::load_data(src.as_ptr() as *const c_void) }
+                        .map_err(|e| driver_error(&format!("loading kernels/{name}.cu"), e))
+                })?;
+            modules.push(module);
+        }
+        let blas =
+            blas::create_handle().map_err(|e| driver_error("creating a cuBLAS handle", e))?;
+        // SAFETY: both handles are live.
+        unsafe { blas::set_stream(blas, stream.cu_stream() as _) }
+            .map_err(|e| driver_error("binding cuBLAS to the stream", e))?;
+        let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
+        Ok(DriverGpu {
+            ctx,
+            stream,
+            modules,
+            functions: Mutex::new(HashMap::new()),
+            blas,
+            name: format!("{name} (cuda:{ordinal})"),
+        })
+    }
+
+    fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| driver_error("binding the context", e))
+    }
+
+    /// The kernel's function handle, looked up once; raises its dynamic shared memory
+    /// limit when a launch needs more than the default 48 KiB.
+    fn function(&self, name: &'static str, shared: u32) -> Result<sys::CUfunction> {
+        let mut functions = self
+            .functions
+            .lock()
+            .map_err(|_| Error::Device("CUDA function table poisoned".into()))?;
+        let entry = match functions.get(name) {
+            Some(&e) => e,
+            None => {
+                let c = CString::new(name).map_err(|e| driver_error(name, e))?;
+                let f = self
+                    .modules
+                    .iter()
+                    // SAFETY: every module is loaded and live.
+                    .find_map(|&m| unsafe { cu::module::get_function(m, c.clone()) }.ok())
+                    .ok_or_else(|| {
+                        Error::Device(format!(
+                            "CUDA: no kernel named {name} in the embedded modules"
+                        ))
+                    })?;
+                functions.insert(name, (f, 48 << 10));
+                (f, 48 << 10)
+            }
+        };
+        if shared > entry.1 {
+            // SAFETY: `f` is a live function handle.
+            unsafe {
+                cu::function::set_function_attribute(
+                    entry.0,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    shared as i32,
+                )
+            }
+            .map_err(|e| {
+                driver_error(
+                    &format!("kernel {name} needs {shared} bytes of shared memory"),
+                    e,
+                )
+            })?;
+            functions.insert(name, (entry.0, shared));
+        }
+        Ok(entry.0)
+    }
+}
+
+impl Gpu for DriverGpu {
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<u64> {
+        self.bind()?;
+        // SAFETY: stream-ordered allocation on our live stream.
+        unsafe { cu::malloc_async(self.stream.cu_stream(), bytes) }
+            .map_err(|e| driver_error(&format!("allocating {bytes} bytes"), e))
+    }
+
+    fn free(&self, ptr: u64) {
+        if self.bind().is_ok() {
+            // SAFETY: `ptr` came from `alloc`; freeing is ordered after its last use.
+            let _ = unsafe { cu::free_async(ptr, self.stream.cu_stream()) };
+        }
+    }
+
+    fn upload(&self, dst: u64, src: &[u8]) -> Result<()> {
+        self.bind()?;
+        // SAFETY: `dst` holds at least `src.len()` bytes (the backend sizes buffers);
+        // the host slice outlives the copy because we wait for the stream.
+        unsafe { cu::memcpy_htod_async(dst, src, self.stream.cu_stream()) }
+            .map_err(|e| driver_error("copying to the device", e))?;
+        self.synchronize()
+    }
+
+    fn download(&self, src: u64, dst: &mut [u8]) -> Result<()> {
+        self.bind()?;
+        // SAFETY: as for upload.
+        unsafe { cu::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }
+            .map_err(|e| driver_error("copying from the device", e))?;
+        self.synchronize()
+    }
+
+    fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        self.bind()?;
+        // SAFETY: both ranges are live device buffers of at least `bytes`.
+        unsafe { cu::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }
+            .map_err(|e| driver_error("copying on the device", e))
+    }
+
+    fn launch(&self, l: &Launch, args: &[Arg]) -> Result<()> {
+        self.bind()?;
+        let f = self.function(l.kernel, l.shared)?;
+        let mut slots: Vec<u64> = args.iter().map(Arg::bits).collect();
+        let mut params: Vec<*mut c_void> = slots
+            .iter_mut()
+            .map(|s| s as *mut u64 as *mut c_void)
+            .collect();
+        // SAFETY: one slot per kernel parameter, each holding the value in its low bytes
+        // (the signatures in kernels/*.cu take pointers, 32/64-bit ints and floats).
+        unsafe {
+            cu::launch_kernel(
+                f,
+                (l.grid[0], l.grid[1], l.grid[2]),
+                (l.block[0], l.block[1], l.block[2]),
+                l.shared,
+                self.stream.cu_stream(),
+                &mut params,
+            )
+        }
+        .map_err(|e| driver_error(&format!("launching {}", l.kernel), e))
+    }
+
+    fn gemm(&self, g: &Gemm) -> Result<()> {
+        self.bind()?;
+        let (m, n, k) = g.mnk;
+        let dim = |v: usize| {
+            i32::try_from(v).map_err(|_| Error::Config(format!("GEMM size {v} too large")))
+        };
+        let op = |t: bool| {
+            if t {
+                blas_sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                blas_sys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        // Row-major C = op(A) op(B) is column-major Cᵀ = op(B)ᵀ op(A)ᵀ.
+        let (alpha, beta) = (1.0f32, if g.accumulate { 1.0f32 } else { 0.0 });
+        // SAFETY: the backend checked every operand's size against (m, n, k).
+        unsafe {
+            blas::sgemm(
+                self.blas,
+                op(g.tb),
+                op(g.ta),
+                dim(n)?,
+                dim(m)?,
+                dim(k)?,
+                &alpha,
+                g.b as *const f32,
+                dim(if g.tb { k } else { n })?,
+                g.a as *const f32,
+                dim(if g.ta { m } else { k })?,
+                &beta,
+                g.c as *mut f32,
+                dim(n)?,
+            )
+        }
+        .map_err(|e| driver_error("cuBLAS sgemm", e))
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| driver_error("synchronizing", e))
+    }
+}

@@ -1,0 +1,198 @@
+//! The CUDA backend: the hand-written kernels of kernels/*.cu, launched through one
+//! narrow layer, [`Gpu`], with two implementations — [`driver::DriverGpu`] (cudarc on a
+//! real GPU, PTX/cubin embedded by build.rs, cuBLAS for GEMMs) and [`emu::EmuGpu`] (the
+//! same kernel sources compiled for the host, the CPU GEMM). Everything above the
+//! layer — buffers, launch geometry, the kernel sequence — is shared, so the tests run
+//! the whole GPU training path on a machine without a GPU.
+
+pub mod driver;
+pub mod emu;
+mod ops;
+
+use crate::error::{Error, Result};
+use crate::tensor::Device;
+use std::fmt;
+use std::sync::{Arc, Mutex, OnceLock};
+
+pub use ops::CudaBackend;
+
+/// One kernel argument, passed by value as cuLaunchKernel expects.
+#[derive(Clone, Copy, Debug)]
+pub enum Arg {
+    /// A device address (0 for a null pointer).
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    U32(u32),
+    F32(f32),
+}
+
+impl Arg {
+    /// The argument's bytes in the low end of an 8-byte slot (little-endian).
+    pub fn bits(&self) -> u64 {
+        match *self {
+            Arg::Ptr(p) => p,
+            Arg::I32(v) => v as u32 as u64,
+            Arg::I64(v) => v as u64,
+            Arg::U32(v) => v as u64,
+            Arg::F32(v) => v.to_bits() as u64,
+        }
+    }
+}
+
+/// A kernel launch: which kernel, its geometry and dynamic shared memory in bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct Launch {
+    pub kernel: &'static str,
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub shared: u32,
+}
+
+/// `c (+)= op(a) · op(b)`, row-major f32, `(m, n, k)` as in [`crate::backend::Backend::matmul`].
+#[derive(Clone, Copy, Debug)]
+pub struct Gemm {
+    pub c: u64,
+    pub a: u64,
+    pub ta: bool,
+    pub b: u64,
+    pub tb: bool,
+    pub mnk: (usize, usize, usize),
+    pub accumulate: bool,
+}
+
+/// What the backend needs from a device: memory, copies, kernel launches, GEMMs. All
+/// work is ordered on one stream; downloads wait for it.
+pub trait Gpu: Send + Sync {
+    fn describe(&self) -> String;
+    fn alloc(&self, bytes: usize) -> Result<u64>;
+    fn free(&self, ptr: u64);
+    fn upload(&self, dst: u64, src: &[u8]) -> Result<()>;
+    fn download(&self, src: u64, dst: &mut [u8]) -> Result<()>;
+    fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()>;
+    fn launch(&self, launch: &Launch, args: &[Arg]) -> Result<()>;
+    fn gemm(&self, gemm: &Gemm) -> Result<()>;
+    fn synchronize(&self) -> Result<()>;
+}
+
+/// Names a CUDA device opened in this process (see [`Device::cuda`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GpuId(u16);
+
+/// An opened device: its implementation and the backend that computes on it.
+pub struct CudaDevice {
+    pub label: String,
+    pub gpu: Arc<dyn Gpu>,
+    pub backend: CudaBackend,
+}
+
+fn registry() -> &'static Mutex<Vec<(String, &'static CudaDevice)>> {
+    static DEVICES: OnceLock<Mutex<Vec<(String, &'static CudaDevice)>>> = OnceLock::new();
+    DEVICES.get_or_init(|| Mutex::new(Vec::new()))
+}
+
+/// The device registered under `key`, opened by `open` the first time (devices live
+/// for the whole process, like a CUDA context).
+fn device(key: &str, open: impl FnOnce() -> Result<Arc<dyn Gpu>>) -> Result<Device> {
+    let mut devices = registry()
+        .lock()
+        .map_err(|_| Error::Device("the device table was poisoned by a panic".into()))?;
+    if let Some(i) = devices.iter().position(|(k, _)| k == key) {
+        return Ok(Device::Cuda(GpuId(i as u16)));
+    }
+    let gpu = open()?;
+    let id = GpuId(devices.len() as u16);
+    let dev: &'static CudaDevice = Box::leak(Box::new(CudaDevice {
+        label: key.to_string(),
+        backend: CudaBackend::new(gpu.clone(), Device::Cuda(id)),
+        gpu,
+    }));
+    devices.push((key.to_string(), dev));
+    Ok(Device::Cuda(id))
+}
+
+/// The opened device `id` names.
+pub fn get(id: GpuId) -> &'static CudaDevice {
+    let devices = registry().lock().unwrap_or_else(|e| e.into_inner());
+    // A GpuId is only made by `device`, after registering: the index exists.
+    devices[id.0 as usize].1
+}
+
+impl Device {
+    /// GPU `ordinal` through the CUDA driver; a clear error when there is no driver,
+    /// no such GPU, or the kernels were not compiled into this build.
+    pub fn cuda(ordinal: usize) -> Result<Device> {
+        device(&format!("cuda:{ordinal}"), || {
+            Ok(Arc::new(driver::DriverGpu::open(ordinal)?) as Arc<dyn Gpu>)
+        })
+    }
+
+    /// The emulated CUDA device: the same kernels, run on the CPU (for tests).
+    pub fn cuda_emulated() -> Device {
+        device("cuda-emu", || {
+            Ok(Arc::new(emu::EmuGpu::default()) as Arc<dyn Gpu>)
+        })
+        .expect("opening the emulated device cannot fail")
+    }
+
+    /// `cpu`, `cuda`, `cuda:N` or `cuda-emu` (opening the device).
+    pub fn parse(s: &str) -> Result<Device> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Device::cuda(0),
+            "cuda-emu" => Ok(Device::cuda_emulated()),
+            _ => match s.strip_prefix("cuda:").map(str::parse) {
+                Some(Ok(n)) => Device::cuda(n),
+                _ => Err(Error::Config(format!(
+                    "unknown device `{s}` (expected cpu, cuda, cuda:N or cuda-emu)"
+                ))),
+            },
+        }
+    }
+}
+
+impl fmt::Display for GpuId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&get(*self).label)
+    }
+}
+
+/// Device memory owned by a tensor; freed on drop.
+pub struct DevBuf {
+    gpu: Arc<dyn Gpu>,
+    pub id: GpuId,
+    pub ptr: u64,
+    pub bytes: usize,
+}
+
+impl DevBuf {
+    /// `bytes` of device memory with unspecified contents (NaN on the emulated device).
+    ///
+    /// # Panics
+    /// When the device is out of memory: like a failed host allocation, there is no
+    /// sensible way to continue a training step.
+    pub fn new(id: GpuId, bytes: usize) -> DevBuf {
+        let gpu = get(id).gpu.clone();
+        let ptr = gpu
+            .alloc(bytes.max(4))
+            .unwrap_or_else(|e| panic!("{e} (device {id}: try a smaller --batch-size or model)"));
+        DevBuf {
+            gpu,
+            id,
+            ptr,
+            bytes,
+        }
+    }
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        self.gpu.free(self.ptr);
+    }
+}
+
+impl fmt::Debug for DevBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DevBuf({:#x}, {} bytes)", self.ptr, self.bytes)
+    }
+}

@@ -1,0 +1,709 @@
+//! [`Backend`] on a CUDA device: each op is a kernel sequence with fixed launch
+//! geometry, the same on a GPU and on the emulated device.
+
+use super::{Arg, Gemm, Gpu, Launch};
+use crate::backend::cpu::{check_attn, ops::sample_base};
+use crate::backend::{AdamStep, AttnDims, Backend, DropoutKey, DropoutMode, SgdStep};
+use crate::error::{Error, Result};
+use crate::tensor::{Device, Tensor};
+use std::sync::Arc;
+
+/// Threads per block of the 1-D (grid-stride) kernels.
+const THREADS: u32 = 256;
+/// Rows per block of the two-pass column sums.
+const ROWS_PER_CHUNK: usize = 64;
+/// Warps per block of the one-warp-per-row kernels and of attention.
+const ROW_WARPS: usize = 4;
+
+pub struct CudaBackend {
+    gpu: Arc<dyn Gpu>,
+    device: Device,
+}
+
+fn same(op: &'static str, a: usize, b: usize) -> Result<()> {
+    if a != b {
+        return Err(Error::shape(
+            op,
+            format!("{a} elements"),
+            format!("{b} elements"),
+        ));
+    }
+    Ok(())
+}
+
+fn rows_of(op: &'static str, n: usize, width: usize) -> Result<usize> {
+    if width == 0 || !n.is_multiple_of(width) {
+        return Err(Error::shape(
+            op,
+            format!("rows of width {width}"),
+            format!("{n} elements"),
+        ));
+    }
+    Ok(n / width)
+}
+
+fn int(v: usize, what: &str) -> Result<Arg> {
+    i32::try_from(v)
+        .map(Arg::I32)
+        .map_err(|_| Error::Config(format!("{what} = {v} is too large for a CUDA kernel")))
+}
+
+fn long(v: usize) -> Arg {
+    Arg::I64(v as i64)
+}
+
+impl CudaBackend {
+    pub(crate) fn new(gpu: Arc<dyn Gpu>, device: Device) -> Self {
+        CudaBackend { gpu, device }
+    }
+
+    pub fn gpu(&self) -> &dyn Gpu {
+        &*self.gpu
+    }
+
+    fn ptr(&self, t: &Tensor) -> Result<Arg> {
+        self.on_device(t)?;
+        Ok(Arg::Ptr(t.cuda_ptr()?))
+    }
+
+    fn ptr_mut(&self, t: &mut Tensor) -> Result<Arg> {
+        self.on_device(t)?;
+        Ok(Arg::Ptr(t.cuda_ptr_mut()?))
+    }
+
+    fn on_device(&self, t: &Tensor) -> Result<()> {
+        if t.device() != self.device {
+            return Err(Error::Device(format!(
+                "a tensor of shape {} is on {}, the op runs on {}",
+                t.shape(),
+                t.device(),
+                self.device
+            )));
+        }
+        Ok(())
+    }
+
+    fn launch(
+        &self,
+        kernel: &'static str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        shared: usize,
+        args: &[Arg],
+    ) -> Result<()> {
+        let launch = Launch {
+            kernel,
+            grid,
+            block,
+            shared: shared as u32,
+        };
+        self.gpu.launch(&launch, args)
+    }
+
+    /// A grid-stride kernel over `n` elements.
+    fn elementwise(&self, kernel: &'static str, n: usize, args: &[Arg]) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let blocks = n.div_ceil(THREADS as usize).min(1024) as u32;
+        self.launch(kernel, [blocks, 1, 1], [THREADS, 1, 1], 0, args)
+    }
+
+    /// A one-warp-per-row kernel over `rows` rows.
+    fn per_row(&self, kernel: &'static str, rows: usize, args: &[Arg]) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let blocks = rows.div_ceil(ROW_WARPS) as u32;
+        self.launch(
+            kernel,
+            [blocks, 1, 1],
+            [32 * ROW_WARPS as u32, 1, 1],
+            0,
+            args,
+        )
+    }
+
+    fn scratch(&self, n: usize) -> Tensor {
+        Tensor::uninit([n.max(1)], self.device)
+    }
+
+    /// `out[j] += Σ_r x[r * ld + j]` for `j < cols`, deterministically in two passes.
+    fn column_sums(&self, x: Arg, rows: usize, cols: usize, ld: usize, out: Arg) -> Result<()> {
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let chunks = rows.div_ceil(ROWS_PER_CHUNK);
+        let mut partial = self.scratch(chunks * cols);
+        let p = self.ptr_mut(&mut partial)?;
+        self.launch(
+            "column_sums_f32",
+            [cols.div_ceil(32) as u32, chunks as u32, 1],
+            [32, 8, 1],
+            0,
+            &[
+                x,
+                p,
+                int(rows, "rows")?,
+                int(cols, "columns")?,
+                long(ld),
+                int(ROWS_PER_CHUNK, "chunk")?,
+            ],
+        )?;
+        self.add_partials(p, chunks, cols, out)
+    }
+
+    fn add_partials(&self, partial: Arg, chunks: usize, cols: usize, out: Arg) -> Result<()> {
+        self.elementwise(
+            "add_column_partials_f32",
+            cols,
+            &[partial, out, int(chunks, "chunks")?, int(cols, "columns")?],
+        )
+    }
+
+    /// Sets every element of `t` to `value`.
+    pub fn fill(&self, t: &mut Tensor, value: f32) -> Result<()> {
+        let n = t.numel();
+        let x = self.ptr_mut(t)?;
+        self.elementwise("fill_f32", n, &[x, Arg::F32(value), long(n)])
+    }
+}
+
+fn offset(p: Arg, floats: usize) -> Arg {
+    match p {
+        Arg::Ptr(a) => Arg::Ptr(a + 4 * floats as u64),
+        other => other,
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn matmul(
+        &self,
+        c: &mut Tensor,
+        a: &Tensor,
+        ta: bool,
+        b: &Tensor,
+        tb: bool,
+        (m, n, k): (usize, usize, usize),
+        accumulate: bool,
+    ) -> Result<()> {
+        if a.numel() != m * k || b.numel() != k * n || c.numel() != m * n {
+            return Err(Error::shape(
+                "matmul",
+                format!("{m}x{k} · {k}x{n} -> {m}x{n}"),
+                format!("{} · {} -> {} elements", a.numel(), b.numel(), c.numel()),
+            ));
+        }
+        let (Arg::Ptr(a), Arg::Ptr(b), Arg::Ptr(c)) =
+            (self.ptr(a)?, self.ptr(b)?, self.ptr_mut(c)?)
+        else {
+            unreachable!("ptr gives pointers")
+        };
+        self.gpu.gemm(&Gemm {
+            c,
+            a,
+            ta,
+            b,
+            tb,
+            mnk: (m, n, k),
+            accumulate,
+        })
+    }
+
+    fn fill_rows(&self, out: &mut Tensor, bias: &Tensor) -> Result<()> {
+        let (n, d) = (out.numel(), bias.numel());
+        rows_of("fill_rows", n, d)?;
+        let args = [
+            self.ptr_mut(out)?,
+            self.ptr(bias)?,
+            long(n),
+            int(d, "width")?,
+        ];
+        self.elementwise("fill_rows_f32", n, &args)
+    }
+
+    fn bias_grad(&self, dy: &Tensor, db: &mut Tensor) -> Result<()> {
+        let d = db.numel();
+        let rows = rows_of("bias_grad", dy.numel(), d)?;
+        let out = self.ptr_mut(db)?;
+        self.column_sums(self.ptr(dy)?, rows, d, d, out)
+    }
+
+    fn bias_gelu(&self, pre: &mut Tensor, bias: &Tensor, out: &mut Tensor) -> Result<()> {
+        let (n, d) = (pre.numel(), bias.numel());
+        same("bias_gelu", n, out.numel())?;
+        rows_of("bias_gelu", n, d)?;
+        let args = [
+            self.ptr_mut(pre)?,
+            self.ptr(bias)?,
+            self.ptr_mut(out)?,
+            long(n),
+            int(d, "width")?,
+        ];
+        self.elementwise("bias_gelu_f32", n, &args)
+    }
+
+    fn gelu_backward(&self, dy: &Tensor, pre: &Tensor, dpre: &mut Tensor) -> Result<()> {
+        let n = dy.numel();
+        same("gelu_backward", n, pre.numel())?;
+        same("gelu_backward", n, dpre.numel())?;
+        let args = [self.ptr(dy)?, self.ptr(pre)?, self.ptr_mut(dpre)?, long(n)];
+        self.elementwise("gelu_backward_f32", n, &args)
+    }
+
+    fn layernorm(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+        y: &mut Tensor,
+        mean: &mut Tensor,
+        rstd: &mut Tensor,
+    ) -> Result<()> {
+        let d = gamma.numel();
+        let rows = rows_of("layernorm", x.numel(), d)?;
+        same("layernorm", x.numel(), y.numel())?;
+        same("layernorm", d, beta.numel())?;
+        if mean.numel() != rows || rstd.numel() != rows {
+            return Err(Error::shape(
+                "layernorm",
+                format!("{rows} row statistics"),
+                mean.numel(),
+            ));
+        }
+        let args = [
+            self.ptr(x)?,
+            self.ptr(gamma)?,
+            self.ptr(beta)?,
+            self.ptr_mut(y)?,
+            self.ptr_mut(mean)?,
+            self.ptr_mut(rstd)?,
+            int(rows, "rows")?,
+            int(d, "width")?,
+            Arg::F32(eps),
+        ];
+        self.per_row("layernorm_forward_f32", rows, &args)
+    }
+
+    fn layernorm_backward(
+        &self,
+        dy: &Tensor,
+        x: &Tensor,
+        gamma: &Tensor,
+        mean: &Tensor,
+        rstd: &Tensor,
+        dx: &mut Tensor,
+        dgamma: &mut Tensor,
+        dbeta: &mut Tensor,
+    ) -> Result<()> {
+        let d = gamma.numel();
+        let rows = rows_of("layernorm_backward", x.numel(), d)?;
+        same("layernorm_backward", dy.numel(), x.numel())?;
+        same("layernorm_backward", dx.numel(), x.numel())?;
+        same("layernorm_backward", dgamma.numel(), d)?;
+        same("layernorm_backward", dbeta.numel(), d)?;
+        if mean.numel() != rows || rstd.numel() != rows {
+            return Err(Error::shape(
+                "layernorm_backward",
+                format!("{rows} row statistics"),
+                mean.numel(),
+            ));
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let (dy, x, g, mu, rs) = (
+            self.ptr(dy)?,
+            self.ptr(x)?,
+            self.ptr(gamma)?,
+            self.ptr(mean)?,
+            self.ptr(rstd)?,
+        );
+        let (rows_a, d_a) = (int(rows, "rows")?, int(d, "width")?);
+        self.per_row(
+            "layernorm_backward_dx_f32",
+            rows,
+            &[dy, x, g, mu, rs, self.ptr_mut(dx)?, rows_a, d_a],
+        )?;
+        let chunks = rows.div_ceil(ROWS_PER_CHUNK);
+        let mut partial = self.scratch(2 * chunks * d);
+        let p = self.ptr_mut(&mut partial)?;
+        self.launch(
+            "layernorm_param_grad_partial_f32",
+            [d.div_ceil(32) as u32, chunks as u32, 1],
+            [32, 8, 1],
+            0,
+            &[dy, x, mu, rs, p, rows_a, d_a, int(ROWS_PER_CHUNK, "chunk")?],
+        )?;
+        self.add_partials(p, chunks, d, self.ptr_mut(dgamma)?)?;
+        self.add_partials(offset(p, chunks * d), chunks, d, self.ptr_mut(dbeta)?)
+    }
+
+    fn patchify(&self, images: &Tensor, patch: usize, out: &mut Tensor) -> Result<()> {
+        let &[b, c, h, w] = images.dims() else {
+            return Err(Error::shape(
+                "patchify",
+                "[batch, channels, height, width]",
+                images.shape(),
+            ));
+        };
+        if patch == 0 || h % patch != 0 || w % patch != 0 {
+            return Err(Error::shape(
+                "patchify",
+                format!("sides divisible by patch {patch}"),
+                images.shape(),
+            ));
+        }
+        out.expect_dims(
+            "patchify",
+            &[b, (h / patch) * (w / patch), c * patch * patch],
+        )?;
+        let args = [
+            self.ptr(images)?,
+            self.ptr_mut(out)?,
+            int(b, "batch")?,
+            int(c, "channels")?,
+            int(h, "height")?,
+            int(w, "width")?,
+            int(patch, "patch")?,
+        ];
+        self.elementwise("patchify_f32", images.numel(), &args)
+    }
+
+    fn embed(&self, patches: &Tensor, cls: &Tensor, pos: &Tensor, out: &mut Tensor) -> Result<()> {
+        let d = cls.numel();
+        let t = rows_of("embed", pos.numel(), d)?;
+        let b = rows_of("embed", patches.numel(), (t.max(2) - 1) * d)?;
+        same("embed", b * t * d, out.numel())?;
+        let args = [
+            self.ptr(patches)?,
+            self.ptr(cls)?,
+            self.ptr(pos)?,
+            self.ptr_mut(out)?,
+            int(b, "batch")?,
+            int(t, "tokens")?,
+            int(d, "dim")?,
+        ];
+        self.elementwise("embed_f32", b * t * d, &args)
+    }
+
+    fn embed_backward(
+        &self,
+        dout: &Tensor,
+        dpatches: &mut Tensor,
+        dcls: &mut Tensor,
+        dpos: &mut Tensor,
+    ) -> Result<()> {
+        let d = dcls.numel();
+        let t = rows_of("embed_backward", dpos.numel(), d)?;
+        let b = rows_of("embed_backward", dout.numel(), t * d)?;
+        same("embed_backward", b * (t - 1) * d, dpatches.numel())?;
+        let g = self.ptr(dout)?;
+        let args = [
+            g,
+            self.ptr_mut(dpatches)?,
+            int(b, "batch")?,
+            int(t, "tokens")?,
+            int(d, "dim")?,
+        ];
+        self.elementwise("embed_backward_patches_f32", b * (t - 1) * d, &args)?;
+        self.column_sums(g, b, t * d, t * d, self.ptr_mut(dpos)?)?;
+        self.column_sums(g, b, d, t * d, self.ptr_mut(dcls)?)
+    }
+
+    fn attention_saved_len(&self, d: AttnDims) -> usize {
+        d.batch * d.heads * d.queries
+    }
+
+    fn attention(
+        &self,
+        qkv: &Tensor,
+        dims: AttnDims,
+        lse: &mut Tensor,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        check_attn(dims, self.attention_saved_len(dims), qkv, lse, out)?;
+        let hd = dims.dim / dims.heads;
+        let (t, w) = (dims.tokens, ROW_WARPS);
+        let shared = 4 * (2 * t * hd + w * (t + hd));
+        let args = [self.ptr(qkv)?, self.ptr_mut(out)?, self.ptr_mut(lse)?];
+        self.launch(
+            "attention_forward_f32",
+            [(dims.batch * dims.heads) as u32, 1, 1],
+            [32 * w as u32, 1, 1],
+            shared,
+            &[&args[..], &attn_args(dims)?].concat(),
+        )
+    }
+
+    fn attention_backward(
+        &self,
+        dout: &Tensor,
+        qkv: &Tensor,
+        lse: &Tensor,
+        dims: AttnDims,
+        dqkv: &mut Tensor,
+    ) -> Result<()> {
+        check_attn(dims, self.attention_saved_len(dims), qkv, lse, dout)?;
+        same("attention_backward", qkv.numel(), dqkv.numel())?;
+        let hd = dims.dim / dims.heads;
+        let (t, w) = (dims.tokens, ROW_WARPS);
+        let shared = 4 * (4 * t * hd + w * (2 * t + 2 * hd));
+        let args = [
+            self.ptr(dout)?,
+            self.ptr(qkv)?,
+            self.ptr(lse)?,
+            self.ptr_mut(dqkv)?,
+        ];
+        self.launch(
+            "attention_backward_f32",
+            [(dims.batch * dims.heads) as u32, 1, 1],
+            [32 * w as u32, 1, 1],
+            shared,
+            &[&args[..], &attn_args(dims)?].concat(),
+        )
+    }
+
+    fn add(&self, a: &Tensor, b: &Tensor, out: &mut Tensor) -> Result<()> {
+        let n = a.numel();
+        same("add", n, b.numel())?;
+        same("add", n, out.numel())?;
+        let args = [self.ptr(a)?, self.ptr(b)?, self.ptr_mut(out)?, long(n)];
+        self.elementwise("add_f32", n, &args)
+    }
+
+    fn add_assign(&self, dst: &mut Tensor, src: &Tensor) -> Result<()> {
+        let n = dst.numel();
+        same("add_assign", n, src.numel())?;
+        let args = [self.ptr_mut(dst)?, self.ptr(src)?, long(n)];
+        self.elementwise("add_assign_f32", n, &args)
+    }
+
+    fn scale(&self, x: &mut Tensor, s: f32) -> Result<()> {
+        let n = x.numel();
+        let args = [self.ptr_mut(x)?, Arg::F32(s), long(n)];
+        self.elementwise("scale_f32", n, &args)
+    }
+
+    fn sum_squares(&self, x: &Tensor) -> Result<f64> {
+        let n = x.numel();
+        if n == 0 {
+            return Ok(0.0);
+        }
+        let blocks = n.div_ceil(THREADS as usize).min(1024);
+        // f64 partials: two f32 slots each
+        let mut partial = self.scratch(2 * blocks);
+        let p = self.ptr_mut(&mut partial)?;
+        self.launch(
+            "sum_squares_f32",
+            [blocks as u32, 1, 1],
+            [THREADS, 1, 1],
+            0,
+            &[self.ptr(x)?, long(n), p],
+        )?;
+        let mut host = vec![0.0f64; blocks];
+        let Arg::Ptr(addr) = p else {
+            unreachable!("ptr gives pointers")
+        };
+        self.gpu
+            .download(addr, bytemuck::cast_slice_mut(&mut host))?;
+        Ok(host.iter().sum())
+    }
+
+    fn dropout(
+        &self,
+        x: &Tensor,
+        p: f32,
+        key: DropoutKey,
+        samples: &[u64],
+        mode: DropoutMode,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        let n = x.numel();
+        same("dropout", n, out.numel())?;
+        if samples.is_empty() || !n.is_multiple_of(samples.len()) {
+            return Err(Error::shape(
+                "dropout",
+                format!("a multiple of {} samples", samples.len()),
+                n,
+            ));
+        }
+        if !(0.0..1.0).contains(&p) {
+            return Err(Error::Config(format!(
+                "dropout probability {p} is outside [0, 1)"
+            )));
+        }
+        let bases: Vec<u64> = samples.iter().map(|&s| sample_base(key, s)).collect();
+        let mut b = self.scratch(2 * bases.len());
+        let Arg::Ptr(addr) = self.ptr_mut(&mut b)? else {
+            unreachable!("ptr gives pointers")
+        };
+        self.gpu.upload(addr, bytemuck::cast_slice(&bases))?;
+        let (residual, mode) = match mode {
+            DropoutMode::Write => (Arg::Ptr(0), 0),
+            DropoutMode::Accumulate => (Arg::Ptr(0), 1),
+            DropoutMode::AddTo(r) => {
+                same("dropout residual", r.numel(), n)?;
+                (self.ptr(r)?, 2)
+            }
+        };
+        let threshold = (p as f64 * 65536.0).round() as u32;
+        let args = [
+            self.ptr(x)?,
+            residual,
+            self.ptr_mut(out)?,
+            Arg::Ptr(addr),
+            long(n / samples.len()),
+            long(n),
+            Arg::U32(threshold),
+            Arg::F32(1.0 / (1.0 - p)),
+            Arg::I32(mode),
+        ];
+        self.elementwise("dropout_f32", n, &args)
+    }
+
+    fn cross_entropy(
+        &self,
+        logits: &Tensor,
+        labels: &[usize],
+        eps: f32,
+        dlogits: &mut Tensor,
+    ) -> Result<f32> {
+        let classes = logits.shape().last();
+        same("cross_entropy", logits.numel(), dlogits.numel())?;
+        let b = rows_of("cross_entropy", logits.numel(), classes)?;
+        if b != labels.len() || labels.is_empty() {
+            return Err(Error::shape(
+                "cross_entropy",
+                format!("{b} labels"),
+                labels.len(),
+            ));
+        }
+        if let Some((i, y)) = labels.iter().enumerate().find(|(_, &y)| y >= classes) {
+            return Err(Error::Config(format!(
+                "label {y} of sample {i} is out of range for {classes} classes"
+            )));
+        }
+        let ys: Vec<i32> = labels.iter().map(|&y| y as i32).collect();
+        let mut dev_labels = self.scratch(b);
+        let Arg::Ptr(la) = self.ptr_mut(&mut dev_labels)? else {
+            unreachable!("ptr gives pointers")
+        };
+        self.gpu.upload(la, bytemuck::cast_slice(&ys))?;
+        let mut rows = self.scratch(b);
+        let r = self.ptr_mut(&mut rows)?;
+        let args = [
+            self.ptr(logits)?,
+            Arg::Ptr(la),
+            self.ptr_mut(dlogits)?,
+            r,
+            int(b, "batch")?,
+            int(classes, "classes")?,
+            Arg::F32(eps),
+        ];
+        self.per_row("cross_entropy_f32", b, &args)?;
+        let per_row = rows.to_device(Device::Cpu)?;
+        Ok((per_row.f32s()?.iter().map(|&v| v as f64).sum::<f64>() / b as f64) as f32)
+    }
+
+    fn select_rows(&self, x: &Tensor, stride_rows: usize, out: &mut Tensor) -> Result<()> {
+        let (n, d) = (out.numel(), out.shape().last());
+        same("select_rows", n * stride_rows, x.numel())?;
+        let args = [
+            self.ptr(x)?,
+            self.ptr_mut(out)?,
+            long(n),
+            int(d, "width")?,
+            int(stride_rows, "stride")?,
+        ];
+        self.elementwise("select_rows_f32", n, &args)
+    }
+
+    fn select_rows_backward(
+        &self,
+        dout: &Tensor,
+        stride_rows: usize,
+        dx: &mut Tensor,
+    ) -> Result<()> {
+        let (n, d) = (dout.numel(), dout.shape().last());
+        same("select_rows_backward", n * stride_rows, dx.numel())?;
+        let args = [
+            self.ptr(dout)?,
+            self.ptr_mut(dx)?,
+            long(n),
+            int(d, "width")?,
+            int(stride_rows, "stride")?,
+        ];
+        self.elementwise("select_rows_backward_f32", n, &args)
+    }
+
+    fn adam(
+        &self,
+        p: &mut Tensor,
+        g: &Tensor,
+        m: &mut Tensor,
+        v: &mut Tensor,
+        s: AdamStep,
+    ) -> Result<()> {
+        let n = p.numel();
+        same("adam", n, g.numel())?;
+        same("adam", n, m.numel())?;
+        same("adam", n, v.numel())?;
+        let args = [
+            self.ptr_mut(p)?,
+            self.ptr(g)?,
+            self.ptr_mut(m)?,
+            self.ptr_mut(v)?,
+            long(n),
+            Arg::F32(s.lr),
+            Arg::F32(s.beta1),
+            Arg::F32(s.beta2),
+            Arg::F32(s.eps),
+            Arg::F32(s.weight_decay),
+            Arg::I32(s.decoupled as i32),
+            Arg::F32(s.step_size),
+            Arg::F32(s.bias_correction2_sqrt),
+        ];
+        self.elementwise("adam_f32", n, &args)
+    }
+
+    fn sgd(&self, p: &mut Tensor, g: &Tensor, buf: &mut Tensor, s: SgdStep) -> Result<()> {
+        let n = p.numel();
+        same("sgd", n, g.numel())?;
+        let b = if s.momentum != 0.0 {
+            same("sgd", n, buf.numel())?;
+            self.ptr_mut(buf)?
+        } else {
+            Arg::Ptr(0)
+        };
+        let args = [
+            self.ptr_mut(p)?,
+            self.ptr(g)?,
+            b,
+            long(n),
+            Arg::F32(s.lr),
+            Arg::F32(s.momentum),
+            Arg::F32(s.dampening),
+            Arg::F32(s.weight_decay),
+            Arg::I32(s.nesterov as i32),
+            Arg::I32(s.first as i32),
+        ];
+        self.elementwise("sgd_f32", n, &args)
+    }
+}
+
+fn attn_args(d: AttnDims) -> Result<[Arg; 6]> {
+    Ok([
+        int(d.batch, "batch")?,
+        int(d.tokens, "tokens")?,
+        int(d.queries, "queries")?,
+        int(d.dim, "dim")?,
+        int(d.heads, "heads")?,
+        Arg::F32(1.0 / ((d.dim / d.heads) as f32).sqrt()),
+    ])
+}

@@ -1,0 +1,427 @@
+//! One backend conformance suite, run against the emulated CUDA device (always) and a
+//! real GPU (when there is one; FERROVIT_REQUIRE_GPU=1 makes its absence a failure, as
+//! scripts/gpu-check.sh does). Every op runs on the same random inputs on the CPU
+//! backend (the reference) and on the device; afterwards every tensor — inputs
+//! included — must match. Outputs that an op overwrites start as NaN on both sides
+//! (an element a kernel forgets stays NaN), outputs it accumulates into start random
+//! (a kernel that overwrites instead of adding differs). Sizes are deliberately not
+//! multiples of warp or block sizes.
+
+use ferrovit::backend::{
+    for_device, AdamStep, AttnDims, Backend, DropoutKey, DropoutMode, SgdStep,
+};
+use ferrovit::rng::Rng;
+use ferrovit::{Device, Result, Tensor};
+use std::cell::{Cell, RefCell};
+
+type Op<'a> = &'a dyn Fn(&dyn Backend, &mut [Tensor]) -> Result<f64>;
+
+struct Suite {
+    device: Device,
+    rng: RefCell<Rng>,
+    checked: Cell<usize>,
+}
+
+impl Suite {
+    fn new(device: Device) -> Suite {
+        Suite {
+            device,
+            rng: RefCell::new(Rng::new(7)),
+            checked: Cell::new(0),
+        }
+    }
+
+    fn rand(&self, dims: &[usize]) -> Tensor {
+        self.uniform(dims, -2.0, 2.0)
+    }
+
+    fn uniform(&self, dims: &[usize], lo: f32, hi: f32) -> Tensor {
+        let n = dims.iter().product();
+        Tensor::from_vec(self.rng.borrow_mut().vec(n, |r| r.uniform(lo, hi)), dims).unwrap()
+    }
+
+    fn nan(&self, dims: &[usize]) -> Tensor {
+        Tensor::full(dims, f32::NAN, Device::Cpu)
+    }
+
+    /// Runs `op` on the CPU and on the device over copies of `tensors`, then compares
+    /// the scalar it returns and every tensor.
+    fn check(&self, name: &str, tol: f32, tensors: Vec<Tensor>, op: Op) {
+        let mut cpu = tensors.clone();
+        let mut dev: Vec<Tensor> = tensors
+            .iter()
+            .map(|t| t.to_device(self.device).unwrap())
+            .collect();
+        let want =
+            op(for_device(Device::Cpu), &mut cpu).unwrap_or_else(|e| panic!("{name} on cpu: {e}"));
+        let got = op(for_device(self.device), &mut dev)
+            .unwrap_or_else(|e| panic!("{name} on {}: {e}", self.device));
+        assert!(
+            (want - got).abs() <= tol as f64 * (1.0 + want.abs()),
+            "{name}: returned {got}, the CPU {want}"
+        );
+        for (i, (c, d)) in cpu.iter().zip(&dev).enumerate() {
+            let (c, d) = (
+                c.to_vec_f32(),
+                d.to_device(Device::Cpu).unwrap().to_vec_f32(),
+            );
+            for (k, (a, b)) in c.iter().zip(&d).enumerate() {
+                let ok = (a - b).abs() <= tol * (1.0 + a.abs()) || (a.is_nan() && b.is_nan());
+                assert!(
+                    ok,
+                    "{name} on {}: tensor {i} element {k}: {b}, the CPU {a}",
+                    self.device
+                );
+            }
+        }
+        self.checked.set(self.checked.get() + 1);
+    }
+
+    fn run(&self) {
+        let (n, d) = (37, 45); // rows and width, neither a multiple of 32
+        let x = self.rand(&[n, d]);
+        let bias = self.rand(&[d]);
+
+        for (ta, tb, acc) in [
+            (false, true, false),
+            (false, false, true),
+            (true, false, true),
+        ] {
+            let (m, nn, k) = (13, 29, 22);
+            let a = if ta {
+                self.rand(&[k, m])
+            } else {
+                self.rand(&[m, k])
+            };
+            let b = if tb {
+                self.rand(&[nn, k])
+            } else {
+                self.rand(&[k, nn])
+            };
+            let c = if acc {
+                self.rand(&[m, nn])
+            } else {
+                self.nan(&[m, nn])
+            };
+            self.check("matmul", 1e-5, vec![c, a, b], &|be, t| {
+                let [c, a, b] = t else { unreachable!() };
+                be.matmul(c, a, ta, b, tb, (m, nn, k), acc).map(|_| 0.0)
+            });
+        }
+        self.check(
+            "fill_rows",
+            0.0,
+            vec![self.nan(&[n, d]), bias.clone()],
+            &|be, t| {
+                let [o, b] = t else { unreachable!() };
+                be.fill_rows(o, b).map(|_| 0.0)
+            },
+        );
+        self.check(
+            "bias_grad",
+            1e-5,
+            vec![x.clone(), self.rand(&[d])],
+            &|be, t| {
+                let [dy, db] = t else { unreachable!() };
+                be.bias_grad(dy, db).map(|_| 0.0)
+            },
+        );
+        self.check(
+            "bias_gelu",
+            1e-5,
+            vec![x.clone(), bias.clone(), self.nan(&[n, d])],
+            &|be, t| {
+                let [p, b, o] = t else { unreachable!() };
+                be.bias_gelu(p, b, o).map(|_| 0.0)
+            },
+        );
+        self.check(
+            "gelu_backward",
+            1e-5,
+            vec![self.rand(&[n, d]), x.clone(), self.nan(&[n, d])],
+            &|be, t| {
+                let [g, p, o] = t else { unreachable!() };
+                be.gelu_backward(g, p, o).map(|_| 0.0)
+            },
+        );
+        let (gamma, beta) = (self.rand(&[d]), self.rand(&[d]));
+        self.check(
+            "layernorm",
+            1e-5,
+            vec![
+                x.clone(),
+                gamma.clone(),
+                beta,
+                self.nan(&[n, d]),
+                self.nan(&[n]),
+                self.nan(&[n]),
+            ],
+            &|be, t| {
+                let [x, g, b, y, m, r] = t else {
+                    unreachable!()
+                };
+                be.layernorm(x, g, b, 1e-6, y, m, r).map(|_| 0.0)
+            },
+        );
+        let (mut mean, mut rstd) = (
+            Tensor::zeros([n], Device::Cpu),
+            Tensor::zeros([n], Device::Cpu),
+        );
+        let mut y = Tensor::zeros([n, d], Device::Cpu);
+        let cpu = for_device(Device::Cpu);
+        cpu.layernorm(
+            &x,
+            &gamma,
+            &self.rand(&[d]),
+            1e-6,
+            &mut y,
+            &mut mean,
+            &mut rstd,
+        )
+        .unwrap();
+        self.check(
+            "layernorm_backward",
+            1e-4,
+            vec![
+                self.rand(&[n, d]),
+                x.clone(),
+                gamma,
+                mean,
+                rstd,
+                self.rand(&[n, d]),
+                self.rand(&[d]),
+                self.rand(&[d]),
+            ],
+            &|be, t| {
+                let [dy, x, g, m, r, dx, dg, db] = t else {
+                    unreachable!()
+                };
+                be.layernorm_backward(dy, x, g, m, r, dx, dg, db)
+                    .map(|_| 0.0)
+            },
+        );
+        let images = self.rand(&[3, 3, 12, 20]);
+        self.check(
+            "patchify",
+            0.0,
+            vec![images, self.nan(&[3, 15, 48])],
+            &|be, t| {
+                let [i, o] = t else { unreachable!() };
+                be.patchify(i, 4, o).map(|_| 0.0)
+            },
+        );
+        let (b, tok, e) = (3, 17, 21);
+        self.check(
+            "embed",
+            1e-6,
+            vec![
+                self.rand(&[b, tok - 1, e]),
+                self.rand(&[e]),
+                self.rand(&[tok, e]),
+                self.nan(&[b, tok, e]),
+            ],
+            &|be, t| {
+                let [p, c, pos, o] = t else { unreachable!() };
+                be.embed(p, c, pos, o).map(|_| 0.0)
+            },
+        );
+        self.check(
+            "embed_backward",
+            1e-5,
+            vec![
+                self.rand(&[b, tok, e]),
+                self.rand(&[b, tok - 1, e]),
+                self.rand(&[e]),
+                self.rand(&[tok, e]),
+            ],
+            &|be, t| {
+                let [g, dp, dc, de] = t else { unreachable!() };
+                be.embed_backward(g, dp, dc, de).map(|_| 0.0)
+            },
+        );
+        for (batch, tokens, queries, dim, heads) in
+            [(2, 17, 17, 24, 2), (3, 65, 1, 64, 4), (1, 5, 5, 12, 3)]
+        {
+            let dims = AttnDims {
+                batch,
+                tokens,
+                queries,
+                dim,
+                heads,
+            };
+            let qkv = self.rand(&[batch, tokens, 3 * dim]);
+            let dout = self.rand(&[batch, queries, dim]);
+            // each backend saves what it needs for the backward pass in its own form
+            let attend = |be: &dyn Backend, qkv: &Tensor, out: &mut Tensor| -> Result<Tensor> {
+                let mut saved = Tensor::uninit([be.attention_saved_len(dims)], qkv.device());
+                be.attention(qkv, dims, &mut saved, out)?;
+                Ok(saved)
+            };
+            self.check(
+                "attention",
+                1e-5,
+                vec![qkv.clone(), self.nan(&[batch, queries, dim])],
+                &|be, t| {
+                    let [qkv, out] = t else { unreachable!() };
+                    attend(be, qkv, out).map(|_| 0.0)
+                },
+            );
+            self.check(
+                "attention_backward",
+                1e-4,
+                vec![
+                    qkv,
+                    dout,
+                    self.nan(&[batch, queries, dim]),
+                    self.rand(&[batch, tokens, 3 * dim]),
+                ],
+                &|be, t| {
+                    let [qkv, dout, out, dqkv] = t else {
+                        unreachable!()
+                    };
+                    let saved = attend(be, qkv, out)?;
+                    be.attention_backward(dout, qkv, &saved, dims, dqkv)
+                        .map(|_| 0.0)
+                },
+            );
+        }
+        self.check(
+            "add",
+            0.0,
+            vec![x.clone(), self.rand(&[n, d]), self.nan(&[n, d])],
+            &|be, t| {
+                let [a, b, o] = t else { unreachable!() };
+                be.add(a, b, o).map(|_| 0.0)
+            },
+        );
+        self.check(
+            "add_assign",
+            0.0,
+            vec![self.rand(&[n, d]), x.clone()],
+            &|be, t| {
+                let [a, b] = t else { unreachable!() };
+                be.add_assign(a, b).map(|_| 0.0)
+            },
+        );
+        self.check("scale", 0.0, vec![x.clone()], &|be, t| {
+            be.scale(&mut t[0], 0.37).map(|_| 0.0)
+        });
+        self.check("sum_squares", 1e-9, vec![self.rand(&[70001])], &|be, t| {
+            be.sum_squares(&t[0])
+        });
+        let samples = [5u64, 900, 3, 77, 1];
+        for mode in 0..3 {
+            let residual = self.rand(&[5, 133]);
+            let out = if mode == 1 {
+                self.rand(&[5, 133])
+            } else {
+                self.nan(&[5, 133])
+            };
+            self.check(
+                "dropout",
+                0.0,
+                vec![self.rand(&[5, 133]), residual, out],
+                &|be, t| {
+                    let [x, r, o] = t else { unreachable!() };
+                    let key = DropoutKey { seed: 11, site: 3 };
+                    let mode = match mode {
+                        0 => DropoutMode::Write,
+                        1 => DropoutMode::Accumulate,
+                        _ => DropoutMode::AddTo(r),
+                    };
+                    be.dropout(x, 0.3, key, &samples, mode, o).map(|_| 0.0)
+                },
+            );
+        }
+        for classes in [3, 10, 1000] {
+            let labels: Vec<usize> = (0..11).map(|i| (i * 7) % classes).collect();
+            self.check(
+                "cross_entropy",
+                1e-5,
+                vec![self.rand(&[11, classes]), self.nan(&[11, classes])],
+                &|be, t| {
+                    let [z, dz] = t else { unreachable!() };
+                    be.cross_entropy(z, &labels, 0.1, dz).map(f64::from)
+                },
+            );
+        }
+        self.check(
+            "select_rows",
+            0.0,
+            vec![self.rand(&[4, 7, 9]), self.nan(&[4, 9])],
+            &|be, t| {
+                let [x, o] = t else { unreachable!() };
+                be.select_rows(x, 7, o).map(|_| 0.0)
+            },
+        );
+        self.check(
+            "select_rows_backward",
+            0.0,
+            vec![self.rand(&[4, 9]), self.rand(&[4, 7, 9])],
+            &|be, t| {
+                let [g, dx] = t else { unreachable!() };
+                be.select_rows_backward(g, 7, dx).map(|_| 0.0)
+            },
+        );
+        for decoupled in [true, false] {
+            let (p, g, m) = (self.rand(&[1001]), self.rand(&[1001]), self.rand(&[1001]));
+            let v = self.uniform(&[1001], 0.0, 1.0);
+            self.check("adam", 1e-6, vec![p, g, m, v], &|be, t| {
+                let [p, g, m, v] = t else { unreachable!() };
+                let step = AdamStep {
+                    lr: 1e-2,
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    weight_decay: 0.05,
+                    decoupled,
+                    step_size: 1e-2 / (1.0 - 0.9f32.powi(3)),
+                    bias_correction2_sqrt: (1.0 - 0.999f32.powi(3)).sqrt(),
+                };
+                be.adam(p, g, m, v, step).map(|_| 0.0)
+            });
+        }
+        for (momentum, nesterov, first) in
+            [(0.0, false, false), (0.9, true, true), (0.9, false, false)]
+        {
+            self.check(
+                "sgd",
+                1e-6,
+                vec![self.rand(&[999]), self.rand(&[999]), self.rand(&[999])],
+                &|be, t| {
+                    let [p, g, b] = t else { unreachable!() };
+                    let step = SgdStep {
+                        lr: 0.1,
+                        momentum,
+                        dampening: 0.1,
+                        weight_decay: 1e-4,
+                        nesterov,
+                        first,
+                    };
+                    be.sgd(p, g, b, step).map(|_| 0.0)
+                },
+            );
+        }
+        eprintln!(
+            "{}: {} op checks match the CPU backend",
+            self.device,
+            self.checked.get()
+        );
+    }
+}
+
+#[test]
+fn emulated_cuda_kernels_match_the_cpu_backend() {
+    Suite::new(Device::cuda_emulated()).run();
+}
+
+#[test]
+fn cuda_kernels_match_the_cpu_backend() {
+    match Device::cuda(0) {
+        Ok(device) => Suite::new(device).run(),
+        Err(e) if std::env::var("FERROVIT_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("FERROVIT_REQUIRE_GPU=1 but no GPU: {e}")
+        }
+        Err(e) => eprintln!("skipped: no GPU ({e})"),
+    }
+}

@@ -21,7 +21,8 @@ struct dim3 {
 struct FvEmuThread {
   dim3 thread, block, block_dim, grid_dim;
   unsigned linear;                // linear thread index in the block
-  unsigned long long* warp_slots; // 32 exchange slots per warp of the block
+  unsigned long long* warp_slots; // 2 x 32 exchange slots per warp of the block
+  unsigned* shuffles;             // this thread's shuffle count (picks the slot half)
   unsigned char* dynamic_shared;
 };
 
@@ -48,14 +49,17 @@ inline void __syncwarp(unsigned = 0xffffffffu) { fv_emu_barrier(1); }
 template <class T>
 inline T fv_emu_exchange(T v, unsigned src_lane) {
   static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
+  // Consecutive shuffles use alternate halves of the warp's slots, so one barrier
+  // per shuffle suffices: a lane can only write a half again after the next
+  // barrier, which every lane reaches after reading it.
   unsigned lane = fv_emu_cur->linear % 32;
-  unsigned long long* slots = fv_emu_cur->warp_slots + (fv_emu_cur->linear / 32) * 32;
+  unsigned half = (*fv_emu_cur->shuffles)++ & 1;
+  unsigned long long* slots = fv_emu_cur->warp_slots + (fv_emu_cur->linear / 32) * 64 + half * 32;
   unsigned long long mine = 0;
   std::memcpy(&mine, &v, sizeof(T));
   slots[lane] = mine;
   fv_emu_barrier(1);
   unsigned long long got = slots[src_lane < 32 ? src_lane : lane];
-  fv_emu_barrier(1); // nobody overwrites a slot before every lane has read it
   T r;
   std::memcpy(&r, &got, sizeof(T));
   return r;

@@ -10,6 +10,7 @@ use crate::engine::{Engine, Parallel, TrainConfig};
 use crate::error::{Error, Result};
 use crate::metrics::ConfusionMatrix;
 use crate::optim::LrSchedule;
+use crate::tensor::Device;
 use crate::trainer::{
     AccuracyHook, LogMetricByEpochHook, Logger, LossHook, LrSchedulerHook, PlotHook, ProgressHook,
     SaveCheckpointHook, ThroughputHook, Trainer,
@@ -84,6 +85,9 @@ pub struct TrainOptions {
     pub bucket_mb: f32,
     /// Seconds any rank waits for another before failing.
     pub comm_timeout: u64,
+    /// Where to compute: `cpu`, `cuda` (GPU 0), `cuda:N`, or `cuda-emu` (the CUDA
+    /// kernels emulated on the CPU: slow, for testing).
+    pub device: String,
 }
 
 /// The default model when neither a preset nor dimensions are given: small enough to
@@ -126,6 +130,7 @@ impl Default for TrainOptions {
             stages: None,
             bucket_mb: 25.0,
             comm_timeout: 300,
+            device: "cpu".into(),
         }
     }
 }
@@ -238,6 +243,25 @@ impl TrainOptions {
                 "bucket_mb",
                 self.bucket_mb,
                 "must be a positive number",
+            ));
+        }
+        if !["cpu", "cuda", "cuda-emu"].contains(&self.device.as_str())
+            && !self
+                .device
+                .strip_prefix("cuda:")
+                .is_some_and(|n| n.parse::<usize>().is_ok())
+        {
+            return Err(invalid(
+                "device",
+                &self.device,
+                "expected cpu, cuda, cuda:N or cuda-emu",
+            ));
+        }
+        if self.device != "cpu" && self.dp * self.pp > 1 {
+            return Err(invalid(
+                "device",
+                &self.device,
+                "parallel training (--dp/--pp) runs on the cpu for now",
             ));
         }
         if self.comm_timeout == 0 {
@@ -513,6 +537,7 @@ fn train_rank(opts: &TrainOptions, group: Option<Arc<dyn ProcessGroup>>) -> Resu
         seed: opts.seed,
         ..TrainConfig::default()
     };
+    let device = Device::parse(&opts.device)?;
     let engine = match par {
         Some(par) => Engine::parallel(&cfg, tc, par)?,
         None => Engine::new(&cfg, tc)?,
@@ -560,6 +585,13 @@ fn train_rank(opts: &TrainOptions, group: Option<Arc<dyn ProcessGroup>>) -> Resu
             },
         )?;
         logger.info(format!("initialised from {}: {report}", init.display()));
+    }
+    if device != Device::Cpu {
+        trainer.engine.to_device(device)?;
+        logger.info(format!(
+            "training on {}",
+            crate::backend::cuda::describe(device)
+        ));
     }
     let history = trainer.history().to_vec();
     trainer

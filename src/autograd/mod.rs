@@ -737,7 +737,7 @@ impl<'a> Graph<'a> {
             }
             Op::CrossEntropy { logits, dlogits } => {
                 let mut scaled = dlogits.clone();
-                be.scale(&mut scaled, g.f32s()?[0])?;
+                be.scale(&mut scaled, g.to_device(Device::Cpu)?.f32s()?[0])?;
                 self.accumulate(*logits, &scaled)?;
             }
         }

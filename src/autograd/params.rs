@@ -72,6 +72,15 @@ impl ParamStore {
     }
 
     /// Parameters in registration order (stable: the model's construction order).
+    /// Moves every value and gradient to `device`.
+    pub fn to_device(&mut self, device: crate::tensor::Device) -> crate::error::Result<()> {
+        for p in &mut self.params {
+            p.value = p.value.to_device(device)?;
+            p.grad = p.grad.to_device(device)?;
+        }
+        Ok(())
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &Param> {
         self.params.iter()
     }

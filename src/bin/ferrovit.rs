@@ -173,6 +173,10 @@ struct TrainArgs {
     /// Seconds a rank waits for another before failing [default: 300]
     #[arg(long, value_name = "S")]
     comm_timeout: Option<u64>,
+    /// Where to compute: cpu, cuda (GPU 0), cuda:N, or cuda-emu (the CUDA kernels
+    /// emulated on the CPU: slow, for testing) [default: cpu]
+    #[arg(long, value_name = "DEVICE")]
+    device: Option<String>,
 }
 
 /// Images are PNG or JPEG of any size: the shorter side is resized to the model's 32

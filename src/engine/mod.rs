@@ -169,6 +169,24 @@ impl Engine {
         })
     }
 
+    /// Moves the parameters, their gradients and the optimizer state to `device`
+    /// (batches follow them automatically). Parallel runs stay on the CPU for now.
+    pub fn to_device(&mut self, device: Device) -> Result<()> {
+        if device != Device::Cpu && self.par.is_some() {
+            return Err(Error::Config(format!(
+                "parallel training on {device} is not supported yet; use --device cpu with --dp/--pp"
+            )));
+        }
+        self.finish();
+        self.params.to_device(device)?;
+        self.optimizer.to_device(device)
+    }
+
+    /// Where the parameters are.
+    pub fn device(&self) -> Device {
+        self.params_device()
+    }
+
     /// This rank's place in a parallel run, if any.
     pub fn parallel_info(&self) -> Option<&Parallel> {
         self.par.as_ref()
@@ -268,6 +286,7 @@ impl Engine {
         } else {
             ForwardCtx::eval(samples.len())
         };
+        let images = images.to_device(self.params_device())?;
         let mut graph = Graph::owning(std::mem::take(&mut self.params));
         let result = self.model.forward(&mut graph, images, &ctx);
         let id = self.next_id;
@@ -449,6 +468,7 @@ pub fn argmax_rows(logits: &Tensor) -> Result<Vec<usize>> {
         ));
     }
     Ok(logits
+        .to_device(Device::Cpu)?
         .f32s()?
         .chunks(c)
         .map(|r| {

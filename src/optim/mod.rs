@@ -75,6 +75,14 @@ pub struct Optimizer {
 }
 
 impl Optimizer {
+    /// Moves the optimizer state (moments, momentum buffers) to `device`.
+    pub fn to_device(&mut self, device: crate::tensor::Device) -> Result<()> {
+        for t in self.state.iter_mut().flatten() {
+            *t = t.to_device(device)?;
+        }
+        Ok(())
+    }
+
     pub fn new(kind: OptimizerKind, weight_decay: f32, store: &ParamStore) -> Result<Self> {
         if let OptimizerKind::Sgd {
             momentum,

@@ -55,6 +55,7 @@ struct EmuThread {
     grid_dim: Dim3,
     linear: u32,
     warp_slots: *mut u64,
+    shuffles: *mut u32,
     dynamic_shared: *mut u8,
 }
 
@@ -131,9 +132,11 @@ fn run_block(entry: Entry, params: &Params, l: &Launch, block: u32, name: &str) 
         y: block / gx % gy,
         z: block / (gx * gy),
     };
-    let mut slots = vec![0u64; n.div_ceil(32) * 32];
+    let mut slots = vec![0u64; n.div_ceil(32) * 64];
+    let mut shuffles = vec![0u32; n];
     // 16-byte aligned, poisoned: reading shared memory nobody wrote gives NaN
     let mut shared = vec![u128::MAX; (l.shared as usize).div_ceil(16)];
+    let counters = shuffles.as_mut_ptr();
     let threads: Vec<EmuThread> = (0..n as u32)
         .map(|i| EmuThread {
             thread: Dim3 {
@@ -154,6 +157,8 @@ fn run_block(entry: Entry, params: &Params, l: &Launch, block: u32, name: &str) 
             },
             linear: i,
             warp_slots: slots.as_mut_ptr(),
+            // SAFETY: `i < n`, the length of `shuffles`.
+            shuffles: unsafe { counters.add(i as usize) },
             dynamic_shared: shared.as_mut_ptr().cast(),
         })
         .collect();
@@ -244,8 +249,7 @@ fn run_block(entry: Entry, params: &Params, l: &Launch, block: u32, name: &str) 
             pool.push(c.into_stack());
         }
     });
-    drop(slots);
-    drop(shared);
+    drop((slots, shuffles, shared));
     outcome
 }
 

@@ -151,6 +151,14 @@ impl Device {
     }
 }
 
+/// What `device` is, in words (the GPU's name; "cpu").
+pub fn describe(device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(id) => format!("{id}: {}", get(id).gpu.describe()),
+    }
+}
+
 impl fmt::Display for GpuId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&get(*self).label)

@@ -1,0 +1,122 @@
+//! Training through the CUDA backend: on the emulated device always (the whole GPU
+//! path — device buffers, launch geometry, kernel sequence, optimizer — on the CPU),
+//! on a real GPU when there is one; and the errors a user gets without one.
+
+mod common;
+
+use common::{ferrovit, temp_dir};
+use ferrovit::recipe::{train, TrainOptions};
+use ferrovit::Device;
+use std::path::Path;
+
+/// A small ViT (patch 8: 17 tokens) that learns the digits well above chance in two
+/// epochs; the emulated device takes ~15 s per epoch on two cores.
+fn options(out: &Path, device: &str) -> TrainOptions {
+    TrainOptions {
+        dim: Some(32),
+        depth: Some(2),
+        heads: Some(2),
+        mlp_dim: Some(64),
+        patch_size: Some(8),
+        epochs: 2,
+        batch_size: 32,
+        lr: 3e-3,
+        warmup: 0.0,
+        seed: 3,
+        workers: 1,
+        out: out.to_path_buf(),
+        device: device.into(),
+        ..TrainOptions::default()
+    }
+}
+
+fn epoch_losses(out: &Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["train_loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Trains on `device` and on the CPU; the accuracies must agree within 1.5 points
+/// (the stated margin: f32 sums in a different order may flip a borderline image or
+/// two out of 360) and the epoch losses to 1e-3.
+fn matches_cpu(device: &str) {
+    let dir = temp_dir(&format!("cuda-train-{}", device.replace(':', "-")));
+    let cpu = train(&options(&dir.join("cpu"), "cpu")).unwrap();
+    let dev = train(&options(&dir.join("dev"), device)).unwrap();
+    let (a, b) = (
+        cpu.final_test_accuracy.unwrap(),
+        dev.final_test_accuracy.unwrap(),
+    );
+    assert!(
+        a > 0.3,
+        "the CPU run should learn well above chance, got {a}"
+    );
+    assert!(
+        (a - b).abs() <= 0.015,
+        "{device}: test accuracy {b}, the CPU {a}"
+    );
+    for (x, y) in epoch_losses(&dir.join("cpu"))
+        .iter()
+        .zip(epoch_losses(&dir.join("dev")))
+    {
+        assert!(
+            (x - y).abs() <= 1e-3 * x.abs(),
+            "{device}: epoch loss {y}, the CPU {x}"
+        );
+    }
+    // the checkpoint saved from device memory is a normal one
+    let (ok, stdout, stderr) = ferrovit(&[
+        "ckpt",
+        "verify",
+        dir.join("dev/checkpoints").to_str().unwrap(),
+    ]);
+    assert!(ok, "{stdout}{stderr}");
+    eprintln!("{device}: test accuracy {b:.4} (CPU {a:.4})");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn emulated_cuda_training_matches_the_cpu() {
+    matches_cpu("cuda-emu");
+}
+
+#[test]
+fn cuda_training_matches_the_cpu_on_a_gpu() {
+    match Device::cuda(0) {
+        Ok(_) => matches_cpu("cuda"),
+        Err(e) if std::env::var("FERROVIT_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("FERROVIT_REQUIRE_GPU=1 but no GPU: {e}")
+        }
+        Err(e) => eprintln!("skipped: no GPU ({e})"),
+    }
+}
+
+#[test]
+fn device_errors_are_clear() {
+    let out = temp_dir("device-errors");
+    let out = out.to_str().unwrap();
+    if Device::cuda(0).is_err() {
+        let (ok, stdout, stderr) = ferrovit(&["train", "--device", "cuda", "--out", out]);
+        assert!(!ok && stdout.is_empty(), "{stdout}");
+        assert!(
+            stderr.contains("no CUDA driver") || stderr.contains("without CUDA kernels"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    } else {
+        eprintln!("skipped the no-GPU error: this machine has a GPU");
+    }
+    let (ok, _, stderr) = ferrovit(&["train", "--device", "tpu", "--out", out]);
+    assert!(
+        !ok && stderr.contains("device = tpu") && stderr.contains("cuda-emu"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = ferrovit(&["train", "--device", "cuda-emu", "--dp", "2", "--out", out]);
+    assert!(!ok && stderr.contains("parallel training"), "{stderr}");
+}

@@ -245,11 +245,9 @@ impl TrainOptions {
                 "must be a positive number",
             ));
         }
-        if !["cpu", "cuda", "cuda-emu"].contains(&self.device.as_str())
-            && !self
-                .device
-                .strip_prefix("cuda:")
-                .is_some_and(|n| n.parse::<usize>().is_ok())
+        let ordinal = self.device.strip_prefix("cuda:").map(str::parse::<usize>);
+        if !(["cpu", "cuda", "cuda-emu"].contains(&self.device.as_str())
+            || ordinal.is_some_and(|n| n.is_ok()))
         {
             return Err(invalid(
                 "device",

@@ -1,6 +1,7 @@
-"""PyTorch side of the CPU ViT training-throughput benchmark (compare with ferrovit's bench).
+"""PyTorch side of the ViT training-throughput benchmark (compare with `ferrovit bench`).
 
-Example: python3 scripts/bench_torch.py --preset all --batch 128 --threads 2 --steps 10
+Examples: python3 scripts/bench_torch.py --preset all --batch 128 --threads 2 --steps 10
+          python3 scripts/bench_torch.py --device cuda --autocast bf16 --compile --batch 512
 """
 import argparse
 import json
@@ -18,30 +19,38 @@ from torch_vit import PRESETS, ViT  # noqa: E402
 
 def bench(preset, args):
     torch.manual_seed(0)
-    model = ViT(dropout=0.1, **PRESETS[preset]).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    dev = torch.device(args.device)
+    model = ViT(dropout=0.1, **PRESETS[preset]).train().to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05,
+                            fused=args.device == "cuda")
     step_model = torch.compile(model) if args.compile else model
-    images = torch.randn(args.batch, 3, 32, 32)
-    labels = torch.randint(0, 10, (args.batch,))
+    images = torch.randn(args.batch, 3, 32, 32, device=dev)
+    labels = torch.randint(0, 10, (args.batch,), device=dev)
+    autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.autocast == "bf16")
 
     times = []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        loss = F.cross_entropy(step_model(images), labels)
+        with autocast:
+            loss = F.cross_entropy(step_model(images), labels)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         if i >= args.warmup:
             times.append(dt)
 
     step_s = statistics.median(times)
-    framework = "pytorch-compile" if args.compile else "pytorch-eager"
+    framework = ("pytorch-compile" if args.compile else "pytorch-eager") + (
+        "-bf16" if args.autocast == "bf16" else "")
     print(f"{preset} [{framework}] batch={args.batch} threads={args.threads}: "
           f"{args.batch / step_s:.1f} img/s, {step_s * 1e3:.1f} ms/step (median of {len(times)}), "
           f"loss={loss.item():.4f}")
     print(json.dumps({
         "preset": preset, "framework": framework, "batch": args.batch, "threads": args.threads,
+        "device": args.device,
         "images_per_s_median": args.batch / step_s, "step_s_median": step_s,
         "torch_version": torch.__version__,
     }))
@@ -55,6 +64,9 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--autocast", default="none", choices=["none", "bf16"],
+                   help="bf16 autocast (mixed precision) for the forward pass")
     args = p.parse_args()
     if args.steps < 1:
         p.error("--steps must be >= 1")

@@ -12,7 +12,7 @@ use ferrovit::nn::PRESETS;
 use ferrovit::recipe::{self, TrainOptions};
 use ferrovit::rng::Rng;
 use ferrovit::trainer::init_stdout;
-use ferrovit::{Error, Result, Tensor, VitConfig};
+use ferrovit::{Device, Error, Result, Tensor, VitConfig};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -328,6 +328,9 @@ struct BenchArgs {
     /// CPU threads [default: one per core]
     #[arg(long)]
     threads: Option<usize>,
+    /// Where to compute: cpu, cuda, cuda:N or cuda-emu
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 fn main() -> ExitCode {
@@ -712,7 +715,9 @@ fn bench(a: BenchArgs) -> Result<()> {
         ));
     }
     let cfg = VitConfig::preset(&a.preset)?;
+    let device = Device::parse(&a.device)?;
     let mut engine = Engine::new(&cfg, TrainConfig::default())?;
+    engine.to_device(device)?;
     let mut rng = Rng::new(1);
     let b = a.batch_size;
     let images = Tensor::from_vec(rng.vec(b * 3 * 32 * 32, |r| r.normal()), [b, 3, 32, 32])?;
@@ -728,10 +733,13 @@ fn bench(a: BenchArgs) -> Result<()> {
     }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
+    let on = match device {
+        Device::Cpu => format!("{} threads", cpu::num_threads()),
+        d => ferrovit::backend::cuda::describe(d),
+    };
     println!(
-        "{} params, batch {b}, {} threads: median step {:.3} s, {:.1} images/s",
+        "{} params, batch {b}, {on}: median step {:.3} s, {:.1} images/s",
         cfg.num_params(),
-        cpu::num_threads(),
         median,
         b as f64 / median
     );

@@ -32,9 +32,16 @@ pub struct Dataset {
     pub classes: Vec<String>,
 }
 
-/// The default data set shipped with the repository.
+/// The default data set shipped with the repository (found where the crate was built,
+/// or under the current directory when the binary runs elsewhere, as on a GPU machine
+/// that runs binaries built on another one).
 pub fn default_data_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/digits")
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/digits");
+    if built.is_dir() {
+        built
+    } else {
+        PathBuf::from("data/digits")
+    }
 }
 
 impl Dataset {

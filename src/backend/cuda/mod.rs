@@ -151,6 +151,14 @@ impl Device {
     }
 }
 
+/// Waits until everything queued on `device` has finished (a no-op on the CPU).
+pub fn synchronize(device: Device) -> Result<()> {
+    match device {
+        Device::Cpu => Ok(()),
+        Device::Cuda(id) => get(id).gpu.synchronize(),
+    }
+}
+
 /// What `device` is, in words (the GPU's name; "cpu").
 pub fn describe(device: Device) -> String {
     match device {

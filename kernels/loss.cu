@@ -49,3 +49,25 @@ extern "C" __global__ void cross_entropy_f32(const float* __restrict__ logits, c
     }
   }
 }
+
+// grid ceil(b/4), block 128 (one warp per row): index of each row's largest logit (the
+// first on ties, as the CPU's argmax_rows), so only b integers leave the device.
+extern "C" __global__ void argmax_rows_f32(const float* __restrict__ logits, int* __restrict__ out, int b, int c) {
+  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row < b) {
+    const float* z = logits + (long)row * c;
+    // As the CPU's fold from element 0: NaNs never win (a NaN first element does).
+    float best = -INFINITY;
+    int at = c; // none yet: c sorts after every index
+    for (int k = lane; k < c; k += 32) {
+      if (z[k] > best) { best = z[k]; at = k; }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      float ob = __shfl_xor_sync(FV_FULL_MASK, best, o);
+      int oa = __shfl_xor_sync(FV_FULL_MASK, at, o);
+      if (ob > best || (ob == best && oa < at)) { best = ob; at = oa; }
+    }
+    if (lane == 0) out[row] = (at < c && !(z[0] != z[0])) ? at : 0;
+  }
+}

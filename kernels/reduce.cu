@@ -38,15 +38,9 @@ extern "C" __global__ void add_column_partials_f32(const float* __restrict__ par
   }
 }
 
-// grid g (<= 1024), block 256 (any multiple of 32 up to 1024): partial[blockIdx.x] = sum of
-// x[i]^2 in f64 over the block's grid-stride elements (the host adds the g partials).
-extern "C" __global__ void sum_squares_f32(const float* __restrict__ x, long n, double* __restrict__ partial) {
+// The f64 sum of `acc` over the block, written to *out by thread 0 (every thread calls it).
+__device__ __forceinline__ void fv_block_sum_f64(double acc, double* out) {
   __shared__ double warp_sums[32];
-  double acc = 0.0;
-  for (long i = fv_global_id(); i < n; i += fv_grid_stride()) {
-    double v = (double)x[i];
-    acc += v * v;
-  }
   acc = fv_warp_sum_f64(acc);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   if (lane == 0) warp_sums[warp] = acc;
@@ -55,6 +49,37 @@ extern "C" __global__ void sum_squares_f32(const float* __restrict__ x, long n, 
     const int warps = blockDim.x / 32;
     double s = lane < warps ? warp_sums[lane] : 0.0;
     s = fv_warp_sum_f64(s);
-    if (lane == 0) partial[blockIdx.x] = s;
+    if (lane == 0) *out = s;
   }
+}
+
+// grid g (<= 1024), block 256 (any multiple of 32 up to 1024): partial[blockIdx.x] = sum of
+// x[i]^2 in f64 over the block's grid-stride elements (the host adds the g partials).
+extern "C" __global__ void sum_squares_f32(const float* __restrict__ x, long n, double* __restrict__ partial) {
+  double acc = 0.0;
+  for (long i = fv_global_id(); i < n; i += fv_grid_stride()) {
+    double v = (double)x[i];
+    acc += v * v;
+  }
+  fv_block_sum_f64(acc, partial + blockIdx.x);
+}
+
+// grid = number of chunks, block 256: the sum of squares of many tensors in one launch
+// (global-norm clipping). table holds 2 u64 per tensor: address, element count; block k
+// covers elements [chunk_start[k], min(chunk_start[k] + chunk, n)) of tensor
+// chunk_tensor[k] and writes partial[k] (the host adds the partials).
+extern "C" __global__ void sum_squares_multi_f32(const unsigned long long* __restrict__ table,
+    const int* __restrict__ chunk_tensor, const long* __restrict__ chunk_start, int chunk,
+    double* __restrict__ partial) {
+  const unsigned long long* t = table + 2l * chunk_tensor[blockIdx.x];
+  const float* x = (const float*)(size_t)t[0];
+  const long n = (long)t[1];
+  const long start = chunk_start[blockIdx.x];
+  const long end = start + chunk < n ? start + chunk : n;
+  double acc = 0.0;
+  for (long i = start + threadIdx.x; i < end; i += blockDim.x) {
+    double v = (double)x[i];
+    acc += v * v;
+  }
+  fv_block_sum_f64(acc, partial + blockIdx.x);
 }

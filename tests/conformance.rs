@@ -8,7 +8,7 @@
 //! multiples of warp or block sizes.
 
 use ferrovit::backend::{
-    for_device, AdamStep, AttnDims, Backend, DropoutKey, DropoutMode, SgdStep,
+    for_device, AdamStep, AttnDims, Backend, DropoutKey, DropoutMode, OptimTensors, SgdStep, Update,
 };
 use ferrovit::rng::Rng;
 use ferrovit::{Device, Result, Tensor};
@@ -402,6 +402,68 @@ impl Suite {
                 },
             );
         }
+        // one launch over many tensors: sizes below, at and across the chunk size
+        let sizes = [1usize, 45, 8192, 20001];
+        let adam = Update::Adam(AdamStep {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            decoupled: true,
+            step_size: 0.05,
+            bias_correction2_sqrt: 0.3,
+        });
+        let sgd = |momentum| {
+            Update::Sgd(SgdStep {
+                lr: 0.1,
+                momentum,
+                dampening: 0.0,
+                weight_decay: 1e-3,
+                nesterov: false,
+                first: false,
+            })
+        };
+        for (update, states) in [(adam, 2), (sgd(0.9), 1), (sgd(0.0), 0)] {
+            let tensors: Vec<Tensor> = sizes
+                .iter()
+                .flat_map(|&n| {
+                    let mut t = vec![self.rand(&[n]), self.rand(&[n])];
+                    t.extend((0..states).map(|_| self.uniform(&[n], 0.0, 1.0)));
+                    t
+                })
+                .collect();
+            self.check("optimizer_step", 1e-6, tensors, &|be, t| {
+                let mut all: Vec<OptimTensors> = t
+                    .chunks_exact_mut(2 + states)
+                    .map(|c| {
+                        let (pg, state) = c.split_at_mut(2);
+                        let [p, g] = pg else { unreachable!() };
+                        OptimTensors { p, g, state }
+                    })
+                    .collect();
+                be.optimizer_step(&mut all, update).map(|_| 0.0)
+            });
+        }
+        let grads: Vec<Tensor> = sizes.iter().map(|&n| self.rand(&[n])).collect();
+        self.check("sum_squares_all", 1e-9, grads, &|be, t| {
+            be.sum_squares_all(&t.iter().collect::<Vec<_>>())
+        });
+        let mut logits = self.rand(&[9, 37]).to_vec_f32();
+        logits[37 + 5] = 9.0; // a tie: the first wins
+        logits[37 + 20] = 9.0;
+        logits[2 * 37] = f32::NAN; // a NaN first element wins
+        logits[3 * 37 + 3] = f32::NAN; // a NaN elsewhere never does
+        let logits = Tensor::from_vec(logits, [9, 37]).unwrap();
+        self.check("argmax_rows", 0.0, vec![logits], &|be, t| {
+            let rows = be.argmax_rows(&t[0])?;
+            assert_eq!(rows[1], 5);
+            Ok(rows
+                .iter()
+                .enumerate()
+                .map(|(i, &k)| ((i + 1) * k) as f64)
+                .sum())
+        });
         eprintln!(
             "{}: {} op checks match the CPU backend",
             self.device,

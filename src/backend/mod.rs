@@ -8,7 +8,7 @@
 pub mod cpu;
 pub mod cuda;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::tensor::{Device, Tensor};
 
 pub use cpu::attention::AttnDims;
@@ -147,6 +147,69 @@ pub trait Backend: Send + Sync {
         step: AdamStep,
     ) -> Result<()>;
     fn sgd(&self, p: &mut Tensor, g: &Tensor, buf: &mut Tensor, step: SgdStep) -> Result<()>;
+
+    /// One optimizer update of every parameter at once (the CUDA backend: one launch
+    /// for all of them); by default one tensor at a time.
+    fn optimizer_step(&self, tensors: &mut [OptimTensors], update: Update) -> Result<()> {
+        for t in tensors {
+            match (update, &mut *t.state) {
+                (Update::Adam(s), [m, v]) => self.adam(t.p, t.g, m, v, s)?,
+                (Update::Sgd(s), [buf]) => self.sgd(t.p, t.g, buf, s)?,
+                (Update::Sgd(s), []) => {
+                    let mut none = Tensor::zeros([0], t.p.device());
+                    self.sgd(t.p, t.g, &mut none, s)?
+                }
+                _ => {
+                    return Err(Error::Config(
+                        "optimizer state does not fit the update".into(),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sum of the squares of every element of every tensor (global-norm clipping).
+    fn sum_squares_all(&self, xs: &[&Tensor]) -> Result<f64> {
+        xs.iter().map(|x| self.sum_squares(x)).sum()
+    }
+
+    /// Index of the largest value in each row of `[b, classes]` logits (the first on
+    /// ties; a NaN never wins, except as the first element).
+    fn argmax_rows(&self, logits: &Tensor) -> Result<Vec<usize>> {
+        let c = logits.shape().last();
+        if logits.shape().rank() != 2 || c == 0 {
+            return Err(Error::shape(
+                "argmax_rows",
+                "[batch, classes]",
+                logits.shape(),
+            ));
+        }
+        Ok(logits
+            .f32s()?
+            .chunks(c)
+            .map(|r| {
+                r.iter()
+                    .enumerate()
+                    .fold(0, |best, (i, v)| if *v > r[best] { i } else { best })
+            })
+            .collect())
+    }
+}
+
+/// One parameter in an [`Backend::optimizer_step`]: its value, gradient and state
+/// (Adam: the two moments; SGD: the momentum buffer, or nothing without momentum).
+pub struct OptimTensors<'a> {
+    pub p: &'a mut Tensor,
+    pub g: &'a Tensor,
+    pub state: &'a mut [Tensor],
+}
+
+/// The scalars of one optimizer update.
+#[derive(Clone, Copy, Debug)]
+pub enum Update {
+    Adam(AdamStep),
+    Sgd(SgdStep),
 }
 
 /// The backend that computes on tensors of `device`.

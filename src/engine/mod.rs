@@ -457,26 +457,10 @@ impl Engine {
     }
 }
 
-/// Index of the largest value in each row of `[b, classes]` logits (first on ties).
+/// Index of the largest value in each row of `[b, classes]` logits (first on ties),
+/// computed where the logits are.
 pub fn argmax_rows(logits: &Tensor) -> Result<Vec<usize>> {
-    let c = logits.shape().last();
-    if logits.shape().rank() != 2 || c == 0 {
-        return Err(Error::shape(
-            "argmax_rows",
-            "[batch, classes]",
-            logits.shape(),
-        ));
-    }
-    Ok(logits
-        .to_device(Device::Cpu)?
-        .f32s()?
-        .chunks(c)
-        .map(|r| {
-            r.iter()
-                .enumerate()
-                .fold(0, |best, (i, v)| if *v > r[best] { i } else { best })
-        })
-        .collect())
+    crate::backend::for_device(logits.device()).argmax_rows(logits)
 }
 
 /// How many rows of `logits` have their argmax at the label.

@@ -6,9 +6,9 @@
 //! so checkpoints can save and reshard it like the weights.
 
 use crate::autograd::ParamStore;
-use crate::backend::{self, AdamStep, SgdStep};
+use crate::backend::{self, AdamStep, OptimTensors, SgdStep, Update};
 use crate::error::{Error, Result};
-use crate::tensor::Tensor;
+use crate::tensor::{Device, Tensor};
 
 /// Which update rule, with its hyper-parameters (PyTorch's defaults via `Default`-like
 /// constructors).
@@ -138,50 +138,45 @@ impl Optimizer {
             )));
         }
         let t = self.steps + 1;
-        for (p, st) in store.iter_mut().zip(self.state.iter_mut()) {
-            let be = backend::for_device(p.value.device());
-            match self.kind {
-                OptimizerKind::Adam { beta1, beta2, eps }
-                | OptimizerKind::AdamW { beta1, beta2, eps } => {
-                    let s = AdamStep {
-                        lr,
-                        beta1,
-                        beta2,
-                        eps,
-                        weight_decay: self.weight_decay,
-                        decoupled: matches!(self.kind, OptimizerKind::AdamW { .. }),
-                        step_size: (lr as f64 / (1.0 - (beta1 as f64).powi(t as i32))) as f32,
-                        bias_correction2_sqrt: (1.0 - (beta2 as f64).powi(t as i32)).sqrt() as f32,
-                    };
-                    let [m, v] = &mut st[..] else {
-                        unreachable!("adam keeps two moments")
-                    };
-                    be.adam(&mut p.value, &p.grad, m, v, s)?;
-                }
-                OptimizerKind::Sgd {
-                    momentum,
-                    dampening,
-                    nesterov,
-                } => {
-                    let s = SgdStep {
-                        lr,
-                        momentum,
-                        dampening,
-                        weight_decay: self.weight_decay,
-                        nesterov,
-                        first: t == 1,
-                    };
-                    // Without momentum there is no buffer; the kernel takes an empty one.
-                    let mut none = Tensor::zeros([0], p.value.device());
-                    be.sgd(
-                        &mut p.value,
-                        &p.grad,
-                        st.first_mut().unwrap_or(&mut none),
-                        s,
-                    )?;
-                }
-            }
-        }
+        let update = match self.kind {
+            OptimizerKind::Adam { beta1, beta2, eps }
+            | OptimizerKind::AdamW { beta1, beta2, eps } => Update::Adam(AdamStep {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay: self.weight_decay,
+                decoupled: matches!(self.kind, OptimizerKind::AdamW { .. }),
+                step_size: (lr as f64 / (1.0 - (beta1 as f64).powi(t as i32))) as f32,
+                bias_correction2_sqrt: (1.0 - (beta2 as f64).powi(t as i32)).sqrt() as f32,
+            }),
+            OptimizerKind::Sgd {
+                momentum,
+                dampening,
+                nesterov,
+            } => Update::Sgd(SgdStep {
+                lr,
+                momentum,
+                dampening,
+                weight_decay: self.weight_decay,
+                nesterov,
+                first: t == 1,
+            }),
+        };
+        let device = store
+            .iter()
+            .next()
+            .map_or(Device::Cpu, |p| p.value.device());
+        let mut tensors: Vec<OptimTensors> = store
+            .iter_mut()
+            .zip(self.state.iter_mut())
+            .map(|(p, state)| OptimTensors {
+                p: &mut p.value,
+                g: &p.grad,
+                state,
+            })
+            .collect();
+        backend::for_device(device).optimizer_step(&mut tensors, update)?;
         self.steps = t;
         Ok(())
     }
@@ -240,11 +235,11 @@ pub fn clip_grad_norm(store: &mut ParamStore, max_norm: f32) -> Result<f32> {
 
 /// Sum of the squares of every gradient element.
 pub fn grad_sum_squares(store: &ParamStore) -> Result<f64> {
-    let mut sum = 0.0f64;
-    for p in store.iter() {
-        sum += backend::for_device(p.grad.device()).sum_squares(&p.grad)?;
+    let grads: Vec<&Tensor> = store.iter().map(|p| &p.grad).collect();
+    match grads.first() {
+        Some(g) => backend::for_device(g.device()).sum_squares_all(&grads),
+        None => Ok(0.0),
     }
-    Ok(sum)
 }
 
 /// Scales the gradients, whose global L2 norm is `total`, down to norm `max_norm`

@@ -3,7 +3,9 @@
 
 use super::{Arg, Gemm, Gpu, Launch};
 use crate::backend::cpu::{check_attn, ops::sample_base};
-use crate::backend::{AdamStep, AttnDims, Backend, DropoutKey, DropoutMode, SgdStep};
+use crate::backend::{
+    AdamStep, AttnDims, Backend, DropoutKey, DropoutMode, OptimTensors, SgdStep, Update,
+};
 use crate::error::{Error, Result};
 use crate::tensor::{Device, Tensor};
 use std::sync::Arc;
@@ -14,6 +16,8 @@ const THREADS: u32 = 256;
 const ROWS_PER_CHUNK: usize = 64;
 /// Warps per block of the one-warp-per-row kernels and of attention.
 const ROW_WARPS: usize = 4;
+/// Elements per block of the multi-tensor kernels (optimizer, global norm).
+const MULTI_CHUNK: usize = 8192;
 
 pub struct CudaBackend {
     gpu: Arc<dyn Gpu>,
@@ -161,6 +165,31 @@ impl CudaBackend {
         )
     }
 
+    /// Copies `data` into a fresh device buffer (of f32 slots) and returns its address
+    /// with the buffer that owns it.
+    fn upload<T: bytemuck::Pod>(&self, data: &[T]) -> Result<(Arg, Tensor)> {
+        let bytes = std::mem::size_of_val(data);
+        let mut t = self.scratch(bytes.div_ceil(4));
+        let p = t.cuda_ptr_mut()?;
+        self.gpu.upload(p, bytemuck::cast_slice(data))?;
+        Ok((Arg::Ptr(p), t))
+    }
+
+    /// The chunk lists of a multi-tensor kernel: for each block, which tensor (index
+    /// into the table) and which element it starts at.
+    fn chunks(&self, lens: &[usize]) -> Result<(Arg, Arg, usize, Vec<Tensor>)> {
+        let (mut which, mut start) = (Vec::new(), Vec::new());
+        for (i, &n) in lens.iter().enumerate() {
+            for s in (0..n).step_by(MULTI_CHUNK) {
+                which.push(i as i32);
+                start.push(s as i64);
+            }
+        }
+        let (w, wb) = self.upload(&which)?;
+        let (s, sb) = self.upload(&start)?;
+        Ok((w, s, which.len(), vec![wb, sb]))
+    }
+
     /// Sets every element of `t` to `value`.
     pub fn fill(&self, t: &mut Tensor, value: f32) -> Result<()> {
         let n = t.numel();
@@ -198,11 +227,11 @@ impl Backend for CudaBackend {
                 format!("{} · {} -> {} elements", a.numel(), b.numel(), c.numel()),
             ));
         }
-        let (Arg::Ptr(a), Arg::Ptr(b), Arg::Ptr(c)) =
-            (self.ptr(a)?, self.ptr(b)?, self.ptr_mut(c)?)
-        else {
-            unreachable!("ptr gives pointers")
-        };
+        let (a, b, c) = (
+            addr(self.ptr(a)?),
+            addr(self.ptr(b)?),
+            addr(self.ptr_mut(c)?),
+        );
         self.gpu.gemm(&Gemm {
             c,
             a,
@@ -507,11 +536,8 @@ impl Backend for CudaBackend {
             &[self.ptr(x)?, long(n), p],
         )?;
         let mut host = vec![0.0f64; blocks];
-        let Arg::Ptr(addr) = p else {
-            unreachable!("ptr gives pointers")
-        };
         self.gpu
-            .download(addr, bytemuck::cast_slice_mut(&mut host))?;
+            .download(addr(p), bytemuck::cast_slice_mut(&mut host))?;
         Ok(host.iter().sum())
     }
 
@@ -539,11 +565,7 @@ impl Backend for CudaBackend {
             )));
         }
         let bases: Vec<u64> = samples.iter().map(|&s| sample_base(key, s)).collect();
-        let mut b = self.scratch(2 * bases.len());
-        let Arg::Ptr(addr) = self.ptr_mut(&mut b)? else {
-            unreachable!("ptr gives pointers")
-        };
-        self.gpu.upload(addr, bytemuck::cast_slice(&bases))?;
+        let (bases, _keep) = self.upload(&bases)?;
         let (residual, mode) = match mode {
             DropoutMode::Write => (Arg::Ptr(0), 0),
             DropoutMode::Accumulate => (Arg::Ptr(0), 1),
@@ -557,7 +579,7 @@ impl Backend for CudaBackend {
             self.ptr(x)?,
             residual,
             self.ptr_mut(out)?,
-            Arg::Ptr(addr),
+            bases,
             long(n / samples.len()),
             long(n),
             Arg::U32(threshold),
@@ -590,16 +612,12 @@ impl Backend for CudaBackend {
             )));
         }
         let ys: Vec<i32> = labels.iter().map(|&y| y as i32).collect();
-        let mut dev_labels = self.scratch(b);
-        let Arg::Ptr(la) = self.ptr_mut(&mut dev_labels)? else {
-            unreachable!("ptr gives pointers")
-        };
-        self.gpu.upload(la, bytemuck::cast_slice(&ys))?;
+        let (labels, _keep) = self.upload(&ys)?;
         let mut rows = self.scratch(b);
         let r = self.ptr_mut(&mut rows)?;
         let args = [
             self.ptr(logits)?,
-            Arg::Ptr(la),
+            labels,
             self.ptr_mut(dlogits)?,
             r,
             int(b, "batch")?,
@@ -694,6 +712,131 @@ impl Backend for CudaBackend {
             Arg::I32(s.first as i32),
         ];
         self.elementwise("sgd_f32", n, &args)
+    }
+
+    fn optimizer_step(&self, tensors: &mut [OptimTensors], update: Update) -> Result<()> {
+        let mut table: Vec<u64> = Vec::new();
+        let mut lens = Vec::new();
+        for t in tensors.iter_mut() {
+            let n = t.p.numel();
+            same("optimizer_step", n, t.g.numel())?;
+            let (p, g) = (addr(self.ptr_mut(t.p)?), addr(self.ptr(t.g)?));
+            let mut state = Vec::new();
+            for s in t.state.iter_mut() {
+                same("optimizer_step", n, s.numel())?;
+                state.push(addr(self.ptr_mut(s)?));
+            }
+            let wd = match update {
+                Update::Adam(s) => s.weight_decay,
+                Update::Sgd(s) => s.weight_decay,
+            };
+            match (update, &state[..]) {
+                (Update::Adam(_), &[m, v]) => table.extend([p, g, m, v]),
+                (Update::Sgd(_), &[buf]) => table.extend([p, g, buf]),
+                (Update::Sgd(_), []) => table.extend([p, g, 0]),
+                _ => {
+                    return Err(Error::Config(
+                        "optimizer state does not fit the update".into(),
+                    ))
+                }
+            }
+            table.extend([n as u64, wd.to_bits() as u64]);
+            lens.push(n);
+        }
+        let (tab, _t) = self.upload(&table)?;
+        let (which, start, blocks, _c) = self.chunks(&lens)?;
+        if blocks == 0 {
+            return Ok(());
+        }
+        let head = [tab, which, start, int(MULTI_CHUNK, "chunk")?];
+        let (kernel, tail) = match update {
+            Update::Adam(s) => (
+                "adam_multi_f32",
+                vec![
+                    Arg::F32(s.lr),
+                    Arg::F32(s.beta1),
+                    Arg::F32(s.beta2),
+                    Arg::F32(s.eps),
+                    Arg::I32(s.decoupled as i32),
+                    Arg::F32(s.step_size),
+                    Arg::F32(s.bias_correction2_sqrt),
+                ],
+            ),
+            Update::Sgd(s) => (
+                "sgd_multi_f32",
+                vec![
+                    Arg::F32(s.lr),
+                    Arg::F32(s.momentum),
+                    Arg::F32(s.dampening),
+                    Arg::I32(s.nesterov as i32),
+                    Arg::I32(s.first as i32),
+                ],
+            ),
+        };
+        self.launch(
+            kernel,
+            [blocks as u32, 1, 1],
+            [THREADS, 1, 1],
+            0,
+            &[&head[..], &tail].concat(),
+        )
+    }
+
+    fn sum_squares_all(&self, xs: &[&Tensor]) -> Result<f64> {
+        let mut table = Vec::new();
+        for x in xs {
+            table.extend([addr(self.ptr(x)?), x.numel() as u64]);
+        }
+        let lens: Vec<usize> = xs.iter().map(|x| x.numel()).collect();
+        let (tab, _t) = self.upload(&table)?;
+        let (which, start, blocks, _c) = self.chunks(&lens)?;
+        if blocks == 0 {
+            return Ok(0.0);
+        }
+        let mut partial = self.scratch(2 * blocks);
+        let p = self.ptr_mut(&mut partial)?;
+        let args = [tab, which, start, int(MULTI_CHUNK, "chunk")?, p];
+        self.launch(
+            "sum_squares_multi_f32",
+            [blocks as u32, 1, 1],
+            [THREADS, 1, 1],
+            0,
+            &args,
+        )?;
+        let mut host = vec![0.0f64; blocks];
+        self.gpu
+            .download(addr(p), bytemuck::cast_slice_mut(&mut host))?;
+        Ok(host.iter().sum())
+    }
+
+    fn argmax_rows(&self, logits: &Tensor) -> Result<Vec<usize>> {
+        let c = logits.shape().last();
+        if logits.shape().rank() != 2 || c == 0 {
+            return Err(Error::shape(
+                "argmax_rows",
+                "[batch, classes]",
+                logits.shape(),
+            ));
+        }
+        let b = logits.numel() / c;
+        let mut out = self.scratch(b);
+        let o = self.ptr_mut(&mut out)?;
+        self.per_row(
+            "argmax_rows_f32",
+            b,
+            &[self.ptr(logits)?, o, int(b, "batch")?, int(c, "classes")?],
+        )?;
+        let mut host = vec![0i32; b];
+        self.gpu
+            .download(addr(o), bytemuck::cast_slice_mut(&mut host))?;
+        Ok(host.into_iter().map(|i| i as usize).collect())
+    }
+}
+
+fn addr(a: Arg) -> u64 {
+    match a {
+        Arg::Ptr(p) => p,
+        _ => unreachable!("ptr gives pointers"),
     }
 }
 

@@ -37,6 +37,7 @@ fn share(replica: usize, replicas: usize) -> Batch {
     Batch {
         images: Tensor::from_vec(rng.vec(n * 3 * 32 * 32, |r| r.normal()), [n, 3, 32, 32])
             .expect("images"),
+        raw: None,
         labels: rows.clone().map(|i| i % 10).collect(),
         samples: rows.clone().map(|i| i as u64).collect(),
         global: BATCH,

@@ -520,6 +520,11 @@ fn train_rank(opts: &TrainOptions, group: Option<Arc<dyn ProcessGroup>>) -> Resu
     .shard(replica, layout.dp)?;
     test_loader.workers = opts.workers;
     test_loader.images = stage == 0;
+    // On a CUDA device the loader sends raw pixels; the device crops, flips and
+    // normalises (AutoAugment stays on the CPU).
+    let device_augment = opts.device != "cpu" && !augment.auto_augment;
+    train_loader.device_augment = device_augment;
+    test_loader.device_augment = device_augment;
 
     let steps_per_epoch = train_loader.batches_per_epoch() as u64;
     let total = opts.epochs as u64 * steps_per_epoch;

@@ -10,6 +10,7 @@
 use ferrovit::backend::{
     for_device, AdamStep, AttnDims, Backend, DropoutKey, DropoutMode, OptimTensors, SgdStep, Update,
 };
+use ferrovit::data::{Geometry, RawImages};
 use ferrovit::rng::Rng;
 use ferrovit::{Device, Result, Tensor};
 use std::cell::{Cell, RefCell};
@@ -463,6 +464,35 @@ impl Suite {
                 .enumerate()
                 .map(|(i, &k)| ((i + 1) * k) as f64)
                 .sum())
+        });
+        let geometry = (0..5)
+            .map(|i| Geometry {
+                dy: i - 2,
+                dx: 4 - 2 * i,
+                flip: i % 2 == 1,
+            })
+            .chain([
+                Geometry {
+                    dy: -4,
+                    dx: 4,
+                    flip: true,
+                },
+                Geometry::default(),
+            ])
+            .collect::<Vec<_>>();
+        let pixels = (0..geometry.len() * 3072)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        let raw = RawImages { pixels, geometry };
+        self.check("augment", 0.0, vec![], &|be, _| {
+            let images = be.augment(&raw)?.to_device(Device::Cpu)?;
+            let want = raw.to_images()?;
+            assert_eq!(
+                images.to_vec_f32(),
+                want.to_vec_f32(),
+                "augmented images differ"
+            );
+            Ok(0.0)
         });
         eprintln!(
             "{}: {} op checks match the CPU backend",

@@ -11,17 +11,18 @@ use std::path::Path;
 
 /// A small ViT (patch 8: 17 tokens) that learns the digits well above chance in two
 /// epochs; the emulated device takes ~15 s per epoch on two cores.
-fn options(out: &Path, device: &str) -> TrainOptions {
+fn options(out: &Path, device: &str, augment: &str, epochs: usize) -> TrainOptions {
     TrainOptions {
         dim: Some(32),
         depth: Some(2),
         heads: Some(2),
         mlp_dim: Some(64),
         patch_size: Some(8),
-        epochs: 2,
+        epochs,
         batch_size: 32,
         lr: 3e-3,
         warmup: 0.0,
+        augment: augment.into(),
         seed: 3,
         workers: 1,
         out: out.to_path_buf(),
@@ -42,25 +43,15 @@ fn epoch_losses(out: &Path) -> Vec<f64> {
         .collect()
 }
 
-/// Trains on `device` and on the CPU; the accuracies must agree within 1.5 points
-/// (the stated margin: f32 sums in a different order may flip a borderline image or
-/// two out of 360) and the epoch losses to 1e-3.
-fn matches_cpu(device: &str) {
-    let dir = temp_dir(&format!("cuda-train-{}", device.replace(':', "-")));
-    let cpu = train(&options(&dir.join("cpu"), "cpu")).unwrap();
-    let dev = train(&options(&dir.join("dev"), device)).unwrap();
-    let (a, b) = (
-        cpu.final_test_accuracy.unwrap(),
-        dev.final_test_accuracy.unwrap(),
-    );
-    assert!(
-        a > 0.3,
-        "the CPU run should learn well above chance, got {a}"
-    );
-    assert!(
-        (a - b).abs() <= 0.015,
-        "{device}: test accuracy {b}, the CPU {a}"
-    );
+/// Trains on `device` and on the CPU with the same options; the epoch losses must agree
+/// to 1e-3. Returns both test accuracies (CPU first).
+fn train_both(device: &str, augment: &str, epochs: usize) -> (f64, f64) {
+    let dir = temp_dir(&format!(
+        "cuda-train-{}-{augment}",
+        device.replace(':', "-")
+    ));
+    let cpu = train(&options(&dir.join("cpu"), "cpu", augment, epochs)).unwrap();
+    let dev = train(&options(&dir.join("dev"), device, augment, epochs)).unwrap();
     for (x, y) in epoch_losses(&dir.join("cpu"))
         .iter()
         .zip(epoch_losses(&dir.join("dev")))
@@ -77,8 +68,28 @@ fn matches_cpu(device: &str) {
         dir.join("dev/checkpoints").to_str().unwrap(),
     ]);
     assert!(ok, "{stdout}{stderr}");
-    eprintln!("{device}: test accuracy {b:.4} (CPU {a:.4})");
     let _ = std::fs::remove_dir_all(dir);
+    (
+        cpu.final_test_accuracy.unwrap(),
+        dev.final_test_accuracy.unwrap(),
+    )
+}
+
+/// Accuracies must agree within 1.5 points (the stated margin: f32 sums in another
+/// order may flip a borderline image or two out of 360); random crops and flips (the
+/// loader sends raw pixels, the device augments) must give the same losses.
+fn matches_cpu(device: &str) {
+    let (a, b) = train_both(device, "none", 2);
+    assert!(
+        a > 0.3,
+        "the CPU run should learn well above chance, got {a}"
+    );
+    assert!(
+        (a - b).abs() <= 0.015,
+        "{device}: test accuracy {b}, the CPU {a}"
+    );
+    eprintln!("{device}: test accuracy {b:.4} (CPU {a:.4})");
+    train_both(device, "crop,flip", 1);
 }
 
 #[test]

@@ -67,6 +67,7 @@ fn share(step: usize, r: usize, replicas: usize) -> Batch {
     let x = images.f32s().unwrap()[rows.start * per..rows.end * per].to_vec();
     Batch {
         images: Tensor::from_vec(x, [rows.len(), 3, 32, 32]).unwrap(),
+        raw: None,
         labels: labels[rows.clone()].to_vec(),
         samples: samples[rows.clone()].to_vec(),
         global: BATCH,

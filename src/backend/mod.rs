@@ -8,6 +8,7 @@
 pub mod cpu;
 pub mod cuda;
 
+use crate::data::RawImages;
 use crate::error::{Error, Result};
 use crate::tensor::{Device, Tensor};
 
@@ -167,6 +168,12 @@ pub trait Backend: Send + Sync {
             }
         }
         Ok(())
+    }
+
+    /// Crops, flips and normalises a batch of raw images (`[b, 3, 32, 32]` f32 on this
+    /// backend's device).
+    fn augment(&self, raw: &RawImages) -> Result<Tensor> {
+        raw.to_images()
     }
 
     /// Sum of the squares of every element of every tensor (global-norm clipping).

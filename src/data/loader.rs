@@ -9,7 +9,7 @@
 //! reads the workers in turn, so the batches, their order and their augmentation do
 //! not depend on the number of workers (nor on how replicas split the batches).
 
-use super::{Augment, Dataset};
+use super::{Augment, Dataset, RawImages};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::tensor::{Device, Tensor};
@@ -43,11 +43,14 @@ impl Sampler {
     }
 }
 
-/// One batch (or this rank's share of one): normalised images `[b, 3, 32, 32]`,
+/// One batch (or this rank's share of one): normalised images `[b, 3, 32, 32]` (or,
+/// for a device that augments itself, raw pixels with each sample's crop and flip),
 /// labels, and the dataset index of each sample (dropout masks are keyed by it).
 #[derive(Debug)]
 pub struct Batch {
     pub images: Tensor,
+    /// Set instead of `images` by a loader with `device_augment`.
+    pub raw: Option<RawImages>,
     pub labels: Vec<usize>,
     pub samples: Vec<u64>,
     /// Size of the global batch this is a share of, and where the share starts in it.
@@ -61,6 +64,7 @@ impl Batch {
         let global = labels.len();
         Batch {
             images,
+            raw: None,
             labels,
             samples,
             global,
@@ -81,6 +85,9 @@ pub struct Loader {
     pub shard: (usize, usize),
     /// Build the images (stages after a pipeline's first need only the labels).
     pub images: bool,
+    /// Leave cropping, flipping and normalising to the device: batches carry raw pixels
+    /// (`Batch::raw`), a quarter of the bytes to copy. Not with AutoAugment.
+    pub device_augment: bool,
     /// Drop the last partial batch of an epoch.
     pub drop_last: bool,
     /// Random augmentation of every image.
@@ -102,6 +109,7 @@ impl Loader {
             batch_size,
             shard: (0, 1),
             images: true,
+            device_augment: false,
             drop_last: false,
             augment: Augment::default(),
             workers: 2,
@@ -153,6 +161,7 @@ impl Loader {
             let (chunks, data) = (chunks.clone(), self.data.clone());
             let (augment, seed) = (self.augment, self.sampler.seed);
             let ((replica, replicas), images) = (self.shard, self.images);
+            let device_augment = self.device_augment;
             handles.push(std::thread::spawn(move || {
                 // augmentation streams keyed by (seed, epoch, sample index)
                 let key = seed ^ (epoch + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
@@ -160,14 +169,19 @@ impl Loader {
                     let n = all.len();
                     let share = replica * n / replicas..(replica + 1) * n / replicas;
                     let idx = &all[share.clone()];
-                    let built = if images {
-                        data.batch(idx, Some((augment, key)))
+                    let none = || Tensor::zeros([0], Device::Cpu);
+                    let built = if !images {
+                        data.labels_of(idx).map(|l| (none(), None, l))
+                    } else if device_augment {
+                        data.raw_batch(idx, Some((augment, key)))
+                            .map(|(raw, l)| (none(), Some(raw), l))
                     } else {
-                        data.labels_of(idx)
-                            .map(|l| (Tensor::zeros([0], Device::Cpu), l))
+                        data.batch(idx, Some((augment, key)))
+                            .map(|(images, l)| (images, None, l))
                     };
-                    let batch = built.map(|(images, labels)| Batch {
+                    let batch = built.map(|(images, raw, labels)| Batch {
                         images,
+                        raw,
                         labels,
                         samples: idx.iter().map(|&i| i as u64).collect(),
                         global: n,

@@ -9,8 +9,8 @@ mod loader;
 pub mod transforms;
 
 pub use loader::{Batch, Epoch, Loader, Sampler};
-pub use transforms::Augment;
 use transforms::{normalize_into, PIXELS};
+pub use transforms::{Augment, Geometry};
 
 use crate::error::{Error, Result};
 use crate::rng::Rng;
@@ -158,18 +158,10 @@ impl Dataset {
     ) -> Result<(Tensor, Vec<usize>)> {
         let mut out = Vec::with_capacity(idx.len() * 3 * PIXELS);
         for &i in idx {
-            let img = self
-                .images
-                .get(i * 3 * PIXELS..(i + 1) * 3 * PIXELS)
-                .ok_or_else(|| {
-                    Error::Config(format!(
-                        "sample {i} is out of range for {} images",
-                        self.len()
-                    ))
-                })?;
+            let img = self.image(i)?;
             match augment {
                 Some((aug, key)) if !aug.is_identity() => {
-                    let mut rng = Rng::new(key ^ (i as u64).wrapping_mul(0xd6e8_feb8_6659_fd93));
+                    let mut rng = sample_rng(key, i);
                     normalize_into(&aug.apply(img, &mut rng), &MEAN, &STD, &mut out)
                 }
                 _ => normalize_into(img, &MEAN, &STD, &mut out),
@@ -177,6 +169,44 @@ impl Dataset {
         }
         let labels = self.labels_of(idx)?;
         Ok((Tensor::from_vec(out, [idx.len(), 3, 32, 32])?, labels))
+    }
+
+    /// As [`Dataset::batch`] for a device that crops, flips and normalises itself: the
+    /// raw pixels and each sample's crop/flip (drawn from the same random streams, so
+    /// the images are the same). AutoAugment cannot be deferred: it is refused.
+    pub fn raw_batch(
+        &self,
+        idx: &[usize],
+        augment: Option<(Augment, u64)>,
+    ) -> Result<(RawImages, Vec<usize>)> {
+        let mut raw = RawImages {
+            pixels: Vec::with_capacity(idx.len() * 3 * PIXELS),
+            geometry: Vec::with_capacity(idx.len()),
+        };
+        for &i in idx {
+            raw.pixels.extend_from_slice(self.image(i)?);
+            raw.geometry.push(match augment {
+                Some((aug, _)) if aug.auto_augment => {
+                    return Err(Error::Config(
+                        "AutoAugment runs on the CPU: it cannot be deferred to the device".into(),
+                    ))
+                }
+                Some((aug, key)) => aug.draw_geometry(&mut sample_rng(key, i)),
+                None => Geometry::default(),
+            });
+        }
+        Ok((raw, self.labels_of(idx)?))
+    }
+
+    fn image(&self, i: usize) -> Result<&[u8]> {
+        self.images
+            .get(i * 3 * PIXELS..(i + 1) * 3 * PIXELS)
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "sample {i} is out of range for {} images",
+                    self.len()
+                ))
+            })
     }
 
     /// The labels of samples `idx`.
@@ -191,5 +221,30 @@ impl Dataset {
                 })
             })
             .collect()
+    }
+}
+
+/// Sample `i`'s augmentation stream in an epoch keyed by `key`.
+fn sample_rng(key: u64, i: usize) -> Rng {
+    Rng::new(key ^ (i as u64).wrapping_mul(0xd6e8_feb8_6659_fd93))
+}
+
+/// A batch's images before cropping, flipping and normalising (done by the device).
+#[derive(Clone, Debug, Default)]
+pub struct RawImages {
+    /// `[b, 3, 32, 32]` planar `u8` pixels.
+    pub pixels: Vec<u8>,
+    /// Each sample's crop and flip.
+    pub geometry: Vec<Geometry>,
+}
+
+impl RawImages {
+    /// Normalised f32 images `[b, 3, 32, 32]` on the CPU: the reference for devices.
+    pub fn to_images(&self) -> Result<Tensor> {
+        let mut out = Vec::with_capacity(self.pixels.len());
+        for (img, g) in self.pixels.chunks(3 * PIXELS).zip(&self.geometry) {
+            normalize_into(&g.apply(img), &MEAN, &STD, &mut out);
+        }
+        Tensor::from_vec(out, [self.geometry.len(), 3, 32, 32])
     }
 }

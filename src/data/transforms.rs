@@ -44,24 +44,52 @@ impl Augment {
         Ok(a)
     }
 
+    /// Draws the crop offsets, then the flip (the first numbers [`Augment::apply`]
+    /// draws from `rng`).
+    pub fn draw_geometry(&self, rng: &mut Rng) -> Geometry {
+        let mut g = Geometry::default();
+        if self.crop_padding > 0 {
+            let span = 2 * self.crop_padding as u64 + 1;
+            g.dy = (rng.next_u64() % span) as i32 - self.crop_padding as i32;
+            g.dx = (rng.next_u64() % span) as i32 - self.crop_padding as i32;
+        }
+        g.flip = self.flip && rng.next_u64() & 1 == 1;
+        g
+    }
+
     /// Applies the augmentation to one image, drawing from `rng` in a fixed order
     /// (crop offsets, then the flip, then AutoAugment), so results depend only on the
     /// RNG's seed.
     pub fn apply(&self, img: &[u8], rng: &mut Rng) -> Vec<u8> {
-        let mut out = img.to_vec();
-        if self.crop_padding > 0 {
-            let span = 2 * self.crop_padding as u64 + 1;
-            let dy = (rng.next_u64() % span) as isize - self.crop_padding as isize;
-            let dx = (rng.next_u64() % span) as isize - self.crop_padding as isize;
-            out = shift(&out, dy, dx);
-        }
-        if self.flip && rng.next_u64() & 1 == 1 {
-            out = hflip(&out);
-        }
+        let mut out = self.draw_geometry(rng).apply(img);
         if self.auto_augment {
             out = auto_augment(&out, rng);
         }
         out
+    }
+}
+
+/// Where a random crop (as a shift) and a horizontal flip move one image.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Geometry {
+    pub dy: i32,
+    pub dx: i32,
+    pub flip: bool,
+}
+
+impl Geometry {
+    /// The image shifted by (`dy`, `dx`), then mirrored if `flip`.
+    pub fn apply(&self, img: &[u8]) -> Vec<u8> {
+        let out = if (self.dy, self.dx) == (0, 0) {
+            img.to_vec()
+        } else {
+            shift(img, self.dy as isize, self.dx as isize)
+        };
+        if self.flip {
+            hflip(&out)
+        } else {
+            out
+        }
     }
 }
 

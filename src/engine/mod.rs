@@ -385,6 +385,15 @@ impl Engine {
         })
     }
 
+    /// A batch's images, augmented where the parameters are when the loader left that
+    /// to the device.
+    fn batch_images(&self, batch: &Batch) -> Result<Tensor> {
+        match &batch.raw {
+            Some(raw) => crate::backend::for_device(self.params_device()).augment(raw),
+            None => Ok(batch.images.clone()),
+        }
+    }
+
     /// One training step on this rank's share of a global batch, in any layout: the
     /// pipeline schedule and gradient all-reduce of a parallel run, or
     /// zero_grad/forward/criterion/backward/step on one rank.
@@ -394,7 +403,8 @@ impl Engine {
             return self.parallel_batch(batch, true);
         }
         self.zero_grad();
-        let output = self.forward(batch.images, &batch.samples)?;
+        let images = self.batch_images(&batch)?;
+        let output = self.forward(images, &batch.samples)?;
         let loss = self.criterion(&output, &batch.labels)?;
         self.backward(&loss)?;
         self.step()?;
@@ -415,7 +425,8 @@ impl Engine {
             self.training = was_training;
             return r;
         }
-        let (stats, predictions) = self.eval_batch(batch.images, &batch.labels)?;
+        let images = self.batch_images(&batch)?;
+        let (stats, predictions) = self.eval_batch(images, &batch.labels)?;
         Ok(StepResult {
             loss: stats.loss,
             labels: batch.labels,

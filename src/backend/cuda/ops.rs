@@ -6,6 +6,7 @@ use crate::backend::cpu::{check_attn, ops::sample_base};
 use crate::backend::{
     AdamStep, AttnDims, Backend, DropoutKey, DropoutMode, OptimTensors, SgdStep, Update,
 };
+use crate::data::RawImages;
 use crate::error::{Error, Result};
 use crate::tensor::{Device, Tensor};
 use std::sync::Arc;
@@ -780,6 +781,35 @@ impl Backend for CudaBackend {
             0,
             &[&head[..], &tail].concat(),
         )
+    }
+
+    fn augment(&self, raw: &RawImages) -> Result<Tensor> {
+        let b = raw.geometry.len();
+        let n = b * 3 * 32 * 32;
+        same("augment", n, raw.pixels.len())?;
+        let geometry: Vec<i32> = raw
+            .geometry
+            .iter()
+            .flat_map(|g| [g.dy, g.dx, g.flip as i32])
+            .collect();
+        let (pixels, _p) = self.upload(&raw.pixels)?;
+        let (geometry, _g) = self.upload(&geometry)?;
+        let mut out = Tensor::uninit([b, 3, 32, 32], self.device);
+        let (m, s) = (crate::data::MEAN, crate::data::STD);
+        let args = [
+            pixels,
+            geometry,
+            self.ptr_mut(&mut out)?,
+            long(n),
+            Arg::F32(m[0]),
+            Arg::F32(m[1]),
+            Arg::F32(m[2]),
+            Arg::F32(s[0]),
+            Arg::F32(s[1]),
+            Arg::F32(s[2]),
+        ];
+        self.elementwise("augment_u8_f32", n, &args)?;
+        Ok(out)
     }
 
     fn sum_squares_all(&self, xs: &[&Tensor]) -> Result<f64> {

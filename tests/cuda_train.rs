@@ -131,3 +131,36 @@ fn device_errors_are_clear() {
     let (ok, _, stderr) = ferrovit(&["train", "--device", "cuda-emu", "--dp", "2", "--out", out]);
     assert!(!ok && stderr.contains("parallel training"), "{stderr}");
 }
+
+#[test]
+fn running_out_of_device_memory_is_an_error() {
+    use ferrovit::engine::{Engine, TrainConfig};
+    use ferrovit::{Tensor, VitConfig};
+    let device = Device::cuda_emulated_with_memory(4 << 20);
+    let cfg = VitConfig::preset("vit_lite_depth7_patch4_32").unwrap();
+    let mut engine = Engine::new(&cfg, TrainConfig::default()).unwrap();
+    // 3.7M parameters: weights, gradients and two moments do not fit in 4 MiB
+    let err = engine.to_device(device).unwrap_err().to_string();
+    assert!(
+        err.contains("out of memory") && err.contains("--batch-size"),
+        "{err}"
+    );
+    let small = VitConfig {
+        dim: 16,
+        depth: 1,
+        heads: 2,
+        mlp_dim: 16,
+        ..cfg
+    };
+    let mut engine = Engine::new(&small, TrainConfig::default()).unwrap();
+    engine.to_device(device).unwrap();
+    let b = 256; // the activations of this batch do not fit
+    let images = Tensor::zeros([b, 3, 32, 32], Device::Cpu);
+    let labels: Vec<usize> = (0..b).map(|i| i % 10).collect();
+    let samples: Vec<u64> = (0..b as u64).collect();
+    let err = engine
+        .train_step(images, &labels, &samples)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("out of memory"), "{err}");
+}

@@ -230,8 +230,9 @@ impl<'a> Graph<'a> {
         self.nodes[v.0].needs_grad
     }
 
-    fn out(&self, dims: &[usize]) -> Tensor {
-        Tensor::uninit(Shape::new(dims), self.device)
+    /// An output buffer (an error, not a panic, when the device is out of memory).
+    fn out(&self, dims: &[usize]) -> Result<Tensor> {
+        Tensor::try_uninit(Shape::new(dims), self.device)
     }
 
     fn with_last(dims: &[usize], last: usize) -> Vec<usize> {
@@ -260,7 +261,7 @@ impl<'a> Graph<'a> {
         };
         // The backend checks that `patch` divides the sides.
         let p = patch.max(1);
-        let mut out = self.out(&[b, (h / p) * (w / p), c * patch * patch]);
+        let mut out = self.out(&[b, (h / p) * (w / p), c * patch * patch])?;
         self.backend.patchify(x, patch, &mut out)?;
         Ok(self.push(out, false, Op::Patchify))
     }
@@ -283,7 +284,7 @@ impl<'a> Graph<'a> {
         }
         let n = xv.shape().rows();
         let dims = Self::with_last(xv.dims(), out_f);
-        let mut out = self.out(&dims);
+        let mut out = self.out(&dims)?;
         let pre = match act {
             Activation::None => {
                 if let Some(b) = b {
@@ -301,14 +302,14 @@ impl<'a> Graph<'a> {
                 None
             }
             Activation::Gelu => {
-                let mut pre = self.out(&dims);
+                let mut pre = self.out(&dims)?;
                 self.backend
                     .matmul(&mut pre, xv, false, wv, true, (n, out_f, in_f), false)?;
                 let zero;
                 let bias = match b {
                     Some(b) => self.value(b),
                     None => {
-                        zero = Tensor::zeros([out_f], self.device);
+                        zero = Tensor::try_zeros([out_f], self.device)?;
                         &zero
                     }
                 };
@@ -337,7 +338,7 @@ impl<'a> Graph<'a> {
                 format!("{} and {}", c.shape(), e.shape()),
             ));
         }
-        let mut out = self.out(&[b, l + 1, d]);
+        let mut out = self.out(&[b, l + 1, d])?;
         self.backend.embed(p, c, e, &mut out)?;
         let needs = self.needs(patches) || self.needs(cls) || self.needs(pos);
         Ok(self.push(out, needs, Op::Embed { patches, cls, pos }))
@@ -350,9 +351,9 @@ impl<'a> Graph<'a> {
         g.expect_dims("layernorm weight", &[d])?;
         b.expect_dims("layernorm bias", &[d])?;
         let rows = xv.shape().rows();
-        let mut y = self.out(xv.dims());
-        let mut mean = self.out(&[rows]);
-        let mut rstd = self.out(&[rows]);
+        let mut y = self.out(xv.dims())?;
+        let mut mean = self.out(&[rows])?;
+        let mut rstd = self.out(&[rows])?;
         self.backend
             .layernorm(xv, g, b, eps, &mut y, &mut mean, &mut rstd)?;
         let needs = self.needs(x) || self.needs(gamma) || self.needs(beta);
@@ -400,8 +401,8 @@ impl<'a> Graph<'a> {
             dim: d3 / 3,
             heads,
         };
-        let mut probs = self.out(&[self.backend.attention_saved_len(dims)]);
-        let mut out = self.out(&[b, queries, d3 / 3]);
+        let mut probs = self.out(&[self.backend.attention_saved_len(dims)])?;
+        let mut out = self.out(&[b, queries, d3 / 3])?;
         self.backend.attention(v, dims, &mut probs, &mut out)?;
         let needs = self.needs(qkv);
         Ok(self.push(out, needs, Op::Attention { qkv, dims, probs }))
@@ -412,7 +413,7 @@ impl<'a> Graph<'a> {
         if av.shape() != bv.shape() {
             return Err(Error::shape("add", av.shape(), bv.shape()));
         }
-        let mut out = self.out(av.dims());
+        let mut out = self.out(av.dims())?;
         self.backend.add(av, bv, &mut out)?;
         let needs = self.needs(a) || self.needs(b);
         Ok(self.push(out, needs, Op::Add { a, b }))
@@ -465,7 +466,7 @@ impl<'a> Graph<'a> {
                 xv.shape(),
             ));
         }
-        let mut out = self.out(xv.dims());
+        let mut out = self.out(xv.dims())?;
         let mode = match residual {
             Some(r) => {
                 let rv = self.value(r);
@@ -502,7 +503,7 @@ impl<'a> Graph<'a> {
                 xv.shape(),
             ));
         };
-        let mut out = self.out(&[b, 1, d]);
+        let mut out = self.out(&[b, 1, d])?;
         self.backend.select_rows(xv, t, &mut out)?;
         let needs = self.needs(x);
         Ok(self.push(out, needs, Op::SelectRows { x, stride_rows: t }))
@@ -537,7 +538,7 @@ impl<'a> Graph<'a> {
                 z.shape(),
             ));
         }
-        let mut dlogits = self.out(z.dims());
+        let mut dlogits = self.out(z.dims())?;
         let loss = self
             .backend
             .cross_entropy(z, labels, label_smoothing, &mut dlogits)?;
@@ -586,32 +587,33 @@ impl<'a> Graph<'a> {
 
     /// Takes the gradient slot of `v` out (zeroed if empty) so a kernel can write it
     /// while other nodes are borrowed; [`Graph::put_grad`] puts it back.
-    fn take_grad(&mut self, v: Var) -> Option<Tensor> {
+    fn take_grad(&mut self, v: Var) -> Result<Option<Tensor>> {
         if !self.needs(v) {
-            return None;
+            return Ok(None);
         }
-        match self.nodes[v.0].op {
+        Ok(Some(match self.nodes[v.0].op {
             Op::Param(id) => {
+                // (an empty host placeholder until put_grad returns the gradient)
                 let g = &mut self.store.get_mut(id).grad;
-                Some(std::mem::replace(g, Tensor::zeros([0], self.device)))
+                std::mem::replace(g, Tensor::zeros([0], Device::Cpu))
             }
-            _ => Some(match self.nodes[v.0].grad.take() {
+            _ => match self.nodes[v.0].grad.take() {
                 Some(g) => g,
-                None => Tensor::zeros(self.value(v).shape().clone(), self.device),
-            }),
-        }
+                None => Tensor::try_zeros(self.value(v).shape().clone(), self.device)?,
+            },
+        }))
     }
 
     /// The gradient slot of `v`, or a scratch buffer when `v` needs no gradient (for
     /// kernels that always produce every input's gradient); the flag says which.
-    fn grad_or_scratch(&mut self, v: Var) -> (Tensor, bool) {
-        match self.take_grad(v) {
+    fn grad_or_scratch(&mut self, v: Var) -> Result<(Tensor, bool)> {
+        Ok(match self.take_grad(v)? {
             Some(g) => (g, true),
             None => (
-                Tensor::zeros(self.value(v).shape().clone(), self.device),
+                Tensor::try_zeros(self.value(v).shape().clone(), self.device)?,
                 false,
             ),
-        }
+        })
     }
 
     fn put_grad(&mut self, v: Var, g: Option<Tensor>) {
@@ -628,7 +630,7 @@ impl<'a> Graph<'a> {
         v: Var,
         f: impl FnOnce(&Self, &mut Tensor) -> Result<()>,
     ) -> Result<()> {
-        let Some(mut slot) = self.take_grad(v) else {
+        let Some(mut slot) = self.take_grad(v)? else {
             return Ok(());
         };
         let r = f(self, &mut slot);
@@ -657,7 +659,7 @@ impl<'a> Graph<'a> {
                 let dpre_owned;
                 let dpre = match pre {
                     Some(pre) => {
-                        let mut d = self.out(g.dims());
+                        let mut d = self.out(g.dims())?;
                         be.gelu_backward(g, pre, &mut d)?;
                         dpre_owned = d;
                         &dpre_owned
@@ -679,9 +681,9 @@ impl<'a> Graph<'a> {
                 })?;
             }
             Op::Embed { patches, cls, pos } => {
-                let (mut dp, kp) = self.grad_or_scratch(*patches);
-                let (mut dc, kc) = self.grad_or_scratch(*cls);
-                let (mut de, ke) = self.grad_or_scratch(*pos);
+                let (mut dp, kp) = self.grad_or_scratch(*patches)?;
+                let (mut dc, kc) = self.grad_or_scratch(*cls)?;
+                let (mut de, ke) = self.grad_or_scratch(*pos)?;
                 let r = be.embed_backward(g, &mut dp, &mut dc, &mut de);
                 self.put_grad(*patches, kp.then_some(dp));
                 self.put_grad(*cls, kc.then_some(dc));
@@ -695,9 +697,9 @@ impl<'a> Graph<'a> {
                 mean,
                 rstd,
             } => {
-                let (mut dx, kx) = self.grad_or_scratch(*x);
-                let (mut dg, kg) = self.grad_or_scratch(*gamma);
-                let (mut db, kb) = self.grad_or_scratch(*beta);
+                let (mut dx, kx) = self.grad_or_scratch(*x)?;
+                let (mut dg, kg) = self.grad_or_scratch(*gamma)?;
+                let (mut db, kb) = self.grad_or_scratch(*beta)?;
                 let (xv, gv) = (self.value(*x), self.value(*gamma));
                 let r = be.layernorm_backward(g, xv, gv, mean, rstd, &mut dx, &mut dg, &mut db);
                 self.put_grad(*x, kx.then_some(dx));

@@ -146,17 +146,25 @@ fn on_device(op: &'static str, b: &DevBuf) -> Error {
 
 impl Tensor {
     /// A zero-filled f32 tensor.
+    ///
+    /// # Panics
+    /// When a device is out of memory (see [`Tensor::try_zeros`]).
     pub fn zeros(shape: impl Into<Shape>, device: Device) -> Tensor {
+        Tensor::try_zeros(shape, device).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A zero-filled f32 tensor, or an error when the device is out of memory.
+    pub fn try_zeros(shape: impl Into<Shape>, device: Device) -> Result<Tensor> {
         let shape = shape.into();
         match device {
-            Device::Cpu => Tensor {
+            Device::Cpu => Ok(Tensor {
                 storage: Storage::Cpu(CpuStorage::F32(pool::Buf::zeroed(shape.numel()))),
                 shape,
-            },
-            Device::Cuda(_) => {
-                let mut t = Tensor::uninit(shape, device);
-                t.fill(0.0);
-                t
+            }),
+            Device::Cuda(id) => {
+                let mut t = Tensor::try_uninit(shape, device)?;
+                crate::backend::cuda::get(id).backend.fill(&mut t, 0.0)?;
+                Ok(t)
             }
         }
     }
@@ -164,18 +172,26 @@ impl Tensor {
     /// An f32 tensor whose contents are unspecified (but initialised): for outputs that
     /// a kernel overwrites completely. Reuses pooled buffers, so no page faults in the
     /// training loop.
+    ///
+    /// # Panics
+    /// When a device is out of memory (see [`Tensor::try_uninit`]).
     pub fn uninit(shape: impl Into<Shape>, device: Device) -> Tensor {
+        Tensor::try_uninit(shape, device).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// As [`Tensor::uninit`], or an error when the device is out of memory.
+    pub fn try_uninit(shape: impl Into<Shape>, device: Device) -> Result<Tensor> {
         let shape = shape.into();
-        match device {
+        Ok(match device {
             Device::Cpu => Tensor {
                 storage: Storage::Cpu(CpuStorage::F32(pool::Buf::uninit(shape.numel()))),
                 shape,
             },
             Device::Cuda(id) => Tensor {
-                storage: Storage::Cuda(Arc::new(DevBuf::new(id, shape.numel() * 4))),
+                storage: Storage::Cuda(Arc::new(DevBuf::new(id, shape.numel() * 4)?)),
                 shape,
             },
-        }
+        })
     }
 
     pub fn full(shape: impl Into<Shape>, value: f32, device: Device) -> Tensor {
@@ -440,7 +456,7 @@ impl Tensor {
             Device::Cpu => Ok(host),
             Device::Cuda(id) => {
                 let t = Tensor {
-                    storage: Storage::Cuda(Arc::new(DevBuf::new(id, self.numel() * 4))),
+                    storage: Storage::Cuda(Arc::new(DevBuf::new(id, self.numel() * 4)?)),
                     shape: self.shape.clone(),
                 };
                 if let Storage::Cuda(b) = &t.storage {
@@ -471,7 +487,7 @@ impl Tensor {
         match &mut self.storage {
             Storage::Cuda(b) => {
                 if Arc::strong_count(b) > 1 {
-                    let fresh = DevBuf::new(b.id, bytes);
+                    let fresh = DevBuf::new(b.id, bytes)?;
                     crate::backend::cuda::get(b.id)
                         .gpu
                         .copy(fresh.ptr, b.ptr, bytes)?;

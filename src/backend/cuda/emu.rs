@@ -279,9 +279,19 @@ struct Allocation {
 #[derive(Default)]
 pub struct EmuGpu {
     allocations: Mutex<BTreeMap<u64, Allocation>>,
+    /// Device memory, as on a real GPU (`None`: the host's).
+    capacity: Option<usize>,
 }
 
 impl EmuGpu {
+    /// A device with `bytes` of memory: allocations beyond it fail as on a full GPU.
+    pub fn with_memory(bytes: usize) -> EmuGpu {
+        EmuGpu {
+            allocations: Mutex::default(),
+            capacity: Some(bytes),
+        }
+    }
+
     /// The live allocation `[ptr, ptr + len)` lies in, as (start, length).
     fn containing(&self, ptr: u64, len: usize, what: &str) -> Result<(u64, usize)> {
         let allocs = self.allocations.lock().map_err(|_| poisoned())?;
@@ -327,6 +337,20 @@ impl Gpu for EmuGpu {
     }
 
     fn alloc(&self, bytes: usize) -> Result<u64> {
+        if let Some(cap) = self.capacity {
+            let used: usize = self
+                .allocations
+                .lock()
+                .map_err(|_| poisoned())?
+                .values()
+                .map(|a| a.len)
+                .sum();
+            if used + bytes > cap {
+                return Err(Error::Device(format!(
+                    "emulated device: out of memory allocating {bytes} bytes ({used} of {cap} in use)"
+                )));
+            }
+        }
         let layout = Layout::from_size_align(bytes + GUARD_BYTES, 256).map_err(|e| {
             Error::Device(format!(
                 "emulated device: cannot allocate {bytes} bytes: {e}"

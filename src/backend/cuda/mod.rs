@@ -135,6 +135,14 @@ impl Device {
         .expect("opening the emulated device cannot fail")
     }
 
+    /// An emulated CUDA device with only `bytes` of memory (for tests of running out).
+    pub fn cuda_emulated_with_memory(bytes: usize) -> Device {
+        device(&format!("cuda-emu({bytes} bytes)"), || {
+            Ok(Arc::new(emu::EmuGpu::with_memory(bytes)) as Arc<dyn Gpu>)
+        })
+        .expect("opening the emulated device cannot fail")
+    }
+
     /// `cpu`, `cuda`, `cuda:N` or `cuda-emu` (opening the device).
     pub fn parse(s: &str) -> Result<Device> {
         match s {
@@ -183,21 +191,19 @@ pub struct DevBuf {
 
 impl DevBuf {
     /// `bytes` of device memory with unspecified contents (NaN on the emulated device).
-    ///
-    /// # Panics
-    /// When the device is out of memory: like a failed host allocation, there is no
-    /// sensible way to continue a training step.
-    pub fn new(id: GpuId, bytes: usize) -> DevBuf {
+    pub fn new(id: GpuId, bytes: usize) -> Result<DevBuf> {
         let gpu = get(id).gpu.clone();
-        let ptr = gpu
-            .alloc(bytes.max(4))
-            .unwrap_or_else(|e| panic!("{e} (device {id}: try a smaller --batch-size or model)"));
-        DevBuf {
+        let ptr = gpu.alloc(bytes.max(4)).map_err(|e| {
+            Error::Device(format!(
+                "{e} on {id} (out of device memory? try a smaller --batch-size or model)"
+            ))
+        })?;
+        Ok(DevBuf {
             gpu,
             id,
             ptr,
             bytes,
-        }
+        })
     }
 }
 

@@ -129,8 +129,8 @@ impl CudaBackend {
         )
     }
 
-    fn scratch(&self, n: usize) -> Tensor {
-        Tensor::uninit([n.max(1)], self.device)
+    fn scratch(&self, n: usize) -> Result<Tensor> {
+        Tensor::try_uninit([n.max(1)], self.device)
     }
 
     /// `out[j] += Σ_r x[r * ld + j]` for `j < cols`, deterministically in two passes.
@@ -139,7 +139,7 @@ impl CudaBackend {
             return Ok(());
         }
         let chunks = rows.div_ceil(ROWS_PER_CHUNK);
-        let mut partial = self.scratch(chunks * cols);
+        let mut partial = self.scratch(chunks * cols)?;
         let p = self.ptr_mut(&mut partial)?;
         self.launch(
             "column_sums_f32",
@@ -170,7 +170,7 @@ impl CudaBackend {
     /// with the buffer that owns it.
     fn upload<T: bytemuck::Pod>(&self, data: &[T]) -> Result<(Arg, Tensor)> {
         let bytes = std::mem::size_of_val(data);
-        let mut t = self.scratch(bytes.div_ceil(4));
+        let mut t = self.scratch(bytes.div_ceil(4))?;
         let p = t.cuda_ptr_mut()?;
         self.gpu.upload(p, bytemuck::cast_slice(data))?;
         Ok((Arg::Ptr(p), t))
@@ -361,7 +361,7 @@ impl Backend for CudaBackend {
             &[dy, x, g, mu, rs, self.ptr_mut(dx)?, rows_a, d_a],
         )?;
         let chunks = rows.div_ceil(ROWS_PER_CHUNK);
-        let mut partial = self.scratch(2 * chunks * d);
+        let mut partial = self.scratch(2 * chunks * d)?;
         let p = self.ptr_mut(&mut partial)?;
         self.launch(
             "layernorm_param_grad_partial_f32",
@@ -527,7 +527,7 @@ impl Backend for CudaBackend {
         }
         let blocks = n.div_ceil(THREADS as usize).min(1024);
         // f64 partials: two f32 slots each
-        let mut partial = self.scratch(2 * blocks);
+        let mut partial = self.scratch(2 * blocks)?;
         let p = self.ptr_mut(&mut partial)?;
         self.launch(
             "sum_squares_f32",
@@ -614,7 +614,7 @@ impl Backend for CudaBackend {
         }
         let ys: Vec<i32> = labels.iter().map(|&y| y as i32).collect();
         let (labels, _keep) = self.upload(&ys)?;
-        let mut rows = self.scratch(b);
+        let mut rows = self.scratch(b)?;
         let r = self.ptr_mut(&mut rows)?;
         let args = [
             self.ptr(logits)?,
@@ -794,7 +794,7 @@ impl Backend for CudaBackend {
             .collect();
         let (pixels, _p) = self.upload(&raw.pixels)?;
         let (geometry, _g) = self.upload(&geometry)?;
-        let mut out = Tensor::uninit([b, 3, 32, 32], self.device);
+        let mut out = Tensor::try_uninit([b, 3, 32, 32], self.device)?;
         let (m, s) = (crate::data::MEAN, crate::data::STD);
         let args = [
             pixels,
@@ -823,7 +823,7 @@ impl Backend for CudaBackend {
         if blocks == 0 {
             return Ok(0.0);
         }
-        let mut partial = self.scratch(2 * blocks);
+        let mut partial = self.scratch(2 * blocks)?;
         let p = self.ptr_mut(&mut partial)?;
         let args = [tab, which, start, int(MULTI_CHUNK, "chunk")?, p];
         self.launch(
@@ -849,7 +849,7 @@ impl Backend for CudaBackend {
             ));
         }
         let b = logits.numel() / c;
-        let mut out = self.scratch(b);
+        let mut out = self.scratch(b)?;
         let o = self.ptr_mut(&mut out)?;
         self.per_row(
             "argmax_rows_f32",

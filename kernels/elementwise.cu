@@ -56,15 +56,17 @@ extern "C" __global__ void gelu_backward_f32(const float* __restrict__ dy, const
 
 // grid-stride, block 256: inverted dropout (the CPU's dropout_sample). Element i is
 // element e = i % per of sample s = i / per; it is kept iff 16-bit lane e % 4 of
-// mix64(bases[s] ^ (e / 4)) is >= threshold; m = x * (kept ? scale : 0).
+// mix64(mix64(key ^ samples[s]) ^ (e / 4)) is >= threshold (key: the dropout site's,
+// so one upload of the batch's sample indices serves every site); m = x * (kept ? scale : 0).
 // mode 0: out = m; mode 1: out += m; mode 2: out = residual + m (residual null otherwise).
 extern "C" __global__ void dropout_f32(const float* __restrict__ x, const float* __restrict__ residual,
-                                       float* __restrict__ out, const unsigned long long* __restrict__ bases,
-                                       long per, long n, unsigned threshold, float scale, int mode) {
+                                       float* __restrict__ out, const unsigned long long* __restrict__ samples,
+                                       unsigned long long key, long per, long n, unsigned threshold, float scale,
+                                       int mode) {
   for (long i = fv_global_id(); i < n; i += fv_grid_stride()) {
     long s = i / per;
     long e = i - s * per;
-    unsigned long long h = fv_mix64(bases[s] ^ (unsigned long long)(e >> 2));
+    unsigned long long h = fv_mix64(fv_mix64(key ^ samples[s]) ^ (unsigned long long)(e >> 2));
     unsigned lane16 = (unsigned)((h >> (16 * (e & 3))) & 0xffffull);
     // x * 0 as on the CPU (keeps NaN/inf visible and the sign of zero).
     float m = ew_mul_rn(x[i], lane16 >= threshold ? scale : 0.f);

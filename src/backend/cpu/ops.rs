@@ -275,8 +275,13 @@ pub struct DropoutKey {
     pub site: u64,
 }
 
-pub(crate) fn sample_base(key: DropoutKey, sample: u64) -> u64 {
-    mix64(mix64(mix64(key.seed) ^ key.site.wrapping_mul(0x9e37_79b9_7f4a_7c15)) ^ sample)
+/// The part of every mask hash that depends only on the dropout site.
+pub(crate) fn site_key(key: DropoutKey) -> u64 {
+    mix64(mix64(key.seed) ^ key.site.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+}
+
+fn sample_base(key: DropoutKey, sample: u64) -> u64 {
+    mix64(site_key(key) ^ sample)
 }
 
 /// Inverted dropout: `out = m`, `out += m` or `out = residual + m` (see [`DropMode`]),

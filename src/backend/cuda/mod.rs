@@ -24,6 +24,7 @@ pub enum Arg {
     I32(i32),
     I64(i64),
     U32(u32),
+    U64(u64),
     F32(f32),
 }
 
@@ -35,6 +36,7 @@ impl Arg {
             Arg::I32(v) => v as u32 as u64,
             Arg::I64(v) => v as u64,
             Arg::U32(v) => v as u64,
+            Arg::U64(v) => v,
             Arg::F32(v) => v.to_bits() as u64,
         }
     }

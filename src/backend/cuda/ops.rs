@@ -2,14 +2,14 @@
 //! geometry, the same on a GPU and on the emulated device.
 
 use super::{Arg, Gemm, Gpu, Launch};
-use crate::backend::cpu::{check_attn, ops::sample_base};
+use crate::backend::cpu::{check_attn, ops::site_key};
 use crate::backend::{
     AdamStep, AttnDims, Backend, DropoutKey, DropoutMode, OptimTensors, SgdStep, Update,
 };
 use crate::data::RawImages;
 use crate::error::{Error, Result};
 use crate::tensor::{Device, Tensor};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Threads per block of the 1-D (grid-stride) kernels.
 const THREADS: u32 = 256;
@@ -23,7 +23,15 @@ const MULTI_CHUNK: usize = 8192;
 pub struct CudaBackend {
     gpu: Arc<dyn Gpu>,
     device: Device,
+    /// Small read-only inputs (sample indices, labels, optimizer tables) by content,
+    /// newest first: every dropout site of a step shares one upload of the sample
+    /// indices, and every step one copy of the optimizer's table.
+    uploads: Mutex<Vec<(Vec<u8>, Tensor)>>,
 }
+
+/// Inputs up to this size are kept in the upload cache, this many of them.
+const CACHED_BYTES: usize = 64 << 10;
+const CACHED: usize = 16;
 
 fn same(op: &'static str, a: usize, b: usize) -> Result<()> {
     if a != b {
@@ -59,7 +67,11 @@ fn long(v: usize) -> Arg {
 
 impl CudaBackend {
     pub(crate) fn new(gpu: Arc<dyn Gpu>, device: Device) -> Self {
-        CudaBackend { gpu, device }
+        CudaBackend {
+            gpu,
+            device,
+            uploads: Mutex::new(Vec::new()),
+        }
     }
 
     pub fn gpu(&self) -> &dyn Gpu {
@@ -166,13 +178,27 @@ impl CudaBackend {
         )
     }
 
-    /// Copies `data` into a fresh device buffer (of f32 slots) and returns its address
-    /// with the buffer that owns it.
+    /// `data` in device memory (read-only for kernels): its address and the buffer that
+    /// owns it. Small inputs seen recently are not copied again.
     fn upload<T: bytemuck::Pod>(&self, data: &[T]) -> Result<(Arg, Tensor)> {
-        let bytes = std::mem::size_of_val(data);
-        let mut t = self.scratch(bytes.div_ceil(4))?;
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let mut cache = self
+            .uploads
+            .lock()
+            .map_err(|_| Error::Device("upload cache poisoned by a panic".into()))?;
+        if let Some(i) = cache.iter().position(|(c, _)| c == bytes) {
+            let hit = cache.remove(i);
+            let t = hit.1.clone();
+            cache.insert(0, hit);
+            return Ok((Arg::Ptr(t.cuda_ptr()?), t));
+        }
+        let mut t = self.scratch(bytes.len().div_ceil(4))?;
         let p = t.cuda_ptr_mut()?;
-        self.gpu.upload(p, bytemuck::cast_slice(data))?;
+        self.gpu.upload(p, bytes)?;
+        if bytes.len() <= CACHED_BYTES {
+            cache.insert(0, (bytes.to_vec(), t.clone()));
+            cache.truncate(CACHED);
+        }
         Ok((Arg::Ptr(p), t))
     }
 
@@ -565,8 +591,7 @@ impl Backend for CudaBackend {
                 "dropout probability {p} is outside [0, 1)"
             )));
         }
-        let bases: Vec<u64> = samples.iter().map(|&s| sample_base(key, s)).collect();
-        let (bases, _keep) = self.upload(&bases)?;
+        let (samples_dev, _keep) = self.upload(samples)?;
         let (residual, mode) = match mode {
             DropoutMode::Write => (Arg::Ptr(0), 0),
             DropoutMode::Accumulate => (Arg::Ptr(0), 1),
@@ -580,7 +605,8 @@ impl Backend for CudaBackend {
             self.ptr(x)?,
             residual,
             self.ptr_mut(out)?,
-            bases,
+            samples_dev,
+            Arg::U64(site_key(key)),
             long(n / samples.len()),
             long(n),
             Arg::U32(threshold),

@@ -12,7 +12,7 @@ use ferrovit::backend::{
 };
 use ferrovit::data::{Geometry, RawImages};
 use ferrovit::rng::Rng;
-use ferrovit::{Device, Result, Tensor};
+use ferrovit::{DType, Device, Result, Tensor};
 use std::cell::{Cell, RefCell};
 
 type Op<'a> = &'a dyn Fn(&dyn Backend, &mut [Tensor]) -> Result<f64>;
@@ -109,6 +109,55 @@ impl Suite {
                 be.matmul(c, a, ta, b, tb, (m, nn, k), acc).map(|_| 0.0)
             });
         }
+        // bf16 operands (f32 accumulation), f32 or bf16 results; the CPU computes on the
+        // same bf16-rounded inputs in f32, so only the output rounding differs
+        for out in [DType::F32, DType::BF16] {
+            let (m, nn, k) = (17, 33, 40);
+            let a = self
+                .rand(&[m, k])
+                .to_dtype(DType::BF16)
+                .to_dtype(DType::F32);
+            let b = self
+                .rand(&[nn, k])
+                .to_dtype(DType::BF16)
+                .to_dtype(DType::F32);
+            let c = self.rand(&[m, nn]).to_dtype(out).to_dtype(DType::F32);
+            let device = self.device;
+            let tol = if out == DType::BF16 { 8e-3 } else { 1e-5 };
+            self.check("matmul bf16", tol, vec![c, a, b], &|be, t| {
+                let [c, a, b] = t else { unreachable!() };
+                if c.device() == Device::Cpu {
+                    return be
+                        .matmul(c, a, false, b, true, (m, nn, k), true)
+                        .map(|_| 0.0);
+                }
+                let (a16, b16) = (a.try_to_dtype(DType::BF16)?, b.try_to_dtype(DType::BF16)?);
+                let mut c_out = c.try_to_dtype(out)?;
+                be.matmul(&mut c_out, &a16, false, &b16, true, (m, nn, k), true)?;
+                *c = c_out.try_to_dtype(DType::F32)?;
+                assert_eq!(c.device(), device, "casts stay on the device");
+                Ok(0.0)
+            });
+        }
+        // casts round to nearest even, as the host does
+        let v = self.rand(&[1000]);
+        let host16 = v.to_dtype(DType::BF16).to_le_bytes();
+        let dev16 = v.to_device(self.device).unwrap().to_dtype(DType::BF16);
+        assert_eq!(dev16.dtype(), DType::BF16);
+        assert_eq!(
+            dev16.to_device(Device::Cpu).unwrap().to_le_bytes(),
+            host16,
+            "f32 -> bf16 on {}",
+            self.device
+        );
+        let back = dev16.to_dtype(DType::F32).to_device(Device::Cpu).unwrap();
+        assert_eq!(back.to_vec_f32(), v.to_dtype(DType::BF16).to_vec_f32());
+        let err = for_device(self.device)
+            .add_assign(&mut dev16.clone(), &dev16)
+            .unwrap_err();
+        assert!(err.to_string().contains("BF16 tensor"), "{err}");
+        self.checked.set(self.checked.get() + 1);
+
         self.check(
             "fill_rows",
             0.0,

@@ -127,8 +127,8 @@ pub enum CpuStorage {
 #[derive(Clone, Debug)]
 pub enum Storage {
     Cpu(CpuStorage),
-    /// f32 elements in device memory, shared copy-on-write between clones.
-    Cuda(Arc<DevBuf>),
+    /// Elements in device memory (f32 or bf16), shared copy-on-write between clones.
+    Cuda(Arc<DevBuf>, DType),
 }
 
 #[derive(Clone, Debug)]
@@ -187,10 +187,15 @@ impl Tensor {
                 storage: Storage::Cpu(CpuStorage::F32(pool::Buf::uninit(shape.numel()))),
                 shape,
             },
-            Device::Cuda(id) => Tensor {
-                storage: Storage::Cuda(Arc::new(DevBuf::new(id, shape.numel() * 4)?)),
-                shape,
-            },
+            Device::Cuda(id) => Tensor::cuda_uninit(id, shape, DType::F32)?,
+        })
+    }
+
+    fn cuda_uninit(id: GpuId, shape: Shape, dtype: DType) -> Result<Tensor> {
+        let buf = DevBuf::new(id, shape.numel() * dtype.size_in_bytes())?;
+        Ok(Tensor {
+            storage: Storage::Cuda(Arc::new(buf), dtype),
+            shape,
         })
     }
 
@@ -249,7 +254,7 @@ impl Tensor {
     pub fn device(&self) -> Device {
         match &self.storage {
             Storage::Cpu(_) => Device::Cpu,
-            Storage::Cuda(b) => Device::Cuda(b.id),
+            Storage::Cuda(b, _) => Device::Cuda(b.id),
         }
     }
     pub fn dtype(&self) -> DType {
@@ -257,7 +262,7 @@ impl Tensor {
             Storage::Cpu(CpuStorage::F32(_)) => DType::F32,
             Storage::Cpu(CpuStorage::BF16(_)) => DType::BF16,
             Storage::Cpu(CpuStorage::F16(_)) => DType::F16,
-            Storage::Cuda(_) => DType::F32,
+            Storage::Cuda(_, dtype) => *dtype,
         }
     }
     pub fn storage(&self) -> &Storage {
@@ -282,7 +287,7 @@ impl Tensor {
     pub fn f32s(&self) -> Result<&[f32]> {
         match &self.storage {
             Storage::Cpu(CpuStorage::F32(b)) => Ok(b.as_slice()),
-            Storage::Cuda(b) => Err(on_device("f32s", b)),
+            Storage::Cuda(b, _) => Err(on_device("f32s", b)),
             _ => Err(self.dtype_error("f32s")),
         }
     }
@@ -290,7 +295,7 @@ impl Tensor {
     pub fn f32s_mut(&mut self) -> Result<&mut [f32]> {
         match &mut self.storage {
             Storage::Cpu(CpuStorage::F32(b)) => Ok(b.as_mut_slice()),
-            Storage::Cuda(b) => Err(on_device("f32s_mut", b)),
+            Storage::Cuda(b, _) => Err(on_device("f32s_mut", b)),
             other => Err(Error::DType {
                 op: "f32s_mut",
                 expected: "F32",
@@ -316,7 +321,7 @@ impl Tensor {
     /// If copying from a device fails (use [`Tensor::to_device`] to handle that).
     pub fn to_vec_f32(&self) -> Vec<f32> {
         match &self.storage {
-            Storage::Cuda(_) => match self.to_device(Device::Cpu) {
+            Storage::Cuda(..) => match self.to_device(Device::Cpu) {
                 Ok(t) => t.to_vec_f32(),
                 Err(e) => panic!("{e}"),
             },
@@ -326,10 +331,26 @@ impl Tensor {
         }
     }
 
-    /// Converts to another dtype (round-to-nearest-even for the 16-bit types).
+    /// Converts to another dtype (round-to-nearest-even for the 16-bit types). On a
+    /// CUDA device f32 ↔ bf16 stays there (a kernel); f16 comes back to the host.
+    ///
+    /// # Panics
+    /// If the device fails (use [`Tensor::try_to_dtype`] to handle that).
     pub fn to_dtype(&self, dtype: DType) -> Tensor {
+        self.try_to_dtype(dtype).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// As [`Tensor::to_dtype`], with device errors returned.
+    pub fn try_to_dtype(&self, dtype: DType) -> Result<Tensor> {
         if dtype == self.dtype() {
-            return self.clone();
+            return Ok(self.clone());
+        }
+        if let (Storage::Cuda(b, _), DType::F32 | DType::BF16) = (&self.storage, dtype) {
+            let mut out = Tensor::cuda_uninit(b.id, self.shape.clone(), dtype)?;
+            crate::backend::cuda::get(b.id)
+                .backend
+                .cast(self, &mut out)?;
+            return Ok(out);
         }
         let v = self.to_vec_f32();
         let cpu = match dtype {
@@ -337,10 +358,10 @@ impl Tensor {
             DType::BF16 => CpuStorage::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect()),
             DType::F16 => CpuStorage::F16(v.iter().map(|&x| f16::from_f32(x)).collect()),
         };
-        Tensor {
+        Ok(Tensor {
             shape: self.shape.clone(),
             storage: Storage::Cpu(cpu),
-        }
+        })
     }
 
     /// Another handle to the same data without copying it (f32 on the CPU; other
@@ -369,7 +390,7 @@ impl Tensor {
     pub fn write_le_bytes(&self, out: &mut Vec<u8>) {
         out.clear();
         match &self.storage {
-            Storage::Cuda(_) => self
+            Storage::Cuda(..) => self
                 .to_device(Device::Cpu)
                 .map_or_else(|e| panic!("{e}"), |t| t.write_le_bytes(out)),
             Storage::Cpu(CpuStorage::F32(b)) if cfg!(target_endian = "little") => {
@@ -437,33 +458,33 @@ impl Tensor {
         }
     }
 
-    /// A copy on `device` (the same tensor when it is there already).
+    /// A copy on `device` (the same tensor when it is there already), in the same
+    /// dtype (f16 becomes f32 on a CUDA device).
     pub fn to_device(&self, device: Device) -> Result<Tensor> {
         if device == self.device() {
             return Ok(self.clone());
         }
         let host = match &self.storage {
-            Storage::Cuda(b) => {
-                let mut v = vec![0.0f32; self.numel()];
+            Storage::Cuda(b, dtype) => {
+                let mut bytes = vec![0u8; self.numel() * dtype.size_in_bytes()];
                 crate::backend::cuda::get(b.id)
                     .gpu
-                    .download(b.ptr, bytemuck::cast_slice_mut(&mut v))?;
-                Tensor::from_vec(v, self.shape.clone())?
+                    .download(b.ptr, &mut bytes)?;
+                Tensor::from_le_bytes(&bytes, *dtype, self.shape.clone())?
             }
-            Storage::Cpu(_) => self.to_dtype(DType::F32),
+            Storage::Cpu(_) => self.clone(),
         };
         match device {
             Device::Cpu => Ok(host),
             Device::Cuda(id) => {
-                let t = Tensor {
-                    storage: Storage::Cuda(Arc::new(DevBuf::new(id, self.numel() * 4)?)),
-                    shape: self.shape.clone(),
+                let host = match host.dtype() {
+                    DType::F16 => host.to_dtype(DType::F32),
+                    _ => host,
                 };
-                if let Storage::Cuda(b) = &t.storage {
-                    crate::backend::cuda::get(id)
-                        .gpu
-                        .upload(b.ptr, bytemuck::cast_slice(host.f32s()?))?;
-                }
+                let t = Tensor::cuda_uninit(id, self.shape.clone(), host.dtype())?;
+                crate::backend::cuda::get(id)
+                    .gpu
+                    .upload(t.cuda_ptr()?, &host.to_le_bytes())?;
                 Ok(t)
             }
         }
@@ -472,7 +493,7 @@ impl Tensor {
     /// The device address of a CUDA tensor's elements.
     pub fn cuda_ptr(&self) -> Result<u64> {
         match &self.storage {
-            Storage::Cuda(b) => Ok(b.ptr),
+            Storage::Cuda(b, _) => Ok(b.ptr),
             Storage::Cpu(_) => Err(Error::Device(format!(
                 "a tensor of shape {} is on the cpu where a CUDA tensor was expected",
                 self.shape
@@ -483,9 +504,9 @@ impl Tensor {
     /// The device address of a CUDA tensor's elements for writing: a buffer shared
     /// with another tensor is copied first (copy-on-write).
     pub fn cuda_ptr_mut(&mut self) -> Result<u64> {
-        let bytes = self.numel() * 4;
+        let bytes = self.numel() * self.dtype().size_in_bytes();
         match &mut self.storage {
-            Storage::Cuda(b) => {
+            Storage::Cuda(b, _) => {
                 if Arc::strong_count(b) > 1 {
                     let fresh = DevBuf::new(b.id, bytes)?;
                     crate::backend::cuda::get(b.id)

@@ -1,11 +1,12 @@
 //! [`Gpu`] on a real NVIDIA GPU through cudarc (dynamically loaded: a machine without
 //! CUDA builds and runs the CPU backend, and `--device cuda` fails with a clear error).
 //! Kernels come from the cubin build.rs embedded (PTX, JIT-compiled by the driver,
-//! when the GPU is not sm_90); GEMMs are cuBLAS. Everything runs on one stream;
+//! when the GPU is not sm_90); GEMMs are cuBLAS GemmEx (f32 or bf16 operands, f32 accumulation). Everything runs on one stream;
 //! uploads and downloads wait for it.
 
 use super::{Arg, Gemm, Gpu, Launch};
 use crate::error::{Error, Result};
+use crate::tensor::DType;
 use cudarc::cublas::{result as blas, sys as blas_sys};
 use cudarc::driver::{result as cu, sys, CudaContext, CudaStream};
 use std::collections::HashMap;
@@ -217,26 +218,35 @@ impl Gpu for DriverGpu {
         };
         // Row-major C = op(A) op(B) is column-major Cᵀ = op(B)ᵀ op(A)ᵀ.
         let (alpha, beta) = (1.0f32, if g.accumulate { 1.0f32 } else { 0.0 });
-        // SAFETY: the backend checked every operand's size against (m, n, k).
+        let cuda_type = |d: DType| match d {
+            DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
+            _ => blas_sys::cudaDataType::CUDA_R_32F,
+        };
+        // SAFETY: the backend checked every operand's size against (m, n, k) and dtype.
         unsafe {
-            blas::sgemm(
+            blas::gemm_ex(
                 self.blas,
                 op(g.tb),
                 op(g.ta),
                 dim(n)?,
                 dim(m)?,
                 dim(k)?,
-                &alpha,
-                g.b as *const f32,
+                &alpha as *const f32 as *const c_void,
+                g.b as *const c_void,
+                cuda_type(g.inputs),
                 dim(if g.tb { k } else { n })?,
-                g.a as *const f32,
+                g.a as *const c_void,
+                cuda_type(g.inputs),
                 dim(if g.ta { m } else { k })?,
-                &beta,
-                g.c as *mut f32,
+                &beta as *const f32 as *const c_void,
+                g.c as *mut c_void,
+                cuda_type(g.output),
                 dim(n)?,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(|e| driver_error("cuBLAS sgemm", e))
+        .map_err(|e| driver_error("cuBLAS GemmEx", e))
     }
 
     fn synchronize(&self) -> Result<()> {

@@ -19,6 +19,7 @@
 
 use super::{Arg, Gemm, Gpu, Launch};
 use crate::error::{Error, Result};
+use crate::tensor::{DType, Tensor};
 use corosensei::stack::DefaultStack;
 use corosensei::{Coroutine, CoroutineResult, Yielder};
 use rayon::prelude::*;
@@ -454,29 +455,50 @@ impl Gpu for EmuGpu {
 
     fn gemm(&self, g: &Gemm) -> Result<()> {
         let (m, n, k) = g.mnk;
-        let slice = |p: u64, len: usize, what: &str| -> Result<*mut f32> {
-            self.containing(p, len * 4, what)?;
-            Ok(p as usize as *mut f32)
-        };
-        let (a, b, c) = (
-            slice(g.a, m * k, "gemm A")?,
-            slice(g.b, k * n, "gemm B")?,
-            slice(g.c, m * n, "gemm C")?,
-        );
-        // SAFETY: each range lies inside a live allocation (checked); C does not alias
-        // A or B (the backend never passes an output as an input).
-        unsafe {
-            crate::backend::cpu::gemm::matmul(
-                std::slice::from_raw_parts_mut(c, m * n),
-                std::slice::from_raw_parts(a, m * k),
-                g.ta,
-                std::slice::from_raw_parts(b, k * n),
-                g.tb,
-                g.mnk,
-                g.accumulate,
+        if (g.inputs, g.output) == (DType::F32, DType::F32) {
+            let span = |p: u64, len: usize, what: &str| -> Result<*mut f32> {
+                self.containing(p, len * 4, what)?;
+                Ok(p as usize as *mut f32)
+            };
+            let (a, b, c) = (
+                span(g.a, m * k, "gemm A")?,
+                span(g.b, k * n, "gemm B")?,
+                span(g.c, m * n, "gemm C")?,
             );
+            // SAFETY: each range lies inside a live allocation (checked); C does not
+            // alias A or B (the backend never passes an output as an input).
+            unsafe {
+                crate::backend::cpu::gemm::matmul(
+                    std::slice::from_raw_parts_mut(c, m * n),
+                    std::slice::from_raw_parts(a, m * k),
+                    g.ta,
+                    std::slice::from_raw_parts(b, k * n),
+                    g.tb,
+                    g.mnk,
+                    g.accumulate,
+                );
+            }
+            return Ok(());
         }
-        Ok(())
+        // Operands widened to f32 (exact for bf16), the CPU GEMM, the result rounded
+        // back to `output`: what cuBLAS computes with f32 accumulation.
+        let read = |p: u64, len: usize, dtype: DType, what: &str| -> Result<Vec<f32>> {
+            let mut bytes = vec![0u8; len * dtype.size_in_bytes()];
+            self.download(p, &mut bytes)
+                .map_err(|e| Error::Device(format!("{what}: {e}")))?;
+            Ok(Tensor::from_le_bytes(&bytes, dtype, [len])?.to_vec_f32())
+        };
+        let a = read(g.a, m * k, g.inputs, "gemm A")?;
+        let b = read(g.b, k * n, g.inputs, "gemm B")?;
+        let mut c = if g.accumulate {
+            read(g.c, m * n, g.output, "gemm C")?
+        } else {
+            self.containing(g.c, m * n * g.output.size_in_bytes(), "gemm C")?;
+            vec![0.0; m * n]
+        };
+        crate::backend::cpu::gemm::matmul(&mut c, &a, g.ta, &b, g.tb, g.mnk, g.accumulate);
+        let c = Tensor::from_vec(c, [m * n])?.to_dtype(g.output);
+        self.upload(g.c, &c.to_le_bytes())
     }
 
     fn synchronize(&self) -> Result<()> {

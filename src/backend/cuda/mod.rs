@@ -10,7 +10,7 @@ pub mod emu;
 mod ops;
 
 use crate::error::{Error, Result};
-use crate::tensor::Device;
+use crate::tensor::{DType, Device};
 use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -61,6 +61,10 @@ pub struct Gemm {
     pub tb: bool,
     pub mnk: (usize, usize, usize),
     pub accumulate: bool,
+    /// The dtype of `a` and `b` (f32 or bf16); products accumulate in f32.
+    pub inputs: DType,
+    /// The dtype of `c`.
+    pub output: DType,
 }
 
 /// What the backend needs from a device: memory, copies, kernel launches, GEMMs. All

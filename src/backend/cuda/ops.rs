@@ -8,7 +8,7 @@ use crate::backend::{
 };
 use crate::data::RawImages;
 use crate::error::{Error, Result};
-use crate::tensor::{Device, Tensor};
+use crate::tensor::{DType, Device, Tensor};
 use std::sync::{Arc, Mutex};
 
 /// Threads per block of the 1-D (grid-stride) kernels.
@@ -78,17 +78,30 @@ impl CudaBackend {
         &*self.gpu
     }
 
+    /// The address of an f32 tensor on this device (the kernels' element type).
     fn ptr(&self, t: &Tensor) -> Result<Arg> {
-        self.on_device(t)?;
+        self.on_device(t, &[DType::F32])?;
         Ok(Arg::Ptr(t.cuda_ptr()?))
     }
 
     fn ptr_mut(&self, t: &mut Tensor) -> Result<Arg> {
-        self.on_device(t)?;
+        self.on_device(t, &[DType::F32])?;
         Ok(Arg::Ptr(t.cuda_ptr_mut()?))
     }
 
-    fn on_device(&self, t: &Tensor) -> Result<()> {
+    fn on_device(&self, t: &Tensor, dtypes: &[DType]) -> Result<()> {
+        if !dtypes.contains(&t.dtype()) {
+            return Err(Error::Device(format!(
+                "a {} tensor of shape {} where {} was expected",
+                t.dtype(),
+                t.shape(),
+                dtypes
+                    .iter()
+                    .map(|d| d.name())
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            )));
+        }
         if t.device() != self.device {
             return Err(Error::Device(format!(
                 "a tensor of shape {} is on {}, the op runs on {}",
@@ -217,6 +230,29 @@ impl CudaBackend {
         Ok((w, s, which.len(), vec![wb, sb]))
     }
 
+    /// `out = x` converted to `out`'s dtype (f32 ↔ bf16, round to nearest even).
+    pub fn cast(&self, x: &Tensor, out: &mut Tensor) -> Result<()> {
+        let n = x.numel();
+        same("cast", n, out.numel())?;
+        let both = [DType::F32, DType::BF16];
+        self.on_device(x, &both)?;
+        self.on_device(out, &both)?;
+        let kernel = match (x.dtype(), out.dtype()) {
+            (DType::F32, DType::BF16) => "cast_f32_bf16",
+            (DType::BF16, DType::F32) => "cast_bf16_f32",
+            _ => {
+                let bytes = n * x.dtype().size_in_bytes();
+                return self.gpu.copy(out.cuda_ptr_mut()?, x.cuda_ptr()?, bytes);
+            }
+        };
+        let args = [
+            Arg::Ptr(x.cuda_ptr()?),
+            Arg::Ptr(out.cuda_ptr_mut()?),
+            long(n),
+        ];
+        self.elementwise(kernel, n, &args)
+    }
+
     /// Sets every element of `t` to `value`.
     pub fn fill(&self, t: &mut Tensor, value: f32) -> Result<()> {
         let n = t.numel();
@@ -254,19 +290,28 @@ impl Backend for CudaBackend {
                 format!("{} · {} -> {} elements", a.numel(), b.numel(), c.numel()),
             ));
         }
-        let (a, b, c) = (
-            addr(self.ptr(a)?),
-            addr(self.ptr(b)?),
-            addr(self.ptr_mut(c)?),
-        );
+        // f32 or bf16 operands (both the same), an f32 or bf16 result; f32 accumulation
+        let both = [DType::F32, DType::BF16];
+        self.on_device(a, &both)?;
+        self.on_device(b, &both)?;
+        self.on_device(c, &both)?;
+        if a.dtype() != b.dtype() {
+            return Err(Error::Device(format!(
+                "matmul of a {} by a {} operand: cast one first",
+                a.dtype(),
+                b.dtype()
+            )));
+        }
         self.gpu.gemm(&Gemm {
-            c,
-            a,
+            c: c.cuda_ptr_mut()?,
+            a: a.cuda_ptr()?,
             ta,
-            b,
+            b: b.cuda_ptr()?,
             tb,
             mnk: (m, n, k),
             accumulate,
+            inputs: a.dtype(),
+            output: c.dtype(),
         })
     }
 

@@ -5,8 +5,8 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ferrovit::backend::cuda::synchronize;
-use ferrovit::backend::{for_device, AdamStep, DropoutKey, DropoutMode};
-use ferrovit::{Device, Tensor};
+use ferrovit::backend::{for_device, AdamStep, AttnDims, DropoutKey, DropoutMode};
+use ferrovit::{DType, Device, Tensor};
 use std::time::{Duration, Instant};
 
 /// 64 Mi elements: 256 MiB per f32 buffer, far beyond the L2 cache.
@@ -89,6 +89,76 @@ fn bench(c: &mut Criterion) {
     };
     run("adamw", 7 * f, &mut || {
         be.adam(&mut p, &b, &mut m, &mut v, step).unwrap()
+    });
+    g.finish();
+
+    // The compute-heavier kernels at vit_lite_depth7_patch4_32's shapes, batch 512
+    // (65 tokens, dim 256, 4 heads): time per call (no roofline: they are not purely
+    // memory bound).
+    let mut g = c.benchmark_group("cuda vit_lite batch 512");
+    g.sample_size(20).measurement_time(Duration::from_secs(2));
+    let (b, t, d, heads) = (512, 65, 256, 4);
+    let dims = AttnDims {
+        batch: b,
+        tokens: t,
+        queries: t,
+        dim: d,
+        heads,
+    };
+    let qkv = Tensor::full([b, t, 3 * d], 0.01, device);
+    let mut att = Tensor::zeros([b, t, d], device);
+    let mut lse = Tensor::zeros([be.attention_saved_len(dims)], device);
+    let mut dqkv = Tensor::zeros([b, t, 3 * d], device);
+    let mut timed = |name: &str, op: &mut dyn FnMut()| {
+        g.bench_function(name, |bch| {
+            bch.iter_custom(|iters| {
+                synchronize(device).unwrap();
+                let t0 = Instant::now();
+                for _ in 0..iters {
+                    op();
+                }
+                synchronize(device).unwrap();
+                t0.elapsed()
+            })
+        });
+    };
+    timed("attention forward", &mut || {
+        be.attention(&qkv, dims, &mut lse, &mut att).unwrap()
+    });
+    let dout = Tensor::full([b, t, d], 0.01, device);
+    timed("attention backward", &mut || {
+        be.attention_backward(&dout, &qkv, &lse, dims, &mut dqkv)
+            .unwrap()
+    });
+    let rows = b * t;
+    let x = Tensor::full([rows, d], 0.3, device);
+    let (gamma, beta) = (
+        Tensor::full([d], 1.0, device),
+        Tensor::full([d], 0.0, device),
+    );
+    let (mut y, mut mean, mut rstd) = (
+        x.clone(),
+        Tensor::zeros([rows], device),
+        Tensor::zeros([rows], device),
+    );
+    be.layernorm(&x, &gamma, &beta, 1e-6, &mut y, &mut mean, &mut rstd)
+        .unwrap();
+    let (mut dx, mut dg, mut db) = (x.clone(), gamma.clone(), beta.clone());
+    timed("layernorm backward", &mut || {
+        be.layernorm_backward(&x, &x, &gamma, &mean, &rstd, &mut dx, &mut dg, &mut db)
+            .unwrap()
+    });
+    let w = Tensor::full([3 * d, d], 0.01, device);
+    let mut out = Tensor::zeros([rows, 3 * d], device);
+    timed("qkv GEMM (cuBLAS, f32)", &mut || {
+        be.matmul(&mut out, &x, false, &w, true, (rows, 3 * d, d), false)
+            .unwrap()
+    });
+    let (x16, w16) = (x.to_dtype(DType::BF16), w.to_dtype(DType::BF16));
+    let mut out16 = out.to_dtype(DType::BF16);
+    timed("qkv GEMM (cuBLAS, bf16)", &mut || {
+        be.matmul(&mut out16, &x16, false, &w16, true, (rows, 3 * d, d), false)
+            .unwrap()
     });
     g.finish();
 }

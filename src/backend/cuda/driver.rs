@@ -57,6 +57,8 @@ impl DriverGpu {
             )));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| driver_error("creating a context", e))?;
+        ctx.bind_to_thread()
+            .map_err(|e| driver_error("binding the context", e))?;
         let stream = ctx.default_stream();
         let mut modules = Vec::new();
         for (name, ptx, cubin) in crate::kernels::MODULES {

@@ -3,7 +3,7 @@
 //! targets >= 70% of it). Needs a GPU; without one it says so and measures nothing
 //! (the emulated device's speed means nothing). scripts/gpu-check.sh runs it.
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, Bencher, Criterion, Throughput};
 use ferrovit::backend::cuda::synchronize;
 use ferrovit::backend::{for_device, AdamStep, AttnDims, DropoutKey, DropoutMode};
 use ferrovit::{DType, Device, Tensor};
@@ -11,6 +11,19 @@ use std::time::{Duration, Instant};
 
 /// 64 Mi elements: 256 MiB per f32 buffer, far beyond the L2 cache.
 const N: usize = 64 << 20;
+
+/// Times `op` from the host, waiting for the device before and after the iterations.
+fn on_device(bch: &mut Bencher, device: Device, op: &mut dyn FnMut()) {
+    bch.iter_custom(|iters| {
+        synchronize(device).unwrap();
+        let t0 = Instant::now();
+        for _ in 0..iters {
+            op();
+        }
+        synchronize(device).unwrap();
+        t0.elapsed()
+    })
+}
 
 fn bench(c: &mut Criterion) {
     let device = match Device::cuda(0) {
@@ -28,17 +41,7 @@ fn bench(c: &mut Criterion) {
     g.sample_size(20).measurement_time(Duration::from_secs(2));
     let mut run = |name: &str, bytes: usize, op: &mut dyn FnMut()| {
         g.throughput(Throughput::Bytes(bytes as u64));
-        g.bench_function(name, |bch| {
-            bch.iter_custom(|iters| {
-                synchronize(device).unwrap();
-                let t0 = Instant::now();
-                for _ in 0..iters {
-                    op();
-                }
-                synchronize(device).unwrap();
-                t0.elapsed()
-            })
-        });
+        g.bench_function(name, |bch| on_device(bch, device, op));
     };
     let f = 4 * N;
     let Device::Cuda(id) = device else {
@@ -110,17 +113,7 @@ fn bench(c: &mut Criterion) {
     let mut lse = Tensor::zeros([be.attention_saved_len(dims)], device);
     let mut dqkv = Tensor::zeros([b, t, 3 * d], device);
     let mut timed = |name: &str, op: &mut dyn FnMut()| {
-        g.bench_function(name, |bch| {
-            bch.iter_custom(|iters| {
-                synchronize(device).unwrap();
-                let t0 = Instant::now();
-                for _ in 0..iters {
-                    op();
-                }
-                synchronize(device).unwrap();
-                t0.elapsed()
-            })
-        });
+        g.bench_function(name, |bch| on_device(bch, device, op));
     };
     timed("attention forward", &mut || {
         be.attention(&qkv, dims, &mut lse, &mut att).unwrap()

@@ -184,14 +184,7 @@ pub trait Backend: Send + Sync {
     /// Index of the largest value in each row of `[b, classes]` logits (the first on
     /// ties; a NaN never wins, except as the first element).
     fn argmax_rows(&self, logits: &Tensor) -> Result<Vec<usize>> {
-        let c = logits.shape().last();
-        if logits.shape().rank() != 2 || c == 0 {
-            return Err(Error::shape(
-                "argmax_rows",
-                "[batch, classes]",
-                logits.shape(),
-            ));
-        }
+        let (_, c) = cpu::check_logits(logits)?;
         Ok(logits
             .f32s()?
             .chunks(c)

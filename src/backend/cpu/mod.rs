@@ -166,24 +166,7 @@ impl Backend for CpuBackend {
     }
 
     fn patchify(&self, images: &Tensor, patch: usize, out: &mut Tensor) -> Result<()> {
-        let &[b, c, h, w] = images.dims() else {
-            return Err(Error::shape(
-                "patchify",
-                "[batch, channels, height, width]",
-                images.shape(),
-            ));
-        };
-        if patch == 0 || h % patch != 0 || w % patch != 0 {
-            return Err(Error::shape(
-                "patchify",
-                format!("sides divisible by patch {patch}"),
-                images.shape(),
-            ));
-        }
-        out.expect_dims(
-            "patchify",
-            &[b, (h / patch) * (w / patch), c * patch * patch],
-        )?;
+        let (b, c, h, w) = check_patchify(images, patch, out)?;
         ops::patchify(images.f32s()?, (b, c, h, w), patch, out.f32s_mut()?);
         Ok(())
     }
@@ -406,6 +389,45 @@ impl Backend for CpuBackend {
         }
         optim::sgd(p, g, b, step);
         Ok(())
+    }
+}
+
+/// Checks patchify's image and output shapes; returns `(b, c, h, w)`.
+pub(crate) fn check_patchify(
+    images: &Tensor,
+    patch: usize,
+    out: &Tensor,
+) -> Result<(usize, usize, usize, usize)> {
+    let &[b, c, h, w] = images.dims() else {
+        return Err(Error::shape(
+            "patchify",
+            "[batch, channels, height, width]",
+            images.shape(),
+        ));
+    };
+    if patch == 0 || h % patch != 0 || w % patch != 0 {
+        return Err(Error::shape(
+            "patchify",
+            format!("sides divisible by patch {patch}"),
+            images.shape(),
+        ));
+    }
+    out.expect_dims(
+        "patchify",
+        &[b, (h / patch) * (w / patch), c * patch * patch],
+    )?;
+    Ok((b, c, h, w))
+}
+
+/// Checks that `logits` are `[batch, classes]`; returns `(batch, classes)`.
+pub(crate) fn check_logits(logits: &Tensor) -> Result<(usize, usize)> {
+    match *logits.dims() {
+        [b, c] if c > 0 => Ok((b, c)),
+        _ => Err(Error::shape(
+            "argmax_rows",
+            "[batch, classes]",
+            logits.shape(),
+        )),
     }
 }
 

@@ -2,7 +2,7 @@
 //! geometry, the same on a GPU and on the emulated device.
 
 use super::{Arg, Gemm, Gpu, Launch};
-use crate::backend::cpu::{check_attn, ops::site_key};
+use crate::backend::cpu::{check_attn, check_logits, check_patchify, ops::site_key};
 use crate::backend::{
     AdamStep, AttnDims, Backend, DropoutKey, DropoutMode, OptimTensors, SgdStep, Update,
 };
@@ -446,24 +446,7 @@ impl Backend for CudaBackend {
     }
 
     fn patchify(&self, images: &Tensor, patch: usize, out: &mut Tensor) -> Result<()> {
-        let &[b, c, h, w] = images.dims() else {
-            return Err(Error::shape(
-                "patchify",
-                "[batch, channels, height, width]",
-                images.shape(),
-            ));
-        };
-        if patch == 0 || h % patch != 0 || w % patch != 0 {
-            return Err(Error::shape(
-                "patchify",
-                format!("sides divisible by patch {patch}"),
-                images.shape(),
-            ));
-        }
-        out.expect_dims(
-            "patchify",
-            &[b, (h / patch) * (w / patch), c * patch * patch],
-        )?;
+        let (b, c, h, w) = check_patchify(images, patch, out)?;
         let args = [
             self.ptr(images)?,
             self.ptr_mut(out)?,
@@ -911,15 +894,8 @@ impl Backend for CudaBackend {
     }
 
     fn argmax_rows(&self, logits: &Tensor) -> Result<Vec<usize>> {
-        let c = logits.shape().last();
-        if logits.shape().rank() != 2 || c == 0 {
-            return Err(Error::shape(
-                "argmax_rows",
-                "[batch, classes]",
-                logits.shape(),
-            ));
-        }
-        let b = logits.numel() / c;
+        let (b, c) = check_logits(logits)?;
+
         let mut out = self.scratch(b)?;
         let o = self.ptr_mut(&mut out)?;
         self.per_row(

@@ -38,36 +38,47 @@ for l in sys.stdin:
 
 run() {
     export FERROVIT_REQUIRE_GPU=1
-    local t0=$SECONDS status=0
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-    step() { echo; echo "== $1"; shift; "$@" || { echo "FAILED: $*"; status=1; }; }
+    export FERROVIT_BIN=$PWD/$bundle/ferrovit
+    local t0=$SECONDS status=0 log=${OUT:-/tmp/gpu-check}
+    mkdir -p "$log"
+    # cuBLAS is loaded by name (libcublas.so.13): add the folders a CUDA image keeps it in.
+    local libs
+    libs=$(python3 -c 'import nvidia.cublas, os; print(os.path.join(nvidia.cublas.__path__[0], "lib"))' 2>/dev/null || true)
+    export PATH="$PATH:/usr/local/cuda/bin"
+    export LD_LIBRARY_PATH="${libs:+$libs:}/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
+    step() { echo; echo "== $1 ($((SECONDS - t0)) s)"; shift; "$@" || { echo "FAILED: $*"; status=1; return 1; }; }
     step "conformance: every kernel vs the CPU backend" \
-        timeout 120 "$bundle/conformance" cuda_kernels_match_the_cpu_backend --nocapture
+        timeout 120 "$bundle/conformance" cuda_kernels_match_the_cpu_backend --exact --nocapture ||
+        step "conformance again, under compute-sanitizer memcheck" \
+            timeout 120 compute-sanitizer --print-limit 20 "$bundle/conformance" \
+            cuda_kernels_match_the_cpu_backend --exact --nocapture
     step "training on the GPU matches the CPU" \
-        timeout 180 "$bundle/cuda_train" cuda_training_matches_the_cpu_on_a_gpu --nocapture
+        timeout 180 "$bundle/cuda_train" cuda_training_matches_the_cpu_on_a_gpu --exact --nocapture
     step "kernel bandwidth (criterion)" \
-        timeout 150 "$bundle/cuda_kernels" --bench --noplot
+        bash -c "timeout 150 $bundle/cuda_kernels --bench --noplot --warm-up-time 1 2>&1 | tee $log/kernels.txt"
     local rows=()
+    torch_ips() { timeout "$1" python3 scripts/bench_torch.py --device cuda "${@:2}" --batch 512 --steps 20 |
+        tee -a "$log/torch.txt" | tail -1 |
+        python3 -c 'import json,sys; print(round(json.load(sys.stdin)["images_per_s_median"], 1))'; }
     for preset in vit_lite_depth7_patch4_32 vit_tiny_patch4_32; do
-        local ours eager compiled
+        local ours f32 eager compiled
         ours=$(timeout 60 "$bundle/ferrovit" bench --device cuda --preset "$preset" \
-            --batch-size 512 --steps 20 --warmup 3 | tee /dev/stderr | grep -o '[0-9.]* images/s' | cut -d' ' -f1)
-        eager=$(timeout 60 python3 scripts/bench_torch.py --device cuda --autocast bf16 \
-            --preset "$preset" --batch 512 --steps 20 --warmup 3 | tail -1 |
-            python3 -c 'import json,sys; print(round(json.load(sys.stdin)["images_per_s_median"], 1))')
-        compiled=$(timeout 150 python3 scripts/bench_torch.py --device cuda --autocast bf16 --compile \
-            --preset "$preset" --batch 512 --steps 20 --warmup 5 | tail -1 |
-            python3 -c 'import json,sys; print(round(json.load(sys.stdin)["images_per_s_median"], 1))')
-        rows+=("$preset ${ours:-?} ${eager:-?} ${compiled:-?}")
+            --batch-size 512 --steps 20 --warmup 3 2>&1 | tee -a "$log/ferrovit.txt" | grep -o '[0-9.]* images/s' | cut -d' ' -f1)
+        f32=$(torch_ips 60 --preset "$preset" --warmup 3)
+        eager=$(torch_ips 60 --autocast bf16 --preset "$preset" --warmup 3)
+        compiled=$(torch_ips 150 --autocast bf16 --compile --preset "$preset" --warmup 5)
+        rows+=("$preset ${ours:-?} ${f32:-?} ${eager:-?} ${compiled:-?}")
     done
+    cat "$log/ferrovit.txt"
     echo
-    echo "== train step, batch 512, images/s (ferrovit: f32 kernels + cuBLAS; PyTorch: bf16 autocast)"
-    printf '%-28s %12s %14s %14s %10s\n' preset ferrovit torch-eager torch-compile vs-compile
+    echo "== train step, batch 512, images/s (ferrovit: f32 kernels + cuBLAS f32; PyTorch: f32, and bf16 autocast)"
+    printf '%-28s %10s %12s %12s %14s %10s\n' preset ferrovit torch-f32 torch-bf16 torch-compile vs-compile
     for r in "${rows[@]}"; do
         set -- $r
-        printf '%-28s %12s %14s %14s %10s\n' "$1" "$2" "$3" "$4" \
-            "$(python3 -c "import sys; a, c = sys.argv[1:]; print(f'{float(a)/float(c):.2f}x')" "$2" "$4" 2>/dev/null || echo ?)"
-    done
+        printf '%-28s %10s %12s %12s %14s %10s\n' "$1" "$2" "$3" "$4" "$5" \
+            "$(python3 -c "import sys; a, c = sys.argv[1:]; print(f'{float(a)/float(c):.2f}x')" "$2" "$5" 2>/dev/null || echo ?)"
+    done | tee "$log/table.txt"
     echo "(done in $((SECONDS - t0)) s)"
     return $status
 }

@@ -21,6 +21,8 @@ struct Suite {
     device: Device,
     rng: RefCell<Rng>,
     checked: Cell<usize>,
+    /// Every mismatch, reported together at the end (one GPU run shows them all).
+    failed: RefCell<Vec<String>>,
 }
 
 impl Suite {
@@ -29,6 +31,7 @@ impl Suite {
             device,
             rng: RefCell::new(Rng::new(7)),
             checked: Cell::new(0),
+            failed: RefCell::new(Vec::new()),
         }
     }
 
@@ -48,6 +51,21 @@ impl Suite {
     /// Runs `op` on the CPU and on the device over copies of `tensors`, then compares
     /// the scalar it returns and every tensor.
     fn check(&self, name: &str, tol: f32, tensors: Vec<Tensor>, op: Op) {
+        let run = std::panic::AssertUnwindSafe(|| self.compare(name, tol, tensors, op));
+        match std::panic::catch_unwind(run) {
+            Ok(()) => self.checked.set(self.checked.get() + 1),
+            Err(e) => {
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                self.failed.borrow_mut().push(format!("{name}: {msg}"));
+            }
+        }
+    }
+
+    fn compare(&self, name: &str, tol: f32, tensors: Vec<Tensor>, op: Op) {
         let mut cpu = tensors.clone();
         let mut dev: Vec<Tensor> = tensors
             .iter()
@@ -75,7 +93,6 @@ impl Suite {
                 );
             }
         }
-        self.checked.set(self.checked.get() + 1);
     }
 
     fn run(&self) {
@@ -543,6 +560,15 @@ impl Suite {
             );
             Ok(0.0)
         });
+        let failed = self.failed.borrow();
+        assert!(
+            failed.is_empty(),
+            "{}: {} op checks match the CPU backend, {} do not:\n{}",
+            self.device,
+            self.checked.get(),
+            failed.len(),
+            failed.join("\n")
+        );
         eprintln!(
             "{}: {} op checks match the CPU backend",
             self.device,

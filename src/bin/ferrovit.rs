@@ -720,7 +720,10 @@ fn bench(a: BenchArgs) -> Result<()> {
     engine.to_device(device)?;
     let mut rng = Rng::new(1);
     let b = a.batch_size;
-    let images = Tensor::from_vec(rng.vec(b * 3 * 32 * 32, |r| r.normal()), [b, 3, 32, 32])?;
+    // On the device once, as a data loader's prefetch would leave it (PyTorch's side of
+    // the comparison, scripts/bench_torch.py, does the same).
+    let images = Tensor::from_vec(rng.vec(b * 3 * 32 * 32, |r| r.normal()), [b, 3, 32, 32])?
+        .to_device(device)?;
     let labels: Vec<usize> = (0..b).map(|i| i % 10).collect();
     let samples: Vec<u64> = (0..b as u64).collect();
     let mut times = Vec::new();

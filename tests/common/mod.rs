@@ -30,7 +30,11 @@ pub fn max_rel_err(a: &[f32], b: &[f32]) -> (f64, usize) {
 
 /// Runs the `ferrovit` binary: (success, stdout, stderr).
 pub fn ferrovit(args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferrovit"))
+    // FERROVIT_BIN: the binary beside test binaries run on another machine
+    // (scripts/gpu-check.sh), where cargo's build path does not exist.
+    let bin =
+        std::env::var_os("FERROVIT_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_ferrovit").into());
+    let out = std::process::Command::new(bin)
         .args(args)
         .output()
         .expect("run ferrovit");

@@ -50,6 +50,14 @@ impl DriverGpu {
                     .into(),
             ));
         }
+        // SAFETY: as above.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(Error::Device(
+                "the CUDA driver is here but cuBLAS (libcublas.so.13) could not be loaded: \
+                 install the CUDA 13 runtime libraries or add their folder to LD_LIBRARY_PATH"
+                    .into(),
+            ));
+        }
         let count = CudaContext::device_count().map_err(|e| driver_error("counting devices", e))?;
         if ordinal >= count.max(0) as usize {
             return Err(Error::Device(format!(

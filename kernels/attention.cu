@@ -2,181 +2,235 @@
 // columns h*hd..(h+1)*hd of each block), as src/backend/cpu/attention.rs. Only the first
 // `q` tokens query (q <= t); all t tokens are keys/values. out is [b, q, d].
 //
-// Design: one block per (image n, head h), block index = n*heads + h, 128 threads = 4 warps.
-// K and V of (n, h) are staged in dynamic shared memory; each warp then handles the query
-// rows i = warp, warp+4, ... < q alone (no block barriers inside the row loop), with a
-// per-warp shared row for the scores and for q_i (and dO_i in the backward). Reductions
-// over keys are warp shuffles. No score matrix ever reaches global memory: the forward
-// saves lse_i = max + log(sum) per row, the backward recomputes P from it.
+// Design: one block per (image n, head h), block index = n*heads + h, 256 threads = 8 warps.
+// Everything one (n, h) needs is staged in dynamic shared memory once; the block then works
+// in two passes separated by one barrier, and no score matrix ever reaches global memory
+// (the forward saves lse_i = max + log(sum) per row, the backward recomputes P from it):
 //
-// Shared-memory layouts. "k-major" means X[k*t + j] (head column k, token j); lanes that
-// walk tokens j then hit consecutive words, and lanes that walk columns k hit stride t,
-// conflict-free whenever t is odd (ViT's 65 tokens). "row-major" means X[j*hd + k].
+//   score pass (fv_att_scores): each warp takes FV_ATT_R query rows (i = warp + 8r: 72 >= 65
+//     tokens in one round), lanes take keys (j = lane + 32c, 96 per round); per head column
+//     k one broadcast read of q_ik per row and one read of k_jk per key feed R*C FMAs.
+//     Results go to [q][t] matrices in shared memory; row reductions are warp shuffles.
+//   product pass (fv_att_product): C[r][k] (+)= sum_j A(r, j) B[j][k] with A one of those
+//     [q][t] matrices (or its transpose) and B a staged [rows][hd] block; each warp takes
+//     FV_ATT_PR rows, lanes take columns (k = lane + 32c), so per j one broadcast read of A
+//     per row and one read of B per column feed PR*PC FMAs, and the writes to global memory
+//     are contiguous 128-byte rows.
+//
+// Shared-memory layouts: Q, K, V, dO are row-major [rows][hd + 1] (the odd stride keeps lanes
+// that walk rows j conflict-free, as lanes that walk columns k are anyway); the score-shaped
+// matrices are row-major [q][t].
 //
 // attention_forward_f32(qkv, out, lse, b, t, q, d, heads, scale)
-//   grid = b*heads, block = 128, dynamic shared = (2*t*hd + 4*(t + hd)) floats:
-//     Kt  [hd][t]  k-major      (scores: lanes over j)
-//     V   [t][hd]  row-major    (output: lanes over k)
-//     per warp w: S_w [t] (scores, then exp), Q_w [hd] (q_i)
-//   writes out[n, i, h*hd + k] (overwrite) and lse[(n*heads + h)*q + i].
+//   grid = b*heads, block = 256, dynamic shared = ((q + 2t)(hd + 1) + q t) floats:
+//   scores S = scale Q K^T, P = softmax(S) in place, out = P V (overwrite),
+//   lse[(n*heads + h)*q + i] = max_i + log(sum_i).
 //
 // attention_backward_f32(dout, qkv, lse, dqkv, b, t, q, d, heads, scale)
-//   grid = b*heads, block = 128, dynamic shared = (4*t*hd + 4*(2*t + 2*hd)) floats:
-//     Kt, Vt, dKt, dVt  [hd][t] each, k-major (dK/dV accumulators zeroed first)
-//     per warp w: P_w [t], dS_w [t] (dP, then dS), Q_w [hd], dO_w [hd]
-//   per row i: P_ij = exp(scale q_i.k_j - lse_i), dP_ij = dO_i.v_j, D_i = sum_j P_ij dP_ij,
-//   dS_ij = P_ij (dP_ij - D_i) scale; dQ_i += sum_j dS_ij k_j straight into dqkv (this block
-//   owns those columns, this warp that row); dK_j += dS_ij q_i, dV_j += P_ij dO_i by
-//   shared-memory atomicAdd; after all rows, __syncthreads and dqkv += dK, dV.
-//   Accumulates (+=) into dqkv.
+//   grid = b*heads, block = 256, dynamic shared = (2(q + t)(hd + 1) + 2 q t) floats:
+//   P_ij = exp(scale q_i.k_j - lse_i), dP_ij = dO_i.v_j, D_i = sum_j P_ij dP_ij,
+//   dS_ij = P_ij (dP_ij - D_i) scale; then dQ = dS K, dK = dS^T Q, dV = P^T dO, each added
+//   (+=) straight into dqkv: this block alone owns head h's columns of image n.
 //
-// Any t >= 1, q <= t, hd = d/heads >= 1 (up to 128; no multiple-of-32 requirement).
-// (Large t*hd needs the launcher to raise cudaFuncAttributeMaxDynamicSharedMemorySize
-// beyond 48 KiB: e.g. t=65, hd=64 backward is 17672 floats = 70688 bytes.)
+// Any t >= 1, q <= t, hd = d/heads >= 1, as long as the shared memory fits the device
+// (t = q = 65, hd = 64: 67,600 bytes forward, 101,400 backward; the launcher raises the
+// kernel's dynamic shared-memory limit beyond 48 KiB).
 #include "common.cuh"
 
-#define FV_ATT_THREADS 128
-#define FV_ATT_WARPS 4
+#define FV_ATT_THREADS 256
+#define FV_ATT_WARPS 8
+#define FV_ATT_R 9   // query rows per warp in the score pass
+#define FV_ATT_C 3   // keys per lane in the score pass (32 * 3 = 96 per round)
+#define FV_ATT_PR 9  // rows per warp in the product pass
+#define FV_ATT_PC 2  // columns per lane in the product pass (32 * 2 = 64 per round)
 
-extern "C" __global__ void __launch_bounds__(FV_ATT_THREADS)
+// X[r][k] = src[r * src_ld + k] for r < rows, k < hd, with X's row stride hd + 1.
+__device__ __forceinline__ void fv_att_stage(float* X, const float* src, long src_ld, int rows, int hd) {
+  for (int idx = threadIdx.x; idx < rows * hd; idx += FV_ATT_THREADS) {
+    int r = idx / hd, k = idx % hd;
+    X[r * (hd + 1) + k] = src[r * src_ld + k];
+  }
+}
+
+// Forward (BWD = false): S[i][j] = softmax_j(scale q_i.k_j), lse[i] = max + log(sum).
+// Backward (BWD = true): S[i][j] = P_ij from lse, dS[i][j] = P_ij (dO_i.v_j - D_i) scale.
+template <bool BWD>
+__device__ __forceinline__ void fv_att_scores(const float* Q, const float* dO, const float* K,
+    const float* V, int q, int t, int hd, float scale, float* lse, float* S, float* dS) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, ld = hd + 1;
+  for (int base = warp; base < q; base += FV_ATT_WARPS * FV_ATT_R) {
+    int row[FV_ATT_R];
+    float acc[FV_ATT_R];  // forward: running max; backward: sum_j P dP
+    float l[FV_ATT_R];    // backward: this row's lse
+#pragma unroll
+    for (int r = 0; r < FV_ATT_R; ++r) {
+      row[r] = min(base + FV_ATT_WARPS * r, q - 1);  // rows past q recompute row q-1, unstored
+      acc[r] = BWD ? 0.f : -INFINITY;
+      l[r] = BWD ? lse[row[r]] : 0.f;
+    }
+    for (int j0 = 0; j0 < t; j0 += 32 * FV_ATT_C) {
+      float s[FV_ATT_R][FV_ATT_C] = {}, dp[FV_ATT_R][FV_ATT_C] = {};
+      int col[FV_ATT_C];
+#pragma unroll
+      for (int c = 0; c < FV_ATT_C; ++c) col[c] = min(j0 + lane + 32 * c, t - 1);
+      for (int k = 0; k < hd; ++k) {
+        float kk[FV_ATT_C], vv[FV_ATT_C];
+#pragma unroll
+        for (int c = 0; c < FV_ATT_C; ++c) {
+          kk[c] = K[col[c] * ld + k];
+          if (BWD) vv[c] = V[col[c] * ld + k];
+        }
+#pragma unroll
+        for (int r = 0; r < FV_ATT_R; ++r) {
+          const float qv = Q[row[r] * ld + k];
+          const float ov = BWD ? dO[row[r] * ld + k] : 0.f;
+#pragma unroll
+          for (int c = 0; c < FV_ATT_C; ++c) {
+            s[r][c] = fmaf(qv, kk[c], s[r][c]);
+            if (BWD) dp[r][c] = fmaf(ov, vv[c], dp[r][c]);
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < FV_ATT_R; ++r) {
+        if (base + FV_ATT_WARPS * r >= q) continue;  // warp-uniform
+#pragma unroll
+        for (int c = 0; c < FV_ATT_C; ++c) {
+          const int j = j0 + lane + 32 * c;
+          if (j >= t) continue;
+          const long at = (long)row[r] * t + j;
+          if (BWD) {
+            const float p = expf(s[r][c] * scale - l[r]);
+            S[at] = p;
+            dS[at] = dp[r][c];
+            acc[r] = fmaf(p, dp[r][c], acc[r]);
+          } else {
+            S[at] = s[r][c] * scale;
+            acc[r] = fmaxf(acc[r], s[r][c] * scale);
+          }
+        }
+      }
+    }
+    // Finish each row; every lane revisits only the columns it wrote (j = lane mod 32).
+#pragma unroll
+    for (int r = 0; r < FV_ATT_R; ++r) {
+      if (base + FV_ATT_WARPS * r >= q) continue;  // warp-uniform
+      float* Si = S + (long)row[r] * t;
+      if (BWD) {
+        const float D = fv_warp_sum(acc[r]);
+        float* dSi = dS + (long)row[r] * t;
+        for (int j = lane; j < t; j += 32) dSi[j] = Si[j] * (dSi[j] - D) * scale;
+      } else {
+        const float m = fv_warp_max(acc[r]);
+        float sum = 0.f;
+        for (int j = lane; j < t; j += 32) {
+          const float e = expf(Si[j] - m);
+          Si[j] = e;
+          sum += e;
+        }
+        sum = fv_warp_sum(sum);
+        const float inv = 1.f / sum;
+        for (int j = lane; j < t; j += 32) Si[j] *= inv;
+        if (lane == 0) lse[row[r]] = m + logf(sum);
+      }
+    }
+  }
+}
+
+// C[r * ldc + k] (+)= sum_{j < inner} A(r, j) B[j][k] for r < rows, k < hd, where A(r, j) is
+// A[r * lda + j], or A[j * lda + r] when TRANS_A, and B is a staged block (row stride hd + 1).
+template <bool TRANS_A, bool ACCUM>
+__device__ __forceinline__ void fv_att_product(const float* A, int lda, const float* B, int rows,
+    int inner, int hd, float* C, long ldc) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, ld = hd + 1;
+  for (int base = warp; base < rows; base += FV_ATT_WARPS * FV_ATT_PR) {
+    int row[FV_ATT_PR];
+#pragma unroll
+    for (int r = 0; r < FV_ATT_PR; ++r) row[r] = min(base + FV_ATT_WARPS * r, rows - 1);
+    for (int k0 = 0; k0 < hd; k0 += 32 * FV_ATT_PC) {
+      int col[FV_ATT_PC];
+#pragma unroll
+      for (int c = 0; c < FV_ATT_PC; ++c) col[c] = min(k0 + lane + 32 * c, hd - 1);
+      float acc[FV_ATT_PR][FV_ATT_PC] = {};
+      for (int j = 0; j < inner; ++j) {
+        float b[FV_ATT_PC];
+#pragma unroll
+        for (int c = 0; c < FV_ATT_PC; ++c) b[c] = B[j * ld + col[c]];
+#pragma unroll
+        for (int r = 0; r < FV_ATT_PR; ++r) {
+          const float a = TRANS_A ? A[(long)j * lda + row[r]] : A[(long)row[r] * lda + j];
+#pragma unroll
+          for (int c = 0; c < FV_ATT_PC; ++c) acc[r][c] = fmaf(a, b[c], acc[r][c]);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < FV_ATT_PR; ++r) {
+        if (base + FV_ATT_WARPS * r >= rows) continue;  // warp-uniform
+#pragma unroll
+        for (int c = 0; c < FV_ATT_PC; ++c) {
+          const int k = k0 + lane + 32 * c;
+          if (k >= hd) continue;
+          float* o = C + (long)row[r] * ldc + k;
+          *o = ACCUM ? *o + acc[r][c] : acc[r][c];
+        }
+      }
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(FV_ATT_THREADS, 2)
 attention_forward_f32(const float* __restrict__ qkv, float* __restrict__ out, float* __restrict__ lse,
     int b, int t, int q, int d, int heads, float scale) {
   FV_DYNAMIC_SHARED(float, smem);
   (void)b;
-  const int hd = d / heads;
+  const int hd = d / heads, ld = hd + 1;
   const int bh = blockIdx.x;
   const int n = bh / heads, h = bh % heads;
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const long d3 = 3L * d;
   const float* base = qkv + (long)n * t * d3 + (long)h * hd;
 
-  float* Kt = smem;                        // [hd][t]
-  float* V = Kt + (long)t * hd;            // [t][hd]
-  float* S = V + (long)t * hd + warp * t;  // this warp's scores [t]
-  float* Qr = V + (long)t * hd + FV_ATT_WARPS * t + warp * hd; // this warp's q_i [hd]
-
-  for (int idx = tid; idx < t * hd; idx += FV_ATT_THREADS) {
-    int j = idx / hd, k = idx % hd;
-    const float* row = base + j * d3;
-    Kt[k * t + j] = row[d + k];
-    V[idx] = row[2 * d + k];
-  }
+  float* Q = smem;           // [q][ld]
+  float* K = Q + q * ld;     // [t][ld]
+  float* V = K + t * ld;     // [t][ld]
+  float* S = V + t * ld;     // [q][t]
+  fv_att_stage(Q, base, d3, q, hd);
+  fv_att_stage(K, base + d, d3, t, hd);
+  fv_att_stage(V, base + 2 * d, d3, t, hd);
   __syncthreads();
-
-  for (int i = warp; i < q; i += FV_ATT_WARPS) {
-    const float* qi = base + i * d3;
-    for (int k = lane; k < hd; k += 32) Qr[k] = qi[k];
-    __syncwarp();
-    float m = -INFINITY;
-    for (int j = lane; j < t; j += 32) {
-      float s = 0.f;
-      for (int k = 0; k < hd; ++k) s = fmaf(Qr[k], Kt[k * t + j], s);
-      s *= scale;
-      S[j] = s;
-      m = fmaxf(m, s);
-    }
-    m = fv_warp_max(m);
-    float sum = 0.f;
-    for (int j = lane; j < t; j += 32) {
-      float e = expf(S[j] - m);
-      S[j] = e;
-      sum += e;
-    }
-    sum = fv_warp_sum(sum);
-    __syncwarp();
-    const float inv = 1.f / sum;
-    float* orow = out + ((long)n * q + i) * d + (long)h * hd;
-    for (int k = lane; k < hd; k += 32) {
-      float acc = 0.f;
-      for (int j = 0; j < t; ++j) acc = fmaf(S[j], V[j * hd + k], acc);
-      orow[k] = acc * inv;
-    }
-    if (lane == 0) lse[(long)bh * q + i] = m + logf(sum);
-    __syncwarp(); // S and Qr are rewritten by the next row
-  }
+  fv_att_scores<false>(Q, nullptr, K, nullptr, q, t, hd, scale, lse + (long)bh * q, S, nullptr);
+  __syncthreads();
+  fv_att_product<false, false>(S, t, V, q, t, hd, out + (long)n * q * d + (long)h * hd, d);
 }
 
-extern "C" __global__ void __launch_bounds__(FV_ATT_THREADS)
+extern "C" __global__ void __launch_bounds__(FV_ATT_THREADS, 2)
 attention_backward_f32(const float* __restrict__ dout, const float* __restrict__ qkv,
     const float* __restrict__ lse, float* __restrict__ dqkv, int b, int t, int q, int d, int heads,
     float scale) {
   FV_DYNAMIC_SHARED(float, smem);
   (void)b;
-  const int hd = d / heads;
+  const int hd = d / heads, ld = hd + 1;
   const int bh = blockIdx.x;
   const int n = bh / heads, h = bh % heads;
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const long d3 = 3L * d;
   const long off = (long)n * t * d3 + (long)h * hd;
   const float* base = qkv + off;
   float* dbase = dqkv + off;
-  const int th = t * hd;
 
-  float* Kt = smem;       // [hd][t]
-  float* Vt = Kt + th;    // [hd][t]
-  float* dKt = Vt + th;   // [hd][t]
-  float* dVt = dKt + th;  // [hd][t]
-  float* rows = dVt + th;
-  float* P = rows + warp * t;                                    // [t]
-  float* dS = rows + FV_ATT_WARPS * t + warp * t;                // [t]
-  float* Qr = rows + 2 * FV_ATT_WARPS * t + warp * hd;           // [hd]
-  float* dO = rows + 2 * FV_ATT_WARPS * t + FV_ATT_WARPS * hd + warp * hd; // [hd]
-
-  for (int idx = tid; idx < th; idx += FV_ATT_THREADS) {
-    int j = idx / hd, k = idx % hd;
-    const float* row = base + j * d3;
-    Kt[k * t + j] = row[d + k];
-    Vt[k * t + j] = row[2 * d + k];
-    dKt[idx] = 0.f;
-    dVt[idx] = 0.f;
-  }
+  float* Q = smem;           // [q][ld]
+  float* dO = Q + q * ld;    // [q][ld]
+  float* K = dO + q * ld;    // [t][ld]
+  float* V = K + t * ld;     // [t][ld]
+  float* P = V + t * ld;     // [q][t]
+  float* dS = P + q * t;     // [q][t]
+  fv_att_stage(Q, base, d3, q, hd);
+  fv_att_stage(dO, dout + (long)n * q * d + (long)h * hd, d, q, hd);
+  fv_att_stage(K, base + d, d3, t, hd);
+  fv_att_stage(V, base + 2 * d, d3, t, hd);
   __syncthreads();
-
-  for (int i = warp; i < q; i += FV_ATT_WARPS) {
-    const float* qi = base + i * d3;
-    const float* doi = dout + ((long)n * q + i) * d + (long)h * hd;
-    for (int k = lane; k < hd; k += 32) {
-      Qr[k] = qi[k];
-      dO[k] = doi[k];
-    }
-    __syncwarp();
-    const float l = lse[(long)bh * q + i];
-    float dsum = 0.f;
-    for (int j = lane; j < t; j += 32) {
-      float s = 0.f, dp = 0.f;
-      for (int k = 0; k < hd; ++k) {
-        s = fmaf(Qr[k], Kt[k * t + j], s);
-        dp = fmaf(dO[k], Vt[k * t + j], dp);
-      }
-      float p = expf(s * scale - l);
-      P[j] = p;
-      dS[j] = dp;
-      dsum = fmaf(p, dp, dsum);
-    }
-    const float D = fv_warp_sum(dsum);
-    for (int j = lane; j < t; j += 32) dS[j] = P[j] * (dS[j] - D) * scale;
-    __syncwarp();
-    // dQ_i += dS_i K  (lanes over columns)
-    float* dqi = dbase + i * d3;
-    for (int k = lane; k < hd; k += 32) {
-      float acc = 0.f;
-      for (int j = 0; j < t; ++j) acc = fmaf(dS[j], Kt[k * t + j], acc);
-      dqi[k] += acc;
-    }
-    // dK_j += dS_ij q_i, dV_j += P_ij dO_i  (lanes over tokens, k-major accumulators)
-    for (int idx = lane; idx < th; idx += 32) {
-      int k = idx / t, j = idx % t;
-      atomicAdd(&dKt[idx], dS[j] * Qr[k]);
-      atomicAdd(&dVt[idx], P[j] * dO[k]);
-    }
-    __syncwarp(); // P, dS, Qr, dO are rewritten by the next row
-  }
+  // lse is read, not written, by the backward score pass
+  fv_att_scores<true>(Q, dO, K, V, q, t, hd, scale, const_cast<float*>(lse) + (long)bh * q, P, dS);
   __syncthreads();
-
-  for (int idx = tid; idx < th; idx += FV_ATT_THREADS) {
-    int j = idx / hd, k = idx % hd;
-    float* row = dbase + j * d3;
-    row[d + k] += dKt[k * t + j];
-    row[2 * d + k] += dVt[k * t + j];
-  }
+  fv_att_product<false, true>(dS, t, K, q, t, hd, dbase, d3);               // dQ = dS K
+  fv_att_product<true, true>(dS, t, Q, t, q, hd, dbase + d, d3);            // dK = dS^T Q
+  fv_att_product<true, true>(P, t, dO, t, q, hd, dbase + 2 * d, d3);        // dV = P^T dO
 }

@@ -306,9 +306,13 @@ impl Suite {
                 be.embed_backward(g, dp, dc, de).map(|_| 0.0)
             },
         );
-        for (batch, tokens, queries, dim, heads) in
-            [(2, 17, 17, 24, 2), (3, 65, 1, 64, 4), (1, 5, 5, 12, 3)]
-        {
+        for (batch, tokens, queries, dim, heads) in [
+            (2, 17, 17, 24, 2),
+            (3, 65, 1, 64, 4),
+            (1, 5, 5, 12, 3),
+            (2, 65, 65, 128, 2),   // ViT's 65 tokens, 64-wide heads
+            (1, 100, 100, 160, 2), // more than one round of keys and of head columns
+        ] {
             let dims = AttnDims {
                 batch,
                 tokens,

@@ -15,8 +15,10 @@ use std::sync::{Arc, Mutex};
 const THREADS: u32 = 256;
 /// Rows per block of the two-pass column sums.
 const ROWS_PER_CHUNK: usize = 64;
-/// Warps per block of the one-warp-per-row kernels and of attention.
+/// Warps per block of the one-warp-per-row kernels.
 const ROW_WARPS: usize = 4;
+/// Threads per block of the attention kernels (kernels/attention.cu: 8 warps).
+const ATTENTION_THREADS: u32 = 256;
 /// Elements per block of the multi-tensor kernels (optimizer, global norm).
 const MULTI_CHUNK: usize = 8192;
 
@@ -513,13 +515,13 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         check_attn(dims, self.attention_saved_len(dims), qkv, lse, out)?;
         let hd = dims.dim / dims.heads;
-        let (t, w) = (dims.tokens, ROW_WARPS);
-        let shared = 4 * (2 * t * hd + w * (t + hd));
+        let (t, q) = (dims.tokens, dims.queries);
+        let shared = 4 * ((q + 2 * t) * (hd + 1) + q * t);
         let args = [self.ptr(qkv)?, self.ptr_mut(out)?, self.ptr_mut(lse)?];
         self.launch(
             "attention_forward_f32",
             [(dims.batch * dims.heads) as u32, 1, 1],
-            [32 * w as u32, 1, 1],
+            [ATTENTION_THREADS, 1, 1],
             shared,
             &[&args[..], &attn_args(dims)?].concat(),
         )
@@ -536,8 +538,8 @@ impl Backend for CudaBackend {
         check_attn(dims, self.attention_saved_len(dims), qkv, lse, dout)?;
         same("attention_backward", qkv.numel(), dqkv.numel())?;
         let hd = dims.dim / dims.heads;
-        let (t, w) = (dims.tokens, ROW_WARPS);
-        let shared = 4 * (4 * t * hd + w * (2 * t + 2 * hd));
+        let (t, q) = (dims.tokens, dims.queries);
+        let shared = 4 * (2 * (q + t) * (hd + 1) + 2 * q * t);
         let args = [
             self.ptr(dout)?,
             self.ptr(qkv)?,
@@ -547,7 +549,7 @@ impl Backend for CudaBackend {
         self.launch(
             "attention_backward_f32",
             [(dims.batch * dims.heads) as u32, 1, 1],
-            [32 * w as u32, 1, 1],
+            [ATTENTION_THREADS, 1, 1],
             shared,
             &[&args[..], &attn_args(dims)?].concat(),
         )

@@ -61,23 +61,29 @@ run() {
     torch_ips() { timeout "$1" python3 scripts/bench_torch.py --device cuda "${@:2}" --batch 512 --steps 20 |
         tee -a "$log/torch.txt" | tail -1 |
         python3 -c 'import json,sys; print(round(json.load(sys.stdin)["images_per_s_median"], 1))'; }
+    ours_ips() { timeout 60 "$bundle/ferrovit" bench --device cuda --batch-size 512 --steps 20 --warmup 3 "$@" 2>&1 |
+        tee -a "$log/ferrovit.txt" | grep -o '[0-9.]* images/s' | cut -d' ' -f1; }
     for preset in vit_lite_depth7_patch4_32 vit_tiny_patch4_32; do
-        local ours f32 eager compiled
-        ours=$(timeout 60 "$bundle/ferrovit" bench --device cuda --preset "$preset" \
-            --batch-size 512 --steps 20 --warmup 3 2>&1 | tee -a "$log/ferrovit.txt" | grep -o '[0-9.]* images/s' | cut -d' ' -f1)
-        f32=$(torch_ips 60 --preset "$preset" --warmup 3)
-        eager=$(torch_ips 60 --autocast bf16 --preset "$preset" --warmup 3)
-        compiled=$(torch_ips 150 --autocast bf16 --compile --preset "$preset" --warmup 5)
-        rows+=("$preset ${ours:-?} ${f32:-?} ${eager:-?} ${compiled:-?}")
+        local f32 bf16 tf32 teager tcompiled
+        f32=$(ours_ips --preset "$preset" --precision f32)
+        bf16=$(ours_ips --preset "$preset" --precision bf16)
+        tf32=$(torch_ips 60 --preset "$preset" --warmup 3)
+        teager=$(torch_ips 60 --autocast bf16 --preset "$preset" --warmup 3)
+        tcompiled=$(torch_ips 150 --autocast bf16 --compile --preset "$preset" --warmup 5)
+        rows+=("$preset ${f32:-?} ${bf16:-?} ${tf32:-?} ${teager:-?} ${tcompiled:-?}")
     done
+    echo
+    echo "== where a vit_lite bf16 step spends device time (CUDA events around every launch)"
+    FERROVIT_PROFILE=1 timeout 60 "$bundle/ferrovit" bench --device cuda --batch-size 512 --steps 5 \
+        --warmup 1 --precision bf16 2>&1 | tee "$log/profile.txt"
     cat "$log/ferrovit.txt"
     echo
-    echo "== train step, batch 512, images/s (ferrovit: f32 kernels + cuBLAS f32; PyTorch: f32, and bf16 autocast)"
-    printf '%-28s %10s %12s %12s %14s %10s\n' preset ferrovit torch-f32 torch-bf16 torch-compile vs-compile
+    echo "== train step, batch 512, images/s (ferrovit f32 / bf16 mixed precision; PyTorch f32 / bf16 autocast eager / compiled)"
+    printf '%-28s %9s %9s %10s %10s %13s %10s\n' preset ours-f32 ours-bf16 torch-f32 torch-bf16 torch-compile vs-compile
     for r in "${rows[@]}"; do
         set -- $r
-        printf '%-28s %10s %12s %12s %14s %10s\n' "$1" "$2" "$3" "$4" "$5" \
-            "$(python3 -c "import sys; a, c = sys.argv[1:]; print(f'{float(a)/float(c):.2f}x')" "$2" "$5" 2>/dev/null || echo ?)"
+        printf '%-28s %9s %9s %10s %10s %13s %10s\n' "$1" "$2" "$3" "$4" "$5" "$6" \
+            "$(python3 -c "import sys; a, c = sys.argv[1:]; print(f'{float(a)/float(c):.2f}x')" "$3" "$6" 2>/dev/null || echo ?)"
     done | tee "$log/table.txt"
     echo "(done in $((SECONDS - t0)) s)"
     return $status

@@ -2,6 +2,7 @@
 //! their validation, and the run itself — data, model, engine, trainer with the
 //! standard hooks, metrics file, plot and final report.
 
+use crate::autograd::Precision;
 use crate::backend::cpu;
 use crate::checkpoint::{self, LoadOptions, SaveOptions};
 use crate::data::{Augment, Dataset, Loader, Sampler};
@@ -88,6 +89,10 @@ pub struct TrainOptions {
     /// Where to compute: `cpu`, `cuda` (GPU 0), `cuda:N`, or `cuda-emu` (the CUDA
     /// kernels emulated on the CPU: slow, for testing).
     pub device: String,
+    /// The linear layers' arithmetic: `f32`, `bf16` (mixed precision: bf16 GEMM operands,
+    /// f32 accumulation, parameters and optimizer state), or `auto` (bf16 on a CUDA
+    /// device, f32 on the CPU).
+    pub precision: String,
 }
 
 /// The default model when neither a preset nor dimensions are given: small enough to
@@ -131,6 +136,7 @@ impl Default for TrainOptions {
             bucket_mb: 25.0,
             comm_timeout: 300,
             device: "cpu".into(),
+            precision: "auto".into(),
         }
     }
 }
@@ -261,6 +267,10 @@ impl TrainOptions {
                 &self.device,
                 "parallel training (--dp/--pp) runs on the cpu for now",
             ));
+        }
+        if self.precision != "auto" {
+            Precision::parse(&self.precision)
+                .map_err(|_| invalid("precision", &self.precision, "expected auto, f32 or bf16"))?;
         }
         if self.comm_timeout == 0 {
             return Err(invalid("comm_timeout", 0, "must be at least 1 second"));
@@ -533,14 +543,16 @@ fn train_rank(opts: &TrainOptions, group: Option<Arc<dyn ProcessGroup>>) -> Resu
         total,
         min_lr: 0.0,
     };
+    let device = Device::parse(&opts.device)?;
+    let tc_precision = Precision::resolve(&opts.precision, device)?;
     let tc = TrainConfig {
         lr: opts.lr,
         weight_decay: opts.weight_decay,
         label_smoothing: opts.label_smoothing,
         seed: opts.seed,
+        precision: tc_precision,
         ..TrainConfig::default()
     };
-    let device = Device::parse(&opts.device)?;
     let engine = match par {
         Some(par) => Engine::parallel(&cfg, tc, par)?,
         None => Engine::new(&cfg, tc)?,
@@ -592,8 +604,9 @@ fn train_rank(opts: &TrainOptions, group: Option<Arc<dyn ProcessGroup>>) -> Resu
     if device != Device::Cpu {
         trainer.engine.to_device(device)?;
         logger.info(format!(
-            "training on {}",
-            crate::backend::cuda::describe(device)
+            "training on {}, {} linear layers",
+            crate::backend::cuda::describe(device),
+            tc_precision
         ));
     }
     let history = trainer.history().to_vec();

@@ -13,12 +13,59 @@ pub use params::{Param, ParamId, ParamStore};
 
 use crate::backend::{self, AttnDims, Backend, DropoutKey, DropoutMode};
 use crate::error::{Error, Result};
-use crate::tensor::{Device, Shape, Tensor};
+use crate::tensor::{DType, Device, Shape, Tensor};
 use std::sync::Arc;
 
 /// A node of a [`Graph`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Var(usize);
+
+/// The arithmetic of the linear layers' GEMMs. Parameters, their gradients, optimizer
+/// state and every other op stay f32 either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 operands.
+    #[default]
+    F32,
+    /// Mixed precision: operands rounded to bf16 (activations, weights and output
+    /// gradients, each cast once per use), products accumulated in f32 into f32
+    /// results; on a GPU the GEMMs run on tensor cores.
+    Bf16,
+}
+
+impl Precision {
+    /// `f32` or `bf16`.
+    pub fn parse(s: &str) -> Result<Precision> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(Error::Config(format!(
+                "unknown precision {s:?}: expected f32 or bf16"
+            ))),
+        }
+    }
+
+    /// `f32`, `bf16`, or `auto`: bf16 on a CUDA device (tensor cores), f32 on the CPU.
+    pub fn resolve(s: &str, device: Device) -> Result<Precision> {
+        match s {
+            "auto" if device == Device::Cpu => Ok(Precision::F32),
+            "auto" => Ok(Precision::Bf16),
+            "f32" | "bf16" => Precision::parse(s),
+            _ => Err(Error::Config(format!(
+                "unknown precision {s:?}: expected auto, f32 or bf16"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
 
 /// Activation fused into a linear layer's epilogue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +85,8 @@ enum Op {
         b: Option<Var>,
         /// pre-activation output, kept when the activation is GELU
         pre: Option<Tensor>,
+        /// bf16 copies of x and W that the forward GEMM used ([`Precision::Bf16`])
+        half: Option<(Tensor, Tensor)>,
     },
     Embed {
         patches: Var,
@@ -124,6 +173,7 @@ pub struct Graph<'a> {
     param_vars: Vec<Option<Var>>,
     backend: &'static dyn Backend,
     device: Device,
+    precision: Precision,
 }
 
 impl<'a> Graph<'a> {
@@ -143,7 +193,13 @@ impl<'a> Graph<'a> {
             param_vars: vec![None; n],
             backend: backend::for_device(device),
             device,
+            precision: Precision::F32,
         }
+    }
+
+    /// The arithmetic of the linear layers from here on (f32 until set).
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
     }
 
     pub fn store(&self) -> &ParamStore {
@@ -285,6 +341,11 @@ impl<'a> Graph<'a> {
         let n = xv.shape().rows();
         let dims = Self::with_last(xv.dims(), out_f);
         let mut out = self.out(&dims)?;
+        let half = match self.precision {
+            Precision::F32 => None,
+            Precision::Bf16 => Some((xv.try_to_dtype(DType::BF16)?, wv.try_to_dtype(DType::BF16)?)),
+        };
+        let (xv, wv) = half.as_ref().map_or((xv, wv), |(x, w)| (x, w));
         let pre = match act {
             Activation::None => {
                 if let Some(b) = b {
@@ -318,7 +379,7 @@ impl<'a> Graph<'a> {
             }
         };
         let needs = self.needs(x) || self.needs(w) || b.is_some_and(|b| self.needs(b));
-        Ok(self.push(out, needs, Op::Linear { x, w, b, pre }))
+        Ok(self.push(out, needs, Op::Linear { x, w, b, pre, half }))
     }
 
     /// Token embedding: cls token first, then the patches, plus position embeddings.
@@ -655,7 +716,7 @@ impl<'a> Graph<'a> {
         let be = self.backend;
         match op {
             Op::Input | Op::Param(_) | Op::Patchify => {}
-            Op::Linear { x, w, b, pre } => {
+            Op::Linear { x, w, b, pre, half } => {
                 let dpre_owned;
                 let dpre = match pre {
                     Some(pre) => {
@@ -673,11 +734,19 @@ impl<'a> Graph<'a> {
                     self.update_grad(b, |_, db| be.bias_grad(dpre, db))?;
                 }
                 let (wt, xt) = ((out_f, in_f, n), (n, in_f, out_f));
+                // mixed precision: the output gradient rounded to bf16 too, once
+                let dpre16 = match half {
+                    Some(_) => Some(dpre.try_to_dtype(DType::BF16)?),
+                    None => None,
+                };
+                let dpre = dpre16.as_ref().unwrap_or(dpre);
                 self.update_grad(*w, |s, dw| {
-                    be.matmul(dw, dpre, true, s.value(*x), false, wt, true)
+                    let x = half.as_ref().map_or_else(|| s.value(*x), |(x, _)| x);
+                    be.matmul(dw, dpre, true, x, false, wt, true)
                 })?;
                 self.update_grad(*x, |s, dx| {
-                    be.matmul(dx, dpre, false, s.value(*w), false, xt, true)
+                    let w = half.as_ref().map_or_else(|| s.value(*w), |(_, w)| w);
+                    be.matmul(dx, dpre, false, w, false, xt, true)
                 })?;
             }
             Op::Embed { patches, cls, pos } => {

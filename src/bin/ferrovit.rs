@@ -12,7 +12,7 @@ use ferrovit::nn::PRESETS;
 use ferrovit::recipe::{self, TrainOptions};
 use ferrovit::rng::Rng;
 use ferrovit::trainer::init_stdout;
-use ferrovit::{Device, Error, Result, Tensor, VitConfig};
+use ferrovit::{Device, Error, Precision, Result, Tensor, VitConfig};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -177,6 +177,11 @@ struct TrainArgs {
     /// emulated on the CPU: slow, for testing) [default: cpu]
     #[arg(long, value_name = "DEVICE")]
     device: Option<String>,
+    /// The linear layers' arithmetic: f32, bf16 (mixed precision: bf16 GEMM operands,
+    /// f32 accumulation, parameters and optimizer state), or auto (bf16 on a CUDA
+    /// device, f32 on the CPU) [default: auto]
+    #[arg(long, value_name = "P")]
+    precision: Option<String>,
 }
 
 /// Images are PNG or JPEG of any size: the shorter side is resized to the model's 32
@@ -331,6 +336,9 @@ struct BenchArgs {
     /// Where to compute: cpu, cuda, cuda:N or cuda-emu
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// f32, bf16 or auto (bf16 on a CUDA device, f32 on the CPU)
+    #[arg(long, default_value = "auto")]
+    precision: String,
 }
 
 fn main() -> ExitCode {
@@ -716,7 +724,12 @@ fn bench(a: BenchArgs) -> Result<()> {
     }
     let cfg = VitConfig::preset(&a.preset)?;
     let device = Device::parse(&a.device)?;
-    let mut engine = Engine::new(&cfg, TrainConfig::default())?;
+    let precision = Precision::resolve(&a.precision, device)?;
+    let config = TrainConfig {
+        precision,
+        ..TrainConfig::default()
+    };
+    let mut engine = Engine::new(&cfg, config)?;
     engine.to_device(device)?;
     let mut rng = Rng::new(1);
     let b = a.batch_size;
@@ -741,10 +754,28 @@ fn bench(a: BenchArgs) -> Result<()> {
         d => ferrovit::backend::cuda::describe(d),
     };
     println!(
-        "{} params, batch {b}, {on}: median step {:.3} s, {:.1} images/s",
+        "{} params, batch {b}, {precision}, {on}: median step {:.3} s, {:.1} images/s",
         cfg.num_params(),
         median,
         b as f64 / median
     );
+    if let Device::Cuda(id) = device {
+        if let Some(rows) = ferrovit::backend::cuda::get(id).gpu.profile() {
+            let steps = (a.warmup + a.steps) as f64;
+            let total: f64 = rows.iter().map(|r| r.2).sum();
+            println!(
+                "device time per step (FERROVIT_PROFILE=1): {:.3} ms",
+                total / steps
+            );
+            for (what, calls, ms) in rows {
+                println!(
+                    "{:>9.3} ms {:>5.1}% {:>6} calls  {what}",
+                    ms / steps,
+                    100.0 * ms / total,
+                    calls as f64 / steps
+                );
+            }
+        }
+    }
     Ok(())
 }

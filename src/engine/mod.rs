@@ -5,7 +5,7 @@ mod parallel;
 
 pub use parallel::Parallel;
 
-use crate::autograd::{Graph, ParamStore, Var};
+use crate::autograd::{Graph, ParamStore, Precision, Var};
 use crate::data::Batch;
 use crate::dist::average_gradients;
 use crate::error::{Error, Result};
@@ -27,6 +27,8 @@ pub struct TrainConfig {
     pub clip_grad_norm: Option<f32>,
     /// Seed of parameter initialisation and dropout.
     pub seed: u64,
+    /// The linear layers' arithmetic (f32, or bf16 mixed precision).
+    pub precision: Precision,
 }
 
 impl Default for TrainConfig {
@@ -38,6 +40,7 @@ impl Default for TrainConfig {
             label_smoothing: 0.0,
             clip_grad_norm: None,
             seed: 0,
+            precision: Precision::F32,
         }
     }
 }
@@ -288,6 +291,7 @@ impl Engine {
         };
         let images = images.to_device(self.params_device())?;
         let mut graph = Graph::owning(std::mem::take(&mut self.params));
+        graph.set_precision(self.config.precision);
         let result = self.model.forward(&mut graph, images, &ctx);
         let id = self.next_id;
         self.next_id += 1;

@@ -198,6 +198,7 @@ impl Engine {
                 let r = bounds[i].clone();
                 let ctx = ctx_for(&r, self.step, self.config.seed);
                 let mut graph = Graph::owning(self.params.share());
+                graph.set_precision(self.config.precision);
                 let (input, x) = if stage == 0 {
                     (None, PartInput::Images(rows(&batch.images, r.clone())?))
                 } else {

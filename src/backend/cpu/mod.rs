@@ -12,7 +12,7 @@ pub use ops::fill;
 
 use super::{AdamStep, AttnDims, Backend, DropoutKey, DropoutMode, SgdStep};
 use crate::error::{Error, Result};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 
 /// Sets the number of CPU threads (rayon's global pool, which the GEMMs use too).
 /// Call once, before any compute; `0` means one per core.
@@ -52,6 +52,14 @@ fn rows_of(op: &'static str, x: &[f32], width: usize) -> Result<usize> {
     Ok(x.len() / width)
 }
 
+/// An f32 GEMM operand: f32 data as is, bf16 widened (exactly).
+fn gemm_operand(t: &Tensor) -> Result<std::borrow::Cow<'_, [f32]>> {
+    match t.dtype() {
+        DType::BF16 => Ok(std::borrow::Cow::Owned(t.to_vec_f32())),
+        _ => t.f32s().map(std::borrow::Cow::Borrowed),
+    }
+}
+
 impl Backend for CpuBackend {
     fn name(&self) -> &'static str {
         "cpu"
@@ -67,7 +75,16 @@ impl Backend for CpuBackend {
         (m, n, k): (usize, usize, usize),
         accumulate: bool,
     ) -> Result<()> {
-        let (a, b, c) = (a.f32s()?, b.f32s()?, c.f32s_mut()?);
+        // f32 operands, or bf16 ones (both the same: mixed precision), widened exactly;
+        // f32 accumulation into an f32 result either way, as on a GPU
+        if a.dtype() != b.dtype() {
+            return Err(Error::Config(format!(
+                "matmul of a {} by a {} operand: cast one first",
+                a.dtype(),
+                b.dtype()
+            )));
+        }
+        let (a, b, c) = (gemm_operand(a)?, gemm_operand(b)?, c.f32s_mut()?);
         if a.len() != m * k || b.len() != k * n || c.len() != m * n {
             return Err(Error::shape(
                 "matmul",
@@ -75,7 +92,7 @@ impl Backend for CpuBackend {
                 format!("{} · {} -> {} elements", a.len(), b.len(), c.len()),
             ));
         }
-        gemm::matmul(c, a, ta, b, tb, (m, n, k), accumulate);
+        gemm::matmul(c, &a, ta, &b, tb, (m, n, k), accumulate);
         Ok(())
     }
 

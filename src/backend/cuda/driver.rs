@@ -20,6 +20,16 @@ pub struct DriverGpu {
     functions: Mutex<HashMap<&'static str, (sys::CUfunction, u32)>>,
     blas: blas_sys::cublasHandle_t,
     name: String,
+    /// FERROVIT_PROFILE=1: events around every launch and GEMM, read at each synchronize.
+    profile: Option<Mutex<Profile>>,
+}
+
+#[derive(Default)]
+struct Profile {
+    /// Recorded, not yet read: (what ran, start event, end event).
+    pending: Vec<(String, sys::CUevent, sys::CUevent)>,
+    /// Per name: calls and milliseconds.
+    totals: HashMap<String, (u64, f64)>,
 }
 
 // SAFETY: the raw module, function and cuBLAS handles are only used with the context
@@ -92,7 +102,38 @@ impl DriverGpu {
             functions: Mutex::new(HashMap::new()),
             blas,
             name: format!("{name} (cuda:{ordinal})"),
+            profile: std::env::var("FERROVIT_PROFILE")
+                .is_ok_and(|v| v == "1")
+                .then(Mutex::default),
         })
+    }
+
+    /// Runs `enqueue` (one launch or GEMM on the stream) between two recorded events
+    /// when profiling.
+    fn timed(
+        &self,
+        what: impl FnOnce() -> String,
+        enqueue: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        let Some(profile) = &self.profile else {
+            return enqueue();
+        };
+        let event = || {
+            cu::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
+                .map_err(|e| driver_error("creating an event", e))
+        };
+        let (start, end) = (event()?, event()?);
+        let stream = self.stream.cu_stream();
+        // SAFETY: live events recorded on our live stream.
+        unsafe { cu::event::record(start, stream) }.map_err(|e| driver_error("recording", e))?;
+        enqueue()?;
+        unsafe { cu::event::record(end, stream) }.map_err(|e| driver_error("recording", e))?;
+        profile
+            .lock()
+            .map_err(|_| Error::Device("CUDA profile poisoned".into()))?
+            .pending
+            .push((what(), start, end));
+        Ok(())
     }
 
     fn bind(&self) -> Result<()> {
@@ -200,17 +241,22 @@ impl Gpu for DriverGpu {
             .collect();
         // SAFETY: one slot per kernel parameter, each holding the value in its low bytes
         // (the signatures in kernels/*.cu take pointers, 32/64-bit ints and floats).
-        unsafe {
-            cu::launch_kernel(
-                f,
-                (l.grid[0], l.grid[1], l.grid[2]),
-                (l.block[0], l.block[1], l.block[2]),
-                l.shared,
-                self.stream.cu_stream(),
-                &mut params,
-            )
-        }
-        .map_err(|e| driver_error(&format!("launching {}", l.kernel), e))
+        self.timed(
+            || l.kernel.to_string(),
+            || {
+                unsafe {
+                    cu::launch_kernel(
+                        f,
+                        (l.grid[0], l.grid[1], l.grid[2]),
+                        (l.block[0], l.block[1], l.block[2]),
+                        l.shared,
+                        self.stream.cu_stream(),
+                        &mut params,
+                    )
+                }
+                .map_err(|e| driver_error(&format!("launching {}", l.kernel), e))
+            },
+        )
     }
 
     fn gemm(&self, g: &Gemm) -> Result<()> {
@@ -232,8 +278,9 @@ impl Gpu for DriverGpu {
             DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
             _ => blas_sys::cudaDataType::CUDA_R_32F,
         };
+        let what = || format!("GEMM {}->{} {m}x{n}x{k}", g.inputs, g.output);
         // SAFETY: the backend checked every operand's size against (m, n, k) and dtype.
-        unsafe {
+        self.timed(what, || unsafe {
             blas::gemm_ex(
                 self.blas,
                 op(g.tb),
@@ -255,13 +302,42 @@ impl Gpu for DriverGpu {
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
-        }
-        .map_err(|e| driver_error("cuBLAS GemmEx", e))
+            .map_err(|e| driver_error("cuBLAS GemmEx", e))
+        })
     }
 
     fn synchronize(&self) -> Result<()> {
         self.stream
             .synchronize()
-            .map_err(|e| driver_error("synchronizing", e))
+            .map_err(|e| driver_error("synchronizing", e))?;
+        if let Some(profile) = &self.profile {
+            let mut p = profile
+                .lock()
+                .map_err(|_| Error::Device("CUDA profile poisoned".into()))?;
+            for (what, start, end) in std::mem::take(&mut p.pending) {
+                // SAFETY: both events were recorded and the stream has drained.
+                let ms = unsafe { cu::event::elapsed(start, end) }
+                    .map_err(|e| driver_error("reading an event", e))?;
+                unsafe {
+                    let _ = cu::event::destroy(start);
+                    let _ = cu::event::destroy(end);
+                }
+                let t = p.totals.entry(what).or_default();
+                t.0 += 1;
+                t.1 += ms as f64;
+            }
+        }
+        Ok(())
+    }
+
+    fn profile(&self) -> Option<Vec<(String, u64, f64)>> {
+        let p = self.profile.as_ref()?.lock().ok()?;
+        let mut rows: Vec<_> = p
+            .totals
+            .iter()
+            .map(|(k, &(n, ms))| (k.clone(), n, ms))
+            .collect();
+        rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+        Some(rows)
     }
 }

@@ -79,6 +79,12 @@ pub trait Gpu: Send + Sync {
     fn launch(&self, launch: &Launch, args: &[Arg]) -> Result<()>;
     fn gemm(&self, gemm: &Gemm) -> Result<()>;
     fn synchronize(&self) -> Result<()>;
+    /// Device time per kernel (name, calls, milliseconds), slowest first, when the
+    /// device was opened with FERROVIT_PROFILE=1 (CUDA events around every launch and
+    /// GEMM); `None` otherwise.
+    fn profile(&self) -> Option<Vec<(String, u64, f64)>> {
+        None
+    }
 }
 
 /// Names a CUDA device opened in this process (see [`Device::cuda`]).

@@ -12,37 +12,114 @@ static inline float ew_mul_rn(float a, float b) { return a * b; }
 static __device__ __forceinline__ float ew_mul_rn(float a, float b) { return __fmul_rn(a, b); }
 #endif
 
+// The hot kernels move 16 bytes per thread and access (fv_quad: every device buffer is a
+// whole allocation, 256-byte aligned), so each thread keeps several loads in flight — one
+// 4-byte load per thread left an H200 at 69% of its copy bandwidth — and do their index
+// arithmetic once per four elements, in 32 bits when n allows (64-bit division is a long
+// software sequence on the GPU). Element n - n % 4 on is a scalar tail.
+struct __align__(16) fv_quad {
+  float v[4];
+};
+#define FV_QUADS(p) reinterpret_cast<fv_quad*>(p)
+#define FV_CQUADS(p) reinterpret_cast<const fv_quad*>(p)
+
+// q = i / d, r = i % d (i, d >= 0), in 32 bits when `narrow` (i < 2^32).
+__device__ __forceinline__ void ew_divmod(long i, long d, bool narrow, long& q, long& r) {
+  if (narrow) {
+    const unsigned a = (unsigned)i, b = (unsigned)d, qq = a / b;
+    q = qq;
+    r = a - qq * b;
+  } else {
+    q = i / d;
+    r = i - q * d;
+  }
+}
+
+__device__ __forceinline__ bool ew_narrow(long n) { return n <= 0xffffffffL; }
+
 // grid-stride, block 256: x[i] = v
 extern "C" __global__ void fill_f32(float* __restrict__ x, float v, long n) {
-  for (long i = fv_global_id(); i < n; i += fv_grid_stride()) x[i] = v;
+  const long n4 = n / 4;
+  for (long i = fv_global_id(); i < n4; i += fv_grid_stride()) FV_QUADS(x)[i] = fv_quad{{v, v, v, v}};
+  for (long i = 4 * n4 + fv_global_id(); i < n; i += fv_grid_stride()) x[i] = v;
 }
 
 // grid-stride, block 256: out[i] = bias[i % d] (every row of [n/d, d] set to bias)
 extern "C" __global__ void fill_rows_f32(float* __restrict__ out, const float* __restrict__ bias, long n, int d) {
-  for (long i = fv_global_id(); i < n; i += fv_grid_stride()) out[i] = bias[i % d];
+  const bool narrow = ew_narrow(n);
+  long q, c;
+  if (d % 4 == 0) {  // a quad never straddles rows
+    for (long i = fv_global_id(); i < n / 4; i += fv_grid_stride()) {
+      ew_divmod(4 * i, d, narrow, q, c);
+      FV_QUADS(out)[i] = FV_CQUADS(bias + c)[0];
+    }
+    return;
+  }
+  for (long i = fv_global_id(); i < n; i += fv_grid_stride()) {
+    ew_divmod(i, d, narrow, q, c);
+    out[i] = bias[c];
+  }
 }
 
 // grid-stride, block 256: out = a + b
 extern "C" __global__ void add_f32(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ out,
                                    long n) {
-  for (long i = fv_global_id(); i < n; i += fv_grid_stride()) out[i] = a[i] + b[i];
+  const long n4 = n / 4;
+  for (long i = fv_global_id(); i < n4; i += fv_grid_stride()) {
+    fv_quad x = FV_CQUADS(a)[i], y = FV_CQUADS(b)[i];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) x.v[k] += y.v[k];
+    FV_QUADS(out)[i] = x;
+  }
+  for (long i = 4 * n4 + fv_global_id(); i < n; i += fv_grid_stride()) out[i] = a[i] + b[i];
 }
 
 // grid-stride, block 256: dst += src
 extern "C" __global__ void add_assign_f32(float* __restrict__ dst, const float* __restrict__ src, long n) {
-  for (long i = fv_global_id(); i < n; i += fv_grid_stride()) dst[i] += src[i];
+  const long n4 = n / 4;
+  for (long i = fv_global_id(); i < n4; i += fv_grid_stride()) {
+    fv_quad x = FV_QUADS(dst)[i], y = FV_CQUADS(src)[i];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) x.v[k] += y.v[k];
+    FV_QUADS(dst)[i] = x;
+  }
+  for (long i = 4 * n4 + fv_global_id(); i < n; i += fv_grid_stride()) dst[i] += src[i];
 }
 
 // grid-stride, block 256: x *= s
 extern "C" __global__ void scale_f32(float* __restrict__ x, float s, long n) {
-  for (long i = fv_global_id(); i < n; i += fv_grid_stride()) x[i] *= s;
+  const long n4 = n / 4;
+  for (long i = fv_global_id(); i < n4; i += fv_grid_stride()) {
+    fv_quad v = FV_QUADS(x)[i];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v.v[k] *= s;
+    FV_QUADS(x)[i] = v;
+  }
+  for (long i = 4 * n4 + fv_global_id(); i < n; i += fv_grid_stride()) x[i] *= s;
 }
 
 // grid-stride, block 256: pre[i] += bias[i % d]; out[i] = gelu(pre[i])
 extern "C" __global__ void bias_gelu_f32(float* __restrict__ pre, const float* __restrict__ bias,
                                          float* __restrict__ out, long n, int d) {
+  const bool narrow = ew_narrow(n);
+  long q, c;
+  if (d % 4 == 0) {  // a quad never straddles rows
+    for (long i = fv_global_id(); i < n / 4; i += fv_grid_stride()) {
+      ew_divmod(4 * i, d, narrow, q, c);
+      fv_quad p = FV_QUADS(pre)[i], b = FV_CQUADS(bias + c)[0], o;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        p.v[k] += b.v[k];
+        o.v[k] = fv_gelu(p.v[k]);
+      }
+      FV_QUADS(pre)[i] = p;
+      FV_QUADS(out)[i] = o;
+    }
+    return;
+  }
   for (long i = fv_global_id(); i < n; i += fv_grid_stride()) {
-    float p = pre[i] + bias[i % d];
+    ew_divmod(i, d, narrow, q, c);
+    float p = pre[i] + bias[c];
     pre[i] = p;
     out[i] = fv_gelu(p);
   }
@@ -51,7 +128,23 @@ extern "C" __global__ void bias_gelu_f32(float* __restrict__ pre, const float* _
 // grid-stride, block 256: dpre = dy * gelu'(pre) (overwrites dpre)
 extern "C" __global__ void gelu_backward_f32(const float* __restrict__ dy, const float* __restrict__ pre,
                                              float* __restrict__ dpre, long n) {
-  for (long i = fv_global_id(); i < n; i += fv_grid_stride()) dpre[i] = dy[i] * fv_gelu_grad(pre[i]);
+  const long n4 = n / 4;
+  for (long i = fv_global_id(); i < n4; i += fv_grid_stride()) {
+    fv_quad g = FV_CQUADS(dy)[i], p = FV_CQUADS(pre)[i];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) g.v[k] = g.v[k] * fv_gelu_grad(p.v[k]);
+    FV_QUADS(dpre)[i] = g;
+  }
+  for (long i = 4 * n4 + fv_global_id(); i < n; i += fv_grid_stride()) dpre[i] = dy[i] * fv_gelu_grad(pre[i]);
+}
+
+// Dropout's mask for 16-bit lane `lane` of hash h, applied to x (x * 0 as on the CPU:
+// keeps NaN/inf visible and the sign of zero); mode 0: out = m; 1: out += m; 2: residual + m.
+__device__ __forceinline__ float ew_dropout_one(float x, unsigned long long h, int lane, unsigned threshold,
+                                                float scale, int mode, float out, float residual) {
+  const unsigned lane16 = (unsigned)((h >> (16 * lane)) & 0xffffull);
+  const float m = ew_mul_rn(x, lane16 >= threshold ? scale : 0.f);
+  return mode == 0 ? m : mode == 1 ? out + m : residual + m;
 }
 
 // grid-stride, block 256: inverted dropout (the CPU's dropout_sample). Element i is
@@ -59,24 +152,30 @@ extern "C" __global__ void gelu_backward_f32(const float* __restrict__ dy, const
 // mix64(mix64(key ^ samples[s]) ^ (e / 4)) is >= threshold (key: the dropout site's,
 // so one upload of the batch's sample indices serves every site); m = x * (kept ? scale : 0).
 // mode 0: out = m; mode 1: out += m; mode 2: out = residual + m (residual null otherwise).
+// When per % 4 == 0 a quad is one hash's four lanes.
 extern "C" __global__ void dropout_f32(const float* __restrict__ x, const float* __restrict__ residual,
                                        float* __restrict__ out, const unsigned long long* __restrict__ samples,
                                        unsigned long long key, long per, long n, unsigned threshold, float scale,
                                        int mode) {
-  for (long i = fv_global_id(); i < n; i += fv_grid_stride()) {
-    long s = i / per;
-    long e = i - s * per;
-    unsigned long long h = fv_mix64(fv_mix64(key ^ samples[s]) ^ (unsigned long long)(e >> 2));
-    unsigned lane16 = (unsigned)((h >> (16 * (e & 3))) & 0xffffull);
-    // x * 0 as on the CPU (keeps NaN/inf visible and the sign of zero).
-    float m = ew_mul_rn(x[i], lane16 >= threshold ? scale : 0.f);
-    if (mode == 0) {
-      out[i] = m;
-    } else if (mode == 1) {
-      out[i] += m;
-    } else {
-      out[i] = residual[i] + m;
+  const bool narrow = ew_narrow(n);
+  long s, e;
+  if (per % 4 == 0) {
+    for (long i = fv_global_id(); i < n / 4; i += fv_grid_stride()) {
+      ew_divmod(4 * i, per, narrow, s, e);
+      const unsigned long long h = fv_mix64(fv_mix64(key ^ samples[s]) ^ (unsigned long long)(e >> 2));
+      const fv_quad xv = FV_CQUADS(x)[i];
+      fv_quad o = mode == 1 ? FV_QUADS(out)[i] : fv_quad{}, r = mode == 2 ? FV_CQUADS(residual)[i] : fv_quad{};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) o.v[k] = ew_dropout_one(xv.v[k], h, k, threshold, scale, mode, o.v[k], r.v[k]);
+      FV_QUADS(out)[i] = o;
     }
+    return;
+  }
+  for (long i = fv_global_id(); i < n; i += fv_grid_stride()) {
+    ew_divmod(i, per, narrow, s, e);
+    const unsigned long long h = fv_mix64(fv_mix64(key ^ samples[s]) ^ (unsigned long long)(e >> 2));
+    out[i] = ew_dropout_one(x[i], h, (int)(e & 3), threshold, scale, mode, mode == 1 ? out[i] : 0.f,
+                            mode == 2 ? residual[i] : 0.f);
   }
 }
 

@@ -21,6 +21,9 @@
 // that walk rows j conflict-free, as lanes that walk columns k are anyway); the score-shaped
 // matrices are row-major [q][t].
 //
+// Each kernel has an _f32 and a _bf16 form: qkv (and the forward's out) stored in f32 or in
+// bf16 (mixed precision; widened when staged, the output rounded); everything else f32.
+//
 // attention_forward_f32(qkv, out, lse, b, t, q, d, heads, scale)
 //   grid = b*heads, block = 256, dynamic shared = ((q + 2t)(hd + 1) + q t) floats:
 //   scores S = scale Q K^T, P = softmax(S) in place, out = P V (overwrite),
@@ -44,11 +47,12 @@
 #define FV_ATT_PR 9  // rows per warp in the product pass
 #define FV_ATT_PC 2  // columns per lane in the product pass (32 * 2 = 64 per round)
 
-// X[r][k] = src[r * src_ld + k] for r < rows, k < hd, with X's row stride hd + 1.
-__device__ __forceinline__ void fv_att_stage(float* X, const float* src, long src_ld, int rows, int hd) {
+// X[r][k] = src[r * src_ld + k] (widened to f32) for r < rows, k < hd, X's row stride hd + 1.
+template <class T>
+__device__ __forceinline__ void fv_att_stage(float* X, const T* src, long src_ld, int rows, int hd) {
   for (int idx = threadIdx.x; idx < rows * hd; idx += FV_ATT_THREADS) {
     int r = idx / hd, k = idx % hd;
-    X[r * (hd + 1) + k] = src[r * src_ld + k];
+    X[r * (hd + 1) + k] = fv_f32(src[r * src_ld + k]);
   }
 }
 
@@ -139,9 +143,10 @@ __device__ __forceinline__ void fv_att_scores(const float* Q, const float* dO, c
 
 // C[r * ldc + k] (+)= sum_{j < inner} A(r, j) B[j][k] for r < rows, k < hd, where A(r, j) is
 // A[r * lda + j], or A[j * lda + r] when TRANS_A, and B is a staged block (row stride hd + 1).
-template <bool TRANS_A, bool ACCUM>
+// C is f32, or bf16 (rounded; overwritten only).
+template <bool TRANS_A, bool ACCUM, class TC>
 __device__ __forceinline__ void fv_att_product(const float* A, int lda, const float* B, int rows,
-    int inner, int hd, float* C, long ldc) {
+    int inner, int hd, TC* C, long ldc) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, ld = hd + 1;
   for (int base = warp; base < rows; base += FV_ATT_WARPS * FV_ATT_PR) {
     int row[FV_ATT_PR];
@@ -170,24 +175,24 @@ __device__ __forceinline__ void fv_att_product(const float* A, int lda, const fl
         for (int c = 0; c < FV_ATT_PC; ++c) {
           const int k = k0 + lane + 32 * c;
           if (k >= hd) continue;
-          float* o = C + (long)row[r] * ldc + k;
-          *o = ACCUM ? *o + acc[r][c] : acc[r][c];
+          TC* o = C + (long)row[r] * ldc + k;
+          *o = fv_as<TC>(ACCUM ? fv_f32(*o) + acc[r][c] : acc[r][c]);
         }
       }
     }
   }
 }
 
-extern "C" __global__ void __launch_bounds__(FV_ATT_THREADS, 2)
-attention_forward_f32(const float* __restrict__ qkv, float* __restrict__ out, float* __restrict__ lse,
-    int b, int t, int q, int d, int heads, float scale) {
+// qkv and out of type T (f32, or bf16 under mixed precision); lse f32.
+template <class T>
+__device__ __forceinline__ void fv_attention_forward(const T* __restrict__ qkv, T* __restrict__ out,
+    float* __restrict__ lse, int t, int q, int d, int heads, float scale) {
   FV_DYNAMIC_SHARED(float, smem);
-  (void)b;
   const int hd = d / heads, ld = hd + 1;
   const int bh = blockIdx.x;
   const int n = bh / heads, h = bh % heads;
   const long d3 = 3L * d;
-  const float* base = qkv + (long)n * t * d3 + (long)h * hd;
+  const T* base = qkv + (long)n * t * d3 + (long)h * hd;
 
   float* Q = smem;           // [q][ld]
   float* K = Q + q * ld;     // [t][ld]
@@ -202,18 +207,17 @@ attention_forward_f32(const float* __restrict__ qkv, float* __restrict__ out, fl
   fv_att_product<false, false>(S, t, V, q, t, hd, out + (long)n * q * d + (long)h * hd, d);
 }
 
-extern "C" __global__ void __launch_bounds__(FV_ATT_THREADS, 2)
-attention_backward_f32(const float* __restrict__ dout, const float* __restrict__ qkv,
-    const float* __restrict__ lse, float* __restrict__ dqkv, int b, int t, int q, int d, int heads,
-    float scale) {
+// qkv of type T; dout, lse and dqkv f32.
+template <class T>
+__device__ __forceinline__ void fv_attention_backward(const float* __restrict__ dout, const T* __restrict__ qkv,
+    const float* __restrict__ lse, float* __restrict__ dqkv, int t, int q, int d, int heads, float scale) {
   FV_DYNAMIC_SHARED(float, smem);
-  (void)b;
   const int hd = d / heads, ld = hd + 1;
   const int bh = blockIdx.x;
   const int n = bh / heads, h = bh % heads;
   const long d3 = 3L * d;
   const long off = (long)n * t * d3 + (long)h * hd;
-  const float* base = qkv + off;
+  const T* base = qkv + off;
   float* dbase = dqkv + off;
 
   float* Q = smem;           // [q][ld]
@@ -233,4 +237,34 @@ attention_backward_f32(const float* __restrict__ dout, const float* __restrict__
   fv_att_product<false, true>(dS, t, K, q, t, hd, dbase, d3);               // dQ = dS K
   fv_att_product<true, true>(dS, t, Q, t, q, hd, dbase + d, d3);            // dK = dS^T Q
   fv_att_product<true, true>(P, t, dO, t, q, hd, dbase + 2 * d, d3);        // dV = P^T dO
+}
+
+extern "C" __global__ void __launch_bounds__(FV_ATT_THREADS, 2)
+attention_forward_f32(const float* __restrict__ qkv, float* __restrict__ out, float* __restrict__ lse,
+    int b, int t, int q, int d, int heads, float scale) {
+  (void)b;
+  fv_attention_forward(qkv, out, lse, t, q, d, heads, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(FV_ATT_THREADS, 2)
+attention_forward_bf16(const fv_bf16* __restrict__ qkv, fv_bf16* __restrict__ out, float* __restrict__ lse,
+    int b, int t, int q, int d, int heads, float scale) {
+  (void)b;
+  fv_attention_forward(qkv, out, lse, t, q, d, heads, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(FV_ATT_THREADS, 2)
+attention_backward_f32(const float* __restrict__ dout, const float* __restrict__ qkv,
+    const float* __restrict__ lse, float* __restrict__ dqkv, int b, int t, int q, int d, int heads,
+    float scale) {
+  (void)b;
+  fv_attention_backward(dout, qkv, lse, dqkv, t, q, d, heads, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(FV_ATT_THREADS, 2)
+attention_backward_bf16(const float* __restrict__ dout, const fv_bf16* __restrict__ qkv,
+    const float* __restrict__ lse, float* __restrict__ dqkv, int b, int t, int q, int d, int heads,
+    float scale) {
+  (void)b;
+  fv_attention_backward(dout, qkv, lse, dqkv, t, q, d, heads, scale);
 }

@@ -20,6 +20,33 @@
 
 #define FV_FULL_MASK 0xffffffffu
 
+// Activation storage types: f32, or bf16 under mixed precision (arithmetic is f32 either
+// way: widen on load, round to nearest even on store). Kernels templated over T have
+// extern "C" instantiations named _f32 / _bf16.
+typedef __nv_bfloat16 fv_bf16;
+__device__ __forceinline__ float fv_f32(float v) { return v; }
+__device__ __forceinline__ float fv_f32(fv_bf16 v) { return __bfloat162float(v); }
+template <class T>
+__device__ __forceinline__ T fv_as(float v);
+template <>
+__device__ __forceinline__ float fv_as<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ fv_bf16 fv_as<fv_bf16>(float v) { return __float2bfloat16(v); }
+
+// Four consecutive elements moved as one access (16 bytes of f32, 8 of bf16).
+template <class T>
+struct alignas(4 * sizeof(T)) fv_vec4 {
+  T v[4];
+};
+template <class T>
+__device__ __forceinline__ fv_vec4<T> fv_load4(const T* p, long quad) {
+  return reinterpret_cast<const fv_vec4<T>*>(p)[quad];
+}
+template <class T>
+__device__ __forceinline__ void fv_store4(T* p, long quad, fv_vec4<T> v) {
+  reinterpret_cast<fv_vec4<T>*>(p)[quad] = v;
+}
+
 __device__ __forceinline__ float fv_warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FV_FULL_MASK, v, o);
   return v;

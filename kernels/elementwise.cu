@@ -12,16 +12,13 @@ static inline float ew_mul_rn(float a, float b) { return a * b; }
 static __device__ __forceinline__ float ew_mul_rn(float a, float b) { return __fmul_rn(a, b); }
 #endif
 
-// The hot kernels move 16 bytes per thread and access (fv_quad: every device buffer is a
-// whole allocation, 256-byte aligned), so each thread keeps several loads in flight — one
-// 4-byte load per thread left an H200 at 69% of its copy bandwidth — and do their index
-// arithmetic once per four elements, in 32 bits when n allows (64-bit division is a long
-// software sequence on the GPU). Element n - n % 4 on is a scalar tail.
-struct __align__(16) fv_quad {
-  float v[4];
-};
-#define FV_QUADS(p) reinterpret_cast<fv_quad*>(p)
-#define FV_CQUADS(p) reinterpret_cast<const fv_quad*>(p)
+// The hot kernels move four elements per access (fv_load4/fv_store4: 16 bytes of f32; every
+// device buffer is a whole allocation, 256-byte aligned), so each thread keeps several
+// loads in flight — one 4-byte load per thread left an H200 at 69% of its copy bandwidth —
+// and do their index arithmetic once per four elements, in 32 bits when n allows (64-bit
+// division is a long software sequence on the GPU). Element n - n % 4 on is a scalar tail.
+// Kernels templated over T (activation storage: f32, or bf16 under mixed precision) compute
+// in f32 and round what they store.
 
 // q = i / d, r = i % d (i, d >= 0), in 32 bits when `narrow` (i < 2^32).
 __device__ __forceinline__ void ew_divmod(long i, long d, bool narrow, long& q, long& r) {
@@ -40,25 +37,36 @@ __device__ __forceinline__ bool ew_narrow(long n) { return n <= 0xffffffffL; }
 // grid-stride, block 256: x[i] = v
 extern "C" __global__ void fill_f32(float* __restrict__ x, float v, long n) {
   const long n4 = n / 4;
-  for (long i = fv_global_id(); i < n4; i += fv_grid_stride()) FV_QUADS(x)[i] = fv_quad{{v, v, v, v}};
+  for (long i = fv_global_id(); i < n4; i += fv_grid_stride()) fv_store4(x, i, fv_vec4<float>{{v, v, v, v}});
   for (long i = 4 * n4 + fv_global_id(); i < n; i += fv_grid_stride()) x[i] = v;
 }
 
 // grid-stride, block 256: out[i] = bias[i % d] (every row of [n/d, d] set to bias)
-extern "C" __global__ void fill_rows_f32(float* __restrict__ out, const float* __restrict__ bias, long n, int d) {
+template <class T>
+__device__ __forceinline__ void ew_fill_rows(T* __restrict__ out, const float* __restrict__ bias, long n, int d) {
   const bool narrow = ew_narrow(n);
   long q, c;
   if (d % 4 == 0) {  // a quad never straddles rows
     for (long i = fv_global_id(); i < n / 4; i += fv_grid_stride()) {
       ew_divmod(4 * i, d, narrow, q, c);
-      FV_QUADS(out)[i] = FV_CQUADS(bias + c)[0];
+      const fv_vec4<float> b = fv_load4(bias + c, 0);
+      fv_vec4<T> o;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) o.v[k] = fv_as<T>(b.v[k]);
+      fv_store4(out, i, o);
     }
     return;
   }
   for (long i = fv_global_id(); i < n; i += fv_grid_stride()) {
     ew_divmod(i, d, narrow, q, c);
-    out[i] = bias[c];
+    out[i] = fv_as<T>(bias[c]);
   }
+}
+extern "C" __global__ void fill_rows_f32(float* __restrict__ out, const float* __restrict__ bias, long n, int d) {
+  ew_fill_rows(out, bias, n, d);
+}
+extern "C" __global__ void fill_rows_bf16(fv_bf16* __restrict__ out, const float* __restrict__ bias, long n, int d) {
+  ew_fill_rows(out, bias, n, d);
 }
 
 // grid-stride, block 256: out = a + b
@@ -66,10 +74,10 @@ extern "C" __global__ void add_f32(const float* __restrict__ a, const float* __r
                                    long n) {
   const long n4 = n / 4;
   for (long i = fv_global_id(); i < n4; i += fv_grid_stride()) {
-    fv_quad x = FV_CQUADS(a)[i], y = FV_CQUADS(b)[i];
+    fv_vec4<float> x = fv_load4(a, i), y = fv_load4(b, i);
 #pragma unroll
     for (int k = 0; k < 4; ++k) x.v[k] += y.v[k];
-    FV_QUADS(out)[i] = x;
+    fv_store4(out, i, x);
   }
   for (long i = 4 * n4 + fv_global_id(); i < n; i += fv_grid_stride()) out[i] = a[i] + b[i];
 }
@@ -78,10 +86,10 @@ extern "C" __global__ void add_f32(const float* __restrict__ a, const float* __r
 extern "C" __global__ void add_assign_f32(float* __restrict__ dst, const float* __restrict__ src, long n) {
   const long n4 = n / 4;
   for (long i = fv_global_id(); i < n4; i += fv_grid_stride()) {
-    fv_quad x = FV_QUADS(dst)[i], y = FV_CQUADS(src)[i];
+    fv_vec4<float> x = fv_load4(dst, i), y = fv_load4(src, i);
 #pragma unroll
     for (int k = 0; k < 4; ++k) x.v[k] += y.v[k];
-    FV_QUADS(dst)[i] = x;
+    fv_store4(dst, i, x);
   }
   for (long i = 4 * n4 + fv_global_id(); i < n; i += fv_grid_stride()) dst[i] += src[i];
 }
@@ -90,52 +98,73 @@ extern "C" __global__ void add_assign_f32(float* __restrict__ dst, const float* 
 extern "C" __global__ void scale_f32(float* __restrict__ x, float s, long n) {
   const long n4 = n / 4;
   for (long i = fv_global_id(); i < n4; i += fv_grid_stride()) {
-    fv_quad v = FV_QUADS(x)[i];
+    fv_vec4<float> v = fv_load4(x, i);
 #pragma unroll
     for (int k = 0; k < 4; ++k) v.v[k] *= s;
-    FV_QUADS(x)[i] = v;
+    fv_store4(x, i, v);
   }
   for (long i = 4 * n4 + fv_global_id(); i < n; i += fv_grid_stride()) x[i] *= s;
 }
 
-// grid-stride, block 256: pre[i] += bias[i % d]; out[i] = gelu(pre[i])
-extern "C" __global__ void bias_gelu_f32(float* __restrict__ pre, const float* __restrict__ bias,
-                                         float* __restrict__ out, long n, int d) {
+// grid-stride, block 256: p = pre[i] + bias[i % d] (in f32); pre[i] = p; out[i] = gelu(p)
+template <class T>
+__device__ __forceinline__ void ew_bias_gelu(T* __restrict__ pre, const float* __restrict__ bias,
+                                             T* __restrict__ out, long n, int d) {
   const bool narrow = ew_narrow(n);
   long q, c;
   if (d % 4 == 0) {  // a quad never straddles rows
     for (long i = fv_global_id(); i < n / 4; i += fv_grid_stride()) {
       ew_divmod(4 * i, d, narrow, q, c);
-      fv_quad p = FV_QUADS(pre)[i], b = FV_CQUADS(bias + c)[0], o;
+      fv_vec4<T> p = fv_load4(pre, i), o;
+      const fv_vec4<float> b = fv_load4(bias + c, 0);
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        p.v[k] += b.v[k];
-        o.v[k] = fv_gelu(p.v[k]);
+        const float v = fv_f32(p.v[k]) + b.v[k];
+        p.v[k] = fv_as<T>(v);
+        o.v[k] = fv_as<T>(fv_gelu(v));
       }
-      FV_QUADS(pre)[i] = p;
-      FV_QUADS(out)[i] = o;
+      fv_store4(pre, i, p);
+      fv_store4(out, i, o);
     }
     return;
   }
   for (long i = fv_global_id(); i < n; i += fv_grid_stride()) {
     ew_divmod(i, d, narrow, q, c);
-    float p = pre[i] + bias[c];
-    pre[i] = p;
-    out[i] = fv_gelu(p);
+    const float v = fv_f32(pre[i]) + bias[c];
+    pre[i] = fv_as<T>(v);
+    out[i] = fv_as<T>(fv_gelu(v));
   }
+}
+extern "C" __global__ void bias_gelu_f32(float* __restrict__ pre, const float* __restrict__ bias,
+                                         float* __restrict__ out, long n, int d) {
+  ew_bias_gelu(pre, bias, out, n, d);
+}
+extern "C" __global__ void bias_gelu_bf16(fv_bf16* __restrict__ pre, const float* __restrict__ bias,
+                                          fv_bf16* __restrict__ out, long n, int d) {
+  ew_bias_gelu(pre, bias, out, n, d);
 }
 
 // grid-stride, block 256: dpre = dy * gelu'(pre) (overwrites dpre)
-extern "C" __global__ void gelu_backward_f32(const float* __restrict__ dy, const float* __restrict__ pre,
-                                             float* __restrict__ dpre, long n) {
+template <class T>
+__device__ __forceinline__ void ew_gelu_backward(const float* __restrict__ dy, const T* __restrict__ pre,
+                                                 float* __restrict__ dpre, long n) {
   const long n4 = n / 4;
   for (long i = fv_global_id(); i < n4; i += fv_grid_stride()) {
-    fv_quad g = FV_CQUADS(dy)[i], p = FV_CQUADS(pre)[i];
+    fv_vec4<float> g = fv_load4(dy, i);
+    const fv_vec4<T> p = fv_load4(pre, i);
 #pragma unroll
-    for (int k = 0; k < 4; ++k) g.v[k] = g.v[k] * fv_gelu_grad(p.v[k]);
-    FV_QUADS(dpre)[i] = g;
+    for (int k = 0; k < 4; ++k) g.v[k] = g.v[k] * fv_gelu_grad(fv_f32(p.v[k]));
+    fv_store4(dpre, i, g);
   }
-  for (long i = 4 * n4 + fv_global_id(); i < n; i += fv_grid_stride()) dpre[i] = dy[i] * fv_gelu_grad(pre[i]);
+  for (long i = 4 * n4 + fv_global_id(); i < n; i += fv_grid_stride()) dpre[i] = dy[i] * fv_gelu_grad(fv_f32(pre[i]));
+}
+extern "C" __global__ void gelu_backward_f32(const float* __restrict__ dy, const float* __restrict__ pre,
+                                             float* __restrict__ dpre, long n) {
+  ew_gelu_backward(dy, pre, dpre, n);
+}
+extern "C" __global__ void gelu_backward_bf16(const float* __restrict__ dy, const fv_bf16* __restrict__ pre,
+                                              float* __restrict__ dpre, long n) {
+  ew_gelu_backward(dy, pre, dpre, n);
 }
 
 // Dropout's mask for 16-bit lane `lane` of hash h, applied to x (x * 0 as on the CPU:
@@ -152,31 +181,46 @@ __device__ __forceinline__ float ew_dropout_one(float x, unsigned long long h, i
 // mix64(mix64(key ^ samples[s]) ^ (e / 4)) is >= threshold (key: the dropout site's,
 // so one upload of the batch's sample indices serves every site); m = x * (kept ? scale : 0).
 // mode 0: out = m; mode 1: out += m; mode 2: out = residual + m (residual null otherwise).
-// When per % 4 == 0 a quad is one hash's four lanes.
-extern "C" __global__ void dropout_f32(const float* __restrict__ x, const float* __restrict__ residual,
-                                       float* __restrict__ out, const unsigned long long* __restrict__ samples,
-                                       unsigned long long key, long per, long n, unsigned threshold, float scale,
-                                       int mode) {
+// When per % 4 == 0 a quad is one hash's four lanes. x and out are of type T, residual f32.
+template <class T>
+__device__ __forceinline__ void ew_dropout(const T* __restrict__ x, const float* __restrict__ residual,
+                                           T* __restrict__ out, const unsigned long long* __restrict__ samples,
+                                           unsigned long long key, long per, long n, unsigned threshold, float scale,
+                                           int mode) {
   const bool narrow = ew_narrow(n);
   long s, e;
   if (per % 4 == 0) {
     for (long i = fv_global_id(); i < n / 4; i += fv_grid_stride()) {
       ew_divmod(4 * i, per, narrow, s, e);
       const unsigned long long h = fv_mix64(fv_mix64(key ^ samples[s]) ^ (unsigned long long)(e >> 2));
-      const fv_quad xv = FV_CQUADS(x)[i];
-      fv_quad o = mode == 1 ? FV_QUADS(out)[i] : fv_quad{}, r = mode == 2 ? FV_CQUADS(residual)[i] : fv_quad{};
+      const fv_vec4<T> xv = fv_load4(x, i);
+      fv_vec4<T> o = mode == 1 ? fv_load4(out, i) : fv_vec4<T>{};
+      const fv_vec4<float> r = mode == 2 ? fv_load4(residual, i) : fv_vec4<float>{};
 #pragma unroll
-      for (int k = 0; k < 4; ++k) o.v[k] = ew_dropout_one(xv.v[k], h, k, threshold, scale, mode, o.v[k], r.v[k]);
-      FV_QUADS(out)[i] = o;
+      for (int k = 0; k < 4; ++k)
+        o.v[k] = fv_as<T>(ew_dropout_one(fv_f32(xv.v[k]), h, k, threshold, scale, mode, fv_f32(o.v[k]), r.v[k]));
+      fv_store4(out, i, o);
     }
     return;
   }
   for (long i = fv_global_id(); i < n; i += fv_grid_stride()) {
     ew_divmod(i, per, narrow, s, e);
     const unsigned long long h = fv_mix64(fv_mix64(key ^ samples[s]) ^ (unsigned long long)(e >> 2));
-    out[i] = ew_dropout_one(x[i], h, (int)(e & 3), threshold, scale, mode, mode == 1 ? out[i] : 0.f,
-                            mode == 2 ? residual[i] : 0.f);
+    out[i] = fv_as<T>(ew_dropout_one(fv_f32(x[i]), h, (int)(e & 3), threshold, scale, mode,
+                                     mode == 1 ? fv_f32(out[i]) : 0.f, mode == 2 ? residual[i] : 0.f));
   }
+}
+extern "C" __global__ void dropout_f32(const float* __restrict__ x, const float* __restrict__ residual,
+                                       float* __restrict__ out, const unsigned long long* __restrict__ samples,
+                                       unsigned long long key, long per, long n, unsigned threshold, float scale,
+                                       int mode) {
+  ew_dropout(x, residual, out, samples, key, per, n, threshold, scale, mode);
+}
+extern "C" __global__ void dropout_bf16(const fv_bf16* __restrict__ x, const float* __restrict__ residual,
+                                        fv_bf16* __restrict__ out, const unsigned long long* __restrict__ samples,
+                                        unsigned long long key, long per, long n, unsigned threshold, float scale,
+                                        int mode) {
+  ew_dropout(x, residual, out, samples, key, per, n, threshold, scale, mode);
 }
 
 // grid-stride over n = rows * d, block 256: out[r, :] = x[r * stride_rows, :]

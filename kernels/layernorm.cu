@@ -1,13 +1,15 @@
-// LayerNorm over rows of `d` f32 values (the CPU backend's ops::layernorm and
+// LayerNorm over rows of `d` f32 values (the output f32 or bf16) (the CPU backend's ops::layernorm and
 // layernorm_backward). One warp per row for the forward pass and the input gradient
 // (block 128 = 4 rows, grid ceil(rows / 4)); the parameter gradients are column sums,
 // done deterministically in two passes: per-chunk partials here, then reduce.cu's
 // add_column_partials_f32.
 #include "common.cuh"
 
-// y = (x - mean) * rstd * gamma + beta; saves mean and rstd per row.
-extern "C" __global__ void layernorm_forward_f32(const float* __restrict__ x, const float* __restrict__ gamma,
-    const float* __restrict__ beta, float* __restrict__ y, float* __restrict__ mean_out,
+// y = (x - mean) * rstd * gamma + beta; saves mean and rstd per row. y is f32, or bf16
+// (rounded) under mixed precision, where it only feeds a GEMM.
+template <class T>
+__device__ __forceinline__ void ln_forward(const float* __restrict__ x, const float* __restrict__ gamma,
+    const float* __restrict__ beta, T* __restrict__ y, float* __restrict__ mean_out,
     float* __restrict__ rstd_out, int rows, int d, float eps) {
   int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   int lane = threadIdx.x % 32;
@@ -19,9 +21,19 @@ extern "C" __global__ void layernorm_forward_f32(const float* __restrict__ x, co
   float v = 0.f;
   for (int i = lane; i < d; i += 32) { float c = xr[i] - m; v += c * c; }
   float r = 1.f / sqrtf(fv_warp_sum(v) / d + eps);
-  float* yr = y + (long)row * d;
-  for (int i = lane; i < d; i += 32) yr[i] = (xr[i] - m) * r * gamma[i] + beta[i];
+  T* yr = y + (long)row * d;
+  for (int i = lane; i < d; i += 32) yr[i] = fv_as<T>((xr[i] - m) * r * gamma[i] + beta[i]);
   if (lane == 0) { mean_out[row] = m; rstd_out[row] = r; }
+}
+extern "C" __global__ void layernorm_forward_f32(const float* __restrict__ x, const float* __restrict__ gamma,
+    const float* __restrict__ beta, float* __restrict__ y, float* __restrict__ mean_out,
+    float* __restrict__ rstd_out, int rows, int d, float eps) {
+  ln_forward(x, gamma, beta, y, mean_out, rstd_out, rows, d, eps);
+}
+extern "C" __global__ void layernorm_forward_bf16(const float* __restrict__ x, const float* __restrict__ gamma,
+    const float* __restrict__ beta, fv_bf16* __restrict__ y, float* __restrict__ mean_out,
+    float* __restrict__ rstd_out, int rows, int d, float eps) {
+  ln_forward(x, gamma, beta, y, mean_out, rstd_out, rows, d, eps);
 }
 
 // dx += rstd * (g dy - mean(g dy) - xhat * mean(g dy xhat)), xhat = (x - mean) * rstd.

@@ -23,7 +23,7 @@ pub mod rng;
 pub mod tensor;
 pub mod trainer;
 
-pub use autograd::{Activation, Graph, ParamId, ParamStore, Precision, Var};
+pub use autograd::{Activation, Graph, Out, ParamId, ParamStore, Precision, Var};
 pub use error::{Error, Result};
 pub use nn::{ForwardCtx, Vit, VitConfig};
 pub use tensor::{DType, Device, Shape, Tensor};

@@ -183,55 +183,74 @@ impl Suite {
                 be.bias_grad(dy, db).map(|_| 0.0)
             },
         );
-        // width 45: the kernels' scalar paths; 44: their 4-wide ones
-        for w in [d, 44] {
+        // Width 45: the kernels' scalar paths; 44: their 4-wide ones. Activations stored
+        // in f32, and in bf16 as under mixed precision (computed in f32, rounded when
+        // stored: within a bf16 ulp of the CPU's rounding of its own f32 result).
+        let (gamma, beta) = (self.rand(&[d]), self.rand(&[d]));
+        for (w, dtype) in [
+            (d, DType::F32),
+            (44, DType::F32),
+            (d, DType::BF16),
+            (44, DType::BF16),
+        ] {
+            let act = |t: Tensor| t.to_dtype(dtype);
+            let tol = |f32_tol: f32| if dtype == DType::BF16 { 1e-2 } else { f32_tol };
             self.check(
-                "bias_gelu",
-                1e-5,
-                vec![self.rand(&[n, w]), self.rand(&[w]), self.nan(&[n, w])],
+                &format!("bias_gelu {dtype}"),
+                tol(1e-5),
+                vec![
+                    act(self.rand(&[n, w])),
+                    self.rand(&[w]),
+                    act(self.nan(&[n, w])),
+                ],
                 &|be, t| {
                     let [p, b, o] = t else { unreachable!() };
                     be.bias_gelu(p, b, o).map(|_| 0.0)
                 },
             );
             self.check(
-                "fill_rows",
+                &format!("fill_rows {dtype}"),
                 0.0,
-                vec![self.nan(&[n, w]), self.rand(&[w])],
+                vec![act(self.nan(&[n, w])), self.rand(&[w])],
                 &|be, t| {
                     let [o, b] = t else { unreachable!() };
                     be.fill_rows(o, b).map(|_| 0.0)
                 },
             );
+            self.check(
+                &format!("gelu_backward {dtype}"),
+                1e-5,
+                vec![
+                    self.rand(&[n, w]),
+                    act(self.rand(&[n, w])),
+                    self.nan(&[n, w]),
+                ],
+                &|be, t| {
+                    let [g, p, o] = t else { unreachable!() };
+                    be.gelu_backward(g, p, o).map(|_| 0.0)
+                },
+            );
+            if w == d {
+                self.check(
+                    &format!("layernorm {dtype}"),
+                    tol(1e-5),
+                    vec![
+                        x.clone(),
+                        gamma.clone(),
+                        beta.clone(),
+                        act(self.nan(&[n, d])),
+                        self.nan(&[n]),
+                        self.nan(&[n]),
+                    ],
+                    &|be, t| {
+                        let [x, g, b, y, m, r] = t else {
+                            unreachable!()
+                        };
+                        be.layernorm(x, g, b, 1e-6, y, m, r).map(|_| 0.0)
+                    },
+                );
+            }
         }
-        self.check(
-            "gelu_backward",
-            1e-5,
-            vec![self.rand(&[n, d]), x.clone(), self.nan(&[n, d])],
-            &|be, t| {
-                let [g, p, o] = t else { unreachable!() };
-                be.gelu_backward(g, p, o).map(|_| 0.0)
-            },
-        );
-        let (gamma, beta) = (self.rand(&[d]), self.rand(&[d]));
-        self.check(
-            "layernorm",
-            1e-5,
-            vec![
-                x.clone(),
-                gamma.clone(),
-                beta,
-                self.nan(&[n, d]),
-                self.nan(&[n]),
-                self.nan(&[n]),
-            ],
-            &|be, t| {
-                let [x, g, b, y, m, r] = t else {
-                    unreachable!()
-                };
-                be.layernorm(x, g, b, 1e-6, y, m, r).map(|_| 0.0)
-            },
-        );
         let (mut mean, mut rstd) = (
             Tensor::zeros([n], Device::Cpu),
             Tensor::zeros([n], Device::Cpu),
@@ -330,33 +349,35 @@ impl Suite {
                 be.attention(qkv, dims, &mut saved, out)?;
                 Ok(saved)
             };
-            self.check(
-                "attention",
-                1e-5,
-                vec![qkv.clone(), self.nan(&[batch, queries, dim])],
-                &|be, t| {
-                    let [qkv, out] = t else { unreachable!() };
-                    attend(be, qkv, out).map(|_| 0.0)
-                },
-            );
-            self.check(
-                "attention_backward",
-                1e-4,
-                vec![
-                    qkv,
-                    dout,
-                    self.nan(&[batch, queries, dim]),
-                    self.rand(&[batch, tokens, 3 * dim]),
-                ],
-                &|be, t| {
-                    let [qkv, dout, out, dqkv] = t else {
-                        unreachable!()
-                    };
-                    let saved = attend(be, qkv, out)?;
-                    be.attention_backward(dout, qkv, &saved, dims, dqkv)
-                        .map(|_| 0.0)
-                },
-            );
+            for dtype in [DType::F32, DType::BF16] {
+                // bf16: qkv and the output stored in bf16 (mixed precision), within a
+                // bf16 ulp; the gradients stay f32
+                let bf16 = dtype == DType::BF16;
+                let qkv = qkv.to_dtype(dtype);
+                let out = self.nan(&[batch, queries, dim]).to_dtype(dtype);
+                self.check(
+                    &format!("attention {dtype}"),
+                    if bf16 { 1e-2 } else { 1e-5 },
+                    vec![qkv.clone(), out.clone()],
+                    &|be, t| {
+                        let [qkv, out] = t else { unreachable!() };
+                        attend(be, qkv, out).map(|_| 0.0)
+                    },
+                );
+                self.check(
+                    &format!("attention_backward {dtype}"),
+                    if bf16 { 1e-2 } else { 1e-4 },
+                    vec![qkv, dout.clone(), out, self.rand(&[batch, tokens, 3 * dim])],
+                    &|be, t| {
+                        let [qkv, dout, out, dqkv] = t else {
+                            unreachable!()
+                        };
+                        let saved = attend(be, qkv, out)?;
+                        be.attention_backward(dout, qkv, &saved, dims, dqkv)
+                            .map(|_| 0.0)
+                    },
+                );
+            }
         }
         self.check(
             "add",
@@ -383,8 +404,12 @@ impl Suite {
             be.sum_squares(&t[0])
         });
         let samples = [5u64, 900, 3, 77, 1];
-        // 133 per sample: the scalar path; 132: one hash per 4-wide access
-        for (mode, per) in (0..3).flat_map(|m| [(m, 133), (m, 132)]) {
+        // 133 per sample: the scalar path; 132: one hash per 4-wide access. x and out in
+        // bf16 too (the MLP's hidden layer under mixed precision: no residual there).
+        let modes = (0..3)
+            .map(|m| (m, DType::F32))
+            .chain([(0, DType::BF16), (1, DType::BF16)]);
+        for ((mode, dtype), per) in modes.flat_map(|m| [(m, 133), (m, 132)]) {
             let residual = self.rand(&[5, per]);
             let out = if mode == 1 {
                 self.rand(&[5, per])
@@ -392,9 +417,13 @@ impl Suite {
                 self.nan(&[5, per])
             };
             self.check(
-                "dropout",
+                &format!("dropout {dtype}"),
                 0.0,
-                vec![self.rand(&[5, per]), residual, out],
+                vec![
+                    self.rand(&[5, per]).to_dtype(dtype),
+                    residual,
+                    out.to_dtype(dtype),
+                ],
                 &|be, t| {
                     let [x, r, o] = t else { unreachable!() };
                     let key = DropoutKey { seed: 11, site: 3 };

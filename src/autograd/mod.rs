@@ -67,6 +67,17 @@ impl std::fmt::Display for Precision {
     }
 }
 
+/// How an op's output is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Out {
+    /// f32 always: outputs that feed the residual stream, the loss, or another rank.
+    F32,
+    /// bf16 under [`Precision::Bf16`], f32 otherwise: outputs that only feed GEMMs and
+    /// the ops that read bf16 (attention, bias+GELU, dropout) — as PyTorch's autocast
+    /// keeps linear outputs in bf16 and LayerNorm statistics and residuals in f32.
+    Compute,
+}
+
 /// Activation fused into a linear layer's epilogue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
@@ -291,6 +302,15 @@ impl<'a> Graph<'a> {
         Tensor::try_uninit(Shape::new(dims), self.device)
     }
 
+    /// An output buffer stored as `out` says under this graph's precision.
+    fn out_as(&self, dims: &[usize], out: Out) -> Result<Tensor> {
+        let dtype = match (out, self.precision) {
+            (Out::Compute, Precision::Bf16) => DType::BF16,
+            _ => DType::F32,
+        };
+        Tensor::try_uninit_as(Shape::new(dims), dtype, self.device)
+    }
+
     fn with_last(dims: &[usize], last: usize) -> Vec<usize> {
         let mut d = dims.to_vec();
         if let Some(l) = d.last_mut() {
@@ -325,6 +345,18 @@ impl<'a> Graph<'a> {
     /// `y = x Wᵀ + b` over the last dimension, optionally followed by GELU in the same
     /// pass. `W` is `[out, in…]` (a conv weight `[d, c, p, p]` counts as `[d, c p p]`).
     pub fn linear(&mut self, x: Var, w: Var, b: Option<Var>, act: Activation) -> Result<Var> {
+        self.linear_to(x, w, b, act, Out::F32)
+    }
+
+    /// As [`Graph::linear`], the output (and GELU's pre-activation) stored as `store`.
+    pub fn linear_to(
+        &mut self,
+        x: Var,
+        w: Var,
+        b: Option<Var>,
+        act: Activation,
+        store: Out,
+    ) -> Result<Var> {
         let (xv, wv) = (self.value(x), self.value(w));
         let out_f = wv.dims().first().copied().unwrap_or(0);
         let in_f = xv.shape().last();
@@ -340,7 +372,7 @@ impl<'a> Graph<'a> {
         }
         let n = xv.shape().rows();
         let dims = Self::with_last(xv.dims(), out_f);
-        let mut out = self.out(&dims)?;
+        let mut out = self.out_as(&dims, store)?;
         let half = match self.precision {
             Precision::F32 => None,
             Precision::Bf16 => Some((xv.try_to_dtype(DType::BF16)?, wv.try_to_dtype(DType::BF16)?)),
@@ -363,7 +395,7 @@ impl<'a> Graph<'a> {
                 None
             }
             Activation::Gelu => {
-                let mut pre = self.out(&dims)?;
+                let mut pre = self.out_as(&dims, store)?;
                 self.backend
                     .matmul(&mut pre, xv, false, wv, true, (n, out_f, in_f), false)?;
                 let zero;
@@ -407,12 +439,24 @@ impl<'a> Graph<'a> {
 
     /// LayerNorm over the last dimension.
     pub fn layernorm(&mut self, x: Var, gamma: Var, beta: Var, eps: f32) -> Result<Var> {
+        self.layernorm_to(x, gamma, beta, eps, Out::F32)
+    }
+
+    /// As [`Graph::layernorm`], the output stored as `store` (statistics stay f32).
+    pub fn layernorm_to(
+        &mut self,
+        x: Var,
+        gamma: Var,
+        beta: Var,
+        eps: f32,
+        store: Out,
+    ) -> Result<Var> {
         let (xv, g, b) = (self.value(x), self.value(gamma), self.value(beta));
         let d = xv.shape().last();
         g.expect_dims("layernorm weight", &[d])?;
         b.expect_dims("layernorm bias", &[d])?;
         let rows = xv.shape().rows();
-        let mut y = self.out(xv.dims())?;
+        let mut y = self.out_as(xv.dims(), store)?;
         let mut mean = self.out(&[rows])?;
         let mut rstd = self.out(&[rows])?;
         self.backend
@@ -463,7 +507,9 @@ impl<'a> Graph<'a> {
             heads,
         };
         let mut probs = self.out(&[self.backend.attention_saved_len(dims)])?;
-        let mut out = self.out(&[b, queries, d3 / 3])?;
+        // stored as qkv is (bf16 under mixed precision: it only feeds the projection)
+        let mut out =
+            Tensor::try_uninit_as(Shape::new(&[b, queries, d3 / 3]), v.dtype(), self.device)?;
         self.backend.attention(v, dims, &mut probs, &mut out)?;
         let needs = self.needs(qkv);
         Ok(self.push(out, needs, Op::Attention { qkv, dims, probs }))
@@ -527,7 +573,13 @@ impl<'a> Graph<'a> {
                 xv.shape(),
             ));
         }
-        let mut out = self.out(xv.dims())?;
+        // stored as x is, unless added to the (f32) residual stream
+        let dtype = if residual.is_some() {
+            DType::F32
+        } else {
+            xv.dtype()
+        };
+        let mut out = Tensor::try_uninit_as(xv.shape().clone(), dtype, self.device)?;
         let mode = match residual {
             Some(r) => {
                 let rv = self.value(r);

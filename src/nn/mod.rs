@@ -11,7 +11,7 @@ mod vit;
 
 pub use vit::{ForwardCtx, Part, PartInput, Vit, VitConfig, PRESETS};
 
-use crate::autograd::{Activation, Graph, ParamId, ParamStore, Var};
+use crate::autograd::{Activation, Graph, Out, ParamId, ParamStore, Var};
 use crate::error::Result;
 use crate::rng::Rng;
 use crate::tensor::Tensor;
@@ -67,8 +67,13 @@ impl Linear {
     }
 
     pub fn forward(&self, g: &mut Graph, x: Var, act: Activation) -> Result<Var> {
+        self.forward_to(g, x, act, Out::F32)
+    }
+
+    /// The output stored as `store` (see [`Out`]).
+    pub fn forward_to(&self, g: &mut Graph, x: Var, act: Activation, store: Out) -> Result<Var> {
         let (w, b) = (g.param(self.weight), g.param(self.bias));
-        g.linear(x, w, Some(b), act)
+        g.linear_to(x, w, Some(b), act, store)
     }
 }
 
@@ -94,9 +99,10 @@ impl LayerNorm {
         })
     }
 
-    pub fn forward(&self, g: &mut Graph, x: Var) -> Result<Var> {
+    /// The output stored as `store` (see [`Out`]; the statistics are f32 always).
+    pub fn forward(&self, g: &mut Graph, x: Var, store: Out) -> Result<Var> {
         let (w, b) = (g.param(self.weight), g.param(self.bias));
-        g.layernorm(x, w, b, self.eps)
+        g.layernorm_to(x, w, b, self.eps, store)
     }
 }
 

@@ -1,7 +1,7 @@
 //! The Vision Transformer and its named presets.
 
 use super::{Attention, Init, LayerNorm, Linear, Mlp};
-use crate::autograd::{Activation, Graph, ParamId, ParamStore, Var};
+use crate::autograd::{Activation, Graph, Out, ParamId, ParamStore, Var};
 use crate::backend::DropoutKey;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -441,8 +441,14 @@ impl Vit {
             .and_then(Option::as_ref)
             .ok_or_else(|| self.missing(&format!("block {i}")))?;
         let site = 1 + 3 * i as u64;
-        let h = b.norm1.forward(g, x)?;
-        let qkv = b.attn.qkv.forward(g, h, Activation::None)?;
+        // Under mixed precision the LayerNorm outputs, qkv, the attention output and the
+        // MLP's hidden layer are stored in bf16 (they only feed GEMMs, attention and
+        // GELU); the residual stream x stays f32.
+        let h = b.norm1.forward(g, x, Out::Compute)?;
+        let qkv = b
+            .attn
+            .qkv
+            .forward_to(g, h, Activation::None, Out::Compute)?;
         let (a, x) = if cls_only {
             (g.attention_queries(qkv, b.attn.heads, 1)?, g.select_cls(x)?)
         } else {
@@ -450,8 +456,8 @@ impl Vit {
         };
         let h = b.attn.proj.forward(g, a, Activation::None)?;
         let x = self.dropout_add(g, x, h, site, ctx)?;
-        let h = b.norm2.forward(g, x)?;
-        let h = b.mlp.fc1.forward(g, h, Activation::Gelu)?;
+        let h = b.norm2.forward(g, x, Out::Compute)?;
+        let h = b.mlp.fc1.forward_to(g, h, Activation::Gelu, Out::Compute)?;
         let h = self.dropout(g, h, site + 1, ctx)?;
         let h = b.mlp.fc2.forward(g, h, Activation::None)?;
         self.dropout_add(g, x, h, site + 2, ctx)
@@ -467,7 +473,7 @@ impl Vit {
     pub fn head_cls(&self, g: &mut Graph, cls: Var) -> Result<Var> {
         let head = self.head.as_ref().ok_or_else(|| self.missing("the head"))?;
         let b = g.value(cls).dims()[0];
-        let h = head.norm.forward(g, cls)?;
+        let h = head.norm.forward(g, cls, Out::Compute)?;
         let logits = head.head.forward(g, h, Activation::None)?;
         g.reshape(logits, &[b, self.config.num_classes])
     }

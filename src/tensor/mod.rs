@@ -191,6 +191,23 @@ impl Tensor {
         })
     }
 
+    /// As [`Tensor::try_uninit`] with any dtype (16-bit CPU data starts zeroed).
+    pub fn try_uninit_as(shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Tensor> {
+        let shape = shape.into();
+        match (device, dtype) {
+            (_, DType::F32) => Tensor::try_uninit(shape, device),
+            (Device::Cuda(id), _) => Tensor::cuda_uninit(id, shape, dtype),
+            (Device::Cpu, DType::BF16) => Ok(Tensor {
+                storage: Storage::Cpu(CpuStorage::BF16(vec![bf16::ZERO; shape.numel()])),
+                shape,
+            }),
+            (Device::Cpu, DType::F16) => Ok(Tensor {
+                storage: Storage::Cpu(CpuStorage::F16(vec![f16::ZERO; shape.numel()])),
+                shape,
+            }),
+        }
+    }
+
     fn cuda_uninit(id: GpuId, shape: Shape, dtype: DType) -> Result<Tensor> {
         let buf = DevBuf::new(id, shape.numel() * dtype.size_in_bytes())?;
         Ok(Tensor {

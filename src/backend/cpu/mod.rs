@@ -13,6 +13,7 @@ pub use ops::fill;
 use super::{AdamStep, AttnDims, Backend, DropoutKey, DropoutMode, SgdStep};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
+use std::borrow::Cow;
 
 /// Sets the number of CPU threads (rayon's global pool, which the GEMMs use too).
 /// Call once, before any compute; `0` means one per core.
@@ -52,12 +53,25 @@ fn rows_of(op: &'static str, x: &[f32], width: usize) -> Result<usize> {
     Ok(x.len() / width)
 }
 
-/// An f32 GEMM operand: f32 data as is, bf16 widened (exactly).
-fn gemm_operand(t: &Tensor) -> Result<std::borrow::Cow<'_, [f32]>> {
+/// An input as f32: f32 data as is, bf16 (mixed precision's activations) widened exactly.
+fn read(t: &Tensor) -> Result<Cow<'_, [f32]>> {
     match t.dtype() {
-        DType::BF16 => Ok(std::borrow::Cow::Owned(t.to_vec_f32())),
-        _ => t.f32s().map(std::borrow::Cow::Borrowed),
+        DType::BF16 => Ok(Cow::Owned(t.to_vec_f32())),
+        _ => t.f32s().map(Cow::Borrowed),
     }
+}
+
+/// Runs `f` on an output's data as f32: a bf16 output is widened first (for ops that
+/// read or accumulate into it) and rounded back to nearest even afterwards, which is
+/// how the GPU kernels store bf16 too (they compute in f32).
+fn write<R>(t: &mut Tensor, f: impl FnOnce(&mut [f32]) -> Result<R>) -> Result<R> {
+    if t.dtype() != DType::BF16 {
+        return f(t.f32s_mut()?);
+    }
+    let mut v = t.to_vec_f32();
+    let r = f(&mut v)?;
+    *t = Tensor::from_vec(v, t.shape().clone())?.try_to_dtype(DType::BF16)?;
+    Ok(r)
 }
 
 impl Backend for CpuBackend {
@@ -84,23 +98,27 @@ impl Backend for CpuBackend {
                 b.dtype()
             )));
         }
-        let (a, b, c) = (gemm_operand(a)?, gemm_operand(b)?, c.f32s_mut()?);
-        if a.len() != m * k || b.len() != k * n || c.len() != m * n {
-            return Err(Error::shape(
-                "matmul",
-                format!("{m}x{k} · {k}x{n} -> {m}x{n}"),
-                format!("{} · {} -> {} elements", a.len(), b.len(), c.len()),
-            ));
-        }
-        gemm::matmul(c, &a, ta, &b, tb, (m, n, k), accumulate);
-        Ok(())
+        let (a, b) = (read(a)?, read(b)?);
+        write(c, |c| {
+            if a.len() != m * k || b.len() != k * n || c.len() != m * n {
+                return Err(Error::shape(
+                    "matmul",
+                    format!("{m}x{k} · {k}x{n} -> {m}x{n}"),
+                    format!("{} · {} -> {} elements", a.len(), b.len(), c.len()),
+                ));
+            }
+            gemm::matmul(c, &a, ta, &b, tb, (m, n, k), accumulate);
+            Ok(())
+        })
     }
 
     fn fill_rows(&self, out: &mut Tensor, bias: &Tensor) -> Result<()> {
-        let (out, bias) = (out.f32s_mut()?, bias.f32s()?);
-        rows_of("fill_rows", out, bias.len())?;
-        ops::fill_rows(out, bias);
-        Ok(())
+        let bias = bias.f32s()?;
+        write(out, |out| {
+            rows_of("fill_rows", out, bias.len())?;
+            ops::fill_rows(out, bias);
+            Ok(())
+        })
     }
 
     fn bias_grad(&self, dy: &Tensor, db: &mut Tensor) -> Result<()> {
@@ -111,15 +129,20 @@ impl Backend for CpuBackend {
     }
 
     fn bias_gelu(&self, pre: &mut Tensor, bias: &Tensor, out: &mut Tensor) -> Result<()> {
-        let (pre, bias, out) = (pre.f32s_mut()?, bias.f32s()?, out.f32s_mut()?);
-        same_len("bias_gelu", pre, out)?;
-        rows_of("bias_gelu", pre, bias.len())?;
-        ops::bias_gelu(pre, bias, out);
-        Ok(())
+        let bias = bias.f32s()?;
+        write(pre, |pre| {
+            write(out, |out| {
+                same_len("bias_gelu", pre, out)?;
+                rows_of("bias_gelu", pre, bias.len())?;
+                ops::bias_gelu(pre, bias, out);
+                Ok(())
+            })
+        })
     }
 
     fn gelu_backward(&self, dy: &Tensor, pre: &Tensor, dpre: &mut Tensor) -> Result<()> {
-        let (dy, pre, dpre) = (dy.f32s()?, pre.f32s()?, dpre.f32s_mut()?);
+        let (dy, pre, dpre) = (dy.f32s()?, read(pre)?, dpre.f32s_mut()?);
+        let pre = &pre[..];
         same_len("gelu_backward", dy, pre)?;
         same_len("gelu_backward", dy, dpre)?;
         ops::gelu_backward(dy, pre, dpre);
@@ -137,19 +160,21 @@ impl Backend for CpuBackend {
         rstd: &mut Tensor,
     ) -> Result<()> {
         let (x, g, b) = (x.f32s()?, gamma.f32s()?, beta.f32s()?);
-        let (y, mean, rstd) = (y.f32s_mut()?, mean.f32s_mut()?, rstd.f32s_mut()?);
-        let n = rows_of("layernorm", x, g.len())?;
-        same_len("layernorm", x, y)?;
-        same_len("layernorm", g, b)?;
-        if mean.len() != n || rstd.len() != n {
-            return Err(Error::shape(
-                "layernorm",
-                format!("{n} row statistics"),
-                mean.len(),
-            ));
-        }
-        ops::layernorm(x, g, b, eps, y, mean, rstd);
-        Ok(())
+        let (mean, rstd) = (mean.f32s_mut()?, rstd.f32s_mut()?);
+        write(y, |y| {
+            let n = rows_of("layernorm", x, g.len())?;
+            same_len("layernorm", x, y)?;
+            same_len("layernorm", g, b)?;
+            if mean.len() != n || rstd.len() != n {
+                return Err(Error::shape(
+                    "layernorm",
+                    format!("{n} row statistics"),
+                    mean.len(),
+                ));
+            }
+            ops::layernorm(x, g, b, eps, y, mean, rstd);
+            Ok(())
+        })
     }
 
     fn layernorm_backward(
@@ -237,8 +262,11 @@ impl Backend for CpuBackend {
         out: &mut Tensor,
     ) -> Result<()> {
         check_attn(dims, self.attention_saved_len(dims), qkv, probs, out)?;
-        attention::attention(qkv.f32s()?, dims, probs.f32s_mut()?, out.f32s_mut()?);
-        Ok(())
+        let (qkv, probs) = (read(qkv)?, probs.f32s_mut()?);
+        write(out, |out| {
+            attention::attention(&qkv, dims, probs, out);
+            Ok(())
+        })
     }
 
     fn attention_backward(
@@ -259,7 +287,7 @@ impl Backend for CpuBackend {
         }
         attention::attention_backward(
             dout.f32s()?,
-            qkv.f32s()?,
+            &read(qkv)?,
             probs.f32s()?,
             dims,
             dqkv.f32s_mut()?,
@@ -300,8 +328,8 @@ impl Backend for CpuBackend {
         mode: DropoutMode,
         out: &mut Tensor,
     ) -> Result<()> {
-        let (x, out) = (x.f32s()?, out.f32s_mut()?);
-        same_len("dropout", x, out)?;
+        let x = read(x)?;
+        let x = &x[..];
         if samples.is_empty() || x.len() % samples.len() != 0 {
             return Err(Error::shape(
                 "dropout",
@@ -323,8 +351,11 @@ impl Backend for CpuBackend {
                 simd::DropMode::AddTo(r)
             }
         };
-        ops::dropout(x, p, key, samples, mode, out);
-        Ok(())
+        write(out, |out| {
+            same_len("dropout", x, out)?;
+            ops::dropout(x, p, key, samples, mode, out);
+            Ok(())
+        })
     }
 
     fn cross_entropy(

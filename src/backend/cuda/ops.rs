@@ -11,6 +11,26 @@ use crate::error::{Error, Result};
 use crate::tensor::{DType, Device, Tensor};
 use std::sync::{Arc, Mutex};
 
+/// How activations may be stored (the `_f32` and `_bf16` forms of a kernel).
+const ACTIVATIONS: [DType; 2] = [DType::F32, DType::BF16];
+
+/// The `_f32` or `_bf16` form of a kernel, by the dtype of the activations it stores
+/// (every tensor in `acts` the same).
+fn variant(op: &str, forms: [&'static str; 2], acts: &[&Tensor]) -> Result<&'static str> {
+    let dtype = acts.first().map_or(DType::F32, |t| t.dtype());
+    if let Some(t) = acts.iter().find(|t| t.dtype() != dtype) {
+        return Err(Error::Device(format!(
+            "{op}: {dtype} and {} activations together: cast one first",
+            t.dtype()
+        )));
+    }
+    Ok(if dtype == DType::BF16 {
+        forms[1]
+    } else {
+        forms[0]
+    })
+}
+
 /// Threads per block of the 1-D (grid-stride) kernels.
 const THREADS: u32 = 256;
 /// Rows per block of the two-pass column sums.
@@ -88,6 +108,17 @@ impl CudaBackend {
 
     fn ptr_mut(&self, t: &mut Tensor) -> Result<Arg> {
         self.on_device(t, &[DType::F32])?;
+        Ok(Arg::Ptr(t.cuda_ptr_mut()?))
+    }
+
+    /// An activation: f32, or bf16 under mixed precision.
+    fn act(&self, t: &Tensor) -> Result<Arg> {
+        self.on_device(t, &ACTIVATIONS)?;
+        Ok(Arg::Ptr(t.cuda_ptr()?))
+    }
+
+    fn act_mut(&self, t: &mut Tensor) -> Result<Arg> {
+        self.on_device(t, &ACTIVATIONS)?;
         Ok(Arg::Ptr(t.cuda_ptr_mut()?))
     }
 
@@ -320,13 +351,14 @@ impl Backend for CudaBackend {
     fn fill_rows(&self, out: &mut Tensor, bias: &Tensor) -> Result<()> {
         let (n, d) = (out.numel(), bias.numel());
         rows_of("fill_rows", n, d)?;
+        let kernel = variant("fill_rows", ["fill_rows_f32", "fill_rows_bf16"], &[out])?;
         let args = [
-            self.ptr_mut(out)?,
+            self.act_mut(out)?,
             self.ptr(bias)?,
             long(n),
             int(d, "width")?,
         ];
-        self.elementwise("fill_rows_f32", n, &args)
+        self.elementwise(kernel, n, &args)
     }
 
     fn bias_grad(&self, dy: &Tensor, db: &mut Tensor) -> Result<()> {
@@ -340,22 +372,32 @@ impl Backend for CudaBackend {
         let (n, d) = (pre.numel(), bias.numel());
         same("bias_gelu", n, out.numel())?;
         rows_of("bias_gelu", n, d)?;
+        let kernel = variant(
+            "bias_gelu",
+            ["bias_gelu_f32", "bias_gelu_bf16"],
+            &[pre, out],
+        )?;
         let args = [
-            self.ptr_mut(pre)?,
+            self.act_mut(pre)?,
             self.ptr(bias)?,
-            self.ptr_mut(out)?,
+            self.act_mut(out)?,
             long(n),
             int(d, "width")?,
         ];
-        self.elementwise("bias_gelu_f32", n, &args)
+        self.elementwise(kernel, n, &args)
     }
 
     fn gelu_backward(&self, dy: &Tensor, pre: &Tensor, dpre: &mut Tensor) -> Result<()> {
         let n = dy.numel();
         same("gelu_backward", n, pre.numel())?;
         same("gelu_backward", n, dpre.numel())?;
-        let args = [self.ptr(dy)?, self.ptr(pre)?, self.ptr_mut(dpre)?, long(n)];
-        self.elementwise("gelu_backward_f32", n, &args)
+        let kernel = variant(
+            "gelu_backward",
+            ["gelu_backward_f32", "gelu_backward_bf16"],
+            &[pre],
+        )?;
+        let args = [self.ptr(dy)?, self.act(pre)?, self.ptr_mut(dpre)?, long(n)];
+        self.elementwise(kernel, n, &args)
     }
 
     fn layernorm(
@@ -379,18 +421,23 @@ impl Backend for CudaBackend {
                 mean.numel(),
             ));
         }
+        let kernel = variant(
+            "layernorm",
+            ["layernorm_forward_f32", "layernorm_forward_bf16"],
+            &[y],
+        )?;
         let args = [
             self.ptr(x)?,
             self.ptr(gamma)?,
             self.ptr(beta)?,
-            self.ptr_mut(y)?,
+            self.act_mut(y)?,
             self.ptr_mut(mean)?,
             self.ptr_mut(rstd)?,
             int(rows, "rows")?,
             int(d, "width")?,
             Arg::F32(eps),
         ];
-        self.per_row("layernorm_forward_f32", rows, &args)
+        self.per_row(kernel, rows, &args)
     }
 
     fn layernorm_backward(
@@ -517,9 +564,14 @@ impl Backend for CudaBackend {
         let hd = dims.dim / dims.heads;
         let (t, q) = (dims.tokens, dims.queries);
         let shared = 4 * ((q + 2 * t) * (hd + 1) + q * t);
-        let args = [self.ptr(qkv)?, self.ptr_mut(out)?, self.ptr_mut(lse)?];
+        let kernel = variant(
+            "attention",
+            ["attention_forward_f32", "attention_forward_bf16"],
+            &[qkv, out],
+        )?;
+        let args = [self.act(qkv)?, self.act_mut(out)?, self.ptr_mut(lse)?];
         self.launch(
-            "attention_forward_f32",
+            kernel,
             [(dims.batch * dims.heads) as u32, 1, 1],
             [ATTENTION_THREADS, 1, 1],
             shared,
@@ -540,14 +592,19 @@ impl Backend for CudaBackend {
         let hd = dims.dim / dims.heads;
         let (t, q) = (dims.tokens, dims.queries);
         let shared = 4 * (2 * (q + t) * (hd + 1) + 2 * q * t);
+        let kernel = variant(
+            "attention_backward",
+            ["attention_backward_f32", "attention_backward_bf16"],
+            &[qkv],
+        )?;
         let args = [
             self.ptr(dout)?,
-            self.ptr(qkv)?,
+            self.act(qkv)?,
             self.ptr(lse)?,
             self.ptr_mut(dqkv)?,
         ];
         self.launch(
-            "attention_backward_f32",
+            kernel,
             [(dims.batch * dims.heads) as u32, 1, 1],
             [ATTENTION_THREADS, 1, 1],
             shared,
@@ -631,10 +688,12 @@ impl Backend for CudaBackend {
             }
         };
         let threshold = (p as f64 * 65536.0).round() as u32;
+        // x and out f32, or both bf16 (mixed precision's MLP activations)
+        let kernel = variant("dropout", ["dropout_f32", "dropout_bf16"], &[x, out])?;
         let args = [
-            self.ptr(x)?,
+            self.act(x)?,
             residual,
-            self.ptr_mut(out)?,
+            self.act_mut(out)?,
             samples_dev,
             Arg::U64(site_key(key)),
             long(n / samples.len()),
@@ -643,7 +702,7 @@ impl Backend for CudaBackend {
             Arg::F32(1.0 / (1.0 - p)),
             Arg::I32(mode),
         ];
-        self.elementwise("dropout_f32", n, &args)
+        self.elementwise(kernel, n, &args)
     }
 
     fn cross_entropy(

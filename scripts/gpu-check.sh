@@ -4,14 +4,16 @@
 #   bash scripts/gpu-check.sh prepare   # here: build the test and bench binaries (kernels
 #                                       # embedded) into gpu-bundle/, debug info stripped
 #   bash scripts/gpu-check.sh run       # on the GPU machine, from the repository root,
-#                                       # with gpu-bundle/ carried over: < 8 minutes
+#                                       # with gpu-bundle/ carried over: ~4 minutes
 #
-# `run` checks every CUDA kernel against the CPU backend (tests/conformance.rs), trains
-# the digits on the GPU and on the CPU and compares accuracy (tests/cuda_train.rs), runs
-# the kernel bandwidth benches (benches/cuda_kernels.rs), then times a full training step
-# of both presets at batch 512: ferrovit --device cuda vs PyTorch eager bf16 autocast
-# and torch.compile (scripts/bench_torch.py), and prints one table. FERROVIT_REQUIRE_GPU=1
-# makes a missing GPU a failure instead of a skip.
+# `run` checks every CUDA kernel against the CPU backend (tests/conformance.rs; on a
+# failure it runs them again under compute-sanitizer), trains the digits on the GPU and
+# on the CPU, in f32 and in bf16 mixed precision, and compares them (tests/cuda_train.rs),
+# runs the kernel bandwidth benches (benches/cuda_kernels.rs), then times a full training
+# step of both presets at batch 512 — ferrovit f32 and bf16 vs PyTorch f32, bf16 autocast
+# eager and torch.compile (scripts/bench_torch.py) — prints one table, and where a bf16
+# vit_lite step spends its device time (FERROVIT_PROFILE=1). Logs land in $OUT (the device
+# tool's) or /tmp/gpu-check. FERROVIT_REQUIRE_GPU=1 makes a missing GPU a failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bundle=gpu-bundle

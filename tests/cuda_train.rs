@@ -182,6 +182,13 @@ fn device_errors_are_clear() {
     );
     let (ok, _, stderr) = ferrovit(&["train", "--device", "cuda-emu", "--dp", "2", "--out", out]);
     assert!(!ok && stderr.contains("parallel training"), "{stderr}");
+    let (ok, _, stderr) = ferrovit(&["train", "--precision", "fp8", "--out", out]);
+    assert!(
+        !ok && stderr.contains("precision = fp8") && stderr.contains("auto, f32 or bf16"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = ferrovit(&["bench", "--precision", "fp8"]);
+    assert!(!ok && stderr.contains("\"fp8\""), "{stderr}");
 }
 
 #[test]

@@ -69,9 +69,8 @@ extern "C" __global__ void fill_rows_bf16(fv_bf16* __restrict__ out, const float
   ew_fill_rows(out, bias, n, d);
 }
 
-// grid-stride, block 256: out = a + b
-extern "C" __global__ void add_f32(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ out,
-                                   long n) {
+// grid-stride, block 256: out = a + b (out may be a: add_assign)
+__device__ __forceinline__ void ew_add(const float* a, const float* __restrict__ b, float* out, long n) {
   const long n4 = n / 4;
   for (long i = fv_global_id(); i < n4; i += fv_grid_stride()) {
     fv_vec4<float> x = fv_load4(a, i), y = fv_load4(b, i);
@@ -81,18 +80,13 @@ extern "C" __global__ void add_f32(const float* __restrict__ a, const float* __r
   }
   for (long i = 4 * n4 + fv_global_id(); i < n; i += fv_grid_stride()) out[i] = a[i] + b[i];
 }
+extern "C" __global__ void add_f32(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ out,
+                                   long n) {
+  ew_add(a, b, out, n);
+}
 
 // grid-stride, block 256: dst += src
-extern "C" __global__ void add_assign_f32(float* __restrict__ dst, const float* __restrict__ src, long n) {
-  const long n4 = n / 4;
-  for (long i = fv_global_id(); i < n4; i += fv_grid_stride()) {
-    fv_vec4<float> x = fv_load4(dst, i), y = fv_load4(src, i);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) x.v[k] += y.v[k];
-    fv_store4(dst, i, x);
-  }
-  for (long i = 4 * n4 + fv_global_id(); i < n; i += fv_grid_stride()) dst[i] += src[i];
-}
+extern "C" __global__ void add_assign_f32(float* dst, const float* __restrict__ src, long n) { ew_add(dst, src, dst, n); }
 
 // grid-stride, block 256: x *= s
 extern "C" __global__ void scale_f32(float* __restrict__ x, float s, long n) {

@@ -20,16 +20,16 @@ use std::sync::Arc;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Var(usize);
 
-/// The arithmetic of the linear layers' GEMMs. Parameters, their gradients, optimizer
-/// state and every other op stay f32 either way.
+/// The precision a graph computes in. Parameters, every gradient, optimizer state,
+/// LayerNorm statistics and the residual stream are f32 either way.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Precision {
     /// f32 operands.
     #[default]
     F32,
-    /// Mixed precision: operands rounded to bf16 (activations, weights and output
-    /// gradients, each cast once per use), products accumulated in f32 into f32
-    /// results; on a GPU the GEMMs run on tensor cores.
+    /// Mixed precision: GEMM operands in bf16 (weights and output gradients cast once
+    /// per use) with f32 accumulation — tensor cores on a GPU — and the activations
+    /// that only feed GEMMs, attention, GELU and dropout stored in bf16 ([`Out`]).
     Bf16,
 }
 
@@ -208,7 +208,7 @@ impl<'a> Graph<'a> {
         }
     }
 
-    /// The arithmetic of the linear layers from here on (f32 until set).
+    /// The precision of the ops recorded from here on (f32 until set).
     pub fn set_precision(&mut self, precision: Precision) {
         self.precision = precision;
     }

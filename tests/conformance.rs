@@ -331,6 +331,7 @@ impl Suite {
             (2, 17, 17, 24, 2),
             (3, 65, 1, 64, 4),
             (1, 5, 5, 12, 3),
+            (1, 7, 7, 15, 3),      // heads 5 wide: neither dimension a multiple of 4
             (2, 65, 65, 128, 2),   // ViT's 65 tokens, 64-wide heads
             (1, 100, 100, 160, 2), // more than one round of keys and of head columns
         ] {

@@ -123,6 +123,11 @@ struct Params(Vec<*mut c_void>);
 // SAFETY: the argument slots are only read (by value) while the launch runs.
 unsafe impl Sync for Params {}
 
+/// The guard zone behind a block's dynamic shared memory: 256 bytes of f32 NaNs whose
+/// payload no kernel computes.
+const SHARED_GUARD_WORDS: usize = 16;
+const SHARED_GUARD: u128 = 0x7fc0_00a5_7fc0_00a5_7fc0_00a5_7fc0_00a5;
+
 /// Runs one block to completion.
 fn run_block(entry: Entry, params: &Params, l: &Launch, block: u32, name: &str) -> Result<()> {
     let [bx, by, bz] = l.block;
@@ -135,8 +140,11 @@ fn run_block(entry: Entry, params: &Params, l: &Launch, block: u32, name: &str) 
     };
     let mut slots = vec![0u64; n.div_ceil(32) * 64];
     let mut shuffles = vec![0u32; n];
-    // 16-byte aligned, poisoned: reading shared memory nobody wrote gives NaN
-    let mut shared = vec![u128::MAX; (l.shared as usize).div_ceil(16)];
+    // 16-byte aligned, poisoned: reading shared memory nobody wrote gives NaN; a guard
+    // zone (NaNs of another payload) behind it catches writes past the launch's size
+    let words = (l.shared as usize).div_ceil(16);
+    let mut shared = vec![u128::MAX; words + SHARED_GUARD_WORDS];
+    shared[words..].fill(SHARED_GUARD);
     let counters = shuffles.as_mut_ptr();
     let threads: Vec<EmuThread> = (0..n as u32)
         .map(|i| EmuThread {
@@ -250,6 +258,12 @@ fn run_block(entry: Entry, params: &Params, l: &Launch, block: u32, name: &str) 
             pool.push(c.into_stack());
         }
     });
+    if outcome.is_ok() && shared[words..].iter().any(|&w| w != SHARED_GUARD) {
+        return Err(Error::Device(format!(
+            "kernel {name} (block {block}) wrote past its {} bytes of dynamic shared memory",
+            l.shared
+        )));
+    }
     drop((slots, shuffles, shared));
     outcome
 }

@@ -31,6 +31,18 @@ fn variant(op: &str, forms: [&'static str; 2], acts: &[&Tensor]) -> Result<&'sta
     })
 }
 
+/// Dynamic shared memory of attention's forward or backward kernel: the layout in
+/// kernels/attention.cu's header (Q, and dO in the backward, [q][hd rounded up to 4];
+/// K and V [t][hd + 1], each rounded up to 4 floats; the score matrix, and dS in the
+/// backward, [q][t rounded up to 4]).
+fn attention_shared_bytes(dims: AttnDims, backward: bool) -> usize {
+    let r4 = |n: usize| n.div_ceil(4) * 4;
+    let (t, q, hd) = (dims.tokens, dims.queries, dims.dim / dims.heads);
+    let per_query = if backward { 2 } else { 1 };
+    let floats = per_query * q * (r4(hd) + r4(t)) + 2 * r4(t * (hd + 1));
+    4 * floats
+}
+
 /// Threads per block of the 1-D (grid-stride) kernels.
 const THREADS: u32 = 256;
 /// Rows per block of the two-pass column sums.
@@ -561,9 +573,7 @@ impl Backend for CudaBackend {
         out: &mut Tensor,
     ) -> Result<()> {
         check_attn(dims, self.attention_saved_len(dims), qkv, lse, out)?;
-        let hd = dims.dim / dims.heads;
-        let (t, q) = (dims.tokens, dims.queries);
-        let shared = 4 * ((q + 2 * t) * (hd + 1) + q * t);
+        let shared = attention_shared_bytes(dims, false);
         let kernel = variant(
             "attention",
             ["attention_forward_f32", "attention_forward_bf16"],
@@ -589,9 +599,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         check_attn(dims, self.attention_saved_len(dims), qkv, lse, dout)?;
         same("attention_backward", qkv.numel(), dqkv.numel())?;
-        let hd = dims.dim / dims.heads;
-        let (t, q) = (dims.tokens, dims.queries);
-        let shared = 4 * (2 * (q + t) * (hd + 1) + 2 * q * t);
+        let shared = attention_shared_bytes(dims, true);
         let kernel = variant(
             "attention_backward",
             ["attention_backward_f32", "attention_backward_bf16"],

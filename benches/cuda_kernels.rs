@@ -93,6 +93,34 @@ fn bench(c: &mut Criterion) {
     run("adamw", 7 * f, &mut || {
         be.adam(&mut p, &b, &mut m, &mut v, step).unwrap()
     });
+    // bf16 storage (mixed precision): half the bytes of the activations
+    let h = 2 * N;
+    let (a16, mut pre16, mut out16) = (
+        a.to_dtype(DType::BF16),
+        a.to_dtype(DType::BF16),
+        a.to_dtype(DType::BF16),
+    );
+    run("cast f32 -> bf16", f + h, &mut || {
+        ferrovit::backend::cuda::get(id)
+            .backend
+            .cast(&a, &mut out16)
+            .unwrap()
+    });
+    run("bias_gelu bf16", 3 * h, &mut || {
+        be.bias_gelu(&mut pre16, &bias, &mut out16).unwrap()
+    });
+    let mut d32 = t(0.0);
+    run("gelu_backward (bf16 pre)", 2 * f + h, &mut || {
+        be.gelu_backward(&b, &a16, &mut d32).unwrap()
+    });
+    run("layernorm (bf16 out)", f + h, &mut || {
+        be.layernorm(&a, &gamma, &beta, 1e-6, &mut out16, &mut mean, &mut rstd)
+            .unwrap()
+    });
+    run("dropout bf16", 2 * h, &mut || {
+        be.dropout(&a16, 0.1, key, &samples, DropoutMode::Write, &mut out16)
+            .unwrap()
+    });
     g.finish();
 
     // The compute-heavier kernels at vit_lite_depth7_patch4_32's shapes, batch 512
@@ -121,6 +149,14 @@ fn bench(c: &mut Criterion) {
     let dout = Tensor::full([b, t, d], 0.01, device);
     timed("attention backward", &mut || {
         be.attention_backward(&dout, &qkv, &lse, dims, &mut dqkv)
+            .unwrap()
+    });
+    let (qkv16, mut att16) = (qkv.to_dtype(DType::BF16), att.to_dtype(DType::BF16));
+    timed("attention forward (bf16 qkv)", &mut || {
+        be.attention(&qkv16, dims, &mut lse, &mut att16).unwrap()
+    });
+    timed("attention backward (bf16 qkv)", &mut || {
+        be.attention_backward(&dout, &qkv16, &lse, dims, &mut dqkv)
             .unwrap()
     });
     let rows = b * t;

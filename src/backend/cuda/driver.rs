@@ -1,9 +1,12 @@
 //! [`Gpu`] on a real NVIDIA GPU through cudarc (dynamically loaded: a machine without
 //! CUDA builds and runs the CPU backend, and `--device cuda` fails with a clear error).
 //! Kernels come from the cubin build.rs embedded (PTX, JIT-compiled by the driver,
-//! when the GPU is not sm_90); GEMMs are cuBLAS GemmEx (f32 or bf16 operands, f32 accumulation). Everything runs on one stream;
-//! uploads and downloads wait for it.
+//! when the GPU is not sm_90); GEMMs are cuBLAS GemmEx (f32 or bf16 operands, f32
+//! accumulation). Everything runs on one stream. Uploads pass through a pinned staging
+//! ring and return without waiting for the device (the host prepares the next work while
+//! the GPU runs); downloads wait for it.
 
+use super::staging::Ring;
 use super::{Arg, Gemm, Gpu, Launch};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
@@ -22,6 +25,29 @@ pub struct DriverGpu {
     name: String,
     /// FERROVIT_PROFILE=1: events around every launch and GEMM, read at each synchronize.
     profile: Option<Mutex<Profile>>,
+    /// Pinned host memory uploads are copied through (allocated at the first upload;
+    /// `Err` when pinning failed: uploads then copy from pageable memory and wait).
+    staging: Mutex<Option<std::result::Result<Staging, ()>>>,
+}
+
+/// Bytes of pinned staging memory (larger uploads go through it in pieces).
+const STAGING_BYTES: usize = 64 << 20;
+
+struct Staging {
+    host: *mut u8,
+    ring: Ring<Event>,
+}
+
+/// A CUDA event recorded after a staged copy; destroyed when its region is retired.
+struct Event(sys::CUevent);
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: a live event, destroyed once; destroying one still pending is allowed.
+        unsafe {
+            let _ = cu::event::destroy(self.0);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -105,6 +131,7 @@ impl DriverGpu {
             profile: std::env::var("FERROVIT_PROFILE")
                 .is_ok_and(|v| v == "1")
                 .then(Mutex::default),
+            staging: Mutex::new(None),
         })
     }
 
@@ -209,11 +236,57 @@ impl Gpu for DriverGpu {
 
     fn upload(&self, dst: u64, src: &[u8]) -> Result<()> {
         self.bind()?;
-        // SAFETY: `dst` holds at least `src.len()` bytes (the backend sizes buffers);
-        // the host slice outlives the copy because we wait for the stream.
-        unsafe { cu::memcpy_htod_async(dst, src, self.stream.cu_stream()) }
-            .map_err(|e| driver_error("copying to the device", e))?;
-        self.synchronize()
+        let mut staging = self
+            .staging
+            .lock()
+            .map_err(|_| Error::Device("CUDA staging buffer poisoned".into()))?;
+        // SAFETY: pinning host memory; freed never (it lives as long as the device).
+        let staging = staging.get_or_insert_with(|| {
+            unsafe { cu::malloc_host(STAGING_BYTES, 0) }
+                .map(|host| Staging {
+                    host: host.cast(),
+                    ring: Ring::new(STAGING_BYTES),
+                })
+                .map_err(|_| ())
+        });
+        let Ok(staging) = staging else {
+            // SAFETY: `dst` holds at least `src.len()` bytes (the backend sizes buffers);
+            // the host slice outlives the copy because we wait for the stream.
+            unsafe { cu::memcpy_htod_async(dst, src, self.stream.cu_stream()) }
+                .map_err(|e| driver_error("copying to the device", e))?;
+            return self.synchronize();
+        };
+        let stream = self.stream.cu_stream();
+        for (i, chunk) in src.chunks(STAGING_BYTES).enumerate() {
+            let n = chunk.len();
+            let event = Event(
+                cu::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                    .map_err(|e| driver_error("creating an event", e))?,
+            );
+            let start = staging.ring.reserve(n, |e| {
+                // SAFETY: a live event, recorded after an earlier staged copy.
+                unsafe { cu::event::synchronize(e.0) }
+                    .map_err(|e| driver_error("waiting for a staged copy", e))
+            })?;
+            // SAFETY: `start + n <= STAGING_BYTES` and no copy still reads that region
+            // (the ring waited for it); `dst` holds at least `src.len()` bytes.
+            let pinned = unsafe {
+                let p = staging.host.add(start);
+                std::ptr::copy_nonoverlapping(chunk.as_ptr(), p, n);
+                std::slice::from_raw_parts(p, n)
+            };
+            let offset = (i * STAGING_BYTES) as u64;
+            unsafe { cu::memcpy_htod_async(dst + offset, pinned, stream) }
+                .map_err(|e| driver_error("copying to the device", e))?;
+            // SAFETY: a live event on our live stream.
+            if let Err(e) = unsafe { cu::event::record(event.0, stream) } {
+                // nothing marks the region busy: let the copy finish before reporting
+                let _ = self.stream.synchronize();
+                return Err(driver_error("recording an event", e));
+            }
+            staging.ring.issued(start, n, event);
+        }
+        Ok(())
     }
 
     fn download(&self, src: u64, dst: &mut [u8]) -> Result<()> {

@@ -8,6 +8,7 @@
 pub mod driver;
 pub mod emu;
 mod ops;
+mod staging;
 
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Device};

@@ -5,8 +5,10 @@
 #include "common.cuh"
 
 // grid-stride over n = b*3*32*32 outputs, block 256. geom holds (dy, dx, flip) per sample.
-extern "C" __global__ void augment_u8_f32(const unsigned char* __restrict__ img, const int* __restrict__ geom,
-    float* __restrict__ out, long n, float mean0, float mean1, float mean2, float std0, float std1, float std2) {
+// The images are f32, or bf16 (rounded) under mixed precision.
+template <class T>
+__device__ __forceinline__ void fv_augment(const unsigned char* __restrict__ img, const int* __restrict__ geom,
+    T* __restrict__ out, long n, float mean0, float mean1, float mean2, float std0, float std1, float std2) {
   for (long i = fv_global_id(); i < n; i += fv_grid_stride()) {
     const int x = i % 32, y = (i / 32) % 32, c = (i / 1024) % 3;
     const long s = i / 3072;
@@ -15,6 +17,14 @@ extern "C" __global__ void augment_u8_f32(const unsigned char* __restrict__ img,
     const unsigned v = (sy >= 0 && sy < 32 && sx >= 0 && sx < 32) ? img[s * 3072 + c * 1024 + sy * 32 + sx] : 0u;
     const float mean = c == 0 ? mean0 : (c == 1 ? mean1 : mean2);
     const float sd = c == 0 ? std0 : (c == 1 ? std1 : std2);
-    out[i] = ((float)v / 255.f - mean) / sd;
+    out[i] = fv_as<T>(((float)v / 255.f - mean) / sd);
   }
+}
+extern "C" __global__ void augment_u8_f32(const unsigned char* __restrict__ img, const int* __restrict__ geom,
+    float* __restrict__ out, long n, float mean0, float mean1, float mean2, float std0, float std1, float std2) {
+  fv_augment(img, geom, out, n, mean0, mean1, mean2, std0, std1, std2);
+}
+extern "C" __global__ void augment_u8_bf16(const unsigned char* __restrict__ img, const int* __restrict__ geom,
+    fv_bf16* __restrict__ out, long n, float mean0, float mean1, float mean2, float std0, float std1, float std2) {
+  fv_augment(img, geom, out, n, mean0, mean1, mean2, std0, std1, std2);
 }

@@ -240,8 +240,9 @@ extern "C" __global__ void select_rows_backward_f32(const float* __restrict__ do
 // grid-stride over the b*(h/p)*(w/p)*c*p*p outputs (= b*c*h*w), block 256: images
 // [b, c, h, w] to patches [b, (h/p)*(w/p), c*p*p], patch grid row-major, each patch
 // flattened in (channel, dy, dx) order.
-extern "C" __global__ void patchify_f32(const float* __restrict__ img, float* __restrict__ out, int b, int c, int h,
-                                        int w, int p) {
+template <class T>
+__device__ __forceinline__ void ew_patchify(const T* __restrict__ img, T* __restrict__ out, int b, int c, int h,
+                                            int w, int p) {
   const int gh = h / p, gw = w / p;
   const long pp = (long)p * p;
   const long plen = (long)c * pp;
@@ -260,6 +261,15 @@ extern "C" __global__ void patchify_f32(const float* __restrict__ img, float* __
     long px = pi - py * gw;
     out[i] = img[((img_i * c + ch) * h + py * p + dy) * w + px * p + dx];
   }
+}
+extern "C" __global__ void patchify_f32(const float* __restrict__ img, float* __restrict__ out, int b, int c, int h,
+                                        int w, int p) {
+  ew_patchify(img, out, b, c, h, w, p);
+}
+// bf16 images (mixed precision) to bf16 patches: a copy, no rounding
+extern "C" __global__ void patchify_bf16(const fv_bf16* __restrict__ img, fv_bf16* __restrict__ out, int b, int c,
+                                         int h, int w, int p) {
+  ew_patchify(img, out, b, c, h, w, p);
 }
 
 // grid-stride over b*t*d, block 256: out[n,0,:] = cls + pos[0,:];

@@ -289,15 +289,20 @@ impl Suite {
             },
         );
         let images = self.rand(&[3, 3, 12, 20]);
-        self.check(
-            "patchify",
-            0.0,
-            vec![images, self.nan(&[3, 15, 48])],
-            &|be, t| {
-                let [i, o] = t else { unreachable!() };
-                be.patchify(i, 4, o).map(|_| 0.0)
-            },
-        );
+        for dtype in [DType::F32, DType::BF16] {
+            self.check(
+                &format!("patchify {dtype}"),
+                0.0,
+                vec![
+                    images.to_dtype(dtype),
+                    self.nan(&[3, 15, 48]).to_dtype(dtype),
+                ],
+                &|be, t| {
+                    let [i, o] = t else { unreachable!() };
+                    be.patchify(i, 4, o).map(|_| 0.0)
+                },
+            );
+        }
         let (b, tok, e) = (3, 17, 21);
         self.check(
             "embed",
@@ -587,16 +592,19 @@ impl Suite {
             .map(|i| (i * 7 % 251) as u8)
             .collect();
         let raw = RawImages { pixels, geometry };
-        self.check("augment", 0.0, vec![], &|be, _| {
-            let images = be.augment(&raw)?.to_device(Device::Cpu)?;
-            let want = raw.to_images()?;
-            assert_eq!(
-                images.to_vec_f32(),
-                want.to_vec_f32(),
-                "augmented images differ"
-            );
-            Ok(0.0)
-        });
+        for dtype in [DType::F32, DType::BF16] {
+            self.check(&format!("augment {dtype}"), 0.0, vec![], &|be, _| {
+                let images = be.augment(&raw, dtype)?.to_device(Device::Cpu)?;
+                assert_eq!(images.dtype(), dtype);
+                let want = raw.to_images()?.to_dtype(dtype);
+                assert_eq!(
+                    images.to_vec_f32(),
+                    want.to_vec_f32(),
+                    "augmented images differ"
+                );
+                Ok(0.0)
+            });
+        }
         let failed = self.failed.borrow();
         assert!(
             failed.is_empty(),

@@ -337,7 +337,10 @@ impl<'a> Graph<'a> {
         };
         // The backend checks that `patch` divides the sides.
         let p = patch.max(1);
-        let mut out = self.out(&[b, (h / p) * (w / p), c * patch * patch])?;
+        // stored as the images are (bf16 from the device's augmentation under mixed
+        // precision: the patches only feed the embedding GEMM)
+        let dims = [b, (h / p) * (w / p), c * patch * patch];
+        let mut out = Tensor::try_uninit_as(Shape::new(&dims), x.dtype(), self.device)?;
         self.backend.patchify(x, patch, &mut out)?;
         Ok(self.push(out, false, Op::Patchify))
     }

@@ -10,7 +10,7 @@ pub mod cuda;
 
 use crate::data::RawImages;
 use crate::error::{Error, Result};
-use crate::tensor::{Device, Tensor};
+use crate::tensor::{DType, Device, Tensor};
 
 pub use cpu::attention::AttnDims;
 pub use cpu::ops::DropoutKey;
@@ -172,8 +172,8 @@ pub trait Backend: Send + Sync {
 
     /// Crops, flips and normalises a batch of raw images (`[b, 3, 32, 32]` f32 on this
     /// backend's device).
-    fn augment(&self, raw: &RawImages) -> Result<Tensor> {
-        raw.to_images()
+    fn augment(&self, raw: &RawImages, dtype: DType) -> Result<Tensor> {
+        raw.to_images()?.try_to_dtype(dtype)
     }
 
     /// Sum of the squares of every element of every tensor (global-norm clipping).

@@ -11,8 +11,8 @@ use crate::dist::average_gradients;
 use crate::error::{Error, Result};
 use crate::nn::{ForwardCtx, Vit, VitConfig};
 use crate::optim::{clip_grad_norm, Optimizer, OptimizerKind};
-use crate::tensor::Device;
 use crate::tensor::Tensor;
+use crate::tensor::{DType, Device};
 
 /// Hyper-parameters of the update rule.
 #[derive(Clone, Debug)]
@@ -393,7 +393,14 @@ impl Engine {
     /// to the device.
     fn batch_images(&self, batch: &Batch) -> Result<Tensor> {
         match &batch.raw {
-            Some(raw) => crate::backend::for_device(self.params_device()).augment(raw),
+            Some(raw) => {
+                // bf16 under mixed precision: the images only feed the patch embedding's GEMM
+                let dtype = match self.config.precision {
+                    Precision::Bf16 => DType::BF16,
+                    Precision::F32 => DType::F32,
+                };
+                crate::backend::for_device(self.params_device()).augment(raw, dtype)
+            }
             None => Ok(batch.images.clone()),
         }
     }

@@ -209,8 +209,11 @@ impl Backend for CpuBackend {
 
     fn patchify(&self, images: &Tensor, patch: usize, out: &mut Tensor) -> Result<()> {
         let (b, c, h, w) = check_patchify(images, patch, out)?;
-        ops::patchify(images.f32s()?, (b, c, h, w), patch, out.f32s_mut()?);
-        Ok(())
+        let images = read(images)?;
+        write(out, |out| {
+            ops::patchify(&images, (b, c, h, w), patch, out);
+            Ok(())
+        })
     }
 
     fn embed(&self, patches: &Tensor, cls: &Tensor, pos: &Tensor, out: &mut Tensor) -> Result<()> {

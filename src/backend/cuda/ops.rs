@@ -508,16 +508,21 @@ impl Backend for CudaBackend {
 
     fn patchify(&self, images: &Tensor, patch: usize, out: &mut Tensor) -> Result<()> {
         let (b, c, h, w) = check_patchify(images, patch, out)?;
+        let kernel = variant(
+            "patchify",
+            ["patchify_f32", "patchify_bf16"],
+            &[images, out],
+        )?;
         let args = [
-            self.ptr(images)?,
-            self.ptr_mut(out)?,
+            self.act(images)?,
+            self.act_mut(out)?,
             int(b, "batch")?,
             int(c, "channels")?,
             int(h, "height")?,
             int(w, "width")?,
             int(patch, "patch")?,
         ];
-        self.elementwise("patchify_f32", images.numel(), &args)
+        self.elementwise(kernel, images.numel(), &args)
     }
 
     fn embed(&self, patches: &Tensor, cls: &Tensor, pos: &Tensor, out: &mut Tensor) -> Result<()> {
@@ -906,7 +911,7 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn augment(&self, raw: &RawImages) -> Result<Tensor> {
+    fn augment(&self, raw: &RawImages, dtype: DType) -> Result<Tensor> {
         let b = raw.geometry.len();
         let n = b * 3 * 32 * 32;
         same("augment", n, raw.pixels.len())?;
@@ -917,12 +922,13 @@ impl Backend for CudaBackend {
             .collect();
         let (pixels, _p) = self.upload(&raw.pixels)?;
         let (geometry, _g) = self.upload(&geometry)?;
-        let mut out = Tensor::try_uninit([b, 3, 32, 32], self.device)?;
+        let mut out = Tensor::try_uninit_as([b, 3, 32, 32], dtype, self.device)?;
+        let kernel = variant("augment", ["augment_u8_f32", "augment_u8_bf16"], &[&out])?;
         let (m, s) = (crate::data::MEAN, crate::data::STD);
         let args = [
             pixels,
             geometry,
-            self.ptr_mut(&mut out)?,
+            self.act_mut(&mut out)?,
             long(n),
             Arg::F32(m[0]),
             Arg::F32(m[1]),
@@ -931,7 +937,7 @@ impl Backend for CudaBackend {
             Arg::F32(s[1]),
             Arg::F32(s[2]),
         ];
-        self.elementwise("augment_u8_f32", n, &args)?;
+        self.elementwise(kernel, n, &args)?;
         Ok(out)
     }
 

@@ -4,6 +4,12 @@
 //! [`for_device`]; models never see a device. Adding a device means one more
 //! implementation and one more arm in `for_device` and in `tensor::Storage`.
 //! Gradient outputs accumulate (`+=`) unless a doc comment says otherwise.
+//!
+//! Tensors are f32, except activations under mixed precision: GEMM operands and outputs,
+//! LayerNorm outputs, attention's qkv and output, bias+GELU's tensors, GELU backward's
+//! pre-activation, dropout's input and output (without a residual), patchify's and
+//! augmentation's images may be bf16. Backends compute in f32 and round what they store
+//! to bf16 (nearest even); parameters, statistics and gradients are always f32.
 
 pub mod cpu;
 pub mod cuda;

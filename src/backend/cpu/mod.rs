@@ -1,4 +1,5 @@
-//! The CPU backend: f32, multi-threaded with rayon, GEMMs through the `gemm` crate.
+//! The CPU backend: f32, multi-threaded with rayon, GEMMs through the `gemm` crate;
+//! bf16 activations (mixed precision) are widened on read and rounded where stored.
 //! It is also the reference every other backend is tested against.
 
 pub mod attention;

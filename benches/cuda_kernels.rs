@@ -148,7 +148,7 @@ fn bench(c: &mut Criterion) {
     });
     let dout = Tensor::full([b, t, d], 0.01, device);
     timed("attention backward", &mut || {
-        be.attention_backward(&dout, &qkv, &lse, dims, &mut dqkv)
+        be.attention_backward(&dout, &qkv, &lse, dims, &mut dqkv, true)
             .unwrap()
     });
     let (qkv16, mut att16) = (qkv.to_dtype(DType::BF16), att.to_dtype(DType::BF16));
@@ -156,7 +156,7 @@ fn bench(c: &mut Criterion) {
         be.attention(&qkv16, dims, &mut lse, &mut att16).unwrap()
     });
     timed("attention backward (bf16 qkv)", &mut || {
-        be.attention_backward(&dout, &qkv16, &lse, dims, &mut dqkv)
+        be.attention_backward(&dout, &qkv16, &lse, dims, &mut dqkv, true)
             .unwrap()
     });
     let rows = b * t;

@@ -37,10 +37,12 @@
 //   lse[(n*heads + h)*q + i] = max_i + log(sum_i).
 //
 // attention_backward_f32(dout, qkv, lse, dqkv, b, t, q, d, heads, scale)
+// attention_backward_write_f32(same): dqkv written, not accumulated into (q == t only)
 //   grid = b*heads, block = 256, dynamic shared = 2 q ldq + 2 r4(t (hd + 1)) + 2 q lds floats:
 //   P_ij = exp(scale q_i.k_j - lse_i), dP_ij = dO_i.v_j, D_i = sum_j P_ij dP_ij,
 //   dS_ij = P_ij (dP_ij - D_i) scale; then dQ = dS K, dK = dS^T Q, dV = P^T dO, each added
-//   (+=) straight into dqkv: this block alone owns head h's columns of image n.
+//   (+=) straight into dqkv (the _write_ forms: written, =): this block alone owns head h's
+//   columns of image n.
 //
 // Any t >= 1, q <= t, hd = d/heads >= 1, as long as the shared memory fits the device
 // (t = q = 65, hd = 64: 68,144 bytes forward, 102,464 backward; the launcher raises the
@@ -271,7 +273,7 @@ __device__ __forceinline__ void fv_attention_forward(const T* __restrict__ qkv, 
 }
 
 // qkv of type T; dout, lse and dqkv f32.
-template <class T>
+template <class T, bool ACCUM>
 __device__ __forceinline__ void fv_attention_backward(const float* __restrict__ dout, const T* __restrict__ qkv,
     const float* __restrict__ lse, float* __restrict__ dqkv, int t, int q, int d, int heads, float scale) {
   FV_DYNAMIC_SHARED(float, smem);
@@ -297,9 +299,9 @@ __device__ __forceinline__ void fv_attention_backward(const float* __restrict__ 
   // lse is read, not written, by the backward score pass
   fv_att_scores<true>(Q, dO, ldq, K, V, q, t, hd, scale, const_cast<float*>(lse) + (long)bh * q, P, dS, lds);
   __syncthreads();
-  fv_att_product<false, true>(dS, lds, K, ldk, q, t, hd, dbase, d3);         // dQ = dS K
-  fv_att_product<true, true>(dS, lds, Q, ldq, t, q, hd, dbase + d, d3);      // dK = dS^T Q
-  fv_att_product<true, true>(P, lds, dO, ldq, t, q, hd, dbase + 2 * d, d3);  // dV = P^T dO
+  fv_att_product<false, ACCUM>(dS, lds, K, ldk, q, t, hd, dbase, d3);         // dQ = dS K
+  fv_att_product<true, ACCUM>(dS, lds, Q, ldq, t, q, hd, dbase + d, d3);      // dK = dS^T Q
+  fv_att_product<true, ACCUM>(P, lds, dO, ldq, t, q, hd, dbase + 2 * d, d3);  // dV = P^T dO
 }
 
 extern "C" __global__ void __launch_bounds__(FV_ATT_THREADS, 2)
@@ -321,7 +323,15 @@ attention_backward_f32(const float* __restrict__ dout, const float* __restrict__
     const float* __restrict__ lse, float* __restrict__ dqkv, int b, int t, int q, int d, int heads,
     float scale) {
   (void)b;
-  fv_attention_backward(dout, qkv, lse, dqkv, t, q, d, heads, scale);
+  fv_attention_backward<float, true>(dout, qkv, lse, dqkv, t, q, d, heads, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(FV_ATT_THREADS, 2)
+attention_backward_write_f32(const float* __restrict__ dout, const float* __restrict__ qkv,
+    const float* __restrict__ lse, float* __restrict__ dqkv, int b, int t, int q, int d, int heads,
+    float scale) {
+  (void)b;
+  fv_attention_backward<float, false>(dout, qkv, lse, dqkv, t, q, d, heads, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(FV_ATT_THREADS, 2)
@@ -329,5 +339,13 @@ attention_backward_bf16(const float* __restrict__ dout, const fv_bf16* __restric
     const float* __restrict__ lse, float* __restrict__ dqkv, int b, int t, int q, int d, int heads,
     float scale) {
   (void)b;
-  fv_attention_backward(dout, qkv, lse, dqkv, t, q, d, heads, scale);
+  fv_attention_backward<fv_bf16, true>(dout, qkv, lse, dqkv, t, q, d, heads, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(FV_ATT_THREADS, 2)
+attention_backward_write_bf16(const float* __restrict__ dout, const fv_bf16* __restrict__ qkv,
+    const float* __restrict__ lse, float* __restrict__ dqkv, int b, int t, int q, int d, int heads,
+    float scale) {
+  (void)b;
+  fv_attention_backward<fv_bf16, false>(dout, qkv, lse, dqkv, t, q, d, heads, scale);
 }

@@ -370,19 +370,41 @@ impl Suite {
                         attend(be, qkv, out).map(|_| 0.0)
                     },
                 );
-                self.check(
-                    &format!("attention_backward {dtype}"),
-                    if bf16 { 1e-2 } else { 1e-4 },
-                    vec![qkv, dout.clone(), out, self.rand(&[batch, tokens, 3 * dim])],
-                    &|be, t| {
-                        let [qkv, dout, out, dqkv] = t else {
-                            unreachable!()
-                        };
-                        let saved = attend(be, qkv, out)?;
-                        be.attention_backward(dout, qkv, &saved, dims, dqkv)
-                            .map(|_| 0.0)
-                    },
-                );
+                // accumulating into a random gradient, or (all tokens querying) writing
+                // over a NaN-poisoned one: every element must be written
+                for accumulate in [true, false] {
+                    if !accumulate && queries != tokens {
+                        // rows past the queries would stay unwritten: refused
+                        let be = for_device(self.device);
+                        let on = |t: &Tensor| t.to_device(self.device).unwrap();
+                        let (qkv, dout, mut out, mut dqkv) =
+                            (on(&qkv), on(&dout), on(&out), on(&qkv));
+                        let saved = attend(be, &qkv, &mut out).unwrap();
+                        let err = be
+                            .attention_backward(&dout, &qkv, &saved, dims, &mut dqkv, false)
+                            .unwrap_err();
+                        assert!(err.to_string().contains("overwrites"), "{err}");
+                        continue;
+                    }
+                    let dqkv = if accumulate {
+                        self.rand(&[batch, tokens, 3 * dim])
+                    } else {
+                        self.nan(&[batch, tokens, 3 * dim])
+                    };
+                    self.check(
+                        &format!("attention_backward {dtype} accumulate={accumulate}"),
+                        if bf16 { 1e-2 } else { 1e-4 },
+                        vec![qkv.clone(), dout.clone(), out.clone(), dqkv],
+                        &|be, t| {
+                            let [qkv, dout, out, dqkv] = t else {
+                                unreachable!()
+                            };
+                            let saved = attend(be, qkv, out)?;
+                            be.attention_backward(dout, qkv, &saved, dims, dqkv, accumulate)
+                                .map(|_| 0.0)
+                        },
+                    );
+                }
             }
         }
         self.check(

@@ -720,6 +720,22 @@ impl<'a> Graph<'a> {
         }))
     }
 
+    /// The gradient slot of `v` (if it needs one) for an op that can write it whole:
+    /// `(slot, fresh)`, a fresh slot being new and uninitialised (the op must overwrite
+    /// it, not accumulate into it: no zero-fill, no read).
+    fn take_grad_to_write(&mut self, v: Var) -> Result<Option<(Tensor, bool)>> {
+        if !self.needs(v) || matches!(self.nodes[v.0].op, Op::Param(_)) {
+            return Ok(self.take_grad(v)?.map(|s| (s, false)));
+        }
+        Ok(Some(match self.nodes[v.0].grad.take() {
+            Some(g) => (g, false),
+            None => (
+                Tensor::try_uninit(self.value(v).shape().clone(), self.device)?,
+                true,
+            ),
+        }))
+    }
+
     /// The gradient slot of `v`, or a scratch buffer when `v` needs no gradient (for
     /// kernels that always produce every input's gradient); the flag says which.
     fn grad_or_scratch(&mut self, v: Var) -> Result<(Tensor, bool)> {
@@ -832,9 +848,19 @@ impl<'a> Graph<'a> {
                 r?;
             }
             Op::Attention { qkv, dims, probs } => {
-                self.update_grad(*qkv, |s, d| {
-                    be.attention_backward(g, s.value(*qkv), probs, *dims, d)
-                })?;
+                // qkv's only consumer: a new gradient is written whole, not zero-filled
+                // and accumulated into (when every token queries, so every row is written)
+                let slot = if dims.queries == dims.tokens {
+                    self.take_grad_to_write(*qkv)?
+                } else {
+                    self.take_grad(*qkv)?.map(|s| (s, false))
+                };
+                if let Some((mut slot, fresh)) = slot {
+                    let r =
+                        be.attention_backward(g, self.value(*qkv), probs, *dims, &mut slot, !fresh);
+                    self.put_grad(*qkv, Some(slot));
+                    r?;
+                }
             }
             Op::Add { a, b } => {
                 self.accumulate(*a, g)?;

@@ -105,6 +105,9 @@ pub trait Backend: Send + Sync {
         probs: &mut Tensor,
         out: &mut Tensor,
     ) -> Result<()>;
+    /// `dqkv += ∂/∂qkv`, or `dqkv =` when `!accumulate` (every query row then: only
+    /// with `queries == tokens`, else the rows past the queries would be left unwritten).
+    #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
         dout: &Tensor,
@@ -112,6 +115,7 @@ pub trait Backend: Send + Sync {
         probs: &Tensor,
         dims: AttnDims,
         dqkv: &mut Tensor,
+        accumulate: bool,
     ) -> Result<()>;
     /// `out = a + b` (overwrites).
     fn add(&self, a: &Tensor, b: &Tensor, out: &mut Tensor) -> Result<()>;

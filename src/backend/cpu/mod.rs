@@ -280,22 +280,15 @@ impl Backend for CpuBackend {
         probs: &Tensor,
         dims: AttnDims,
         dqkv: &mut Tensor,
+        accumulate: bool,
     ) -> Result<()> {
         check_attn(dims, self.attention_saved_len(dims), qkv, probs, dout)?;
-        if dqkv.numel() != qkv.numel() {
-            return Err(Error::shape(
-                "attention_backward",
-                qkv.shape(),
-                dqkv.shape(),
-            ));
+        check_attn_backward(dims, qkv, dqkv, accumulate)?;
+        let dqkv = dqkv.f32s_mut()?;
+        if !accumulate {
+            dqkv.fill(0.0);
         }
-        attention::attention_backward(
-            dout.f32s()?,
-            &read(qkv)?,
-            probs.f32s()?,
-            dims,
-            dqkv.f32s_mut()?,
-        );
+        attention::attention_backward(dout.f32s()?, &read(qkv)?, probs.f32s()?, dims, dqkv);
         Ok(())
     }
 
@@ -481,6 +474,30 @@ pub(crate) fn check_logits(logits: &Tensor) -> Result<(usize, usize)> {
             logits.shape(),
         )),
     }
+}
+
+/// The gradient buffer of attention's backward pass, shared by the backends: qkv's size,
+/// and overwriting only where every row is written (all tokens query).
+pub(crate) fn check_attn_backward(
+    d: AttnDims,
+    qkv: &Tensor,
+    dqkv: &Tensor,
+    accumulate: bool,
+) -> Result<()> {
+    if dqkv.numel() != qkv.numel() {
+        return Err(Error::shape(
+            "attention_backward",
+            qkv.shape(),
+            dqkv.shape(),
+        ));
+    }
+    if !accumulate && d.queries != d.tokens {
+        return Err(Error::Config(format!(
+            "attention_backward overwrites dqkv only when all {} tokens query, not {}",
+            d.tokens, d.queries
+        )));
+    }
+    Ok(())
 }
 
 /// Checks attention geometry and buffer sizes before the kernel's raw-pointer work.

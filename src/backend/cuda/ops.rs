@@ -2,7 +2,9 @@
 //! geometry, the same on a GPU and on the emulated device.
 
 use super::{Arg, Gemm, Gpu, Launch};
-use crate::backend::cpu::{check_attn, check_logits, check_patchify, ops::site_key};
+use crate::backend::cpu::{
+    check_attn, check_attn_backward, check_logits, check_patchify, ops::site_key,
+};
 use crate::backend::{
     AdamStep, AttnDims, Backend, DropoutKey, DropoutMode, OptimTensors, SgdStep, Update,
 };
@@ -601,15 +603,20 @@ impl Backend for CudaBackend {
         lse: &Tensor,
         dims: AttnDims,
         dqkv: &mut Tensor,
+        accumulate: bool,
     ) -> Result<()> {
         check_attn(dims, self.attention_saved_len(dims), qkv, lse, dout)?;
-        same("attention_backward", qkv.numel(), dqkv.numel())?;
+        check_attn_backward(dims, qkv, dqkv, accumulate)?;
         let shared = attention_shared_bytes(dims, true);
-        let kernel = variant(
-            "attention_backward",
-            ["attention_backward_f32", "attention_backward_bf16"],
-            &[qkv],
-        )?;
+        let forms = if accumulate {
+            ["attention_backward_f32", "attention_backward_bf16"]
+        } else {
+            [
+                "attention_backward_write_f32",
+                "attention_backward_write_bf16",
+            ]
+        };
+        let kernel = variant("attention_backward", forms, &[qkv])?;
         let args = [
             self.ptr(dout)?,
             self.act(qkv)?,

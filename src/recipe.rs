@@ -261,13 +261,6 @@ impl TrainOptions {
                 "expected cpu, cuda, cuda:N or cuda-emu",
             ));
         }
-        if self.device != "cpu" && self.dp * self.pp > 1 {
-            return Err(invalid(
-                "device",
-                &self.device,
-                "parallel training (--dp/--pp) runs on the cpu for now",
-            ));
-        }
         if self.precision != "auto" {
             Precision::parse(&self.precision)
                 .map_err(|_| invalid("precision", &self.precision, "expected auto, f32 or bf16"))?;
@@ -422,12 +415,13 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             )));
         }
         check_layout(&opts)?;
+        let local = env.local_rank.unwrap_or(env.rank);
         let group: Arc<dyn ProcessGroup> = Arc::new(env.connect(timeout)?);
-        return train_rank(&opts, Some(group));
+        return train_rank(&opts, Some(group), local);
     }
     let world = opts.dp * opts.pp;
     if world == 1 {
-        return train_rank(opts, None);
+        return train_rank(opts, None, 0);
     }
     check_layout(opts)?;
     let handles: Vec<_> = ThreadGroup::new(world, timeout)?
@@ -436,7 +430,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             let opts = opts.clone();
             std::thread::Builder::new()
                 .name(format!("rank-{}", g.rank()))
-                .spawn(move || train_rank(&opts, Some(Arc::new(g))))
+                .spawn(move || {
+                    let local = g.rank();
+                    train_rank(&opts, Some(Arc::new(g)), local)
+                })
                 .map_err(|e| Error::Config(format!("cannot start a rank thread: {e}")))
         })
         .collect::<Result<_>>()?;
@@ -484,8 +481,13 @@ fn layout(opts: &TrainOptions, cfg: &VitConfig) -> Result<Layout> {
     Layout::new(opts.dp, opts.pp, cfg.depth, opts.stages.as_deref())
 }
 
-/// One rank's run (the whole run without a group).
-fn train_rank(opts: &TrainOptions, group: Option<Arc<dyn ProcessGroup>>) -> Result<TrainSummary> {
+/// One rank's run (the whole run without a group); `local` is the rank's index among
+/// this machine's ranks (it picks the rank's GPU).
+fn train_rank(
+    opts: &TrainOptions,
+    group: Option<Arc<dyn ProcessGroup>>,
+    local: usize,
+) -> Result<TrainSummary> {
     let start = Instant::now();
     let (rank, world) = group.as_ref().map_or((0, 1), |g| (g.rank(), g.world()));
     let logger = Logger::new(rank, world);
@@ -543,7 +545,7 @@ fn train_rank(opts: &TrainOptions, group: Option<Arc<dyn ProcessGroup>>) -> Resu
         total,
         min_lr: 0.0,
     };
-    let device = Device::parse(&opts.device)?;
+    let device = Device::for_rank(&opts.device, local)?;
     let tc_precision = Precision::resolve(&opts.precision, device)?;
     let tc = TrainConfig {
         lr: opts.lr,

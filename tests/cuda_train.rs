@@ -10,13 +10,25 @@ use ferrovit::Device;
 use std::path::Path;
 
 /// A small ViT (patch 8: 17 tokens) that learns the digits well above chance in two
-/// epochs; the emulated device takes ~15 s per epoch on two cores.
+/// epochs; the emulated device takes ~15 s per epoch on two cores. One rank.
 fn options(
     out: &Path,
     device: &str,
     precision: &str,
     augment: &str,
     epochs: usize,
+) -> TrainOptions {
+    parallel_options(out, device, precision, augment, epochs, (1, 1))
+}
+
+/// As [`options`], over `dp × pp` ranks (threads).
+fn parallel_options(
+    out: &Path,
+    device: &str,
+    precision: &str,
+    augment: &str,
+    epochs: usize,
+    (dp, pp): (usize, usize),
 ) -> TrainOptions {
     TrainOptions {
         dim: Some(32),
@@ -34,6 +46,8 @@ fn options(
         out: out.to_path_buf(),
         device: device.into(),
         precision: precision.into(),
+        dp,
+        pp,
         ..TrainOptions::default()
     }
 }
@@ -54,26 +68,36 @@ fn epoch_losses(out: &Path) -> Vec<f64> {
 /// backend rounds GEMM operands to bf16 exactly as the device does); the epoch losses
 /// must agree to 1e-3. Returns both test accuracies (CPU first).
 fn train_both(device: &str, precision: &str, augment: &str, epochs: usize) -> (f64, f64) {
+    train_both_in(device, precision, augment, epochs, (1, 1))
+}
+
+/// As [`train_both`], both runs over `dp × pp` ranks.
+fn train_both_in(
+    device: &str,
+    precision: &str,
+    augment: &str,
+    epochs: usize,
+    layout: (usize, usize),
+) -> (f64, f64) {
     let dir = temp_dir(&format!(
-        "cuda-train-{}-{precision}-{augment}",
-        device.replace(':', "-")
+        "cuda-train-{}-{precision}-{augment}-{}x{}",
+        device.replace(':', "-"),
+        layout.0,
+        layout.1
     ));
-    let cpu = train(&options(
-        &dir.join("cpu"),
-        "cpu",
-        precision,
-        augment,
-        epochs,
-    ))
-    .unwrap();
-    let dev = train(&options(
-        &dir.join("dev"),
-        device,
-        precision,
-        augment,
-        epochs,
-    ))
-    .unwrap();
+    let run = |side: &str, device: &str| {
+        train(&parallel_options(
+            &dir.join(side),
+            device,
+            precision,
+            augment,
+            epochs,
+            layout,
+        ))
+        .unwrap()
+    };
+    let cpu = run("cpu", "cpu");
+    let dev = run("dev", device);
     for (x, y) in epoch_losses(&dir.join("cpu"))
         .iter()
         .zip(epoch_losses(&dir.join("dev")))
@@ -139,6 +163,21 @@ fn matches_cpu_in_bf16(device: &str) {
     train_both(device, "bf16", "crop,flip", 1);
 }
 
+/// Data- and pipeline-parallel training on devices (one per rank; the ranks exchange
+/// activations and gradient buckets through host memory) matches the same layout on
+/// the CPU, which matches one rank: data-parallel in bf16, and a 2-stage pipeline
+/// (4 micro-batches, each cropped and flipped on its stage's device) in f32.
+fn parallel_matches_cpu(device: &str) {
+    for (precision, augment, layout) in [("bf16", "none", (2, 1)), ("f32", "crop,flip", (1, 2))] {
+        let (a, b) = train_both_in(device, precision, augment, 1, layout);
+        assert!(
+            (a - b).abs() <= 0.015,
+            "{device} {layout:?} {precision}: test accuracy {b}, the CPU {a}"
+        );
+        eprintln!("{device} dp×pp {layout:?} {precision}: test accuracy {b:.4} (CPU {a:.4})");
+    }
+}
+
 #[test]
 fn emulated_cuda_training_matches_the_cpu() {
     matches_cpu("cuda-emu");
@@ -150,11 +189,18 @@ fn emulated_bf16_training_matches_the_cpu() {
 }
 
 #[test]
+fn emulated_parallel_training_matches_the_cpu() {
+    parallel_matches_cpu("cuda-emu");
+}
+
+#[test]
 fn cuda_training_matches_the_cpu_on_a_gpu() {
     match Device::cuda(0) {
         Ok(_) => {
             matches_cpu("cuda");
             matches_cpu_in_bf16("cuda");
+            // every rank on GPU 0 (this machine may have one)
+            parallel_matches_cpu("cuda:0");
         }
         Err(e) if std::env::var("FERROVIT_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
             panic!("FERROVIT_REQUIRE_GPU=1 but no GPU: {e}")
@@ -183,8 +229,6 @@ fn device_errors_are_clear() {
         !ok && stderr.contains("device = tpu") && stderr.contains("cuda-emu"),
         "{stderr}"
     );
-    let (ok, _, stderr) = ferrovit(&["train", "--device", "cuda-emu", "--dp", "2", "--out", out]);
-    assert!(!ok && stderr.contains("parallel training"), "{stderr}");
     let (ok, _, stderr) = ferrovit(&["train", "--precision", "fp8", "--out", out]);
     assert!(
         !ok && stderr.contains("precision = fp8") && stderr.contains("auto, f32 or bf16"),

@@ -247,4 +247,12 @@ impl RawImages {
         }
         Tensor::from_vec(out, [self.geometry.len(), 3, 32, 32])
     }
+
+    /// Samples `range` (a pipeline's micro-batch).
+    pub fn rows(&self, range: std::ops::Range<usize>) -> RawImages {
+        RawImages {
+            pixels: self.pixels[range.start * 3 * PIXELS..range.end * 3 * PIXELS].to_vec(),
+            geometry: self.geometry[range].to_vec(),
+        }
+    }
 }

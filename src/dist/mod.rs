@@ -281,7 +281,8 @@ pub fn average_gradients(
 }
 
 /// Combines every parameter gradient across the group with `op`, in buckets of about
-/// `bucket` elements, parameters in store order.
+/// `bucket` elements, parameters in store order (gradients on a device pass through
+/// host memory).
 pub fn reduce_gradients(
     store: &mut ParamStore,
     group: &dyn ProcessGroup,
@@ -297,15 +298,16 @@ pub fn reduce_gradients(
     let n = store.len();
     let mut params: Vec<&mut crate::autograd::Param> = store.iter_mut().collect();
     for i in 0..n {
-        flat.extend_from_slice(params[i].grad.f32s()?);
+        flat.extend_from_slice(&params[i].grad.host_f32s()?);
         members.push(i);
         if flat.len() >= bucket || i + 1 == n {
             group.all_reduce(&mut flat, op)?;
             let mut at = 0;
             for &m in &members {
-                let g = params[m].grad.f32s_mut()?;
-                g.copy_from_slice(&flat[at..at + g.len()]);
-                at += g.len();
+                let g = &mut params[m].grad;
+                let len = g.numel();
+                g.copy_from_f32s(&flat[at..at + len])?;
+                at += len;
             }
             members.clear();
             flat.clear();

@@ -6,7 +6,7 @@ mod parallel;
 pub use parallel::Parallel;
 
 use crate::autograd::{Graph, ParamStore, Precision, Var};
-use crate::data::Batch;
+use crate::data::{Batch, RawImages};
 use crate::dist::average_gradients;
 use crate::error::{Error, Result};
 use crate::nn::{ForwardCtx, Vit, VitConfig};
@@ -173,13 +173,9 @@ impl Engine {
     }
 
     /// Moves the parameters, their gradients and the optimizer state to `device`
-    /// (batches follow them automatically). Parallel runs stay on the CPU for now.
+    /// (batches, and in a parallel run the tensors exchanged with other ranks, follow
+    /// them automatically).
     pub fn to_device(&mut self, device: Device) -> Result<()> {
-        if device != Device::Cpu && self.par.is_some() {
-            return Err(Error::Config(format!(
-                "parallel training on {device} is not supported yet; use --device cpu with --dp/--pp"
-            )));
-        }
         self.finish();
         self.params.to_device(device)?;
         self.optimizer.to_device(device)
@@ -392,7 +388,12 @@ impl Engine {
     /// A batch's images, augmented where the parameters are when the loader left that
     /// to the device.
     fn batch_images(&self, batch: &Batch) -> Result<Tensor> {
-        match &batch.raw {
+        self.images(&batch.images, batch.raw.as_ref())
+    }
+
+    /// `images`, or `raw` pixels augmented where the parameters are.
+    fn images(&self, images: &Tensor, raw: Option<&RawImages>) -> Result<Tensor> {
+        match raw {
             Some(raw) => {
                 // bf16 under mixed precision: the images only feed the patch embedding's GEMM
                 let dtype = match self.config.precision {
@@ -401,7 +402,7 @@ impl Engine {
                 };
                 crate::backend::for_device(self.params_device()).augment(raw, dtype)
             }
-            None => Ok(batch.images.clone()),
+            None => Ok(images.clone()),
         }
     }
 

@@ -6,6 +6,9 @@
 //! gradient is exactly the gradient of the global batch's mean loss, however the batch
 //! was split (uneven shares included): a `dp × pp` step computes what one rank would,
 //! up to the order of floating-point additions.
+//!
+//! On a GPU the stage computes on its device and what the ranks exchange (activations,
+//! their gradients, gradient buckets) passes through host memory and the process group.
 
 use super::{Engine, StepResult};
 use crate::autograd::{Graph, Var};
@@ -14,7 +17,7 @@ use crate::dist::{reduce_gradients, Layout, ProcessGroup, ReduceOp, SubGroup};
 use crate::error::{Error, Result};
 use crate::nn::{ForwardCtx, PartInput};
 use crate::optim::{grad_sum_squares, scale_grads};
-use crate::tensor::Tensor;
+use crate::tensor::{Device, Tensor};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -126,7 +129,12 @@ fn tag(i: usize, backward: bool) -> u64 {
     2 * i as u64 + backward as u64
 }
 
-/// Rows `range` of a `[b, …]` tensor.
+/// The f32 elements of `t`, copied to the host when it is on a device.
+fn host(t: &Tensor) -> Result<Tensor> {
+    t.to_device(Device::Cpu)
+}
+
+/// Rows `range` of a `[b, …]` CPU tensor.
 fn rows(t: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor> {
     let dims = t.dims();
     let row: usize = dims[1..].iter().product();
@@ -160,6 +168,7 @@ impl Engine {
         let bounds: Vec<std::ops::Range<usize>> =
             (0..m).map(|i| i * n / m..(i + 1) * n / m).collect();
         let global = batch.global.max(1);
+        let device = self.params_device();
         let ctx_for = |r: &std::ops::Range<usize>, step: u64, seed: u64| {
             let samples = batch.samples[r.clone()].to_vec();
             if train {
@@ -200,11 +209,15 @@ impl Engine {
                 let mut graph = Graph::owning(self.params.share());
                 graph.set_precision(self.config.precision);
                 let (input, x) = if stage == 0 {
-                    (None, PartInput::Images(rows(&batch.images, r.clone())?))
+                    let images = match &batch.raw {
+                        Some(raw) => self.images(&batch.images, Some(&raw.rows(r.clone())))?,
+                        None => rows(&batch.images, r.clone())?.to_device(device)?,
+                    };
+                    (None, PartInput::Images(images))
                 } else {
                     let c = &self.model.config;
                     let h = par.recv(stage - 1, tag(i, false))?;
-                    let t = Tensor::from_vec(h, [r.len(), c.tokens(), c.dim])?;
+                    let t = Tensor::from_vec(h, [r.len(), c.tokens(), c.dim])?.to_device(device)?;
                     let v = graph.input_with_grad(t);
                     (Some(v), PartInput::Hidden(v))
                 };
@@ -222,7 +235,7 @@ impl Engine {
                     loss
                 } else {
                     par.pp
-                        .send(graph.value(out).f32s()?, stage + 1, tag(i, false))?;
+                        .send(host(graph.value(out))?.f32s()?, stage + 1, tag(i, false))?;
                     out
                 };
                 if train {
@@ -240,10 +253,11 @@ impl Engine {
                     Error::Graph(format!("pipeline: micro-batch {i} has no forward pass"))
                 })?;
                 let grad = if last {
-                    Tensor::full([1], f.weight, self.params_device())
+                    Tensor::full([1], f.weight, device)
                 } else {
                     let g = par.recv(stage + 1, tag(i, true))?;
                     Tensor::from_vec(g, f.graph.value(f.output).shape().clone())?
+                        .to_device(device)?
                 };
                 // gradients accumulate in the engine's store, one micro-batch at a time
                 f.graph.store_mut().swap_grads(&mut self.params);
@@ -254,7 +268,7 @@ impl Engine {
                     let g = f.graph.grad(input).ok_or_else(|| {
                         Error::Graph("pipeline: no gradient for the received hidden states".into())
                     })?;
-                    par.pp.send(g.f32s()?, stage - 1, tag(i, true))?;
+                    par.pp.send(host(g)?.f32s()?, stage - 1, tag(i, true))?;
                 }
             }
         }

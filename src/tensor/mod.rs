@@ -507,6 +507,42 @@ impl Tensor {
         }
     }
 
+    /// The f32 elements, borrowed on the CPU, copied from a device.
+    pub fn host_f32s(&self) -> Result<std::borrow::Cow<'_, [f32]>> {
+        match &self.storage {
+            Storage::Cuda(..) => Ok(std::borrow::Cow::Owned(
+                self.to_device(Device::Cpu)?.f32s()?.to_vec(),
+            )),
+            _ => self.f32s().map(std::borrow::Cow::Borrowed),
+        }
+    }
+
+    /// Overwrites the elements of an f32 tensor, wherever it is, with `data` (of the
+    /// same length).
+    pub fn copy_from_f32s(&mut self, data: &[f32]) -> Result<()> {
+        if data.len() != self.numel() {
+            return Err(Error::shape(
+                "Tensor::copy_from_f32s",
+                format!("{} elements", self.numel()),
+                format!("{} elements", data.len()),
+            ));
+        }
+        match &self.storage {
+            Storage::Cuda(b, DType::F32) => {
+                let id = b.id;
+                let ptr = self.cuda_ptr_mut()?;
+                crate::backend::cuda::get(id)
+                    .gpu
+                    .upload(ptr, bytemuck::cast_slice(data))
+            }
+            Storage::Cuda(..) => Err(self.dtype_error("copy_from_f32s")),
+            Storage::Cpu(_) => {
+                self.f32s_mut()?.copy_from_slice(data);
+                Ok(())
+            }
+        }
+    }
+
     /// The device address of a CUDA tensor's elements.
     pub fn cuda_ptr(&self) -> Result<u64> {
         match &self.storage {

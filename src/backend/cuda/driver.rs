@@ -21,7 +21,8 @@ pub struct DriverGpu {
     stream: Arc<CudaStream>,
     modules: Vec<sys::CUmodule>,
     functions: Mutex<HashMap<&'static str, (sys::CUfunction, u32)>>,
-    blas: blas_sys::cublasHandle_t,
+    /// Locked around each call: ranks of a parallel run may share one GPU.
+    blas: Mutex<blas_sys::cublasHandle_t>,
     name: String,
     /// FERROVIT_PROFILE=1: events around every launch and GEMM, read at each synchronize.
     profile: Option<Mutex<Profile>>,
@@ -59,9 +60,9 @@ struct Profile {
 }
 
 // SAFETY: the raw module, function and cuBLAS handles are only used with the context
-// bound to the calling thread, and cuBLAS calls are serialised by the stream's order
-// (a handle may be shared between threads that do not call it concurrently; the
-// backend's callers hold the tensors they pass exclusively).
+// bound to the calling thread; cuBLAS calls are serialised by the handle's mutex (a
+// handle may be shared between threads that do not call it concurrently), and the
+// backend's callers hold the tensors they pass exclusively.
 unsafe impl Send for DriverGpu {}
 unsafe impl Sync for DriverGpu {}
 
@@ -126,7 +127,7 @@ impl DriverGpu {
             stream,
             modules,
             functions: Mutex::new(HashMap::new()),
-            blas,
+            blas: Mutex::new(blas),
             name: format!("{name} (cuda:{ordinal})"),
             profile: std::env::var("FERROVIT_PROFILE")
                 .is_ok_and(|v| v == "1")
@@ -353,9 +354,10 @@ impl Gpu for DriverGpu {
         };
         let what = || format!("GEMM {}->{} {m}x{n}x{k}", g.inputs, g.output);
         // SAFETY: the backend checked every operand's size against (m, n, k) and dtype.
+        let handle = self.blas.lock().unwrap_or_else(|e| e.into_inner());
         self.timed(what, || unsafe {
             blas::gemm_ex(
-                self.blas,
+                *handle,
                 op(g.tb),
                 op(g.ta),
                 dim(n)?,

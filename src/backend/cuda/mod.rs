@@ -156,6 +156,20 @@ impl Device {
         .expect("opening the emulated device cannot fail")
     }
 
+    /// The device of rank `local` (its index among this machine's ranks) of a
+    /// parallel run asking for `s`: `cuda` is GPU `local` (one GPU per rank), `cuda:N`
+    /// is GPU N for every rank, and `cuda-emu` is one emulated device per rank (memory
+    /// apart, as on separate GPUs).
+    pub fn for_rank(s: &str, local: usize) -> Result<Device> {
+        match s {
+            "cuda" => Device::cuda(local),
+            "cuda-emu" if local > 0 => Ok(device(&format!("cuda-emu:{local}"), || {
+                Ok(Arc::new(emu::EmuGpu::default()) as Arc<dyn Gpu>)
+            })?),
+            _ => Device::parse(s),
+        }
+    }
+
     /// `cpu`, `cuda`, `cuda:N` or `cuda-emu` (opening the device).
     pub fn parse(s: &str) -> Result<Device> {
         match s {

@@ -109,9 +109,9 @@ fn bench(c: &mut Criterion) {
     run("bias_gelu bf16", 3 * h, &mut || {
         be.bias_gelu(&mut pre16, &bias, &mut out16).unwrap()
     });
-    let mut d32 = t(0.0);
-    run("gelu_backward (bf16 pre)", 2 * f + h, &mut || {
-        be.gelu_backward(&b, &a16, &mut d32).unwrap()
+    let g16 = b.to_dtype(DType::BF16);
+    run("gelu_backward bf16", 3 * h, &mut || {
+        be.gelu_backward(&g16, &a16, &mut pre16).unwrap()
     });
     run("layernorm (bf16 out)", f + h, &mut || {
         be.layernorm(&a, &gamma, &beta, 1e-6, &mut out16, &mut mean, &mut rstd)
@@ -155,8 +155,10 @@ fn bench(c: &mut Criterion) {
     timed("attention forward (bf16 qkv)", &mut || {
         be.attention(&qkv16, dims, &mut lse, &mut att16).unwrap()
     });
-    timed("attention backward (bf16 qkv)", &mut || {
-        be.attention_backward(&dout, &qkv16, &lse, dims, &mut dqkv, true)
+    // as in training: dout bf16, qkv's gradient written in bf16
+    let (dout16, mut dqkv16) = (dout.to_dtype(DType::BF16), dqkv.to_dtype(DType::BF16));
+    timed("attention backward (bf16)", &mut || {
+        be.attention_backward(&dout16, &qkv16, &lse, dims, &mut dqkv16, false)
             .unwrap()
     });
     let rows = b * t;
@@ -176,6 +178,14 @@ fn bench(c: &mut Criterion) {
     timed("layernorm backward", &mut || {
         be.layernorm_backward(&x, &x, &gamma, &mean, &rstd, &mut dx, &mut dg, &mut db)
             .unwrap()
+    });
+    let dy16 = x.to_dtype(DType::BF16);
+    timed("layernorm backward (bf16 dy)", &mut || {
+        be.layernorm_backward(&dy16, &x, &gamma, &mean, &rstd, &mut dx, &mut dg, &mut db)
+            .unwrap()
+    });
+    timed("bias_grad (bf16 dy)", &mut || {
+        be.bias_grad(&dy16, &mut db).unwrap()
     });
     let w = Tensor::full([3 * d, d], 0.01, device);
     let mut out = Tensor::zeros([rows, 3 * d], device);

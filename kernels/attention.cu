@@ -27,8 +27,9 @@
 // A broadcast costs one shared-memory wavefront whatever its width, so these loads carry 4x
 // the data; the score and product passes are bound by shared-memory wavefronts.
 //
-// Each kernel has an _f32 and a _bf16 form: qkv (and the forward's out) stored in f32 or in
-// bf16 (mixed precision; widened when staged, the output rounded); everything else f32.
+// Each kernel has an _f32 and a _bf16 form: qkv, the forward's out and the backward's dout
+// stored in f32 or in bf16 (mixed precision; widened when staged, outputs rounded), and the
+// backward's dqkv f32 when accumulated into, of qkv's type when written; lse f32.
 //
 // attention_forward_f32(qkv, out, lse, b, t, q, d, heads, scale)
 //   grid = b*heads, block = 256, dynamic shared = q ldq + 2 r4(t (hd + 1)) + q lds floats
@@ -272,10 +273,10 @@ __device__ __forceinline__ void fv_attention_forward(const T* __restrict__ qkv, 
   fv_att_product<false, false>(S, lds, V, ldk, q, t, hd, out + (long)n * q * d + (long)h * hd, d);
 }
 
-// qkv of type T; dout, lse and dqkv f32.
-template <class T, bool ACCUM>
-__device__ __forceinline__ void fv_attention_backward(const float* __restrict__ dout, const T* __restrict__ qkv,
-    const float* __restrict__ lse, float* __restrict__ dqkv, int t, int q, int d, int heads, float scale) {
+// qkv and dout of type T; lse f32; dqkv f32 when ACCUM, else of type T.
+template <class T, bool ACCUM, class TD>
+__device__ __forceinline__ void fv_attention_backward(const T* __restrict__ dout, const T* __restrict__ qkv,
+    const float* __restrict__ lse, TD* __restrict__ dqkv, int t, int q, int d, int heads, float scale) {
   FV_DYNAMIC_SHARED(float, smem);
   const int hd = d / heads, ldk = hd + 1, ldq = fv_round4(hd), lds = fv_round4(t);
   const int bh = blockIdx.x;
@@ -283,7 +284,7 @@ __device__ __forceinline__ void fv_attention_backward(const float* __restrict__ 
   const long d3 = 3L * d;
   const long off = (long)n * t * d3 + (long)h * hd;
   const T* base = qkv + off;
-  float* dbase = dqkv + off;
+  TD* dbase = dqkv + off;
 
   float* Q = smem;                         // [q][ldq]
   float* dO = Q + q * ldq;                 // [q][ldq]
@@ -335,7 +336,7 @@ attention_backward_write_f32(const float* __restrict__ dout, const float* __rest
 }
 
 extern "C" __global__ void __launch_bounds__(FV_ATT_THREADS, 2)
-attention_backward_bf16(const float* __restrict__ dout, const fv_bf16* __restrict__ qkv,
+attention_backward_bf16(const fv_bf16* __restrict__ dout, const fv_bf16* __restrict__ qkv,
     const float* __restrict__ lse, float* __restrict__ dqkv, int b, int t, int q, int d, int heads,
     float scale) {
   (void)b;
@@ -343,8 +344,8 @@ attention_backward_bf16(const float* __restrict__ dout, const fv_bf16* __restric
 }
 
 extern "C" __global__ void __launch_bounds__(FV_ATT_THREADS, 2)
-attention_backward_write_bf16(const float* __restrict__ dout, const fv_bf16* __restrict__ qkv,
-    const float* __restrict__ lse, float* __restrict__ dqkv, int b, int t, int q, int d, int heads,
+attention_backward_write_bf16(const fv_bf16* __restrict__ dout, const fv_bf16* __restrict__ qkv,
+    const float* __restrict__ lse, fv_bf16* __restrict__ dqkv, int b, int t, int q, int d, int heads,
     float scale) {
   (void)b;
   fv_attention_backward<fv_bf16, false>(dout, qkv, lse, dqkv, t, q, d, heads, scale);

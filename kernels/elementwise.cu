@@ -138,26 +138,28 @@ extern "C" __global__ void bias_gelu_bf16(fv_bf16* __restrict__ pre, const float
   ew_bias_gelu(pre, bias, out, n, d);
 }
 
-// grid-stride, block 256: dpre = dy * gelu'(pre) (overwrites dpre)
+// grid-stride, block 256: dpre = dy * gelu'(pre) (overwrites dpre); all three of type T
+// (bf16 under mixed precision: the gradient of a bf16 activation is stored in bf16 too).
 template <class T>
-__device__ __forceinline__ void ew_gelu_backward(const float* __restrict__ dy, const T* __restrict__ pre,
-                                                 float* __restrict__ dpre, long n) {
+__device__ __forceinline__ void ew_gelu_backward(const T* __restrict__ dy, const T* __restrict__ pre,
+                                                 T* __restrict__ dpre, long n) {
   const long n4 = n / 4;
   for (long i = fv_global_id(); i < n4; i += fv_grid_stride()) {
-    fv_vec4<float> g = fv_load4(dy, i);
-    const fv_vec4<T> p = fv_load4(pre, i);
+    const fv_vec4<T> g = fv_load4(dy, i), p = fv_load4(pre, i);
+    fv_vec4<T> o;
 #pragma unroll
-    for (int k = 0; k < 4; ++k) g.v[k] = g.v[k] * fv_gelu_grad(fv_f32(p.v[k]));
-    fv_store4(dpre, i, g);
+    for (int k = 0; k < 4; ++k) o.v[k] = fv_as<T>(fv_f32(g.v[k]) * fv_gelu_grad(fv_f32(p.v[k])));
+    fv_store4(dpre, i, o);
   }
-  for (long i = 4 * n4 + fv_global_id(); i < n; i += fv_grid_stride()) dpre[i] = dy[i] * fv_gelu_grad(fv_f32(pre[i]));
+  for (long i = 4 * n4 + fv_global_id(); i < n; i += fv_grid_stride())
+    dpre[i] = fv_as<T>(fv_f32(dy[i]) * fv_gelu_grad(fv_f32(pre[i])));
 }
 extern "C" __global__ void gelu_backward_f32(const float* __restrict__ dy, const float* __restrict__ pre,
                                              float* __restrict__ dpre, long n) {
   ew_gelu_backward(dy, pre, dpre, n);
 }
-extern "C" __global__ void gelu_backward_bf16(const float* __restrict__ dy, const fv_bf16* __restrict__ pre,
-                                              float* __restrict__ dpre, long n) {
+extern "C" __global__ void gelu_backward_bf16(const fv_bf16* __restrict__ dy, const fv_bf16* __restrict__ pre,
+                                              fv_bf16* __restrict__ dpre, long n) {
   ew_gelu_backward(dy, pre, dpre, n);
 }
 

@@ -37,7 +37,9 @@ extern "C" __global__ void layernorm_forward_bf16(const float* __restrict__ x, c
 }
 
 // dx += rstd * (g dy - mean(g dy) - xhat * mean(g dy xhat)), xhat = (x - mean) * rstd.
-extern "C" __global__ void layernorm_backward_dx_f32(const float* __restrict__ dy, const float* __restrict__ x,
+// dy of type T (bf16 when y was a bf16 activation under mixed precision); the rest f32.
+template <class T>
+__device__ __forceinline__ void ln_backward_dx(const T* __restrict__ dy, const float* __restrict__ x,
     const float* __restrict__ gamma, const float* __restrict__ mean, const float* __restrict__ rstd,
     float* __restrict__ dx, int rows, int d) {
   int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
@@ -47,7 +49,7 @@ extern "C" __global__ void layernorm_backward_dx_f32(const float* __restrict__ d
   float mu = mean[row], rs = rstd[row];
   float sg = 0.f, sgx = 0.f;
   for (int i = lane; i < d; i += 32) {
-    float g = gamma[i] * dy[off + i];
+    float g = gamma[i] * fv_f32(dy[off + i]);
     sg += g;
     sgx += g * (x[off + i] - mu) * rs;
   }
@@ -55,13 +57,24 @@ extern "C" __global__ void layernorm_backward_dx_f32(const float* __restrict__ d
   sgx = fv_warp_sum(sgx) / d;
   for (int i = lane; i < d; i += 32) {
     float xhat = (x[off + i] - mu) * rs;
-    dx[off + i] += rs * (gamma[i] * dy[off + i] - sg - xhat * sgx);
+    dx[off + i] += rs * (gamma[i] * fv_f32(dy[off + i]) - sg - xhat * sgx);
   }
+}
+extern "C" __global__ void layernorm_backward_dx_f32(const float* __restrict__ dy, const float* __restrict__ x,
+    const float* __restrict__ gamma, const float* __restrict__ mean, const float* __restrict__ rstd,
+    float* __restrict__ dx, int rows, int d) {
+  ln_backward_dx(dy, x, gamma, mean, rstd, dx, rows, d);
+}
+extern "C" __global__ void layernorm_backward_dx_bf16(const fv_bf16* __restrict__ dy, const float* __restrict__ x,
+    const float* __restrict__ gamma, const float* __restrict__ mean, const float* __restrict__ rstd,
+    float* __restrict__ dx, int rows, int d) {
+  ln_backward_dx(dy, x, gamma, mean, rstd, dx, rows, d);
 }
 
 // Partial dgamma (dy * xhat) and dbeta (dy) column sums of one chunk of rows:
 // grid (ceil(d / 32), chunks), block (32, 8); partial is [2][chunks][d] (gamma, then beta).
-extern "C" __global__ void layernorm_param_grad_partial_f32(const float* __restrict__ dy,
+template <class T>
+__device__ __forceinline__ void ln_param_grad_partial(const T* __restrict__ dy,
     const float* __restrict__ x, const float* __restrict__ mean, const float* __restrict__ rstd,
     float* __restrict__ partial, int rows, int d, int rows_per_chunk) {
   __shared__ float sg[8][33];
@@ -72,7 +85,7 @@ extern "C" __global__ void layernorm_param_grad_partial_f32(const float* __restr
   float ag = 0.f, ab = 0.f;
   if (col < d) {
     for (int r = start + threadIdx.y; r < end; r += 8) {
-      float g = dy[(long)r * d + col];
+      float g = fv_f32(dy[(long)r * d + col]);
       ag += g * (x[(long)r * d + col] - mean[r]) * rstd[r];
       ab += g;
     }
@@ -87,4 +100,14 @@ extern "C" __global__ void layernorm_param_grad_partial_f32(const float* __restr
     partial[(long)blockIdx.y * d + col] = tg;
     partial[(chunks + blockIdx.y) * d + col] = tb;
   }
+}
+extern "C" __global__ void layernorm_param_grad_partial_f32(const float* __restrict__ dy,
+    const float* __restrict__ x, const float* __restrict__ mean, const float* __restrict__ rstd,
+    float* __restrict__ partial, int rows, int d, int rows_per_chunk) {
+  ln_param_grad_partial(dy, x, mean, rstd, partial, rows, d, rows_per_chunk);
+}
+extern "C" __global__ void layernorm_param_grad_partial_bf16(const fv_bf16* __restrict__ dy,
+    const float* __restrict__ x, const float* __restrict__ mean, const float* __restrict__ rstd,
+    float* __restrict__ partial, int rows, int d, int rows_per_chunk) {
+  ln_param_grad_partial(dy, x, mean, rstd, partial, rows, d, rows_per_chunk);
 }

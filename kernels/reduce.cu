@@ -6,8 +6,10 @@
 // grid (ceil(cols/32), ceil(rows/rows_per_chunk)), block (32, 8) (blockDim.y <= 32):
 // partial[by*cols + j] = sum of x[r*ld + j] over rows r of chunk by (overwrite). The
 // threads of one column take interleaved rows, then thread y = 0 adds their sums in y order.
-extern "C" __global__ void column_sums_f32(const float* __restrict__ x, float* __restrict__ partial, int rows,
-                                           int cols, long ld, int rows_per_chunk) {
+// x of type T (f32, or a bf16 activation's gradient under mixed precision).
+template <class T>
+__device__ __forceinline__ void fv_column_sums(const T* __restrict__ x, float* __restrict__ partial, int rows,
+                                               int cols, long ld, int rows_per_chunk) {
   __shared__ float sums[32][33];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int j = blockIdx.x * 32 + tx;
@@ -16,7 +18,7 @@ extern "C" __global__ void column_sums_f32(const float* __restrict__ x, float* _
   if (r1 > rows) r1 = rows;
   float acc = 0.f;
   if (j < cols) {
-    for (long r = r0 + ty; r < r1; r += blockDim.y) acc += x[r * ld + j];
+    for (long r = r0 + ty; r < r1; r += blockDim.y) acc += fv_f32(x[r * ld + j]);
   }
   sums[ty][tx] = acc;
   __syncthreads();
@@ -25,6 +27,14 @@ extern "C" __global__ void column_sums_f32(const float* __restrict__ x, float* _
     for (int k = 1; k < (int)blockDim.y; ++k) s += sums[k][tx];
     partial[(long)blockIdx.y * cols + j] = s;
   }
+}
+extern "C" __global__ void column_sums_f32(const float* __restrict__ x, float* __restrict__ partial, int rows,
+                                           int cols, long ld, int rows_per_chunk) {
+  fv_column_sums(x, partial, rows, cols, ld, rows_per_chunk);
+}
+extern "C" __global__ void column_sums_bf16(const fv_bf16* __restrict__ x, float* __restrict__ partial, int rows,
+                                            int cols, long ld, int rows_per_chunk) {
+  fv_column_sums(x, partial, rows, cols, ld, rows_per_chunk);
 }
 
 // grid-stride over j < cols, block 256: out[j] += (partial[0*cols+j] + partial[1*cols+j] + ...)

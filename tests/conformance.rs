@@ -174,15 +174,18 @@ impl Suite {
         assert!(err.to_string().contains("BF16 tensor"), "{err}");
         self.checked.set(self.checked.get() + 1);
 
-        self.check(
-            "bias_grad",
-            1e-5,
-            vec![x.clone(), self.rand(&[d])],
-            &|be, t| {
-                let [dy, db] = t else { unreachable!() };
-                be.bias_grad(dy, db).map(|_| 0.0)
-            },
-        );
+        // the output gradient in f32, or in bf16 (a bf16 activation's, mixed precision)
+        for dtype in [DType::F32, DType::BF16] {
+            self.check(
+                &format!("bias_grad {dtype}"),
+                1e-5,
+                vec![x.to_dtype(dtype), self.rand(&[d])],
+                &|be, t| {
+                    let [dy, db] = t else { unreachable!() };
+                    be.bias_grad(dy, db).map(|_| 0.0)
+                },
+            );
+        }
         // Width 45: the kernels' scalar paths; 44: their 4-wide ones. Activations stored
         // in f32, and in bf16 as under mixed precision (computed in f32, rounded when
         // stored: within a bf16 ulp of the CPU's rounding of its own f32 result).
@@ -217,13 +220,14 @@ impl Suite {
                     be.fill_rows(o, b).map(|_| 0.0)
                 },
             );
+            // the gradients stored as the activation is
             self.check(
                 &format!("gelu_backward {dtype}"),
-                1e-5,
+                tol(1e-5),
                 vec![
-                    self.rand(&[n, w]),
                     act(self.rand(&[n, w])),
-                    self.nan(&[n, w]),
+                    act(self.rand(&[n, w])),
+                    act(self.nan(&[n, w])),
                 ],
                 &|be, t| {
                     let [g, p, o] = t else { unreachable!() };
@@ -267,27 +271,30 @@ impl Suite {
             &mut rstd,
         )
         .unwrap();
-        self.check(
-            "layernorm_backward",
-            1e-4,
-            vec![
-                self.rand(&[n, d]),
-                x.clone(),
-                gamma,
-                mean,
-                rstd,
-                self.rand(&[n, d]),
-                self.rand(&[d]),
-                self.rand(&[d]),
-            ],
-            &|be, t| {
-                let [dy, x, g, m, r, dx, dg, db] = t else {
-                    unreachable!()
-                };
-                be.layernorm_backward(dy, x, g, m, r, dx, dg, db)
-                    .map(|_| 0.0)
-            },
-        );
+        // dy in f32, or in bf16 (the gradient of a bf16 output); the rest f32
+        for dtype in [DType::F32, DType::BF16] {
+            self.check(
+                &format!("layernorm_backward {dtype}"),
+                1e-4,
+                vec![
+                    self.rand(&[n, d]).to_dtype(dtype),
+                    x.clone(),
+                    gamma.clone(),
+                    mean.clone(),
+                    rstd.clone(),
+                    self.rand(&[n, d]),
+                    self.rand(&[d]),
+                    self.rand(&[d]),
+                ],
+                &|be, t| {
+                    let [dy, x, g, m, r, dx, dg, db] = t else {
+                        unreachable!()
+                    };
+                    be.layernorm_backward(dy, x, g, m, r, dx, dg, db)
+                        .map(|_| 0.0)
+                },
+            );
+        }
         let images = self.rand(&[3, 3, 12, 20]);
         for dtype in [DType::F32, DType::BF16] {
             self.check(
@@ -356,10 +363,12 @@ impl Suite {
                 Ok(saved)
             };
             for dtype in [DType::F32, DType::BF16] {
-                // bf16: qkv and the output stored in bf16 (mixed precision), within a
-                // bf16 ulp; the gradients stay f32
+                // bf16: qkv, the output and its gradient stored in bf16 (mixed precision),
+                // within a bf16 ulp; qkv's gradient f32 when accumulated into, bf16 when
+                // written
                 let bf16 = dtype == DType::BF16;
                 let qkv = qkv.to_dtype(dtype);
+                let dout = dout.to_dtype(dtype);
                 let out = self.nan(&[batch, queries, dim]).to_dtype(dtype);
                 self.check(
                     &format!("attention {dtype}"),
@@ -389,7 +398,7 @@ impl Suite {
                     let dqkv = if accumulate {
                         self.rand(&[batch, tokens, 3 * dim])
                     } else {
-                        self.nan(&[batch, tokens, 3 * dim])
+                        self.nan(&[batch, tokens, 3 * dim]).to_dtype(dtype)
                     };
                     self.check(
                         &format!("attention_backward {dtype} accumulate={accumulate}"),

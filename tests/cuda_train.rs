@@ -66,7 +66,8 @@ fn epoch_losses(out: &Path) -> Vec<f64> {
 
 /// Trains on `device` and on the CPU with the same options (`precision` too: the CPU
 /// backend rounds GEMM operands to bf16 exactly as the device does); the epoch losses
-/// must agree to 1e-3. Returns both test accuracies (CPU first).
+/// must agree (in f32 the first to 1e-4, later ones to 1e-3; in bf16 1e-3 and 5e-3). Returns
+/// both test accuracies (CPU first).
 fn train_both(device: &str, precision: &str, augment: &str, epochs: usize) -> (f64, f64) {
     train_both_in(device, precision, augment, epochs, (1, 1))
 }
@@ -98,13 +99,25 @@ fn train_both_in(
     };
     let cpu = run("cpu", "cpu");
     let dev = run("dev", device);
-    for (x, y) in epoch_losses(&dir.join("cpu"))
+    // The first epoch agrees closely. Later ones drift apart slowly: sums taken in
+    // another order differ in the last f32 bits, and under bf16 such a difference now
+    // and then flips how a stored activation or gradient rounds (2^-9 relative), which
+    // training amplifies; a wrong kernel shows in the first epoch.
+    for (epoch, (x, y)) in epoch_losses(&dir.join("cpu"))
         .iter()
         .zip(epoch_losses(&dir.join("dev")))
+        .enumerate()
     {
+        let tol = match (epoch, precision) {
+            (0, "bf16") => 1e-3,
+            (0, _) => 1e-4,
+            (_, "bf16") => 5e-3,
+            _ => 1e-3,
+        };
         assert!(
-            (x - y).abs() <= 1e-3 * x.abs(),
-            "{device}: epoch loss {y}, the CPU {x}"
+            (x - y).abs() <= tol * x.abs(),
+            "{device}: epoch {} loss {y}, the CPU {x} (tolerance {tol} relative)",
+            epoch + 1
         );
     }
     // the checkpoint saved from device memory is a normal one
@@ -138,7 +151,7 @@ fn matches_cpu(device: &str) {
     train_both(device, "f32", "crop,flip", 1);
 }
 
-/// bf16 mixed precision: the device matches the CPU backend in bf16 (losses to 1e-3,
+/// bf16 mixed precision: the device matches the CPU backend in bf16 (losses as in [`train_both`],
 /// accuracy within 1.5 points; also with crops and flips done on the device), and bf16
 /// costs at most 3 points of accuracy against f32 on the CPU (the stated margin of
 /// mixed precision on this short run).

@@ -714,6 +714,8 @@ impl<'a> Graph<'a> {
                 std::mem::replace(g, Tensor::zeros([0], Device::Cpu))
             }
             _ => match self.nodes[v.0].grad.take() {
+                // a gradient written in bf16 by its first consumer is summed on in f32
+                Some(g) if g.dtype() == DType::BF16 => g.try_to_dtype(DType::F32)?,
                 Some(g) => g,
                 None => Tensor::try_zeros(self.value(v).shape().clone(), self.device)?,
             },
@@ -722,18 +724,17 @@ impl<'a> Graph<'a> {
 
     /// The gradient slot of `v` (if it needs one) for an op that can write it whole:
     /// `(slot, fresh)`, a fresh slot being new and uninitialised (the op must overwrite
-    /// it, not accumulate into it: no zero-fill, no read).
+    /// it, not accumulate into it: no zero-fill, no read). A fresh slot is stored as the
+    /// value is (bf16 for mixed precision's bf16 activations, as PyTorch's autocast
+    /// does); an existing one is f32 (see [`Graph::take_grad`]).
     fn take_grad_to_write(&mut self, v: Var) -> Result<Option<(Tensor, bool)>> {
-        if !self.needs(v) || matches!(self.nodes[v.0].op, Op::Param(_)) {
+        let param = matches!(self.nodes[v.0].op, Op::Param(_));
+        if !self.needs(v) || param || self.nodes[v.0].grad.is_some() {
             return Ok(self.take_grad(v)?.map(|s| (s, false)));
         }
-        Ok(Some(match self.nodes[v.0].grad.take() {
-            Some(g) => (g, false),
-            None => (
-                Tensor::try_uninit(self.value(v).shape().clone(), self.device)?,
-                true,
-            ),
-        }))
+        let value = self.value(v);
+        let slot = Tensor::try_uninit_as(value.shape().clone(), value.dtype(), self.device)?;
+        Ok(Some((slot, true)))
     }
 
     /// The gradient slot of `v`, or a scratch buffer when `v` needs no gradient (for
@@ -772,7 +773,9 @@ impl<'a> Graph<'a> {
 
     fn accumulate(&mut self, v: Var, g: &Tensor) -> Result<()> {
         let be = self.backend;
-        self.update_grad(v, |_, slot| be.add_assign(slot, g))
+        self.update_grad(v, |_, slot| {
+            be.add_assign(slot, &*as_dtype(g, slot.dtype())?)
+        })
     }
 
     fn backward_node(&mut self, i: usize, g: &Tensor) -> Result<()> {
@@ -791,8 +794,11 @@ impl<'a> Graph<'a> {
                 let dpre_owned;
                 let dpre = match pre {
                     Some(pre) => {
-                        let mut d = self.out(g.dims())?;
-                        be.gelu_backward(g, pre, &mut d)?;
+                        // GELU's input gradient, stored as its input is
+                        let g = as_dtype(g, pre.dtype())?;
+                        let mut d =
+                            Tensor::try_uninit_as(g.shape().clone(), pre.dtype(), self.device)?;
+                        be.gelu_backward(&g, pre, &mut d)?;
                         dpre_owned = d;
                         &dpre_owned
                     }
@@ -805,20 +811,23 @@ impl<'a> Graph<'a> {
                     self.update_grad(b, |_, db| be.bias_grad(dpre, db))?;
                 }
                 let (wt, xt) = ((out_f, in_f, n), (n, in_f, out_f));
-                // mixed precision: the output gradient rounded to bf16 too, once
-                let dpre16 = match half {
-                    Some(_) => Some(dpre.try_to_dtype(DType::BF16)?),
-                    None => None,
+                // mixed precision: the GEMMs take the output gradient in bf16 (rounded
+                // once here unless it is stored so already)
+                let dpre = match half {
+                    Some(_) => as_dtype(dpre, DType::BF16)?,
+                    None => std::borrow::Cow::Borrowed(dpre),
                 };
-                let dpre = dpre16.as_ref().unwrap_or(dpre);
                 self.update_grad(*w, |s, dw| {
                     let x = half.as_ref().map_or_else(|| s.value(*x), |(x, _)| x);
-                    be.matmul(dw, dpre, true, x, false, wt, true)
+                    be.matmul(dw, &dpre, true, x, false, wt, true)
                 })?;
-                self.update_grad(*x, |s, dx| {
-                    let w = half.as_ref().map_or_else(|| s.value(*w), |(_, w)| w);
-                    be.matmul(dx, dpre, false, w, false, xt, true)
-                })?;
+                // x's gradient is written whole when this is its first consumer backward
+                if let Some((mut dx, fresh)) = self.take_grad_to_write(*x)? {
+                    let w = half.as_ref().map_or_else(|| self.value(*w), |(_, w)| w);
+                    let r = be.matmul(&mut dx, &dpre, false, w, false, xt, !fresh);
+                    self.put_grad(*x, Some(dx));
+                    r?;
+                }
             }
             Op::Embed { patches, cls, pos } => {
                 let (mut dp, kp) = self.grad_or_scratch(*patches)?;
@@ -856,8 +865,9 @@ impl<'a> Graph<'a> {
                     self.take_grad(*qkv)?.map(|s| (s, false))
                 };
                 if let Some((mut slot, fresh)) = slot {
-                    let r =
-                        be.attention_backward(g, self.value(*qkv), probs, *dims, &mut slot, !fresh);
+                    let qv = self.value(*qkv);
+                    let g = as_dtype(g, qv.dtype())?;
+                    let r = be.attention_backward(&g, qv, probs, *dims, &mut slot, !fresh);
                     self.put_grad(*qkv, Some(slot));
                     r?;
                 }
@@ -876,12 +886,22 @@ impl<'a> Graph<'a> {
                 if let Some(r) = residual {
                     self.accumulate(*r, g)?;
                 }
-                self.update_grad(*x, |_, d| {
-                    be.dropout(g, *p, *key, samples, DropoutMode::Accumulate, d)
-                })?;
+                if let Some((mut d, fresh)) = self.take_grad_to_write(*x)? {
+                    let mode = if fresh {
+                        DropoutMode::Write
+                    } else {
+                        DropoutMode::Accumulate
+                    };
+                    let r = as_dtype(g, d.dtype())
+                        .and_then(|g| be.dropout(&g, *p, *key, samples, mode, &mut d));
+                    self.put_grad(*x, Some(d));
+                    r?;
+                }
             }
             Op::SelectRows { x, stride_rows } => {
-                self.update_grad(*x, |_, d| be.select_rows_backward(g, *stride_rows, d))?;
+                self.update_grad(*x, |_, d| {
+                    be.select_rows_backward(&*as_dtype(g, d.dtype())?, *stride_rows, d)
+                })?;
             }
             Op::Reshape { x } => {
                 let g = g.clone().reshape(self.value(*x).shape().clone())?;
@@ -895,4 +915,13 @@ impl<'a> Graph<'a> {
         }
         Ok(())
     }
+}
+
+/// `t` stored as `dtype` (borrowed when it is already).
+fn as_dtype(t: &Tensor, dtype: DType) -> Result<std::borrow::Cow<'_, Tensor>> {
+    Ok(if t.dtype() == dtype {
+        std::borrow::Cow::Borrowed(t)
+    } else {
+        std::borrow::Cow::Owned(t.try_to_dtype(dtype)?)
+    })
 }

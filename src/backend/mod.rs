@@ -5,11 +5,14 @@
 //! implementation and one more arm in `for_device` and in `tensor::Storage`.
 //! Gradient outputs accumulate (`+=`) unless a doc comment says otherwise.
 //!
-//! Tensors are f32, except activations under mixed precision: GEMM operands and outputs,
-//! LayerNorm outputs, attention's qkv and output, bias+GELU's tensors, GELU backward's
-//! pre-activation, dropout's input and output (without a residual), patchify's and
-//! augmentation's images may be bf16. Backends compute in f32 and round what they store
-//! to bf16 (nearest even); parameters, statistics and gradients are always f32.
+//! Tensors are f32, except activations under mixed precision and the gradients written
+//! for them: GEMM operands and outputs, LayerNorm outputs and `dy`, bias_grad's `dy`,
+//! attention's qkv, output and output gradient (and `dqkv` when written, not accumulated
+//! into), bias+GELU's tensors, GELU backward's three, dropout's input and output (without
+//! a residual), patchify's and augmentation's images may be bf16 — tensors an op reads
+//! together stored alike. Backends compute in f32 and round what they store to bf16
+//! (nearest even); parameters, their gradients, optimizer state and statistics are
+//! always f32.
 
 pub mod cpu;
 pub mod cuda;

@@ -123,9 +123,9 @@ impl Backend for CpuBackend {
     }
 
     fn bias_grad(&self, dy: &Tensor, db: &mut Tensor) -> Result<()> {
-        let (dy, db) = (dy.f32s()?, db.f32s_mut()?);
-        rows_of("bias_grad", dy, db.len())?;
-        ops::bias_grad(dy, db);
+        let (dy, db) = (read(dy)?, db.f32s_mut()?);
+        rows_of("bias_grad", &dy, db.len())?;
+        ops::bias_grad(&dy, db);
         Ok(())
     }
 
@@ -142,12 +142,13 @@ impl Backend for CpuBackend {
     }
 
     fn gelu_backward(&self, dy: &Tensor, pre: &Tensor, dpre: &mut Tensor) -> Result<()> {
-        let (dy, pre, dpre) = (dy.f32s()?, read(pre)?, dpre.f32s_mut()?);
-        let pre = &pre[..];
-        same_len("gelu_backward", dy, pre)?;
-        same_len("gelu_backward", dy, dpre)?;
-        ops::gelu_backward(dy, pre, dpre);
-        Ok(())
+        let (dy, pre) = (read(dy)?, read(pre)?);
+        write(dpre, |dpre| {
+            same_len("gelu_backward", &dy, &pre)?;
+            same_len("gelu_backward", &dy, dpre)?;
+            ops::gelu_backward(&dy, &pre, dpre);
+            Ok(())
+        })
     }
 
     fn layernorm(
@@ -189,7 +190,8 @@ impl Backend for CpuBackend {
         dgamma: &mut Tensor,
         dbeta: &mut Tensor,
     ) -> Result<()> {
-        let (dy, x, g) = (dy.f32s()?, x.f32s()?, gamma.f32s()?);
+        let (dy, x, g) = (read(dy)?, x.f32s()?, gamma.f32s()?);
+        let dy = &dy[..];
         let (mean, rstd) = (mean.f32s()?, rstd.f32s()?);
         let (dx, dg, db) = (dx.f32s_mut()?, dgamma.f32s_mut()?, dbeta.f32s_mut()?);
         let n = rows_of("layernorm_backward", x, g.len())?;
@@ -284,12 +286,14 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         check_attn(dims, self.attention_saved_len(dims), qkv, probs, dout)?;
         check_attn_backward(dims, qkv, dqkv, accumulate)?;
-        let dqkv = dqkv.f32s_mut()?;
-        if !accumulate {
-            dqkv.fill(0.0);
-        }
-        attention::attention_backward(dout.f32s()?, &read(qkv)?, probs.f32s()?, dims, dqkv);
-        Ok(())
+        let (dout, qkv) = (read(dout)?, read(qkv)?);
+        write(dqkv, |dqkv| {
+            if !accumulate {
+                dqkv.fill(0.0);
+            }
+            attention::attention_backward(&dout, &qkv, probs.f32s()?, dims, dqkv);
+            Ok(())
+        })
     }
 
     fn add(&self, a: &Tensor, b: &Tensor, out: &mut Tensor) -> Result<()> {

@@ -206,7 +206,14 @@ impl CudaBackend {
     }
 
     /// `out[j] += Σ_r x[r * ld + j]` for `j < cols`, deterministically in two passes.
-    fn column_sums(&self, x: Arg, rows: usize, cols: usize, ld: usize, out: Arg) -> Result<()> {
+    /// `out[j] += sum_r x[r * ld + j]`; `kernel` is `column_sums_f32` or `_bf16` (x's dtype).
+    fn column_sums(
+        &self,
+        kernel: &'static str,
+        x: Arg,
+        (rows, cols, ld): (usize, usize, usize),
+        out: Arg,
+    ) -> Result<()> {
         if rows == 0 || cols == 0 {
             return Ok(());
         }
@@ -214,7 +221,7 @@ impl CudaBackend {
         let mut partial = self.scratch(chunks * cols)?;
         let p = self.ptr_mut(&mut partial)?;
         self.launch(
-            "column_sums_f32",
+            kernel,
             [cols.div_ceil(32) as u32, chunks as u32, 1],
             [32, 8, 1],
             0,
@@ -379,7 +386,8 @@ impl Backend for CudaBackend {
         let d = db.numel();
         let rows = rows_of("bias_grad", dy.numel(), d)?;
         let out = self.ptr_mut(db)?;
-        self.column_sums(self.ptr(dy)?, rows, d, d, out)
+        let kernel = variant("bias_grad", ["column_sums_f32", "column_sums_bf16"], &[dy])?;
+        self.column_sums(kernel, self.act(dy)?, (rows, d, d), out)
     }
 
     fn bias_gelu(&self, pre: &mut Tensor, bias: &Tensor, out: &mut Tensor) -> Result<()> {
@@ -408,9 +416,9 @@ impl Backend for CudaBackend {
         let kernel = variant(
             "gelu_backward",
             ["gelu_backward_f32", "gelu_backward_bf16"],
-            &[pre],
+            &[dy, pre, dpre],
         )?;
-        let args = [self.ptr(dy)?, self.act(pre)?, self.ptr_mut(dpre)?, long(n)];
+        let args = [self.act(dy)?, self.act(pre)?, self.act_mut(dpre)?, long(n)];
         self.elementwise(kernel, n, &args)
     }
 
@@ -481,8 +489,18 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Ok(());
         }
+        let [dx_kernel, partial_kernel] = match dy.dtype() {
+            DType::BF16 => [
+                "layernorm_backward_dx_bf16",
+                "layernorm_param_grad_partial_bf16",
+            ],
+            _ => [
+                "layernorm_backward_dx_f32",
+                "layernorm_param_grad_partial_f32",
+            ],
+        };
         let (dy, x, g, mu, rs) = (
-            self.ptr(dy)?,
+            self.act(dy)?,
             self.ptr(x)?,
             self.ptr(gamma)?,
             self.ptr(mean)?,
@@ -490,7 +508,7 @@ impl Backend for CudaBackend {
         );
         let (rows_a, d_a) = (int(rows, "rows")?, int(d, "width")?);
         self.per_row(
-            "layernorm_backward_dx_f32",
+            dx_kernel,
             rows,
             &[dy, x, g, mu, rs, self.ptr_mut(dx)?, rows_a, d_a],
         )?;
@@ -498,7 +516,7 @@ impl Backend for CudaBackend {
         let mut partial = self.scratch(2 * chunks * d)?;
         let p = self.ptr_mut(&mut partial)?;
         self.launch(
-            "layernorm_param_grad_partial_f32",
+            partial_kernel,
             [d.div_ceil(32) as u32, chunks as u32, 1],
             [32, 8, 1],
             0,
@@ -564,8 +582,8 @@ impl Backend for CudaBackend {
             int(d, "dim")?,
         ];
         self.elementwise("embed_backward_patches_f32", b * (t - 1) * d, &args)?;
-        self.column_sums(g, b, t * d, t * d, self.ptr_mut(dpos)?)?;
-        self.column_sums(g, b, d, t * d, self.ptr_mut(dcls)?)
+        self.column_sums("column_sums_f32", g, (b, t * d, t * d), self.ptr_mut(dpos)?)?;
+        self.column_sums("column_sums_f32", g, (b, d, t * d), self.ptr_mut(dcls)?)
     }
 
     fn attention_saved_len(&self, d: AttnDims) -> usize {
@@ -616,12 +634,18 @@ impl Backend for CudaBackend {
                 "attention_backward_write_bf16",
             ]
         };
-        let kernel = variant("attention_backward", forms, &[qkv])?;
+        // dout as qkv; dqkv f32 when accumulated into, as qkv when written
+        let kernel = variant("attention_backward", forms, &[qkv, dout])?;
+        if accumulate {
+            self.on_device(dqkv, &[DType::F32])?;
+        } else {
+            variant("attention_backward", forms, &[qkv, dqkv])?;
+        }
         let args = [
-            self.ptr(dout)?,
+            self.act(dout)?,
             self.act(qkv)?,
             self.ptr(lse)?,
-            self.ptr_mut(dqkv)?,
+            self.act_mut(dqkv)?,
         ];
         self.launch(
             kernel,

@@ -155,6 +155,32 @@ impl Suite {
                 Ok(0.0)
             });
         }
+        // a linear layer's GEMM with its bias added before the result is stored (the
+        // device's cuBLASLt epilogue; or a fill and an accumulating GEMM), over a
+        // NaN-poisoned output: f32, bf16 operands into f32 (a projection under mixed
+        // precision) and bf16 into bf16 (qkv), odd sizes
+        for (operands, out) in [
+            (DType::F32, DType::F32),
+            (DType::BF16, DType::F32),
+            (DType::BF16, DType::BF16),
+        ] {
+            let (m, nn, k) = (19, 37, 24);
+            let tol = if out == DType::BF16 { 8e-3 } else { 1e-5 };
+            self.check(
+                &format!("matmul_bias {operands}->{out}"),
+                tol,
+                vec![
+                    self.nan(&[m, nn]).to_dtype(out),
+                    self.rand(&[m, k]).to_dtype(operands),
+                    self.rand(&[nn, k]).to_dtype(operands),
+                    self.rand(&[nn]),
+                ],
+                &|be, t| {
+                    let [c, a, b, bias] = t else { unreachable!() };
+                    be.matmul_bias(c, a, b, bias, (m, nn, k)).map(|_| 0.0)
+                },
+            );
+        }
         // casts round to nearest even, as the host does (1001: four-wide and tail)
         let v = self.rand(&[1001]);
         let host16 = v.to_dtype(DType::BF16).to_le_bytes();

@@ -52,6 +52,16 @@ pub trait Backend: Send + Sync {
         mnk: (usize, usize, usize),
         accumulate: bool,
     ) -> Result<()>;
+    /// `c = a · bᵀ + bias` (a linear layer: `b` is `[n, k]`, `bias` f32 `[n]` added to
+    /// every row), the bias added in f32 before `c` is stored.
+    fn matmul_bias(
+        &self,
+        c: &mut Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        bias: &Tensor,
+        mnk: (usize, usize, usize),
+    ) -> Result<()>;
     /// Every row of `out` set to `bias` (overwrites).
     fn fill_rows(&self, out: &mut Tensor, bias: &Tensor) -> Result<()>;
     /// `db += column sums of dy`.

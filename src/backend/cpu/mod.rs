@@ -75,6 +75,48 @@ fn write<R>(t: &mut Tensor, f: impl FnOnce(&mut [f32]) -> Result<R>) -> Result<R
     Ok(r)
 }
 
+/// `c (+)= op(a) · op(b) (+ bias)` with f32 accumulation, for f32 operands or bf16 ones
+/// (both the same: mixed precision), widened exactly; a bf16 `c` is rounded once, after
+/// the bias is added, as on a GPU.
+#[allow(clippy::too_many_arguments)]
+fn gemm_into(
+    c: &mut Tensor,
+    a: &Tensor,
+    ta: bool,
+    b: &Tensor,
+    tb: bool,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    bias: Option<&[f32]>,
+) -> Result<()> {
+    if a.dtype() != b.dtype() {
+        return Err(Error::Config(format!(
+            "matmul of a {} by a {} operand: cast one first",
+            a.dtype(),
+            b.dtype()
+        )));
+    }
+    let (a, b) = (read(a)?, read(b)?);
+    write(c, |c| {
+        if a.len() != m * k || b.len() != k * n || c.len() != m * n {
+            return Err(Error::shape(
+                "matmul",
+                format!("{m}x{k} · {k}x{n} -> {m}x{n}"),
+                format!("{} · {} -> {} elements", a.len(), b.len(), c.len()),
+            ));
+        }
+        match bias {
+            Some(bias) => {
+                rows_of("matmul bias", c, bias.len())?;
+                ops::fill_rows(c, bias);
+                gemm::matmul(c, &a, ta, &b, tb, (m, n, k), true);
+            }
+            None => gemm::matmul(c, &a, ta, &b, tb, (m, n, k), accumulate),
+        }
+        Ok(())
+    })
+}
+
 impl Backend for CpuBackend {
     fn name(&self) -> &'static str {
         "cpu"
@@ -90,27 +132,18 @@ impl Backend for CpuBackend {
         (m, n, k): (usize, usize, usize),
         accumulate: bool,
     ) -> Result<()> {
-        // f32 operands, or bf16 ones (both the same: mixed precision), widened exactly;
-        // f32 accumulation into an f32 result either way, as on a GPU
-        if a.dtype() != b.dtype() {
-            return Err(Error::Config(format!(
-                "matmul of a {} by a {} operand: cast one first",
-                a.dtype(),
-                b.dtype()
-            )));
-        }
-        let (a, b) = (read(a)?, read(b)?);
-        write(c, |c| {
-            if a.len() != m * k || b.len() != k * n || c.len() != m * n {
-                return Err(Error::shape(
-                    "matmul",
-                    format!("{m}x{k} · {k}x{n} -> {m}x{n}"),
-                    format!("{} · {} -> {} elements", a.len(), b.len(), c.len()),
-                ));
-            }
-            gemm::matmul(c, &a, ta, &b, tb, (m, n, k), accumulate);
-            Ok(())
-        })
+        gemm_into(c, a, ta, b, tb, (m, n, k), accumulate, None)
+    }
+
+    fn matmul_bias(
+        &self,
+        c: &mut Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        bias: &Tensor,
+        mnk: (usize, usize, usize),
+    ) -> Result<()> {
+        gemm_into(c, a, false, b, true, mnk, false, Some(bias.f32s()?))
     }
 
     fn fill_rows(&self, out: &mut Tensor, bias: &Tensor) -> Result<()> {

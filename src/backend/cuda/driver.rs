@@ -23,6 +23,8 @@ pub struct DriverGpu {
     functions: Mutex<HashMap<&'static str, (sys::CUfunction, u32)>>,
     /// Locked around each call: ranks of a parallel run may share one GPU.
     blas: Mutex<blas_sys::cublasHandle_t>,
+    /// cuBLASLt for GEMMs with a bias (`None` without the library).
+    lt: Option<super::lt::Lt>,
     name: String,
     /// FERROVIT_PROFILE=1: events around every launch and GEMM, read at each synchronize.
     profile: Option<Mutex<Profile>>,
@@ -122,12 +124,17 @@ impl DriverGpu {
         unsafe { blas::set_stream(blas, stream.cu_stream() as _) }
             .map_err(|e| driver_error("binding cuBLAS to the stream", e))?;
         let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
+        // SAFETY: the context is bound; the workspace lives as long as the device.
+        let lt = unsafe { cu::malloc_sync(super::lt::WORKSPACE_BYTES) }
+            .ok()
+            .and_then(super::lt::Lt::new);
         Ok(DriverGpu {
             ctx,
             stream,
             modules,
             functions: Mutex::new(HashMap::new()),
             blas: Mutex::new(blas),
+            lt,
             name: format!("{name} (cuda:{ordinal})"),
             profile: std::env::var("FERROVIT_PROFILE")
                 .is_ok_and(|v| v == "1")
@@ -333,8 +340,27 @@ impl Gpu for DriverGpu {
         )
     }
 
+    fn fuses_bias(&self, g: &Gemm) -> bool {
+        !g.accumulate && self.bind().is_ok() && self.lt.as_ref().is_some_and(|lt| lt.supports(g))
+    }
+
     fn gemm(&self, g: &Gemm) -> Result<()> {
         self.bind()?;
+        if g.bias != 0 {
+            let lt = self
+                .lt
+                .as_ref()
+                .filter(|_| !g.accumulate)
+                .ok_or_else(|| Error::Device("a GEMM with a bias needs cuBLASLt".into()))?;
+            let (m, n, k) = g.mnk;
+            let what = || format!("GEMM+bias {}->{} {m}x{n}x{k}", g.inputs, g.output);
+            // SAFETY: the backend checked every operand's size (and the bias's) against
+            // (m, n, k) and dtype; the context is bound and the stream is ours.
+            return self.timed(what, || unsafe {
+                lt.matmul(g, self.stream.cu_stream() as *mut c_void)
+                    .map_err(|e| driver_error("cuBLASLt matmul", e))
+            });
+        }
         let (m, n, k) = g.mnk;
         let dim = |v: usize| {
             i32::try_from(v).map_err(|_| Error::Config(format!("GEMM size {v} too large")))

@@ -318,6 +318,29 @@ impl EmuGpu {
         }
     }
 
+    /// A GEMM's bias (if any) added to every row of its f32 result `c`, as cuBLASLt's
+    /// epilogue does before the result is stored.
+    fn add_bias(&self, g: &Gemm, c: &mut [f32]) -> Result<()> {
+        if g.bias == 0 {
+            return Ok(());
+        }
+        if g.accumulate {
+            return Err(Error::Device(
+                "emulated device: a GEMM with a bias cannot accumulate".into(),
+            ));
+        }
+        let n = g.mnk.1;
+        self.containing(g.bias, n * 4, "gemm bias")?;
+        // SAFETY: `n` f32s inside a live allocation (checked); not written meanwhile.
+        let bias = unsafe { std::slice::from_raw_parts(g.bias as usize as *const f32, n) };
+        for row in c.chunks_mut(n) {
+            for (o, b) in row.iter_mut().zip(bias) {
+                *o += b;
+            }
+        }
+        Ok(())
+    }
+
     fn check_guard(&self, start: u64, len: usize, kernel: &str) -> Result<()> {
         // SAFETY: `start` is a live allocation of `len + GUARD_BYTES` bytes.
         let guard =
@@ -347,6 +370,10 @@ impl Drop for EmuGpu {
 }
 
 impl Gpu for EmuGpu {
+    fn fuses_bias(&self, g: &Gemm) -> bool {
+        !g.accumulate
+    }
+
     fn describe(&self) -> String {
         "emulated CUDA device (kernels run on the CPU)".into()
     }
@@ -482,8 +509,9 @@ impl Gpu for EmuGpu {
             // SAFETY: each range lies inside a live allocation (checked); C does not
             // alias A or B (the backend never passes an output as an input).
             unsafe {
+                let c = std::slice::from_raw_parts_mut(c, m * n);
                 crate::backend::cpu::gemm::matmul(
-                    std::slice::from_raw_parts_mut(c, m * n),
+                    c,
                     std::slice::from_raw_parts(a, m * k),
                     g.ta,
                     std::slice::from_raw_parts(b, k * n),
@@ -491,6 +519,7 @@ impl Gpu for EmuGpu {
                     g.mnk,
                     g.accumulate,
                 );
+                self.add_bias(g, c)?;
             }
             return Ok(());
         }
@@ -511,6 +540,7 @@ impl Gpu for EmuGpu {
             vec![0.0; m * n]
         };
         crate::backend::cpu::gemm::matmul(&mut c, &a, g.ta, &b, g.tb, g.mnk, g.accumulate);
+        self.add_bias(g, &mut c)?;
         let c = Tensor::from_vec(c, [m * n])?.to_dtype(g.output);
         self.upload(g.c, &c.to_le_bytes())
     }

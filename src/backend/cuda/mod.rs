@@ -7,6 +7,7 @@
 
 pub mod driver;
 pub mod emu;
+mod lt;
 mod ops;
 mod staging;
 
@@ -66,6 +67,9 @@ pub struct Gemm {
     pub inputs: DType,
     /// The dtype of `c`.
     pub output: DType,
+    /// An f32 bias of `n` elements added to every row of `c` before it is stored (0:
+    /// none; only with `!accumulate`, where [`Gpu::fuses_bias`] says so).
+    pub bias: u64,
 }
 
 /// What the backend needs from a device: memory, copies, kernel launches, GEMMs. All
@@ -79,6 +83,9 @@ pub trait Gpu: Send + Sync {
     fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()>;
     fn launch(&self, launch: &Launch, args: &[Arg]) -> Result<()>;
     fn gemm(&self, gemm: &Gemm) -> Result<()>;
+    /// Whether `gemm` can add its bias itself (cuBLASLt's bias epilogue); otherwise the
+    /// caller fills `c` with the bias and accumulates onto it.
+    fn fuses_bias(&self, gemm: &Gemm) -> bool;
     fn synchronize(&self) -> Result<()>;
     /// Device time per kernel (name, calls, milliseconds), slowest first, when the
     /// device was opened with FERROVIT_PROFILE=1 (CUDA events around every launch and

@@ -207,6 +207,51 @@ impl CudaBackend {
 
     /// `out[j] += Σ_r x[r * ld + j]` for `j < cols`, deterministically in two passes.
     /// `out[j] += sum_r x[r * ld + j]`; `kernel` is `column_sums_f32` or `_bf16` (x's dtype).
+    /// The checked GEMM `c (+)= op(a) · op(b)` (no bias): f32 or bf16 operands (both
+    /// the same), an f32 or bf16 result; f32 accumulation.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_of(
+        &self,
+        c: &mut Tensor,
+        a: &Tensor,
+        ta: bool,
+        b: &Tensor,
+        tb: bool,
+        (m, n, k): (usize, usize, usize),
+        accumulate: bool,
+    ) -> Result<Gemm> {
+        if a.numel() != m * k || b.numel() != k * n || c.numel() != m * n {
+            return Err(Error::shape(
+                "matmul",
+                format!("{m}x{k} · {k}x{n} -> {m}x{n}"),
+                format!("{} · {} -> {} elements", a.numel(), b.numel(), c.numel()),
+            ));
+        }
+        let both = [DType::F32, DType::BF16];
+        self.on_device(a, &both)?;
+        self.on_device(b, &both)?;
+        self.on_device(c, &both)?;
+        if a.dtype() != b.dtype() {
+            return Err(Error::Device(format!(
+                "matmul of a {} by a {} operand: cast one first",
+                a.dtype(),
+                b.dtype()
+            )));
+        }
+        Ok(Gemm {
+            c: c.cuda_ptr_mut()?,
+            a: a.cuda_ptr()?,
+            ta,
+            b: b.cuda_ptr()?,
+            tb,
+            mnk: (m, n, k),
+            accumulate,
+            inputs: a.dtype(),
+            output: c.dtype(),
+            bias: 0,
+        })
+    }
+
     fn column_sums(
         &self,
         kernel: &'static str,
@@ -334,39 +379,31 @@ impl Backend for CudaBackend {
         ta: bool,
         b: &Tensor,
         tb: bool,
-        (m, n, k): (usize, usize, usize),
+        mnk: (usize, usize, usize),
         accumulate: bool,
     ) -> Result<()> {
-        if a.numel() != m * k || b.numel() != k * n || c.numel() != m * n {
-            return Err(Error::shape(
-                "matmul",
-                format!("{m}x{k} · {k}x{n} -> {m}x{n}"),
-                format!("{} · {} -> {} elements", a.numel(), b.numel(), c.numel()),
-            ));
+        self.gpu
+            .gemm(&self.gemm_of(c, a, ta, b, tb, mnk, accumulate)?)
+    }
+
+    fn matmul_bias(
+        &self,
+        c: &mut Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        bias: &Tensor,
+        (m, n, k): (usize, usize, usize),
+    ) -> Result<()> {
+        same("matmul bias", bias.numel(), n)?;
+        let fused = Gemm {
+            bias: self.ptr(bias)?.bits(),
+            ..self.gemm_of(c, a, false, b, true, (m, n, k), false)?
+        };
+        if self.gpu.fuses_bias(&fused) {
+            return self.gpu.gemm(&fused);
         }
-        // f32 or bf16 operands (both the same), an f32 or bf16 result; f32 accumulation
-        let both = [DType::F32, DType::BF16];
-        self.on_device(a, &both)?;
-        self.on_device(b, &both)?;
-        self.on_device(c, &both)?;
-        if a.dtype() != b.dtype() {
-            return Err(Error::Device(format!(
-                "matmul of a {} by a {} operand: cast one first",
-                a.dtype(),
-                b.dtype()
-            )));
-        }
-        self.gpu.gemm(&Gemm {
-            c: c.cuda_ptr_mut()?,
-            a: a.cuda_ptr()?,
-            ta,
-            b: b.cuda_ptr()?,
-            tb,
-            mnk: (m, n, k),
-            accumulate,
-            inputs: a.dtype(),
-            output: c.dtype(),
-        })
+        self.fill_rows(c, bias)?;
+        self.matmul(c, a, false, b, true, (m, n, k), true)
     }
 
     fn fill_rows(&self, out: &mut Tensor, bias: &Tensor) -> Result<()> {

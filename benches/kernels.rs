@@ -47,13 +47,13 @@ fn kernels(c: &mut Criterion) {
     let attn_flops = (4 * B * H * T * T * (D / H)) as u64;
     g.throughput(Throughput::Elements(attn_flops));
     g.bench_function("attention_forward_flops", |b| {
-        b.iter(|| attention::attention(&qkv, dims, &mut probs, &mut out))
+        b.iter(|| attention::attention(&qkv, dims, &mut probs, &mut out, false))
     });
     let dout = randv(n * D, 3, 1.0);
     let mut dqkv = vec![0.0; n * 3 * D];
     g.throughput(Throughput::Elements(2 * attn_flops));
     g.bench_function("attention_backward_flops", |b| {
-        b.iter(|| attention::attention_backward(&dout, &qkv, &probs, dims, &mut dqkv))
+        b.iter(|| attention::attention_backward(&dout, &qkv, &probs, dims, &mut dqkv, false))
     });
 
     let gamma = randv(D, 4, 1.0);

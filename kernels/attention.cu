@@ -78,10 +78,18 @@ __device__ __forceinline__ fv_att_vec<N> fv_att_load(const float* p) {
   return *reinterpret_cast<const fv_att_vec<N>*>(p);
 }
 
+// x rounded to T's precision (kept in f32): P and dS under mixed precision, as the
+// tensor-core kernels (attention_tc.cu) and the CPU round them.
+template <class T>
+__device__ __forceinline__ float fv_att_round(float x) {
+  return fv_f32(fv_as<T>(x));
+}
+
 // Forward (BWD = false): S[i][j] = softmax_j(scale q_i.k_j), lse[i] = max + log(sum).
 // Backward (BWD = true): S[i][j] = P_ij from lse, dS[i][j] = P_ij (dO_i.v_j - D_i) scale.
-// Q, dO row stride ldq, K, V row stride hd + 1, S, dS row stride lds.
-template <bool BWD>
+// Q, dO row stride ldq, K, V row stride hd + 1, S, dS row stride lds. P and dS are
+// rounded to T (bf16 under mixed precision).
+template <bool BWD, class T>
 __device__ __forceinline__ void fv_att_scores(const float* Q, const float* dO, int ldq, const float* K,
     const float* V, int q, int t, int hd, float scale, float* lse, float* S, float* dS, int lds) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, ldk = hd + 1;
@@ -151,7 +159,7 @@ __device__ __forceinline__ void fv_att_scores(const float* Q, const float* dO, i
           if (j >= t) continue;
           const long at = (long)row[r] * lds + j;
           if (BWD) {
-            const float p = expf(s[r][c] * scale - lse[row[r]]);
+            const float p = fv_att_round<T>(expf(s[r][c] * scale - lse[row[r]]));
             S[at] = p;
             dS[at] = dp[r][c];
             acc[r] = fmaf(p, dp[r][c], acc[r]);
@@ -170,7 +178,7 @@ __device__ __forceinline__ void fv_att_scores(const float* Q, const float* dO, i
       if (BWD) {
         const float D = fv_warp_sum(acc[r]);
         float* dSi = dS + (long)row[r] * lds;
-        for (int j = lane; j < t; j += 32) dSi[j] = Si[j] * (dSi[j] - D) * scale;
+        for (int j = lane; j < t; j += 32) dSi[j] = fv_att_round<T>(Si[j] * (dSi[j] - D) * scale);
       } else {
         const float m = fv_warp_max(acc[r]);
         float sum = 0.f;
@@ -181,7 +189,7 @@ __device__ __forceinline__ void fv_att_scores(const float* Q, const float* dO, i
         }
         sum = fv_warp_sum(sum);
         const float inv = 1.f / sum;
-        for (int j = lane; j < t; j += 32) Si[j] *= inv;
+        for (int j = lane; j < t; j += 32) Si[j] = fv_att_round<T>(Si[j] * inv);
         if (lane == 0) lse[row[r]] = m + logf(sum);
       }
     }
@@ -268,7 +276,7 @@ __device__ __forceinline__ void fv_attention_forward(const T* __restrict__ qkv, 
   fv_att_stage(K, ldk, base + d, d3, t, hd);
   fv_att_stage(V, ldk, base + 2 * d, d3, t, hd);
   __syncthreads();
-  fv_att_scores<false>(Q, nullptr, ldq, K, nullptr, q, t, hd, scale, lse + (long)bh * q, S, nullptr, lds);
+  fv_att_scores<false, T>(Q, nullptr, ldq, K, nullptr, q, t, hd, scale, lse + (long)bh * q, S, nullptr, lds);
   __syncthreads();
   fv_att_product<false, false>(S, lds, V, ldk, q, t, hd, out + (long)n * q * d + (long)h * hd, d);
 }
@@ -298,7 +306,7 @@ __device__ __forceinline__ void fv_attention_backward(const T* __restrict__ dout
   fv_att_stage(V, ldk, base + 2 * d, d3, t, hd);
   __syncthreads();
   // lse is read, not written, by the backward score pass
-  fv_att_scores<true>(Q, dO, ldq, K, V, q, t, hd, scale, const_cast<float*>(lse) + (long)bh * q, P, dS, lds);
+  fv_att_scores<true, T>(Q, dO, ldq, K, V, q, t, hd, scale, const_cast<float*>(lse) + (long)bh * q, P, dS, lds);
   __syncthreads();
   fv_att_product<false, ACCUM>(dS, lds, K, ldk, q, t, hd, dbase, d3);         // dQ = dS K
   fv_att_product<true, ACCUM>(dS, lds, Q, ldq, t, q, hd, dbase + d, d3);      // dK = dS^T Q

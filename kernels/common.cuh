@@ -14,7 +14,7 @@
 #define FV_DYNAMIC_SHARED(type, name) type* name = reinterpret_cast<type*>(fv_emu_dynamic_shared())
 #else
 #include <cuda_bf16.h>
-#define FV_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) unsigned char fv_dyn_smem_[]; \
+#define FV_DYNAMIC_SHARED(type, name) extern __shared__ __align__(128) unsigned char fv_dyn_smem_[]; \
   type* name = reinterpret_cast<type*>(fv_dyn_smem_)
 #endif
 

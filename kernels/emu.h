@@ -12,6 +12,7 @@
 #include <math.h> // expf, erff, ... in the global namespace, as in CUDA
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 struct dim3 {
   unsigned x, y, z;
@@ -107,3 +108,76 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
   u += 0x7fffu + ((u >> 16) & 1u);
   return {(unsigned short)(u >> 16)};
 }
+
+// Tensor-core matrix products (nvcuda::wmma, 16x16x16 tiles: bf16 or f32 operands, f32
+// accumulators). On a GPU a fragment is spread over a warp's 32 lanes in a layout CUDA
+// leaves unspecified; here every lane holds the whole tile and computes it (the result is
+// the same, computed 32 times). Kernels may only load, multiply, fill and store fragments,
+// never index them, so they cannot depend on the layout; a missing __syncthreads or
+// __syncwarp around the shared memory they read still shows, as for any other access.
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "only 16x16x16 tiles are emulated");
+  float v[16 * 16]; // row-major: matrix_a M x K, matrix_b K x N, accumulator M x N
+};
+
+template <class Use, class T, class L, class V>
+inline void fill_fragment(fragment<Use, 16, 16, 16, T, L>& f, V x) {
+  for (float& e : f.v) e = (float)x;
+}
+
+// A GPU requires 32-byte aligned fragment pointers and a leading dimension of a multiple of
+// 16 bytes; the emulation stops the kernel with an error (scope 2: a fault) otherwise.
+template <class T>
+inline void fv_wmma_check(const T* p, unsigned ldm) {
+  if ((std::uintptr_t)p % 32 != 0 || (ldm * sizeof(T)) % 16 != 0) fv_emu_barrier(2);
+}
+inline float fv_wmma_f32(float v) { return v; }
+inline float fv_wmma_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+// Element (r, c) of a row-major (r * ldm + c) or column-major (c * ldm + r) matrix.
+template <class T>
+inline float fv_wmma_at(const T* p, unsigned ldm, int r, int c, bool col) {
+  return fv_wmma_f32(col ? p[(long)c * ldm + r] : p[(long)r * ldm + c]);
+}
+template <class Use, class T, class L>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
+  fv_wmma_check(p, ldm);
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.v[r * 16 + c] = fv_wmma_at(p, ldm, r, c, std::is_same_v<L, col_major>);
+}
+template <class T>
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, T>& f, const T* p, unsigned ldm, layout_t l) {
+  fv_wmma_check(p, ldm);
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.v[r * 16 + c] = fv_wmma_at(p, ldm, r, c, l == mem_col_major);
+}
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
+                              layout_t l) {
+  fv_wmma_check(p, ldm);
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) *(l == mem_col_major ? p + (long)c * ldm + r : p + (long)r * ldm + c) = f.v[r * 16 + c];
+}
+// d = a b + c, products accumulated in f32 in k order
+template <class TA, class LA, class TB, class LB, class TC>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, TC>& d, const fragment<matrix_a, 16, 16, 16, TA, LA>& a,
+                     const fragment<matrix_b, 16, 16, 16, TB, LB>& b, const fragment<accumulator, 16, 16, 16, TC>& c) {
+  float out[16 * 16];
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 16; ++n) {
+      float s = c.v[m * 16 + n];
+      for (int k = 0; k < 16; ++k) s = fmaf(a.v[m * 16 + k], b.v[k * 16 + n], s);
+      out[m * 16 + n] = s;
+    }
+  std::memcpy(d.v, out, sizeof out);
+}
+}  // namespace wmma
+}  // namespace nvcuda

@@ -75,6 +75,9 @@ run() {
         rows+=("$preset ${f32:-?} ${bf16:-?} ${tf32:-?} ${teager:-?} ${tcompiled:-?}")
     done
     echo
+    echo "== vit_lite bf16 with the SIMT attention kernels instead of the tensor-core ones"
+    FERROVIT_ATTENTION=simt ours_ips --preset vit_lite_depth7_patch4_32 --precision bf16 | sed 's/$/ images\/s/'
+    echo
     echo "== where a vit_lite bf16 step spends device time (CUDA events around every launch)"
     FERROVIT_PROFILE=1 timeout 60 "$bundle/ferrovit" bench --device cuda --batch-size 512 --steps 5 \
         --warmup 1 --precision bf16 2>&1 | tee "$log/profile.txt"

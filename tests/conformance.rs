@@ -367,10 +367,10 @@ impl Suite {
         );
         for (batch, tokens, queries, dim, heads) in [
             (2, 17, 17, 24, 2),
-            (3, 65, 1, 64, 4),
+            (3, 65, 1, 64, 4), // the cls-only last block (16-wide heads: tensor cores in bf16)
             (1, 5, 5, 12, 3),
             (1, 7, 7, 15, 3),      // heads 5 wide: neither dimension a multiple of 4
-            (2, 65, 65, 128, 2),   // ViT's 65 tokens, 64-wide heads
+            (2, 65, 65, 128, 2),   // ViT's 65 tokens, 64-wide heads (tensor cores in bf16)
             (1, 100, 100, 160, 2), // more than one round of keys and of head columns
         ] {
             let dims = AttnDims {
@@ -391,7 +391,8 @@ impl Suite {
             for dtype in [DType::F32, DType::BF16] {
                 // bf16: qkv, the output and its gradient stored in bf16 (mixed precision),
                 // within a bf16 ulp; qkv's gradient f32 when accumulated into, bf16 when
-                // written
+                // written; P and dS rounded to bf16 for their products (tensor cores where
+                // heads are a multiple of 16 wide, else the SIMT kernels)
                 let bf16 = dtype == DType::BF16;
                 let qkv = qkv.to_dtype(dtype);
                 let dout = dout.to_dtype(dtype);

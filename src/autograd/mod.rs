@@ -669,7 +669,7 @@ impl<'a> Graph<'a> {
         if shape.numel() != 1 {
             return Err(Error::shape("backward", "a one-element loss", shape));
         }
-        let one = Tensor::full(shape, 1.0, self.device);
+        let one = Tensor::try_full(shape, 1.0, self.device)?;
         self.backward_from(loss, one)
     }
 

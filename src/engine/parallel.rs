@@ -253,7 +253,7 @@ impl Engine {
                     Error::Graph(format!("pipeline: micro-batch {i} has no forward pass"))
                 })?;
                 let grad = if last {
-                    Tensor::full([1], f.weight, device)
+                    Tensor::try_full([1], f.weight, device)?
                 } else {
                     let g = par.recv(stage + 1, tag(i, true))?;
                     Tensor::from_vec(g, f.graph.value(f.output).shape().clone())?

@@ -106,10 +106,10 @@ impl Optimizer {
             .iter()
             .map(|p| {
                 (0..n)
-                    .map(|_| Tensor::zeros(p.value.shape().clone(), p.value.device()))
-                    .collect()
+                    .map(|_| Tensor::try_zeros(p.value.shape().clone(), p.value.device()))
+                    .collect::<Result<Vec<_>>>()
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         Ok(Optimizer {
             kind,
             weight_decay,

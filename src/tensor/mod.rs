@@ -216,10 +216,22 @@ impl Tensor {
         })
     }
 
+    /// An f32 tensor with every element `value`.
+    ///
+    /// # Panics
+    /// When a device fails (see [`Tensor::try_full`]).
     pub fn full(shape: impl Into<Shape>, value: f32, device: Device) -> Tensor {
-        let mut t = Tensor::uninit(shape, device);
-        t.fill(value);
-        t
+        Tensor::try_full(shape, value, device).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// As [`Tensor::full`], or an error when the device is out of memory or fails.
+    pub fn try_full(shape: impl Into<Shape>, value: f32, device: Device) -> Result<Tensor> {
+        let mut t = Tensor::try_uninit(shape, device)?;
+        match device {
+            Device::Cuda(id) => crate::backend::cuda::get(id).backend.fill(&mut t, value)?,
+            Device::Cpu => crate::backend::cpu::fill(t.f32s_mut()?, value),
+        }
+        Ok(t)
     }
 
     /// An f32 CPU tensor from data; the length must match the shape.

@@ -49,9 +49,17 @@ impl AttnDims {
     }
 }
 
+/// Rounds to the nearest bf16 value (even on ties), kept in f32.
+fn round_bf16(x: &mut [f32]) {
+    x.iter_mut()
+        .for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
+}
+
 /// `out = softmax(q kᵀ / sqrt(hd)) v` per head; saves the probabilities
-/// (`probs`, `[b, heads, queries, t]`) for the backward pass.
-pub fn attention(qkv: &[f32], dims: AttnDims, probs: &mut [f32], out: &mut [f32]) {
+/// (`probs`, `[b, heads, queries, t]`) for the backward pass. With `round` (mixed
+/// precision) the probabilities are rounded to bf16 before they multiply v, as the
+/// GPU's kernels (and FlashAttention) do.
+pub fn attention(qkv: &[f32], dims: AttnDims, probs: &mut [f32], out: &mut [f32], round: bool) {
     let (t, q, d) = (dims.tokens, dims.queries, dims.dim);
     assert!(qkv.len() == dims.batch * t * 3 * d && out.len() == dims.batch * q * d && q <= t);
     assert!(probs.len() == dims.batch * dims.heads * q * t && d % dims.heads == 0);
@@ -74,6 +82,9 @@ pub fn attention(qkv: &[f32], dims: AttnDims, probs: &mut [f32], out: &mut [f32]
             );
         }
         super::simd::softmax_rows(p, t, scale);
+        if round {
+            round_bf16(p);
+        }
         unsafe {
             matmul_raw(
                 out_ptr.get(),
@@ -89,13 +100,15 @@ pub fn attention(qkv: &[f32], dims: AttnDims, probs: &mut [f32], out: &mut [f32]
     });
 }
 
-/// Backward of [`attention`]: `dqkv += …` given `dout` and the saved `probs`.
+/// Backward of [`attention`]: `dqkv += …` given `dout` and the saved `probs`; with
+/// `round`, the score gradient dS is rounded to bf16 before its products.
 pub fn attention_backward(
     dout: &[f32],
     qkv: &[f32],
     probs: &[f32],
     dims: AttnDims,
     dqkv: &mut [f32],
+    round: bool,
 ) {
     let (t, q, d) = (dims.tokens, dims.queries, dims.dim);
     assert!(qkv.len() == dims.batch * t * 3 * d && dqkv.len() == qkv.len() && q <= t);
@@ -136,6 +149,9 @@ pub fn attention_backward(
             // dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale   (softmax backward, with the
             // 1/sqrt(hd) of the forward folded in)
             super::simd::softmax_backward_rows(ds, p, t, scale);
+            if round {
+                round_bf16(ds);
+            }
             unsafe {
                 // dQ += dS K
                 matmul_raw(

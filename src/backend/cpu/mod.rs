@@ -301,9 +301,11 @@ impl Backend for CpuBackend {
         out: &mut Tensor,
     ) -> Result<()> {
         check_attn(dims, self.attention_saved_len(dims), qkv, probs, out)?;
+        // mixed precision: probabilities rounded to bf16 for their product, as on a GPU
+        let bf16 = qkv.dtype() == DType::BF16;
         let (qkv, probs) = (read(qkv)?, probs.f32s_mut()?);
         write(out, |out| {
-            attention::attention(&qkv, dims, probs, out);
+            attention::attention(&qkv, dims, probs, out, bf16);
             Ok(())
         })
     }
@@ -319,12 +321,13 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         check_attn(dims, self.attention_saved_len(dims), qkv, probs, dout)?;
         check_attn_backward(dims, qkv, dqkv, accumulate)?;
+        let bf16 = qkv.dtype() == DType::BF16;
         let (dout, qkv) = (read(dout)?, read(qkv)?);
         write(dqkv, |dqkv| {
             if !accumulate {
                 dqkv.fill(0.0);
             }
-            attention::attention_backward(&dout, &qkv, probs.f32s()?, dims, dqkv);
+            attention::attention_backward(&dout, &qkv, probs.f32s()?, dims, dqkv, bf16);
             Ok(())
         })
     }

@@ -112,6 +112,10 @@ pub extern "C" fn fv_emu_barrier(scope: c_int) {
     YIELDER.set(y);
 }
 
+/// The scope a kernel passes to [`fv_emu_barrier`] to report a fault (emu.h); it is
+/// never resumed.
+const FAULT: c_int = 2;
+
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum State {
     Run,
@@ -142,8 +146,11 @@ fn run_block(entry: Entry, params: &Params, l: &Launch, block: u32, name: &str) 
     let mut shuffles = vec![0u32; n];
     // 16-byte aligned, poisoned: reading shared memory nobody wrote gives NaN; a guard
     // zone (NaNs of another payload) behind it catches writes past the launch's size
+    // 128-byte aligned, as a GPU's dynamic shared memory (tensor-core operands need 32)
     let words = (l.shared as usize).div_ceil(16);
-    let mut shared = vec![u128::MAX; words + SHARED_GUARD_WORDS];
+    let mut shared = vec![u128::MAX; words + SHARED_GUARD_WORDS + 8];
+    let pad = shared.as_ptr().align_offset(128);
+    let shared = &mut shared[pad..pad + words + SHARED_GUARD_WORDS];
     shared[words..].fill(SHARED_GUARD);
     let counters = shuffles.as_mut_ptr();
     let threads: Vec<EmuThread> = (0..n as u32)
@@ -235,6 +242,12 @@ fn run_block(entry: Entry, params: &Params, l: &Launch, block: u32, name: &str) 
         if state.iter().all(|s| *s == State::Done) {
             break Ok(());
         }
+        if state.contains(&State::Wait(FAULT)) {
+            break Err(Error::Device(format!(
+                "kernel {name} (block {block}): a tensor-core (wmma) operand is not 32-byte \
+                 aligned or its leading dimension is not a multiple of 16 bytes (a GPU faults)"
+            )));
+        }
         if !state
             .iter()
             .all(|s| matches!(s, State::Wait(0) | State::Done))
@@ -264,7 +277,7 @@ fn run_block(entry: Entry, params: &Params, l: &Launch, block: u32, name: &str) 
             l.shared
         )));
     }
-    drop((slots, shuffles, shared));
+    drop((slots, shuffles));
     outcome
 }
 

@@ -45,6 +45,42 @@ fn attention_shared_bytes(dims: AttnDims, backward: bool) -> usize {
     4 * floats
 }
 
+/// Dynamic shared memory of the tensor-core attention kernels: the layout in
+/// kernels/attention_tc.cu's header (rows padded to 16; bf16 Q, dO, K, V with leading
+/// dimension hd + 8; f32 S, dP with Tk + 4, also holding the f32 outputs with hd + 4;
+/// bf16 P, dS with Tk + 8; each region rounded up to 128 bytes).
+fn attention_tc_shared_bytes(dims: AttnDims, backward: bool) -> usize {
+    let r16 = |n: usize| n.div_ceil(16) * 16;
+    let a = |bytes: usize| bytes.div_ceil(128) * 128;
+    let (tq, tk, hd) = (r16(dims.queries), r16(dims.tokens), dims.dim / dims.heads);
+    let (ldh, lds, ldp, ldo) = (hd + 8, tk + 4, tk + 8, hd + 4);
+    let (per_query, out_rows, dp) = if backward {
+        (2, tk, a(4 * tq * lds))
+    } else {
+        (1, tq, 0)
+    };
+    per_query * (a(2 * tq * ldh) + a(2 * tq * ldp))
+        + 2 * a(2 * tk * ldh)
+        + a(4 * (tq * lds).max(out_rows * ldo))
+        + dp
+}
+
+/// Shared memory one block may use on an H100/H200.
+const MAX_SHARED: usize = 227 << 10;
+
+/// Whether attention over `qkv` runs on tensor cores (kernels/attention_tc.cu): bf16,
+/// heads a multiple of 16 wide, and the backward's staging fits a block (the forward
+/// and backward decide alike). `FERROVIT_ATTENTION=simt` keeps the SIMT kernels (to
+/// compare them; both round P and dS alike).
+fn attention_on_tensor_cores(qkv: &Tensor, dims: AttnDims) -> bool {
+    static SIMT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let simt = *SIMT.get_or_init(|| std::env::var("FERROVIT_ATTENTION").is_ok_and(|v| v == "simt"));
+    !simt
+        && qkv.dtype() == DType::BF16
+        && (dims.dim / dims.heads).is_multiple_of(16)
+        && attention_tc_shared_bytes(dims, true) <= MAX_SHARED
+}
+
 /// Threads per block of the 1-D (grid-stride) kernels.
 const THREADS: u32 = 256;
 /// Rows per block of the two-pass column sums.
@@ -635,12 +671,19 @@ impl Backend for CudaBackend {
         out: &mut Tensor,
     ) -> Result<()> {
         check_attn(dims, self.attention_saved_len(dims), qkv, lse, out)?;
-        let shared = attention_shared_bytes(dims, false);
         let kernel = variant(
             "attention",
             ["attention_forward_f32", "attention_forward_bf16"],
             &[qkv, out],
         )?;
+        let (kernel, shared) = if attention_on_tensor_cores(qkv, dims) {
+            (
+                "attention_forward_tc_bf16",
+                attention_tc_shared_bytes(dims, false),
+            )
+        } else {
+            (kernel, attention_shared_bytes(dims, false))
+        };
         let args = [self.act(qkv)?, self.act_mut(out)?, self.ptr_mut(lse)?];
         self.launch(
             kernel,
@@ -662,14 +705,31 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         check_attn(dims, self.attention_saved_len(dims), qkv, lse, dout)?;
         check_attn_backward(dims, qkv, dqkv, accumulate)?;
-        let shared = attention_shared_bytes(dims, true);
-        let forms = if accumulate {
-            ["attention_backward_f32", "attention_backward_bf16"]
-        } else {
-            [
-                "attention_backward_write_f32",
-                "attention_backward_write_bf16",
-            ]
+        let tensor_cores = attention_on_tensor_cores(qkv, dims);
+        let (forms, shared) = match (accumulate, tensor_cores) {
+            (true, false) => (
+                ["attention_backward_f32", "attention_backward_bf16"],
+                attention_shared_bytes(dims, true),
+            ),
+            (false, false) => (
+                [
+                    "attention_backward_write_f32",
+                    "attention_backward_write_bf16",
+                ],
+                attention_shared_bytes(dims, true),
+            ),
+            // bf16 only
+            (true, true) => (
+                ["attention_backward_f32", "attention_backward_tc_bf16"],
+                attention_tc_shared_bytes(dims, true),
+            ),
+            (false, true) => (
+                [
+                    "attention_backward_write_f32",
+                    "attention_backward_write_tc_bf16",
+                ],
+                attention_tc_shared_bytes(dims, true),
+            ),
         };
         // dout as qkv; dqkv f32 when accumulated into, as qkv when written
         let kernel = variant("attention_backward", forms, &[qkv, dout])?;

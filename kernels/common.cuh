@@ -3,7 +3,9 @@
 //
 // Rules for kernels (so the emulation runs them exactly as a GPU would):
 // - plain SIMT CUDA: threadIdx/blockIdx/blockDim/gridDim, __shared__ arrays, FV_DYNAMIC_SHARED
-//   for dynamic shared memory, __syncthreads, __shfl_*_sync with full warps, atomicAdd;
+//   for dynamic shared memory (128-byte aligned), __syncthreads, __shfl_*_sync with full
+//   warps, atomicAdd; and nvcuda::wmma 16x16x16 fragments that are only filled, loaded,
+//   multiplied and stored (never indexed: their layout is unspecified);
 // - every launch uses a block size that is a multiple of 32;
 // - entry points are `extern "C" __global__` with pointer, int, long, unsigned long long,
 //   float or double arguments (the launcher passes them by value in that form).

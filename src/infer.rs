@@ -2,13 +2,13 @@
 //! mapped, every byte range checksummed, no copy on the CPU path), classifying images
 //! and evaluating data sets. Any checkpoint works, whatever layout it was saved under.
 
-use crate::autograd::{Graph, ParamStore};
+use crate::autograd::{Graph, ParamStore, Precision};
 use crate::checkpoint::Checkpoint;
 use crate::data::{Dataset, Loader, Sampler, MEAN, STD};
 use crate::error::{Error, Result};
 use crate::metrics::ConfusionMatrix;
 use crate::nn::{ForwardCtx, Vit};
-use crate::tensor::Tensor;
+use crate::tensor::{Device, Tensor};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -19,6 +19,8 @@ pub struct Classifier {
     /// Class names (from the checkpoint; the class indices when it has none).
     pub classes: Vec<String>,
     pub dir: PathBuf,
+    /// The linear layers' arithmetic (see [`Classifier::to_device`]).
+    precision: Precision,
 }
 
 /// One class of a prediction.
@@ -70,7 +72,25 @@ impl Classifier {
             params,
             classes,
             dir: dir.to_path_buf(),
+            precision: Precision::F32,
         })
+    }
+
+    /// Moves the weights to `device` (copies of the mapped ones; on the CPU they stay
+    /// in place) and computes there in `precision`; images follow.
+    pub fn to_device(&mut self, device: Device, precision: Precision) -> Result<()> {
+        if device != self.device() {
+            self.params.to_device(device)?;
+        }
+        self.precision = precision;
+        Ok(())
+    }
+
+    fn device(&self) -> Device {
+        self.params
+            .iter()
+            .next()
+            .map_or(Device::Cpu, |p| p.value.device())
     }
 
     /// Whether every weight is a view of the checkpoint's files (no copy).
@@ -81,9 +101,11 @@ impl Classifier {
     /// Class probabilities `[b, classes]` of normalised images `[b, 3, 32, 32]`.
     pub fn probabilities(&mut self, images: Tensor) -> Result<Tensor> {
         let b = images.dims().first().copied().unwrap_or(0);
+        let images = images.to_device(self.device())?;
         let mut g = Graph::new(&mut self.params);
+        g.set_precision(self.precision);
         let logits = self.model.forward(&mut g, images, &ForwardCtx::eval(b))?;
-        let logits = g.value(logits);
+        let logits = g.value(logits).to_device(Device::Cpu)?;
         let c = logits.shape().last();
         let mut p = logits.to_vec_f32();
         crate::backend::cpu::simd::softmax_rows(&mut p, c, 1.0);

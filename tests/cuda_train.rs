@@ -201,6 +201,64 @@ fn emulated_bf16_training_matches_the_cpu() {
     matches_cpu_in_bf16("cuda-emu");
 }
 
+/// `eval` and `infer` on `device` give what they give on the CPU, in f32 and in bf16
+/// (the CPU computing bf16 the same way): test accuracy within one image of 360, the
+/// same top class for an image.
+fn eval_and_infer_match_cpu(device: &str) {
+    let dir = temp_dir(&format!("cuda-eval-{}", device.replace(':', "-")));
+    train(&options(&dir, "cpu", "f32", "none", 1)).unwrap();
+    let ckpt = dir.join("checkpoints");
+    let ckpt = ckpt.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let (ok, stdout, stderr) = ferrovit(args);
+        assert!(ok, "{args:?}: {stderr}");
+        serde_json::from_str::<serde_json::Value>(&stdout).unwrap()
+    };
+    for precision in ["f32", "bf16"] {
+        let eval = |on: &str| {
+            run(&[
+                "eval",
+                "--ckpt",
+                ckpt,
+                "--device",
+                on,
+                "--precision",
+                precision,
+                "--json",
+            ])["accuracy"]
+                .as_f64()
+                .unwrap()
+        };
+        let (cpu, dev) = (eval("cpu"), eval(device));
+        assert!(
+            (cpu - dev).abs() <= 1.5 / 360.0,
+            "{device} {precision}: eval accuracy {dev}, the CPU {cpu}"
+        );
+        let top = |on: &str| {
+            let image = "data/examples/seven.png";
+            let args = [
+                "infer",
+                "--ckpt",
+                ckpt,
+                "--device",
+                on,
+                "--precision",
+                precision,
+                "--json",
+                image,
+            ];
+            run(&args)[0]["top"][0]["class"].clone()
+        };
+        assert_eq!(top("cpu"), top(device), "{device} {precision}: infer");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn emulated_eval_and_infer_match_the_cpu() {
+    eval_and_infer_match_cpu("cuda-emu");
+}
+
 #[test]
 fn emulated_parallel_training_matches_the_cpu() {
     parallel_matches_cpu("cuda-emu");
@@ -214,6 +272,7 @@ fn cuda_training_matches_the_cpu_on_a_gpu() {
             matches_cpu_in_bf16("cuda");
             // every rank on GPU 0 (this machine may have one)
             parallel_matches_cpu("cuda:0");
+            eval_and_infer_match_cpu("cuda");
         }
         Err(e) if std::env::var("FERROVIT_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
             panic!("FERROVIT_REQUIRE_GPU=1 but no GPU: {e}")

@@ -199,6 +199,12 @@ struct InferArgs {
     /// Print JSON: [{"image": …, "top": [{"index", "class", "probability"}, …]}, …]
     #[arg(long)]
     json: bool,
+    /// Where to compute: cpu, cuda, cuda:N or cuda-emu
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32, bf16 or auto (bf16 on a CUDA device, f32 on the CPU)
+    #[arg(long, default_value = "auto")]
+    precision: String,
     /// Images to classify
     #[arg(required = true, value_name = "IMAGE")]
     images: Vec<PathBuf>,
@@ -220,6 +226,12 @@ struct EvalArgs {
     /// Print JSON: {"accuracy", "images", "per_class": {class: accuracy}, "confusion": [[…]]}
     #[arg(long)]
     json: bool,
+    /// Where to compute: cpu, cuda, cuda:N or cuda-emu
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32, bf16 or auto (bf16 on a CUDA device, f32 on the CPU)
+    #[arg(long, default_value = "auto")]
+    precision: String,
 }
 
 /// Each process gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and
@@ -383,11 +395,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// The checkpoint's model on `device`, computing in `precision`.
+fn load_on(ckpt: PathBuf, device: &str, precision: &str) -> Result<Classifier> {
+    let device = Device::parse(device)?;
+    let precision = Precision::resolve(precision, device)?;
+    let mut model = Classifier::load(&ckpt_dir(ckpt)?)?;
+    model.to_device(device, precision)?;
+    Ok(model)
+}
+
 fn infer(a: InferArgs) -> Result<()> {
     if a.top_k == 0 {
         return Err(Error::Config("--top-k must be at least 1".into()));
     }
-    let mut model = Classifier::load(&ckpt_dir(a.ckpt)?)?;
+    let mut model = load_on(a.ckpt, &a.device, &a.precision)?;
     // every image is read before anything is printed
     let images = load_images(&a.images)?;
     let top = model.top_k(images, a.top_k)?;
@@ -415,7 +436,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     if a.batch_size == 0 {
         return Err(Error::Config("--batch-size must be at least 1".into()));
     }
-    let mut model = Classifier::load(&ckpt_dir(a.ckpt)?)?;
+    let mut model = load_on(a.ckpt, &a.device, &a.precision)?;
     let data = a.data.unwrap_or_else(ferrovit::data::default_data_dir);
     let (_, test) = Dataset::open(&data)?;
     let names = test.classes.clone();

@@ -209,46 +209,24 @@ fn eval_and_infer_match_cpu(device: &str) {
     train(&options(&dir, "cpu", "f32", "none", 1)).unwrap();
     let ckpt = dir.join("checkpoints");
     let ckpt = ckpt.to_str().unwrap();
-    let run = |args: &[&str]| {
-        let (ok, stdout, stderr) = ferrovit(args);
-        assert!(ok, "{args:?}: {stderr}");
-        serde_json::from_str::<serde_json::Value>(&stdout).unwrap()
-    };
     for precision in ["f32", "bf16"] {
-        let eval = |on: &str| {
-            run(&[
-                "eval",
-                "--ckpt",
-                ckpt,
-                "--device",
-                on,
-                "--precision",
-                precision,
-                "--json",
-            ])["accuracy"]
-                .as_f64()
-                .unwrap()
+        // `cmd` on `on`, its JSON output
+        let run = |cmd: &str, on: &str, rest: &[&str]| {
+            let mut args = vec![cmd, "--ckpt", ckpt, "--device", on];
+            args.extend(["--precision", precision, "--json"]);
+            args.extend(rest);
+            let (ok, stdout, stderr) = ferrovit(&args);
+            assert!(ok, "{args:?}: {stderr}");
+            serde_json::from_str::<serde_json::Value>(&stdout).unwrap()
         };
+        let eval = |on: &str| run("eval", on, &[])["accuracy"].as_f64().unwrap();
         let (cpu, dev) = (eval("cpu"), eval(device));
         assert!(
             (cpu - dev).abs() <= 1.5 / 360.0,
             "{device} {precision}: eval accuracy {dev}, the CPU {cpu}"
         );
-        let top = |on: &str| {
-            let image = "data/examples/seven.png";
-            let args = [
-                "infer",
-                "--ckpt",
-                ckpt,
-                "--device",
-                on,
-                "--precision",
-                precision,
-                "--json",
-                image,
-            ];
-            run(&args)[0]["top"][0]["class"].clone()
-        };
+        let top =
+            |on: &str| run("infer", on, &["data/examples/seven.png"])[0]["top"][0]["class"].clone();
         assert_eq!(top("cpu"), top(device), "{device} {precision}: infer");
     }
     let _ = std::fs::remove_dir_all(dir);

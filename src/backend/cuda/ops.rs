@@ -242,7 +242,6 @@ impl CudaBackend {
     }
 
     /// `out[j] += Σ_r x[r * ld + j]` for `j < cols`, deterministically in two passes.
-    /// `out[j] += sum_r x[r * ld + j]`; `kernel` is `column_sums_f32` or `_bf16` (x's dtype).
     /// The checked GEMM `c (+)= op(a) · op(b)` (no bias): f32 or bf16 operands (both
     /// the same), an f32 or bf16 result; f32 accumulation.
     #[allow(clippy::too_many_arguments)]
@@ -288,6 +287,7 @@ impl CudaBackend {
         })
     }
 
+    /// `out[j] += sum_r x[r * ld + j]`; `kernel` is `column_sums_f32` or `_bf16` (x's dtype).
     fn column_sums(
         &self,
         kernel: &'static str,
@@ -706,30 +706,19 @@ impl Backend for CudaBackend {
         check_attn(dims, self.attention_saved_len(dims), qkv, lse, dout)?;
         check_attn_backward(dims, qkv, dqkv, accumulate)?;
         let tensor_cores = attention_on_tensor_cores(qkv, dims);
-        let (forms, shared) = match (accumulate, tensor_cores) {
-            (true, false) => (
-                ["attention_backward_f32", "attention_backward_bf16"],
-                attention_shared_bytes(dims, true),
-            ),
-            (false, false) => (
-                [
-                    "attention_backward_write_f32",
-                    "attention_backward_write_bf16",
-                ],
-                attention_shared_bytes(dims, true),
-            ),
-            // bf16 only
-            (true, true) => (
-                ["attention_backward_f32", "attention_backward_tc_bf16"],
-                attention_tc_shared_bytes(dims, true),
-            ),
-            (false, true) => (
-                [
-                    "attention_backward_write_f32",
-                    "attention_backward_write_tc_bf16",
-                ],
-                attention_tc_shared_bytes(dims, true),
-            ),
+        let bf16_form = match (accumulate, tensor_cores) {
+            (true, false) => "attention_backward_bf16",
+            (false, false) => "attention_backward_write_bf16",
+            (true, true) => "attention_backward_tc_bf16",
+            (false, true) => "attention_backward_write_tc_bf16",
+        };
+        let forms = match accumulate {
+            true => ["attention_backward_f32", bf16_form],
+            false => ["attention_backward_write_f32", bf16_form],
+        };
+        let shared = match tensor_cores {
+            true => attention_tc_shared_bytes(dims, true),
+            false => attention_shared_bytes(dims, true),
         };
         // dout as qkv; dqkv f32 when accumulated into, as qkv when written
         let kernel = variant("attention_backward", forms, &[qkv, dout])?;

@@ -59,6 +59,9 @@ run() {
         timeout 180 "$bundle/cuda_train" cuda_training_matches_the_cpu_on_a_gpu --exact --nocapture
     step "kernel bandwidth (criterion)" \
         bash -c "timeout 150 $bundle/cuda_kernels --bench --noplot --warm-up-time 1 2>&1 | tee $log/kernels.txt"
+    step "the attention kernels again, SIMT instead of tensor cores" \
+        bash -c "FERROVIT_ATTENTION=simt timeout 60 $bundle/cuda_kernels --bench --noplot --warm-up-time 1 attention 2>&1 |
+            tee $log/kernels-simt.txt"
     local rows=()
     torch_ips() { timeout "$1" python3 scripts/bench_torch.py --device cuda "${@:2}" --batch 512 --steps 20 |
         tee -a "$log/torch.txt" | tail -1 |

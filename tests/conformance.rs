@@ -685,6 +685,14 @@ fn emulated_cuda_kernels_match_the_cpu_backend() {
     Suite::new(Device::cuda_emulated()).run();
 }
 
+/// Where cuBLASLt cannot add a linear layer's bias, the backend fills the output with it
+/// and accumulates the GEMM onto it: the same results (bf16 outputs rounded twice, within
+/// the suite's bf16 tolerance).
+#[test]
+fn emulated_kernels_without_a_bias_epilogue_match_the_cpu_backend() {
+    Suite::new(Device::cuda_emulated_without_bias_epilogue()).run();
+}
+
 #[test]
 fn cuda_kernels_match_the_cpu_backend() {
     match Device::cuda(0) {

@@ -309,6 +309,8 @@ pub struct EmuGpu {
     allocations: Mutex<BTreeMap<u64, Allocation>>,
     /// Device memory, as on a real GPU (`None`: the host's).
     capacity: Option<usize>,
+    /// GEMMs do not add a bias themselves (a GPU without cuBLASLt, or a shape it refuses).
+    no_bias_epilogue: bool,
 }
 
 impl EmuGpu {
@@ -317,6 +319,16 @@ impl EmuGpu {
         EmuGpu {
             allocations: Mutex::default(),
             capacity: Some(bytes),
+            no_bias_epilogue: false,
+        }
+    }
+
+    /// A device whose GEMMs leave biases to the caller (fill, then accumulate).
+    pub fn without_bias_epilogue() -> EmuGpu {
+        EmuGpu {
+            allocations: Mutex::default(),
+            capacity: None,
+            no_bias_epilogue: true,
         }
     }
 
@@ -384,7 +396,7 @@ impl Drop for EmuGpu {
 
 impl Gpu for EmuGpu {
     fn fuses_bias(&self, g: &Gemm) -> bool {
-        !g.accumulate
+        !g.accumulate && !self.no_bias_epilogue
     }
 
     fn describe(&self) -> String {

@@ -155,6 +155,15 @@ impl Device {
         .expect("opening the emulated device cannot fail")
     }
 
+    /// An emulated CUDA device whose GEMMs do not add biases (the path taken where
+    /// cuBLASLt is missing or refuses a shape; for tests).
+    pub fn cuda_emulated_without_bias_epilogue() -> Device {
+        device("cuda-emu(no bias epilogue)", || {
+            Ok(Arc::new(emu::EmuGpu::without_bias_epilogue()) as Arc<dyn Gpu>)
+        })
+        .expect("opening the emulated device cannot fail")
+    }
+
     /// An emulated CUDA device with only `bytes` of memory (for tests of running out).
     pub fn cuda_emulated_with_memory(bytes: usize) -> Device {
         device(&format!("cuda-emu({bytes} bytes)"), || {

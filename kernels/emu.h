@@ -111,10 +111,11 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
 
 // Tensor-core matrix products (nvcuda::wmma, 16x16x16 tiles: bf16 or f32 operands, f32
 // accumulators). On a GPU a fragment is spread over a warp's 32 lanes in a layout CUDA
-// leaves unspecified; here every lane holds the whole tile and computes it (the result is
-// the same, computed 32 times). Kernels may only load, multiply, fill and store fragments,
-// never index them, so they cannot depend on the layout; a missing __syncthreads or
-// __syncwarp around the shared memory they read still shows, as for any other access.
+// leaves unspecified; here lane 0 of the warp holds the whole tile and does the warp's
+// loads, products and stores (the other lanes' fragments are never used: kernels may
+// only load, multiply, fill and store fragments, never index them, so they cannot depend
+// on the layout). A missing __syncthreads or __syncwarp around the memory they read or
+// write still shows, as for any other access.
 namespace nvcuda {
 namespace wmma {
 struct matrix_a {};
@@ -141,6 +142,8 @@ template <class T>
 inline void fv_wmma_check(const T* p, unsigned ldm) {
   if ((std::uintptr_t)p % 32 != 0 || (ldm * sizeof(T)) % 16 != 0) fv_emu_barrier(2);
 }
+// Whether this lane does its warp's fragment work (lane 0; the warp is converged).
+inline bool fv_wmma_leader() { return fv_emu_cur->linear % 32 == 0; }
 inline float fv_wmma_f32(float v) { return v; }
 inline float fv_wmma_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 // Element (r, c) of a row-major (r * ldm + c) or column-major (c * ldm + r) matrix.
@@ -151,18 +154,21 @@ inline float fv_wmma_at(const T* p, unsigned ldm, int r, int c, bool col) {
 template <class Use, class T, class L>
 inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
   fv_wmma_check(p, ldm);
+  if (!fv_wmma_leader()) return;
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) f.v[r * 16 + c] = fv_wmma_at(p, ldm, r, c, std::is_same_v<L, col_major>);
 }
 template <class T>
 inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, T>& f, const T* p, unsigned ldm, layout_t l) {
   fv_wmma_check(p, ldm);
+  if (!fv_wmma_leader()) return;
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) f.v[r * 16 + c] = fv_wmma_at(p, ldm, r, c, l == mem_col_major);
 }
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
                               layout_t l) {
   fv_wmma_check(p, ldm);
+  if (!fv_wmma_leader()) return;
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) *(l == mem_col_major ? p + (long)c * ldm + r : p + (long)r * ldm + c) = f.v[r * 16 + c];
 }
@@ -170,6 +176,7 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, 
 template <class TA, class LA, class TB, class LB, class TC>
 inline void mma_sync(fragment<accumulator, 16, 16, 16, TC>& d, const fragment<matrix_a, 16, 16, 16, TA, LA>& a,
                      const fragment<matrix_b, 16, 16, 16, TB, LB>& b, const fragment<accumulator, 16, 16, 16, TC>& c) {
+  if (!fv_wmma_leader()) return;
   float out[16 * 16];
   for (int m = 0; m < 16; ++m)
     for (int n = 0; n < 16; ++n) {

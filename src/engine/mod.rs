@@ -375,12 +375,14 @@ impl Engine {
         self.train();
         self.zero_grad();
         let output = self.forward(images, samples)?;
+        // read back before the backward pass is queued (see `train_batch`)
+        let correct = count_correct(&output.logits, labels)?;
         let loss = self.criterion(&output, labels)?;
         self.backward(&loss)?;
         self.step()?;
         Ok(BatchStats {
             loss: loss.value,
-            correct: count_correct(&output.logits, labels)?,
+            correct,
             count: labels.len(),
         })
     }
@@ -417,12 +419,16 @@ impl Engine {
         self.zero_grad();
         let images = self.batch_images(&batch)?;
         let output = self.forward(images, &batch.samples)?;
+        // Everything the host reads back (predictions, the loss) is read before the
+        // backward pass is queued: on a GPU the step then returns while its backward
+        // and update still run, and the next batch is prepared and queued meanwhile.
+        let predictions = argmax_rows(&output.logits)?;
         let loss = self.criterion(&output, &batch.labels)?;
         self.backward(&loss)?;
         self.step()?;
         Ok(StepResult {
             loss: loss.value,
-            predictions: argmax_rows(&output.logits)?,
+            predictions,
             labels: batch.labels,
         })
     }

@@ -84,9 +84,10 @@ impl Plan {
             layouts: [std::ptr::null_mut(); 3],
             algo: sys::cublasLtMatmulAlgo_t { data: [0; 8] },
         };
-        let op = |t: bool| t as i32; // CUBLAS_OP_N = 0, CUBLAS_OP_T = 1
-                                     // SAFETY: the descriptor is live; each attribute gets a value of its type
-                                     // (cublasOperation_t and the enums are 32-bit).
+        // CUBLAS_OP_N = 0, CUBLAS_OP_T = 1
+        let op = |t: bool| t as i32;
+        // SAFETY: the descriptor is live; each attribute gets a value of its type
+        // (cublasOperation_t and the enums are 32-bit).
         unsafe {
             set(plan.desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &op(g.tb))?;
             set(plan.desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &op(g.ta))?;

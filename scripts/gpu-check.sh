@@ -23,7 +23,7 @@ prepare() {
     export FERROVIT_REQUIRE_KERNELS=1
     rm -rf "$bundle" && mkdir -p "$bundle"
     local list
-    list=$( (cargo test --release --no-run --message-format=json --test conformance --test cuda_train;
+    list=$( (cargo test --release --no-run --message-format=json --test conformance --test cuda_train --test dist_tcp;
              cargo bench --no-run --message-format=json --bench cuda_kernels) |
         python3 -c 'import json,sys
 for l in sys.stdin:
@@ -43,11 +43,19 @@ run() {
     export FERROVIT_BIN=$PWD/$bundle/ferrovit
     local t0=$SECONDS status=0 log=${OUT:-/tmp/gpu-check}
     mkdir -p "$log"
-    # cuBLAS is loaded by name (libcublas.so.13): add the folders a CUDA image keeps it in.
-    local libs
-    libs=$(python3 -c 'import nvidia.cublas, os; print(os.path.join(nvidia.cublas.__path__[0], "lib"))' 2>/dev/null || true)
+    # cuBLAS and NCCL are loaded by name (libcublas.so.13, libnccl.so): add the folders
+    # of NVIDIA's pip wheels (PyTorch's) and of a CUDA image; the NCCL wheel has only
+    # libnccl.so.2, so link it under the name cudarc looks for.
+    local libs links=/tmp/ferrovit-libs
+    libs=$(python3 -c 'import nvidia, glob, os
+print(":".join(d for p in nvidia.__path__ for d in glob.glob(os.path.join(p, "*", "lib"))))' 2>/dev/null || true)
+    mkdir -p "$links"
+    local dir
+    for dir in ${libs//:/ } /usr/lib/x86_64-linux-gnu; do
+        if [ -e "$dir/libnccl.so.2" ]; then ln -sf "$dir/libnccl.so.2" "$links/libnccl.so"; break; fi
+    done
     export PATH="$PATH:/usr/local/cuda/bin"
-    export LD_LIBRARY_PATH="${libs:+$libs:}/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+    export LD_LIBRARY_PATH="$links:${libs:+$libs:}/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
     step() { echo; echo "== $1 ($((SECONDS - t0)) s)"; shift; "$@" || { echo "FAILED: $*"; status=1; return 1; }; }
     step "conformance: every kernel vs the CPU backend" \
@@ -57,6 +65,8 @@ run() {
             cuda_kernels_match_the_cpu_backend --exact --nocapture
     step "training on the GPU matches the CPU" \
         timeout 180 "$bundle/cuda_train" cuda_training_matches_the_cpu_on_a_gpu --exact --nocapture
+    step "NCCL on the GPU: collectives and device tensors reduced in place (world 1)" \
+        timeout 60 "$bundle/dist_tcp" nccl_group_of_one_or_a_clear_error_without_a_gpu --exact --nocapture
     step "kernel bandwidth (criterion)" \
         bash -c "timeout 150 $bundle/cuda_kernels --bench --noplot --warm-up-time 1 2>&1 | tee $log/kernels.txt"
     step "the attention kernels again, SIMT instead of tensor cores" \

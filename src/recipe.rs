@@ -6,7 +6,7 @@ use crate::autograd::Precision;
 use crate::backend::cpu;
 use crate::checkpoint::{self, LoadOptions, SaveOptions};
 use crate::data::{Augment, Dataset, Loader, Sampler};
-use crate::dist::{DistEnv, Layout, ProcessGroup, ThreadGroup};
+use crate::dist::{DistEnv, Layout, ProcessGroup, ReduceOp, ThreadGroup};
 use crate::engine::{Engine, Parallel, TrainConfig};
 use crate::error::{Error, Result};
 use crate::metrics::ConfusionMatrix;
@@ -86,6 +86,10 @@ pub struct TrainOptions {
     pub bucket_mb: f32,
     /// Seconds any rank waits for another before failing.
     pub comm_timeout: u64,
+    /// How replicas combine gradients: `nccl` (on the GPUs, NCCL; one GPU per rank),
+    /// `host` (through host memory over the process group), or `auto` (nccl when every
+    /// rank trains on a GPU of its own and NCCL loads; host otherwise).
+    pub comm: String,
     /// Where to compute: `cpu`, `cuda` (GPU 0), `cuda:N`, or `cuda-emu` (the CUDA
     /// kernels emulated on the CPU: slow, for testing).
     pub device: String,
@@ -135,6 +139,7 @@ impl Default for TrainOptions {
             stages: None,
             bucket_mb: 25.0,
             comm_timeout: 300,
+            comm: "auto".into(),
             device: "cpu".into(),
             precision: "auto".into(),
         }
@@ -267,6 +272,9 @@ impl TrainOptions {
         }
         if self.comm_timeout == 0 {
             return Err(invalid("comm_timeout", 0, "must be at least 1 second"));
+        }
+        if !["auto", "nccl", "host"].contains(&self.comm.as_str()) {
+            return Err(invalid("comm", &self.comm, "expected auto, nccl or host"));
         }
         Ok(())
     }
@@ -481,6 +489,38 @@ fn layout(opts: &TrainOptions, cfg: &VitConfig) -> Result<Layout> {
     Layout::new(opts.dp, opts.pp, cfg.depth, opts.stages.as_deref())
 }
 
+/// Whether the replicas of a parallel run all-reduce their gradients with NCCL on the
+/// GPUs (`--comm`); in `auto`, only when every rank can, so all ranks choose alike.
+fn nccl_gradients(opts: &TrainOptions, device: Device, par: &Parallel) -> Result<bool> {
+    if par.layout.dp == 1 || opts.comm == "host" {
+        return Ok(false);
+    }
+    let why_not = if !crate::backend::cuda::is_gpu(device) {
+        Some(format!(
+            "the device is {}, not a GPU",
+            crate::backend::cuda::describe(device)
+        ))
+    } else if opts.device != "cuda" {
+        Some(format!(
+            "every rank computes on the same GPU (`--device {}`); NCCL needs a GPU per rank (`--device cuda`)",
+            opts.device
+        ))
+    } else {
+        crate::dist::NcclGroup::check_available()
+            .err()
+            .map(|e| e.to_string())
+    };
+    if opts.comm == "nccl" {
+        return match why_not {
+            Some(why) => Err(Error::Config(format!("--comm nccl: {why}"))),
+            None => Ok(true),
+        };
+    }
+    let mut cannot = [why_not.is_some() as u8 as f32];
+    par.world.all_reduce(&mut cannot, ReduceOp::Max)?;
+    Ok(cannot[0] == 0.0)
+}
+
 /// One rank's run (the whole run without a group); `local` is the rank's index among
 /// this machine's ranks (it picks the rank's GPU).
 fn train_rank(
@@ -496,13 +536,22 @@ fn train_rank(
     let cfg = opts.model(train.classes.len())?;
     let augment = Augment::parse(&opts.augment)?;
     let layout = layout(opts, &cfg)?;
+    let device = Device::for_rank(&opts.device, local)?;
+    let mut nccl = false;
     let par = match group {
-        Some(g) => Some(Parallel::new(
-            g,
-            layout.clone(),
-            opts.microbatches(),
-            ((opts.bucket_mb as f64 * (1 << 20) as f64) / 4.0) as usize,
-        )?),
+        Some(g) => {
+            let par = Parallel::new(
+                g,
+                layout.clone(),
+                opts.microbatches(),
+                ((opts.bucket_mb as f64 * (1 << 20) as f64) / 4.0) as usize,
+            )?;
+            nccl = nccl_gradients(opts, device, &par)?;
+            Some(match nccl {
+                true => par.with_nccl_gradients(device, Duration::from_secs(opts.comm_timeout))?,
+                false => par,
+            })
+        }
         None => None,
     };
     let (replica, stage) = layout.coords(rank);
@@ -545,7 +594,6 @@ fn train_rank(
         total,
         min_lr: 0.0,
     };
-    let device = Device::for_rank(&opts.device, local)?;
     let tc_precision = Precision::resolve(&opts.precision, device)?;
     let tc = TrainConfig {
         lr: opts.lr,
@@ -574,10 +622,15 @@ fn train_rank(
     ));
     if world > 1 {
         logger.info(format!(
-            "layout {}, {} micro-batches per step, global batch {}",
+            "layout {}, {} micro-batches per step, global batch {}{}",
             layout.describe(),
             opts.microbatches(),
-            opts.batch_size
+            opts.batch_size,
+            match nccl {
+                true => "; gradients all-reduced by NCCL on the GPUs",
+                false if layout.dp > 1 => "; gradients all-reduced through host memory",
+                false => "",
+            }
         ));
     }
     let metrics_path = opts.out.join("metrics.jsonl");

@@ -286,6 +286,22 @@ fn device_errors_are_clear() {
     );
     let (ok, _, stderr) = ferrovit(&["bench", "--precision", "fp8"]);
     assert!(!ok && stderr.contains("\"fp8\""), "{stderr}");
+    let (ok, _, stderr) = ferrovit(&["train", "--comm", "mpi", "--out", out]);
+    assert!(
+        !ok && stderr.contains("comm = mpi") && stderr.contains("auto, nccl or host"),
+        "{stderr}"
+    );
+    // NCCL reduces on real GPUs only: asked for on the emulated device, every rank
+    // refuses before any work (and nothing hangs)
+    let (ok, _, stderr) = ferrovit(&[
+        "train", "--device", "cuda-emu", "--dp", "2", "--comm", "nccl", "--out", out,
+    ]);
+    assert!(
+        !ok && stderr.contains("--comm nccl: the device is cuda-emu")
+            && stderr.contains("not a GPU"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 #[test]

@@ -446,21 +446,31 @@ fn the_environment_describes_the_group() {
 }
 
 /// The NCCL group on a machine with a GPU (world size 1: every collective must return
-/// its input, through the device); elsewhere, a clear error instead of a panic.
+/// its input, through the device, and device tensors are reduced where they are);
+/// elsewhere, a clear error instead of a panic.
 #[test]
 fn nccl_group_of_one_or_a_clear_error_without_a_gpu() {
     use ferrovit::dist::NcclGroup;
-    let tcp = TcpGroup::connect(0, 1, HOST, free_port(), Duration::from_secs(30)).unwrap();
+    use ferrovit::tensor::{Device, Tensor};
+    let timeout = Duration::from_secs(30);
+    let tcp = TcpGroup::connect(0, 1, HOST, free_port(), timeout).unwrap();
     if !NcclGroup::available() {
-        let err = NcclGroup::new(tcp, 0)
+        let err = NcclGroup::new(Box::new(tcp), 0, timeout)
             .err()
             .expect("no NCCL here")
             .to_string();
-        assert!(err.contains("cannot be loaded"), "{err}");
+        assert!(
+            err.contains("cannot be loaded") && err.contains("libnccl.so"),
+            "{err}"
+        );
+        if std::env::var("FERROVIT_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+            panic!("FERROVIT_REQUIRE_GPU=1 but NCCL is unavailable: {err}");
+        }
         eprintln!("skipped the NCCL collectives: no CUDA driver or NCCL library on this machine");
         return;
     }
-    let g = NcclGroup::new(tcp, 0).unwrap();
+    let device = Device::cuda(0).unwrap();
+    let g = NcclGroup::on_device(Box::new(tcp), device, timeout).unwrap();
     let data = Rng::new(3).vec(1000, |r| r.normal());
     let mut x = data.clone();
     g.all_reduce(&mut x, ReduceOp::Sum).unwrap();
@@ -470,4 +480,30 @@ fn nccl_group_of_one_or_a_clear_error_without_a_gpu() {
     assert_eq!(g.all_gather(&data).unwrap(), data);
     assert_eq!(g.reduce_scatter(&data, ReduceOp::Max).unwrap(), data);
     g.barrier().unwrap();
+    // tensors on the GPU, reduced in place on the backend's stream; one on the host too
+    let mut a = Tensor::from_vec(data[..600].to_vec(), &[20usize, 30][..])
+        .unwrap()
+        .to_device(device)
+        .unwrap();
+    let mut b = Tensor::from_vec(data[600..].to_vec(), &[400usize][..])
+        .unwrap()
+        .to_device(device)
+        .unwrap();
+    g.all_reduce_tensors(&mut [&mut a, &mut b], ReduceOp::Avg, 64)
+        .unwrap();
+    assert_eq!(
+        [a.host_f32s().unwrap(), b.host_f32s().unwrap()].concat(),
+        data
+    );
+    let mut host = Tensor::from_vec(data.clone(), &[1000usize][..]).unwrap();
+    g.all_reduce_tensors(&mut [&mut host, &mut a], ReduceOp::Sum, 64)
+        .unwrap();
+    assert_eq!(host.host_f32s().unwrap().to_vec(), data);
+    // the emulated device is not NCCL's
+    let tcp = TcpGroup::connect(0, 1, HOST, free_port(), timeout).unwrap();
+    let err = NcclGroup::on_device(Box::new(tcp), Device::cuda_emulated(), timeout)
+        .err()
+        .expect("not a GPU")
+        .to_string();
+    assert!(err.contains("needs a real GPU"), "{err}");
 }

@@ -173,6 +173,11 @@ struct TrainArgs {
     /// Seconds a rank waits for another before failing [default: 300]
     #[arg(long, value_name = "S")]
     comm_timeout: Option<u64>,
+    /// How replicas combine gradients: nccl (on the GPUs; one GPU per rank), host
+    /// (through host memory), or auto (nccl when every rank has a GPU of its own and
+    /// NCCL loads) [default: auto]
+    #[arg(long, value_name = "C")]
+    comm: Option<String>,
     /// Where to compute: cpu, cuda (GPU 0), cuda:N, or cuda-emu (the CUDA kernels
     /// emulated on the CPU: slow, for testing) [default: cpu]
     #[arg(long, value_name = "DEVICE")]

@@ -22,6 +22,7 @@ pub use thread::ThreadGroup;
 
 use crate::autograd::ParamStore;
 use crate::error::{Error, Result};
+use crate::tensor::Tensor;
 use std::sync::Arc;
 
 /// How an all-reduce combines the ranks' values.
@@ -103,6 +104,47 @@ pub trait ProcessGroup: Send + Sync {
     fn barrier(&self) -> Result<()> {
         self.all_reduce(&mut [], ReduceOp::Sum)
     }
+
+    /// Combines `tensors` (the same shapes in the same order on every rank; gradients)
+    /// across ranks in place, in buckets of about `bucket` elements. By default they
+    /// pass through host memory; a group on GPUs ([`NcclGroup`]) reduces device
+    /// tensors where they are.
+    fn all_reduce_tensors(
+        &self,
+        tensors: &mut [&mut Tensor],
+        op: ReduceOp,
+        bucket: usize,
+    ) -> Result<()> {
+        all_reduce_through_host(self, tensors, op, bucket)
+    }
+}
+
+/// [`ProcessGroup::all_reduce_tensors`] through host memory: the tensors' values
+/// concatenated into buckets of about `bucket` elements, each all-reduced and copied back.
+fn all_reduce_through_host<G: ProcessGroup + ?Sized>(
+    g: &G,
+    tensors: &mut [&mut Tensor],
+    op: ReduceOp,
+    bucket: usize,
+) -> Result<()> {
+    let bucket = bucket.max(1);
+    let mut flat: Vec<f32> = Vec::with_capacity(bucket);
+    let mut first = 0;
+    for i in 0..tensors.len() {
+        flat.extend_from_slice(&tensors[i].host_f32s()?);
+        if flat.len() >= bucket || i + 1 == tensors.len() {
+            g.all_reduce(&mut flat, op)?;
+            let mut at = 0;
+            for t in &mut tensors[first..=i] {
+                let len = t.numel();
+                t.copy_from_f32s(&flat[at..at + len])?;
+                at += len;
+            }
+            first = i + 1;
+            flat.clear();
+        }
+    }
+    Ok(())
 }
 
 /// Each rank's share of a reduce_scatter over `len` elements.
@@ -281,8 +323,8 @@ pub fn average_gradients(
 }
 
 /// Combines every parameter gradient across the group with `op`, in buckets of about
-/// `bucket` elements, parameters in store order (gradients on a device pass through
-/// host memory).
+/// `bucket` elements, parameters in store order (see
+/// [`ProcessGroup::all_reduce_tensors`]: through host memory, or on the GPUs with NCCL).
 pub fn reduce_gradients(
     store: &mut ParamStore,
     group: &dyn ProcessGroup,
@@ -292,26 +334,6 @@ pub fn reduce_gradients(
     if group.world() == 1 {
         return Ok(());
     }
-    let bucket = bucket.max(1);
-    let mut members: Vec<usize> = Vec::new();
-    let mut flat: Vec<f32> = Vec::with_capacity(bucket);
-    let n = store.len();
-    let mut params: Vec<&mut crate::autograd::Param> = store.iter_mut().collect();
-    for i in 0..n {
-        flat.extend_from_slice(&params[i].grad.host_f32s()?);
-        members.push(i);
-        if flat.len() >= bucket || i + 1 == n {
-            group.all_reduce(&mut flat, op)?;
-            let mut at = 0;
-            for &m in &members {
-                let g = &mut params[m].grad;
-                let len = g.numel();
-                g.copy_from_f32s(&flat[at..at + len])?;
-                at += len;
-            }
-            members.clear();
-            flat.clear();
-        }
-    }
-    Ok(())
+    let mut grads: Vec<&mut Tensor> = store.iter_mut().map(|p| &mut p.grad).collect();
+    group.all_reduce_tensors(&mut grads, op, bucket)
 }

@@ -80,6 +80,15 @@ impl Parallel {
         })
     }
 
+    /// The same, with the replicas' gradients all-reduced by NCCL on the GPU of
+    /// `device` (a real GPU, one per rank) instead of through host memory.
+    pub fn with_nccl_gradients(self, device: Device, timeout: Duration) -> Result<Parallel> {
+        Ok(Parallel {
+            dp: Box::new(crate::dist::NcclGroup::on_device(self.dp, device, timeout)?),
+            ..self
+        })
+    }
+
     pub fn rank(&self) -> usize {
         self.world.rank()
     }

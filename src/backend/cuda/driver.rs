@@ -407,6 +407,10 @@ impl Gpu for DriverGpu {
         })
     }
 
+    fn stream(&self) -> Option<Arc<CudaStream>> {
+        Some(self.stream.clone())
+    }
+
     fn synchronize(&self) -> Result<()> {
         self.stream
             .synchronize()

@@ -87,6 +87,11 @@ pub trait Gpu: Send + Sync {
     /// caller fills `c` with the bias and accumulates onto it.
     fn fuses_bias(&self, gemm: &Gemm) -> bool;
     fn synchronize(&self) -> Result<()>;
+    /// The CUDA stream everything runs on (for NCCL, which enqueues its own kernels in
+    /// order with ours); `None` on the emulated device.
+    fn stream(&self) -> Option<Arc<cudarc::driver::CudaStream>> {
+        None
+    }
     /// Device time per kernel (name, calls, milliseconds), slowest first, when the
     /// device was opened with FERROVIT_PROFILE=1 (CUDA events around every launch and
     /// GEMM); `None` otherwise.
@@ -215,6 +220,14 @@ pub fn describe(device: Device) -> String {
     match device {
         Device::Cpu => "cpu".into(),
         Device::Cuda(id) => format!("{id}: {}", get(id).gpu.describe()),
+    }
+}
+
+/// Whether `device` is a real GPU (not the CPU, not the emulated device).
+pub fn is_gpu(device: Device) -> bool {
+    match device {
+        Device::Cpu => false,
+        Device::Cuda(id) => get(id).gpu.stream().is_some(),
     }
 }
 

@@ -149,6 +149,13 @@ impl NcclGroup {
         })
     }
 
+    /// Whether `s` is this group's stream (the default streams of all GPUs share one
+    /// handle: the GPU is compared too).
+    fn same_stream(&self, s: &CudaStream) -> bool {
+        s.cu_stream() == self.stream.cu_stream()
+            && s.context().ordinal() == self.stream.context().ordinal()
+    }
+
     /// The communicator, locked, with the GPU bound to this thread.
     fn comm(&self, what: &str) -> Result<MutexGuard<'_, Option<Comm>>> {
         let guard = self.comm.lock().unwrap_or_else(|e| e.into_inner());
@@ -305,7 +312,7 @@ impl ProcessGroup for NcclGroup {
                     Device::Cuda(id) => crate::backend::cuda::get(id)
                         .gpu
                         .stream()
-                        .is_some_and(|s| s.cu_stream() == self.stream.cu_stream()),
+                        .is_some_and(|s| self.same_stream(&s)),
                     Device::Cpu => false,
                 }
         };

@@ -259,6 +259,30 @@ fn cuda_training_matches_the_cpu_on_a_gpu() {
     }
 }
 
+/// With two GPUs, replicas reducing their gradients with NCCL on the devices train
+/// exactly as through host memory (two ranks' sums are the same in either order).
+#[test]
+fn nccl_gradients_match_host_gradients_on_two_gpus() {
+    if let Err(e) = Device::cuda(1) {
+        eprintln!("skipped: NCCL data parallelism needs two GPUs ({e})");
+        return;
+    }
+    let dir = temp_dir("cuda-train-nccl");
+    let run = |comm: &str| {
+        let out = dir.join(comm);
+        let opts = TrainOptions {
+            comm: comm.into(),
+            ..parallel_options(&out, "cuda", "bf16", "crop,flip", 1, (2, 1))
+        };
+        (
+            train(&opts).unwrap().final_test_accuracy,
+            epoch_losses(&out),
+        )
+    };
+    assert_eq!(run("nccl"), run("host"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn device_errors_are_clear() {
     let out = temp_dir("device-errors");

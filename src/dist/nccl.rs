@@ -205,7 +205,7 @@ impl NcclGroup {
             *mut c_void,
             sys::ncclComm_t,
             sys::cudaStream_t,
-        ) -> sys::ncclResult_t,
+        ) -> std::result::Result<nccl::NcclStatus, nccl::NcclError>,
     ) -> Result<Vec<f32>> {
         let mut guard = self.comm(what)?;
         if data.is_empty() {
@@ -218,9 +218,7 @@ impl NcclGroup {
             let (sp, _sync_src) = src.device_ptr(s);
             let (dp, _sync_dst) = dst.device_ptr(s);
             let comm = guard.as_ref().map_or(std::ptr::null_mut(), |c| c.0);
-            op(sp as _, dp as _, comm, s.cu_stream() as _)
-                .result()
-                .map_err(|e| comm_err(what, e))?;
+            op(sp as _, dp as _, comm, s.cu_stream() as _).map_err(|e| comm_err(what, e))?;
         }
         self.wait(&mut guard, what)?;
         s.clone_dtoh(&dst).map_err(|e| comm_err(what, e))
@@ -262,7 +260,7 @@ impl ProcessGroup for NcclGroup {
         let n = data.len();
         let out = self.on_gpu("all_reduce", data, n, |s, d, c, st| {
             // SAFETY: device buffers of n floats on the communicator's GPU.
-            unsafe { sys::ncclAllReduce(s, d, n, F32, nccl_op(op), c, st) }
+            unsafe { nccl::all_reduce(s, d, n, F32, nccl_op(op), c, st) }
         })?;
         data.copy_from_slice(&out);
         Ok(())
@@ -272,7 +270,7 @@ impl ProcessGroup for NcclGroup {
         let n = data.len();
         let out = self.on_gpu("broadcast", data, n, |s, d, c, st| {
             // SAFETY: device buffers of n floats on the communicator's GPU.
-            unsafe { sys::ncclBroadcast(s, d, n, F32, root as i32, c, st) }
+            unsafe { nccl::broadcast(s, d, n, F32, root as i32, c, st) }
         })?;
         data.copy_from_slice(&out);
         Ok(())
@@ -282,7 +280,7 @@ impl ProcessGroup for NcclGroup {
         let n = data.len();
         self.on_gpu("all_gather", data, n * self.world(), |s, d, c, st| {
             // SAFETY: n floats in, world × n out, on the communicator's GPU.
-            unsafe { sys::ncclAllGather(s, d, n, F32, c, st) }
+            unsafe { nccl::all_gather(s, d, n, F32, c, st) }
         })
     }
 
@@ -290,7 +288,7 @@ impl ProcessGroup for NcclGroup {
         let n = super::scatter_len(data.len(), self.world())?;
         self.on_gpu("reduce_scatter", data, n, |s, d, c, st| {
             // SAFETY: world × n floats in, n out, on the communicator's GPU.
-            unsafe { sys::ncclReduceScatter(s, d, n, F32, nccl_op(op), c, st) }
+            unsafe { nccl::reduce_scatter(s, d, n, F32, nccl_op(op), c, st) }
         })
     }
 

@@ -19,6 +19,8 @@ use std::sync::{Arc, Mutex};
 pub struct DriverGpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    /// The device's stream-ordered memory pool, which every tensor is allocated from.
+    pool: sys::CUmemoryPool,
     modules: Vec<sys::CUmodule>,
     functions: Mutex<HashMap<&'static str, (sys::CUfunction, u32)>>,
     /// Locked around each call: ranks of a parallel run may share one GPU.
@@ -107,6 +109,25 @@ impl DriverGpu {
         ctx.bind_to_thread()
             .map_err(|e| driver_error("binding the context", e))?;
         let stream = ctx.default_stream();
+        // Tensors come from the device's stream-ordered pool (cuMemAllocAsync). By default
+        // the pool hands every unused byte back to the driver at each synchronisation (a
+        // training step has one: the loss is read back), so the next step would map all
+        // its activation memory afresh. Keep it instead, as PyTorch's caching allocator
+        // does; an allocation that finds the device full trims the pool and tries again.
+        // SAFETY: the device belongs to the bound context; the value is a u64, as the
+        // release threshold attribute requires.
+        let pool = unsafe {
+            let pool = cu::device::get_default_mem_pool(ctx.cu_device())
+                .map_err(|e| driver_error("getting the device's memory pool", e))?;
+            let mut keep = u64::MAX;
+            cu::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut keep as *mut u64 as *mut c_void,
+            )
+            .map_err(|e| driver_error("keeping freed memory in the pool", e))?;
+            pool
+        };
         let mut modules = Vec::new();
         for (name, ptx, cubin) in crate::kernels::MODULES {
             // SAFETY: the context is bound; the images are valid cubin / NUL-terminated PTX.
@@ -131,6 +152,7 @@ impl DriverGpu {
         Ok(DriverGpu {
             ctx,
             stream,
+            pool,
             modules,
             functions: Mutex::new(HashMap::new()),
             blas: Mutex::new(blas),
@@ -230,9 +252,25 @@ impl Gpu for DriverGpu {
 
     fn alloc(&self, bytes: usize) -> Result<u64> {
         self.bind()?;
+        let stream = self.stream.cu_stream();
         // SAFETY: stream-ordered allocation on our live stream.
-        unsafe { cu::malloc_async(self.stream.cu_stream(), bytes) }
-            .map_err(|e| driver_error(&format!("allocating {bytes} bytes"), e))
+        let first = unsafe { cu::malloc_async(stream, bytes) };
+        match first {
+            Err(e) if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+                // The pool keeps what was freed (see `open`); memory freed on the stream
+                // but still pooled may be what is missing: wait for the stream, give the
+                // pool's unused memory back, try once more.
+                self.stream
+                    .synchronize()
+                    .map_err(|e| driver_error("synchronizing", e))?;
+                // SAFETY: our device's live pool; the stream is idle; then as above.
+                unsafe { cu::mem_pool::trim_to(self.pool, 0) }
+                    .map_err(|e| driver_error("trimming the memory pool", e))?;
+                unsafe { cu::malloc_async(stream, bytes) }
+            }
+            r => r,
+        }
+        .map_err(|e| driver_error(&format!("allocating {bytes} bytes"), e))
     }
 
     fn free(&self, ptr: u64) {

@@ -38,7 +38,7 @@ fn main() -> ferrovit::Result<()> {
         let (mut loss_sum, mut batches) = (0.0, 0);
         for batch in train.epoch(epoch) {
             let batch = batch?;
-            engine.zero_grad();
+            engine.zero_grad()?;
             let output = engine.forward(batch.images, &batch.samples)?;
             let loss = engine.criterion(&output, &batch.labels)?;
             engine.backward(&loss)?;

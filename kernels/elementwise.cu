@@ -69,19 +69,26 @@ extern "C" __global__ void fill_rows_bf16(fv_bf16* __restrict__ out, const float
   ew_fill_rows(out, bias, n, d);
 }
 
-// grid-stride, block 256: out = a + b (out may be a: add_assign)
-__device__ __forceinline__ void ew_add(const float* a, const float* __restrict__ b, float* out, long n) {
+// grid-stride, block 256: out = a + b (out may be a: add_assign); b f32, or bf16 (a
+// mixed-precision branch added to the f32 residual stream without dropout)
+template <class T>
+__device__ __forceinline__ void ew_add(const float* a, const T* __restrict__ b, float* out, long n) {
   const long n4 = n / 4;
   for (long i = fv_global_id(); i < n4; i += fv_grid_stride()) {
-    fv_vec4<float> x = fv_load4(a, i), y = fv_load4(b, i);
+    fv_vec4<float> x = fv_load4(a, i);
+    const fv_vec4<T> y = fv_load4(b, i);
 #pragma unroll
-    for (int k = 0; k < 4; ++k) x.v[k] += y.v[k];
+    for (int k = 0; k < 4; ++k) x.v[k] += fv_f32(y.v[k]);
     fv_store4(out, i, x);
   }
-  for (long i = 4 * n4 + fv_global_id(); i < n; i += fv_grid_stride()) out[i] = a[i] + b[i];
+  for (long i = 4 * n4 + fv_global_id(); i < n; i += fv_grid_stride()) out[i] = a[i] + fv_f32(b[i]);
 }
 extern "C" __global__ void add_f32(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ out,
                                    long n) {
+  ew_add(a, b, out, n);
+}
+extern "C" __global__ void add_f32_bf16(const float* __restrict__ a, const fv_bf16* __restrict__ b,
+                                        float* __restrict__ out, long n) {
   ew_add(a, b, out, n);
 }
 
@@ -177,10 +184,12 @@ __device__ __forceinline__ float ew_dropout_one(float x, unsigned long long h, i
 // mix64(mix64(key ^ samples[s]) ^ (e / 4)) is >= threshold (key: the dropout site's,
 // so one upload of the batch's sample indices serves every site); m = x * (kept ? scale : 0).
 // mode 0: out = m; mode 1: out += m; mode 2: out = residual + m (residual null otherwise).
-// When per % 4 == 0 a quad is one hash's four lanes. x and out are of type T, residual f32.
-template <class T>
-__device__ __forceinline__ void ew_dropout(const T* __restrict__ x, const float* __restrict__ residual,
-                                           T* __restrict__ out, const unsigned long long* __restrict__ samples,
+// When per % 4 == 0 a quad is one hash's four lanes. x of type TX and out of type TO (each
+// f32 or bf16: under mixed precision a bf16 branch is added to the f32 residual stream,
+// and its f32 gradient is written to the branch in bf16), residual f32.
+template <class TX, class TO>
+__device__ __forceinline__ void ew_dropout(const TX* __restrict__ x, const float* __restrict__ residual,
+                                           TO* __restrict__ out, const unsigned long long* __restrict__ samples,
                                            unsigned long long key, long per, long n, unsigned threshold, float scale,
                                            int mode) {
   const bool narrow = ew_narrow(n);
@@ -189,12 +198,12 @@ __device__ __forceinline__ void ew_dropout(const T* __restrict__ x, const float*
     for (long i = fv_global_id(); i < n / 4; i += fv_grid_stride()) {
       ew_divmod(4 * i, per, narrow, s, e);
       const unsigned long long h = fv_mix64(fv_mix64(key ^ samples[s]) ^ (unsigned long long)(e >> 2));
-      const fv_vec4<T> xv = fv_load4(x, i);
-      fv_vec4<T> o = mode == 1 ? fv_load4(out, i) : fv_vec4<T>{};
+      const fv_vec4<TX> xv = fv_load4(x, i);
+      fv_vec4<TO> o = mode == 1 ? fv_load4(out, i) : fv_vec4<TO>{};
       const fv_vec4<float> r = mode == 2 ? fv_load4(residual, i) : fv_vec4<float>{};
 #pragma unroll
       for (int k = 0; k < 4; ++k)
-        o.v[k] = fv_as<T>(ew_dropout_one(fv_f32(xv.v[k]), h, k, threshold, scale, mode, fv_f32(o.v[k]), r.v[k]));
+        o.v[k] = fv_as<TO>(ew_dropout_one(fv_f32(xv.v[k]), h, k, threshold, scale, mode, fv_f32(o.v[k]), r.v[k]));
       fv_store4(out, i, o);
     }
     return;
@@ -202,7 +211,7 @@ __device__ __forceinline__ void ew_dropout(const T* __restrict__ x, const float*
   for (long i = fv_global_id(); i < n; i += fv_grid_stride()) {
     ew_divmod(i, per, narrow, s, e);
     const unsigned long long h = fv_mix64(fv_mix64(key ^ samples[s]) ^ (unsigned long long)(e >> 2));
-    out[i] = fv_as<T>(ew_dropout_one(fv_f32(x[i]), h, (int)(e & 3), threshold, scale, mode,
+    out[i] = fv_as<TO>(ew_dropout_one(fv_f32(x[i]), h, (int)(e & 3), threshold, scale, mode,
                                      mode == 1 ? fv_f32(out[i]) : 0.f, mode == 2 ? residual[i] : 0.f));
   }
 }
@@ -216,6 +225,18 @@ extern "C" __global__ void dropout_bf16(const fv_bf16* __restrict__ x, const flo
                                         fv_bf16* __restrict__ out, const unsigned long long* __restrict__ samples,
                                         unsigned long long key, long per, long n, unsigned threshold, float scale,
                                         int mode) {
+  ew_dropout(x, residual, out, samples, key, per, n, threshold, scale, mode);
+}
+extern "C" __global__ void dropout_bf16_f32(const fv_bf16* __restrict__ x, const float* __restrict__ residual,
+                                            float* __restrict__ out, const unsigned long long* __restrict__ samples,
+                                            unsigned long long key, long per, long n, unsigned threshold,
+                                            float scale, int mode) {
+  ew_dropout(x, residual, out, samples, key, per, n, threshold, scale, mode);
+}
+extern "C" __global__ void dropout_f32_bf16(const float* __restrict__ x, const float* __restrict__ residual,
+                                            fv_bf16* __restrict__ out, const unsigned long long* __restrict__ samples,
+                                            unsigned long long key, long per, long n, unsigned threshold,
+                                            float scale, int mode) {
   ew_dropout(x, residual, out, samples, key, per, n, threshold, scale, mode);
 }
 

@@ -111,3 +111,18 @@ extern "C" __global__ void sgd_multi_f32(const unsigned long long* __restrict__ 
   for (long i = start + threadIdx.x; i < end; i += blockDim.x)
     sgd_update(p, g, buf, i, lr, momentum, dampening, wd, nesterov, first);
 }
+
+// grid = number of chunks, block 256: every element of many tensors set to `value` in one
+// launch (zeroing all parameter gradients). table holds 2 u64 per tensor: address, element
+// count; block k covers elements [chunk_start[k], min(chunk_start[k] + chunk, n)) of
+// tensor chunk_tensor[k].
+extern "C" __global__ void fill_multi_f32(const unsigned long long* __restrict__ table,
+                                          const int* __restrict__ chunk_tensor, const long* __restrict__ chunk_start,
+                                          int chunk, float value) {
+  const unsigned long long* t = table + 2l * chunk_tensor[blockIdx.x];
+  float* x = (float*)(size_t)t[0];
+  const long n = (long)t[1];
+  const long start = chunk_start[blockIdx.x];
+  const long end = start + chunk < n ? start + chunk : n;
+  for (long i = start + threadIdx.x; i < end; i += blockDim.x) x[i] = value;
+}

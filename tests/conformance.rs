@@ -443,15 +443,22 @@ impl Suite {
                 }
             }
         }
-        self.check(
-            "add",
-            0.0,
-            vec![x.clone(), self.rand(&[n, d]), self.nan(&[n, d])],
-            &|be, t| {
-                let [a, b, o] = t else { unreachable!() };
-                be.add(a, b, o).map(|_| 0.0)
-            },
-        );
+        // b in bf16 too: a mixed-precision branch added to the residual stream
+        for dtype in [DType::F32, DType::BF16] {
+            self.check(
+                &format!("add {dtype}"),
+                0.0,
+                vec![
+                    x.clone(),
+                    self.rand(&[n, d]).to_dtype(dtype),
+                    self.nan(&[n, d]),
+                ],
+                &|be, t| {
+                    let [a, b, o] = t else { unreachable!() };
+                    be.add(a, b, o).map(|_| 0.0)
+                },
+            );
+        }
         self.check(
             "add_assign",
             0.0,
@@ -469,11 +476,21 @@ impl Suite {
         });
         let samples = [5u64, 900, 3, 77, 1];
         // 133 per sample: the scalar path; 132: one hash per 4-wide access. x and out in
-        // bf16 too (the MLP's hidden layer under mixed precision: no residual there).
-        let modes = (0..3)
-            .map(|m| (m, DType::F32))
-            .chain([(0, DType::BF16), (1, DType::BF16)]);
-        for ((mode, dtype), per) in modes.flat_map(|m| [(m, 133), (m, 132)]) {
+        // bf16 too: the MLP's hidden layer under mixed precision (no residual there), a
+        // bf16 branch added to the f32 residual stream, its f32 gradient written in bf16,
+        // a bf16 gradient accumulated into an f32 one.
+        let (f32, bf16) = (DType::F32, DType::BF16);
+        let modes = [
+            (0, f32, f32),
+            (1, f32, f32),
+            (2, f32, f32),
+            (0, bf16, bf16),
+            (1, bf16, bf16),
+            (2, bf16, f32),
+            (0, f32, bf16),
+            (1, bf16, f32),
+        ];
+        for ((mode, xt, ot), per) in modes.into_iter().flat_map(|m| [(m, 133), (m, 132)]) {
             let residual = self.rand(&[5, per]);
             let out = if mode == 1 {
                 self.rand(&[5, per])
@@ -481,12 +498,12 @@ impl Suite {
                 self.nan(&[5, per])
             };
             self.check(
-                &format!("dropout {dtype}"),
+                &format!("dropout {xt} -> {ot}, mode {mode}"),
                 0.0,
                 vec![
-                    self.rand(&[5, per]).to_dtype(dtype),
+                    self.rand(&[5, per]).to_dtype(xt),
                     residual,
-                    out.to_dtype(dtype),
+                    out.to_dtype(ot),
                 ],
                 &|be, t| {
                     let [x, r, o] = t else { unreachable!() };
@@ -615,6 +632,12 @@ impl Suite {
         let grads: Vec<Tensor> = sizes.iter().map(|&n| self.rand(&[n])).collect();
         self.check("sum_squares_all", 1e-9, grads, &|be, t| {
             be.sum_squares_all(&t.iter().collect::<Vec<_>>())
+        });
+        let grads: Vec<Tensor> = sizes.iter().map(|&n| self.rand(&[n])).collect();
+        self.check("fill_all", 0.0, grads, &|be, t| {
+            // random inputs: an element the kernel misses differs from the CPU's zero
+            be.fill_all(&mut t.iter_mut().collect::<Vec<_>>(), 0.0)?;
+            Ok(0.0)
         });
         let mut logits = self.rand(&[9, 37]).to_vec_f32();
         logits[37 + 5] = 9.0; // a tie: the first wins

@@ -154,7 +154,7 @@ fn train_dp(dp: usize, steps: usize) -> (Vec<f32>, Vec<Vec<f32>>) {
             let idx: Vec<usize> = (0..per).map(|i| s * 8 + g.rank() * per + i).collect();
             let (x, y) = ds.batch(&idx, None).unwrap();
             let samples: Vec<u64> = idx.iter().map(|&i| i as u64).collect();
-            e.zero_grad();
+            e.zero_grad().unwrap();
             let out = e.forward(x, &samples).unwrap();
             let loss = e.criterion(&out, &y).unwrap();
             e.backward(&loss).unwrap();

@@ -107,7 +107,7 @@ fn bf16_gradients_are_close_to_f32() {
         )
         .unwrap();
         e.train();
-        e.zero_grad();
+        e.zero_grad().unwrap();
         let out = e.forward(x.clone(), &ids).unwrap();
         let loss = e.criterion(&out, &y).unwrap();
         e.backward(&loss).unwrap();

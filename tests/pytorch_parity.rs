@@ -117,7 +117,7 @@ fn forward_backward_and_adamw_match_pytorch() {
 
     let steps = f.meta("steps") as usize;
     for step in 0..steps {
-        store.zero_grad();
+        store.zero_grad().unwrap();
         let mut g = Graph::new(&mut store);
         let ctx = ForwardCtx::train(0, (0..labels.len() as u64).collect::<Vec<_>>());
         let logits = vit.forward(&mut g, images.clone(), &ctx).unwrap();

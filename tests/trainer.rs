@@ -52,7 +52,7 @@ fn the_tutorial_engine_loop_equals_train_step() {
     let mut losses = Vec::new();
     for batch in train.epoch(0) {
         let batch = batch.unwrap();
-        a.zero_grad();
+        a.zero_grad().unwrap();
         let output = a.forward(batch.images.clone(), &batch.samples).unwrap();
         assert_eq!(output.logits.dims(), &[batch.labels.len(), 10]);
         let loss = a.criterion(&output, &batch.labels).unwrap();

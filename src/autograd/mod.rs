@@ -70,11 +70,12 @@ impl std::fmt::Display for Precision {
 /// How an op's output is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Out {
-    /// f32 always: outputs that feed the residual stream, the loss, or another rank.
+    /// f32 always: the residual stream itself, the logits, what goes to another rank.
     F32,
-    /// bf16 under [`Precision::Bf16`], f32 otherwise: outputs that only feed GEMMs and
-    /// the ops that read bf16 (attention, bias+GELU, dropout) — as PyTorch's autocast
-    /// keeps linear outputs in bf16 and LayerNorm statistics and residuals in f32.
+    /// bf16 under [`Precision::Bf16`], f32 otherwise: outputs that only feed GEMMs, the
+    /// ops that read bf16 (attention, bias+GELU, dropout) and the adds onto the f32
+    /// residual stream — as PyTorch's autocast keeps linear outputs in bf16 and
+    /// LayerNorm statistics and residuals in f32.
     Compute,
 }
 
@@ -383,18 +384,16 @@ impl<'a> Graph<'a> {
         let (xv, wv) = half.as_ref().map_or((xv, wv), |(x, w)| (x, w));
         let pre = match act {
             Activation::None => {
-                if let Some(b) = b {
-                    self.backend.fill_rows(&mut out, self.value(b))?;
+                let mnk = (n, out_f, in_f);
+                match b {
+                    // the bias in the GEMM's epilogue where the device can (cuBLASLt)
+                    Some(b) => self
+                        .backend
+                        .matmul_bias(&mut out, xv, wv, self.value(b), mnk)?,
+                    None => self
+                        .backend
+                        .matmul(&mut out, xv, false, wv, true, mnk, false)?,
                 }
-                self.backend.matmul(
-                    &mut out,
-                    xv,
-                    false,
-                    wv,
-                    true,
-                    (n, out_f, in_f),
-                    b.is_some(),
-                )?;
                 None
             }
             Activation::Gelu => {
@@ -771,7 +770,19 @@ impl<'a> Graph<'a> {
         r
     }
 
+    /// Adds `g` to the gradient of `v`. The first f32 contribution to a node's gradient
+    /// is taken as a share of `g` (copy-on-write; no zero-fill, no add): an add passes
+    /// its output gradient on to both inputs this way, e.g. the residual stream's.
     fn accumulate(&mut self, v: Var, g: &Tensor) -> Result<()> {
+        let node = &mut self.nodes[v.0];
+        if node.needs_grad
+            && node.grad.is_none()
+            && !matches!(node.op, Op::Param(_))
+            && g.dtype() == DType::F32
+        {
+            node.grad = Some(g.share());
+            return Ok(());
+        }
         let be = self.backend;
         self.update_grad(v, |_, slot| {
             be.add_assign(slot, &*as_dtype(g, slot.dtype())?)
@@ -892,8 +903,8 @@ impl<'a> Graph<'a> {
                     } else {
                         DropoutMode::Accumulate
                     };
-                    let r = as_dtype(g, d.dtype())
-                        .and_then(|g| be.dropout(&g, *p, *key, samples, mode, &mut d));
+                    // (g f32 and d bf16 for a mixed-precision branch: written in one pass)
+                    let r = be.dropout(g, *p, *key, samples, mode, &mut d);
                     self.put_grad(*x, Some(d));
                     r?;
                 }

@@ -99,10 +99,21 @@ impl ParamStore {
         self.params.iter().map(|p| p.value.numel()).sum()
     }
 
-    pub fn zero_grad(&mut self) {
+    /// Sets every gradient to zero (on a CUDA device in one launch for all of them).
+    pub fn zero_grad(&mut self) -> Result<()> {
+        use crate::tensor::Device;
+        let mut by_device: Vec<(Device, Vec<&mut Tensor>)> = Vec::new();
         for p in &mut self.params {
-            p.grad.fill(0.0);
+            let device = p.grad.device();
+            match by_device.iter_mut().find(|(d, _)| *d == device) {
+                Some((_, grads)) => grads.push(&mut p.grad),
+                None => by_device.push((device, vec![&mut p.grad])),
+            }
         }
+        for (device, mut grads) in by_device {
+            crate::backend::for_device(device).fill_all(&mut grads, 0.0)?;
+        }
+        Ok(())
     }
 
     /// A store with the same parameter values, shared copy-on-write (O(1) per

@@ -130,13 +130,15 @@ pub trait Backend: Send + Sync {
         dqkv: &mut Tensor,
         accumulate: bool,
     ) -> Result<()>;
-    /// `out = a + b` (overwrites).
+    /// `out = a + b` (overwrites); `a` and `out` f32, `b` f32 or bf16.
     fn add(&self, a: &Tensor, b: &Tensor, out: &mut Tensor) -> Result<()>;
     fn add_assign(&self, dst: &mut Tensor, src: &Tensor) -> Result<()>;
     fn scale(&self, x: &mut Tensor, s: f32) -> Result<()>;
     fn sum_squares(&self, x: &Tensor) -> Result<f64>;
     /// Inverted dropout `m = x * mask / (1 - p)`, written, accumulated or added to a
-    /// residual as `mode` says; `samples` names the sample of each leading row.
+    /// residual as `mode` says; `samples` names the sample of each leading row. `x` and
+    /// `out` each f32 or bf16 (computed in f32, a bf16 `out` rounded once); a residual
+    /// is f32.
     fn dropout(
         &self,
         x: &Tensor,
@@ -197,6 +199,15 @@ pub trait Backend: Send + Sync {
     /// backend's device).
     fn augment(&self, raw: &RawImages, dtype: DType) -> Result<Tensor> {
         raw.to_images()?.try_to_dtype(dtype)
+    }
+
+    /// Sets every element of every tensor (f32) to `value` (zero_grad; the CUDA backend:
+    /// one launch for all of them).
+    fn fill_all(&self, ts: &mut [&mut Tensor], value: f32) -> Result<()> {
+        for t in ts {
+            t.fill(value)?;
+        }
+        Ok(())
     }
 
     /// Sum of the squares of every element of every tensor (global-norm clipping).

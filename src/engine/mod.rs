@@ -100,7 +100,7 @@ struct Pending {
 /// engine.train();
 /// for batch in loader.epoch(0).take(3) {
 ///     let batch = batch?;
-///     engine.zero_grad();
+///     engine.zero_grad()?;
 ///     let output = engine.forward(batch.images, &batch.samples)?;
 ///     let loss = engine.criterion(&output, &batch.labels)?;
 ///     engine.backward(&loss)?;
@@ -271,8 +271,8 @@ impl Engine {
     }
 
     /// Sets every parameter gradient to zero.
-    pub fn zero_grad(&mut self) {
-        self.params_mut().zero_grad();
+    pub fn zero_grad(&mut self) -> Result<()> {
+        self.params_mut().zero_grad()
     }
 
     /// Runs the model on images `[b, 3, H, W]`; `samples` are the global dataset
@@ -373,7 +373,7 @@ impl Engine {
         samples: &[u64],
     ) -> Result<BatchStats> {
         self.train();
-        self.zero_grad();
+        self.zero_grad()?;
         let output = self.forward(images, samples)?;
         // read back before the backward pass is queued (see `train_batch`)
         let correct = count_correct(&output.logits, labels)?;
@@ -416,7 +416,7 @@ impl Engine {
         if self.par.is_some() {
             return self.parallel_batch(batch, true);
         }
-        self.zero_grad();
+        self.zero_grad()?;
         let images = self.batch_images(&batch)?;
         let output = self.forward(images, &batch.samples)?;
         // Everything the host reads back (predictions, the loss) is read before the

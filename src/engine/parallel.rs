@@ -187,7 +187,7 @@ impl Engine {
             }
         };
         if train {
-            self.params.zero_grad();
+            self.params.zero_grad()?;
         }
         let smoothing = if train {
             self.config.label_smoothing

@@ -441,9 +441,10 @@ impl Vit {
             .and_then(Option::as_ref)
             .ok_or_else(|| self.missing(&format!("block {i}")))?;
         let site = 1 + 3 * i as u64;
-        // Under mixed precision the LayerNorm outputs, qkv, the attention output and the
-        // MLP's hidden layer are stored in bf16 (they only feed GEMMs, attention and
-        // GELU); the residual stream x stays f32.
+        // Under mixed precision the LayerNorm outputs, qkv, the attention output, the
+        // MLP's hidden layer and both branches added to the residual stream (the
+        // projection's and fc2's outputs, as under PyTorch's autocast) are stored in
+        // bf16; the residual stream x stays f32.
         let h = b.norm1.forward(g, x, Out::Compute)?;
         let qkv = b
             .attn
@@ -454,12 +455,15 @@ impl Vit {
         } else {
             (g.attention(qkv, b.attn.heads)?, x)
         };
-        let h = b.attn.proj.forward(g, a, Activation::None)?;
+        let h = b
+            .attn
+            .proj
+            .forward_to(g, a, Activation::None, Out::Compute)?;
         let x = self.dropout_add(g, x, h, site, ctx)?;
         let h = b.norm2.forward(g, x, Out::Compute)?;
         let h = b.mlp.fc1.forward_to(g, h, Activation::Gelu, Out::Compute)?;
         let h = self.dropout(g, h, site + 1, ctx)?;
-        let h = b.mlp.fc2.forward(g, h, Activation::None)?;
+        let h = b.mlp.fc2.forward_to(g, h, Activation::None, Out::Compute)?;
         self.dropout_add(g, x, h, site + 2, ctx)
     }
 

@@ -470,21 +470,17 @@ impl Tensor {
         })
     }
 
-    /// Sets every element (f32 tensors; a no-op error-free call on others is a bug, so
-    /// they are converted in place to f32 first).
-    pub fn fill(&mut self, value: f32) {
+    /// Sets every element (f32 tensors; on the CPU others are converted in place to f32
+    /// first). Fails only on a device error, or a CUDA tensor that is not f32.
+    pub fn fill(&mut self, value: f32) -> Result<()> {
         if let Device::Cuda(id) = self.device() {
-            if let Err(e) = crate::backend::cuda::get(id).backend.fill(self, value) {
-                panic!("{e}");
-            }
-            return;
+            return crate::backend::cuda::get(id).backend.fill(self, value);
         }
         if self.dtype() != DType::F32 {
             *self = self.to_dtype(DType::F32);
         }
-        if let Ok(s) = self.f32s_mut() {
-            crate::backend::cpu::fill(s, value);
-        }
+        crate::backend::cpu::fill(self.f32s_mut()?, value);
+        Ok(())
     }
 
     /// A copy on `device` (the same tensor when it is there already), in the same

@@ -333,10 +333,12 @@ impl Backend for CpuBackend {
     }
 
     fn add(&self, a: &Tensor, b: &Tensor, out: &mut Tensor) -> Result<()> {
-        let (a, b, out) = (a.f32s()?, b.f32s()?, out.f32s_mut()?);
-        same_len("add", a, b)?;
+        // b may be a bf16 branch under mixed precision (widened exactly)
+        let b = read(b)?;
+        let (a, out) = (a.f32s()?, out.f32s_mut()?);
+        same_len("add", a, &b)?;
         same_len("add", a, out)?;
-        ops::add(a, b, out);
+        ops::add(a, &b, out);
         Ok(())
     }
 

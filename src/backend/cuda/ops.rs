@@ -746,8 +746,10 @@ impl Backend for CudaBackend {
         let n = a.numel();
         same("add", n, b.numel())?;
         same("add", n, out.numel())?;
-        let args = [self.ptr(a)?, self.ptr(b)?, self.ptr_mut(out)?, long(n)];
-        self.elementwise("add_f32", n, &args)
+        // b may be a bf16 branch (mixed precision), a and out are the f32 residual stream
+        let args = [self.ptr(a)?, self.act(b)?, self.ptr_mut(out)?, long(n)];
+        let kernel = variant("add", ["add_f32", "add_f32_bf16"], &[b])?;
+        self.elementwise(kernel, n, &args)
     }
 
     fn add_assign(&self, dst: &mut Tensor, src: &Tensor) -> Result<()> {
@@ -818,8 +820,16 @@ impl Backend for CudaBackend {
             }
         };
         let threshold = (p as f64 * 65536.0).round() as u32;
-        // x and out f32, or both bf16 (mixed precision's MLP activations)
-        let kernel = variant("dropout", ["dropout_f32", "dropout_bf16"], &[x, out])?;
+        // f32 or bf16 each: the MLP's bf16 activations; a bf16 branch added to the f32
+        // residual stream, and its gradient written back in bf16
+        self.on_device(x, &ACTIVATIONS)?;
+        self.on_device(out, &ACTIVATIONS)?;
+        let kernel = match (x.dtype(), out.dtype()) {
+            (DType::BF16, DType::BF16) => "dropout_bf16",
+            (DType::BF16, _) => "dropout_bf16_f32",
+            (_, DType::BF16) => "dropout_f32_bf16",
+            _ => "dropout_f32",
+        };
         let args = [
             self.act(x)?,
             residual,
@@ -1056,6 +1066,33 @@ impl Backend for CudaBackend {
         ];
         self.elementwise(kernel, n, &args)?;
         Ok(out)
+    }
+
+    fn fill_all(&self, ts: &mut [&mut Tensor], value: f32) -> Result<()> {
+        let mut table = Vec::with_capacity(2 * ts.len());
+        for t in ts.iter_mut() {
+            table.extend([addr(self.ptr_mut(t)?), t.numel() as u64]);
+        }
+        let lens: Vec<usize> = ts.iter().map(|t| t.numel()).collect();
+        let (tab, _t) = self.upload(&table)?;
+        let (which, start, blocks, _c) = self.chunks(&lens)?;
+        if blocks == 0 {
+            return Ok(());
+        }
+        let args = [
+            tab,
+            which,
+            start,
+            int(MULTI_CHUNK, "chunk")?,
+            Arg::F32(value),
+        ];
+        self.launch(
+            "fill_multi_f32",
+            [blocks as u32, 1, 1],
+            [THREADS, 1, 1],
+            0,
+            &args,
+        )
     }
 
     fn sum_squares_all(&self, xs: &[&Tensor]) -> Result<f64> {

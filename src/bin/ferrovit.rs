@@ -799,8 +799,13 @@ fn bench(a: BenchArgs) -> Result<()> {
         if let Some(rows) = ferrovit::backend::cuda::get(id).gpu.profile() {
             let steps = (a.warmup + a.steps) as f64;
             let total: f64 = rows.iter().map(|r| r.2).sum();
+            let what = if ferrovit::backend::cuda::is_gpu(device) {
+                "device time"
+            } else {
+                "emulated kernels' host time"
+            };
             println!(
-                "device time per step (FERROVIT_PROFILE=1): {:.3} ms",
+                "{what} per step (FERROVIT_PROFILE=1): {:.3} ms",
                 total / steps
             );
             for (what, calls, ms) in rows {

@@ -158,9 +158,7 @@ impl DriverGpu {
             blas: Mutex::new(blas),
             lt,
             name: format!("{name} (cuda:{ordinal})"),
-            profile: std::env::var("FERROVIT_PROFILE")
-                .is_ok_and(|v| v == "1")
-                .then(Mutex::default),
+            profile: super::profiling().then(Mutex::default),
             staging: Mutex::new(None),
         })
     }
@@ -390,14 +388,15 @@ impl Gpu for DriverGpu {
                 .as_ref()
                 .filter(|_| !g.accumulate)
                 .ok_or_else(|| Error::Device("a GEMM with a bias needs cuBLASLt".into()))?;
-            let (m, n, k) = g.mnk;
-            let what = || format!("GEMM+bias {}->{} {m}x{n}x{k}", g.inputs, g.output);
             // SAFETY: the backend checked every operand's size (and the bias's) against
             // (m, n, k) and dtype; the context is bound and the stream is ours.
-            return self.timed(what, || unsafe {
-                lt.matmul(g, self.stream.cu_stream() as *mut c_void)
-                    .map_err(|e| driver_error("cuBLASLt matmul", e))
-            });
+            return self.timed(
+                || g.label(),
+                || unsafe {
+                    lt.matmul(g, self.stream.cu_stream() as *mut c_void)
+                        .map_err(|e| driver_error("cuBLASLt matmul", e))
+                },
+            );
         }
         let (m, n, k) = g.mnk;
         let dim = |v: usize| {
@@ -416,33 +415,35 @@ impl Gpu for DriverGpu {
             DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
             _ => blas_sys::cudaDataType::CUDA_R_32F,
         };
-        let what = || format!("GEMM {}->{} {m}x{n}x{k}", g.inputs, g.output);
         // SAFETY: the backend checked every operand's size against (m, n, k) and dtype.
         let handle = self.blas.lock().unwrap_or_else(|e| e.into_inner());
-        self.timed(what, || unsafe {
-            blas::gemm_ex(
-                *handle,
-                op(g.tb),
-                op(g.ta),
-                dim(n)?,
-                dim(m)?,
-                dim(k)?,
-                &alpha as *const f32 as *const c_void,
-                g.b as *const c_void,
-                cuda_type(g.inputs),
-                dim(if g.tb { k } else { n })?,
-                g.a as *const c_void,
-                cuda_type(g.inputs),
-                dim(if g.ta { m } else { k })?,
-                &beta as *const f32 as *const c_void,
-                g.c as *mut c_void,
-                cuda_type(g.output),
-                dim(n)?,
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-            .map_err(|e| driver_error("cuBLAS GemmEx", e))
-        })
+        self.timed(
+            || g.label(),
+            || unsafe {
+                blas::gemm_ex(
+                    *handle,
+                    op(g.tb),
+                    op(g.ta),
+                    dim(n)?,
+                    dim(m)?,
+                    dim(k)?,
+                    &alpha as *const f32 as *const c_void,
+                    g.b as *const c_void,
+                    cuda_type(g.inputs),
+                    dim(if g.tb { k } else { n })?,
+                    g.a as *const c_void,
+                    cuda_type(g.inputs),
+                    dim(if g.ta { m } else { k })?,
+                    &beta as *const f32 as *const c_void,
+                    g.c as *mut c_void,
+                    cuda_type(g.output),
+                    dim(n)?,
+                    blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+                .map_err(|e| driver_error("cuBLAS GemmEx", e))
+            },
+        )
     }
 
     fn stream(&self) -> Option<Arc<CudaStream>> {
@@ -475,12 +476,6 @@ impl Gpu for DriverGpu {
 
     fn profile(&self) -> Option<Vec<(String, u64, f64)>> {
         let p = self.profile.as_ref()?.lock().ok()?;
-        let mut rows: Vec<_> = p
-            .totals
-            .iter()
-            .map(|(k, &(n, ms))| (k.clone(), n, ms))
-            .collect();
-        rows.sort_by(|a, b| b.2.total_cmp(&a.2));
-        Some(rows)
+        Some(super::profile_rows(&p.totals))
     }
 }

@@ -304,32 +304,150 @@ struct Allocation {
 }
 
 /// The emulated device.
-#[derive(Default)]
 pub struct EmuGpu {
     allocations: Mutex<BTreeMap<u64, Allocation>>,
     /// Device memory, as on a real GPU (`None`: the host's).
     capacity: Option<usize>,
     /// GEMMs do not add a bias themselves (a GPU without cuBLASLt, or a shape it refuses).
     no_bias_epilogue: bool,
+    /// FERROVIT_PROFILE=1: calls and host milliseconds per kernel and GEMM (the launch
+    /// sequence is the GPU's; the times are the emulator's).
+    profile: Option<Mutex<HashMap<String, (u64, f64)>>>,
+}
+
+impl Default for EmuGpu {
+    fn default() -> EmuGpu {
+        EmuGpu::new(None, false)
+    }
 }
 
 impl EmuGpu {
     /// A device with `bytes` of memory: allocations beyond it fail as on a full GPU.
     pub fn with_memory(bytes: usize) -> EmuGpu {
-        EmuGpu {
-            allocations: Mutex::default(),
-            capacity: Some(bytes),
-            no_bias_epilogue: false,
-        }
+        EmuGpu::new(Some(bytes), false)
     }
 
     /// A device whose GEMMs leave biases to the caller (fill, then accumulate).
     pub fn without_bias_epilogue() -> EmuGpu {
+        EmuGpu::new(None, true)
+    }
+
+    fn new(capacity: Option<usize>, no_bias_epilogue: bool) -> EmuGpu {
         EmuGpu {
             allocations: Mutex::default(),
-            capacity: None,
-            no_bias_epilogue: true,
+            capacity,
+            no_bias_epilogue,
+            profile: super::profiling().then(Mutex::default),
         }
+    }
+
+    /// Runs `f` (one launch or GEMM), adding it to the profile under `what` if profiling.
+    fn timed(&self, what: impl FnOnce() -> String, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        let Some(profile) = &self.profile else {
+            return f();
+        };
+        let start = std::time::Instant::now();
+        let r = f();
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        let mut totals = profile.lock().map_err(|_| poisoned())?;
+        let t = totals.entry(what()).or_default();
+        t.0 += 1;
+        t.1 += ms;
+        r
+    }
+
+    fn run_kernel(&self, l: &Launch, args: &[Arg]) -> Result<()> {
+        let entry = *kernels().get(l.kernel).ok_or_else(|| {
+            Error::Device(format!(
+                "emulated device: no kernel named {} was built",
+                l.kernel
+            ))
+        })?;
+        let threads = l.block.iter().product::<u32>();
+        if threads == 0 || threads > 1024 || l.grid.contains(&0) || l.shared > MAX_SHARED {
+            return Err(Error::Device(format!(
+                "kernel {}: invalid launch (grid {:?}, block {:?}, {} bytes of shared memory)",
+                l.kernel, l.grid, l.block, l.shared
+            )));
+        }
+        let mut buffers = Vec::new();
+        for a in args {
+            if let Arg::Ptr(p) = *a {
+                if p != 0 {
+                    buffers.push(self.containing(
+                        p,
+                        0,
+                        &format!("kernel {} pointer argument", l.kernel),
+                    )?);
+                }
+            }
+        }
+        let mut slots: Vec<u64> = args.iter().map(Arg::bits).collect();
+        let params = Params(
+            slots
+                .iter_mut()
+                .map(|s| s as *mut u64 as *mut c_void)
+                .collect(),
+        );
+        let blocks = l.grid.iter().product::<u32>();
+        (0..blocks)
+            .into_par_iter()
+            .try_for_each(|b| run_block(entry, &params, l, b, l.kernel))?;
+        for (start, len) in buffers {
+            self.check_guard(start, len, l.kernel)?;
+        }
+        Ok(())
+    }
+
+    fn run_gemm(&self, g: &Gemm) -> Result<()> {
+        let (m, n, k) = g.mnk;
+        if (g.inputs, g.output) == (DType::F32, DType::F32) {
+            let span = |p: u64, len: usize, what: &str| -> Result<*mut f32> {
+                self.containing(p, len * 4, what)?;
+                Ok(p as usize as *mut f32)
+            };
+            let (a, b, c) = (
+                span(g.a, m * k, "gemm A")?,
+                span(g.b, k * n, "gemm B")?,
+                span(g.c, m * n, "gemm C")?,
+            );
+            // SAFETY: each range lies inside a live allocation (checked); C does not
+            // alias A or B (the backend never passes an output as an input).
+            unsafe {
+                let c = std::slice::from_raw_parts_mut(c, m * n);
+                crate::backend::cpu::gemm::matmul(
+                    c,
+                    std::slice::from_raw_parts(a, m * k),
+                    g.ta,
+                    std::slice::from_raw_parts(b, k * n),
+                    g.tb,
+                    g.mnk,
+                    g.accumulate,
+                );
+                self.add_bias(g, c)?;
+            }
+            return Ok(());
+        }
+        // Operands widened to f32 (exact for bf16), the CPU GEMM, the result rounded
+        // back to `output`: what cuBLAS computes with f32 accumulation.
+        let read = |p: u64, len: usize, dtype: DType, what: &str| -> Result<Vec<f32>> {
+            let mut bytes = vec![0u8; len * dtype.size_in_bytes()];
+            self.download(p, &mut bytes)
+                .map_err(|e| Error::Device(format!("{what}: {e}")))?;
+            Ok(Tensor::from_le_bytes(&bytes, dtype, [len])?.to_vec_f32())
+        };
+        let a = read(g.a, m * k, g.inputs, "gemm A")?;
+        let b = read(g.b, k * n, g.inputs, "gemm B")?;
+        let mut c = if g.accumulate {
+            read(g.c, m * n, g.output, "gemm C")?
+        } else {
+            self.containing(g.c, m * n * g.output.size_in_bytes(), "gemm C")?;
+            vec![0.0; m * n]
+        };
+        crate::backend::cpu::gemm::matmul(&mut c, &a, g.ta, &b, g.tb, g.mnk, g.accumulate);
+        self.add_bias(g, &mut c)?;
+        let c = Tensor::from_vec(c, [m * n])?.to_dtype(g.output);
+        self.upload(g.c, &c.to_le_bytes())
     }
 
     /// The live allocation `[ptr, ptr + len)` lies in, as (start, length).
@@ -477,100 +595,19 @@ impl Gpu for EmuGpu {
     }
 
     fn launch(&self, l: &Launch, args: &[Arg]) -> Result<()> {
-        let entry = *kernels().get(l.kernel).ok_or_else(|| {
-            Error::Device(format!(
-                "emulated device: no kernel named {} was built",
-                l.kernel
-            ))
-        })?;
-        let threads = l.block.iter().product::<u32>();
-        if threads == 0 || threads > 1024 || l.grid.contains(&0) || l.shared > MAX_SHARED {
-            return Err(Error::Device(format!(
-                "kernel {}: invalid launch (grid {:?}, block {:?}, {} bytes of shared memory)",
-                l.kernel, l.grid, l.block, l.shared
-            )));
-        }
-        let mut buffers = Vec::new();
-        for a in args {
-            if let Arg::Ptr(p) = *a {
-                if p != 0 {
-                    buffers.push(self.containing(
-                        p,
-                        0,
-                        &format!("kernel {} pointer argument", l.kernel),
-                    )?);
-                }
-            }
-        }
-        let mut slots: Vec<u64> = args.iter().map(Arg::bits).collect();
-        let params = Params(
-            slots
-                .iter_mut()
-                .map(|s| s as *mut u64 as *mut c_void)
-                .collect(),
-        );
-        let blocks = l.grid.iter().product::<u32>();
-        (0..blocks)
-            .into_par_iter()
-            .try_for_each(|b| run_block(entry, &params, l, b, l.kernel))?;
-        for (start, len) in buffers {
-            self.check_guard(start, len, l.kernel)?;
-        }
-        Ok(())
+        self.timed(|| l.kernel.to_string(), || self.run_kernel(l, args))
     }
 
     fn gemm(&self, g: &Gemm) -> Result<()> {
-        let (m, n, k) = g.mnk;
-        if (g.inputs, g.output) == (DType::F32, DType::F32) {
-            let span = |p: u64, len: usize, what: &str| -> Result<*mut f32> {
-                self.containing(p, len * 4, what)?;
-                Ok(p as usize as *mut f32)
-            };
-            let (a, b, c) = (
-                span(g.a, m * k, "gemm A")?,
-                span(g.b, k * n, "gemm B")?,
-                span(g.c, m * n, "gemm C")?,
-            );
-            // SAFETY: each range lies inside a live allocation (checked); C does not
-            // alias A or B (the backend never passes an output as an input).
-            unsafe {
-                let c = std::slice::from_raw_parts_mut(c, m * n);
-                crate::backend::cpu::gemm::matmul(
-                    c,
-                    std::slice::from_raw_parts(a, m * k),
-                    g.ta,
-                    std::slice::from_raw_parts(b, k * n),
-                    g.tb,
-                    g.mnk,
-                    g.accumulate,
-                );
-                self.add_bias(g, c)?;
-            }
-            return Ok(());
-        }
-        // Operands widened to f32 (exact for bf16), the CPU GEMM, the result rounded
-        // back to `output`: what cuBLAS computes with f32 accumulation.
-        let read = |p: u64, len: usize, dtype: DType, what: &str| -> Result<Vec<f32>> {
-            let mut bytes = vec![0u8; len * dtype.size_in_bytes()];
-            self.download(p, &mut bytes)
-                .map_err(|e| Error::Device(format!("{what}: {e}")))?;
-            Ok(Tensor::from_le_bytes(&bytes, dtype, [len])?.to_vec_f32())
-        };
-        let a = read(g.a, m * k, g.inputs, "gemm A")?;
-        let b = read(g.b, k * n, g.inputs, "gemm B")?;
-        let mut c = if g.accumulate {
-            read(g.c, m * n, g.output, "gemm C")?
-        } else {
-            self.containing(g.c, m * n * g.output.size_in_bytes(), "gemm C")?;
-            vec![0.0; m * n]
-        };
-        crate::backend::cpu::gemm::matmul(&mut c, &a, g.ta, &b, g.tb, g.mnk, g.accumulate);
-        self.add_bias(g, &mut c)?;
-        let c = Tensor::from_vec(c, [m * n])?.to_dtype(g.output);
-        self.upload(g.c, &c.to_le_bytes())
+        self.timed(|| g.label(), || self.run_gemm(g))
     }
 
     fn synchronize(&self) -> Result<()> {
         Ok(())
+    }
+
+    fn profile(&self) -> Option<Vec<(String, u64, f64)>> {
+        let totals = self.profile.as_ref()?.lock().ok()?;
+        Some(super::profile_rows(&totals))
     }
 }

@@ -13,6 +13,7 @@ mod staging;
 
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Device};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -72,6 +73,31 @@ pub struct Gemm {
     pub bias: u64,
 }
 
+impl Gemm {
+    /// How a profile names this GEMM: `GEMM bf16->f32 512x768x256`, `GEMM+bias …` when it
+    /// adds its bias itself.
+    pub fn label(&self) -> String {
+        let (m, n, k) = self.mnk;
+        let bias = if self.bias != 0 { "+bias" } else { "" };
+        format!("GEMM{bias} {}->{} {m}x{n}x{k}", self.inputs, self.output)
+    }
+}
+
+/// Whether FERROVIT_PROFILE=1 asks devices to profile every launch and GEMM.
+pub(crate) fn profiling() -> bool {
+    std::env::var("FERROVIT_PROFILE").is_ok_and(|v| v == "1")
+}
+
+/// Per-name totals of a profile, slowest first: (name, calls, milliseconds).
+pub(crate) fn profile_rows(totals: &HashMap<String, (u64, f64)>) -> Vec<(String, u64, f64)> {
+    let mut rows: Vec<_> = totals
+        .iter()
+        .map(|(k, &(n, ms))| (k.clone(), n, ms))
+        .collect();
+    rows.sort_by(|a, b| b.2.total_cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
+    rows
+}
+
 /// What the backend needs from a device: memory, copies, kernel launches, GEMMs. All
 /// work is ordered on one stream; downloads wait for it.
 pub trait Gpu: Send + Sync {
@@ -93,8 +119,9 @@ pub trait Gpu: Send + Sync {
         None
     }
     /// Device time per kernel (name, calls, milliseconds), slowest first, when the
-    /// device was opened with FERROVIT_PROFILE=1 (CUDA events around every launch and
-    /// GEMM); `None` otherwise.
+    /// device was opened with FERROVIT_PROFILE=1 (on a GPU CUDA events around every
+    /// launch and GEMM; on the emulated device the host time each took); `None`
+    /// otherwise.
     fn profile(&self) -> Option<Vec<(String, u64, f64)>> {
         None
     }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{ferrovit, temp_dir};
+use common::{ferrovit, ferrovit_with_env, temp_dir};
 use ferrovit::recipe::{train, TrainOptions};
 use ferrovit::Device;
 use std::path::Path;
@@ -245,35 +245,11 @@ fn emulated_parallel_training_matches_the_cpu() {
 /// The kernel sequence of one bf16 `vit_lite` training step, as the GPU would run it,
 /// from `FERROVIT_PROFILE=1 ferrovit bench` on the emulated device: (name, calls).
 fn launches_of_a_step() -> Vec<(String, u64)> {
-    let bin =
-        std::env::var_os("FERROVIT_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_ferrovit").into());
-    let out = std::process::Command::new(bin)
-        .args([
-            "bench",
-            "--device",
-            "cuda-emu",
-            "--preset",
-            "vit_lite_depth7_patch4_32",
-        ])
-        .args([
-            "--batch-size",
-            "2",
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
-            "--precision",
-            "bf16",
-        ])
-        .env("FERROVIT_PROFILE", "1")
-        .output()
-        .expect("run ferrovit");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let args = "bench --device cuda-emu --preset vit_lite_depth7_patch4_32 --batch-size 2 \
+                --steps 1 --warmup 0 --precision bf16";
+    let args: Vec<&str> = args.split_whitespace().collect();
+    let (ok, stdout, err) = ferrovit_with_env(&args, &[("FERROVIT_PROFILE", "1")]);
+    assert!(ok, "{stdout}{err}");
     // "   1.234 ms  5.6%     14 calls  dropout_bf16"
     let rows: Vec<(String, u64)> = stdout
         .lines()

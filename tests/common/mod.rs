@@ -30,12 +30,18 @@ pub fn max_rel_err(a: &[f32], b: &[f32]) -> (f64, usize) {
 
 /// Runs the `ferrovit` binary: (success, stdout, stderr).
 pub fn ferrovit(args: &[&str]) -> (bool, String, String) {
+    ferrovit_with_env(args, &[])
+}
+
+/// Runs the `ferrovit` binary with extra environment variables: (success, stdout, stderr).
+pub fn ferrovit_with_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     // FERROVIT_BIN: the binary beside test binaries run on another machine
     // (scripts/gpu-check.sh), where cargo's build path does not exist.
     let bin =
         std::env::var_os("FERROVIT_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_ferrovit").into());
     let out = std::process::Command::new(bin)
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("run ferrovit");
     (

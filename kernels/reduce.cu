@@ -37,14 +37,30 @@ extern "C" __global__ void column_sums_bf16(const fv_bf16* __restrict__ x, float
   fv_column_sums(x, partial, rows, cols, ld, rows_per_chunk);
 }
 
-// grid-stride over j < cols, block 256: out[j] += (partial[0*cols+j] + partial[1*cols+j] + ...)
-// (the partials summed in chunk order, then added to out).
+// The partials of column j summed in chunk order: partial[0*cols+j] + partial[1*cols+j] + ...
+__device__ __forceinline__ float fv_sum_partials(const float* __restrict__ partial, int chunks, int cols, long j) {
+  float s = 0.f;
+  for (int c = 0; c < chunks; ++c) s += partial[(long)c * cols + j];
+  return s;
+}
+
+// grid-stride over j < cols, block 256: out[j] += the partials of column j (chunk order).
 extern "C" __global__ void add_column_partials_f32(const float* __restrict__ partial, float* __restrict__ out,
                                                    int chunks, int cols) {
-  for (long j = fv_global_id(); j < cols; j += fv_grid_stride()) {
-    float s = 0.f;
-    for (int c = 0; c < chunks; ++c) s += partial[(long)c * cols + j];
-    out[j] += s;
+  for (long j = fv_global_id(); j < cols; j += fv_grid_stride()) out[j] += fv_sum_partials(partial, chunks, cols, j);
+}
+
+// grid-stride over j < 2 cols, block 256: two column sums' partials stacked ([2][chunks][cols],
+// as layernorm_param_grad_partial writes dgamma's and dbeta's) added to out_a and out_b in one
+// launch.
+extern "C" __global__ void add_column_partials_pair_f32(const float* __restrict__ partial,
+                                                        float* __restrict__ out_a, float* __restrict__ out_b,
+                                                        int chunks, int cols) {
+  for (long j = fv_global_id(); j < 2l * cols; j += fv_grid_stride()) {
+    const bool b = j >= cols;
+    const long c = b ? j - cols : j;
+    const float s = fv_sum_partials(partial + (b ? (long)chunks * cols : 0l), chunks, cols, c);
+    (b ? out_b : out_a)[c] += s;
   }
 }
 

@@ -281,45 +281,53 @@ impl Suite {
                 );
             }
         }
-        let (mut mean, mut rstd) = (
-            Tensor::zeros([n], Device::Cpu),
-            Tensor::zeros([n], Device::Cpu),
-        );
-        let mut y = Tensor::zeros([n, d], Device::Cpu);
-        let cpu = for_device(Device::Cpu);
-        cpu.layernorm(
-            &x,
-            &gamma,
-            &self.rand(&[d]),
-            1e-6,
-            &mut y,
-            &mut mean,
-            &mut rstd,
-        )
-        .unwrap();
-        // dy in f32, or in bf16 (the gradient of a bf16 output); the rest f32
-        for dtype in [DType::F32, DType::BF16] {
-            self.check(
-                &format!("layernorm_backward {dtype}"),
-                1e-4,
-                vec![
-                    self.rand(&[n, d]).to_dtype(dtype),
-                    x.clone(),
-                    gamma.clone(),
-                    mean.clone(),
-                    rstd.clone(),
-                    self.rand(&[n, d]),
-                    self.rand(&[d]),
-                    self.rand(&[d]),
-                ],
-                &|be, t| {
-                    let [dy, x, g, m, r, dx, dg, db] = t else {
-                        unreachable!()
-                    };
-                    be.layernorm_backward(dy, x, g, m, r, dx, dg, db)
-                        .map(|_| 0.0)
-                },
+        // 150 rows: the parameter gradients' column sums over three chunks of rows
+        for rows in [n, 150] {
+            let x = if rows == n {
+                x.clone()
+            } else {
+                self.rand(&[rows, d])
+            };
+            let (mut mean, mut rstd) = (
+                Tensor::zeros([rows], Device::Cpu),
+                Tensor::zeros([rows], Device::Cpu),
             );
+            let mut y = Tensor::zeros([rows, d], Device::Cpu);
+            let cpu = for_device(Device::Cpu);
+            cpu.layernorm(
+                &x,
+                &gamma,
+                &self.rand(&[d]),
+                1e-6,
+                &mut y,
+                &mut mean,
+                &mut rstd,
+            )
+            .unwrap();
+            // dy in f32, or in bf16 (the gradient of a bf16 output); the rest f32
+            for dtype in [DType::F32, DType::BF16] {
+                self.check(
+                    &format!("layernorm_backward {dtype}, {rows} rows"),
+                    1e-4,
+                    vec![
+                        self.rand(&[rows, d]).to_dtype(dtype),
+                        x.clone(),
+                        gamma.clone(),
+                        mean.clone(),
+                        rstd.clone(),
+                        self.rand(&[rows, d]),
+                        self.rand(&[d]),
+                        self.rand(&[d]),
+                    ],
+                    &|be, t| {
+                        let [dy, x, g, m, r, dx, dg, db] = t else {
+                            unreachable!()
+                        };
+                        be.layernorm_backward(dy, x, g, m, r, dx, dg, db)
+                            .map(|_| 0.0)
+                    },
+                );
+            }
         }
         let images = self.rand(&[3, 3, 12, 20]);
         for dtype in [DType::F32, DType::BF16] {

@@ -290,11 +290,11 @@ fn a_train_step_launches_what_it_should() {
     let kernels = calls(&|w| !w.starts_with("GEMM"));
     let gemms = calls(&|w| w.starts_with("GEMM"));
     assert_eq!(gemms, 89, "{table}");
-    // 260 on 2026-11-29 (422 before the changes above): raise it only for a launch
+    // 245 on 2026-11-29 (422 before the changes above): raise it only for a launch
     // added on purpose
     assert!(
-        kernels <= 260,
-        "{kernels} kernel launches in a vit_lite bf16 step, more than the 260 budgeted:\n{table}"
+        kernels <= 245,
+        "{kernels} kernel launches in a vit_lite bf16 step, more than the 245 budgeted:\n{table}"
     );
 }
 

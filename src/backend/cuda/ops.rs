@@ -396,13 +396,6 @@ impl CudaBackend {
     }
 }
 
-fn offset(p: Arg, floats: usize) -> Arg {
-    match p {
-        Arg::Ptr(a) => Arg::Ptr(a + 4 * floats as u64),
-        other => other,
-    }
-}
-
 impl Backend for CudaBackend {
     fn name(&self) -> &'static str {
         "cuda"
@@ -595,8 +588,9 @@ impl Backend for CudaBackend {
             0,
             &[dy, x, mu, rs, p, rows_a, d_a, int(ROWS_PER_CHUNK, "chunk")?],
         )?;
-        self.add_partials(p, chunks, d, self.ptr_mut(dgamma)?)?;
-        self.add_partials(offset(p, chunks * d), chunks, d, self.ptr_mut(dbeta)?)
+        let (dg, db) = (self.ptr_mut(dgamma)?, self.ptr_mut(dbeta)?);
+        let args = [p, dg, db, int(chunks, "chunks")?, int(d, "columns")?];
+        self.elementwise("add_column_partials_pair_f32", 2 * d, &args)
     }
 
     fn patchify(&self, images: &Tensor, patch: usize, out: &mut Tensor) -> Result<()> {

@@ -36,17 +36,35 @@ fn vit_state() -> Snapshot {
     s
 }
 
+/// A 1 GiB model (268 M parameters, dim 2048, 8 blocks) without optimizer state: a
+/// checkpoint's index must describe a real model, so the big state is one.
 fn gigabyte_state() -> Snapshot {
+    let cfg = VitConfig {
+        dim: 2048,
+        depth: 8,
+        heads: 16,
+        mlp_dim: 4096,
+        ..VitConfig::preset("vit_tiny_patch4_32").expect("preset")
+    };
+    let mut store = ferrovit::autograd::ParamStore::new();
+    ferrovit::Vit::skeleton(&cfg, &mut store).expect("model");
     let mut s = vit_state();
-    s.tensors = (0..64)
-        .map(|k| SnapTensor {
-            name: format!("t{k:02}"),
-            group: Group::Model,
-            tensor: ferrovit::Tensor::from_vec(
-                (0..2048 * 2048u32).map(|i| (i ^ k) as f32).collect(),
-                [2048, 2048],
-            )
-            .expect("tensor"),
+    s.model = cfg;
+    s.optimizer = None;
+    s.tensors = store
+        .named_parameters()
+        .enumerate()
+        .map(|(k, (name, t))| {
+            let n = t.numel() as u32;
+            SnapTensor {
+                name: name.to_string(),
+                group: Group::Model,
+                tensor: ferrovit::Tensor::from_vec(
+                    (0..n).map(|i| (i ^ k as u32) as f32).collect(),
+                    t.dims(),
+                )
+                .expect("tensor"),
+            }
         })
         .collect();
     s

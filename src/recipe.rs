@@ -690,7 +690,6 @@ fn train_rank(
             SaveOptions {
                 shard_bytes: opts.shard_size_mb << 20,
                 keep_last: (opts.keep_last > 0).then_some(opts.keep_last),
-                part_timeout: Duration::from_secs(opts.comm_timeout),
             },
         );
         hook.schedule = Some(schedule);

@@ -6,7 +6,7 @@ mod common;
 
 use common::temp_dir;
 use ferrovit::checkpoint::{
-    self, export_safetensors, list, read_safetensors, AsyncSaver, Checkpoint, Group, LoadOptions,
+    self, export_safetensors, list, read_safetensors, AsyncSaver, Checkpoint, LoadOptions,
     SaveOptions, TrainingState, INDEX,
 };
 use ferrovit::engine::{Engine, TrainConfig};
@@ -288,26 +288,35 @@ fn try_load(dir: &Path) -> Result<Vec<(String, Vec<f32>)>, String> {
     Ok(state(&e))
 }
 
+fn copy_checkpoint(from: &Path, to: &Path) -> PathBuf {
+    std::fs::create_dir_all(to).unwrap();
+    for f in std::fs::read_dir(from).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+    }
+    to.to_path_buf()
+}
+
+/// Edits an index as a crafter would: consistently, its checksum rewritten to match.
 fn edit_index(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     let p = dir.join(INDEX);
     let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
     f(&mut v);
-    std::fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
+    write_index(dir, &serde_json::to_vec(&v).unwrap());
+}
+
+/// Replaces a checkpoint's index and its checksum.
+fn write_index(dir: &Path, bytes: &[u8]) {
+    let sum = format!("{:08x}\n", crc32fast::hash(bytes));
+    std::fs::write(dir.join(checkpoint::INDEX_CHECKSUM), sum).unwrap();
+    std::fs::write(dir.join(INDEX), bytes).unwrap();
 }
 
 #[test]
 fn every_corruption_gives_a_precise_error() {
     let e = trained(6);
     let (root, clean) = saved(&e, "corrupt");
-    let copy = |name: &str| {
-        let d = root.join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        for f in std::fs::read_dir(&clean).unwrap() {
-            let f = f.unwrap().path();
-            std::fs::copy(&f, d.join(f.file_name().unwrap())).unwrap();
-        }
-        d
-    };
+    let copy = |name: &str| copy_checkpoint(&clean, &root.join(name));
     let ck = Checkpoint::open(&clean).unwrap();
     let qkv = &ck.index.tensors["blocks.0.attn.qkv.weight"].chunks[0];
     let (qkv_file, qkv_mid) = (qkv.file.clone(), (qkv.start + qkv.end) / 2);
@@ -355,7 +364,7 @@ fn every_corruption_gives_a_precise_error() {
 
     let d = copy("dtype");
     edit_index(&d, |v| v["tensors"]["head.bias"]["dtype"] = "F16".into());
-    cases.push((d, vec!["`head.bias`", "dtype"]));
+    cases.push((d, vec![INDEX, "`head.bias`", "lies outside"]));
 
     let d = copy("escape");
     edit_index(&d, |v| {
@@ -458,17 +467,154 @@ fn tensors_of_other_dtypes_round_trip() {
     let root = temp_dir("dtypes");
     let e = trained(8);
     let mut snap = e.snapshot(TrainingState::default());
-    let t = Tensor::from_vec(vec![1.5, -2.25, 3.0], [3])
+    // a model's weights may be stored in bf16 (they load into f32)
+    let bias = snap
+        .tensors
+        .iter_mut()
+        .find(|t| t.name == "head.bias")
+        .unwrap();
+    let values: Vec<f32> = (0..bias.tensor.numel())
+        .map(|i| i as f32 * 0.5 - 2.25)
+        .collect();
+    bias.tensor = Tensor::from_vec(values.clone(), bias.tensor.dims())
         .unwrap()
         .to_dtype(ferrovit::DType::BF16);
-    snap.tensors.push(checkpoint::SnapTensor {
-        name: "extra.bf16".into(),
-        group: Group::Model,
-        tensor: t,
-    });
     let dir = checkpoint::save(&snap, &root, "step-1", &SaveOptions::default()).unwrap();
-    let back = Checkpoint::open(&dir).unwrap().read("extra.bf16").unwrap();
+    let back = Checkpoint::open(&dir).unwrap().read("head.bias").unwrap();
     assert_eq!(back.dtype(), ferrovit::DType::BF16);
-    assert_eq!(back.to_vec_f32(), vec![1.5, -2.25, 3.0]);
+    assert_eq!(back.to_vec_f32(), values);
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+/// The index is data like any other: its bytes must match their checksum, and a
+/// crafted but self-consistent index (checksum rewritten) is still refused when it
+/// describes a model other than its tensors, shares bytes between tensors, repeats a
+/// key, or places training outside the run.
+#[test]
+fn the_index_is_verified_and_validated_before_use() {
+    let e = trained(11);
+    let (root, clean) = saved(&e, "index-checks");
+    let copy = |name: &str| copy_checkpoint(&clean, &root.join(name));
+    let text = String::from_utf8(std::fs::read(clean.join(INDEX)).unwrap()).unwrap();
+    let raw = |name: &str, from: &str, to: &str| {
+        let d = copy(name);
+        assert!(text.contains(from), "{from}");
+        std::fs::write(d.join(INDEX), text.replacen(from, to, 1)).unwrap();
+        d
+    };
+    let ck = Checkpoint::open(&clean).unwrap();
+    let file_of = |n: &str| ck.index.tensors[n].chunks[0].file.clone();
+    // two model tensors in one shard file, for the shared-bytes case
+    let (a, b) = ["norm.weight", "norm.bias", "head.weight", "head.bias"]
+        .iter()
+        .flat_map(|a| ["norm.bias", "head.bias"].map(|b| (*a, b)))
+        .find(|(a, b)| a != b && file_of(a) == file_of(b))
+        .expect("two tensors in one shard");
+    let shard = file_of("head.bias");
+    let mut cases: Vec<(PathBuf, Vec<&str>)> = vec![
+        (
+            raw("flipped", "\"heads\": 4", "\"heads\": 8"),
+            vec![INDEX, "does not match its checksum"],
+        ),
+        (
+            raw("flipped-step", "\"step\": 3", "\"step\": 1"),
+            vec!["does not match its checksum"],
+        ),
+    ];
+    let d = copy("shallower");
+    edit_index(&d, |v| {
+        v["model"]["depth"] = 1.into();
+        v["layout"]["stages"][0]["end"] = 1.into();
+    });
+    cases.push((d, vec![INDEX, "`blocks.1.", "not part of the model"]));
+    let d = copy("missing-block");
+    edit_index(&d, |v| {
+        let t = v["tensors"].as_object_mut().unwrap();
+        t.retain(|k, _| !k.starts_with("blocks.1.") && !k.contains(".blocks.1."));
+        v["weight_map"]
+            .as_object_mut()
+            .unwrap()
+            .retain(|k, _| !k.starts_with("blocks.1."));
+    });
+    cases.push((d, vec![INDEX, "blocks.1.", "is missing"]));
+    let d = copy("other-bytes");
+    edit_index(&d, |v| {
+        let other = v["tensors"]["norm.bias"]["chunks"].clone();
+        v["tensors"]["head.bias"]["chunks"] = other;
+        v["tensors"]["head.bias"]["shape"] = v["tensors"]["norm.bias"]["shape"].clone();
+    });
+    cases.push((d, vec![INDEX, "`head.bias`"]));
+    let d = copy("shared-bytes");
+    edit_index(&d, |v| {
+        let (s, end) = (
+            v["tensors"][a]["chunks"][0]["start"].clone(),
+            v["tensors"][a]["chunks"][0]["end"].clone(),
+        );
+        let c = &mut v["tensors"][b]["chunks"][0];
+        c["start"] = s;
+        c["end"] = end;
+    });
+    cases.push((d, vec![INDEX, "share bytes"]));
+    let d = copy("duplicate-key");
+    let twice = text.replacen("\"version\": 2,", "\"version\": 2, \"version\": 2,", 1);
+    write_index(&d, twice.as_bytes());
+    cases.push((d, vec![INDEX, "duplicate key `version`"]));
+    let d = copy("optimizer-ahead");
+    edit_index(&d, |v| v["training"]["step"] = 0.into());
+    cases.push((d, vec![INDEX, "optimizer_steps 3 is ahead of step 0"]));
+    let d = copy("past-the-epoch");
+    edit_index(&d, |v| {
+        v["training"]["batches_per_epoch"] = 4.into();
+        v["training"]["batch"] = 9.into();
+    });
+    cases.push((d, vec![INDEX, "batch 9 is past the epoch's 4 batches"]));
+    for (field, value, want) in [
+        ("dim", 1u64 << 40, "dim 1099511627776 is outside"),
+        ("depth", 1_000_000_000, "depth 1000000000 is outside"),
+        ("heads", 0, "heads 0 is outside"),
+    ] {
+        let d = copy(&format!("model-{field}"));
+        edit_index(&d, |v| v["model"][field] = value.into());
+        cases.push((d, vec![INDEX, want]));
+    }
+    let d = copy("dropout");
+    edit_index(&d, |v| v["model"]["dropout"] = 1.5.into());
+    cases.push((d, vec![INDEX, "dropout 1.5 is outside"]));
+    let d = copy("no-checksum");
+    std::fs::remove_file(d.join(checkpoint::INDEX_CHECKSUM)).unwrap();
+    cases.push((d, vec![INDEX, "index.json.crc32 is missing"]));
+    #[cfg(unix)]
+    {
+        let d = copy("index-link");
+        std::fs::remove_file(d.join(INDEX)).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", d.join(INDEX)).unwrap();
+        cases.push((d, vec![INDEX, "symbolic link"]));
+        let d = copy("index-fifo");
+        std::fs::remove_file(d.join(INDEX)).unwrap();
+        let c = std::ffi::CString::new(d.join(INDEX).to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        cases.push((d, vec![INDEX, "not a regular file"]));
+        let d = copy("shard-link");
+        let outside = root.join("outside.safetensors");
+        std::fs::rename(d.join(&shard), &outside).unwrap();
+        std::os::unix::fs::symlink(&outside, d.join(&shard)).unwrap();
+        cases.push((d, vec![&shard, "symbolic link"]));
+    }
+    for (dir, wants) in &cases {
+        let err = try_load(dir).expect_err(&format!("{} must be refused", dir.display()));
+        for w in wants {
+            assert!(err.contains(w), "{}: `{w}` not in: {err}", dir.display());
+        }
+    }
+    // a version-1 index (no checksum file) is still read
+    let d = copy("version-1");
+    std::fs::remove_file(d.join(checkpoint::INDEX_CHECKSUM)).unwrap();
+    std::fs::write(
+        d.join(INDEX),
+        text.replacen("\"version\": 2,", "\"version\": 1,", 1),
+    )
+    .unwrap();
+    assert_eq!(try_load(&d).unwrap(), state(&e));
+    assert_eq!(try_load(&clean).unwrap(), state(&e));
     std::fs::remove_dir_all(root).unwrap();
 }

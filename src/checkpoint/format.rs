@@ -12,13 +12,18 @@ use std::path::Path;
 
 /// `format` field of every index.
 pub const FORMAT: &str = "ferrovit-checkpoint";
-/// The index version this build writes and the only one it reads.
-pub const VERSION: u32 = 1;
+/// The index version this build writes. It also reads version 1 (the same index
+/// without its checksum file).
+pub const VERSION: u32 = 2;
 /// The index file; its presence marks a committed checkpoint.
 pub const INDEX: &str = "index.json";
+/// The index's checksum: the CRC-32 of index.json's bytes, as 8 lowercase hex digits
+/// and a newline. Written before the index; every reader checks it before using the
+/// index.
+pub const INDEX_CHECKSUM: &str = "index.json.crc32";
 /// Largest index and shard header accepted (a crafted length cannot make us allocate
-/// more than this).
-pub const MAX_INDEX_BYTES: u64 = 256 << 20;
+/// more than a small multiple of this).
+pub const MAX_INDEX_BYTES: u64 = 64 << 20;
 pub const MAX_HEADER_BYTES: u64 = 100 << 20;
 /// Shard data starts at a multiple of this (the header is padded with spaces), so
 /// memory-mapped tensors are aligned for zero-copy views.
@@ -48,6 +53,12 @@ pub struct TrainingState {
     /// The names of the classes, by index (for inference; may be empty).
     #[serde(default)]
     pub classes: Vec<String>,
+    /// The run's length: epochs and batches per epoch (0: not recorded, as by version
+    /// 1 writers and imports). Bounds for `epoch`, `batch` and `step`.
+    #[serde(default)]
+    pub epochs: u64,
+    #[serde(default)]
+    pub batches_per_epoch: u64,
 }
 
 /// The parallel layout a checkpoint was saved under.
@@ -126,84 +137,334 @@ pub fn check_file_name(name: &str) -> std::result::Result<(), String> {
 }
 
 impl Index {
-    /// Parses and checks an index: format, version, names, and that every tensor's
-    /// chunks are within the tensor and cover it exactly once.
-    pub fn parse(bytes: &[u8], path: &Path) -> Result<Index> {
+    /// Parses and checks an index. `checksummed`: its bytes matched
+    /// [`INDEX_CHECKSUM`] (required from version 2 on). Nothing in it is trusted:
+    /// duplicate keys are refused, the model and optimizer configurations, the layout
+    /// and the training state are validated, every tensor the model has must be
+    /// present exactly once with its shape (and no other), and chunks must tile their
+    /// tensor without sharing or overlapping bytes with any other chunk.
+    pub fn parse(bytes: &[u8], path: &Path, checksummed: bool) -> Result<Index> {
         let bad = |msg: String| Error::Format {
             path: path.to_path_buf(),
             msg,
         };
-        let probe: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        if probe.get("format").and_then(|f| f.as_str()) != Some(FORMAT) {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        serde::de::Deserialize::deserialize(&mut de)
+            .and_then(|NoDuplicateKeys| de.end())
+            .map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        #[derive(Deserialize)]
+        struct Probe {
+            format: Option<serde_json::Value>,
+            version: Option<serde_json::Value>,
+        }
+        let probe: Probe =
+            serde_json::from_slice(bytes).map_err(|e| bad(format!("not a JSON object: {e}")))?;
+        if probe.format.as_ref().and_then(|f| f.as_str()) != Some(FORMAT) {
             return Err(bad(format!(
                 "not a ferrovit checkpoint index (`format` is not \"{FORMAT}\")"
             )));
         }
-        match probe.get("version").and_then(|v| v.as_u64()) {
-            Some(v) if v == VERSION as u64 => {}
+        match probe.version.as_ref().and_then(|v| v.as_u64()) {
+            Some(1) => {}
+            Some(v) if v == VERSION as u64 && checksummed => {}
+            Some(v) if v == VERSION as u64 => {
+                return Err(bad(format!(
+                    "{INDEX_CHECKSUM} is missing: a version {v} index is only used once its checksum is verified"
+                )))
+            }
             v => {
                 return Err(bad(format!(
-                    "index version {v:?} is not supported (this build reads version {VERSION})"
+                    "index version {v:?} is not supported (this build reads versions 1 and {VERSION})"
                 )))
             }
         }
         let index: Index =
-            serde_json::from_value(probe).map_err(|e| bad(format!("invalid index: {e}")))?;
-        for (name, t) in &index.tensors {
-            let what = |msg: String| bad(format!("tensor `{name}`: {msg}"));
-            let dtype = DType::from_name(&t.dtype)
-                .ok_or_else(|| what(format!("unknown dtype `{}`", t.dtype)))?;
-            let numel = t
-                .shape
-                .iter()
-                .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
-                .ok_or_else(|| what(format!("shape {:?} overflows", t.shape)))?;
-            let mut covered = Vec::with_capacity(t.chunks.len());
-            for c in &t.chunks {
-                check_file_name(&c.file).map_err(&what)?;
-                let len = c.end.checked_sub(c.start).ok_or_else(|| {
-                    what(format!(
-                        "chunk in {} ends ({}) before it starts ({})",
-                        c.file, c.end, c.start
-                    ))
-                })?;
-                if len % dtype.size_in_bytes() as u64 != 0 {
-                    return Err(what(format!(
-                        "chunk in {} has {len} bytes, not a whole number of {} elements",
-                        c.file, t.dtype
-                    )));
-                }
-                let n = len / dtype.size_in_bytes() as u64;
-                if c.offset.checked_add(n).is_none_or(|e| e > numel) {
-                    return Err(what(format!(
-                        "chunk in {} (elements {}..{}) lies outside the tensor's {numel} elements",
-                        c.file,
-                        c.offset,
-                        c.offset.saturating_add(n)
-                    )));
-                }
-                covered.push((c.offset, c.offset + n));
-            }
-            covered.sort_unstable();
-            let mut next = 0;
-            for (s, e) in covered {
-                if s != next {
-                    return Err(what(format!(
-                        "chunks {} at element {next} (overlapping or missing data)",
-                        if s < next { "overlap" } else { "leave a gap" }
-                    )));
-                }
-                next = e;
-            }
-            if next != numel {
-                return Err(what(format!("chunks cover {next} of {numel} elements")));
-            }
-        }
-        for (name, file) in &index.weight_map {
-            check_file_name(file).map_err(|m| bad(format!("weight_map `{name}`: {m}")))?;
-        }
+            serde_json::from_slice(bytes).map_err(|e| bad(format!("invalid index: {e}")))?;
+        index.validate().map_err(|e| match e {
+            Error::Config(m) | Error::Message(m) => bad(m),
+            e => e,
+        })?;
         Ok(index)
+    }
+
+    /// Everything [`Index::parse`] checks once the JSON is read.
+    fn validate(&self) -> Result<()> {
+        let cfg = |what: &str, e: Error| match e {
+            Error::Config(m) => Error::Config(format!("{what}: {m}")),
+            e => e,
+        };
+        self.model.validate().map_err(|e| cfg("model", e))?;
+        if let Some(kind) = self.optimizer {
+            kind.validate().map_err(|e| cfg("optimizer", e))?;
+        }
+        self.layout
+            .check(self.model.depth)
+            .map_err(|e| cfg("layout", e))?;
+        self.training.validate(&self.model)?;
+        let mut ranges = Vec::new();
+        for (name, t) in &self.tensors {
+            for c in t.check(name)? {
+                ranges.push((c.file.as_str(), c.start, c.end, name.as_str()));
+            }
+        }
+        check_disjoint(ranges)?;
+        self.check_names()?;
+        for (name, file) in &self.weight_map {
+            check_file_name(file)
+                .map_err(|m| Error::Config(format!("weight_map `{name}`: {m}")))?;
+        }
+        Ok(())
+    }
+
+    /// The model's tensors present exactly once with their shapes, the optimizer's
+    /// state (when saved) for every one of them, nothing else; the weight map naming
+    /// exactly the model tensors, each with a file of its chunks.
+    fn check_names(&self) -> Result<()> {
+        let mut store = crate::autograd::ParamStore::new();
+        crate::nn::Vit::skeleton(&self.model, &mut store)?;
+        let state: &[&str] = self.optimizer.map_or(&[], |k| k.state_names());
+        let mut want = BTreeMap::new();
+        for (n, t) in store.named_parameters() {
+            want.insert(n.to_string(), (Group::Model, t.dims().to_vec()));
+            for s in state {
+                want.insert(format!("{s}.{n}"), (Group::Optimizer, t.dims().to_vec()));
+            }
+        }
+        for (name, t) in &self.tensors {
+            match want.remove(name) {
+                // weights load into f32 from any dtype; optimizer state is f32
+                Some((group, dims))
+                    if group == t.group
+                        && dims == t.shape
+                        && (group == Group::Model || t.dtype == "F32") => {}
+                Some((group, dims)) => {
+                    return Err(Error::Config(format!(
+                        "tensor `{name}` has dtype {}, shape {:?} in group {:?}; the model the index describes needs shape {dims:?} in group {group:?}{}",
+                        t.dtype,
+                        t.shape,
+                        t.group,
+                        if group == Group::Optimizer { " and dtype F32" } else { "" }
+                    )))
+                }
+                None => {
+                    return Err(Error::Config(format!(
+                        "tensor `{name}` is not part of the model the index describes (or of its optimizer state)"
+                    )))
+                }
+            }
+            if t.group == Group::Model
+                && !t
+                    .chunks
+                    .iter()
+                    .any(|c| Some(&c.file) == self.weight_map.get(name))
+            {
+                return Err(Error::Config(format!(
+                    "weight_map does not name a file of model tensor `{name}`"
+                )));
+            }
+        }
+        if let Some((name, _)) = want.into_iter().next() {
+            return Err(Error::Config(format!(
+                "tensor `{name}` is missing: the model the index describes has it"
+            )));
+        }
+        let models = self.tensors.values().filter(|t| t.group == Group::Model);
+        if models.count() != self.weight_map.len() {
+            return Err(Error::Config(
+                "weight_map names tensors that are not model tensors of the index".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl TrainingState {
+    /// Bounds that hold for every state a run can save: the position inside the run
+    /// (when its length is recorded), the optimizer's count not ahead of the updates,
+    /// finite rates, a schedule that can be evaluated, class names one per class.
+    pub fn validate(&self, model: &VitConfig) -> Result<()> {
+        let bad = |msg: String| Err(Error::Config(format!("training: {msg}")));
+        if self.epochs > 0 && self.epoch > self.epochs {
+            return bad(format!(
+                "epoch {} is past the run's {} epochs",
+                self.epoch, self.epochs
+            ));
+        }
+        if self.batches_per_epoch > 0 && self.batch > self.batches_per_epoch {
+            return bad(format!(
+                "batch {} is past the epoch's {} batches",
+                self.batch, self.batches_per_epoch
+            ));
+        }
+        if self.optimizer_steps > self.step {
+            return bad(format!(
+                "optimizer_steps {} is ahead of step {}",
+                self.optimizer_steps, self.step
+            ));
+        }
+        for (field, v) in [("base_lr", self.base_lr), ("lr", self.lr)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(format!("{field} {v} must be finite and >= 0"));
+            }
+        }
+        if let Some(s) = &self.schedule {
+            s.validate()
+                .map_err(|e| Error::Config(format!("training: schedule: {e}")))?;
+        }
+        if !self.classes.is_empty() && self.classes.len() != model.num_classes {
+            return bad(format!(
+                "{} class names for a model of {} classes",
+                self.classes.len(),
+                model.num_classes
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(dup) = self.classes.iter().find(|c| !seen.insert(c.as_str())) {
+            return bad(format!("class name {dup:?} appears twice"));
+        }
+        Ok(())
+    }
+}
+
+impl TensorEntry {
+    /// Checks the dtype, the shape's size and that the chunks tile the tensor: each
+    /// inside it, keyed by the tensor's name (one chunk) or `<name>@<offset>` (pieces),
+    /// covering every element once. Returns the chunks.
+    fn check(&self, name: &str) -> Result<&[Chunk]> {
+        let what = |msg: String| Error::Config(format!("tensor `{name}`: {msg}"));
+        let dtype = DType::from_name(&self.dtype)
+            .ok_or_else(|| what(format!("unknown dtype `{}`", self.dtype)))?;
+        let size = dtype.size_in_bytes() as u64;
+        let numel = self
+            .shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+            .filter(|n| n.checked_mul(size).is_some())
+            .ok_or_else(|| what(format!("shape {:?} overflows", self.shape)))?;
+        let mut covered = Vec::with_capacity(self.chunks.len());
+        for c in &self.chunks {
+            check_file_name(&c.file).map_err(&what)?;
+            let key_ok = match self.chunks.len() {
+                1 => c.key == name,
+                _ => c.key == format!("{name}@{}", c.offset),
+            };
+            if !key_ok {
+                return Err(what(format!(
+                    "chunk in {} has key `{}`; a chunk's key is its tensor's name (or `<name>@<offset>` for a piece)",
+                    c.file, c.key
+                )));
+            }
+            let len = c.end.checked_sub(c.start).ok_or_else(|| {
+                what(format!(
+                    "chunk in {} ends ({}) before it starts ({})",
+                    c.file, c.end, c.start
+                ))
+            })?;
+            if len % size != 0 {
+                return Err(what(format!(
+                    "chunk in {} has {len} bytes, not a whole number of {} elements",
+                    c.file, self.dtype
+                )));
+            }
+            let n = len / size;
+            if c.offset.checked_add(n).is_none_or(|e| e > numel) {
+                return Err(what(format!(
+                    "chunk in {} (elements {}..{}) lies outside the tensor's {numel} elements",
+                    c.file,
+                    c.offset,
+                    c.offset.saturating_add(n)
+                )));
+            }
+            covered.push((c.offset, c.offset + n));
+        }
+        covered.sort_unstable();
+        let mut next = 0;
+        for (s, e) in covered {
+            if s != next {
+                return Err(what(format!(
+                    "chunks {} at element {next} (overlapping or missing data)",
+                    if s < next { "overlap" } else { "leave a gap" }
+                )));
+            }
+            next = e;
+        }
+        if next != numel {
+            return Err(what(format!("chunks cover {next} of {numel} elements")));
+        }
+        Ok(&self.chunks)
+    }
+}
+
+/// No two chunks (of any tensors) may share or overlap bytes of a file: a crafted
+/// index could otherwise point one tensor at another's data and checksum.
+fn check_disjoint(mut ranges: Vec<(&str, u64, u64, &str)>) -> Result<()> {
+    ranges.sort_unstable();
+    for w in ranges.windows(2) {
+        let ((fa, _, ea, na), (fb, sb, _, nb)) = (w[0], w[1]);
+        if fa == fb && sb < ea {
+            return Err(Error::Config(format!(
+                "tensors `{na}` and `{nb}` share bytes of {fa} (chunks may not overlap)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Walks a JSON document and fails on an object with a repeated key (serde_json keeps
+/// the last one silently, so an edited index could hide a second value behind the
+/// first). Allocates nothing but the keys of the object being read.
+struct NoDuplicateKeys;
+
+impl<'de> Deserialize<'de> for NoDuplicateKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(NoDuplicateKeys)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for NoDuplicateKeys {
+    type Value = NoDuplicateKeys;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_i64<E>(self, _: i64) -> std::result::Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_u64<E>(self, _: u64) -> std::result::Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_str<E>(self, _: &str) -> std::result::Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_unit<E>(self) -> std::result::Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut a: A,
+    ) -> std::result::Result<Self, A::Error> {
+        while a.next_element::<NoDuplicateKeys>()?.is_some() {}
+        Ok(self)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut a: A,
+    ) -> std::result::Result<Self, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = a.next_key::<String>()? {
+            if seen.contains(&key) {
+                return Err(serde::de::Error::custom(format!("duplicate key `{key}`")));
+            }
+            a.next_value::<NoDuplicateKeys>()?;
+            seen.insert(key);
+        }
+        Ok(self)
     }
 }
 

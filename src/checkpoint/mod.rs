@@ -14,11 +14,13 @@ mod writer;
 
 pub use format::{
     check_file_name, parse_shard_header, shard_header, Chunk, Group, HeaderEntry, Index, Layout,
-    TensorEntry, TrainingState, ALIGN, FORMAT, INDEX, MAX_HEADER_BYTES, MAX_INDEX_BYTES, VERSION,
+    TensorEntry, TrainingState, ALIGN, FORMAT, INDEX, INDEX_CHECKSUM, MAX_HEADER_BYTES,
+    MAX_INDEX_BYTES, VERSION,
 };
-pub use reader::{Checkpoint, VerifyReport};
+pub use reader::{read_index, Checkpoint, VerifyReport};
 pub use writer::{
-    checkpoint_name, retain, save, set_latest, AsyncSaver, SaveOptions, SnapTensor, Snapshot,
+    checkpoint_name, retain, save, set_latest, AsyncSaver, SaveGroup, SaveOptions, SnapTensor,
+    Snapshot,
 };
 
 use crate::engine::Engine;
@@ -182,6 +184,9 @@ impl Engine {
             run: self.parallel_info().map_or(0, |p| p.run),
             save: 0,
             tensors,
+            group: self
+                .parallel_info()
+                .map(|p| writer::SaveGroup(p.world.clone())),
         }
     }
 

@@ -3,12 +3,13 @@
 
 use super::format::{
     check_file_name, parse_shard_header, Chunk, Index, ShardHeader, TensorEntry, INDEX,
-    MAX_INDEX_BYTES,
+    INDEX_CHECKSUM, MAX_INDEX_BYTES,
 };
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 use memmap2::Mmap;
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
@@ -44,34 +45,7 @@ pub struct VerifyReport {
 impl Checkpoint {
     /// Opens a committed checkpoint directory (one with `index.json`).
     pub fn open(dir: &Path) -> Result<Checkpoint> {
-        let path = dir.join(INDEX);
-        if !dir.is_dir() {
-            return Err(Error::Format {
-                path: dir.to_path_buf(),
-                msg: "checkpoint directory does not exist".into(),
-            });
-        }
-        let meta = std::fs::metadata(&path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::Format {
-                    path: dir.to_path_buf(),
-                    msg: format!("not a committed checkpoint: no {INDEX} (an interrupted save?)"),
-                }
-            } else {
-                Error::io(&path, e)
-            }
-        })?;
-        if meta.len() > MAX_INDEX_BYTES {
-            return Err(Error::Format {
-                path,
-                msg: format!(
-                    "{} bytes exceeds the {MAX_INDEX_BYTES}-byte index limit",
-                    meta.len()
-                ),
-            });
-        }
-        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-        let index = Index::parse(&bytes, &path)?;
+        let index = read_index(dir)?;
         let files = index
             .tensors
             .values()
@@ -305,6 +279,103 @@ impl Checkpoint {
     }
 }
 
+/// Opens a file of a checkpoint for reading, refusing at once (without blocking) a
+/// symbolic link, a named pipe, a device or anything else that is not a regular file.
+/// Returns the file and its length.
+pub(crate) fn open_regular(path: &Path) -> Result<(std::fs::File, u64)> {
+    let not_regular = |what: &str| Error::Format {
+        path: path.to_path_buf(),
+        msg: format!("{what}: a checkpoint's files must be regular files in its directory"),
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    }
+    let file = options.open(path).map_err(|e| {
+        #[cfg(unix)]
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            return not_regular("a symbolic link");
+        }
+        Error::io(path, e)
+    })?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(not_regular("not a regular file"));
+    }
+    Ok((file, meta.len()))
+}
+
+/// Reads a regular file of at most `max` bytes, however large it claims or turns out
+/// to be (the read stops one byte past the limit).
+fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
+    let too_big = || Error::Format {
+        path: path.to_path_buf(),
+        msg: format!("larger than the {max}-byte limit"),
+    };
+    let (file, len) = open_regular(path)?;
+    if len > max {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > max {
+        return Err(too_big());
+    }
+    Ok(bytes)
+}
+
+/// Reads, verifies and parses a checkpoint's index: its bytes must match
+/// `index.json.crc32` before any of it is used (a version-1 index, written before the
+/// checksum existed, is read without one).
+pub fn read_index(dir: &Path) -> Result<Index> {
+    let path = dir.join(INDEX);
+    if !dir.is_dir() {
+        return Err(Error::Format {
+            path: dir.to_path_buf(),
+            msg: "checkpoint directory does not exist".into(),
+        });
+    }
+    let bytes = read_bounded(&path, MAX_INDEX_BYTES).map_err(|e| match e {
+        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            Error::Format {
+                path: dir.to_path_buf(),
+                msg: format!("not a committed checkpoint: no {INDEX} (an interrupted save?)"),
+            }
+        }
+        e => e,
+    })?;
+    let sum_path = dir.join(INDEX_CHECKSUM);
+    let checksummed = match read_bounded(&sum_path, 64) {
+        Ok(text) => {
+            let stored = std::str::from_utf8(&text)
+                .ok()
+                .and_then(|t| u32::from_str_radix(t.trim_end(), 16).ok())
+                .ok_or_else(|| Error::Format {
+                    path: sum_path.clone(),
+                    msg: "not a CRC-32 in hex (corrupted checksum file)".into(),
+                })?;
+            let crc = crc32fast::hash(&bytes);
+            if crc != stored {
+                return Err(Error::Format {
+                    path,
+                    msg: format!(
+                        "does not match its checksum in {INDEX_CHECKSUM}: stored {stored:08x}, computed {crc:08x} (the index was corrupted or edited)"
+                    ),
+                });
+            }
+            true
+        }
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(e),
+    };
+    Index::parse(&bytes, &path, checksummed)
+}
+
 fn map_shard(path: &Path) -> Result<Shard> {
     let name = path
         .file_name()
@@ -314,8 +385,7 @@ fn map_shard(path: &Path) -> Result<Shard> {
         path: path.to_path_buf(),
         msg,
     })?;
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let (file, len) = open_regular(path)?;
     // SAFETY: the map is read-only; a file changed underneath us by another process
     // can give wrong bytes, which the CRC-32 of every range read then rejects.
     let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;

@@ -2,8 +2,10 @@
 //! the `latest` pointer; the background saver.
 
 use super::format::{
-    shard_header, Chunk, Group, Index, Layout, TensorEntry, TrainingState, FORMAT, INDEX, VERSION,
+    shard_header, Chunk, Group, Index, Layout, TensorEntry, TrainingState, FORMAT, INDEX,
+    INDEX_CHECKSUM, VERSION,
 };
+use crate::dist::{ProcessGroup, MAX_TAG};
 use crate::error::{Error, Result};
 use crate::optim::OptimizerKind;
 use crate::tensor::{DType, Tensor};
@@ -12,6 +14,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 /// One tensor of a snapshot: a copy-on-write share of the live tensor
@@ -50,6 +53,26 @@ pub struct Snapshot {
     /// names a parallel save's temporary directory, so two saves never share one).
     pub save: u64,
     pub tensors: Vec<SnapTensor>,
+    /// Every rank of a parallel run (`None` on one rank): each stage's writer tells
+    /// rank 0 through it that its part is written, so a writer that dies fails the
+    /// save at once instead of after a timeout.
+    pub group: Option<SaveGroup>,
+}
+
+/// The process group of a parallel save.
+#[derive(Clone)]
+pub struct SaveGroup(pub Arc<dyn ProcessGroup>);
+
+impl std::fmt::Debug for SaveGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SaveGroup(rank {} of {})", self.0.rank(), self.0.world())
+    }
+}
+
+/// The message tag of save number `save`'s "part written" notices (user tags of the
+/// world group are otherwise unused; the save number keeps saves apart).
+fn part_tag(save: u64) -> u64 {
+    (MAX_TAG >> 1) | (save % (MAX_TAG >> 1))
 }
 
 /// How checkpoints are written and kept.
@@ -60,9 +83,6 @@ pub struct SaveOptions {
     pub shard_bytes: u64,
     /// Keep only the newest N committed checkpoints under the root (`None`: keep all).
     pub keep_last: Option<usize>,
-    /// In a parallel save, how long rank 0 waits for the other ranks' parts before
-    /// giving up (the checkpoint then stays uncommitted).
-    pub part_timeout: std::time::Duration,
 }
 
 impl Default for SaveOptions {
@@ -70,7 +90,6 @@ impl Default for SaveOptions {
         SaveOptions {
             shard_bytes: 2 << 30,
             keep_last: None,
-            part_timeout: std::time::Duration::from_secs(300),
         }
     }
 }
@@ -238,19 +257,25 @@ fn write_shards(
 }
 
 /// Saves a snapshot as `root/<name>` with the commit protocol: everything is written
-/// into a temporary directory and fsynced, the index last; the directory is renamed
-/// into place and the root fsynced; then the `latest` pointer is replaced atomically
-/// and old checkpoints beyond `keep_last` are removed. Returns the checkpoint path.
+/// into a temporary directory and fsynced, the index's checksum and then the index
+/// last; the directory is renamed into place and the root fsynced; then the `latest`
+/// pointer is replaced atomically and old checkpoints beyond `keep_last` are removed.
+/// A save that fails removes its temporary directory. Returns the checkpoint path.
 ///
 /// In a parallel run every rank calls it with its own snapshot (the root must be on
 /// storage all ranks share): the first replica of each stage writes its shards and a
-/// part of the index; rank 0 waits for every part, then writes the index and commits.
-/// Other ranks return once their part is written (before the commit).
+/// part of the index and tells rank 0; rank 0 waits for every part (a writer that
+/// dies or fails fails the save at once), then writes the index and commits. Other
+/// ranks return once their part is written (before the commit); replicas write
+/// nothing.
 pub fn save(snap: &Snapshot, root: &Path, name: &str, opts: &SaveOptions) -> Result<PathBuf> {
     super::format::check_file_name(name).map_err(Error::Config)?;
-    std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
-    let mut fault = Fault::for_this_save();
     let layout = &snap.layout;
+    let (replica, _) = layout.coords(snap.rank);
+    if layout.world > 1 && replica != 0 {
+        return Ok(root.join(name)); // its stage's first replica writes the same tensors
+    }
+    std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
     let tmp = if layout.world > 1 {
         root.join(format!(".tmp-{name}-{:016x}-{}", snap.run, snap.save))
     } else {
@@ -259,31 +284,96 @@ pub fn save(snap: &Snapshot, root: &Path, name: &str, opts: &SaveOptions) -> Res
         tmp
     };
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let (replica, _) = layout.coords(snap.rank);
-    let mut tensors = if replica == 0 {
-        write_shards(snap, &tmp, opts, &mut fault)?
+    let mut fault = Fault::for_this_save();
+    let written = write_shards(snap, &tmp, opts, &mut fault);
+    let result = if snap.rank == 0 {
+        written
+            .and_then(|tensors| gather_parts(snap, &tmp, tensors))
+            .and_then(|tensors| commit(snap, root, name, &tmp, tensors, &mut fault))
     } else {
-        BTreeMap::new() // a replica: its stage's first replica writes the same tensors
+        notify_part(snap, &tmp, written).map(|_| root.join(name))
     };
-    if layout.world > 1 {
-        if snap.rank != 0 {
-            if replica == 0 {
-                write_part(&tmp, snap.rank, &tensors)?;
-            }
-            return Ok(root.join(name));
+    if result.is_err() && snap.rank == 0 {
+        let _ = std::fs::remove_dir_all(&tmp); // nothing of a failed save stays behind
+    }
+    let dest = result?;
+    if snap.rank == 0 {
+        fault.after_commit();
+        set_latest(root, name)?;
+        if let Some(keep) = opts.keep_last {
+            retain(root, keep)?;
         }
-        let writers = (1..layout.pp).map(|s| layout.rank_of(0, s));
-        for rank in writers {
-            for (n, e) in read_part(&tmp, rank, opts.part_timeout)? {
-                if tensors.insert(n.clone(), e).is_some() {
-                    return Err(Error::Format {
-                        path: tmp.clone(),
-                        msg: format!("tensor `{n}` written by two ranks"),
-                    });
-                }
+    }
+    Ok(dest)
+}
+
+/// Rank 0 of a parallel save: adds every other stage's part to its own entries, in
+/// stage order, as each writer reports it written.
+fn gather_parts(
+    snap: &Snapshot,
+    tmp: &Path,
+    mut tensors: BTreeMap<String, TensorEntry>,
+) -> Result<BTreeMap<String, TensorEntry>> {
+    let layout = &snap.layout;
+    if layout.world == 1 {
+        return Ok(tensors);
+    }
+    let group = save_group(snap)?;
+    for rank in (1..layout.pp).map(|s| layout.rank_of(0, s)) {
+        let ok = group.0.recv(rank, part_tag(snap.save)).map_err(|e| {
+            Error::Comm(format!(
+                "checkpoint {}: no part from rank {rank} ({e}); the checkpoint stays uncommitted",
+                tmp.display()
+            ))
+        })?;
+        if ok != [1.0] {
+            return Err(Error::Comm(format!(
+                "checkpoint {}: rank {rank} failed to write its part; the checkpoint stays uncommitted",
+                tmp.display()
+            )));
+        }
+        for (n, e) in read_part(tmp, rank)? {
+            if tensors.insert(n.clone(), e).is_some() {
+                return Err(Error::Format {
+                    path: tmp.to_path_buf(),
+                    msg: format!("tensor `{n}` written by two ranks"),
+                });
             }
         }
     }
+    Ok(tensors)
+}
+
+/// A stage writer other than rank 0: publishes its part and tells rank 0 whether it
+/// succeeded (so rank 0 never waits on a writer that has given up).
+fn notify_part(
+    snap: &Snapshot,
+    tmp: &Path,
+    written: Result<BTreeMap<String, TensorEntry>>,
+) -> Result<()> {
+    let group = save_group(snap)?;
+    let result = written.and_then(|tensors| write_part(tmp, snap.rank, &tensors));
+    let flag = if result.is_ok() { 1.0 } else { 0.0 };
+    group.0.send(&[flag], 0, part_tag(snap.save))?;
+    result
+}
+
+fn save_group(snap: &Snapshot) -> Result<&SaveGroup> {
+    snap.group.as_ref().ok_or_else(|| {
+        Error::Config("a parallel checkpoint save needs its process group (Snapshot::group)".into())
+    })
+}
+
+/// Writes the index (its checksum first) into `tmp` and renames `tmp` to
+/// `root/name`, replacing a checkpoint of that name.
+fn commit(
+    snap: &Snapshot,
+    root: &Path,
+    name: &str,
+    tmp: &Path,
+    tensors: BTreeMap<String, TensorEntry>,
+    fault: &mut Fault,
+) -> Result<PathBuf> {
     let weight_map = tensors
         .iter()
         .filter(|(_, t)| t.group == Group::Model)
@@ -301,11 +391,16 @@ pub fn save(snap: &Snapshot, root: &Path, name: &str, opts: &SaveOptions) -> Res
     };
     let json =
         serde_json::to_vec_pretty(&index).map_err(|e| Error::Config(format!("index: {e}")))?;
+    let sum_path = tmp.join(INDEX_CHECKSUM);
+    let sum = format!("{:08x}\n", crc32fast::hash(&json));
+    std::fs::write(&sum_path, sum)
+        .and_then(|_| std::fs::File::open(&sum_path)?.sync_all())
+        .map_err(|e| Error::io(&sum_path, e))?;
     let index_path = tmp.join(INDEX);
     let mut f = std::fs::File::create(&index_path).map_err(|e| Error::io(&index_path, e))?;
     fault.write(&mut f, &json, &index_path)?;
     f.sync_all().map_err(|e| Error::io(&index_path, e))?;
-    fsync_dir(&tmp)?;
+    fsync_dir(tmp)?;
 
     let dest = root.join(name);
     if dest.exists() {
@@ -313,17 +408,12 @@ pub fn save(snap: &Snapshot, root: &Path, name: &str, opts: &SaveOptions) -> Res
         // a crash leaves either the old or the new one committed.
         let old = root.join(format!(".old-{name}-{}", std::process::id()));
         std::fs::rename(&dest, &old).map_err(|e| Error::io(&dest, e))?;
-        std::fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
+        std::fs::rename(tmp, &dest).map_err(|e| Error::io(&dest, e))?;
         let _ = std::fs::remove_dir_all(&old);
     } else {
-        std::fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
+        std::fs::rename(tmp, &dest).map_err(|e| Error::io(&dest, e))?;
     }
     fsync_dir(root)?;
-    fault.after_commit();
-    set_latest(root, name)?;
-    if let Some(keep) = opts.keep_last {
-        retain(root, keep)?;
-    }
     Ok(dest)
 }
 
@@ -344,23 +434,9 @@ fn write_part(tmp: &Path, rank: usize, tensors: &BTreeMap<String, TensorEntry>) 
     std::fs::rename(&partial, &path).map_err(|e| Error::io(&path, e))
 }
 
-/// Waits for a rank's index part (up to `timeout`), reads and removes it.
-fn read_part(
-    tmp: &Path,
-    rank: usize,
-    timeout: std::time::Duration,
-) -> Result<BTreeMap<String, TensorEntry>> {
+/// Reads and removes a rank's index part (once the rank has reported it written).
+fn read_part(tmp: &Path, rank: usize) -> Result<BTreeMap<String, TensorEntry>> {
     let path = part_path(tmp, rank);
-    let deadline = std::time::Instant::now() + timeout;
-    while !path.exists() {
-        if std::time::Instant::now() >= deadline {
-            return Err(Error::Comm(format!(
-                "checkpoint {}: rank {rank} did not write its part within {timeout:?}; the checkpoint stays uncommitted",
-                tmp.display()
-            )));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
     let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
     let part = serde_json::from_slice(&bytes).map_err(|e| Error::Format {
         path: path.clone(),
@@ -384,18 +460,25 @@ pub fn set_latest(root: &Path, name: &str) -> Result<()> {
 }
 
 /// Removes all but the newest `keep` committed checkpoints (never the newest one, nor
-/// the one `latest` names).
+/// the one `latest` names). Each is first renamed out of the namespace (to a hidden
+/// `.del-…` directory, which is never a checkpoint), so a crash in the middle of the
+/// removal cannot leave a half-deleted directory that looks committed.
 pub fn retain(root: &Path, keep: usize) -> Result<Vec<PathBuf>> {
     let list = super::list(root)?;
     let latest = super::read_latest(root);
     let mut removed = Vec::new();
     let n = list.committed.len();
     for p in list.committed.iter().take(n.saturating_sub(keep.max(1))) {
-        let name = p.file_name().and_then(|n| n.to_str()).map(String::from);
-        if name.is_some() && name == latest {
+        let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if Some(name) == latest.as_deref() {
             continue;
         }
-        std::fs::remove_dir_all(p).map_err(|e| Error::io(p, e))?;
+        let doomed = root.join(format!(".del-{name}-{}", std::process::id()));
+        std::fs::rename(p, &doomed).map_err(|e| Error::io(p, e))?;
+        fsync_dir(root)?;
+        std::fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))?;
         removed.push(p.clone());
     }
     Ok(removed)

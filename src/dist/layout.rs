@@ -61,12 +61,35 @@ impl Layout {
         let stages = (0..pp)
             .map(|s| starts[s]..starts.get(s + 1).copied().unwrap_or(depth))
             .collect();
+        let world = dp
+            .checked_mul(pp)
+            .ok_or_else(|| Error::Config(format!("--dp {dp} --pp {pp}: too many ranks")))?;
         Ok(Layout {
-            world: dp * pp,
+            world,
             dp,
             pp,
             stages,
         })
+    }
+
+    /// Checks a layout read from elsewhere (a checkpoint) against a model of `depth`
+    /// blocks: it must be what [`Layout::new`] makes of its own dp, pp and stages.
+    pub fn check(&self, depth: usize) -> Result<()> {
+        let starts: Vec<usize> = self.stages.iter().skip(1).map(|r| r.start).collect();
+        let rebuilt = Layout::new(
+            self.dp,
+            self.pp,
+            depth,
+            (!self.stages.is_empty()).then_some(starts.as_slice()),
+        )?;
+        let same = rebuilt.world == self.world
+            && (self.stages.is_empty() || rebuilt.stages == self.stages);
+        if !same {
+            return Err(Error::Config(format!(
+                "layout {self:?} is not a consistent dp x pp split of {depth} blocks"
+            )));
+        }
+        Ok(())
     }
 
     /// One rank holding the whole model.

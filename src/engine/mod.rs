@@ -129,6 +129,23 @@ fn dropout_seed(seed: u64, step: u64) -> u64 {
     seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
+/// Refuses a model whose parameters, gradients and optimizer state cannot fit in this
+/// machine's memory, before any of it is allocated.
+fn check_fits(model: &VitConfig, config: &TrainConfig) -> Result<()> {
+    model.validate()?;
+    let params = model.checked_num_params().unwrap_or(u64::MAX);
+    let per_param = 4 * (2 + config.optimizer.state_names().len() as u64);
+    let need = params.saturating_mul(per_param);
+    match crate::backend::cpu::physical_memory() {
+        Some(have) if need > have => Err(Error::Config(format!(
+            "the model's {params} parameters need {:.1} GiB for weights, gradients and optimizer state; this machine has {:.1} GiB",
+            need as f64 / f64::from(1 << 30),
+            have as f64 / f64::from(1 << 30)
+        ))),
+        _ => Ok(()),
+    }
+}
+
 impl Engine {
     pub fn new(model: &VitConfig, config: TrainConfig) -> Result<Self> {
         Engine::build(model, config, None)
@@ -142,6 +159,7 @@ impl Engine {
     }
 
     fn build(model: &VitConfig, config: TrainConfig, par: Option<Parallel>) -> Result<Self> {
+        check_fits(model, &config)?;
         let mut params = ParamStore::new();
         let part = match &par {
             Some(p) => {

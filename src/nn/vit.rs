@@ -65,20 +65,28 @@ impl VitConfig {
         self.num_patches() + 1
     }
 
-    /// Rejects configurations that cannot build a model, naming the field.
+    /// Rejects configurations that cannot build a model, naming the field: zero or
+    /// out-of-range sizes (see [`VitConfig::LIMITS`]), sizes that do not divide, a
+    /// dropout outside [0, 1), a non-positive epsilon, and a model whose parameter count
+    /// overflows or exceeds [`VitConfig::MAX_PARAMS`]. Flags, config files, checkpoints
+    /// and imports all go through this one check before anything is allocated.
     pub fn validate(&self) -> Result<()> {
-        let positive = [
-            ("image_size", self.image_size),
-            ("patch_size", self.patch_size),
-            ("in_channels", self.in_channels),
-            ("num_classes", self.num_classes),
-            ("dim", self.dim),
-            ("depth", self.depth),
-            ("heads", self.heads),
-            ("mlp_dim", self.mlp_dim),
+        let sizes = [
+            self.image_size,
+            self.patch_size,
+            self.in_channels,
+            self.num_classes,
+            self.dim,
+            self.depth,
+            self.heads,
+            self.mlp_dim,
         ];
-        if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err(Error::Config(format!("{field} must be positive")));
+        for (v, (field, max)) in sizes.into_iter().zip(VitConfig::LIMITS) {
+            if v == 0 || v > max {
+                return Err(Error::Config(format!(
+                    "model {field} {v} is outside 1..={max}"
+                )));
+            }
         }
         if !self.image_size.is_multiple_of(self.patch_size) {
             return Err(Error::Config(format!(
@@ -98,27 +106,83 @@ impl VitConfig {
                 self.dropout
             )));
         }
-        if self.layernorm_eps.is_nan() || self.layernorm_eps <= 0.0 {
+        if !(self.layernorm_eps > 0.0 && self.layernorm_eps < 1.0) {
             return Err(Error::Config(format!(
-                "layernorm_eps {} must be positive",
+                "layernorm_eps {} is outside (0, 1)",
                 self.layernorm_eps
             )));
         }
-        Ok(())
+        match self.checked_num_params() {
+            Some(n) if n <= VitConfig::MAX_PARAMS => Ok(()),
+            n => Err(Error::Config(format!(
+                "the model would have {} parameters (at most {} are supported): dim {}, depth {}, mlp_dim {}, num_classes {}, image_size {}",
+                n.map_or("more than 2^64".into(), |n| n.to_string()),
+                VitConfig::MAX_PARAMS,
+                self.dim,
+                self.depth,
+                self.mlp_dim,
+                self.num_classes,
+                self.image_size
+            ))),
+        }
     }
 
-    /// Number of trainable scalars, computed from the architecture alone.
+    /// The largest value each size field may take, in the order of the struct. Far
+    /// above any ViT that trains on CIFAR-style data, and small enough that no product
+    /// of them overflows 64 bits and one image's activations fit in memory.
+    pub const LIMITS: [(&'static str, usize); 8] = [
+        ("image_size", 1024),
+        ("patch_size", 1024),
+        ("in_channels", 64),
+        ("num_classes", 1 << 20),
+        ("dim", 1 << 16),
+        ("depth", 1024),
+        ("heads", 1024),
+        ("mlp_dim", 1 << 18),
+    ];
+
+    /// The most parameters a model may have (16 G: 64 GiB of f32 weights).
+    pub const MAX_PARAMS: u64 = 1 << 34;
+
+    /// Number of trainable scalars, computed from the architecture alone. Call on a
+    /// validated config (an unvalidated one may overflow: see
+    /// [`VitConfig::checked_num_params`]).
     pub fn num_params(&self) -> usize {
-        let (d, h) = (self.dim, self.mlp_dim);
-        let patch = d * self.in_channels * self.patch_size.pow(2) + d;
-        let block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (h * d + h) + (d * h + d);
-        patch
-            + d
-            + self.tokens() * d
-            + self.depth * block
-            + 2 * d
-            + self.num_classes * d
-            + self.num_classes
+        self.checked_num_params().unwrap_or(u64::MAX) as usize
+    }
+
+    /// [`VitConfig::num_params`] in checked arithmetic: `None` when it overflows.
+    pub fn checked_num_params(&self) -> Option<u64> {
+        let u = |v: usize| u64::try_from(v).ok();
+        let (d, h) = (u(self.dim)?, u(self.mlp_dim)?);
+        let (c, p) = (u(self.in_channels)?, u(self.patch_size)?);
+        let tokens = (u(self.image_size)? / p.max(1))
+            .checked_pow(2)?
+            .checked_add(1)?;
+        let classes = u(self.num_classes)?;
+        let patch = d
+            .checked_mul(c)?
+            .checked_mul(p.checked_mul(p)?)?
+            .checked_add(d)?;
+        let block = [
+            4u64.checked_mul(d)?,
+            d.checked_mul(d)?.checked_add(d)?.checked_mul(3)?,
+            d.checked_mul(d)?.checked_add(d)?,
+            h.checked_mul(d)?.checked_add(h)?,
+            d.checked_mul(h)?.checked_add(d)?,
+        ]
+        .into_iter()
+        .try_fold(0u64, u64::checked_add)?;
+        [
+            patch,
+            d,
+            tokens.checked_mul(d)?,
+            u(self.depth)?.checked_mul(block)?,
+            d.checked_mul(2)?,
+            classes.checked_mul(d)?.checked_add(classes)?,
+        ]
+        .into_iter()
+        .try_fold(0u64, u64::checked_add)
     }
 }
 

@@ -55,7 +55,39 @@ impl OptimizerKind {
         }
     }
 
-    fn state_names(self) -> &'static [&'static str] {
+    /// Rejects hyper-parameters no update can use (they may come from a checkpoint).
+    pub fn validate(self) -> Result<()> {
+        let bad = |msg: String| Err(Error::Config(msg));
+        match self {
+            OptimizerKind::Sgd {
+                momentum,
+                dampening,
+                nesterov,
+            } => {
+                if !(momentum.is_finite() && momentum >= 0.0 && dampening.is_finite()) {
+                    return bad(format!(
+                        "SGD momentum {momentum} and dampening {dampening} must be finite, momentum >= 0"
+                    ));
+                }
+                if nesterov && (momentum <= 0.0 || dampening != 0.0) {
+                    return bad("Nesterov momentum needs momentum > 0 and dampening 0".into());
+                }
+            }
+            OptimizerKind::Adam { beta1, beta2, eps }
+            | OptimizerKind::AdamW { beta1, beta2, eps } => {
+                if !((0.0..1.0).contains(&beta1) && (0.0..1.0).contains(&beta2)) {
+                    return bad(format!("Adam betas ({beta1}, {beta2}) must be in [0, 1)"));
+                }
+                if !(eps.is_finite() && eps > 0.0) {
+                    return bad(format!("Adam eps {eps} must be finite and > 0"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The state each parameter has (`<state>.<parameter>` in checkpoints).
+    pub fn state_names(self) -> &'static [&'static str] {
         match self {
             OptimizerKind::Sgd { momentum: 0.0, .. } => &[],
             OptimizerKind::Sgd { .. } => &["momentum_buffer"],
@@ -84,18 +116,7 @@ impl Optimizer {
     }
 
     pub fn new(kind: OptimizerKind, weight_decay: f32, store: &ParamStore) -> Result<Self> {
-        if let OptimizerKind::Sgd {
-            momentum,
-            dampening,
-            nesterov,
-        } = kind
-        {
-            if nesterov && (momentum <= 0.0 || dampening != 0.0) {
-                return Err(Error::Config(
-                    "Nesterov momentum needs momentum > 0 and dampening 0".into(),
-                ));
-            }
-        }
+        kind.validate()?;
         if weight_decay.is_nan() || weight_decay < 0.0 {
             return Err(Error::Config(format!(
                 "weight decay {weight_decay} must be >= 0"
@@ -273,6 +294,26 @@ pub enum LrSchedule {
 }
 
 impl LrSchedule {
+    /// Rejects a schedule that cannot be evaluated (it may come from a checkpoint).
+    pub fn validate(&self) -> Result<()> {
+        match *self {
+            LrSchedule::Constant => Ok(()),
+            LrSchedule::Step { step_size, gamma }
+                if step_size > 0 && gamma.is_finite() && gamma >= 0.0 =>
+            {
+                Ok(())
+            }
+            LrSchedule::WarmupCosine {
+                warmup,
+                total,
+                min_lr,
+            } if warmup <= total && min_lr.is_finite() && min_lr >= 0.0 => Ok(()),
+            s => Err(Error::Config(format!(
+                "{s:?}: needs step_size > 0, warmup <= total and finite, non-negative rates"
+            ))),
+        }
+    }
+
     /// The learning rate for update `step` (0-based) given the base rate.
     pub fn lr(&self, base: f32, step: u64) -> f32 {
         match *self {

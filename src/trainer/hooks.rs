@@ -356,6 +356,8 @@ impl SaveCheckpointHook {
             schedule: self.schedule,
             history: s.history.clone(),
             classes: self.classes.clone(),
+            epochs: s.epochs as u64,
+            batches_per_epoch: s.iters_per_epoch as u64,
             ..TrainingState::default()
         };
         let name = checkpoint_name(s.engine.step_count());

@@ -30,6 +30,25 @@ pub fn num_threads() -> usize {
     rayon::current_num_threads()
 }
 
+/// The machine's physical memory in bytes (`None` where it cannot be read), for
+/// refusing a model that cannot fit before allocating it.
+pub fn physical_memory() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf only reads system constants.
+        let (pages, size) = unsafe {
+            (
+                libc::sysconf(libc::_SC_PHYS_PAGES),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        let (pages, size) = (u64::try_from(pages).ok()?, u64::try_from(size).ok()?);
+        pages.checked_mul(size)
+    }
+    #[cfg(not(unix))]
+    None
+}
+
 pub struct CpuBackend;
 
 fn same_len(op: &'static str, a: &[f32], b: &[f32]) -> Result<()> {

@@ -1,6 +1,7 @@
 """Reads a ferrovit checkpoint with only json, zlib, numpy and safetensors, as another
 tool would (docs/checkpoint-format.md), and checks it against its own index:
 
+- index.json matches its CRC-32 in index.json.crc32 (version 2);
 - every shard opens with safetensors.numpy.load_file;
 - every tensor of the index is in its shard under its key, with the index's dtype and
   shape, its bytes at the index's absolute byte range, and the index's CRC-32;
@@ -28,10 +29,18 @@ def main():
     ap.add_argument("dir")
     ap.add_argument("--export")
     args = ap.parse_args()
-    with open(os.path.join(args.dir, "index.json")) as f:
-        index = json.load(f)
+    with open(os.path.join(args.dir, "index.json"), "rb") as f:
+        raw_index = f.read()
+    # version 2: the index is used only once its bytes match index.json.crc32
+    sum_path = os.path.join(args.dir, "index.json.crc32")
+    if os.path.exists(sum_path):
+        with open(sum_path) as f:
+            stored = int(f.read().strip(), 16)
+        assert zlib.crc32(raw_index) == stored, "index.json does not match its checksum"
+    index = json.loads(raw_index)
     assert index["format"] == "ferrovit-checkpoint", index["format"]
-    assert index["version"] == 1, index["version"]
+    assert index["version"] in (1, 2), index["version"]
+    assert index["version"] == 1 or os.path.exists(sum_path), "index.json.crc32 is missing"
     files = sorted({c["file"] for t in index["tensors"].values() for c in t["chunks"]})
     shards = {name: load_file(os.path.join(args.dir, name)) for name in files}
     model = {}

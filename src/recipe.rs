@@ -311,6 +311,25 @@ fn set_aside_old_run(root: &Path, logger: &Logger) -> Result<()> {
     Ok(())
 }
 
+/// A resume continues at the checkpoint's position, which must be one this run
+/// reaches: every batch is one update, so `step = epoch × batches per epoch + batch`.
+fn check_position(t: &checkpoint::TrainingState, batches: u64, dir: &Path) -> Result<()> {
+    let at = t
+        .epoch
+        .checked_mul(batches)
+        .and_then(|s| s.checked_add(t.batch));
+    if t.batch > batches || at != Some(t.step) {
+        return Err(Error::Format {
+            path: dir.to_path_buf(),
+            msg: format!(
+                "saved at epoch {} batch {} after {} updates, which is not a position of this run's {batches} batches per epoch (resume with the same data and --batch-size)",
+                t.epoch, t.batch, t.step
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Loads the checkpoint to resume from (strict, optimizer state included) and positions
 /// the trainer after it.
 fn resume_from(
@@ -319,6 +338,7 @@ fn resume_from(
     root: &Path,
     cfg: &VitConfig,
     opts: &TrainOptions,
+    batches_per_epoch: u64,
 ) -> Result<()> {
     let listing = checkpoint::list(root)?;
     if !listing.uncommitted.is_empty() {
@@ -344,6 +364,7 @@ fn resume_from(
         PathBuf::from(resume)
     };
     let saved = checkpoint::Checkpoint::open(&dir)?.index;
+    check_position(&saved.training, batches_per_epoch, &dir)?;
     if saved.training.seed != opts.seed {
         return Err(Error::Format {
             path: dir,
@@ -638,7 +659,14 @@ fn train_rank(
     let ckpt_root = opts.out.join("checkpoints");
     let mut trainer = Trainer::new(engine, logger.clone());
     if let Some(resume) = &opts.resume {
-        resume_from(&mut trainer, resume, &ckpt_root, &cfg, opts)?;
+        resume_from(
+            &mut trainer,
+            resume,
+            &ckpt_root,
+            &cfg,
+            opts,
+            steps_per_epoch,
+        )?;
     }
     if opts.resume.is_none() && !opts.no_save && rank == 0 {
         set_aside_old_run(&ckpt_root, &logger)?;

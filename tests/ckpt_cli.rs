@@ -41,7 +41,7 @@ fn inspect_verify_list_export_import() {
     let (ok, text, err) = ferrovit(&["ckpt", "inspect", root.to_str().unwrap()]);
     assert!(ok, "{err}");
     for want in [
-        "version 1",
+        "version 2",
         "dim 128 depth 2",
         "1 epochs + 0 batches done, step 23",
         "exp_avg_sq.head.weight",

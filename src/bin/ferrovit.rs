@@ -637,9 +637,14 @@ fn ckpt(c: CkptCommand) -> Result<()> {
         }
         CkptCommand::Verify { dir } => {
             let dir = ckpt_dir(dir)?;
-            let r = Checkpoint::open(&dir)?.verify()?;
+            let ck = Checkpoint::open(&dir)?;
+            let r = ck.verify()?;
+            let index = match ck.index.version {
+                1 => "index validated (version 1: it has no checksum)",
+                _ => "index checksum and contents verified",
+            };
             println!(
-                "ok: {} tensors, {} bytes in {} shard files: every header, bound and checksum verified ({})",
+                "ok: {} tensors, {} bytes in {} shard files: {index}, every header, bound and checksum verified ({})",
                 r.tensors, r.bytes, r.files, dir.display()
             );
             Ok(())

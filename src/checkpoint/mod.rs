@@ -350,8 +350,7 @@ pub fn export_safetensors(dir: &Path, out: &Path) -> Result<usize> {
 /// by `map` (`from` → `to` prefix replacements, first match wins; unmatched names are
 /// kept).
 pub fn read_safetensors(path: &Path, map: &[(String, String)]) -> Result<Vec<(String, Tensor)>> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let (file, len) = reader::open_regular(path, true)?;
     // SAFETY: read-only map; see the reader.
     let mm = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
     let header = parse_shard_header(&mm, len, path)?;

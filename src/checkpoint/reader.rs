@@ -279,24 +279,28 @@ impl Checkpoint {
     }
 }
 
-/// Opens a file of a checkpoint for reading, refusing at once (without blocking) a
-/// symbolic link, a named pipe, a device or anything else that is not a regular file.
-/// Returns the file and its length.
-pub(crate) fn open_regular(path: &Path) -> Result<(std::fs::File, u64)> {
-    let not_regular = |what: &str| Error::Format {
+/// Opens a file for reading, refusing at once (without blocking) a named pipe, a
+/// device or anything else that is not a regular file, and, unless `follow`, a
+/// symbolic link (a checkpoint's files are its own, never links elsewhere). Returns
+/// the file and its length.
+pub(crate) fn open_regular(path: &Path, follow: bool) -> Result<(std::fs::File, u64)> {
+    let not_regular = |what: &str| {
+        Error::Format {
         path: path.to_path_buf(),
-        msg: format!("{what}: a checkpoint's files must be regular files in its directory"),
+        msg: format!("{what}: only regular files are read here (a checkpoint's files are regular files in its directory)"),
+    }
     };
     let mut options = std::fs::OpenOptions::new();
     options.read(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        options.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+        let nofollow = if follow { 0 } else { libc::O_NOFOLLOW };
+        options.custom_flags(nofollow | libc::O_NONBLOCK);
     }
     let file = options.open(path).map_err(|e| {
         #[cfg(unix)]
-        if e.raw_os_error() == Some(libc::ELOOP) {
+        if e.raw_os_error() == Some(libc::ELOOP) && !follow {
             return not_regular("a symbolic link");
         }
         Error::io(path, e)
@@ -315,7 +319,7 @@ fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
         path: path.to_path_buf(),
         msg: format!("larger than the {max}-byte limit"),
     };
-    let (file, len) = open_regular(path)?;
+    let (file, len) = open_regular(path, false)?;
     if len > max {
         return Err(too_big());
     }
@@ -385,7 +389,7 @@ fn map_shard(path: &Path) -> Result<Shard> {
         path: path.to_path_buf(),
         msg,
     })?;
-    let (file, len) = open_regular(path)?;
+    let (file, len) = open_regular(path, false)?;
     // SAFETY: the map is read-only; a file changed underneath us by another process
     // can give wrong bytes, which the CRC-32 of every range read then rejects.
     let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;

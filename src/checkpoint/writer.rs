@@ -103,21 +103,34 @@ pub fn checkpoint_name(step: u64) -> String {
 /// `FERROVIT_FAULT_STOP_AT_BYTE=n`, save number k (0-based, in this process) stops
 /// once n bytes of its files (shards, then the index) are written — or, when n is past
 /// the end, after the directory rename and before the `latest` pointer moves — prints
-/// `fault: stopped` on stderr and waits to be killed.
+/// `fault: stopped` on stderr and waits to be killed; with `FERROVIT_FAULT_ENOSPC=1`
+/// as well, it fails there instead, as on a full disk. `FERROVIT_FAULT_DELETE_AFTER=n`
+/// stops retention the same way after it has deleted n files.
 struct Fault {
     stop_at: Option<u64>,
     written: u64,
 }
 
 static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static DELETED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn fault_env(k: &str) -> Option<u64> {
+    std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok())
+}
+
+fn hang(at: &str) -> ! {
+    eprintln!("fault: stopped {at}");
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(60));
+    }
+}
 
 impl Fault {
     fn for_this_save() -> Fault {
         let n = SAVES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
         let stop_at = match (
-            env("FERROVIT_FAULT_SAVE"),
-            env("FERROVIT_FAULT_STOP_AT_BYTE"),
+            fault_env("FERROVIT_FAULT_SAVE"),
+            fault_env("FERROVIT_FAULT_STOP_AT_BYTE"),
         ) {
             (Some(k), Some(b)) if k == n => Some(b),
             _ => None,
@@ -128,11 +141,13 @@ impl Fault {
         }
     }
 
-    fn hang(&self) -> ! {
-        eprintln!("fault: stopped at byte {}", self.written);
-        loop {
-            std::thread::sleep(std::time::Duration::from_secs(60));
+    /// Stops here as configured: waits to be killed, or fails as a full disk does.
+    fn trip(&self, path: &Path) -> Result<()> {
+        if fault_env("FERROVIT_FAULT_ENOSPC") == Some(1) {
+            let e = std::io::Error::new(std::io::ErrorKind::StorageFull, "injected: disk full");
+            return Err(Error::io(path, e));
         }
+        hang(&format!("at byte {}", self.written))
     }
 
     /// Writes `bytes`, stopping at the fault byte if it falls inside.
@@ -143,7 +158,8 @@ impl Fault {
                 f.write_all(&bytes[..k]).map_err(|e| Error::io(path, e))?;
                 let _ = f.flush();
                 self.written = stop;
-                self.hang();
+                self.stop_at = None;
+                return self.trip(path);
             }
         }
         f.write_all(bytes).map_err(|e| Error::io(path, e))?;
@@ -153,7 +169,15 @@ impl Fault {
 
     fn after_commit(&self) {
         if self.stop_at.is_some_and(|s| s > self.written) {
-            self.hang();
+            hang("after the commit");
+        }
+    }
+
+    /// Counts a file retention deleted, stopping after the configured number.
+    fn deleted() {
+        let n = DELETED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        if fault_env("FERROVIT_FAULT_DELETE_AFTER") == Some(n) {
+            hang(&format!("after deleting {n} files"));
         }
     }
 }
@@ -478,10 +502,25 @@ pub fn retain(root: &Path, keep: usize) -> Result<Vec<PathBuf>> {
         let doomed = root.join(format!(".del-{name}-{}", std::process::id()));
         std::fs::rename(p, &doomed).map_err(|e| Error::io(p, e))?;
         fsync_dir(root)?;
-        std::fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))?;
+        remove_checkpoint_dir(&doomed).map_err(|e| Error::io(&doomed, e))?;
         removed.push(p.clone());
     }
     Ok(removed)
+}
+
+/// Removes a checkpoint directory (files only, as the writer makes them; anything
+/// else in it goes with `remove_dir_all`).
+fn remove_checkpoint_dir(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if std::fs::symlink_metadata(&path)?.is_dir() {
+            std::fs::remove_dir_all(&path)?;
+        } else {
+            std::fs::remove_file(&path)?;
+            Fault::deleted();
+        }
+    }
+    std::fs::remove_dir(dir)
 }
 
 /// Saves on a background thread. `save` first waits for the previous save and returns

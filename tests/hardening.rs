@@ -403,3 +403,16 @@ fn a_pipeline_rank_killed_during_a_save_stops_rank_0_at_once() {
     assert!(all_committed_verify(&out.join("checkpoints")) == 0);
     std::fs::remove_dir_all(out).unwrap();
 }
+
+#[test]
+fn data_parallel_saves_leave_no_staging_directories() {
+    let (out, _) = tiny_checkpoint("dp-staging", &["--dp", "2", "--save-every-steps", "1"], &[]);
+    let listing = checkpoint::list(&out.join("checkpoints")).unwrap();
+    assert!(
+        listing.uncommitted.is_empty(),
+        "left behind: {:?}",
+        listing.uncommitted
+    );
+    assert!(all_committed_verify(&out.join("checkpoints")) > 1);
+    std::fs::remove_dir_all(out).unwrap();
+}

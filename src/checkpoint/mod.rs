@@ -68,8 +68,8 @@ pub fn list(root: &Path) -> Result<Listing> {
 
 /// The checkpoint name in `root/latest`, if there is one.
 pub fn read_latest(root: &Path) -> Option<String> {
-    let s = std::fs::read_to_string(root.join("latest")).ok()?;
-    let name = s.trim().to_string();
+    let bytes = reader::read_bounded(&root.join("latest"), 4096).ok()?;
+    let name = String::from_utf8(bytes).ok()?.trim().to_string();
     check_file_name(&name).ok()?;
     Some(name)
 }

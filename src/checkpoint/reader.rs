@@ -314,7 +314,7 @@ pub(crate) fn open_regular(path: &Path, follow: bool) -> Result<(std::fs::File, 
 
 /// Reads a regular file of at most `max` bytes, however large it claims or turns out
 /// to be (the read stops one byte past the limit).
-fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
+pub(crate) fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
     let too_big = || Error::Format {
         path: path.to_path_buf(),
         msg: format!("larger than the {max}-byte limit"),

@@ -1,12 +1,17 @@
 //! Runs `nproc` copies of a program on this machine as the ranks of one process group
 //! (the single-node part of what torchrun does): each child gets RANK, WORLD_SIZE,
-//! LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT and FERROVIT_LAUNCHED=1 and
+//! LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, FERROVIT_SECRET (drawn afresh
+//! for each run, so that no process outside it can join) and FERROVIT_LAUNCHED=1 and
 //! joins the group with [`crate::dist::TcpGroup::from_env`].
 //!
 //! When one child fails, the others normally fail soon after by themselves (their
 //! connections to it close); those that do not within the grace period are killed.
+//! The children do not outlive the launcher: SIGTERM and SIGINT are passed on to them
+//! (the launcher then exits with 128 + the signal, after the same grace period), and on
+//! Linux a launcher killed outright takes them along (PR_SET_PDEATHSIG).
 
 use crate::error::{Error, Result};
+use std::io;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus};
@@ -91,6 +96,8 @@ pub fn launch(opts: &LaunchOptions) -> Result<i32> {
         0 => free_port(&opts.master_addr)?,
         p => p,
     };
+    let secret = crate::dist::random_secret()
+        .map_err(|e| Error::Message(format!("launch: cannot draw the run's secret: {e}")))?;
     tracing::info!(
         "launching {} ranks of {} (master {}:{port})",
         opts.nproc,
@@ -98,19 +105,23 @@ pub fn launch(opts: &LaunchOptions) -> Result<i32> {
         opts.master_addr
     );
 
+    // before the first child exists, so that none can be left behind by a signal
+    let signals = signals::Forward::install()
+        .map_err(|e| Error::Message(format!("launch: cannot handle signals: {e}")))?;
     let mut children: Vec<Option<Child>> = Vec::with_capacity(opts.nproc);
     for rank in 0..opts.nproc {
-        let spawned = Command::new(&program)
-            .args(&opts.args)
+        let mut cmd = Command::new(&program);
+        cmd.args(&opts.args)
             .env("RANK", rank.to_string())
             .env("WORLD_SIZE", opts.nproc.to_string())
             .env("LOCAL_RANK", rank.to_string())
             .env("LOCAL_WORLD_SIZE", opts.nproc.to_string())
             .env("MASTER_ADDR", &opts.master_addr)
             .env("MASTER_PORT", port.to_string())
-            .env("FERROVIT_LAUNCHED", "1")
-            .spawn();
-        match spawned {
+            .env("FERROVIT_SECRET", &secret)
+            .env("FERROVIT_LAUNCHED", "1");
+        die_with_launcher(&mut cmd);
+        match cmd.spawn() {
             Ok(c) => children.push(Some(c)),
             Err(e) => {
                 kill_all(&mut children);
@@ -121,7 +132,123 @@ pub fn launch(opts: &LaunchOptions) -> Result<i32> {
             }
         }
     }
-    wait_all(children, opts.grace)
+    wait_all(children, opts.grace, &signals)
+}
+
+/// Makes the child `cmd` starts die (SIGKILL) when this thread, the launcher's, dies —
+/// even by SIGKILL, which no handler sees. (Linux ties this to the spawning thread,
+/// which waits for the children until they are all reaped.)
+#[cfg(target_os = "linux")]
+fn die_with_launcher(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let launcher = std::process::id() as libc::pid_t;
+    let arm = move || {
+        // SAFETY: prctl and getppid are async-signal-safe and touch no memory of ours.
+        unsafe {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // the launcher died before prctl took effect: nobody would send the signal
+            if libc::getppid() != launcher {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+        }
+        Ok(())
+    };
+    // SAFETY: `arm` only makes async-signal-safe calls and allocates nothing, as the
+    // child of a multi-threaded process must between fork and exec.
+    unsafe {
+        cmd.pre_exec(arm);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_launcher(_cmd: &mut Command) {}
+
+/// SIGTERM and SIGINT, caught so that the launcher can pass them on to its children.
+#[cfg(unix)]
+mod signals {
+    use std::io;
+    use std::sync::atomic::{AtomicI32, Ordering};
+
+    /// The last signal received and not yet taken (0: none).
+    static RECEIVED: AtomicI32 = AtomicI32::new(0);
+
+    extern "C" fn record(sig: libc::c_int) {
+        // all a handler may safely do: the launcher's poll loop acts on it
+        RECEIVED.store(sig, Ordering::SeqCst);
+    }
+
+    /// While alive, SIGTERM and SIGINT are recorded instead of ending the process; the
+    /// previous handlers come back when it is dropped.
+    pub struct Forward {
+        previous: Vec<(libc::c_int, libc::sigaction)>,
+    }
+
+    impl Forward {
+        pub fn install() -> io::Result<Forward> {
+            RECEIVED.store(0, Ordering::SeqCst);
+            let mut f = Forward {
+                previous: Vec::new(),
+            };
+            for sig in [libc::SIGTERM, libc::SIGINT] {
+                // SAFETY: a zeroed sigaction is valid; the handler only stores an atomic.
+                unsafe {
+                    let mut sa: libc::sigaction = std::mem::zeroed();
+                    sa.sa_sigaction = record as extern "C" fn(libc::c_int) as libc::sighandler_t;
+                    sa.sa_flags = libc::SA_RESTART;
+                    libc::sigemptyset(&mut sa.sa_mask);
+                    let mut old: libc::sigaction = std::mem::zeroed();
+                    if libc::sigaction(sig, &sa, &mut old) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    f.previous.push((sig, old));
+                }
+            }
+            Ok(f)
+        }
+
+        /// The signal received since the last call, if any.
+        pub fn take(&self) -> Option<i32> {
+            Some(RECEIVED.swap(0, Ordering::SeqCst)).filter(|&s| s != 0)
+        }
+    }
+
+    impl Drop for Forward {
+        fn drop(&mut self) {
+            for (sig, old) in &self.previous {
+                // SAFETY: restores a disposition that sigaction itself reported.
+                unsafe {
+                    libc::sigaction(*sig, old, std::ptr::null_mut());
+                }
+            }
+        }
+    }
+
+    /// Sends `sig` to the child `pid` (not yet reaped, so the pid is still its own).
+    pub fn send(pid: u32, sig: i32) {
+        // SAFETY: kill only sends a signal.
+        unsafe {
+            libc::kill(pid as libc::pid_t, sig);
+        }
+    }
+}
+
+#[cfg(not(unix))]
+mod signals {
+    pub struct Forward;
+
+    impl Forward {
+        pub fn install() -> std::io::Result<Forward> {
+            Ok(Forward)
+        }
+
+        pub fn take(&self) -> Option<i32> {
+            None
+        }
+    }
+
+    pub fn send(_pid: u32, _sig: i32) {}
 }
 
 /// A watcher's report: rank `.0` exited at `.1` (`None`: the watcher could not wait,
@@ -165,9 +292,14 @@ fn watch(_pid: u32, _rank: usize, _tx: Sender<Exit>) -> Option<JoinHandle<()>> {
     None
 }
 
-/// Waits for every child; after the first failure, kills those still running once
-/// `grace` has passed. The first failure's exit code, or 0.
-fn wait_all(mut children: Vec<Option<Child>>, grace: Duration) -> Result<i32> {
+/// Waits for every child; after the first failure, or a SIGTERM or SIGINT to the
+/// launcher (passed on to them), kills those still running once `grace` has passed.
+/// 128 + the signal, else the first failure's exit code, or 0.
+fn wait_all(
+    mut children: Vec<Option<Child>>,
+    grace: Duration,
+    signals: &signals::Forward,
+) -> Result<i32> {
     let n = children.len();
     let (tx, rx) = mpsc::channel::<Exit>();
     // children without a watcher are polled
@@ -186,7 +318,13 @@ fn wait_all(mut children: Vec<Option<Child>>, grace: Duration) -> Result<i32> {
     let mut exited_at: Vec<Option<Instant>> = vec![None; n];
     let mut first_failure: Option<(usize, ExitStatus)> = None;
     let mut kill_at: Option<Instant> = None;
+    let mut stopped_by: Option<i32> = None;
     let result = loop {
+        if let Some(sig) = signals.take() {
+            let at = forward(sig, &children, stopped_by.is_some(), grace);
+            kill_at = sooner(kill_at, at);
+            stopped_by = Some(sig);
+        }
         if children.iter().all(Option::is_none) {
             break Ok(());
         }
@@ -243,7 +381,8 @@ fn wait_all(mut children: Vec<Option<Child>>, grace: Duration) -> Result<i32> {
                     "rank {rank} failed first ({status}); the others get {grace:?} to exit"
                 );
                 first_failure = Some((rank, status));
-                kill_at = Instant::now().checked_add(grace); // None: a grace of forever
+                // None: a grace of forever
+                kill_at = sooner(kill_at, Instant::now().checked_add(grace));
             } else {
                 tracing::warn!("rank {rank} exited too ({status})");
             }
@@ -262,7 +401,35 @@ fn wait_all(mut children: Vec<Option<Child>>, grace: Duration) -> Result<i32> {
     for w in watchers {
         let _ = w.join(); // every child is reaped by now, so their waits have ended
     }
-    result.map(|()| first_failure.map_or(0, |(_, s)| exit_code(s)))
+    result.map(|()| match stopped_by {
+        Some(sig) => 128 + sig,
+        None => first_failure.map_or(0, |(_, s)| exit_code(s)),
+    })
+}
+
+/// The earlier of two deadlines (`None`: none yet).
+fn sooner(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Passes the launcher's signal `sig` on to the children still running, as torchrun
+/// does; when to kill those that remain: after `grace`, or at once on a second signal
+/// (`again`), the user's way to insist.
+fn forward(sig: i32, children: &[Option<Child>], again: bool, grace: Duration) -> Option<Instant> {
+    if again {
+        tracing::warn!("launch: signal {sig} again: killing the ranks");
+        return Some(Instant::now());
+    }
+    tracing::warn!(
+        "launch: signal {sig}: passing it on to the ranks (those still running in {grace:?} are killed)"
+    );
+    for child in children.iter().flatten() {
+        signals::send(child.id(), sig);
+    }
+    Instant::now().checked_add(grace)
 }
 
 /// Kills and reaps every child still running.

@@ -403,9 +403,21 @@ fn the_environment_describes_the_group() {
             world: 4,
             local_rank: Some(0),
             master_addr: "node7".into(),
-            master_port: 29500
+            master_port: 29500,
+            secret: String::new(),
         }
     );
+    let e = env(&[
+        ("RANK", "0"),
+        ("WORLD_SIZE", "2"),
+        ("MASTER_ADDR", "h"),
+        ("MASTER_PORT", "1"),
+        ("FERROVIT_SECRET", "s3cr3t"),
+    ])
+    .unwrap()
+    .unwrap();
+    assert_eq!(e.secret, "s3cr3t");
+    assert!(!format!("{e:?}").contains("s3cr3t"), "kept out of logs");
     // SLURM's names where torchrun's are unset
     let e = env(&[
         ("SLURM_PROCID", "1"),
@@ -506,4 +518,130 @@ fn nccl_group_of_one_or_a_clear_error_without_a_gpu() {
         .expect("not a GPU")
         .to_string();
     assert!(err.contains("needs a real GPU"), "{err}");
+}
+
+/// Writes `bytes` to a fresh connection to `port` and reads until the other side closes
+/// it; `None` when it is still open after `within`.
+fn closed_after(port: u16, bytes: &[u8], within: Duration) -> Option<Duration> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect((HOST, port)).unwrap();
+    let t0 = Instant::now();
+    s.write_all(bytes).unwrap();
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Some(t0.elapsed()),
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Some(t0.elapsed()),
+            Err(_) => return None,
+        }
+    }
+}
+
+#[test]
+fn a_stranger_claiming_a_huge_store_value_is_dropped_at_once() {
+    let host = TcpStore::host(HOST, 0, Duration::from_secs(30)).unwrap();
+    // the old, unauthenticated protocol: magic, then a SET of key "k" claiming 1 GiB
+    let mut req = b"FVST".to_vec();
+    req.push(1);
+    req.extend_from_slice(&1u64.to_le_bytes());
+    req.push(b'k');
+    req.extend_from_slice(&(1u64 << 30).to_le_bytes());
+    req.extend_from_slice(&[7; 100]);
+    let took = closed_after(host.port(), &req, Duration::from_secs(3));
+    assert!(took.is_some(), "the store kept the connection open");
+    // one that says nothing is dropped after the hello timeout
+    let silent = closed_after(host.port(), b"", Duration::from_secs(15));
+    assert!(silent.is_some(), "the store kept a silent connection open");
+    // and the store still serves its ranks
+    let c = TcpStore::connect(HOST, host.port(), Duration::from_secs(5)).unwrap();
+    c.set("k", b"v").unwrap();
+    assert_eq!(host.get("k").unwrap(), b"v");
+}
+
+#[test]
+fn only_processes_that_know_the_secret_get_in() {
+    let timeout = Duration::from_secs(10);
+    let host = TcpStore::host_with_secret(HOST, 0, timeout, b"right").unwrap();
+    let port = host.port();
+    host.set("addr/0", b"mine").unwrap();
+    for wrong in [&b"wrong"[..], b""] {
+        let e = TcpStore::connect_with_secret(HOST, port, timeout, wrong)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("rendezvous store at {HOST}:{port}"))
+                && e.contains("FERROVIT_SECRET"),
+            "{e}"
+        );
+    }
+    let c = TcpStore::connect_with_secret(HOST, port, timeout, b"right").unwrap();
+    assert_eq!(c.get("addr/0").unwrap(), b"mine", "nobody overwrote it");
+    // a client of the right store with the wrong secret, the other way round: a
+    // store that does not know the client's secret is not trusted either
+    let open = TcpStore::host(HOST, 0, timeout).unwrap();
+    let e = TcpStore::connect_with_secret(HOST, open.port(), timeout, b"right")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("the store does not know"), "{e}");
+
+    // ranks with different secrets never form a group
+    let port = free_port();
+    let t = Duration::from_secs(2);
+    let ranks: Vec<_> = [&b"one"[..], b"two"]
+        .into_iter()
+        .enumerate()
+        .map(|(rank, s)| {
+            std::thread::spawn(move || {
+                TcpGroup::connect_with_secret(rank, 2, HOST, port, t, s).map(|_| ())
+            })
+        })
+        .collect();
+    let errs: Vec<String> = ranks
+        .into_iter()
+        .map(|h| h.join().unwrap().unwrap_err().to_string())
+        .collect();
+    assert!(
+        errs[1].contains("rank 1:") && errs[1].contains("FERROVIT_SECRET"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[0].contains("rank 0:") && errs[0].contains("[1]"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn strangers_at_a_ranks_port_do_not_disturb_the_rendezvous() {
+    use std::io::Write;
+    let port = free_port();
+    let secret = b"run-42";
+    let t = Duration::from_secs(30);
+    let zero = std::thread::spawn(move || {
+        let g = TcpGroup::connect_with_secret(0, 2, HOST, port, t, secret)?;
+        let mut x = [1.0f32];
+        g.all_reduce(&mut x, ReduceOp::Sum)?;
+        Ok::<f32, ferrovit::Error>(x[0])
+    });
+    // where rank 0 waits for rank 1 (the store tells those who know the secret)
+    let store = TcpStore::connect_with_secret(HOST, port, t, secret).unwrap();
+    let addr = String::from_utf8(store.get("addr/0").unwrap()).unwrap();
+    // a stranger claims to be rank 1 of another world size (once fatal), and rank 1
+    // with a made-up answer; neither knows the secret, both are turned away
+    for world in [3u64, 2] {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        let mut hello = b"FVTG".to_vec();
+        hello.extend_from_slice(&2u32.to_le_bytes());
+        hello.extend_from_slice(&1u64.to_le_bytes());
+        hello.extend_from_slice(&world.to_le_bytes());
+        hello.extend_from_slice(&[9; 16 + 32]);
+        s.write_all(&hello).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let one = TcpGroup::connect_with_secret(1, 2, HOST, port, t, secret).unwrap();
+    let mut x = [2.0f32];
+    one.all_reduce(&mut x, ReduceOp::Sum).unwrap();
+    assert_eq!(x[0], 3.0);
+    assert_eq!(zero.join().unwrap().unwrap(), 3.0);
 }

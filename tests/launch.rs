@@ -199,3 +199,94 @@ fn wrong_layouts_are_refused_before_any_work() {
     }
     std::fs::remove_dir_all(out).unwrap();
 }
+
+/// The pids of `parent`'s children.
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// Whether `pid` still runs (a zombie nobody reaped has finished).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        // the state follows the parenthesized command name
+        s.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn ranks_die_with_their_launcher() {
+    let out = temp_dir("launch-signal");
+    let o = out.to_str().unwrap();
+    for (sig, name) in [(9, "KILL"), (15, "TERM"), (2, "INT")] {
+        let mut launcher = Command::new(env!("CARGO_BIN_EXE_ferrovit"))
+            .args([&["launch", "--nproc", "2", "--", "train"], &MODEL[..]].concat())
+            .args(["--epochs", "500", "--no-save", "--out", o])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        let ranks = loop {
+            let c = children_of(launcher.id());
+            // both started, and past their exec (their environment is the ranks')
+            if c.len() == 2 && c.iter().all(|&p| rank_of(p).is_some()) {
+                break c;
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "no ranks");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        Command::new("kill")
+            .args([&format!("-{name}"), &launcher.id().to_string()])
+            .status()
+            .unwrap();
+        let killed = Instant::now();
+        let status = loop {
+            if let Some(s) = launcher.try_wait().unwrap() {
+                break Some(s);
+            }
+            if killed.elapsed() > Duration::from_secs(10) {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        while ranks.iter().any(|&p| running(p)) && killed.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let left: Vec<u32> = ranks.iter().copied().filter(|&p| running(p)).collect();
+        for p in &left {
+            Command::new("kill")
+                .args(["-9", &p.to_string()])
+                .status()
+                .unwrap();
+        }
+        let _ = launcher.kill();
+        let _ = launcher.wait();
+        assert!(
+            left.is_empty(),
+            "SIG{name}: ranks {left:?} outlived the launcher"
+        );
+        let status = status.expect("the launcher exits");
+        if sig == 9 {
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(status.signal(), Some(9));
+        } else {
+            assert_eq!(status.code(), Some(128 + sig), "SIG{name}");
+        }
+    }
+    std::fs::remove_dir_all(out).unwrap();
+}

@@ -241,8 +241,11 @@ struct EvalArgs {
 
 /// Each process gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and
 /// MASTER_PORT (as torchrun sets them; `ferrovit train` honours them, and SLURM's
-/// SLURM_PROCID/SLURM_NTASKS, when launched by other tools). When one process fails,
-/// the others stop with an error naming it; stragglers are killed after --grace.
+/// SLURM_PROCID/SLURM_NTASKS, when launched by other tools), and FERROVIT_SECRET, drawn
+/// afresh for the run, which every connection between them must prove knowledge of.
+/// When one process fails, the others stop with an error naming it; stragglers are
+/// killed after --grace. SIGTERM and SIGINT are passed on to the processes (exit code
+/// 128 + the signal); on Linux they die with the launcher even when it is killed.
 #[derive(Args)]
 struct LaunchArgs {
     /// Processes to start (the world size)

@@ -9,12 +9,14 @@
 //! later calls fail at once with an error naming it — a dead rank never leaves the rest
 //! hanging.
 
+mod auth;
 mod layout;
 mod mailbox;
 mod nccl;
 mod tcp;
 mod thread;
 
+pub use auth::random_secret;
 pub use layout::Layout;
 pub use nccl::NcclGroup;
 pub use tcp::{DistEnv, TcpGroup, TcpStore};

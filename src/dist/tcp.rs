@@ -7,15 +7,26 @@
 //! ends (the peer exited, was killed, or dropped its group) the peer is marked as gone,
 //! so every pending and later receive from it fails at once, naming it.
 //!
-//! Wire format, all integers little-endian: a message is `tag: u64, n: u64` followed by
-//! `n` f32s; the mesh handshake (both directions) is `b"FVTG", version: u32, rank: u64,
-//! world: u64`.
+//! Every connection, to the store or between ranks, starts with a handshake that proves
+//! both sides know the run's secret (see `auth.rs`); a connection that fails it is
+//! closed before anything but the fixed-size hello was read, and a silent one is
+//! dropped after [`HELLO_TIMEOUT`]. No length a peer claims is allocated up front:
+//! store values are capped at [`MAX_VALUE`], and a message's buffer grows only as its
+//! bytes arrive.
+//!
+//! Wire format, all integers little-endian. A hello is `magic: [u8; 4], version: u32`,
+//! then (mesh only) `rank: u64, world: u64`, then `nonce: [u8; 16]`. Store: the client
+//! sends its hello; the server answers with its own and an HMAC; the client answers with
+//! its HMAC. Mesh: the dialing (higher) rank sends its hello; the accepting rank answers
+//! with its hello and HMAC; the dialer answers with its HMAC. A mesh message is
+//! `tag: u64, n: u64` followed by `n` f32s.
 
+use super::auth::{nonce, Secret, MAC, NONCE};
 use super::mailbox::{deadline_after, left_error, Mailbox};
 use super::ProcessGroup;
 use crate::error::{Error, Result};
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Write};
 use std::net::{
     IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs,
@@ -90,15 +101,107 @@ fn read_u64(r: &mut impl Read) -> io::Result<u64> {
     Ok(u64::from_le_bytes(b))
 }
 
-/// `n` bytes, failing cleanly (not aborting) when a corrupt length asks for too much.
-fn read_bytes(r: &mut impl Read, n: u64) -> io::Result<Vec<u8>> {
-    let n = usize::try_from(n).map_err(|_| bad_data("length too large"))?;
-    let mut v = Vec::new();
-    v.try_reserve_exact(n)
-        .map_err(|_| bad_data("length too large"))?;
-    v.resize(n, 0);
-    r.read_exact(&mut v)?;
+/// Bytes of a message allocated before any of it arrived; past them, a buffer at most
+/// doubles what was received so far.
+const EAGER_BYTES: usize = 4 << 20;
+
+/// `n` values of `T` from `r`. Memory follows the bytes that actually arrive (at most
+/// twice them, beyond the first [`EAGER_BYTES`]), never a length a peer merely claims.
+fn read_vec<T: bytemuck::Pod>(r: &mut impl Read, n: usize) -> io::Result<Vec<T>> {
+    let eager = (EAGER_BYTES / std::mem::size_of::<T>()).max(1);
+    let mut v: Vec<T> = Vec::new();
+    while v.len() < n {
+        let start = v.len();
+        let step = (n - start).min(start.max(eager));
+        v.try_reserve(step)
+            .map_err(|_| io::Error::new(io::ErrorKind::OutOfMemory, "out of memory"))?;
+        v.resize(start + step, T::zeroed());
+        r.read_exact(bytemuck::cast_slice_mut(&mut v[start..]))?;
+    }
     Ok(v)
+}
+
+/// A length field of `n` units, refused when over `max`.
+fn length(n: u64, max: usize, what: &str) -> io::Result<usize> {
+    usize::try_from(n)
+        .ok()
+        .filter(|&n| n <= max)
+        .ok_or_else(|| bad_data(&format!("{what} {n} exceeds the limit of {max}")))
+}
+
+/// How long a new connection may take to say hello (and answer the challenge): a
+/// connection that sends nothing does not hold a thread (or the mesh's setup) longer.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `read_exact` that gives up at `deadline`, however slowly the bytes trickle in (a
+/// socket timeout alone bounds each read, not their sum).
+fn read_exact_until(mut conn: &TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        conn.set_read_timeout(Some(remaining(deadline).ok_or_else(timed_out)?))?;
+        match conn.read(&mut buf[at..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Remembers whom a refusal was already logged for, so that a port scanner or a
+/// misconfigured machine hammering a port logs one line, not one per connection.
+#[derive(Default)]
+struct RejectLog {
+    seen: Mutex<HashSet<IpAddr>>,
+}
+
+/// Addresses a [`RejectLog`] remembers; refusals from more are not logged.
+const REJECT_LOG_MAX: usize = 1024;
+
+impl RejectLog {
+    fn refused(&self, what: &str, from: SocketAddr, why: &io::Error) {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if seen.len() < REJECT_LOG_MAX && seen.insert(from.ip()) {
+            tracing::warn!(
+                "{what}: refused a connection from {from}: {why} (later ones from {} are not logged)",
+                from.ip()
+            );
+        } else {
+            tracing::debug!("{what}: refused a connection from {from}: {why}");
+        }
+    }
+}
+
+/// A hello: magic, version, `body`, a fresh nonce.
+fn hello(magic: &[u8; 4], version: u32, body: &[u8]) -> io::Result<Vec<u8>> {
+    let mut h = Vec::with_capacity(8 + body.len() + NONCE);
+    h.extend_from_slice(magic);
+    h.extend_from_slice(&version.to_le_bytes());
+    h.extend_from_slice(body);
+    h.extend_from_slice(&nonce()?);
+    Ok(h)
+}
+
+/// Checks a received hello's magic and version (`who`: what it should come from).
+fn check_hello(h: &[u8], magic: &[u8; 4], version: u32, who: &str) -> io::Result<()> {
+    if &h[..4] != magic {
+        return Err(bad_data(&format!("not {who}")));
+    }
+    let theirs = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+    if theirs != version {
+        return Err(bad_data(&format!(
+            "{who} speaking protocol version {theirs}; this build speaks {version}"
+        )));
+    }
+    Ok(())
+}
+
+fn wrong_secret(who: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!("{who} does not know this run's secret (FERROVIT_SECRET differs)"),
+    )
 }
 
 fn bad_data(msg: &str) -> io::Error {
@@ -109,6 +212,11 @@ fn bad_data(msg: &str) -> io::Error {
 // The rendezvous store
 
 const STORE_MAGIC: &[u8; 4] = b"FVST";
+const STORE_VERSION: u32 = 2;
+/// Bytes of a store hello (magic, version, nonce).
+const STORE_HELLO: usize = 8 + NONCE;
+const STORE_SERVER: &str = "ferrovit store server";
+const STORE_CLIENT: &str = "ferrovit store client";
 const OP_SET: u8 = 1;
 const OP_GET: u8 = 2;
 const REPLY_OK: u8 = 0;
@@ -116,6 +224,9 @@ const REPLY_MISSING: u8 = 1;
 const REPLY_CLOSED: u8 = 2;
 /// Longest key, in bytes.
 const MAX_KEY: usize = 4096;
+/// Largest value, in bytes: rendezvous metadata (addresses, ids) is tiny; the cap keeps
+/// a confused client from making the host allocate without bound.
+pub const MAX_VALUE: usize = 64 << 20;
 
 /// The key/value table of a hosted store.
 #[derive(Default)]
@@ -185,14 +296,26 @@ struct Server {
     accept: Option<JoinHandle<()>>,
 }
 
+/// What every client thread of a store shares.
+struct Shared {
+    table: Arc<Table>,
+    secret: Secret,
+    log: RejectLog,
+}
+
 impl Server {
-    fn start(listener: TcpListener, table: Arc<Table>) -> io::Result<Server> {
+    fn start(listener: TcpListener, table: Arc<Table>, secret: Secret) -> io::Result<Server> {
         let addr = listener.local_addr()?;
         let clients = Clients::default();
-        let (t, c) = (table.clone(), clients.clone());
+        let shared = Arc::new(Shared {
+            table: table.clone(),
+            secret,
+            log: RejectLog::default(),
+        });
+        let c = clients.clone();
         let accept = std::thread::Builder::new()
             .name("ferrovit-store".into())
-            .spawn(move || Server::accept_loop(listener, t, c))?;
+            .spawn(move || Server::accept_loop(listener, shared, c))?;
         Ok(Server {
             addr,
             table,
@@ -201,9 +324,9 @@ impl Server {
         })
     }
 
-    fn accept_loop(listener: TcpListener, table: Arc<Table>, clients: Clients) {
+    fn accept_loop(listener: TcpListener, shared: Arc<Shared>, clients: Clients) {
         for conn in listener.incoming() {
-            if table.lock().closed {
+            if shared.table.lock().closed {
                 break;
             }
             let conn = match conn {
@@ -215,22 +338,19 @@ impl Server {
                     continue;
                 }
             };
-            let Ok(handle) = conn.try_clone() else {
+            let (Ok(handle), Ok(from)) = (conn.try_clone(), conn.peer_addr()) else {
                 continue;
             };
-            let t = table.clone();
+            let sh = shared.clone();
             let spawned = std::thread::Builder::new()
                 .name("ferrovit-store-client".into())
-                .spawn(move || {
-                    if let Err(e) = serve_client(conn, &t) {
-                        tracing::debug!("rendezvous store: client dropped: {e}");
-                    }
-                });
+                .spawn(move || serve_client(conn, from, &sh));
             if let Ok(thread) = spawned {
-                clients
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push((handle, thread));
+                let mut clients = clients.lock().unwrap_or_else(PoisonError::into_inner);
+                // forget the clients that left (refused strangers, mostly): their
+                // sockets would pile up
+                clients.retain(|(_, t)| !t.is_finished());
+                clients.push((handle, thread));
             }
         }
     }
@@ -264,31 +384,88 @@ impl Drop for Server {
     }
 }
 
-/// Answers one client's requests until it disconnects.
-fn serve_client(mut conn: TcpStream, table: &Table) -> io::Result<()> {
+/// Serves the client at `from`: the handshake, then its requests until it disconnects.
+fn serve_client(conn: TcpStream, from: SocketAddr, shared: &Shared) {
+    serve_client_on(&conn, from, shared);
+    // closes the connection now: the server's handle on it lives on until pruned
+    let _ = conn.shutdown(Shutdown::Both);
+}
+
+fn serve_client_on(conn: &TcpStream, from: SocketAddr, shared: &Shared) {
+    if let Err(e) = store_server_handshake(conn, &shared.secret) {
+        shared.log.refused("rendezvous store", from, &e);
+        return;
+    }
+    if let Err(e) = serve_requests(conn, &shared.table) {
+        if e.kind() == io::ErrorKind::InvalidData {
+            tracing::warn!("rendezvous store: dropped the client at {from}: {e}");
+        } else {
+            tracing::debug!("rendezvous store: client at {from} dropped: {e}");
+        }
+    }
+}
+
+/// The server's side of the handshake: within [`HELLO_TIMEOUT`], a client hello, our
+/// hello and answer, the client's answer.
+fn store_server_handshake(mut conn: &TcpStream, secret: &Secret) -> io::Result<()> {
+    let deadline = deadline_after(HELLO_TIMEOUT);
     conn.set_nodelay(true)?;
-    let mut magic = [0u8; 4];
-    conn.read_exact(&mut magic)?;
-    if &magic != STORE_MAGIC {
+    conn.set_write_timeout(Some(HELLO_TIMEOUT))?;
+    let mut theirs = [0u8; STORE_HELLO];
+    read_exact_until(conn, &mut theirs, deadline)?;
+    if &theirs[..4] != STORE_MAGIC {
         return Err(bad_data("not a ferrovit store client"));
     }
-    conn.write_all(STORE_MAGIC)?;
+    // answered even on another version, so that the client can say which
+    let mine = hello(STORE_MAGIC, STORE_VERSION, &[])?;
+    let answer = secret.answer(STORE_SERVER, &[&theirs, &mine]);
+    conn.write_all(&[&mine[..], &answer].concat())?;
+    check_hello(
+        &theirs,
+        STORE_MAGIC,
+        STORE_VERSION,
+        "a ferrovit store client",
+    )?;
+    let mut reply = [0u8; MAC];
+    read_exact_until(conn, &mut reply, deadline)?;
+    if !secret.verify(STORE_CLIENT, &[&theirs, &mine], &reply) {
+        return Err(wrong_secret("the client"));
+    }
+    // a client waits as long as it likes between requests
+    conn.set_read_timeout(None)?;
+    conn.set_write_timeout(None)
+}
+
+/// The client's side of the handshake.
+fn store_client_handshake(conn: &mut TcpStream, secret: &Secret) -> io::Result<()> {
+    let mine = hello(STORE_MAGIC, STORE_VERSION, &[])?;
+    conn.write_all(&mine)?;
+    let mut reply = [0u8; STORE_HELLO + MAC];
+    conn.read_exact(&mut reply)?;
+    let (theirs, answer) = reply.split_at(STORE_HELLO);
+    check_hello(theirs, STORE_MAGIC, STORE_VERSION, "a ferrovit store")?;
+    if !secret.verify(STORE_SERVER, &[&mine, theirs], answer) {
+        return Err(wrong_secret("the store"));
+    }
+    conn.write_all(&secret.answer(STORE_CLIENT, &[&mine, theirs]))
+}
+
+/// Answers an authenticated client's requests until it disconnects.
+fn serve_requests(mut conn: &TcpStream, table: &Table) -> io::Result<()> {
     loop {
         let mut op = [0u8; 1];
         match conn.read_exact(&mut op) {
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             r => r?,
         }
-        let key_len = read_u64(&mut conn)?;
-        if key_len > MAX_KEY as u64 {
-            return Err(bad_data("key too long"));
-        }
-        let key = String::from_utf8(read_bytes(&mut conn, key_len)?)
+        let key_len = length(read_u64(&mut conn)?, MAX_KEY, "key length")?;
+        let key = String::from_utf8(read_vec(&mut conn, key_len)?)
             .map_err(|_| bad_data("key is not UTF-8"))?;
         match op[0] {
             OP_SET => {
                 let n = read_u64(&mut conn)?;
-                let value = read_bytes(&mut conn, n)?;
+                let n = length(n, MAX_VALUE, &format!("length of the value of `{key}`"))?;
+                let value = read_vec(&mut conn, n)?;
                 table.set(key, value);
                 conn.write_all(&[REPLY_OK])?;
             }
@@ -338,10 +515,22 @@ pub struct TcpStore {
 }
 
 impl TcpStore {
-    /// Hosts a store at `host:port` (`port` 0: any free port, see [`TcpStore::port`]).
-    /// A non-loopback `host` is served on every interface, since the name other
-    /// machines use for this one need not be the address of one of its interfaces.
+    /// Hosts a store at `host:port` (`port` 0: any free port, see [`TcpStore::port`])
+    /// for clients with the empty secret; see [`TcpStore::host_with_secret`].
     pub fn host(host: &str, port: u16, timeout: Duration) -> Result<TcpStore> {
+        Self::host_with_secret(host, port, timeout, b"")
+    }
+
+    /// Hosts a store at `host:port` (`port` 0: any free port, see [`TcpStore::port`])
+    /// for the clients that know `secret`. A non-loopback `host` is served on every
+    /// interface, since the name other machines use for this one need not be the
+    /// address of one of its interfaces.
+    pub fn host_with_secret(
+        host: &str,
+        port: u16,
+        timeout: Duration,
+        secret: &[u8],
+    ) -> Result<TcpStore> {
         let first = resolve(host, port)?[0];
         let bind = if first.ip().is_loopback() {
             first
@@ -360,7 +549,7 @@ impl TcpStore {
         let listener = TcpListener::bind(bind).map_err(fail)?;
         let port = listener.local_addr().map_err(fail)?.port();
         let table = Arc::new(Table::default());
-        let server = Server::start(listener, table.clone()).map_err(fail)?;
+        let server = Server::start(listener, table.clone(), Secret::new(secret)).map_err(fail)?;
         Ok(TcpStore {
             addr: format!("{host}:{port}"),
             port,
@@ -372,10 +561,22 @@ impl TcpStore {
         })
     }
 
-    /// Connects to the store hosted at `host:port`, retrying until `timeout` (the host
-    /// may not be up yet).
+    /// Connects to the store hosted at `host:port` with the empty secret; see
+    /// [`TcpStore::connect_with_secret`].
     pub fn connect(host: &str, port: u16, timeout: Duration) -> Result<TcpStore> {
-        Self::connect_until(host, port, timeout, deadline_after(timeout))
+        Self::connect_with_secret(host, port, timeout, b"")
+    }
+
+    /// Connects to the store hosted at `host:port`, proving knowledge of `secret` (and
+    /// checking that the host knows it too), retrying until `timeout` (the host may not
+    /// be up yet).
+    pub fn connect_with_secret(
+        host: &str,
+        port: u16,
+        timeout: Duration,
+        secret: &[u8],
+    ) -> Result<TcpStore> {
+        Self::connect_until(host, port, timeout, deadline_after(timeout), secret)
     }
 
     fn connect_until(
@@ -383,6 +584,7 @@ impl TcpStore {
         port: u16,
         timeout: Duration,
         deadline: Instant,
+        secret: &[u8],
     ) -> Result<TcpStore> {
         let addr = format!("{host}:{port}");
         let fail = |e: io::Error| {
@@ -400,12 +602,13 @@ impl TcpStore {
         conn.set_nodelay(true).map_err(fail)?;
         conn.set_read_timeout(Some(left)).map_err(fail)?;
         conn.set_write_timeout(Some(timeout)).map_err(fail)?;
-        conn.write_all(STORE_MAGIC).map_err(fail)?;
-        let mut magic = [0u8; 4];
-        conn.read_exact(&mut magic).map_err(fail)?;
-        if &magic != STORE_MAGIC {
-            return Err(fail(bad_data("the server there is not a ferrovit store")));
-        }
+        store_client_handshake(&mut conn, &Secret::new(secret)).map_err(|e| {
+            if e.kind() == io::ErrorKind::PermissionDenied {
+                comm(format!("rendezvous store at {addr}: {e}"))
+            } else {
+                fail(e)
+            }
+        })?;
         Ok(TcpStore {
             addr,
             port,
@@ -447,6 +650,12 @@ impl TcpStore {
     /// Sets (or replaces) `key`.
     pub fn set(&self, key: &str, value: &[u8]) -> Result<()> {
         check_key(key)?;
+        if value.len() > MAX_VALUE {
+            return Err(Error::Config(format!(
+                "store value of {} bytes for `{key}` (at most {MAX_VALUE})",
+                value.len()
+            )));
+        }
         match &self.backend {
             Backend::Local { table, .. } => {
                 table.set(key.to_string(), value.to_vec());
@@ -511,8 +720,8 @@ impl TcpStore {
                     c.read_exact(&mut r)?;
                     match r[0] {
                         REPLY_OK => {
-                            let n = read_u64(c)?;
-                            read_bytes(c, n).map(Lookup::Found)
+                            let n = length(read_u64(c)?, MAX_VALUE, "value length")?;
+                            read_vec(c, n).map(Lookup::Found)
                         }
                         REPLY_MISSING => Ok(Lookup::Missing),
                         REPLY_CLOSED => Ok(Lookup::Closed),
@@ -591,33 +800,27 @@ impl std::fmt::Debug for TcpStore {
 // The process group
 
 const MESH_MAGIC: &[u8; 4] = b"FVTG";
-const MESH_VERSION: u32 = 1;
+const MESH_VERSION: u32 = 2;
+/// Bytes of a mesh hello (magic, version, rank, world, nonce).
+const MESH_HELLO: usize = 24 + NONCE;
+const MESH_ACCEPT: &str = "ferrovit mesh accept";
+const MESH_DIAL: &str = "ferrovit mesh dial";
 /// Messages up to this many bytes go out in one write (header included).
 const ONE_WRITE: usize = 64 << 10;
+/// Most f32s in one message (16 GiB): far above any activation or gradient bucket;
+/// a longer claim is a corrupt (or hostile) stream.
+pub const MAX_MESSAGE: usize = 1 << 32;
 
-fn write_hello(w: &mut impl Write, rank: usize, world: usize) -> io::Result<()> {
-    let mut b = [0u8; 24];
-    b[..4].copy_from_slice(MESH_MAGIC);
-    b[4..8].copy_from_slice(&MESH_VERSION.to_le_bytes());
-    b[8..16].copy_from_slice(&(rank as u64).to_le_bytes());
-    b[16..].copy_from_slice(&(world as u64).to_le_bytes());
-    w.write_all(&b)
+/// This rank's hello.
+fn mesh_hello(rank: usize, world: usize) -> io::Result<Vec<u8>> {
+    let body = [(rank as u64).to_le_bytes(), (world as u64).to_le_bytes()].concat();
+    hello(MESH_MAGIC, MESH_VERSION, &body)
 }
 
-/// The (rank, world) a peer announced.
-fn read_hello(r: &mut impl Read) -> io::Result<(u64, u64)> {
-    let mut b = [0u8; 24];
-    r.read_exact(&mut b)?;
-    if &b[..4] != MESH_MAGIC {
-        return Err(bad_data("not a ferrovit rank"));
-    }
-    let version = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
-    if version != MESH_VERSION {
-        return Err(bad_data(&format!(
-            "protocol version {version}, this build speaks {MESH_VERSION}"
-        )));
-    }
-    let num = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
+/// The (rank, world) that a peer's hello announces.
+fn parse_mesh_hello(h: &[u8]) -> io::Result<(u64, u64)> {
+    check_hello(h, MESH_MAGIC, MESH_VERSION, "a ferrovit rank")?;
+    let num = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().unwrap_or([0; 8]));
     Ok((num(8), num(16)))
 }
 
@@ -648,12 +851,8 @@ fn write_frame(w: &mut impl Write, tag: u64, data: &[f32]) -> io::Result<()> {
 
 fn read_frame(r: &mut impl Read) -> io::Result<(u64, Vec<f32>)> {
     let tag = read_u64(r)?;
-    let n = usize::try_from(read_u64(r)?).map_err(|_| bad_data("message too long"))?;
-    let mut v: Vec<f32> = Vec::new();
-    v.try_reserve_exact(n)
-        .map_err(|_| bad_data("message too long"))?;
-    v.resize(n, 0.0);
-    r.read_exact(bytemuck::cast_slice_mut(&mut v))?;
+    let n = length(read_u64(r)?, MAX_MESSAGE, "message length (f32s)")?;
+    let mut v: Vec<f32> = read_vec(r, n)?;
     if cfg!(target_endian = "big") {
         for x in &mut v {
             *x = f32::from_bits(u32::from_le(x.to_bits()));
@@ -720,16 +919,30 @@ pub struct TcpGroup {
 }
 
 impl TcpGroup {
-    /// Joins the group as `rank` of `world`: rank 0 hosts the rendezvous store at
-    /// `master_addr:master_port`, every rank connects to every other one. Fails after
-    /// `timeout` if some rank does not come (naming it); every later blocking call
-    /// fails after `timeout` too. A world of one needs no network.
+    /// Joins the group as `rank` of `world` with the empty secret; see
+    /// [`TcpGroup::connect_with_secret`].
     pub fn connect(
         rank: usize,
         world: usize,
         master_addr: &str,
         master_port: u16,
         timeout: Duration,
+    ) -> Result<TcpGroup> {
+        Self::connect_with_secret(rank, world, master_addr, master_port, timeout, b"")
+    }
+
+    /// Joins the group as `rank` of `world`: rank 0 hosts the rendezvous store at
+    /// `master_addr:master_port`, every rank connects to every other one, each
+    /// connection proving that both sides know `secret` (see the module docs). Fails
+    /// after `timeout` if some rank does not come (naming it); every later blocking
+    /// call fails after `timeout` too. A world of one needs no network.
+    pub fn connect_with_secret(
+        rank: usize,
+        world: usize,
+        master_addr: &str,
+        master_port: u16,
+        timeout: Duration,
+        secret: &[u8],
     ) -> Result<TcpGroup> {
         if world == 0 || rank >= world {
             return Err(Error::Config(format!(
@@ -759,13 +972,20 @@ impl TcpGroup {
         }
         let deadline = deadline_after(timeout);
         let store = if rank == 0 {
-            TcpStore::host(master_addr, master_port, timeout)
+            TcpStore::host_with_secret(master_addr, master_port, timeout, secret)
         } else {
-            TcpStore::connect_until(master_addr, master_port, timeout, deadline)
+            TcpStore::connect_until(master_addr, master_port, timeout, deadline, secret)
         }
         .map_err(|e| on_rank(rank, e))?;
-        let streams = mesh(rank, world, &store, master_addr, master_port, deadline)
-            .map_err(|e| on_rank(rank, e))?;
+        let master = (master_addr, master_port);
+        let streams = mesh(
+            (rank, world),
+            &store,
+            master,
+            deadline,
+            &Secret::new(secret),
+        )
+        .map_err(|e| on_rank(rank, e))?;
 
         let mut peers = Vec::with_capacity(world);
         let mut readers = Vec::with_capacity(world - 1);
@@ -843,12 +1063,11 @@ impl TcpGroup {
 /// Builds this rank's connections to all others: publishes the address of a fresh
 /// listener, dials the lower ranks and accepts the higher ones.
 fn mesh(
-    rank: usize,
-    world: usize,
+    (rank, world): (usize, usize),
     store: &TcpStore,
-    master_addr: &str,
-    master_port: u16,
+    (master_addr, master_port): (&str, u16),
     deadline: Instant,
+    secret: &Secret,
 ) -> Result<Vec<Option<TcpStream>>> {
     let timeout = store.timeout();
     let master = resolve(master_addr, master_port)?[0];
@@ -879,20 +1098,34 @@ fn mesh(
         lower.push(addr);
     }
     for (j, addr) in lower.into_iter().enumerate() {
-        streams[j] = Some(dial_peer(rank, world, j, addr, deadline, timeout)?);
+        streams[j] = Some(dial_peer(
+            (rank, world),
+            j,
+            addr,
+            deadline,
+            timeout,
+            secret,
+        )?);
     }
-    accept_peers(&listener, rank, world, deadline, timeout, &mut streams)?;
+    accept_peers(
+        &listener,
+        (rank, world),
+        deadline,
+        timeout,
+        secret,
+        &mut streams,
+    )?;
     Ok(streams)
 }
 
 /// Connects to lower rank `j` at `addr` and checks that it is rank `j` of this group.
 fn dial_peer(
-    rank: usize,
-    world: usize,
+    (rank, world): (usize, usize),
     j: usize,
     addr: SocketAddr,
     deadline: Instant,
     timeout: Duration,
+    secret: &Secret,
 ) -> Result<TcpStream> {
     let fail = |e: io::Error| {
         let e = if matches!(
@@ -911,30 +1144,42 @@ fn dial_peer(
     let left = remaining(deadline).ok_or_else(timed_out).map_err(fail)?;
     s.set_read_timeout(Some(left)).map_err(fail)?;
     s.set_write_timeout(Some(left)).map_err(fail)?;
-    write_hello(&mut s, rank, world).map_err(fail)?;
+    let mine = mesh_hello(rank, world).map_err(fail)?;
+    s.write_all(&mine).map_err(fail)?;
     // rank j answers once it is done dialing its own lower ranks
-    let (r, w) = read_hello(&mut s).map_err(fail)?;
+    let mut reply = [0u8; MESH_HELLO + MAC];
+    s.read_exact(&mut reply).map_err(fail)?;
+    let (theirs, answer) = reply.split_at(MESH_HELLO);
+    let (r, w) = parse_mesh_hello(theirs).map_err(fail)?;
+    if !secret.verify(MESH_ACCEPT, &[&mine, theirs], answer) {
+        return Err(comm(format!(
+            "the process at {addr} (rank {j}?) does not know this run's secret (FERROVIT_SECRET differs: a process of another run?)"
+        )));
+    }
     if (r, w) != (j as u64, world as u64) {
         return Err(comm(format!(
             "expected rank {j} of {world} at {addr}, found rank {r} of {w} (a process of another run?)"
         )));
     }
+    s.write_all(&secret.answer(MESH_DIAL, &[&mine, theirs]))
+        .map_err(fail)?;
     Ok(s)
 }
 
 /// Accepts the connections of ranks `rank+1..world` until `deadline`.
 fn accept_peers(
     listener: &TcpListener,
-    rank: usize,
-    world: usize,
+    (rank, world): (usize, usize),
     deadline: Instant,
     timeout: Duration,
+    secret: &Secret,
     streams: &mut [Option<TcpStream>],
 ) -> Result<()> {
     // non-blocking accept, polled, so the wait can end at the deadline
     listener
         .set_nonblocking(true)
         .map_err(|e| comm(format!("listener: {e}")))?;
+    let log = RejectLog::default();
     loop {
         let missing: Vec<usize> = (rank + 1..world)
             .filter(|&r| streams[r].is_none())
@@ -955,48 +1200,79 @@ fn accept_peers(
                     }
                     None => {
                         return Err(comm(format!(
-                            "timed out after {timeout:?} waiting for rank(s) {missing:?} to connect \
-                             (did they start, with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE?)"
-                        )))
+                        "timed out after {timeout:?} waiting for rank(s) {missing:?} to connect \
+                             (did they start, with the same MASTER_ADDR, MASTER_PORT, WORLD_SIZE \
+                             and FERROVIT_SECRET?)"
+                    )))
                     }
                 }
             }
         };
-        let hello = s
-            .set_nonblocking(false)
-            .and_then(|_| {
-                s.set_read_timeout(remaining(deadline).or(Some(Duration::from_millis(1))))
-            })
-            .and_then(|_| read_hello(&mut s));
-        let (r, w) = match hello {
-            Ok(h) => h,
-            Err(e) => {
-                // not one of ours (a port scanner, a stray client): ignore it
-                tracing::warn!("rank {rank}: ignoring a connection from {from}: {e}");
-                continue;
+        match accept_handshake(&mut s, (rank, world), deadline, secret) {
+            Ok((r, w)) => {
+                let r = check_claim((r, w), from, (rank, world), streams)?;
+                streams[r] = Some(s);
             }
-        };
-        if w != world as u64 {
-            return Err(Error::Config(format!(
-                "rank {r} (at {from}) was started with a world of {w} ranks, this rank with {world}"
-            )));
+            // not one of ours (a port scanner, a stray client, another run): ignore it
+            Err(e) => log.refused(&format!("rank {rank}"), from, &e),
         }
-        let r = usize::try_from(r).unwrap_or(usize::MAX);
-        if r <= rank || r >= world {
-            return Err(Error::Config(format!(
-                "a process at {from} claims rank {r}, which should not connect to rank {rank} of {world}"
-            )));
-        }
-        if streams[r].is_some() {
-            return Err(Error::Config(format!(
-                "two processes claim rank {r} (the second at {from})"
-            )));
-        }
-        s.set_write_timeout(Some(timeout))
-            .and_then(|_| write_hello(&mut s, rank, world))
-            .map_err(|e| comm(format!("handshake with rank {r} at {from}: {e}")))?;
-        streams[r] = Some(s);
     }
+}
+
+/// The accepting side of the mesh handshake, within [`HELLO_TIMEOUT`]: the (rank,
+/// world) that the now authenticated peer claims.
+fn accept_handshake(
+    s: &mut TcpStream,
+    (rank, world): (usize, usize),
+    deadline: Instant,
+    secret: &Secret,
+) -> io::Result<(u64, u64)> {
+    let deadline = deadline.min(deadline_after(HELLO_TIMEOUT));
+    s.set_nonblocking(false)?;
+    s.set_write_timeout(Some(remaining(deadline).ok_or_else(timed_out)?))?;
+    let mut theirs = [0u8; MESH_HELLO];
+    read_exact_until(s, &mut theirs, deadline)?;
+    if &theirs[..4] != MESH_MAGIC {
+        return Err(bad_data("not a ferrovit rank"));
+    }
+    // answered even on another version, so that the dialer can say which
+    let mine = mesh_hello(rank, world)?;
+    let answer = secret.answer(MESH_ACCEPT, &[&theirs, &mine]);
+    s.write_all(&[&mine[..], &answer].concat())?;
+    let claim = parse_mesh_hello(&theirs)?;
+    let mut reply = [0u8; MAC];
+    read_exact_until(s, &mut reply, deadline)?;
+    if !secret.verify(MESH_DIAL, &[&theirs, &mine], &reply) {
+        return Err(wrong_secret("the peer"));
+    }
+    Ok(claim)
+}
+
+/// The rank that an authenticated peer at `from` claims to be, if it may connect to
+/// this one; a wrong claim from a process with the run's secret is a misconfigured run.
+fn check_claim(
+    (r, w): (u64, u64),
+    from: SocketAddr,
+    (rank, world): (usize, usize),
+    streams: &[Option<TcpStream>],
+) -> Result<usize> {
+    if w != world as u64 {
+        return Err(Error::Config(format!(
+            "rank {r} (at {from}) was started with a world of {w} ranks, this rank with {world}"
+        )));
+    }
+    let r = usize::try_from(r).unwrap_or(usize::MAX);
+    if r <= rank || r >= world {
+        return Err(Error::Config(format!(
+            "a process at {from} claims rank {r}, which should not connect to rank {rank} of {world}"
+        )));
+    }
+    if streams[r].is_some() {
+        return Err(Error::Config(format!(
+            "two processes claim rank {r} (the second at {from})"
+        )));
+    }
+    Ok(r)
 }
 
 impl ProcessGroup for TcpGroup {
@@ -1073,7 +1349,7 @@ impl std::fmt::Debug for TcpGroup {
 
 /// Where this process sits in a multi-process run, as the launcher (ferrovit's, or
 /// torchrun, or SLURM) describes it in the environment.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct DistEnv {
     pub rank: usize,
     pub world: usize,
@@ -1082,11 +1358,28 @@ pub struct DistEnv {
     pub local_rank: Option<usize>,
     pub master_addr: String,
     pub master_port: u16,
+    /// The run's shared secret (FERROVIT_SECRET; empty when unset), which every
+    /// connection between its processes proves knowledge of.
+    pub secret: String,
+}
+
+impl std::fmt::Debug for DistEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // the secret stays out of logs
+        f.debug_struct("DistEnv")
+            .field("rank", &self.rank)
+            .field("world", &self.world)
+            .field("local_rank", &self.local_rank)
+            .field("master_addr", &self.master_addr)
+            .field("master_port", &self.master_port)
+            .field("secret", &format_args!("({} bytes)", self.secret.len()))
+            .finish()
+    }
 }
 
 impl DistEnv {
     /// Reads RANK, WORLD_SIZE (or SLURM_PROCID, SLURM_NTASKS where those are unset),
-    /// LOCAL_RANK (or SLURM_LOCALID), MASTER_ADDR and MASTER_PORT. `Ok(None)` when no
+    /// LOCAL_RANK (or SLURM_LOCALID), MASTER_ADDR, MASTER_PORT and FERROVIT_SECRET. `Ok(None)` when no
     /// world size is set; malformed or missing values are errors naming the variable.
     pub fn from_env() -> Result<Option<DistEnv>> {
         Self::from_lookup(|k| std::env::var_os(k).map(|v| v.to_string_lossy().into_owned()))
@@ -1157,17 +1450,106 @@ impl DistEnv {
             local_rank,
             master_addr,
             master_port,
+            // as given: surrounding spaces would be part of it on every rank alike
+            secret: var("FERROVIT_SECRET").unwrap_or_default(),
         }))
     }
 
     /// Joins the group this environment describes.
     pub fn connect(&self, timeout: Duration) -> Result<TcpGroup> {
-        TcpGroup::connect(
+        TcpGroup::connect_with_secret(
             self.rank,
             self.world,
             &self.master_addr,
             self.master_port,
             timeout,
+            self.secret.as_bytes(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Serves `data`, then ends; records the largest buffer a read asked it to fill.
+    struct Trickle {
+        data: Vec<u8>,
+        at: usize,
+        largest_read: usize,
+    }
+
+    impl Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.largest_read = self.largest_read.max(buf.len());
+            let n = buf.len().min(self.data.len() - self.at);
+            buf[..n].copy_from_slice(&self.data[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    fn frame_claiming(n: u64, body: usize) -> Trickle {
+        let mut data = 5u64.to_le_bytes().to_vec();
+        data.extend_from_slice(&n.to_le_bytes());
+        data.resize(16 + body, 1);
+        Trickle {
+            data,
+            at: 0,
+            largest_read: 0,
+        }
+    }
+
+    #[test]
+    fn a_message_allocates_as_its_bytes_arrive_not_as_claimed() {
+        // claims 256 MiB, sends 1000 bytes and hangs up
+        let mut r = frame_claiming(1 << 26, 1000);
+        let e = read_frame(&mut r).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(r.largest_read <= EAGER_BYTES, "{}", r.largest_read);
+        // a claim past the limit is refused before reading any of it
+        let mut r = frame_claiming(MAX_MESSAGE as u64 + 1, 8);
+        let e = read_frame(&mut r).unwrap_err().to_string();
+        assert!(e.contains(&format!("{}", MAX_MESSAGE + 1)), "{e}");
+        assert_eq!(r.at, 16);
+        // messages of several steps arrive whole
+        let n = 3 * EAGER_BYTES / 4 + 5;
+        let want: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        let mut data = Vec::new();
+        write_frame(&mut data, 9, &want).unwrap();
+        let (tag, got) = read_frame(&mut io::Cursor::new(data)).unwrap();
+        assert!(tag == 9 && got == want);
+    }
+
+    #[test]
+    fn the_store_refuses_values_over_its_limit() {
+        let timeout = Duration::from_secs(10);
+        let host = TcpStore::host_with_secret("127.0.0.1", 0, timeout, b"s").unwrap();
+        let mut c = TcpStream::connect(("127.0.0.1", host.port())).unwrap();
+        store_client_handshake(&mut c, &Secret::new(b"s")).unwrap();
+        // a client of the run claims a 1 GiB value
+        let mut req = vec![OP_SET];
+        req.extend_from_slice(&1u64.to_le_bytes());
+        req.push(b'k');
+        req.extend_from_slice(&(1u64 << 30).to_le_bytes());
+        c.write_all(&req).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = [0u8; 1];
+        let closed = match c.read(&mut b) {
+            Ok(n) => n == 0,
+            Err(e) => e.kind() == io::ErrorKind::ConnectionReset,
+        };
+        assert!(closed, "the store closes the connection");
+        assert!(host.get_timeout("k", Duration::from_millis(1)).is_err());
+        // clients refuse to send one
+        let c = TcpStore::connect_with_secret("127.0.0.1", host.port(), timeout, b"s").unwrap();
+        let e = c
+            .set("big", &vec![0; MAX_VALUE + 1])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`big`") && e.contains(&MAX_VALUE.to_string()),
+            "{e}"
+        );
     }
 }

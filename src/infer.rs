@@ -18,6 +18,8 @@ pub struct Classifier {
     params: ParamStore,
     /// Class names (from the checkpoint; the class indices when it has none).
     pub classes: Vec<String>,
+    /// Whether the checkpoint named its classes (see [`Classifier::align_classes`]).
+    pub named_classes: bool,
     pub dir: PathBuf,
     /// The linear layers' arithmetic (see [`Classifier::to_device`]).
     precision: Precision,
@@ -63,14 +65,17 @@ impl Classifier {
                 Err(_) => ckpt.read(&p.name)?.to_dtype(crate::tensor::DType::F32),
             };
         }
-        let classes = match &ckpt.index.training.classes {
-            c if c.len() == cfg.num_classes => c.clone(),
-            _ => (0..cfg.num_classes).map(|i| i.to_string()).collect(),
+        let saved = &ckpt.index.training.classes;
+        let named_classes = saved.len() == cfg.num_classes;
+        let classes = match named_classes {
+            true => saved.clone(),
+            false => (0..cfg.num_classes).map(|i| i.to_string()).collect(),
         };
         Ok(Classifier {
             model,
             params,
             classes,
+            named_classes,
             dir: dir.to_path_buf(),
             precision: Precision::F32,
         })
@@ -135,17 +140,61 @@ impl Classifier {
             .collect())
     }
 
-    /// The confusion matrix of the model on a data set, in batches of `batch`
-    /// (loaded on background threads; the model runs on every core).
-    pub fn evaluate(&mut self, data: Dataset, batch: usize) -> Result<ConfusionMatrix> {
-        let classes = self.model.config.num_classes;
-        if data.classes.len() != classes {
+    /// Brings a data set's labels to the model's classes. Its class names are first
+    /// renamed by `map` (`(data name, model name)` pairs, all at once, so two names can
+    /// swap); none may then appear twice. When
+    /// the checkpoint names its classes (or `map` is given), each data class must be
+    /// one of the model's, and the labels are renumbered to the model's order, so the
+    /// same class set listed in another order is evaluated correctly; otherwise only
+    /// the number of classes must agree. Any mismatch lists both name lists.
+    pub fn align_classes(&self, data: &mut Dataset, map: &[(String, String)]) -> Result<()> {
+        rename_classes(&mut data.classes, map)?;
+        if let Some(dup) = crate::data::first_duplicate(&data.classes) {
             return Err(Error::Config(format!(
-                "the data has {} classes ({}) but the checkpoint's model {classes}",
-                data.classes.len(),
-                data.classes.join(", ")
+                "the data's class names {:?} name {dup:?} twice",
+                data.classes
             )));
         }
+        let by_name = self.named_classes || !map.is_empty();
+        let index: Vec<Option<usize>> = data
+            .classes
+            .iter()
+            .map(|c| match by_name {
+                true => self.classes.iter().position(|m| m == c),
+                false => None,
+            })
+            .collect();
+        let matches = data.classes.len() == self.classes.len()
+            && (!by_name || index.iter().all(Option::is_some));
+        if !matches {
+            return Err(Error::Config(format!(
+                "the data's {} classes {:?} do not match the checkpoint's {} classes {:?}{}",
+                data.classes.len(),
+                data.classes,
+                self.classes.len(),
+                self.classes,
+                match by_name {
+                    true => " (map data classes to the model's with --class-map DATA=MODEL)",
+                    false => "",
+                }
+            )));
+        }
+        if by_name {
+            let index: Vec<u8> = index.into_iter().flatten().map(|i| i as u8).collect();
+            for l in &mut data.labels {
+                *l = index[*l as usize];
+            }
+            data.classes = self.classes.clone();
+        }
+        Ok(())
+    }
+
+    /// The confusion matrix of the model on a data set, in batches of `batch`
+    /// (loaded on background threads; the model runs on every core). The data's
+    /// classes are aligned with the model's first ([`Classifier::align_classes`]).
+    pub fn evaluate(&mut self, mut data: Dataset, batch: usize) -> Result<ConfusionMatrix> {
+        self.align_classes(&mut data, &[])?;
+        let classes = self.model.config.num_classes;
         let n = data.len();
         let loader = Loader::new(Arc::new(data), Sampler::new(n, false, 0), batch)?;
         let mut confusion = ConfusionMatrix::new(classes);
@@ -157,6 +206,24 @@ impl Classifier {
         }
         Ok(confusion)
     }
+}
+
+/// Renames `classes` by `(from, to)` pairs, each `from` one of the original names.
+fn rename_classes(classes: &mut [String], map: &[(String, String)]) -> Result<()> {
+    let original = classes.to_vec();
+    for (k, (from, to)) in map.iter().enumerate() {
+        let flag = format!("--class-map {from:?}={to:?}");
+        if map[..k].iter().any(|(f, _)| f == from) {
+            return Err(Error::Config(format!("{flag}: {from:?} is mapped twice")));
+        }
+        let Some(i) = original.iter().position(|c| c == from) else {
+            return Err(Error::Config(format!(
+                "{flag}: the data has no class {from:?} (its classes: {original:?})"
+            )));
+        };
+        classes[i] = to.clone();
+    }
+    Ok(())
 }
 
 /// Images from files (PNG/JPEG, any size: the shorter side resized to 32, then the

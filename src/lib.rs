@@ -12,6 +12,7 @@ pub mod data;
 pub mod dist;
 pub mod engine;
 pub mod error;
+pub mod files;
 pub mod infer;
 pub mod kernels;
 pub mod launch;
@@ -21,6 +22,7 @@ pub mod optim;
 pub mod recipe;
 pub mod rng;
 pub mod tensor;
+pub mod text;
 pub mod trainer;
 
 pub use autograd::{Activation, Graph, Out, ParamId, ParamStore, Precision, Var};

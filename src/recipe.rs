@@ -150,6 +150,50 @@ fn invalid(field: &str, value: impl std::fmt::Display, why: &str) -> Error {
     Error::Config(format!("{field} = {value}: {why}"))
 }
 
+/// Largest checkpoint shard, in MiB (1 TiB): MiB are turned into bytes by `<< 20`.
+pub const MAX_SHARD_SIZE_MB: u64 = 1 << 20;
+/// Largest gradient all-reduce bucket, in MiB: a bucket is allocated whole.
+pub const MAX_BUCKET_MB: f32 = 4096.0;
+/// Longest communication timeout, in seconds (a day): deadlines are `Instant`s.
+pub const MAX_COMM_TIMEOUT_S: u64 = 24 * 60 * 60;
+/// Most data-loader workers (one thread each).
+pub const MAX_WORKERS: usize = 256;
+/// Most micro-batches per step.
+pub const MAX_MICROBATCHES: usize = 1 << 16;
+/// Most ranks (`dp × pp`).
+pub const MAX_WORLD: usize = 1 << 16;
+
+/// Checks `value` of `field` is in `1..=max`.
+fn check_count<T: PartialOrd + From<u8> + std::fmt::Display>(
+    field: &str,
+    value: T,
+    max: T,
+) -> Result<()> {
+    if value < T::from(1) {
+        return Err(invalid(field, value, "must be at least 1"));
+    }
+    if value > max {
+        let why = format!("must be at most {max}");
+        return Err(invalid(field, value, &why));
+    }
+    Ok(())
+}
+
+/// Refuses integers TOML cannot hold (over `i64::MAX`), naming the field: the options
+/// pass through a TOML table, whose error would not say which one.
+fn check_toml_integers(overrides: &impl Serialize) -> Result<()> {
+    let value =
+        serde_json::to_value(overrides).map_err(|e| Error::Config(format!("options: {e}")))?;
+    let fields = value.as_object().into_iter().flatten();
+    for (field, v) in fields {
+        let values = v.as_array().map_or(std::slice::from_ref(v), Vec::as_slice);
+        if let Some(n) = values.iter().find(|v| v.is_u64() && v.as_i64().is_none()) {
+            return Err(invalid(field, n, &format!("must be at most {}", i64::MAX)));
+        }
+    }
+    Ok(())
+}
+
 impl TrainOptions {
     /// Reads options from a TOML file (missing keys keep their defaults; unknown keys
     /// are an error naming them).
@@ -165,6 +209,7 @@ impl TrainOptions {
     /// replaced: how flags override a config file.
     pub fn merged(base: &TrainOptions, overrides: &impl Serialize) -> Result<TrainOptions> {
         let err = |e: &dyn std::fmt::Display| Error::Config(format!("options: {e}"));
+        check_toml_integers(overrides)?;
         let mut table = toml::Table::try_from(base).map_err(|e| err(&e))?;
         table.extend(toml::Table::try_from(overrides).map_err(|e| err(&e))?);
         toml::Value::Table(table).try_into().map_err(|e| err(&e))
@@ -208,6 +253,13 @@ impl TrainOptions {
         if !(self.warmup.is_finite() && self.warmup >= 0.0) {
             return Err(invalid("warmup", self.warmup, "must be >= 0 epochs"));
         }
+        if self.warmup as f64 > self.epochs as f64 {
+            return Err(invalid(
+                "warmup",
+                self.warmup,
+                &format!("longer than the run's {} epochs", self.epochs),
+            ));
+        }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             return Err(invalid("weight_decay", self.weight_decay, "must be >= 0"));
         }
@@ -221,14 +273,14 @@ impl TrainOptions {
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(invalid("dropout", self.dropout, "must be in [0, 1)"));
         }
-        if self.threads == Some(0) {
-            return Err(invalid("threads", 0, "must be at least 1"));
+        if let Some(n) = self.threads {
+            check_count("threads", n, cpu::max_threads())?;
         }
-        if self.workers == 0 {
-            return Err(invalid("workers", 0, "must be at least 1"));
-        }
-        if self.shard_size_mb == 0 {
-            return Err(invalid("shard_size_mb", 0, "must be at least 1"));
+        check_count("workers", self.workers, MAX_WORKERS)?;
+        check_count("shard_size_mb", self.shard_size_mb, MAX_SHARD_SIZE_MB)?;
+        if let Some(n) = self.save_every_steps {
+            // 0 would silently save never; leaving the flag out says that
+            check_count("save_every_steps", n, u64::MAX)?;
         }
         if self.resume.is_some() && self.init.is_some() {
             return Err(Error::Config(
@@ -246,14 +298,22 @@ impl TrainOptions {
                 "must be at least 1",
             ));
         }
-        if self.microbatches == Some(0) {
-            return Err(invalid("microbatches", 0, "must be at least 1"));
+        if self.dp.checked_mul(self.pp).is_none_or(|w| w > MAX_WORLD) {
+            return Err(invalid(
+                "dp/pp",
+                format!("{}/{}", self.dp, self.pp),
+                &format!("dp × pp must be at most {MAX_WORLD} ranks"),
+            ));
         }
-        if !(self.bucket_mb.is_finite() && self.bucket_mb > 0.0) {
+        if let Some(m) = self.microbatches {
+            check_count("microbatches", m, MAX_MICROBATCHES)?;
+        }
+        if !(self.bucket_mb.is_finite() && self.bucket_mb > 0.0 && self.bucket_mb <= MAX_BUCKET_MB)
+        {
             return Err(invalid(
                 "bucket_mb",
                 self.bucket_mb,
-                "must be a positive number",
+                &format!("must be a number in (0, {MAX_BUCKET_MB}] MiB"),
             ));
         }
         let ordinal = self.device.strip_prefix("cuda:").map(str::parse::<usize>);
@@ -270,9 +330,7 @@ impl TrainOptions {
             Precision::parse(&self.precision)
                 .map_err(|_| invalid("precision", &self.precision, "expected auto, f32 or bf16"))?;
         }
-        if self.comm_timeout == 0 {
-            return Err(invalid("comm_timeout", 0, "must be at least 1 second"));
-        }
+        check_count("comm_timeout", self.comm_timeout, MAX_COMM_TIMEOUT_S)?;
         if !["auto", "nccl", "host"].contains(&self.comm.as_str()) {
             return Err(invalid("comm", &self.comm, "expected auto, nccl or host"));
         }
@@ -365,6 +423,17 @@ fn resume_from(
     };
     let saved = checkpoint::Checkpoint::open(&dir)?.index;
     check_position(&saved.training, batches_per_epoch, &dir)?;
+    let (done, batches) = (saved.training.epoch, saved.training.batch);
+    if (opts.epochs as u64) < done || (opts.epochs as u64 == done && batches > 0) {
+        return Err(Error::Format {
+            path: dir,
+            msg: format!(
+                "--epochs {} is fewer than the {done} epochs (+ {batches} batches) this checkpoint has already trained: give --epochs {} or more to continue",
+                opts.epochs,
+                done + 1
+            ),
+        });
+    }
     if saved.training.seed != opts.seed {
         return Err(Error::Format {
             path: dir,
@@ -388,6 +457,13 @@ fn resume_from(
         });
     }
     trainer.resume(&state);
+    if state.epoch == opts.epochs as u64 {
+        trainer.logger.info(format!(
+            "{} has all {} epochs trained already: nothing to do (a larger --epochs continues it)",
+            dir.display(),
+            opts.epochs
+        ));
+    }
     trainer.logger.info(format!(
         "resuming from {} (saved under {}) at epoch {}, batch {} (step {})",
         dir.display(),
@@ -565,6 +641,7 @@ fn train_rank(
                 g,
                 layout.clone(),
                 opts.microbatches(),
+                // bounded by validate (at most MAX_BUCKET_MB MiB of f32s)
                 ((opts.bucket_mb as f64 * (1 << 20) as f64) / 4.0) as usize,
             )?;
             nccl = nccl_gradients(opts, device, &par)?;
@@ -580,7 +657,7 @@ fn train_rank(
         std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
         let resolved = opts.out.join("config.toml");
         let text = toml::to_string(opts).map_err(|e| Error::Config(format!("options: {e}")))?;
-        std::fs::write(&resolved, text).map_err(|e| Error::io(&resolved, e))?;
+        crate::files::write_replacing(&resolved, text.as_bytes())?;
     }
 
     let classes = train.classes.clone();
@@ -609,7 +686,15 @@ fn train_rank(
     test_loader.device_augment = device_augment;
 
     let steps_per_epoch = train_loader.batches_per_epoch() as u64;
-    let total = opts.epochs as u64 * steps_per_epoch;
+    let total = (opts.epochs as u64)
+        .checked_mul(steps_per_epoch)
+        .ok_or_else(|| {
+            invalid(
+                "epochs",
+                opts.epochs,
+                &format!("× {steps_per_epoch} steps per epoch overflows the step count"),
+            )
+        })?;
     let schedule = LrSchedule::WarmupCosine {
         warmup: ((opts.warmup as f64 * steps_per_epoch as f64).round() as u64).min(total),
         total,

@@ -257,3 +257,216 @@ fn bad_inputs_fail_with_one_clear_message() {
         std::fs::remove_dir_all(d).unwrap();
     }
 }
+
+#[test]
+fn flags_that_would_wrap_hang_or_be_ignored_are_refused_at_once() {
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        // epochs × steps per epoch wrapped: a run with learning rate 0
+        (
+            vec!["train", "--epochs", "802032351030850071"],
+            "epochs = 802032351030850071",
+        ),
+        // `<< 20` wrapped to 0
+        (
+            vec!["train", "--shard-size-mb", "17592186044416"],
+            "shard_size_mb = 17592186044416",
+        ),
+        (vec!["train", "--bucket-mb", "1e30"], "bucket_mb = 1000000"),
+        (vec!["train", "--bucket-mb", "NaN"], "bucket_mb = NaN"),
+        // an Instant overflowed
+        (
+            vec!["train", "--comm-timeout", "9223372036854775807"],
+            "comm_timeout = 9223372036854775807",
+        ),
+        // never saved, silently
+        (
+            vec!["train", "--save-every-steps", "0"],
+            "save_every_steps = 0",
+        ),
+        // minutes of building a thread pool before failing
+        (vec!["train", "--threads", "100000"], "threads = 100000"),
+        (vec!["train", "--workers", "100000"], "workers = 100000"),
+        (
+            vec!["train", "--microbatches", "100000000"],
+            "microbatches = 100000000",
+        ),
+        (
+            vec!["train", "--epochs", "2", "--warmup", "3"],
+            "warmup = 3: longer than the run's 2 epochs",
+        ),
+        (
+            vec!["train", "--dp", "4611686018427387904", "--pp", "4"],
+            "dp/pp = 4611686018427387904/4",
+        ),
+        // over TOML's integers: the field is named
+        (
+            vec!["train", "--seed", "18446744073709551615"],
+            "seed = 18446744073709551615",
+        ),
+        (vec!["train", "--lr", "inf"], "lr = inf"),
+        (vec!["train", "--weight-decay", "NaN"], "weight_decay = NaN"),
+        (
+            vec!["train", "--label-smoothing", "NaN"],
+            "label_smoothing = NaN",
+        ),
+        (
+            vec!["bench", "--batch-size", "1000000000000"],
+            "--batch-size 1000000000000",
+        ),
+        (vec!["bench", "--threads", "100000"], "threads = 100000"),
+    ];
+    for (args, want) in cases {
+        let start = std::time::Instant::now();
+        let (ok, out, err) = ferrovit(&args);
+        assert!(!ok, "{args:?} should fail");
+        assert!(
+            err.starts_with("error: ") && err.contains(want) && err.lines().count() == 1,
+            "{args:?}: {err}"
+        );
+        assert!(!out.contains("epoch"), "{args:?} trained: {out}");
+        assert!(
+            start.elapsed().as_secs() < 20,
+            "{args:?} took {:?}",
+            start.elapsed()
+        );
+    }
+}
+
+#[test]
+fn a_resume_with_fewer_epochs_than_done_is_an_error() {
+    let out_dir = temp_dir("resume-fewer");
+    let o = out_dir.to_str().unwrap();
+    let run = |epochs: &str| {
+        let args = [&["train", "--epochs", epochs, "--out", o][..], &TINY[..]].concat();
+        ferrovit(&[&args[..], &["--resume", "auto"]].concat())
+    };
+    let (ok, _, err) = run("2");
+    assert!(ok, "{err}");
+    let (ok, out, err) = run("1");
+    assert!(!ok, "resumed with fewer epochs: {out}");
+    assert!(
+        err.contains("--epochs 1") && err.contains("2 epochs") && err.lines().count() == 1,
+        "{err}"
+    );
+    // as many as done: nothing to train, and it says so
+    let (ok, out, err) = run("2");
+    assert!(ok && out.contains("nothing to do"), "{out}{err}");
+    std::fs::remove_dir_all(&out_dir).unwrap();
+}
+
+/// Runs the binary with files limited to `kib` KiB (as on a full disk, writes past it
+/// fail: SIGXFSZ is ignored, so they return EFBIG): (success, stderr).
+fn ferrovit_with_file_limit(kib: u32, args: &[&str]) -> (bool, String) {
+    let bin =
+        std::env::var_os("FERROVIT_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_ferrovit").into());
+    // `ulimit -f` counts 512-byte blocks in POSIX sh (dash), KiB in bash: 2 × kib
+    // blocks is kib KiB or twice that; the tests leave room either way.
+    let script = format!("trap '' XFSZ; ulimit -f {}; exec \"$0\" \"$@\"", 2 * kib);
+    let out = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(script)
+        .arg(bin)
+        .args(args)
+        .output()
+        .expect("run ferrovit under sh");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Files in `dir` whose names contain `part`.
+fn leftovers(dir: &Path, part: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(part))
+        .collect()
+}
+
+#[test]
+fn failed_writes_leave_no_partial_outputs() {
+    let out_dir = temp_dir("full-disk");
+    let o = out_dir.to_str().unwrap();
+    // the plot (tens of KiB) does not fit; the config and metrics (< 2 KiB) do
+    let args = [
+        &["train", "--epochs", "1", "--no-save", "--out", o][..],
+        &TINY[..],
+    ]
+    .concat();
+    let (ok, err) = ferrovit_with_file_limit(8, &args);
+    assert!(!ok && err.contains("metrics.png"), "{err}");
+    assert!(
+        !out_dir.join("metrics.png").exists(),
+        "a truncated metrics.png was left"
+    );
+    assert!(
+        leftovers(&out_dir, "tmp").is_empty(),
+        "{:?}",
+        leftovers(&out_dir, "tmp")
+    );
+    assert!(out_dir.join("config.toml").is_file());
+
+    // export: the safetensors file (~100 KiB) does not fit
+    let args = [&["train", "--epochs", "1", "--out", o][..], &TINY[..]].concat();
+    let (ok, _, err) = ferrovit(&args);
+    assert!(ok, "{err}");
+    let ckpt = out_dir.join("checkpoints");
+    let file = out_dir.join("model.safetensors");
+    let export = [
+        "ckpt",
+        "export",
+        ckpt.to_str().unwrap(),
+        "--safetensors",
+        file.to_str().unwrap(),
+    ];
+    let (ok, err) = ferrovit_with_file_limit(8, &export);
+    assert!(!ok && err.contains("model.safetensors.part"), "{err}");
+    assert!(
+        leftovers(&out_dir, "safetensors").is_empty(),
+        "{:?}",
+        leftovers(&out_dir, "safetensors")
+    );
+    // a failed rename (onto a directory) too
+    std::fs::create_dir_all(file.join("x")).unwrap();
+    let (ok, _, err) = ferrovit(&export);
+    assert!(!ok && err.contains("model.safetensors"), "{err}");
+    assert_eq!(leftovers(&out_dir, "safetensors"), ["model.safetensors"]);
+    std::fs::remove_dir_all(&out_dir).unwrap();
+}
+
+#[test]
+fn class_names_from_data_folders_are_printed_escaped() {
+    let dir = temp_dir("escape-train");
+    let evil = "\u{1b}[2Jcat\nforged line";
+    for split in ["train", "test"] {
+        for class in ["dog", evil] {
+            let d = dir.join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            let img = image::RgbImage::from_pixel(32, 32, image::Rgb([class.len() as u8, 0, 0]));
+            img.save(d.join("x.png")).unwrap();
+        }
+    }
+    let o = dir.join("out");
+    let args = [
+        &[
+            "train",
+            "--epochs",
+            "1",
+            "--no-save",
+            "--data",
+            dir.to_str().unwrap(),
+        ][..],
+        &["--out", o.to_str().unwrap()],
+        &TINY[..],
+    ]
+    .concat();
+    let (ok, out, err) = ferrovit(&args);
+    assert!(ok, "{err}");
+    assert!(
+        !out.contains('\u{1b}') && !out.contains("\nforged"),
+        "{out:?}"
+    );
+    assert!(out.contains(r"\u{1b}[2Jcat\nforged line"), "{out}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{ferrovit, temp_dir};
+use common::{ferrovit, mkfifo, png_header, temp_dir, within_20s};
 use ferrovit::data::{cifar10, default_data_dir, Dataset};
 use std::io::Write;
 use std::path::Path;
@@ -248,6 +248,100 @@ fn download_from_a_local_server() {
     assert!(
         !ok && err.contains("127.0.0.1:9/none.tar.gz") && err.contains("download failed"),
         "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn image_sizes_are_checked_from_the_header_before_decoding() {
+    use ferrovit::data::folder::load_image;
+    let dir = temp_dir("image-sizes");
+    // real images: too thin (before: resized to 128,000 × 32, then cropped) and fine
+    write_image(&dir.join("thin.png"), 4000, 1, 0);
+    write_image(&dir.join("wide.png"), 1024, 32, 0);
+    assert!(load_image(&dir.join("wide.png")).is_ok(), "32:1 is allowed");
+    let e = load_image(&dir.join("thin.png")).unwrap_err().to_string();
+    assert!(
+        e.contains("thin.png") && e.contains("4000 × 1 pixels") && e.contains("32 times"),
+        "{e}"
+    );
+    // headers claiming sizes no decoder or resize buffer should be asked for
+    for (w, h, why) in [
+        (10_000_000, 1, "over 16384 pixels"),
+        (3_000_000, 1, "over 16384 pixels"),
+        (16_384, 16_384, "over 67108864 pixels"),
+    ] {
+        let p = dir.join(format!("claims-{w}x{h}.png"));
+        std::fs::write(&p, png_header(w, h)).unwrap();
+        let e = load_image(&p).unwrap_err().to_string();
+        let size = format!("{w} × {h} pixels");
+        assert!(
+            e.contains(&format!("claims-{w}x{h}.png")) && e.contains(&size) && e.contains(why),
+            "{e}"
+        );
+    }
+    // the same check in an image folder
+    for split in ["train", "test"] {
+        std::fs::create_dir_all(dir.join(split).join("a")).unwrap();
+        write_image(&dir.join(split).join("a/ok.png"), 32, 32, 0);
+    }
+    std::fs::write(dir.join("train/a/huge.png"), png_header(10_000_000, 1)).unwrap();
+    let e = Dataset::open(&dir).unwrap_err().to_string();
+    assert!(e.contains("huge.png") && e.contains("10000000 × 1"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn pipes_and_devices_are_refused_at_once() {
+    let dir = temp_dir("fifo");
+    // CIFAR-10 binary: a training file that is a named pipe
+    let cifar = dir.join("cifar");
+    std::fs::create_dir_all(&cifar).unwrap();
+    std::fs::write(cifar.join("batches.meta.txt"), "a\nb\n").unwrap();
+    std::fs::write(cifar.join("test_batch.bin"), vec![0u8; 3073]).unwrap();
+    mkfifo(&cifar.join("data_batch_1.bin"));
+    let c = cifar.clone();
+    let e = within_20s(move || Dataset::open(&c).unwrap_err().to_string());
+    assert!(
+        e.contains("data_batch_1.bin") && e.contains("named pipe (FIFO)"),
+        "{e}"
+    );
+    // a symbolic link is followed, but must end at a regular file
+    std::fs::remove_file(cifar.join("data_batch_1.bin")).unwrap();
+    std::fs::write(cifar.join("data_batch_1.bin"), vec![1u8; 3073]).unwrap();
+    std::fs::remove_file(cifar.join("test_batch.bin")).unwrap();
+    std::os::unix::fs::symlink("/dev/null", cifar.join("test_batch.bin")).unwrap();
+    let e = Dataset::open(&cifar).unwrap_err().to_string();
+    assert!(e.contains("test_batch.bin: is a device"), "{e}");
+    std::fs::remove_file(cifar.join("test_batch.bin")).unwrap();
+    std::os::unix::fs::symlink(cifar.join("data_batch_1.bin"), cifar.join("test_batch.bin"))
+        .unwrap();
+    assert!(
+        Dataset::open(&cifar).is_ok(),
+        "a link to a regular file is fine"
+    );
+    // an image folder: an "image" that is a named pipe
+    for split in ["train", "test"] {
+        std::fs::create_dir_all(dir.join("img").join(split).join("a")).unwrap();
+        write_image(&dir.join("img").join(split).join("a/ok.png"), 32, 32, 0);
+    }
+    mkfifo(&dir.join("img/test/a/pipe.png"));
+    let img = dir.join("img");
+    let e = within_20s(move || Dataset::open(&img).unwrap_err().to_string());
+    assert!(e.contains("pipe.png") && e.contains("named pipe"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn duplicate_class_names_are_an_error() {
+    let dir = temp_dir("dup-classes");
+    std::fs::write(dir.join("batches.meta.txt"), "cat\ndog\ncat\n").unwrap();
+    std::fs::write(dir.join("data_batch_1.bin"), vec![0u8; 3073]).unwrap();
+    std::fs::write(dir.join("test_batch.bin"), vec![0u8; 3073]).unwrap();
+    let e = Dataset::open(&dir).unwrap_err().to_string();
+    assert!(
+        e.contains("batches.meta.txt") && e.contains("\"cat\" appears twice"),
+        "{e}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -214,3 +214,170 @@ fn bad_inputs_are_clear_errors_and_print_no_result() {
     }
     std::fs::remove_dir_all(out).unwrap();
 }
+
+/// A CIFAR-10 binary directory holding the digits test set (as both splits), with
+/// class names `names` and each label `l` replaced by `relabel(l)`.
+fn digits_as(dir: &Path, names: &[&str], relabel: impl Fn(u8) -> u8) -> String {
+    let (_, test) = Dataset::cifar_dir(&default_data_dir()).unwrap();
+    let mut bytes = Vec::new();
+    for (i, &l) in test.labels.iter().enumerate() {
+        bytes.push(relabel(l));
+        bytes.extend_from_slice(&test.images[i * 3072..(i + 1) * 3072]);
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("batches.meta.txt"), names.join("\n")).unwrap();
+    std::fs::write(dir.join("data_batch_1.bin"), &bytes).unwrap();
+    std::fs::write(dir.join("test_batch.bin"), &bytes).unwrap();
+    dir.to_str().unwrap().to_string()
+}
+
+/// `eval --json`'s confusion matrix (rows: true classes, in the model's order).
+fn confusion(args: &[&str]) -> serde_json::Value {
+    let (ok, stdout, err) = ferrovit(&[args, &["--json"]].concat());
+    assert!(ok, "{args:?}: {err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    v["confusion"].clone()
+}
+
+#[test]
+fn eval_matches_data_classes_to_the_checkpoints_by_name() {
+    let out = temp_dir("eval-names");
+    let root = train(&out, &[]);
+    let ckpt = root.to_str().unwrap();
+    let digits: Vec<String> = (0..10).map(|i| i.to_string()).collect();
+    let digits: Vec<&str> = digits.iter().map(String::as_str).collect();
+    let want = confusion(&["eval", "--ckpt", ckpt]);
+    // the same data listing its classes in reverse (labels follow): the same result
+    let reversed: Vec<&str> = digits.iter().rev().copied().collect();
+    let rev = digits_as(&out.join("reversed"), &reversed, |l| 9 - l);
+    assert_eq!(confusion(&["eval", "--ckpt", ckpt, "--data", &rev]), want);
+    // other names: an error listing both lists, unless mapped
+    let letters = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"];
+    let other = digits_as(&out.join("letters"), &letters, |l| l);
+    let (ok, stdout, err) = ferrovit(&["eval", "--ckpt", ckpt, "--data", &other]);
+    assert!(!ok && stdout.is_empty(), "{stdout}");
+    assert!(
+        err.contains(r#"["a", "b", "c""#) && err.contains(r#"["0", "1", "2""#),
+        "{err}"
+    );
+    let map: Vec<String> = letters
+        .iter()
+        .zip(&digits)
+        .map(|(a, d)| format!("--class-map={a}={d}"))
+        .collect();
+    let map: Vec<&str> = map.iter().map(String::as_str).collect();
+    let args = [&["eval", "--ckpt", ckpt, "--data", &other][..], &map].concat();
+    assert_eq!(confusion(&args), want);
+    let (ok, _, err) = ferrovit(&[
+        "eval",
+        "--ckpt",
+        ckpt,
+        "--data",
+        &other,
+        "--class-map",
+        "z=0",
+    ]);
+    assert!(!ok && err.contains("no class \"z\""), "{err}");
+    // two data classes mapped to one name; one mapped twice
+    for (map, want) in [
+        (["a=0", "b=0"], "\"0\" twice"),
+        (["a=0", "a=1"], "mapped twice"),
+    ] {
+        let args = [
+            "eval",
+            "--ckpt",
+            ckpt,
+            "--data",
+            &other,
+            "--class-map",
+            map[0],
+        ];
+        let (ok, _, err) = ferrovit(&[&args[..], &["--class-map", map[1]]].concat());
+        assert!(!ok && err.contains(want), "{err}");
+    }
+    // two names swapped by the map: their rows swap
+    let args = [
+        "eval",
+        "--ckpt",
+        ckpt,
+        "--class-map",
+        "0=1",
+        "--class-map",
+        "1=0",
+    ];
+    let mut swapped = want.clone();
+    swapped.as_array_mut().unwrap().swap(0, 1);
+    assert_eq!(confusion(&args), swapped);
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
+fn images_too_large_or_not_regular_files_are_refused_at_once() {
+    let out = temp_dir("infer-sizes");
+    let root = train(&out, &[]);
+    let ckpt = root.to_str().unwrap().to_string();
+    let huge = out.join("huge.png");
+    std::fs::write(&huge, common::png_header(10_000_000, 1)).unwrap();
+    let (ok, stdout, err) = ferrovit(&["infer", "--ckpt", &ckpt, huge.to_str().unwrap()]);
+    assert!(!ok && stdout.is_empty());
+    assert!(
+        err.contains("huge.png") && err.contains("10000000 × 1 pixels"),
+        "{err}"
+    );
+    let pipe = out.join("pipe.png");
+    common::mkfifo(&pipe);
+    let pipe = pipe.to_str().unwrap().to_string();
+    let (ok, _, err) = common::within_20s(move || ferrovit(&["infer", "--ckpt", &ckpt, &pipe]));
+    assert!(!ok && err.contains("pipe.png: is a named pipe"), "{err}");
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
+fn class_and_file_names_are_printed_escaped() {
+    let out = temp_dir("infer-escape");
+    let root = train(&out, &[]);
+    // a checkpoint whose class names hold escape sequences and a bidi override
+    let evil = out.join("evil");
+    let newest = ferrovit::checkpoint::newest(&root).unwrap().unwrap();
+    std::fs::create_dir_all(&evil).unwrap();
+    for e in std::fs::read_dir(&newest).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, evil.join(p.file_name().unwrap())).unwrap();
+    }
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(evil.join(INDEX)).unwrap()).unwrap();
+    let names: Vec<String> = (0..10)
+        .map(|i| format!("\u{1b}]0;pwned\u{7}\u{1b}[2J{i}\u{202e}"))
+        .collect();
+    index["training"]["classes"] = serde_json::json!(names);
+    std::fs::write(evil.join(INDEX), serde_json::to_vec(&index).unwrap()).unwrap();
+    let (paths, _) = pngs(&out, 1);
+    let image = out.join("a\u{1b}[1mb.png");
+    std::fs::rename(&paths[0], &image).unwrap();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let data = digits_as(&out.join("evil-data"), &names, |l| l);
+    let e = evil.to_str().unwrap();
+    for args in [
+        vec!["infer", "--ckpt", e, image.to_str().unwrap()],
+        vec!["eval", "--ckpt", e, "--data", &data],
+        vec!["ckpt", "inspect", e],
+    ] {
+        let (ok, stdout, err) = ferrovit(&args);
+        assert!(ok, "{args:?}: {err}");
+        assert!(
+            !stdout.contains(['\u{1b}', '\u{7}', '\u{202e}']),
+            "{args:?} printed raw control characters: {stdout:?}"
+        );
+        assert!(
+            stdout.contains(r"\u{1b}]0;pwned\u{7}\u{1b}[2J"),
+            "{args:?}: {stdout}"
+        );
+    }
+    // errors too
+    let (ok, _, err) = ferrovit(&["eval", "--ckpt", e]);
+    assert!(
+        !ok && !err.contains('\u{1b}') && err.contains(r"\u{1b}"),
+        "{err:?}"
+    );
+    std::fs::remove_dir_all(out).unwrap();
+}

@@ -11,6 +11,7 @@ use ferrovit::launch::LaunchOptions;
 use ferrovit::nn::PRESETS;
 use ferrovit::recipe::{self, TrainOptions};
 use ferrovit::rng::Rng;
+use ferrovit::text::{self, escape};
 use ferrovit::trainer::init_stdout;
 use ferrovit::{Device, Error, Precision, Result, Tensor, VitConfig};
 use serde::Serialize;
@@ -216,7 +217,8 @@ struct InferArgs {
 }
 
 /// The data directory is read as for `train --data` (CIFAR-10 binary or an image
-/// folder); its test split is evaluated.
+/// folder); its test split is evaluated. Its class names must be the checkpoint's
+/// (in any order: labels follow the names), or be mapped to them with --class-map.
 #[derive(Args)]
 struct EvalArgs {
     /// Checkpoint directory (or a root such as out/checkpoints: its newest checkpoint)
@@ -228,6 +230,9 @@ struct EvalArgs {
     /// Images per batch
     #[arg(long, value_name = "B", default_value_t = 256)]
     batch_size: usize,
+    /// Rename a data class to one of the checkpoint's classes (repeatable)
+    #[arg(long = "class-map", value_name = "DATA=MODEL")]
+    class_map: Vec<String>,
     /// Print JSON: {"accuracy", "images", "per_class": {class: accuracy}, "confusion": [[…]]}
     #[arg(long)]
     json: bool,
@@ -382,7 +387,7 @@ fn main() -> ExitCode {
             return match launch(a) {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
                 Err(e) => {
-                    eprintln!("error: {e}");
+                    eprintln!("error: {}", escape(&e.to_string()));
                     ExitCode::FAILURE
                 }
             };
@@ -391,6 +396,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // names in messages come from files and checkpoints: shown escaped
+            let e = escape(&e.to_string()).into_owned();
             // under a launcher every rank reports; say which one this is
             match std::env::var("RANK") {
                 Ok(r) if std::env::var("WORLD_SIZE").is_ok_and(|w| w != "1") => {
@@ -401,6 +408,17 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `FROM=TO` arguments of `flag` as pairs.
+fn pairs(flag: &str, args: &[String]) -> Result<Vec<(String, String)>> {
+    args.iter()
+        .map(|m| {
+            m.split_once('=')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| Error::Config(format!("{flag} `{m}` is not FROM=TO")))
+        })
+        .collect()
 }
 
 /// The checkpoint's model on `device`, computing in `precision`.
@@ -433,9 +451,9 @@ fn infer(a: InferArgs) -> Result<()> {
     for (p, t) in a.images.iter().zip(&top) {
         let classes: Vec<String> = t
             .iter()
-            .map(|s| format!("{} {:.4}", s.class, s.probability))
+            .map(|s| format!("{} {:.4}", escape(&s.class), s.probability))
             .collect();
-        println!("{}: {}", p.display(), classes.join(", "));
+        println!("{}: {}", text::path(p), classes.join(", "));
     }
     Ok(())
 }
@@ -446,7 +464,8 @@ fn eval(a: EvalArgs) -> Result<()> {
     }
     let mut model = load_on(a.ckpt, &a.device, &a.precision)?;
     let data = a.data.unwrap_or_else(ferrovit::data::default_data_dir);
-    let (_, test) = Dataset::open(&data)?;
+    let (_, mut test) = Dataset::open(&data)?;
+    model.align_classes(&mut test, &pairs("--class-map", &a.class_map)?)?;
     let names = test.classes.clone();
     let c = model.evaluate(test, a.batch_size)?;
     let per_class = c.per_class_accuracy();
@@ -473,11 +492,11 @@ fn eval(a: EvalArgs) -> Result<()> {
         "accuracy {:.2}% ({} images, {})",
         100.0 * c.accuracy(),
         c.total(),
-        data.display()
+        text::path(&data)
     );
     println!(
         "confusion matrix (rows: true class, columns: predicted; classes: {}):\n{c}",
-        names.join(", ")
+        text::join(&names)
     );
     Ok(())
 }
@@ -533,13 +552,13 @@ fn train(a: TrainArgs) -> Result<()> {
         );
         println!(
             "confusion matrix (rows: true class, columns: predicted; classes: {}):\n{c}",
-            summary.classes.join(", ")
+            text::join(&summary.classes)
         );
     }
     println!(
         "metrics: {}  plot: {}",
-        summary.metrics_path.display(),
-        summary.plot_path.display()
+        text::path(&summary.metrics_path),
+        text::path(&summary.plot_path)
     );
     println!("done in {:.1} s", summary.seconds);
     Ok(())
@@ -588,8 +607,8 @@ fn ckpt(c: CkptCommand) -> Result<()> {
             let ck = Checkpoint::open(&dir)?;
             let ix = &ck.index;
             let m = &ix.model;
-            println!("checkpoint {}", dir.display());
-            println!("format {} version {}", ix.format, ix.version);
+            println!("checkpoint {}", text::path(&dir));
+            println!("format {} version {}", escape(&ix.format), ix.version);
             println!(
                 "model: dim {} depth {} heads {} mlp {} patch {} image {} classes {} ({} params)",
                 m.dim,
@@ -611,6 +630,9 @@ fn ckpt(c: CkptCommand) -> Result<()> {
                 "training: {} epochs + {} batches done, step {}, lr {:e} (base {:e}), seed {}, schedule {:?}, {} epochs of history",
                 t.epoch, t.batch, t.step, t.lr, t.base_lr, t.seed, t.schedule, t.history.len()
             );
+            if !t.classes.is_empty() {
+                println!("classes: {}", text::join(&t.classes));
+            }
             let mut files: std::collections::BTreeMap<&str, u64> = Default::default();
             println!(
                 "{:<44} {:<9} {:<6} {:>16} {:>12}  file",
@@ -622,19 +644,22 @@ fn ckpt(c: CkptCommand) -> Result<()> {
                     *files.entry(&c.file).or_default() += c.end - c.start;
                 }
                 println!(
-                    "{name:<44} {:<9} {:<6} {:>16} {bytes:>12}  {}",
+                    "{:<44} {:<9} {:<6} {:>16} {bytes:>12}  {}",
+                    escape(name),
                     format!("{:?}", e.group).to_lowercase(),
-                    e.dtype,
+                    escape(&e.dtype),
                     format!("{:?}", e.shape),
-                    e.chunks
-                        .iter()
-                        .map(|c| c.file.as_str())
-                        .collect::<Vec<_>>()
-                        .join(",")
+                    escape(
+                        &e.chunks
+                            .iter()
+                            .map(|c| c.file.as_str())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    )
                 );
             }
             for (f, b) in files {
-                println!("shard {f}: {b} bytes of tensors");
+                println!("shard {}: {b} bytes of tensors", escape(f));
             }
             Ok(())
         }
@@ -648,7 +673,7 @@ fn ckpt(c: CkptCommand) -> Result<()> {
             };
             println!(
                 "ok: {} tensors, {} bytes in {} shard files: {index}, every header, bound and checksum verified ({})",
-                r.tensors, r.bytes, r.files, dir.display()
+                r.tensors, r.bytes, r.files, text::path(&dir)
             );
             Ok(())
         }
@@ -662,16 +687,16 @@ fn ckpt(c: CkptCommand) -> Result<()> {
                 } else {
                     ""
                 };
-                println!("committed    {}{mark}", p.display());
+                println!("committed    {}{mark}", text::path(p));
             }
             for p in &l.uncommitted {
                 if clean {
                     std::fs::remove_dir_all(p).map_err(|e| Error::io(p, e))?;
-                    println!("removed      {} (uncommitted)", p.display());
+                    println!("removed      {} (uncommitted)", text::path(p));
                 } else {
                     println!(
                         "uncommitted  {} (an interrupted save; never loaded)",
-                        p.display()
+                        text::path(p)
                     );
                 }
             }
@@ -680,7 +705,7 @@ fn ckpt(c: CkptCommand) -> Result<()> {
         CkptCommand::Export { dir, safetensors } => {
             let dir = ckpt_dir(dir)?;
             let n = checkpoint::export_safetensors(&dir, &safetensors)?;
-            println!("wrote {n} model tensors to {}", safetensors.display());
+            println!("wrote {n} model tensors to {}", text::path(&safetensors));
             Ok(())
         }
         CkptCommand::Import {
@@ -690,14 +715,7 @@ fn ckpt(c: CkptCommand) -> Result<()> {
             num_classes,
             map,
         } => {
-            let map = map
-                .iter()
-                .map(|m| {
-                    m.split_once('=')
-                        .map(|(a, b)| (a.to_string(), b.to_string()))
-                        .ok_or_else(|| Error::Config(format!("--map `{m}` is not FROM=TO")))
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let map = pairs("--map", &map)?;
             let mut cfg = VitConfig::preset(&preset)?;
             cfg.num_classes = num_classes;
             let mut engine = Engine::new(&cfg, TrainConfig::default())?;
@@ -741,20 +759,28 @@ fn ckpt(c: CkptCommand) -> Result<()> {
                 &checkpoint::checkpoint_name(0),
                 &Default::default(),
             )?;
-            println!("imported {count} tensors into {}", dest.display());
+            println!("imported {count} tensors into {}", text::path(&dest));
             Ok(())
         }
     }
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
+    // bounded so the random batch's size and the step count cannot overflow
+    for (flag, n, max) in [
+        ("--batch-size", a.batch_size, 1 << 16),
+        ("--steps", a.steps, 1 << 20),
+        ("--warmup", a.warmup, 1 << 20),
+    ] {
+        let least = (flag != "--warmup") as usize;
+        if !(least..=max).contains(&n) {
+            return Err(Error::Config(format!(
+                "{flag} {n}: must be in {least}..={max}"
+            )));
+        }
+    }
     if let Some(n) = a.threads {
         cpu::set_num_threads(n)?;
-    }
-    if a.batch_size == 0 || a.steps == 0 {
-        return Err(Error::Config(
-            "--batch-size and --steps must be at least 1".into(),
-        ));
     }
     let cfg = VitConfig::preset(&a.preset)?;
     let device = Device::parse(&a.device)?;

@@ -341,9 +341,14 @@ pub fn export_safetensors(dir: &Path, out: &Path) -> Result<usize> {
         }
         f.into_inner().map_err(|e| e.into_error())?.sync_all()
     };
-    write().map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
-    Ok(tensors.len())
+    let done = write()
+        .map_err(|e| Error::io(&tmp, e))
+        .and_then(|()| std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e)));
+    if done.is_err() {
+        // a failed export leaves nothing behind (the .part would be a partial file)
+        let _ = std::fs::remove_file(&tmp);
+    }
+    done.map(|()| tensors.len())
 }
 
 /// Reads every tensor of a safetensors file (validated as strictly as a shard), renamed

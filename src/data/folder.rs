@@ -6,6 +6,10 @@
 //! 32 × 32: the shorter side is resized to 32 (bilinear), then the centre is cropped.
 //! Files with other extensions and hidden files are skipped; a file with an image
 //! extension that does not decode is an error naming it.
+//!
+//! An image's size is checked from its header before anything is decoded or resized:
+//! a few kilobytes of PNG can claim 10,000,000 × 1 pixels, which the resize to a
+//! shorter side of 32 would turn into a 320,000,000 × 32 buffer.
 
 use super::Dataset;
 use crate::error::{Error, Result};
@@ -37,17 +41,60 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
-/// Decodes an image file into planar `[3, 32, 32]` RGB bytes.
+/// Largest image file read.
+pub const MAX_IMAGE_FILE_BYTES: u64 = 256 << 20;
+/// Longest image side, in pixels.
+pub const MAX_IMAGE_SIDE: u32 = 16_384;
+/// Most pixels in an image (a 50-megapixel photo fits).
+pub const MAX_IMAGE_PIXELS: u64 = 64 << 20;
+/// Largest ratio of the longer side to the shorter: the resize makes the shorter side
+/// 32 pixels, so the longer one becomes at most 32 × this before the centre crop.
+pub const MAX_ASPECT_RATIO: u32 = 32;
+
+/// Refuses an image whose size the limits above do not allow.
+fn check_dimensions(path: &Path, (w, h): (u32, u32)) -> Result<()> {
+    let (short, long) = (w.min(h), w.max(h));
+    let why = if short == 0 {
+        "it has no pixels".to_string()
+    } else if long > MAX_IMAGE_SIDE {
+        format!("a side is over {MAX_IMAGE_SIDE} pixels")
+    } else if w as u64 * h as u64 > MAX_IMAGE_PIXELS {
+        format!("it is over {MAX_IMAGE_PIXELS} pixels")
+    } else if long > short.saturating_mul(MAX_ASPECT_RATIO) {
+        format!("one side is over {MAX_ASPECT_RATIO} times the other")
+    } else {
+        return Ok(());
+    };
+    Err(Error::Format {
+        path: path.to_path_buf(),
+        msg: format!("image of {w} × {h} pixels refused: {why}"),
+    })
+}
+
+/// Decodes an image file into planar `[3, 32, 32]` RGB bytes: a regular file (pipes
+/// and devices refused), read in full but bounded, its size checked from its header
+/// before the decoder allocates anything.
 pub fn load_image(path: &Path) -> Result<Vec<u8>> {
-    let img = image::ImageReader::open(path)
-        .map_err(|e| Error::io(path, e))?
-        .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?
-        .decode()
-        .map_err(|e| Error::Format {
-            path: path.to_path_buf(),
-            msg: format!("cannot decode image: {e}"),
-        })?;
+    let bytes = crate::files::read_regular_file(path, MAX_IMAGE_FILE_BYTES)?;
+    let reader = || {
+        image::ImageReader::new(std::io::Cursor::new(&bytes[..]))
+            .with_guessed_format()
+            .map_err(|e| Error::io(path, e))
+    };
+    let cannot = |e: image::ImageError| Error::Format {
+        path: path.to_path_buf(),
+        msg: format!("cannot decode image: {e}"),
+    };
+    // the header alone first (no limits there, so the error below names the size)
+    check_dimensions(path, reader()?.into_dimensions().map_err(cannot)?)?;
+    let mut decoder = reader()?;
+    // the decoder's own limits too, in case a header understates the image
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    decoder.limits(limits);
+    let img = decoder.decode().map_err(cannot)?;
+    check_dimensions(path, (img.width(), img.height()))?;
     Ok(to_planar_32(&img))
 }
 

@@ -13,6 +13,7 @@ use transforms::{normalize_into, PIXELS};
 pub use transforms::{Augment, Geometry};
 
 use crate::error::{Error, Result};
+use crate::files::read_regular_file;
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,48 @@ pub const RECORD: usize = 1 + 3 * 32 * 32;
 /// tutorials use them).
 pub const MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];
 pub const STD: [f32; 3] = [0.2470, 0.2435, 0.2616];
+
+/// Largest CIFAR-10 binary file read (the real ones are 30 MB; 1.4 M records fit).
+pub const MAX_DATA_FILE_BYTES: u64 = 4 << 30;
+/// Largest `batches.meta.txt` read (up to 256 class names).
+const MAX_META_BYTES: u64 = 1 << 20;
+
+/// Class names, one a line (`batches.meta.txt`): 1 to 256 of them, none twice.
+fn read_class_names(meta: &Path) -> Result<Vec<String>> {
+    let bytes = read_regular_file(meta, MAX_META_BYTES)?;
+    let text = String::from_utf8(bytes).map_err(|_| Error::Format {
+        path: meta.to_path_buf(),
+        msg: "is not UTF-8 text".into(),
+    })?;
+    let classes: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    if classes.is_empty() || classes.len() > 256 {
+        return Err(Error::Format {
+            path: meta.to_path_buf(),
+            msg: format!("expected 1..=256 class names, found {}", classes.len()),
+        });
+    }
+    if let Some(dup) = first_duplicate(&classes) {
+        return Err(Error::Format {
+            path: meta.to_path_buf(),
+            msg: format!("class name {dup:?} appears twice: class names must differ"),
+        });
+    }
+    Ok(classes)
+}
+
+/// The first name that appears more than once.
+pub fn first_duplicate(names: &[String]) -> Option<&str> {
+    let mut seen = std::collections::HashSet::new();
+    names
+        .iter()
+        .find(|n| !seen.insert(n.as_str()))
+        .map(String::as_str)
+}
 
 /// Images as raw bytes `[n, 3, 32, 32]` and their labels.
 #[derive(Clone, Debug, Default)]
@@ -60,7 +103,7 @@ impl Dataset {
             ..Dataset::default()
         };
         for path in files {
-            let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+            let bytes = read_regular_file(path, MAX_DATA_FILE_BYTES)?;
             if bytes.is_empty() || bytes.len() % RECORD != 0 {
                 return Err(Error::Format {
                     path: path.clone(),
@@ -91,20 +134,7 @@ impl Dataset {
     /// The train and test splits of a CIFAR-10 binary directory
     /// (`data_batch_*.bin`, `test_batch.bin`, `batches.meta.txt`).
     pub fn cifar_dir(dir: &Path) -> Result<(Dataset, Dataset)> {
-        let meta = dir.join("batches.meta.txt");
-        let text = std::fs::read_to_string(&meta).map_err(|e| Error::io(&meta, e))?;
-        let classes: Vec<String> = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(String::from)
-            .collect();
-        if classes.is_empty() || classes.len() > 256 {
-            return Err(Error::Format {
-                path: meta,
-                msg: format!("expected 1..=256 class names, found {}", classes.len()),
-            });
-        }
+        let classes = read_class_names(&dir.join("batches.meta.txt"))?;
         let mut train: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|e| Error::io(dir, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))

@@ -30,11 +30,14 @@ impl Logger {
         self.rank == 0 || self.all_ranks
     }
 
+    /// Messages carry names from files and checkpoints (classes, paths): escaped, so
+    /// none can send control sequences to the terminal or forge a line.
     fn line(&self, msg: &str) -> String {
+        let msg = crate::text::escape(msg);
         if self.world > 1 {
             format!("[rank {}/{}] {msg}", self.rank, self.world)
         } else {
-            msg.to_string()
+            msg.into_owned()
         }
     }
 

@@ -2,6 +2,7 @@
 
 use super::Metrics;
 use crate::error::{Error, Result};
+use image::ImageEncoder;
 use plotters::prelude::*;
 use std::path::Path;
 use std::sync::OnceLock;
@@ -36,7 +37,8 @@ fn series(history: &[Metrics], name: &str) -> Vec<(f64, f64)> {
 }
 
 /// Draws train/test loss (left) and accuracy (right) against the epoch into `path`
-/// (PNG, 1200 × 480).
+/// (PNG, 1200 × 480). The PNG replaces the previous one whole (temporary file, then
+/// rename): a failed write, e.g. on a full disk, leaves the last good plot.
 pub fn plot_metrics(history: &[Metrics], path: &Path) -> Result<()> {
     register_font()?;
     let mut buf = vec![0u8; (SIZE.0 * SIZE.1 * 3) as usize];
@@ -44,12 +46,14 @@ pub fn plot_metrics(history: &[Metrics], path: &Path) -> Result<()> {
         path: path.to_path_buf(),
         msg: format!("drawing the plot: {e}"),
     })?;
-    image::save_buffer(path, &buf, SIZE.0, SIZE.1, image::ExtendedColorType::Rgb8).map_err(|e| {
-        Error::Format {
+    let mut png = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut png)
+        .write_image(&buf, SIZE.0, SIZE.1, image::ExtendedColorType::Rgb8)
+        .map_err(|e| Error::Format {
             path: path.to_path_buf(),
-            msg: format!("writing PNG: {e}"),
-        }
-    })
+            msg: format!("encoding PNG: {e}"),
+        })?;
+    crate::files::write_replacing(path, &png)
 }
 
 fn draw(

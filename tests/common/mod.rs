@@ -51,6 +51,41 @@ pub fn ferrovit_with_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, 
     )
 }
 
+/// A PNG of `w × h` pixels by its header alone (signature, IHDR, an empty IDAT, IEND):
+/// what a decoder reads to learn the size, with no pixels behind it.
+pub fn png_header(w: u32, h: u32) -> Vec<u8> {
+    let chunk = |kind: &[u8], data: &[u8]| {
+        let mut c = (data.len() as u32).to_be_bytes().to_vec();
+        c.extend_from_slice(kind);
+        c.extend_from_slice(data);
+        c.extend_from_slice(&crc32fast::hash(&c[4..]).to_be_bytes());
+        c
+    };
+    let mut ihdr = w.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(chunk(b"IHDR", &ihdr));
+    png.extend(chunk(b"IDAT", &[]));
+    png.extend(chunk(b"IEND", &[]));
+    png
+}
+
+/// Runs `f` on another thread; fails the test if it takes over 20 s (a read of a named
+/// pipe blocks until someone writes to it).
+pub fn within_20s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(f()));
+    rx.recv_timeout(std::time::Duration::from_secs(20))
+        .expect("hung on a non-regular file")
+}
+
+pub fn mkfifo(path: &std::path::Path) {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+}
+
 /// A fresh, empty temporary directory unique to this test process and `name`.
 pub fn temp_dir(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("ferrovit-test-{name}-{}", std::process::id()));

@@ -19,10 +19,28 @@ use std::borrow::Cow;
 /// Sets the number of CPU threads (rayon's global pool, which the GEMMs use too).
 /// Call once, before any compute; `0` means one per core.
 pub fn set_num_threads(n: usize) -> Result<()> {
+    let max = max_threads();
+    if n > max {
+        // checked first: building a pool of 100,000 threads takes minutes to fail
+        return Err(Error::Config(format!(
+            "threads = {n}: must be at most {max} (4 × the {} cores, at most 1024)",
+            available_cores()
+        )));
+    }
     rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .build_global()
         .map_err(|e| Error::Config(format!("cannot set thread count to {n}: {e}")))
+}
+
+/// Cores this process may use.
+fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Most compute threads accepted: 4 per core, at most 1024.
+pub fn max_threads() -> usize {
+    (4 * available_cores()).min(1024)
 }
 
 /// Number of threads compute runs on.

@@ -28,44 +28,82 @@ fn kind_of(t: std::fs::FileType) -> &'static str {
     }
 }
 
-/// Refuses anything but a regular file (symbolic links followed): reading a named
-/// pipe or a device would block until someone writes to it, or never end.
-fn check_regular(path: &Path, meta: &std::fs::Metadata) -> Result<()> {
-    if meta.is_file() {
-        return Ok(());
-    }
-    Err(Error::Format {
-        path: path.to_path_buf(),
-        msg: format!(
-            "is {}: data and images must be regular files",
-            kind_of(meta.file_type())
-        ),
-    })
+/// Whether a symbolic link given as a file is followed (data and images) or refused
+/// (a checkpoint's own files, which are never links elsewhere).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Links {
+    Follow,
+    Refuse,
 }
 
-/// The bytes of regular file `path`, at most `max` of them (a larger file is an error
-/// naming its size). Checked before it is opened, and again once open (opened
-/// non-blocking, so a file swapped for a pipe in between cannot hang the open).
-pub fn read_regular_file(path: &Path, max: u64) -> Result<Vec<u8>> {
-    let io = |e| Error::io(path, e);
-    check_regular(path, &std::fs::metadata(path).map_err(io)?)?;
+/// Opens `path` for reading if it is a regular file, refusing at once anything else:
+/// reading a named pipe or a device would block until someone writes to it, or never
+/// end. Checked before it is opened, opened non-blocking (so even a file swapped for a
+/// pipe in between cannot hang the open) and checked again once open. Returns the
+/// file and its length.
+pub fn open_regular(path: &Path, links: Links) -> Result<(std::fs::File, u64)> {
+    let refuse = |what: &str| Error::Format {
+        path: path.to_path_buf(),
+        msg: format!("is {what}: only regular files are read here"),
+    };
+    // checked before opening too: opening some devices has effects of its own
+    let before = match links {
+        Links::Follow => std::fs::metadata(path),
+        Links::Refuse => std::fs::symlink_metadata(path),
+    }
+    .map_err(|e| Error::io(path, e))?;
+    if before.is_symlink() {
+        return Err(refuse("a symbolic link"));
+    }
+    if !before.is_file() {
+        return Err(refuse(kind_of(before.file_type())));
+    }
     let mut open = std::fs::OpenOptions::new();
     open.read(true);
     #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut open, libc::O_NONBLOCK);
-    let file = open.open(path).map_err(io)?;
-    let meta = file.metadata().map_err(io)?;
-    check_regular(path, &meta)?;
+    {
+        let nofollow = if links == Links::Refuse {
+            libc::O_NOFOLLOW
+        } else {
+            0
+        };
+        std::os::unix::fs::OpenOptionsExt::custom_flags(&mut open, libc::O_NONBLOCK | nofollow);
+    }
+    let file = open.open(path).map_err(|e| {
+        #[cfg(unix)]
+        if e.raw_os_error() == Some(libc::ELOOP) && links == Links::Refuse {
+            return refuse("a symbolic link");
+        }
+        Error::io(path, e)
+    })?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(refuse(kind_of(meta.file_type())));
+    }
+    Ok((file, meta.len()))
+}
+
+/// The bytes of regular file `path` (symbolic links followed), at most `max` of them:
+/// a larger file is an error naming its size.
+pub fn read_regular_file(path: &Path, max: u64) -> Result<Vec<u8>> {
+    read_bounded(path, max, Links::Follow)
+}
+
+/// [`read_regular_file`], with links followed or refused.
+pub fn read_bounded(path: &Path, max: u64, links: Links) -> Result<Vec<u8>> {
+    let (file, len) = open_regular(path, links)?;
     let too_big = |size: u64| Error::Format {
         path: path.to_path_buf(),
         msg: format!("is {size} bytes, over the {max}-byte limit for this kind of file"),
     };
-    if meta.len() > max {
-        return Err(too_big(meta.len()));
+    if len > max {
+        return Err(too_big(len));
     }
     // bounded even if the file grows while it is read
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    file.take(max + 1).read_to_end(&mut bytes).map_err(io)?;
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
     if bytes.len() as u64 > max {
         return Err(too_big(bytes.len() as u64));
     }

@@ -58,7 +58,6 @@ fn saved(e: &Engine, name: &str) -> (PathBuf, PathBuf) {
     let opts = SaveOptions {
         shard_bytes: 40_000,
         keep_last: None,
-        ..SaveOptions::default()
     };
     let training = TrainingState {
         epoch: 2,
@@ -593,7 +592,7 @@ fn the_index_is_verified_and_validated_before_use() {
         std::fs::remove_file(d.join(INDEX)).unwrap();
         let c = std::ffi::CString::new(d.join(INDEX).to_str().unwrap()).unwrap();
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        cases.push((d, vec![INDEX, "not a regular file"]));
+        cases.push((d, vec![INDEX, "is a named pipe"]));
         let d = copy("shard-link");
         let outside = root.join("outside.safetensors");
         std::fs::rename(d.join(&shard), &outside).unwrap();

@@ -340,7 +340,7 @@ fn a_pipeline_rank_killed_during_a_save_stops_rank_0_at_once() {
         .unwrap()
         .port()
         .to_string();
-    let mut args = vec![
+    let args = vec![
         "train",
         "--epochs",
         "3",
@@ -406,13 +406,22 @@ fn a_pipeline_rank_killed_during_a_save_stops_rank_0_at_once() {
 
 #[test]
 fn data_parallel_saves_leave_no_staging_directories() {
-    let (out, _) = tiny_checkpoint("dp-staging", &["--dp", "2", "--save-every-steps", "1"], &[]);
-    let listing = checkpoint::list(&out.join("checkpoints")).unwrap();
+    // ranks as processes, as `launch` runs them: a replica that reached its save after
+    // rank 0 had committed used to create the staging directory again, empty
+    let out = temp_dir("dp-staging");
+    let mut args = vec!["launch", "--nproc", "2", "--", "train", "--epochs", "1"];
+    args.extend(["--dp", "2", "--save-every-steps", "1", "--out"]);
+    args.push(out.to_str().unwrap());
+    args.extend(TINY);
+    let o = run(&args, &[], Duration::from_secs(300));
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    let root = out.join("checkpoints");
+    let listing = checkpoint::list(&root).unwrap();
     assert!(
         listing.uncommitted.is_empty(),
         "left behind: {:?}",
         listing.uncommitted
     );
-    assert!(all_committed_verify(&out.join("checkpoints")) > 1);
+    assert!(all_committed_verify(&root) > 1);
     std::fs::remove_dir_all(out).unwrap();
 }

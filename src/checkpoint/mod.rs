@@ -68,7 +68,8 @@ pub fn list(root: &Path) -> Result<Listing> {
 
 /// The checkpoint name in `root/latest`, if there is one.
 pub fn read_latest(root: &Path) -> Option<String> {
-    let bytes = reader::read_bounded(&root.join("latest"), 4096).ok()?;
+    let bytes =
+        crate::files::read_bounded(&root.join("latest"), 4096, crate::files::Links::Refuse).ok()?;
     let name = String::from_utf8(bytes).ok()?.trim().to_string();
     check_file_name(&name).ok()?;
     Some(name)
@@ -355,7 +356,7 @@ pub fn export_safetensors(dir: &Path, out: &Path) -> Result<usize> {
 /// by `map` (`from` → `to` prefix replacements, first match wins; unmatched names are
 /// kept).
 pub fn read_safetensors(path: &Path, map: &[(String, String)]) -> Result<Vec<(String, Tensor)>> {
-    let (file, len) = reader::open_regular(path, true)?;
+    let (file, len) = crate::files::open_regular(path, crate::files::Links::Follow)?;
     // SAFETY: read-only map; see the reader.
     let mm = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
     let header = parse_shard_header(&mm, len, path)?;

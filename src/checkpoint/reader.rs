@@ -6,10 +6,10 @@ use super::format::{
     INDEX_CHECKSUM, MAX_INDEX_BYTES,
 };
 use crate::error::{Error, Result};
+use crate::files::{open_regular, read_bounded, Links};
 use crate::tensor::{DType, Tensor};
 use memmap2::Mmap;
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
@@ -279,60 +279,6 @@ impl Checkpoint {
     }
 }
 
-/// Opens a file for reading, refusing at once (without blocking) a named pipe, a
-/// device or anything else that is not a regular file, and, unless `follow`, a
-/// symbolic link (a checkpoint's files are its own, never links elsewhere). Returns
-/// the file and its length.
-pub(crate) fn open_regular(path: &Path, follow: bool) -> Result<(std::fs::File, u64)> {
-    let not_regular = |what: &str| {
-        Error::Format {
-        path: path.to_path_buf(),
-        msg: format!("{what}: only regular files are read here (a checkpoint's files are regular files in its directory)"),
-    }
-    };
-    let mut options = std::fs::OpenOptions::new();
-    options.read(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let nofollow = if follow { 0 } else { libc::O_NOFOLLOW };
-        options.custom_flags(nofollow | libc::O_NONBLOCK);
-    }
-    let file = options.open(path).map_err(|e| {
-        #[cfg(unix)]
-        if e.raw_os_error() == Some(libc::ELOOP) && !follow {
-            return not_regular("a symbolic link");
-        }
-        Error::io(path, e)
-    })?;
-    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
-    if !meta.is_file() {
-        return Err(not_regular("not a regular file"));
-    }
-    Ok((file, meta.len()))
-}
-
-/// Reads a regular file of at most `max` bytes, however large it claims or turns out
-/// to be (the read stops one byte past the limit).
-pub(crate) fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
-    let too_big = || Error::Format {
-        path: path.to_path_buf(),
-        msg: format!("larger than the {max}-byte limit"),
-    };
-    let (file, len) = open_regular(path, false)?;
-    if len > max {
-        return Err(too_big());
-    }
-    let mut bytes = Vec::with_capacity(len as usize);
-    file.take(max + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| Error::io(path, e))?;
-    if bytes.len() as u64 > max {
-        return Err(too_big());
-    }
-    Ok(bytes)
-}
-
 /// Reads, verifies and parses a checkpoint's index: its bytes must match
 /// `index.json.crc32` before any of it is used (a version-1 index, written before the
 /// checksum existed, is read without one).
@@ -344,7 +290,7 @@ pub fn read_index(dir: &Path) -> Result<Index> {
             msg: "checkpoint directory does not exist".into(),
         });
     }
-    let bytes = read_bounded(&path, MAX_INDEX_BYTES).map_err(|e| match e {
+    let bytes = read_bounded(&path, MAX_INDEX_BYTES, Links::Refuse).map_err(|e| match e {
         Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
             Error::Format {
                 path: dir.to_path_buf(),
@@ -354,7 +300,7 @@ pub fn read_index(dir: &Path) -> Result<Index> {
         e => e,
     })?;
     let sum_path = dir.join(INDEX_CHECKSUM);
-    let checksummed = match read_bounded(&sum_path, 64) {
+    let checksummed = match read_bounded(&sum_path, 64, Links::Refuse) {
         Ok(text) => {
             let stored = std::str::from_utf8(&text)
                 .ok()
@@ -389,7 +335,7 @@ fn map_shard(path: &Path) -> Result<Shard> {
         path: path.to_path_buf(),
         msg,
     })?;
-    let (file, len) = open_regular(path, false)?;
+    let (file, len) = open_regular(path, Links::Refuse)?;
     // SAFETY: the map is read-only; a file changed underneath us by another process
     // can give wrong bytes, which the CRC-32 of every range read then rejects.
     let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;

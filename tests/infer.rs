@@ -350,7 +350,11 @@ fn class_and_file_names_are_printed_escaped() {
         .map(|i| format!("\u{1b}]0;pwned\u{7}\u{1b}[2J{i}\u{202e}"))
         .collect();
     index["training"]["classes"] = serde_json::json!(names);
-    std::fs::write(evil.join(INDEX), serde_json::to_vec(&index).unwrap()).unwrap();
+    // (a crafted index: its checksum rewritten to match)
+    let bytes = serde_json::to_vec(&index).unwrap();
+    let sum = format!("{:08x}\n", crc32fast::hash(&bytes));
+    std::fs::write(evil.join(ferrovit::checkpoint::INDEX_CHECKSUM), sum).unwrap();
+    std::fs::write(evil.join(INDEX), bytes).unwrap();
     let (paths, _) = pngs(&out, 1);
     let image = out.join("a\u{1b}[1mb.png");
     std::fs::rename(&paths[0], &image).unwrap();

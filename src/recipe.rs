@@ -239,7 +239,7 @@ impl TrainOptions {
         Ok(cfg)
     }
 
-    /// Checks every field that `validate` of the model does not cover.
+    /// Checks every option, the model's through `VitConfig::validate`.
     pub fn validate(&self) -> Result<()> {
         if self.epochs == 0 {
             return Err(invalid("epochs", 0, "must be at least 1"));
@@ -270,9 +270,8 @@ impl TrainOptions {
                 "must be in [0, 1]",
             ));
         }
-        if !(0.0..1.0).contains(&self.dropout) {
-            return Err(invalid("dropout", self.dropout, "must be in [0, 1)"));
-        }
+        // the model's own check, before any data is read (the class count comes later)
+        self.model(1)?;
         if let Some(n) = self.threads {
             check_count("threads", n, cpu::max_threads())?;
         }

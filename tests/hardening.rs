@@ -113,7 +113,7 @@ fn absurd_model_flags_are_errors_not_crashes() {
             "mlp_dim 1099511627776 is outside",
         ),
         ("--heads", "0", "heads 0 is outside"),
-        ("--dropout", "1.5", "dropout = 1.5: must be in [0, 1)"),
+        ("--dropout", "1.5", "dropout 1.5 is outside [0, 1)"),
         // big but bounded sizes: refused by the parameter count before any allocation
         ("--depth", "1024", "parameters"),
     ] {

@@ -647,7 +647,7 @@ fn ckpt(c: CkptCommand) -> Result<()> {
                     "{:<44} {:<9} {:<6} {:>16} {bytes:>12}  {}",
                     escape(name),
                     format!("{:?}", e.group).to_lowercase(),
-                    escape(&e.dtype),
+                    e.dtype.name(),
                     format!("{:?}", e.shape),
                     escape(
                         &e.chunks

@@ -10,6 +10,7 @@
 
 mod format;
 mod reader;
+mod schema;
 mod writer;
 
 pub use format::{

@@ -9,7 +9,15 @@
 //! The same sources are also compiled as C++ for the host (with kernels/emu.h, the `cc`
 //! crate, g++ -std=c++20), always: the CUDA backend's emulated device runs them in the
 //! tests on machines without a GPU (src/backend/cuda/emu.rs).
+//!
+//! First of all it reads every `extern "C" __global__` kernel's parameters
+//! (build/signatures.rs) into `kernels::SIGNATURES`, which each launch is checked
+//! against; a kernel it cannot read fails the build.
 
+#[path = "build/signatures.rs"]
+mod signatures;
+
+use signatures::{parse_kernels, Kernel};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -46,7 +54,13 @@ fn main() {
         })
         .unwrap_or_default();
     sources.sort();
-    compile_emulation(&root, &out, &sources);
+    let kernels = all_kernels(&sources);
+    std::fs::write(
+        out.join("kernel_signatures.rs"),
+        signatures_module(&kernels),
+    )
+    .expect("write the kernel signatures");
+    compile_emulation(&root, &out, &sources, &kernels);
     let generated = out.join("kernels.rs");
     let Some(nvcc) = find_nvcc(&root) else {
         if require {
@@ -119,39 +133,73 @@ fn main() {
     .expect("write the kernels module");
 }
 
-/// The `extern "C" __global__` kernels a source defines.
-fn kernel_names(src: &str) -> Vec<String> {
-    let mut names = Vec::new();
-    let mut rest = src;
-    while let Some(at) = rest.find("__global__ void ") {
-        let before = rest[..at].trim_end();
-        rest = &rest[at + "__global__ void ".len()..];
-        if before.ends_with("extern \"C\"") {
-            let mut after = rest.trim_start();
-            if let Some(bounds) = after.strip_prefix("__launch_bounds__") {
-                after = bounds.split_once(')').map_or("", |(_, r)| r).trim_start();
-            }
-            let name: String = after
-                .chars()
-                .take_while(|c| c.is_alphanumeric() || *c == '_')
-                .collect();
-            names.push(name);
-        }
+/// The kernels of every source, sorted by name; the build fails (naming the file and the
+/// kernel) on one it cannot read, and on a name defined twice.
+fn all_kernels(sources: &[PathBuf]) -> Vec<Kernel> {
+    let mut all: Vec<Kernel> = Vec::new();
+    for src in sources {
+        let text = std::fs::read_to_string(src)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", src.display()));
+        let kernels =
+            parse_kernels(&text, &stem(src)).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+        all.extend(kernels);
     }
-    names
+    all.sort_by(|a, b| a.name.cmp(&b.name));
+    if let Some(w) = all.windows(2).find(|w| w[0].name == w[1].name) {
+        panic!(
+            "kernel {} is defined twice (kernels/{}.cu and kernels/{}.cu): launches name \
+             kernels, so names must be unique",
+            w[0].name, w[0].source, w[1].source
+        );
+    }
+    all
+}
+
+fn stem(src: &Path) -> String {
+    src.file_stem()
+        .and_then(|s| s.to_str())
+        .expect("kernel file names are UTF-8")
+        .to_string()
+}
+
+/// The Rust table of every kernel's parameters (`crate::kernels::SIGNATURES`).
+fn signatures_module(kernels: &[Kernel]) -> String {
+    let mut out = String::from(
+        "/// Every `extern \"C\" __global__` kernel of kernels/*.cu and its parameters, as \
+         build.rs read them; sorted by name.\npub const SIGNATURES: &[Signature] = &[\n",
+    );
+    for k in kernels {
+        let params: String = k
+            .params
+            .iter()
+            .map(|p| {
+                format!(
+                    "        Param {{ name: {:?}, c_type: {:?}, kind: ParamKind::{} }},\n",
+                    p.name,
+                    p.c_type,
+                    p.kind.rust()
+                )
+            })
+            .collect();
+        out += &format!(
+            "    Signature {{\n        kernel: {:?},\n        source: {:?},\n        params: &[\n{params}        ],\n    }},\n",
+            k.name, k.source
+        );
+    }
+    out + "];\n"
 }
 
 /// Compiles every kernel source as C++ for the host emulation: one translation unit per
 /// source (a wrapper that includes it and lists its kernels with a trampoline that
-/// unpacks cuLaunchKernel-style `void**` arguments), plus the Rust table of sources.
-fn compile_emulation(root: &Path, out: &Path, sources: &[PathBuf]) {
-    let kernels = root.join("kernels");
+/// unpacks cuLaunchKernel-style `void**` arguments and a static_assert of its parameter
+/// kinds), plus the Rust table of sources.
+fn compile_emulation(root: &Path, out: &Path, sources: &[PathBuf], kernels: &[Kernel]) {
     let mut build = cc::Build::new();
     build
         .cpp(true)
         .std("c++20")
         .define("FV_EMULATION", None)
-        .include(&kernels)
+        .include(root.join("kernels"))
         .opt_level(2)
         .warnings(false);
     let mut runtime = String::from(
@@ -163,22 +211,15 @@ fn compile_emulation(root: &Path, out: &Path, sources: &[PathBuf]) {
     let mut table = String::from("extern \"C\" {\n");
     let mut list = String::new();
     for src in sources {
-        let name = src
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .expect("kernel file names are UTF-8");
-        let text = std::fs::read_to_string(src)
-            .unwrap_or_else(|e| panic!("cannot read {}: {e}", src.display()));
-        let entries: String = kernel_names(&text)
-            .iter()
-            .map(|k| format!("  {{\"{k}\", [](void** p) {{ fv_emu_invoke({k}, p); }}}},\n"))
-            .collect();
+        let name = stem(src);
+        let name = name.as_str();
+        let (entries, checks) = emulation_entries(kernels, name);
         let wrapper = out.join(format!("emu_{name}.cpp"));
         std::fs::write(
             &wrapper,
             format!(
                 "#include \"{}\"\n#include \"emu_invoke.h\"\n\
-                 static const FvEmuEntry entries[] = {{\n{entries}}};\n\
+                 {checks}static const FvEmuEntry entries[] = {{\n{entries}}};\n\
                  extern \"C\" const FvEmuEntry* fv_emu_entries_{name}(int* count) {{\n\
                  \x20 *count = sizeof(entries) / sizeof(entries[0]);\n  return entries;\n}}\n",
                 src.display()
@@ -191,17 +232,7 @@ fn compile_emulation(root: &Path, out: &Path, sources: &[PathBuf]) {
         );
         list += &format!("    (\"{name}\", fv_emu_entries_{name}),\n");
     }
-    std::fs::write(
-        out.join("emu_invoke.h"),
-        "#pragma once\n#include <cstddef>\n#include <type_traits>\n#include <utility>\n\
-         struct FvEmuEntry { const char* name; void (*call)(void**); };\n\
-         template <class... A, std::size_t... I>\n\
-         void fv_emu_invoke(void (*f)(A...), void** p, std::index_sequence<I...>) {\n\
-         \x20 f(*static_cast<std::remove_cv_t<A>*>(p[I])...);\n}\n\
-         template <class... A>\nvoid fv_emu_invoke(void (*f)(A...), void** p) {\n\
-         \x20 fv_emu_invoke(f, p, std::index_sequence_for<A...>{});\n}\n",
-    )
-    .expect("write emu_invoke.h");
+    std::fs::write(out.join("emu_invoke.h"), EMU_INVOKE_H).expect("write emu_invoke.h");
     let runtime_file = out.join("emu_runtime.cpp");
     std::fs::write(&runtime_file, runtime).expect("write the emulation runtime");
     build.file(&runtime_file).include(out);
@@ -216,3 +247,55 @@ fn compile_emulation(root: &Path, out: &Path, sources: &[PathBuf]) {
     )
     .expect("write the emulation table");
 }
+
+/// The emulation table's entries of source `name`'s kernels (a trampoline each that
+/// unpacks cuLaunchKernel-style `void**` arguments), and a static_assert each that the
+/// C++ compiler sees the parameter kinds this parser read: the table that launches are
+/// checked against is itself checked, in every build.
+fn emulation_entries(kernels: &[Kernel], name: &str) -> (String, String) {
+    let mut entries = String::new();
+    let mut checks = String::new();
+    for k in kernels.iter().filter(|k| k.source == name) {
+        let kinds: String = k.params.iter().map(|p| p.kind.letter()).collect();
+        let k = &k.name;
+        entries += &format!("  {{\"{k}\", [](void** p) {{ fv_emu_invoke({k}, p); }}}},\n");
+        checks += &format!(
+            "static_assert(fv_emu_kinds_are({k}, \"{kinds}\"), \"build.rs misread the \
+             parameters of kernel {k} (it read kinds {kinds})\");\n"
+        );
+    }
+    (entries, checks)
+}
+
+/// The emulation's launch trampoline, and `fv_emu_kind`: a parameter's kind as the
+/// compiler sees it, in the letters of `Kind::letter` ('?' for none of them).
+const EMU_INVOKE_H: &str = r#"#pragma once
+#include <cstddef>
+#include <type_traits>
+#include <utility>
+struct FvEmuEntry { const char* name; void (*call)(void**); };
+template <class... A, std::size_t... I>
+void fv_emu_invoke(void (*f)(A...), void** p, std::index_sequence<I...>) {
+  f(*static_cast<std::remove_cv_t<A>*>(p[I])...);
+}
+template <class... A>
+void fv_emu_invoke(void (*f)(A...), void** p) {
+  fv_emu_invoke(f, p, std::index_sequence_for<A...>{});
+}
+template <class T>
+constexpr char fv_emu_kind() {
+  if constexpr (std::is_pointer_v<T>) return 'p';
+  else if constexpr (std::is_same_v<T, float>) return 'f';
+  else if constexpr (!std::is_integral_v<T> || std::is_same_v<T, bool>) return '?';
+  else if constexpr (sizeof(T) == 4) return std::is_signed_v<T> ? 'i' : 'u';
+  else if constexpr (sizeof(T) == 8) return std::is_signed_v<T> ? 'l' : 'U';
+  else return '?';
+}
+template <class... A>
+constexpr bool fv_emu_kinds_are(void (*)(A...), const char* want) {
+  const char got[] = {fv_emu_kind<std::remove_cv_t<A>>()..., '\0'};
+  for (std::size_t i = 0; i <= sizeof...(A); ++i)
+    if (got[i] != want[i]) return false;
+  return true;
+}
+"#;

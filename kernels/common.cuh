@@ -7,8 +7,9 @@
 //   warps, atomicAdd; and nvcuda::wmma 16x16x16 fragments that are only filled, loaded,
 //   multiplied and stored (never indexed: their layout is unspecified);
 // - every launch uses a block size that is a multiple of 32;
-// - entry points are `extern "C" __global__` with pointer, int, long, unsigned long long,
-//   float or double arguments (the launcher passes them by value in that form).
+// - entry points are `extern "C" __global__` with pointer, int, unsigned, long, unsigned long
+//   long or float arguments, written out (no macros), each named: build.rs reads every
+//   signature (build/signatures.rs) and every launch is checked against it.
 #pragma once
 
 #ifdef FV_EMULATION

@@ -6,6 +6,7 @@
 //! ring and return without waiting for the device (the host prepares the next work while
 //! the GPU runs); downloads wait for it.
 
+use super::signature::check_args;
 use super::staging::Ring;
 use super::{Arg, Gemm, Gpu, Launch};
 use crate::error::{Error, Result};
@@ -349,6 +350,7 @@ impl Gpu for DriverGpu {
     }
 
     fn launch(&self, l: &Launch, args: &[Arg]) -> Result<()> {
+        check_args(l.kernel, args)?;
         self.bind()?;
         let f = self.function(l.kernel, l.shared)?;
         let mut slots: Vec<u64> = args.iter().map(Arg::bits).collect();
@@ -356,8 +358,9 @@ impl Gpu for DriverGpu {
             .iter_mut()
             .map(|s| s as *mut u64 as *mut c_void)
             .collect();
-        // SAFETY: one slot per kernel parameter, each holding the value in its low bytes
-        // (the signatures in kernels/*.cu take pointers, 32/64-bit ints and floats).
+        // SAFETY: one slot per kernel parameter, each of that parameter's kind (so of its
+        // width) and holding the value in its low bytes: `check_args` above refused any
+        // other launch, against the signatures build.rs read from kernels/*.cu.
         self.timed(
             || l.kernel.to_string(),
             || {

@@ -17,6 +17,7 @@
 //! poisoned with NaN, and a kernel that writes past the end of a buffer it was given
 //! fails its launch. GEMMs (cuBLAS on a GPU) are the CPU backend's GEMM.
 
+use super::signature::check_args;
 use super::{Arg, Gemm, Gpu, Launch};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
@@ -195,8 +196,9 @@ fn run_block(entry: Entry, params: &Params, l: &Launch, block: u32, name: &str) 
                     stack,
                     move |y: &Yielder<(), c_int>, ()| {
                         YIELDER.set(y as *const _);
-                        // SAFETY: `args` points at one slot per kernel argument, each holding
-                        // the argument's value, as the generated trampoline expects.
+                        // SAFETY: `args` points at one slot per kernel parameter, each
+                        // holding a value of that parameter's kind, as the generated
+                        // trampoline expects: `launch` checked them (`check_args`).
                         unsafe { entry(args as *mut *mut c_void) }
                     },
                 ))
@@ -595,6 +597,7 @@ impl Gpu for EmuGpu {
     }
 
     fn launch(&self, l: &Launch, args: &[Arg]) -> Result<()> {
+        check_args(l.kernel, args)?;
         self.timed(|| l.kernel.to_string(), || self.run_kernel(l, args))
     }
 

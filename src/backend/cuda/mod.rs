@@ -9,9 +9,11 @@ pub mod driver;
 pub mod emu;
 mod lt;
 mod ops;
+mod signature;
 mod staging;
 
 use crate::error::{Error, Result};
+use crate::kernels::ParamKind;
 use crate::tensor::{DType, Device};
 use std::collections::HashMap;
 use std::fmt;
@@ -41,6 +43,18 @@ impl Arg {
             Arg::U32(v) => v as u64,
             Arg::U64(v) => v,
             Arg::F32(v) => v.to_bits() as u64,
+        }
+    }
+
+    /// The kind of kernel parameter this argument can be passed for.
+    pub fn kind(&self) -> ParamKind {
+        match self {
+            Arg::Ptr(_) => ParamKind::Ptr,
+            Arg::I32(_) => ParamKind::I32,
+            Arg::I64(_) => ParamKind::I64,
+            Arg::U32(_) => ParamKind::U32,
+            Arg::U64(_) => ParamKind::U64,
+            Arg::F32(_) => ParamKind::F32,
         }
     }
 }
@@ -107,6 +121,8 @@ pub trait Gpu: Send + Sync {
     fn upload(&self, dst: u64, src: &[u8]) -> Result<()>;
     fn download(&self, src: u64, dst: &mut [u8]) -> Result<()>;
     fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()>;
+    /// Runs a kernel; `args` must match its signature in kernels/*.cu (implementations
+    /// refuse any other launch, through `signature::check_args`, before touching the device).
     fn launch(&self, launch: &Launch, args: &[Arg]) -> Result<()>;
     fn gemm(&self, gemm: &Gemm) -> Result<()>;
     /// Whether `gemm` can add its bias itself (cuBLASLt's bias epilogue); otherwise the

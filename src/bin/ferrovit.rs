@@ -716,49 +716,8 @@ fn ckpt(c: CkptCommand) -> Result<()> {
             map,
         } => {
             let map = pairs("--map", &map)?;
-            let mut cfg = VitConfig::preset(&preset)?;
-            cfg.num_classes = num_classes;
-            let mut engine = Engine::new(&cfg, TrainConfig::default())?;
-            let tensors = checkpoint::read_safetensors(&file, &map)?;
-            let params = engine.params_mut();
-            let unknown: Vec<&str> = tensors
-                .iter()
-                .filter(|(n, _)| params.id(n).is_err())
-                .map(|(n, _)| n.as_str())
-                .collect();
-            if !unknown.is_empty() {
-                return Err(Error::Format {
-                    path: file.clone(),
-                    msg: format!(
-                        "{} tensors match no parameter of {preset} (first: `{}`); rename them with --map FROM=TO",
-                        unknown.len(),
-                        unknown[0]
-                    ),
-                });
-            }
-            let count = tensors.len();
-            for (n, t) in tensors {
-                params.set(&n, t).map_err(|e| Error::Format {
-                    path: file.clone(),
-                    msg: e.to_string(),
-                })?;
-            }
-            let missing = params.len() - count;
-            if missing > 0 {
-                return Err(Error::Format {
-                    path: file,
-                    msg: format!("{missing} parameters of {preset} are not in the file"),
-                });
-            }
-            let mut snap = engine.snapshot(Default::default());
-            snap.tensors.retain(|t| t.group == checkpoint::Group::Model);
-            snap.optimizer = None;
-            let dest = checkpoint::save(
-                &snap,
-                &out,
-                &checkpoint::checkpoint_name(0),
-                &Default::default(),
-            )?;
+            let (count, dest) =
+                checkpoint::import_safetensors(&file, &out, &preset, num_classes, &map)?;
             println!("imported {count} tensors into {}", text::path(&dest));
             Ok(())
         }

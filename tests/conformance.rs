@@ -6,6 +6,11 @@
 //! (an element a kernel forgets stays NaN), outputs it accumulates into start random
 //! (a kernel that overwrites instead of adding differs). Sizes are deliberately not
 //! multiples of warp or block sizes.
+//!
+//! Every check is a named case (`matmul`, `layernorm_forward`, …).
+//! `FERROVIT_CONFORMANCE=name,name…` runs only the cases whose names contain one of the
+//! words (inputs are drawn as in a full run, so a case sees the same data either way);
+//! a filter that matches no case fails. Every failure is reported at the end, together.
 
 use ferrovit::backend::{
     for_device, AdamStep, AttnDims, Backend, DropoutKey, DropoutMode, OptimTensors, SgdStep, Update,
@@ -21,6 +26,9 @@ struct Suite {
     device: Device,
     rng: RefCell<Rng>,
     checked: Cell<usize>,
+    /// `FERROVIT_CONFORMANCE`'s words (empty: every case) and the cases they skipped.
+    only: Vec<String>,
+    skipped: Cell<usize>,
     /// Every mismatch, reported together at the end (one GPU run shows them all).
     failed: RefCell<Vec<String>>,
 }
@@ -31,6 +39,13 @@ impl Suite {
             device,
             rng: RefCell::new(Rng::new(7)),
             checked: Cell::new(0),
+            only: std::env::var("FERROVIT_CONFORMANCE")
+                .unwrap_or_default()
+                .split(',')
+                .filter(|w| !w.is_empty())
+                .map(String::from)
+                .collect(),
+            skipped: Cell::new(0),
             failed: RefCell::new(Vec::new()),
         }
     }
@@ -50,7 +65,19 @@ impl Suite {
 
     /// Runs `op` on the CPU and on the device over copies of `tensors`, then compares
     /// the scalar it returns and every tensor.
+    /// Whether case `name` runs under `FERROVIT_CONFORMANCE` (counting it if not).
+    fn wants(&self, name: &str) -> bool {
+        let run = self.only.is_empty() || self.only.iter().any(|w| name.contains(w.as_str()));
+        if !run {
+            self.skipped.set(self.skipped.get() + 1);
+        }
+        run
+    }
+
     fn check(&self, name: &str, tol: f32, tensors: Vec<Tensor>, op: Op) {
+        if !self.wants(name) {
+            return;
+        }
         let run = std::panic::AssertUnwindSafe(|| self.compare(name, tol, tensors, op));
         match std::panic::catch_unwind(run) {
             Ok(()) => self.checked.set(self.checked.get() + 1),
@@ -93,6 +120,25 @@ impl Suite {
                 );
             }
         }
+    }
+
+    fn casts_round_as_the_host_does(&self, v: &Tensor) {
+        let host16 = v.to_dtype(DType::BF16).to_le_bytes();
+        let dev16 = v.to_device(self.device).unwrap().to_dtype(DType::BF16);
+        assert_eq!(dev16.dtype(), DType::BF16);
+        assert_eq!(
+            dev16.to_device(Device::Cpu).unwrap().to_le_bytes(),
+            host16,
+            "f32 -> bf16 on {}",
+            self.device
+        );
+        let back = dev16.to_dtype(DType::F32).to_device(Device::Cpu).unwrap();
+        assert_eq!(back.to_vec_f32(), v.to_dtype(DType::BF16).to_vec_f32());
+        let err = for_device(self.device)
+            .add_assign(&mut dev16.clone(), &dev16)
+            .unwrap_err();
+        assert!(err.to_string().contains("BF16 tensor"), "{err}");
+        self.checked.set(self.checked.get() + 1);
     }
 
     fn run(&self) {
@@ -183,22 +229,9 @@ impl Suite {
         }
         // casts round to nearest even, as the host does (1001: four-wide and tail)
         let v = self.rand(&[1001]);
-        let host16 = v.to_dtype(DType::BF16).to_le_bytes();
-        let dev16 = v.to_device(self.device).unwrap().to_dtype(DType::BF16);
-        assert_eq!(dev16.dtype(), DType::BF16);
-        assert_eq!(
-            dev16.to_device(Device::Cpu).unwrap().to_le_bytes(),
-            host16,
-            "f32 -> bf16 on {}",
-            self.device
-        );
-        let back = dev16.to_dtype(DType::F32).to_device(Device::Cpu).unwrap();
-        assert_eq!(back.to_vec_f32(), v.to_dtype(DType::BF16).to_vec_f32());
-        let err = for_device(self.device)
-            .add_assign(&mut dev16.clone(), &dev16)
-            .unwrap_err();
-        assert!(err.to_string().contains("BF16 tensor"), "{err}");
-        self.checked.set(self.checked.get() + 1);
+        if self.wants("cast") {
+            self.casts_round_as_the_host_does(&v);
+        }
 
         // the output gradient in f32, or in bf16 (a bf16 activation's, mixed precision)
         for dtype in [DType::F32, DType::BF16] {
@@ -696,6 +729,12 @@ impl Suite {
         }
         let failed = self.failed.borrow();
         assert!(
+            self.checked.get() + failed.len() > 0,
+            "FERROVIT_CONFORMANCE={:?} matches none of the {} cases",
+            self.only.join(","),
+            self.skipped.get()
+        );
+        assert!(
             failed.is_empty(),
             "{}: {} op checks match the CPU backend, {} do not:\n{}",
             self.device,
@@ -704,9 +743,10 @@ impl Suite {
             failed.join("\n")
         );
         eprintln!(
-            "{}: {} op checks match the CPU backend",
+            "{}: {} op checks match the CPU backend ({} skipped by FERROVIT_CONFORMANCE)",
             self.device,
-            self.checked.get()
+            self.checked.get(),
+            self.skipped.get()
         );
     }
 }

@@ -680,7 +680,7 @@ fn print_tensors(ix: &checkpoint::Index) {
             "{:<44} {:<9} {:<6} {:>16} {bytes:>12}  {}",
             escape(name),
             format!("{:?}", e.group).to_lowercase(),
-            escape(&e.dtype),
+            e.dtype.name(),
             format!("{:?}", e.shape),
             escape(
                 &e.chunks

@@ -42,6 +42,7 @@ pub struct TrainingState {
     /// Base learning rate, the schedule that scales it, and the rate of the last update.
     pub base_lr: f32,
     pub lr: f32,
+    #[serde(with = "super::schema::schedule")]
     pub schedule: Option<LrSchedule>,
     /// The run's seed. Data order, augmentation and dropout are counter-based streams
     /// keyed by (seed, epoch, batch, sample, step), so the seed and the position above
@@ -92,7 +93,8 @@ pub enum Group {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TensorEntry {
-    pub dtype: String,
+    #[serde(with = "super::schema::dtype")]
+    pub dtype: DType,
     pub shape: Vec<usize>,
     pub group: Group,
     pub chunks: Vec<Chunk>,
@@ -109,10 +111,13 @@ impl TensorEntry {
 pub struct Index {
     pub format: String,
     pub version: u32,
+    #[serde(with = "super::schema::model")]
     pub model: VitConfig,
     /// The optimizer and its hyper-parameters, when its state is included.
+    #[serde(with = "super::schema::optimizer")]
     pub optimizer: Option<OptimizerKind>,
     pub training: TrainingState,
+    #[serde(with = "super::schema::layout")]
     pub layout: Layout,
     pub tensors: BTreeMap<String, TensorEntry>,
     /// Model tensor name → shard file (as Hugging Face's `model.safetensors.index.json`).
@@ -236,7 +241,7 @@ impl Index {
                 Some((group, dims))
                     if group == t.group
                         && dims == t.shape
-                        && (group == Group::Model || t.dtype == "F32") => {}
+                        && (group == Group::Model || t.dtype == DType::F32) => {}
                 Some((group, dims)) => {
                     return Err(Error::Config(format!(
                         "tensor `{name}` has dtype {}, shape {:?} in group {:?}; the model the index describes needs shape {dims:?} in group {group:?}{}",
@@ -332,9 +337,7 @@ impl TensorEntry {
     /// covering every element once. Returns the chunks.
     fn check(&self, name: &str) -> Result<&[Chunk]> {
         let what = |msg: String| Error::Config(format!("tensor `{name}`: {msg}"));
-        let dtype = DType::from_name(&self.dtype)
-            .ok_or_else(|| what(format!("unknown dtype `{}`", self.dtype)))?;
-        let size = dtype.size_in_bytes() as u64;
+        let size = self.dtype.size_in_bytes() as u64;
         let numel = self
             .shape
             .iter()

@@ -13,6 +13,7 @@
 mod format;
 mod import;
 mod reader;
+mod schema;
 mod writer;
 
 pub use format::{

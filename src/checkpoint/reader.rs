@@ -108,7 +108,7 @@ impl Checkpoint {
                 c.start, c.end
             )));
         }
-        if h.dtype != t.dtype {
+        if h.dtype != t.dtype.name() {
             return Err(bad(format!(
                 "index says dtype {}, the shard header says {}",
                 t.dtype, h.dtype
@@ -180,10 +180,7 @@ impl Checkpoint {
     /// Reads one tensor (checksums verified) into a new tensor of its dtype.
     pub fn read(&self, name: &str) -> Result<Tensor> {
         let t = self.entry(name)?;
-        let dtype = DType::from_name(&t.dtype).ok_or_else(|| Error::Format {
-            path: self.dir.join(INDEX),
-            msg: format!("tensor `{name}`: unknown dtype {}", t.dtype),
-        })?;
+        let dtype = t.dtype;
         if dtype == DType::F32 && cfg!(target_endian = "little") {
             // straight into the tensor's storage: one copy, no zero-fill
             let mut out = Tensor::uninit(t.shape.as_slice(), crate::tensor::Device::Cpu);
@@ -204,7 +201,8 @@ impl Checkpoint {
     /// verified; on an error `dst` may hold part of the data).
     pub fn read_into(&self, name: &str, dst: &mut Tensor) -> Result<()> {
         let t = self.entry(name)?;
-        if t.dtype != "F32" || t.shape.as_slice() != dst.dims() || cfg!(target_endian = "big") {
+        if t.dtype != DType::F32 || t.shape.as_slice() != dst.dims() || cfg!(target_endian = "big")
+        {
             return Err(Error::Format {
                 path: self.dir.join(INDEX),
                 msg: format!(
@@ -232,7 +230,7 @@ impl Checkpoint {
             path: self.dir.join(INDEX),
             msg: format!("tensor `{name}` cannot be viewed in place: {why}"),
         };
-        if t.dtype != "F32" {
+        if t.dtype != DType::F32 {
             return Err(not("not F32"));
         }
         let [c] = t.chunks.as_slice() else {

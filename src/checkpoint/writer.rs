@@ -260,7 +260,7 @@ fn write_shards(
             entries.insert(
                 t.name.clone(),
                 TensorEntry {
-                    dtype: t.tensor.dtype().name().into(),
+                    dtype: t.tensor.dtype(),
                     shape: t.tensor.dims().to_vec(),
                     group: t.group,
                     chunks: vec![Chunk {

@@ -347,6 +347,21 @@ impl TrainOptions {
             .clone()
             .unwrap_or_else(crate::data::default_data_dir)
     }
+
+    /// Where the checkpoints go: `out/checkpoints`.
+    pub fn checkpoint_root(&self) -> PathBuf {
+        self.out.join("checkpoints")
+    }
+
+    /// The per-epoch metrics, one JSON object a line: `out/metrics.jsonl`.
+    pub fn metrics_path(&self) -> PathBuf {
+        self.out.join("metrics.jsonl")
+    }
+
+    /// The metrics' plot: `out/metrics.png`.
+    pub fn plot_path(&self) -> PathBuf {
+        self.out.join("metrics.png")
+    }
 }
 
 /// A fresh run never mixes its checkpoints with an earlier run's (retention and
@@ -618,7 +633,9 @@ fn nccl_gradients(opts: &TrainOptions, device: Device, par: &Parallel) -> Result
 }
 
 /// One rank's run (the whole run without a group); `local` is the rank's index among
-/// this machine's ranks (it picks the rank's GPU).
+/// this machine's ranks (it picks the rank's GPU). The steps run in this order on every
+/// rank, since several of them talk to the other ranks (the NCCL choice, the barrier,
+/// training).
 fn train_rank(
     opts: &TrainOptions,
     group: Option<Arc<dyn ProcessGroup>>,
@@ -633,86 +650,86 @@ fn train_rank(
     let augment = Augment::parse(&opts.augment)?;
     let layout = layout(opts, &cfg)?;
     let device = Device::for_rank(&opts.device, local)?;
-    let mut nccl = false;
-    let par = match group {
-        Some(g) => {
-            let par = Parallel::new(
-                g,
-                layout.clone(),
-                opts.microbatches(),
-                // bounded by validate (at most MAX_BUCKET_MB MiB of f32s)
-                ((opts.bucket_mb as f64 * (1 << 20) as f64) / 4.0) as usize,
-            )?;
-            nccl = nccl_gradients(opts, device, &par)?;
-            Some(match nccl {
-                true => par.with_nccl_gradients(device, Duration::from_secs(opts.comm_timeout))?,
-                false => par,
-            })
-        }
-        None => None,
-    };
-    let (replica, stage) = layout.coords(rank);
+    let (par, nccl) = parallel(opts, group, &layout, device)?;
     if rank == 0 {
-        std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
-        let resolved = opts.out.join("config.toml");
-        let text = toml::to_string(opts).map_err(|e| Error::Config(format!("options: {e}")))?;
-        crate::files::write_replacing(&resolved, text.as_bytes())?;
+        write_resolved_config(opts)?;
     }
-
     let classes = train.classes.clone();
-    let (train_len, test_len) = (train.len(), test.len());
-    let mut train_loader = Loader::new(
-        Arc::new(train),
-        Sampler::new(train_len, true, opts.seed),
-        opts.batch_size,
-    )?
-    .shard(replica, layout.dp)?;
-    train_loader.augment = augment;
-    train_loader.workers = opts.workers;
-    train_loader.images = stage == 0;
-    let mut test_loader = Loader::new(
-        Arc::new(test),
-        Sampler::new(test_len, false, opts.seed),
-        opts.batch_size,
-    )?
-    .shard(replica, layout.dp)?;
-    test_loader.workers = opts.workers;
-    test_loader.images = stage == 0;
-    // On a CUDA device the loader sends raw pixels; the device crops, flips and
-    // normalises (AutoAugment stays on the CPU).
-    let device_augment = opts.device != "cpu" && !augment.auto_augment;
-    train_loader.device_augment = device_augment;
-    test_loader.device_augment = device_augment;
-
+    let sizes = (train.len(), test.len());
+    let (train_loader, test_loader) = loaders(opts, (train, test), augment, &layout, rank)?;
     let steps_per_epoch = train_loader.batches_per_epoch() as u64;
-    let total = (opts.epochs as u64)
-        .checked_mul(steps_per_epoch)
-        .ok_or_else(|| {
-            invalid(
-                "epochs",
-                opts.epochs,
-                &format!("× {steps_per_epoch} steps per epoch overflows the step count"),
-            )
-        })?;
-    let schedule = LrSchedule::WarmupCosine {
-        warmup: ((opts.warmup as f64 * steps_per_epoch as f64).round() as u64).min(total),
-        total,
-        min_lr: 0.0,
+    let schedule = lr_schedule(opts, steps_per_epoch)?;
+    let precision = Precision::resolve(&opts.precision, device)?;
+    let engine = build_engine(opts, &cfg, precision, par)?;
+    logger.info(describe_run(&dir, sizes, &classes, &cfg, opts));
+    if world > 1 {
+        logger.info(describe_layout(opts, &layout, nccl));
+    }
+    let mut trainer = Trainer::new(engine, logger);
+    resume_or_init(&mut trainer, opts, &cfg, rank, steps_per_epoch)?;
+    if device != Device::Cpu {
+        trainer.engine.to_device(device)?;
+        trainer.logger.info(format!(
+            "training on {}, {} linear layers",
+            crate::backend::cuda::describe(device),
+            precision
+        ));
+    }
+    add_hooks(&mut trainer, opts, rank, schedule, &classes)?;
+    trainer.fit(
+        &train_loader,
+        opts.epochs,
+        Some(&test_loader),
+        opts.test_interval,
+    )?;
+    Ok(finish(&trainer, opts, rank, classes, start))
+}
+
+/// The rank's share of the layout: its `Parallel` (with the replicas' gradients
+/// all-reduced by NCCL when [`nccl_gradients`] says so) and whether NCCL was chosen;
+/// nothing without a group.
+fn parallel(
+    opts: &TrainOptions,
+    group: Option<Arc<dyn ProcessGroup>>,
+    layout: &Layout,
+    device: Device,
+) -> Result<(Option<Parallel>, bool)> {
+    let Some(g) = group else {
+        return Ok((None, false));
     };
-    let tc_precision = Precision::resolve(&opts.precision, device)?;
-    let tc = TrainConfig {
-        lr: opts.lr,
-        weight_decay: opts.weight_decay,
-        label_smoothing: opts.label_smoothing,
-        seed: opts.seed,
-        precision: tc_precision,
-        ..TrainConfig::default()
+    let par = Parallel::new(
+        g,
+        layout.clone(),
+        opts.microbatches(),
+        // bounded by validate (at most MAX_BUCKET_MB MiB of f32s)
+        ((opts.bucket_mb as f64 * (1 << 20) as f64) / 4.0) as usize,
+    )?;
+    let nccl = nccl_gradients(opts, device, &par)?;
+    let par = match nccl {
+        true => par.with_nccl_gradients(device, Duration::from_secs(opts.comm_timeout))?,
+        false => par,
     };
-    let engine = match par {
-        Some(par) => Engine::parallel(&cfg, tc, par)?,
-        None => Engine::new(&cfg, tc)?,
-    };
-    logger.info(format!(
+    Ok((Some(par), nccl))
+}
+
+/// Writes the options as resolved (defaults, file and flags merged) to
+/// `out/config.toml`, so a run can be repeated with `--config`.
+fn write_resolved_config(opts: &TrainOptions) -> Result<()> {
+    std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
+    let resolved = opts.out.join("config.toml");
+    let text = toml::to_string(opts).map_err(|e| Error::Config(format!("options: {e}")))?;
+    crate::files::write_replacing(&resolved, text.as_bytes())
+}
+
+/// The log line that describes the data and the model.
+fn describe_run(
+    dir: &Path,
+    (train_len, test_len): (usize, usize),
+    classes: &[String],
+    cfg: &VitConfig,
+    opts: &TrainOptions,
+) -> String {
+    format!(
         "data {} ({train_len} train / {test_len} test images, {} classes); model dim {} depth {} heads {} mlp {} patch {} ({} params); augment {}; {} threads",
         dir.display(),
         classes.len(),
@@ -724,37 +741,118 @@ fn train_rank(
         cfg.num_params(),
         opts.augment,
         cpu::num_threads()
-    ));
-    if world > 1 {
-        logger.info(format!(
-            "layout {}, {} micro-batches per step, global batch {}{}",
-            layout.describe(),
-            opts.microbatches(),
-            opts.batch_size,
-            match nccl {
-                true => "; gradients all-reduced by NCCL on the GPUs",
-                false if layout.dp > 1 => "; gradients all-reduced through host memory",
-                false => "",
-            }
-        ));
+    )
+}
+
+/// The log line that describes a parallel run's layout.
+fn describe_layout(opts: &TrainOptions, layout: &Layout, nccl: bool) -> String {
+    format!(
+        "layout {}, {} micro-batches per step, global batch {}{}",
+        layout.describe(),
+        opts.microbatches(),
+        opts.batch_size,
+        match nccl {
+            true => "; gradients all-reduced by NCCL on the GPUs",
+            false if layout.dp > 1 => "; gradients all-reduced through host memory",
+            false => "",
+        }
+    )
+}
+
+/// This rank's train and test loaders: its replica's share of every global batch,
+/// images only on a pipeline's first stage.
+fn loaders(
+    opts: &TrainOptions,
+    (train, test): (Dataset, Dataset),
+    augment: Augment,
+    layout: &Layout,
+    rank: usize,
+) -> Result<(Loader, Loader)> {
+    let mut train_loader = loader(opts, train, true, layout, rank)?;
+    train_loader.augment = augment;
+    let mut test_loader = loader(opts, test, false, layout, rank)?;
+    // On a CUDA device the loader sends raw pixels; the device crops, flips and
+    // normalises (AutoAugment stays on the CPU).
+    let device_augment = opts.device != "cpu" && !augment.auto_augment;
+    train_loader.device_augment = device_augment;
+    test_loader.device_augment = device_augment;
+    Ok((train_loader, test_loader))
+}
+
+/// A loader of `data` for `rank`'s replica, without augmentation.
+fn loader(
+    opts: &TrainOptions,
+    data: Dataset,
+    shuffle: bool,
+    layout: &Layout,
+    rank: usize,
+) -> Result<Loader> {
+    let (replica, stage) = layout.coords(rank);
+    let len = data.len();
+    let sampler = Sampler::new(len, shuffle, opts.seed);
+    let mut l = Loader::new(Arc::new(data), sampler, opts.batch_size)?.shard(replica, layout.dp)?;
+    l.workers = opts.workers;
+    l.images = stage == 0;
+    Ok(l)
+}
+
+/// Linear warm-up over `--warmup` epochs, then cosine decay to 0, per step.
+fn lr_schedule(opts: &TrainOptions, steps_per_epoch: u64) -> Result<LrSchedule> {
+    let total = (opts.epochs as u64)
+        .checked_mul(steps_per_epoch)
+        .ok_or_else(|| {
+            invalid(
+                "epochs",
+                opts.epochs,
+                &format!("× {steps_per_epoch} steps per epoch overflows the step count"),
+            )
+        })?;
+    Ok(LrSchedule::WarmupCosine {
+        warmup: ((opts.warmup as f64 * steps_per_epoch as f64).round() as u64).min(total),
+        total,
+        min_lr: 0.0,
+    })
+}
+
+/// The engine for this rank: the whole model, or its stage under a layout.
+fn build_engine(
+    opts: &TrainOptions,
+    cfg: &VitConfig,
+    precision: Precision,
+    par: Option<Parallel>,
+) -> Result<Engine> {
+    let tc = TrainConfig {
+        lr: opts.lr,
+        weight_decay: opts.weight_decay,
+        label_smoothing: opts.label_smoothing,
+        seed: opts.seed,
+        precision,
+        ..TrainConfig::default()
+    };
+    match par {
+        Some(par) => Engine::parallel(cfg, tc, par),
+        None => Engine::new(cfg, tc),
     }
-    let metrics_path = opts.out.join("metrics.jsonl");
-    let plot_path = opts.out.join("metrics.png");
-    let ckpt_root = opts.out.join("checkpoints");
-    let mut trainer = Trainer::new(engine, logger.clone());
+}
+
+/// Where training starts: resumed from a checkpoint (`--resume`), or fresh with an
+/// earlier run's checkpoints set aside, then optionally initialised from weights
+/// (`--init`).
+fn resume_or_init(
+    trainer: &mut Trainer,
+    opts: &TrainOptions,
+    cfg: &VitConfig,
+    rank: usize,
+    steps_per_epoch: u64,
+) -> Result<()> {
+    let ckpt_root = opts.checkpoint_root();
     if let Some(resume) = &opts.resume {
-        resume_from(
-            &mut trainer,
-            resume,
-            &ckpt_root,
-            &cfg,
-            opts,
-            steps_per_epoch,
-        )?;
+        resume_from(trainer, resume, &ckpt_root, cfg, opts, steps_per_epoch)?;
     }
     if opts.resume.is_none() && !opts.no_save && rank == 0 {
-        set_aside_old_run(&ckpt_root, &logger)?;
+        set_aside_old_run(&ckpt_root, &trainer.logger)?;
     }
+    // no rank goes on (to save) before rank 0 has set the old run aside
     if let Some(p) = trainer.engine.parallel_info() {
         p.world.barrier()?;
     }
@@ -766,16 +864,23 @@ fn train_rank(
                 optimizer: false,
             },
         )?;
-        logger.info(format!("initialised from {}: {report}", init.display()));
+        trainer
+            .logger
+            .info(format!("initialised from {}: {report}", init.display()));
     }
-    if device != Device::Cpu {
-        trainer.engine.to_device(device)?;
-        logger.info(format!(
-            "training on {}, {} linear layers",
-            crate::backend::cuda::describe(device),
-            tc_precision
-        ));
-    }
+    Ok(())
+}
+
+/// The standard hooks: the LR schedule and the metrics on every rank; progress, the
+/// JSON-lines file and the plot on rank 0 (every rank has the global metrics); the
+/// checkpoint saver unless `--no-save`.
+fn add_hooks(
+    trainer: &mut Trainer,
+    opts: &TrainOptions,
+    rank: usize,
+    schedule: LrSchedule,
+    classes: &[String],
+) -> Result<()> {
     let history = trainer.history().to_vec();
     trainer
         .add_hook(LrSchedulerHook {
@@ -786,17 +891,19 @@ fn train_rank(
         .add_hook(AccuracyHook::default())
         .add_hook(ThroughputHook::default());
     if rank == 0 {
-        // every rank has the global metrics; rank 0 reports them
         trainer
             .add_hook(ProgressHook::default())
-            .add_hook(LogMetricByEpochHook::with_jsonl(&metrics_path, &history)?)
+            .add_hook(LogMetricByEpochHook::with_jsonl(
+                opts.metrics_path(),
+                &history,
+            )?)
             .add_hook(PlotHook {
-                path: plot_path.clone(),
+                path: opts.plot_path(),
             });
     }
     if !opts.no_save {
         let mut hook = SaveCheckpointHook::new(
-            &ckpt_root,
+            opts.checkpoint_root(),
             (opts.save_every > 0).then_some(opts.save_every),
             opts.save_every_steps,
             SaveOptions {
@@ -805,32 +912,37 @@ fn train_rank(
             },
         );
         hook.schedule = Some(schedule);
-        hook.classes = classes.clone();
+        hook.classes = classes.to_vec();
         trainer.add_hook(hook);
     }
-    trainer.fit(
-        &train_loader,
-        opts.epochs,
-        Some(&test_loader),
-        opts.test_interval,
-    )?;
+    Ok(())
+}
+
+/// Logs the timers and sums the run up.
+fn finish(
+    trainer: &Trainer,
+    opts: &TrainOptions,
+    rank: usize,
+    classes: Vec<String>,
+    start: Instant,
+) -> TrainSummary {
     let confusion = trainer
         .hook::<AccuracyHook>()
         .and_then(|h| h.confusion.clone());
     let t = trainer.timers();
-    logger.info(format!(
+    trainer.logger.info(format!(
         "timers: train-epoch {:.2} s/epoch, train-step {:.1} ms, test-step {:.1} ms",
         t.mean("train-epoch"),
         1e3 * t.mean("train-step"),
         1e3 * t.mean("test-step")
     ));
-    Ok(TrainSummary {
+    TrainSummary {
         rank,
         final_test_accuracy: confusion.as_ref().map(ConfusionMatrix::accuracy),
         confusion,
         classes,
         seconds: start.elapsed().as_secs_f64(),
-        metrics_path,
-        plot_path,
-    })
+        metrics_path: opts.metrics_path(),
+        plot_path: opts.plot_path(),
+    }
 }

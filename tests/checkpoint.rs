@@ -6,8 +6,8 @@ mod common;
 
 use common::temp_dir;
 use ferrovit::checkpoint::{
-    self, export_safetensors, list, read_safetensors, AsyncSaver, Checkpoint, LoadOptions,
-    SaveOptions, TrainingState, INDEX,
+    self, export_safetensors, import_safetensors, list, read_safetensors, AsyncSaver, Checkpoint,
+    LoadOptions, SaveOptions, TrainingState, INDEX,
 };
 use ferrovit::engine::{Engine, TrainConfig};
 use ferrovit::rng::Rng;
@@ -274,6 +274,65 @@ fn export_writes_one_safetensors_file_that_reads_back() {
         .value
         .to_vec_f32();
     assert_eq!(t.to_vec_f32(), want);
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn import_makes_a_weights_only_checkpoint_of_an_exported_file() {
+    let preset = "vit_lite_depth7_patch4_32";
+    let cfg = VitConfig {
+        num_classes: 3,
+        ..VitConfig::preset(preset).unwrap()
+    };
+    let seeded = |seed| {
+        let train = TrainConfig {
+            seed,
+            ..TrainConfig::default()
+        };
+        Engine::new(&cfg, train).unwrap()
+    };
+    let e = seeded(7);
+    let (root, dir) = saved(&e, "import");
+    let file = root.join("model.safetensors");
+    export_safetensors(&dir, &file).unwrap();
+
+    let out = root.join("imported");
+    let (n, dest) = import_safetensors(&file, &out, preset, 3, &[]).unwrap();
+    assert_eq!(n, e.params().len());
+    assert_eq!(dest, out.join("step-0000000000"));
+    let ck = Checkpoint::open(&dest).unwrap();
+    assert!(ck.index.optimizer.is_none(), "weights only");
+    let weights = |e: &Engine| -> Vec<(String, Vec<f32>)> {
+        let named = e.params().named_parameters();
+        named
+            .map(|(n, t)| (n.to_string(), t.to_vec_f32()))
+            .collect()
+    };
+    let mut other = seeded(8);
+    assert_ne!(weights(&other), weights(&e));
+    let weights_only = LoadOptions {
+        strict: true,
+        optimizer: false,
+    };
+    other.load_checkpoint(&dest, weights_only).unwrap();
+    assert_eq!(weights(&other), weights(&e));
+
+    // names the model lacks, and a head of another size, are refused
+    let renamed = [("blocks.".to_string(), "layers.".to_string())];
+    let err = import_safetensors(&file, &out, preset, 3, &renamed)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("match no parameter") && err.contains("layers."),
+        "{err}"
+    );
+    let err = import_safetensors(&file, &out, preset, 10, &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.safetensors") && err.contains("shape mismatch"),
+        "{err}"
+    );
     std::fs::remove_dir_all(root).unwrap();
 }
 

@@ -602,106 +602,9 @@ fn ckpt_dir(dir: PathBuf) -> Result<PathBuf> {
 
 fn ckpt(c: CkptCommand) -> Result<()> {
     match c {
-        CkptCommand::Inspect { dir } => {
-            let dir = ckpt_dir(dir)?;
-            let ck = Checkpoint::open(&dir)?;
-            let ix = &ck.index;
-            let m = &ix.model;
-            println!("checkpoint {}", text::path(&dir));
-            println!("format {} version {}", escape(&ix.format), ix.version);
-            println!(
-                "model: dim {} depth {} heads {} mlp {} patch {} image {} classes {} ({} params)",
-                m.dim,
-                m.depth,
-                m.heads,
-                m.mlp_dim,
-                m.patch_size,
-                m.image_size,
-                m.num_classes,
-                m.num_params()
-            );
-            println!("optimizer: {:?}", ix.optimizer);
-            println!(
-                "layout: world {} (dp {} × pp {})",
-                ix.layout.world, ix.layout.dp, ix.layout.pp
-            );
-            let t = &ix.training;
-            println!(
-                "training: {} epochs + {} batches done, step {}, lr {:e} (base {:e}), seed {}, schedule {:?}, {} epochs of history",
-                t.epoch, t.batch, t.step, t.lr, t.base_lr, t.seed, t.schedule, t.history.len()
-            );
-            if !t.classes.is_empty() {
-                println!("classes: {}", text::join(&t.classes));
-            }
-            let mut files: std::collections::BTreeMap<&str, u64> = Default::default();
-            println!(
-                "{:<44} {:<9} {:<6} {:>16} {:>12}  file",
-                "tensor", "group", "dtype", "shape", "bytes"
-            );
-            for (name, e) in &ix.tensors {
-                let bytes: u64 = e.chunks.iter().map(|c| c.end - c.start).sum();
-                for c in &e.chunks {
-                    *files.entry(&c.file).or_default() += c.end - c.start;
-                }
-                println!(
-                    "{:<44} {:<9} {:<6} {:>16} {bytes:>12}  {}",
-                    escape(name),
-                    format!("{:?}", e.group).to_lowercase(),
-                    e.dtype.name(),
-                    format!("{:?}", e.shape),
-                    escape(
-                        &e.chunks
-                            .iter()
-                            .map(|c| c.file.as_str())
-                            .collect::<Vec<_>>()
-                            .join(",")
-                    )
-                );
-            }
-            for (f, b) in files {
-                println!("shard {}: {b} bytes of tensors", escape(f));
-            }
-            Ok(())
-        }
-        CkptCommand::Verify { dir } => {
-            let dir = ckpt_dir(dir)?;
-            let ck = Checkpoint::open(&dir)?;
-            let r = ck.verify()?;
-            let index = match ck.index.version {
-                1 => "index validated (version 1: it has no checksum)",
-                _ => "index checksum and contents verified",
-            };
-            println!(
-                "ok: {} tensors, {} bytes in {} shard files: {index}, every header, bound and checksum verified ({})",
-                r.tensors, r.bytes, r.files, text::path(&dir)
-            );
-            Ok(())
-        }
-        CkptCommand::List { root, clean } => {
-            let l = checkpoint::list(&root)?;
-            let latest = checkpoint::read_latest(&root);
-            for p in &l.committed {
-                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-                let mark = if latest.as_deref() == Some(name) {
-                    "  (latest)"
-                } else {
-                    ""
-                };
-                println!("committed    {}{mark}", text::path(p));
-            }
-            for p in &l.uncommitted {
-                if clean {
-                    std::fs::remove_dir_all(p).map_err(|e| Error::io(p, e))?;
-                    println!("removed      {} (uncommitted)", text::path(p));
-                } else {
-                    println!(
-                        "uncommitted  {} (an interrupted save; never loaded)",
-                        text::path(p)
-                    );
-                }
-            }
-            Ok(())
-        }
+        CkptCommand::Inspect { dir } => ckpt_inspect(dir),
+        CkptCommand::Verify { dir } => ckpt_verify(dir),
+        CkptCommand::List { root, clean } => ckpt_list(&root, clean),
         CkptCommand::Export { dir, safetensors } => {
             let dir = ckpt_dir(dir)?;
             let n = checkpoint::export_safetensors(&dir, &safetensors)?;
@@ -716,69 +619,130 @@ fn ckpt(c: CkptCommand) -> Result<()> {
             map,
         } => {
             let map = pairs("--map", &map)?;
-            let mut cfg = VitConfig::preset(&preset)?;
-            cfg.num_classes = num_classes;
-            let mut engine = Engine::new(&cfg, TrainConfig::default())?;
-            let tensors = checkpoint::read_safetensors(&file, &map)?;
-            let params = engine.params_mut();
-            let unknown: Vec<&str> = tensors
-                .iter()
-                .filter(|(n, _)| params.id(n).is_err())
-                .map(|(n, _)| n.as_str())
-                .collect();
-            if !unknown.is_empty() {
-                return Err(Error::Format {
-                    path: file.clone(),
-                    msg: format!(
-                        "{} tensors match no parameter of {preset} (first: `{}`); rename them with --map FROM=TO",
-                        unknown.len(),
-                        unknown[0]
-                    ),
-                });
-            }
-            let count = tensors.len();
-            for (n, t) in tensors {
-                params.set(&n, t).map_err(|e| Error::Format {
-                    path: file.clone(),
-                    msg: e.to_string(),
-                })?;
-            }
-            let missing = params.len() - count;
-            if missing > 0 {
-                return Err(Error::Format {
-                    path: file,
-                    msg: format!("{missing} parameters of {preset} are not in the file"),
-                });
-            }
-            let mut snap = engine.snapshot(Default::default());
-            snap.tensors.retain(|t| t.group == checkpoint::Group::Model);
-            snap.optimizer = None;
-            let dest = checkpoint::save(
-                &snap,
-                &out,
-                &checkpoint::checkpoint_name(0),
-                &Default::default(),
-            )?;
+            let (count, dest) =
+                checkpoint::import_safetensors(&file, &out, &preset, num_classes, &map)?;
             println!("imported {count} tensors into {}", text::path(&dest));
             Ok(())
         }
     }
 }
 
-fn bench(a: BenchArgs) -> Result<()> {
-    // bounded so the random batch's size and the step count cannot overflow
-    for (flag, n, max) in [
-        ("--batch-size", a.batch_size, 1 << 16),
-        ("--steps", a.steps, 1 << 20),
-        ("--warmup", a.warmup, 1 << 20),
-    ] {
-        let least = (flag != "--warmup") as usize;
-        if !(least..=max).contains(&n) {
-            return Err(Error::Config(format!(
-                "{flag} {n}: must be in {least}..={max}"
-            )));
+/// `ckpt inspect`: the index's model, optimizer, layout and training state, then a
+/// table of its tensors and the bytes in each shard file.
+fn ckpt_inspect(dir: PathBuf) -> Result<()> {
+    let dir = ckpt_dir(dir)?;
+    let ck = Checkpoint::open(&dir)?;
+    let ix = &ck.index;
+    let m = &ix.model;
+    println!("checkpoint {}", text::path(&dir));
+    println!("format {} version {}", escape(&ix.format), ix.version);
+    println!(
+        "model: dim {} depth {} heads {} mlp {} patch {} image {} classes {} ({} params)",
+        m.dim,
+        m.depth,
+        m.heads,
+        m.mlp_dim,
+        m.patch_size,
+        m.image_size,
+        m.num_classes,
+        m.num_params()
+    );
+    println!("optimizer: {:?}", ix.optimizer);
+    println!(
+        "layout: world {} (dp {} × pp {})",
+        ix.layout.world, ix.layout.dp, ix.layout.pp
+    );
+    let t = &ix.training;
+    println!(
+        "training: {} epochs + {} batches done, step {}, lr {:e} (base {:e}), seed {}, schedule {:?}, {} epochs of history",
+        t.epoch, t.batch, t.step, t.lr, t.base_lr, t.seed, t.schedule, t.history.len()
+    );
+    if !t.classes.is_empty() {
+        println!("classes: {}", text::join(&t.classes));
+    }
+    print_tensors(ix);
+    Ok(())
+}
+
+/// The tensor table of `ckpt inspect`, then each shard file's bytes of tensors.
+fn print_tensors(ix: &checkpoint::Index) {
+    let mut files: std::collections::BTreeMap<&str, u64> = Default::default();
+    println!(
+        "{:<44} {:<9} {:<6} {:>16} {:>12}  file",
+        "tensor", "group", "dtype", "shape", "bytes"
+    );
+    for (name, e) in &ix.tensors {
+        let bytes: u64 = e.chunks.iter().map(|c| c.end - c.start).sum();
+        for c in &e.chunks {
+            *files.entry(&c.file).or_default() += c.end - c.start;
+        }
+        println!(
+            "{:<44} {:<9} {:<6} {:>16} {bytes:>12}  {}",
+            escape(name),
+            format!("{:?}", e.group).to_lowercase(),
+            e.dtype.name(),
+            format!("{:?}", e.shape),
+            escape(
+                &e.chunks
+                    .iter()
+                    .map(|c| c.file.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
+        );
+    }
+    for (f, b) in files {
+        println!("shard {}: {b} bytes of tensors", escape(f));
+    }
+}
+
+/// `ckpt verify`: every header, bound and checksum; an error (a failing exit) if any
+/// is bad.
+fn ckpt_verify(dir: PathBuf) -> Result<()> {
+    let dir = ckpt_dir(dir)?;
+    let ck = Checkpoint::open(&dir)?;
+    let r = ck.verify()?;
+    let index = match ck.index.version {
+        1 => "index validated (version 1: it has no checksum)",
+        _ => "index checksum and contents verified",
+    };
+    println!(
+        "ok: {} tensors, {} bytes in {} shard files: {index}, every header, bound and checksum verified ({})",
+        r.tensors, r.bytes, r.files, text::path(&dir)
+    );
+    Ok(())
+}
+
+/// `ckpt list`: committed checkpoints (the `latest` one marked), then uncommitted
+/// directories, removed with `clean`.
+fn ckpt_list(root: &std::path::Path, clean: bool) -> Result<()> {
+    let l = checkpoint::list(root)?;
+    let latest = checkpoint::read_latest(root);
+    for p in &l.committed {
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let mark = if latest.as_deref() == Some(name) {
+            "  (latest)"
+        } else {
+            ""
+        };
+        println!("committed    {}{mark}", text::path(p));
+    }
+    for p in &l.uncommitted {
+        if clean {
+            std::fs::remove_dir_all(p).map_err(|e| Error::io(p, e))?;
+            println!("removed      {} (uncommitted)", text::path(p));
+        } else {
+            println!(
+                "uncommitted  {} (an interrupted save; never loaded)",
+                text::path(p)
+            );
         }
     }
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    check_bench_args(&a)?;
     if let Some(n) = a.threads {
         cpu::set_num_threads(n)?;
     }
@@ -829,9 +793,32 @@ fn bench(a: BenchArgs) -> Result<()> {
         step,
         b as f64 / step
     );
+    print_profile(device, (a.warmup + a.steps) as f64);
+    Ok(())
+}
+
+/// Refuses bench sizes out of bounds, so the random batch's size and the step count
+/// cannot overflow.
+fn check_bench_args(a: &BenchArgs) -> Result<()> {
+    for (flag, n, max) in [
+        ("--batch-size", a.batch_size, 1 << 16),
+        ("--steps", a.steps, 1 << 20),
+        ("--warmup", a.warmup, 1 << 20),
+    ] {
+        let least = (flag != "--warmup") as usize;
+        if !(least..=max).contains(&n) {
+            return Err(Error::Config(format!(
+                "{flag} {n}: must be in {least}..={max}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The per-kernel times of a CUDA device (FERROVIT_PROFILE=1), per step of `steps`.
+fn print_profile(device: Device, steps: f64) {
     if let Device::Cuda(id) = device {
         if let Some(rows) = ferrovit::backend::cuda::get(id).gpu.profile() {
-            let steps = (a.warmup + a.steps) as f64;
             let total: f64 = rows.iter().map(|r| r.2).sum();
             let what = if ferrovit::backend::cuda::is_gpu(device) {
                 "device time"
@@ -852,5 +839,4 @@ fn bench(a: BenchArgs) -> Result<()> {
             }
         }
     }
-    Ok(())
 }

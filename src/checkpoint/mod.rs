@@ -7,8 +7,11 @@
 //!   of every byte range read, zero-copy views.
 //! - `Engine::snapshot`, `Engine::save_checkpoint`, `Engine::load_checkpoint`: the
 //!   engine-level calls (strict or not, with a report).
+//! - [`export_safetensors`] / [`import_safetensors`] (`import.rs`): the model's
+//!   weights to and from one plain safetensors file, for other tools.
 
 mod format;
+mod import;
 mod reader;
 mod schema;
 mod writer;
@@ -18,6 +21,7 @@ pub use format::{
     TensorEntry, TrainingState, ALIGN, FORMAT, INDEX, INDEX_CHECKSUM, MAX_HEADER_BYTES,
     MAX_INDEX_BYTES, VERSION,
 };
+pub use import::{import_safetensors, read_safetensors};
 pub use reader::{read_index, Checkpoint, VerifyReport};
 pub use writer::{
     checkpoint_name, retain, save, set_latest, AsyncSaver, SaveGroup, SaveOptions, SnapTensor,
@@ -351,35 +355,4 @@ pub fn export_safetensors(dir: &Path, out: &Path) -> Result<usize> {
         let _ = std::fs::remove_file(&tmp);
     }
     done.map(|()| tensors.len())
-}
-
-/// Reads every tensor of a safetensors file (validated as strictly as a shard), renamed
-/// by `map` (`from` → `to` prefix replacements, first match wins; unmatched names are
-/// kept).
-pub fn read_safetensors(path: &Path, map: &[(String, String)]) -> Result<Vec<(String, Tensor)>> {
-    let (file, len) = crate::files::open_regular(path, crate::files::Links::Follow)?;
-    // SAFETY: read-only map; see the reader.
-    let mm = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    let header = parse_shard_header(&mm, len, path)?;
-    let mut out = Vec::new();
-    for (name, e) in &header.entries {
-        let dtype = DType::from_name(&e.dtype).ok_or_else(|| Error::Format {
-            path: path.to_path_buf(),
-            msg: format!("tensor `{name}`: unsupported dtype {}", e.dtype),
-        })?;
-        let [s, t] = e.data_offsets;
-        let bytes = &mm[(header.data_start + s) as usize..(header.data_start + t) as usize];
-        let renamed = map
-            .iter()
-            .find_map(|(from, to)| {
-                name.strip_prefix(from.as_str())
-                    .map(|rest| format!("{to}{rest}"))
-            })
-            .unwrap_or_else(|| name.clone());
-        out.push((
-            renamed,
-            Tensor::from_le_bytes(bytes, dtype, e.shape.as_slice())?,
-        ));
-    }
-    Ok(out)
 }

@@ -8,18 +8,29 @@
 //! dropped, its thread failed, its process was killed) makes the others' pending and
 //! later calls fail at once with an error naming it — a dead rank never leaves the rest
 //! hanging.
+//!
+//! Files: `thread.rs` (ranks as threads), `store.rs` (the rendezvous store), `mesh.rs`
+//! (the TCP group: handshake, frames, reader threads), `env.rs` (the launch
+//! environment), `wire.rs` (the low-level reads, dialing and hellos both TCP protocols
+//! share), `auth.rs` (the handshake's proof of the run's secret), `mailbox.rs` (message
+//! queues), `nccl.rs`, `layout.rs`.
 
 mod auth;
+mod env;
 mod layout;
 mod mailbox;
+mod mesh;
 mod nccl;
-mod tcp;
+mod store;
 mod thread;
+mod wire;
 
 pub use auth::random_secret;
+pub use env::DistEnv;
 pub use layout::Layout;
+pub use mesh::TcpGroup;
 pub use nccl::NcclGroup;
-pub use tcp::{DistEnv, TcpGroup, TcpStore};
+pub use store::TcpStore;
 pub use thread::ThreadGroup;
 
 use crate::autograd::ParamStore;

@@ -236,6 +236,16 @@ fn all_committed_verify(root: &Path) -> usize {
     listing.committed.len()
 }
 
+/// No staging or half-deleted directory under `root`.
+fn assert_nothing_uncommitted(root: &Path) {
+    let listing = checkpoint::list(root).unwrap();
+    assert!(
+        listing.uncommitted.is_empty(),
+        "left behind: {:?}",
+        listing.uncommitted
+    );
+}
+
 #[test]
 fn a_crash_while_retention_deletes_leaves_no_broken_checkpoint() {
     let out = temp_dir("retention-crash");
@@ -296,12 +306,7 @@ fn a_save_that_fails_on_a_full_disk_leaves_no_staging_directory() {
     assert_clean_error(&o, "a save on a full disk");
     assert!(o.stderr.contains("disk full"), "{}", o.stderr);
     let root = out.join("checkpoints");
-    let listing = checkpoint::list(&root).unwrap();
-    assert!(
-        listing.uncommitted.is_empty(),
-        "left behind: {:?}",
-        listing.uncommitted
-    );
+    assert_nothing_uncommitted(&root);
     assert_eq!(all_committed_verify(&root), 1, "the first save stays");
     std::fs::remove_dir_all(out).unwrap();
 }
@@ -391,12 +396,7 @@ fn data_parallel_saves_leave_no_staging_directories() {
     let o = run(&args, &[], Duration::from_secs(300));
     assert_eq!(o.code, Some(0), "{}", o.stderr);
     let root = out.join("checkpoints");
-    let listing = checkpoint::list(&root).unwrap();
-    assert!(
-        listing.uncommitted.is_empty(),
-        "left behind: {:?}",
-        listing.uncommitted
-    );
+    assert_nothing_uncommitted(&root);
     assert!(all_committed_verify(&root) > 1);
     std::fs::remove_dir_all(out).unwrap();
 }

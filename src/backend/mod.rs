@@ -16,6 +16,7 @@
 
 pub mod cpu;
 pub mod cuda;
+mod device;
 
 use crate::data::RawImages;
 use crate::error::{Error, Result};

@@ -9,8 +9,6 @@ pub mod ops;
 pub mod optim;
 pub mod simd;
 
-pub use ops::fill;
-
 use super::{AdamStep, AttnDims, Backend, DropoutKey, DropoutMode, SgdStep};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};

@@ -13,10 +13,6 @@ const CHUNK: usize = 1 << 15;
 /// Rows per parallel task for row-wise kernels whose rows are a few hundred wide.
 const ROWS: usize = 32;
 
-pub fn fill(x: &mut [f32], v: f32) {
-    x.par_chunks_mut(CHUNK).for_each(|c| c.fill(v));
-}
-
 /// `dst += src`
 pub fn add_assign(dst: &mut [f32], src: &[f32]) {
     assert_eq!(dst.len(), src.len());

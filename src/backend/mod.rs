@@ -14,17 +14,18 @@
 //! (nearest even); parameters, their gradients, optimizer state and statistics are
 //! always f32.
 
+mod check;
 pub mod cpu;
 pub mod cuda;
 mod device;
+pub mod gemm;
+mod spec;
 
 use crate::data::RawImages;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Device, Tensor};
 
-pub use cpu::attention::AttnDims;
-pub use cpu::ops::DropoutKey;
-pub use cpu::optim::{AdamStep, SgdStep};
+pub use spec::{AdamStep, AttnDims, DropoutKey, SgdStep};
 
 /// Where a dropout result goes.
 #[derive(Clone, Copy)]
@@ -219,7 +220,7 @@ pub trait Backend: Send + Sync {
     /// Index of the largest value in each row of `[b, classes]` logits (the first on
     /// ties; a NaN never wins, except as the first element).
     fn argmax_rows(&self, logits: &Tensor) -> Result<Vec<usize>> {
-        let (_, c) = cpu::check_logits(logits)?;
+        let (_, c) = check::check_logits(logits)?;
         Ok(logits
             .f32s()?
             .chunks(c)

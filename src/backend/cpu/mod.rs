@@ -3,12 +3,13 @@
 //! It is also the reference every other backend is tested against.
 
 pub mod attention;
-pub mod gemm;
 pub mod math;
 pub mod ops;
 pub mod optim;
 pub mod simd;
 
+use super::check::{check_attn, check_attn_backward, check_patchify};
+use super::gemm;
 use super::{AdamStep, AttnDims, Backend, DropoutKey, DropoutMode, SgdStep};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
@@ -512,101 +513,4 @@ impl Backend for CpuBackend {
         optim::sgd(p, g, b, step);
         Ok(())
     }
-}
-
-/// Checks patchify's image and output shapes; returns `(b, c, h, w)`.
-pub(crate) fn check_patchify(
-    images: &Tensor,
-    patch: usize,
-    out: &Tensor,
-) -> Result<(usize, usize, usize, usize)> {
-    let &[b, c, h, w] = images.dims() else {
-        return Err(Error::shape(
-            "patchify",
-            "[batch, channels, height, width]",
-            images.shape(),
-        ));
-    };
-    if patch == 0 || h % patch != 0 || w % patch != 0 {
-        return Err(Error::shape(
-            "patchify",
-            format!("sides divisible by patch {patch}"),
-            images.shape(),
-        ));
-    }
-    out.expect_dims(
-        "patchify",
-        &[b, (h / patch) * (w / patch), c * patch * patch],
-    )?;
-    Ok((b, c, h, w))
-}
-
-/// Checks that `logits` are `[batch, classes]`; returns `(batch, classes)`.
-pub(crate) fn check_logits(logits: &Tensor) -> Result<(usize, usize)> {
-    match *logits.dims() {
-        [b, c] if c > 0 => Ok((b, c)),
-        _ => Err(Error::shape(
-            "argmax_rows",
-            "[batch, classes]",
-            logits.shape(),
-        )),
-    }
-}
-
-/// The gradient buffer of attention's backward pass, shared by the backends: qkv's size,
-/// and overwriting only where every row is written (all tokens query).
-pub(crate) fn check_attn_backward(
-    d: AttnDims,
-    qkv: &Tensor,
-    dqkv: &Tensor,
-    accumulate: bool,
-) -> Result<()> {
-    if dqkv.numel() != qkv.numel() {
-        return Err(Error::shape(
-            "attention_backward",
-            qkv.shape(),
-            dqkv.shape(),
-        ));
-    }
-    if !accumulate && d.queries != d.tokens {
-        return Err(Error::Config(format!(
-            "attention_backward overwrites dqkv only when all {} tokens query, not {}",
-            d.tokens, d.queries
-        )));
-    }
-    Ok(())
-}
-
-/// Checks attention geometry and buffer sizes before the kernel's raw-pointer work.
-pub(crate) fn check_attn(
-    d: AttnDims,
-    saved: usize,
-    qkv: &Tensor,
-    probs: &Tensor,
-    out: &Tensor,
-) -> Result<()> {
-    if d.heads == 0 || !d.dim.is_multiple_of(d.heads) {
-        return Err(Error::Config(format!(
-            "dim {} is not divisible by {} heads",
-            d.dim, d.heads
-        )));
-    }
-    let (b, t, q, c) = (d.batch, d.tokens, d.queries, d.dim);
-    if q == 0 || q > t {
-        return Err(Error::Config(format!("{q} querying tokens out of {t}")));
-    }
-    for (what, have, want) in [
-        ("qkv", qkv.numel(), b * t * 3 * c),
-        ("saved", probs.numel(), saved),
-        ("out", out.numel(), b * q * c),
-    ] {
-        if have != want {
-            return Err(Error::shape(
-                "attention",
-                format!("{what} of {want} elements"),
-                have,
-            ));
-        }
-    }
-    Ok(())
 }

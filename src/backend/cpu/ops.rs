@@ -5,7 +5,9 @@
 //! do not depend on the thread count. Gradient outputs accumulate (`+=`), because a
 //! tensor may feed several consumers.
 
-use super::simd::{self, mix64, DropMode};
+use super::simd::{self, DropMode};
+use crate::backend::spec::{mix64, site_key};
+use crate::backend::DropoutKey;
 use rayon::prelude::*;
 
 /// Elements per parallel task for elementwise loops.
@@ -260,20 +262,6 @@ pub fn select_rows_backward(dout: &[f32], d: usize, stride_rows: usize, dx: &mut
     for (i, g) in dout.chunks(d).enumerate() {
         add_assign_serial(&mut dx[i * stride_rows * d..i * stride_rows * d + d], g);
     }
-}
-
-/// Identifies one dropout mask: the run's seed and the dropout site (layer). The mask
-/// bit of element `e` of sample `s` is a hash of (seed, site, s, e), so masks do not
-/// depend on thread count, batch composition or parallel layout.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DropoutKey {
-    pub seed: u64,
-    pub site: u64,
-}
-
-/// The part of every mask hash that depends only on the dropout site.
-pub(crate) fn site_key(key: DropoutKey) -> u64 {
-    mix64(mix64(key.seed) ^ key.site.wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }
 
 fn sample_base(key: DropoutKey, sample: u64) -> u64 {

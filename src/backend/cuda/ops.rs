@@ -2,9 +2,8 @@
 //! geometry, the same on a GPU and on the emulated device.
 
 use super::{Arg, Gemm, Gpu, Launch};
-use crate::backend::cpu::{
-    check_attn, check_attn_backward, check_logits, check_patchify, ops::site_key,
-};
+use crate::backend::check::{check_attn, check_attn_backward, check_logits, check_patchify};
+use crate::backend::spec::site_key;
 use crate::backend::{
     AdamStep, AttnDims, Backend, DropoutKey, DropoutMode, OptimTensors, SgdStep, Update,
 };

@@ -1,7 +1,7 @@
 //! The argument checks of the op set, written once and called by every backend before
 //! it touches memory, so a bad call fails alike (same error, same message) everywhere.
 
-use super::AttnDims;
+use super::{AttnDims, AugmentBatch};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -100,4 +100,18 @@ pub(crate) fn check_attn(
         }
     }
     Ok(())
+}
+
+/// Checks the pixels are `[b, 3, 32, 32]` for the `b` samples the geometry names;
+/// returns the number of pixels.
+pub(crate) fn check_augment(batch: &AugmentBatch) -> Result<usize> {
+    let n = batch.geometry.len() * 3 * 32 * 32;
+    if batch.pixels.len() != n {
+        return Err(Error::shape(
+            "augment",
+            format!("{n} elements"),
+            format!("{} elements", batch.pixels.len()),
+        ));
+    }
+    Ok(n)
 }

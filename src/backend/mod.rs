@@ -21,11 +21,10 @@ mod device;
 pub mod gemm;
 mod spec;
 
-use crate::data::RawImages;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Device, Tensor};
 
-pub use spec::{AdamStep, AttnDims, DropoutKey, SgdStep};
+pub use spec::{AdamStep, AttnDims, AugmentBatch, DropoutKey, Geometry, SgdStep};
 
 /// Where a dropout result goes.
 #[derive(Clone, Copy)]
@@ -197,11 +196,9 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
-    /// Crops, flips and normalises a batch of raw images (`[b, 3, 32, 32]` f32 on this
-    /// backend's device).
-    fn augment(&self, raw: &RawImages, dtype: DType) -> Result<Tensor> {
-        raw.to_images()?.try_to_dtype(dtype)
-    }
+    /// Crops, flips and normalises a batch of raw images (`[b, 3, 32, 32]` on this
+    /// backend's device, stored as `dtype`).
+    fn augment(&self, batch: &AugmentBatch, dtype: DType) -> Result<Tensor>;
 
     /// Sets every element of every tensor (f32) to `value` (zero_grad; the CUDA backend:
     /// one launch for all of them).

@@ -63,3 +63,25 @@ pub(crate) fn mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
 }
+
+/// Where a random crop (as a shift) and a horizontal flip move one image.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Geometry {
+    pub dy: i32,
+    pub dx: i32,
+    pub flip: bool,
+}
+
+/// The augment op's input: a batch of raw images and how to crop, flip and normalise
+/// each (data/ builds it; the backend does the work where the model is).
+#[derive(Clone, Copy, Debug)]
+pub struct AugmentBatch<'a> {
+    /// `[b, 3, 32, 32]` planar `u8` pixels.
+    pub pixels: &'a [u8],
+    /// Each sample's crop and flip: the image shifted by (`dy`, `dx`) with zeros shifted
+    /// in, then mirrored if `flip`.
+    pub geometry: &'a [Geometry],
+    /// Per-channel mean and std: a pixel `v` becomes `(v / 255 - mean[c]) / std[c]`.
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}

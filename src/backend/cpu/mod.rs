@@ -8,11 +8,11 @@ pub mod ops;
 pub mod optim;
 pub mod simd;
 
-use super::check::{check_attn, check_attn_backward, check_patchify};
+use super::check::{check_attn, check_attn_backward, check_augment, check_patchify};
 use super::gemm;
-use super::{AdamStep, AttnDims, Backend, DropoutKey, DropoutMode, SgdStep};
+use super::{AdamStep, AttnDims, AugmentBatch, Backend, DropoutKey, DropoutMode, SgdStep};
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, Device, Tensor};
 use std::borrow::Cow;
 
 /// Sets the number of CPU threads (rayon's global pool, which the GEMMs use too).
@@ -512,5 +512,13 @@ impl Backend for CpuBackend {
         }
         optim::sgd(p, g, b, step);
         Ok(())
+    }
+
+    fn augment(&self, batch: &AugmentBatch, dtype: DType) -> Result<Tensor> {
+        let n = check_augment(batch)?;
+        let mut out = Tensor::uninit([n], Device::Cpu);
+        ops::augment(batch, out.f32s_mut()?);
+        let b = batch.geometry.len();
+        out.reshape([b, 3, 32, 32])?.try_to_dtype(dtype)
     }
 }

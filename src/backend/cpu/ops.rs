@@ -7,7 +7,7 @@
 
 use super::simd::{self, DropMode};
 use crate::backend::spec::{mix64, site_key};
-use crate::backend::DropoutKey;
+use crate::backend::{AugmentBatch, DropoutKey};
 use rayon::prelude::*;
 
 /// Elements per parallel task for elementwise loops.
@@ -315,4 +315,27 @@ pub fn cross_entropy(logits: &[f32], labels: &[usize], eps: f32, dlogits: &mut [
         }
     }
     (total / b as f64) as f32
+}
+
+/// Crops, flips and normalises raw `[b, 3, 32, 32]` pixels into `out`, one output
+/// element at a time as the CUDA kernel does (kernels/augment.cu), so the two are
+/// checked against one reference (data's `RawImages::to_images`) alike.
+pub fn augment(batch: &AugmentBatch, out: &mut [f32]) {
+    const SIDE: i32 = 32;
+    out.par_chunks_mut(3 * 32 * 32)
+        .zip(batch.pixels.par_chunks(3 * 32 * 32))
+        .zip(batch.geometry.par_iter())
+        .for_each(|((out, img), g)| {
+            for (i, o) in out.iter_mut().enumerate() {
+                let (c, y, x) = (i / 1024, (i / 32 % 32) as i32, (i % 32) as i32);
+                let (sy, sx) = (y + g.dy, if g.flip { SIDE - 1 - x } else { x } + g.dx);
+                let inside = (0..SIDE).contains(&sy) && (0..SIDE).contains(&sx);
+                let v = if inside {
+                    img[c * 1024 + (sy * SIDE + sx) as usize]
+                } else {
+                    0
+                };
+                *o = (v as f32 / 255.0 - batch.mean[c]) / batch.std[c];
+            }
+        });
 }

@@ -2,12 +2,14 @@
 //! geometry, the same on a GPU and on the emulated device.
 
 use super::{Arg, Gemm, Gpu, Launch};
-use crate::backend::check::{check_attn, check_attn_backward, check_logits, check_patchify};
+use crate::backend::check::{
+    check_attn, check_attn_backward, check_augment, check_logits, check_patchify,
+};
 use crate::backend::spec::site_key;
 use crate::backend::{
-    AdamStep, AttnDims, Backend, DropoutKey, DropoutMode, OptimTensors, SgdStep, Update,
+    AdamStep, AttnDims, AugmentBatch, Backend, DropoutKey, DropoutMode, OptimTensors, SgdStep,
+    Update,
 };
-use crate::data::RawImages;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Device, Tensor};
 use std::sync::{Arc, Mutex};
@@ -1031,20 +1033,19 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn augment(&self, raw: &RawImages, dtype: DType) -> Result<Tensor> {
-        let b = raw.geometry.len();
-        let n = b * 3 * 32 * 32;
-        same("augment", n, raw.pixels.len())?;
-        let geometry: Vec<i32> = raw
+    fn augment(&self, batch: &AugmentBatch, dtype: DType) -> Result<Tensor> {
+        let n = check_augment(batch)?;
+        let b = batch.geometry.len();
+        let geometry: Vec<i32> = batch
             .geometry
             .iter()
             .flat_map(|g| [g.dy, g.dx, g.flip as i32])
             .collect();
-        let (pixels, _p) = self.upload(&raw.pixels)?;
+        let (pixels, _p) = self.upload(batch.pixels)?;
         let (geometry, _g) = self.upload(&geometry)?;
         let mut out = Tensor::try_uninit_as([b, 3, 32, 32], dtype, self.device)?;
         let kernel = variant("augment", ["augment_u8_f32", "augment_u8_bf16"], &[&out])?;
-        let (m, s) = (crate::data::MEAN, crate::data::STD);
+        let (m, s) = (batch.mean, batch.std);
         let args = [
             pixels,
             geometry,

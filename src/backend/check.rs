@@ -106,12 +106,84 @@ pub(crate) fn check_attn(
 /// returns the number of pixels.
 pub(crate) fn check_augment(batch: &AugmentBatch) -> Result<usize> {
     let n = batch.geometry.len() * 3 * 32 * 32;
-    if batch.pixels.len() != n {
+    same_len("augment", n, batch.pixels.len())?;
+    Ok(n)
+}
+
+/// Checks two buffers an op reads or writes together hold as many elements.
+pub(crate) fn same_len(op: &'static str, a: usize, b: usize) -> Result<()> {
+    if a != b {
         return Err(Error::shape(
-            "augment",
-            format!("{n} elements"),
-            format!("{} elements", batch.pixels.len()),
+            op,
+            format!("{a} elements"),
+            format!("{b} elements"),
         ));
     }
-    Ok(n)
+    Ok(())
+}
+
+/// Checks `n` elements are whole rows of `width`; returns the number of rows.
+pub(crate) fn rows_of(op: &'static str, n: usize, width: usize) -> Result<usize> {
+    if width == 0 || !n.is_multiple_of(width) {
+        return Err(Error::shape(
+            op,
+            format!("rows of width {width}"),
+            format!("{n} elements"),
+        ));
+    }
+    Ok(n / width)
+}
+
+/// Checks a GEMM's operands are alike (mixed precision casts first: the backends
+/// multiply f32 by f32 or bf16 by bf16) and its sizes agree with `(m, n, k)`.
+pub(crate) fn check_matmul(
+    c: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    (m, n, k): (usize, usize, usize),
+) -> Result<()> {
+    if a.dtype() != b.dtype() {
+        return Err(Error::Config(format!(
+            "matmul of a {} by a {} operand: cast one first",
+            a.dtype(),
+            b.dtype()
+        )));
+    }
+    if a.numel() != m * k || b.numel() != k * n || c.numel() != m * n {
+        return Err(Error::shape(
+            "matmul",
+            format!("{m}x{k} · {k}x{n} -> {m}x{n}"),
+            format!("{} · {} -> {} elements", a.numel(), b.numel(), c.numel()),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks embed's sizes (patches `[b, t - 1, d]`, a cls token of `d`, positions
+/// `[t, d]`, output `[b, t, d]`); returns `(b, t)`. With no position rows the patches
+/// are read as rows of one token, so a bad call fails on its sizes, never overflows.
+pub(crate) fn check_embed(
+    patches: usize,
+    d: usize,
+    pos: usize,
+    out: usize,
+) -> Result<(usize, usize)> {
+    let t = rows_of("embed", pos, d)?;
+    let b = rows_of("embed", patches, (t.max(2) - 1) * d)?;
+    same_len("embed", b * t * d, out)?;
+    Ok((b, t))
+}
+
+/// Checks embed_backward's sizes (as [`check_embed`]'s, gradients in place of
+/// values); returns `(b, t)`.
+pub(crate) fn check_embed_backward(
+    dout: usize,
+    d: usize,
+    dpos: usize,
+    dpatches: usize,
+) -> Result<(usize, usize)> {
+    let t = rows_of("embed_backward", dpos, d)?;
+    let b = rows_of("embed_backward", dout, t * d)?;
+    same_len("embed_backward", b * (t - 1) * d, dpatches)?;
+    Ok((b, t))
 }

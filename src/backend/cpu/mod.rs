@@ -8,7 +8,10 @@ pub mod ops;
 pub mod optim;
 pub mod simd;
 
-use super::check::{check_attn, check_attn_backward, check_augment, check_patchify};
+use super::check::{
+    check_attn, check_attn_backward, check_augment, check_embed, check_embed_backward,
+    check_matmul, check_patchify, rows_of, same_len,
+};
 use super::gemm;
 use super::{AdamStep, AttnDims, AugmentBatch, Backend, DropoutKey, DropoutMode, SgdStep};
 use crate::error::{Error, Result};
@@ -68,28 +71,6 @@ pub fn physical_memory() -> Option<u64> {
 
 pub struct CpuBackend;
 
-fn same_len(op: &'static str, a: &[f32], b: &[f32]) -> Result<()> {
-    if a.len() != b.len() {
-        return Err(Error::shape(
-            op,
-            format!("{} elements", a.len()),
-            format!("{} elements", b.len()),
-        ));
-    }
-    Ok(())
-}
-
-fn rows_of(op: &'static str, x: &[f32], width: usize) -> Result<usize> {
-    if width == 0 || !x.len().is_multiple_of(width) {
-        return Err(Error::shape(
-            op,
-            format!("rows of width {width}"),
-            format!("{} elements", x.len()),
-        ));
-    }
-    Ok(x.len() / width)
-}
-
 /// An input as f32: f32 data as is, bf16 (mixed precision's activations) widened exactly.
 fn read(t: &Tensor) -> Result<Cow<'_, [f32]>> {
     match t.dtype() {
@@ -125,25 +106,12 @@ fn gemm_into(
     accumulate: bool,
     bias: Option<&[f32]>,
 ) -> Result<()> {
-    if a.dtype() != b.dtype() {
-        return Err(Error::Config(format!(
-            "matmul of a {} by a {} operand: cast one first",
-            a.dtype(),
-            b.dtype()
-        )));
-    }
+    check_matmul(c, a, b, (m, n, k))?;
     let (a, b) = (read(a)?, read(b)?);
     write(c, |c| {
-        if a.len() != m * k || b.len() != k * n || c.len() != m * n {
-            return Err(Error::shape(
-                "matmul",
-                format!("{m}x{k} · {k}x{n} -> {m}x{n}"),
-                format!("{} · {} -> {} elements", a.len(), b.len(), c.len()),
-            ));
-        }
         match bias {
             Some(bias) => {
-                rows_of("matmul bias", c, bias.len())?;
+                rows_of("matmul bias", c.len(), bias.len())?;
                 ops::fill_rows(c, bias);
                 gemm::matmul(c, &a, ta, &b, tb, (m, n, k), true);
             }
@@ -185,7 +153,7 @@ impl Backend for CpuBackend {
     fn fill_rows(&self, out: &mut Tensor, bias: &Tensor) -> Result<()> {
         let bias = bias.f32s()?;
         write(out, |out| {
-            rows_of("fill_rows", out, bias.len())?;
+            rows_of("fill_rows", out.len(), bias.len())?;
             ops::fill_rows(out, bias);
             Ok(())
         })
@@ -193,7 +161,7 @@ impl Backend for CpuBackend {
 
     fn bias_grad(&self, dy: &Tensor, db: &mut Tensor) -> Result<()> {
         let (dy, db) = (read(dy)?, db.f32s_mut()?);
-        rows_of("bias_grad", &dy, db.len())?;
+        rows_of("bias_grad", dy.len(), db.len())?;
         ops::bias_grad(&dy, db);
         Ok(())
     }
@@ -202,8 +170,8 @@ impl Backend for CpuBackend {
         let bias = bias.f32s()?;
         write(pre, |pre| {
             write(out, |out| {
-                same_len("bias_gelu", pre, out)?;
-                rows_of("bias_gelu", pre, bias.len())?;
+                same_len("bias_gelu", pre.len(), out.len())?;
+                rows_of("bias_gelu", pre.len(), bias.len())?;
                 ops::bias_gelu(pre, bias, out);
                 Ok(())
             })
@@ -213,8 +181,8 @@ impl Backend for CpuBackend {
     fn gelu_backward(&self, dy: &Tensor, pre: &Tensor, dpre: &mut Tensor) -> Result<()> {
         let (dy, pre) = (read(dy)?, read(pre)?);
         write(dpre, |dpre| {
-            same_len("gelu_backward", &dy, &pre)?;
-            same_len("gelu_backward", &dy, dpre)?;
+            same_len("gelu_backward", dy.len(), pre.len())?;
+            same_len("gelu_backward", dy.len(), dpre.len())?;
             ops::gelu_backward(&dy, &pre, dpre);
             Ok(())
         })
@@ -233,9 +201,9 @@ impl Backend for CpuBackend {
         let (x, g, b) = (x.f32s()?, gamma.f32s()?, beta.f32s()?);
         let (mean, rstd) = (mean.f32s_mut()?, rstd.f32s_mut()?);
         write(y, |y| {
-            let n = rows_of("layernorm", x, g.len())?;
-            same_len("layernorm", x, y)?;
-            same_len("layernorm", g, b)?;
+            let n = rows_of("layernorm", x.len(), g.len())?;
+            same_len("layernorm", x.len(), y.len())?;
+            same_len("layernorm", g.len(), b.len())?;
             if mean.len() != n || rstd.len() != n {
                 return Err(Error::shape(
                     "layernorm",
@@ -263,11 +231,11 @@ impl Backend for CpuBackend {
         let dy = &dy[..];
         let (mean, rstd) = (mean.f32s()?, rstd.f32s()?);
         let (dx, dg, db) = (dx.f32s_mut()?, dgamma.f32s_mut()?, dbeta.f32s_mut()?);
-        let n = rows_of("layernorm_backward", x, g.len())?;
-        same_len("layernorm_backward", dy, x)?;
-        same_len("layernorm_backward", dx, x)?;
-        same_len("layernorm_backward", dg, g)?;
-        same_len("layernorm_backward", db, g)?;
+        let n = rows_of("layernorm_backward", x.len(), g.len())?;
+        same_len("layernorm_backward", dy.len(), x.len())?;
+        same_len("layernorm_backward", dx.len(), x.len())?;
+        same_len("layernorm_backward", dg.len(), g.len())?;
+        same_len("layernorm_backward", db.len(), g.len())?;
         if mean.len() != n || rstd.len() != n {
             return Err(Error::shape(
                 "layernorm_backward",
@@ -290,15 +258,7 @@ impl Backend for CpuBackend {
 
     fn embed(&self, patches: &Tensor, cls: &Tensor, pos: &Tensor, out: &mut Tensor) -> Result<()> {
         let (p, c, e, o) = (patches.f32s()?, cls.f32s()?, pos.f32s()?, out.f32s_mut()?);
-        let t = rows_of("embed", e, c.len())?;
-        let b = rows_of("embed", p, (t - 1).max(1) * c.len())?;
-        if o.len() != b * t * c.len() {
-            return Err(Error::shape(
-                "embed",
-                format!("{} elements", b * t * c.len()),
-                o.len(),
-            ));
-        }
+        check_embed(p.len(), c.len(), e.len(), o.len())?;
         ops::embed(p, c, e, o);
         Ok(())
     }
@@ -316,15 +276,7 @@ impl Backend for CpuBackend {
             dcls.f32s_mut()?,
             dpos.f32s_mut()?,
         );
-        let t = rows_of("embed_backward", de, dc.len())?;
-        let b = rows_of("embed_backward", g, t * dc.len())?;
-        if dp.len() != b * (t - 1) * dc.len() {
-            return Err(Error::shape(
-                "embed_backward",
-                b * (t - 1) * dc.len(),
-                dp.len(),
-            ));
-        }
+        check_embed_backward(g.len(), dc.len(), de.len(), dp.len())?;
         ops::embed_backward(g, dp, dc, de);
         Ok(())
     }
@@ -372,15 +324,15 @@ impl Backend for CpuBackend {
         // b may be a bf16 branch under mixed precision (widened exactly)
         let b = read(b)?;
         let (a, out) = (a.f32s()?, out.f32s_mut()?);
-        same_len("add", a, &b)?;
-        same_len("add", a, out)?;
+        same_len("add", a.len(), b.len())?;
+        same_len("add", a.len(), out.len())?;
         ops::add(a, &b, out);
         Ok(())
     }
 
     fn add_assign(&self, dst: &mut Tensor, src: &Tensor) -> Result<()> {
         let (dst, src) = (dst.f32s_mut()?, src.f32s()?);
-        same_len("add_assign", dst, src)?;
+        same_len("add_assign", dst.len(), src.len())?;
         ops::add_assign(dst, src);
         Ok(())
     }
@@ -422,12 +374,12 @@ impl Backend for CpuBackend {
             DropoutMode::Accumulate => simd::DropMode::Accumulate,
             DropoutMode::AddTo(r) => {
                 let r = r.f32s()?;
-                same_len("dropout residual", r, x)?;
+                same_len("dropout residual", r.len(), x.len())?;
                 simd::DropMode::AddTo(r)
             }
         };
         write(out, |out| {
-            same_len("dropout", x, out)?;
+            same_len("dropout", x.len(), out.len())?;
             ops::dropout(x, p, key, samples, mode, out);
             Ok(())
         })
@@ -441,8 +393,8 @@ impl Backend for CpuBackend {
         dlogits: &mut Tensor,
     ) -> Result<f32> {
         let (z, dz) = (logits.f32s()?, dlogits.f32s_mut()?);
-        same_len("cross_entropy", z, dz)?;
-        let c = rows_of("cross_entropy", z, logits.shape().last())?;
+        same_len("cross_entropy", z.len(), dz.len())?;
+        let c = rows_of("cross_entropy", z.len(), logits.shape().last())?;
         if c != labels.len() || labels.is_empty() {
             return Err(Error::shape(
                 "cross_entropy",
@@ -497,18 +449,18 @@ impl Backend for CpuBackend {
         step: AdamStep,
     ) -> Result<()> {
         let (p, g, m, v) = (p.f32s_mut()?, g.f32s()?, m.f32s_mut()?, v.f32s_mut()?);
-        same_len("adam", p, g)?;
-        same_len("adam", m, g)?;
-        same_len("adam", v, g)?;
+        same_len("adam", p.len(), g.len())?;
+        same_len("adam", m.len(), g.len())?;
+        same_len("adam", v.len(), g.len())?;
         optim::adam(p, g, m, v, step);
         Ok(())
     }
 
     fn sgd(&self, p: &mut Tensor, g: &Tensor, buf: &mut Tensor, step: SgdStep) -> Result<()> {
         let (p, g, b) = (p.f32s_mut()?, g.f32s()?, buf.f32s_mut()?);
-        same_len("sgd", p, g)?;
+        same_len("sgd", p.len(), g.len())?;
         if step.momentum != 0.0 {
-            same_len("sgd", b, g)?;
+            same_len("sgd", b.len(), g.len())?;
         }
         optim::sgd(p, g, b, step);
         Ok(())

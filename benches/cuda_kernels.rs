@@ -4,7 +4,6 @@
 //! (the emulated device's speed means nothing). scripts/gpu-check.sh runs it.
 
 use criterion::{criterion_group, criterion_main, Bencher, Criterion, Throughput};
-use ferrovit::backend::cuda::synchronize;
 use ferrovit::backend::{for_device, AdamStep, AttnDims, DropoutKey, DropoutMode};
 use ferrovit::{DType, Device, Tensor};
 use std::time::{Duration, Instant};
@@ -15,12 +14,12 @@ const N: usize = 64 << 20;
 /// Times `op` from the host, waiting for the device before and after the iterations.
 fn on_device(bch: &mut Bencher, device: Device, op: &mut dyn FnMut()) {
     bch.iter_custom(|iters| {
-        synchronize(device).unwrap();
+        device.synchronize().unwrap();
         let t0 = Instant::now();
         for _ in 0..iters {
             op();
         }
-        synchronize(device).unwrap();
+        device.synchronize().unwrap();
         t0.elapsed()
     })
 }

@@ -3,7 +3,8 @@
 //! training step's time goes; `train_step` is the figure that matters.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use ferrovit::backend::cpu::{attention, gemm, ops, simd};
+use ferrovit::backend::cpu::{attention, ops, simd};
+use ferrovit::backend::gemm;
 use ferrovit::backend::AttnDims;
 use ferrovit::rng::Rng;
 use std::time::Duration;
@@ -74,7 +75,7 @@ fn kernels(c: &mut Criterion) {
         b.iter(|| ops::bias_gelu(&mut pre, &gamma, &mut y))
     });
     let samples: Vec<u64> = (0..B as u64).collect();
-    let key = ops::DropoutKey { seed: 1, site: 2 };
+    let key = ferrovit::backend::DropoutKey { seed: 1, site: 2 };
     g.bench_function("dropout_add", |b| {
         b.iter(|| ops::dropout(&dout, 0.1, key, &samples, simd::DropMode::AddTo(&x), &mut y))
     });

@@ -716,7 +716,7 @@ impl Suite {
         let raw = RawImages { pixels, geometry };
         for dtype in [DType::F32, DType::BF16] {
             self.check(&format!("augment {dtype}"), 0.0, vec![], &|be, _| {
-                let images = be.augment(&raw, dtype)?.to_device(Device::Cpu)?;
+                let images = be.augment(&raw.batch(), dtype)?.to_device(Device::Cpu)?;
                 assert_eq!(images.dtype(), dtype);
                 let want = raw.to_images()?.to_dtype(dtype);
                 assert_eq!(

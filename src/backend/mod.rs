@@ -14,16 +14,17 @@
 //! (nearest even); parameters, their gradients, optimizer state and statistics are
 //! always f32.
 
+mod check;
 pub mod cpu;
 pub mod cuda;
+mod device;
+pub mod gemm;
+mod spec;
 
-use crate::data::RawImages;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Device, Tensor};
 
-pub use cpu::attention::AttnDims;
-pub use cpu::ops::DropoutKey;
-pub use cpu::optim::{AdamStep, SgdStep};
+pub use spec::{AdamStep, AttnDims, AugmentBatch, DropoutKey, Geometry, SgdStep};
 
 /// Where a dropout result goes.
 #[derive(Clone, Copy)]
@@ -195,11 +196,9 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
-    /// Crops, flips and normalises a batch of raw images (`[b, 3, 32, 32]` f32 on this
-    /// backend's device).
-    fn augment(&self, raw: &RawImages, dtype: DType) -> Result<Tensor> {
-        raw.to_images()?.try_to_dtype(dtype)
-    }
+    /// Crops, flips and normalises a batch of raw images (`[b, 3, 32, 32]` on this
+    /// backend's device, stored as `dtype`).
+    fn augment(&self, batch: &AugmentBatch, dtype: DType) -> Result<Tensor>;
 
     /// Sets every element of every tensor (f32) to `value` (zero_grad; the CUDA backend:
     /// one launch for all of them).
@@ -218,7 +217,7 @@ pub trait Backend: Send + Sync {
     /// Index of the largest value in each row of `[b, classes]` logits (the first on
     /// ties; a NaN never wins, except as the first element).
     fn argmax_rows(&self, logits: &Tensor) -> Result<Vec<usize>> {
-        let (_, c) = cpu::check_logits(logits)?;
+        let (_, c) = check::check_logits(logits)?;
         Ok(logits
             .f32s()?
             .chunks(c)

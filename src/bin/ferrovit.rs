@@ -769,7 +769,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     // A step returns while a GPU still runs its backward pass (the next one is queued
     // meanwhile), so on a GPU the timed steps are taken together between two waits for
     // the device; on the CPU each step is timed and the median kept (robust to noise).
-    ferrovit::backend::cuda::synchronize(device)?;
+    device.synchronize()?;
     let start = Instant::now();
     let mut times = Vec::new();
     for _ in 0..a.steps {
@@ -777,7 +777,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         engine.train_step(images.clone(), &labels, &samples)?;
         times.push(t0.elapsed().as_secs_f64());
     }
-    ferrovit::backend::cuda::synchronize(device)?;
+    device.synchronize()?;
     times.sort_by(f64::total_cmp);
     let (what, step) = match device {
         Device::Cpu => ("median", times[times.len() / 2]),
@@ -785,7 +785,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     };
     let on = match device {
         Device::Cpu => format!("{} threads", cpu::num_threads()),
-        d => ferrovit::backend::cuda::describe(d),
+        d => d.describe(),
     };
     println!(
         "{} params, batch {b}, {precision}, {on}: {what} step {:.3} s, {:.1} images/s",
@@ -817,10 +817,10 @@ fn check_bench_args(a: &BenchArgs) -> Result<()> {
 
 /// The per-kernel times of a CUDA device (FERROVIT_PROFILE=1), per step of `steps`.
 fn print_profile(device: Device, steps: f64) {
-    if let Device::Cuda(id) = device {
-        if let Some(rows) = ferrovit::backend::cuda::get(id).gpu.profile() {
+    if let Device::Cuda(_) = device {
+        if let Some(rows) = ferrovit::backend::cuda::profile(device) {
             let total: f64 = rows.iter().map(|r| r.2).sum();
-            let what = if ferrovit::backend::cuda::is_gpu(device) {
+            let what = if device.is_gpu() {
                 "device time"
             } else {
                 "emulated kernels' host time"

@@ -12,6 +12,7 @@ pub use loader::{Batch, Epoch, Loader, Sampler};
 use transforms::{normalize_into, PIXELS};
 pub use transforms::{Augment, Geometry};
 
+use crate::backend::AugmentBatch;
 use crate::error::{Error, Result};
 use crate::files::read_regular_file;
 use crate::rng::Rng;
@@ -276,6 +277,16 @@ impl RawImages {
             normalize_into(&g.apply(img), &MEAN, &STD, &mut out);
         }
         Tensor::from_vec(out, [self.geometry.len(), 3, 32, 32])
+    }
+
+    /// The augment op's input for these images, with the data set's normalisation.
+    pub fn batch(&self) -> AugmentBatch<'_> {
+        AugmentBatch {
+            pixels: &self.pixels,
+            geometry: &self.geometry,
+            mean: MEAN,
+            std: STD,
+        }
     }
 
     /// Samples `range` (a pipeline's micro-batch).

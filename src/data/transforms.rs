@@ -2,6 +2,7 @@
 //! sample by the loader before normalisation.
 
 use super::autoaugment::auto_augment;
+pub use crate::backend::Geometry;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
@@ -69,14 +70,8 @@ impl Augment {
     }
 }
 
-/// Where a random crop (as a shift) and a horizontal flip move one image.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Geometry {
-    pub dy: i32,
-    pub dx: i32,
-    pub flip: bool,
-}
-
+// The type is the augment op's (the backend crops and flips on a device); applying it
+// to one image on the host is data's.
 impl Geometry {
     /// The image shifted by (`dy`, `dx`), then mirrored if `flip`.
     pub fn apply(&self, img: &[u8]) -> Vec<u8> {

@@ -83,15 +83,8 @@ impl NcclGroup {
         timeout: Duration,
     ) -> Result<NcclGroup> {
         Self::check_available()?;
-        let stream = match device {
-            Device::Cuda(id) => crate::backend::cuda::get(id).gpu.stream(),
-            Device::Cpu => None,
-        }
-        .ok_or_else(|| {
-            Error::Comm(format!(
-                "NCCL needs a real GPU, not {}",
-                crate::backend::cuda::describe(device)
-            ))
+        let stream = crate::backend::cuda::stream(device).ok_or_else(|| {
+            Error::Comm(format!("NCCL needs a real GPU, not {}", device.describe()))
         })?;
         Self::join(base, stream, timeout)
     }
@@ -306,13 +299,7 @@ impl ProcessGroup for NcclGroup {
     ) -> Result<()> {
         let here = |t: &Tensor| {
             t.dtype() == DType::F32
-                && match t.device() {
-                    Device::Cuda(id) => crate::backend::cuda::get(id)
-                        .gpu
-                        .stream()
-                        .is_some_and(|s| self.same_stream(&s)),
-                    Device::Cpu => false,
-                }
+                && crate::backend::cuda::stream(t.device()).is_some_and(|s| self.same_stream(&s))
         };
         if !tensors.iter().all(|t| here(t)) {
             return super::all_reduce_through_host(self, tensors, op, bucket);

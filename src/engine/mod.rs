@@ -420,7 +420,7 @@ impl Engine {
                     Precision::Bf16 => DType::BF16,
                     Precision::F32 => DType::F32,
                 };
-                crate::backend::for_device(self.params_device()).augment(raw, dtype)
+                crate::backend::for_device(self.params_device()).augment(&raw.batch(), dtype)
             }
             None => Ok(images.clone()),
         }

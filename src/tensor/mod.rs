@@ -5,13 +5,15 @@
 //! `cfg`s scattered over models and optimizers. Compute on the CPU is f32; bf16 and f16
 //! exist for storage and transfer (checkpoints, mixed precision) through `half`.
 
+mod device;
 mod pool;
 
-use crate::backend::cuda::{DevBuf, GpuId};
 use crate::error::{Error, Result};
 use half::{bf16, f16};
 use std::fmt;
 
+pub(crate) use device::install_memory;
+pub use device::{DevBuf, Device, DeviceMemory, GpuId};
 pub use pool::{pool_bytes, trim_pool, Buf};
 use std::sync::Arc;
 
@@ -51,23 +53,6 @@ impl DType {
 impl fmt::Display for DType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
-    }
-}
-
-/// Where a tensor's memory lives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Device {
-    Cpu,
-    /// A CUDA device opened with [`Device::cuda`] or [`Device::cuda_emulated`].
-    Cuda(GpuId),
-}
-
-impl fmt::Display for Device {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Device::Cpu => f.write_str("cpu"),
-            Device::Cuda(id) => id.fmt(f),
-        }
     }
 }
 
@@ -163,7 +148,7 @@ impl Tensor {
             }),
             Device::Cuda(id) => {
                 let mut t = Tensor::try_uninit(shape, device)?;
-                crate::backend::cuda::get(id).backend.fill(&mut t, 0.0)?;
+                device::memory(id).fill(&mut t, 0.0)?;
                 Ok(t)
             }
         }
@@ -227,10 +212,7 @@ impl Tensor {
     /// As [`Tensor::full`], or an error when the device is out of memory or fails.
     pub fn try_full(shape: impl Into<Shape>, value: f32, device: Device) -> Result<Tensor> {
         let mut t = Tensor::try_uninit(shape, device)?;
-        match device {
-            Device::Cuda(id) => crate::backend::cuda::get(id).backend.fill(&mut t, value)?,
-            Device::Cpu => crate::backend::cpu::fill(t.f32s_mut()?, value),
-        }
+        t.fill(value)?;
         Ok(t)
     }
 
@@ -376,9 +358,7 @@ impl Tensor {
         }
         if let (Storage::Cuda(b, _), DType::F32 | DType::BF16) = (&self.storage, dtype) {
             let mut out = Tensor::cuda_uninit(b.id, self.shape.clone(), dtype)?;
-            crate::backend::cuda::get(b.id)
-                .backend
-                .cast(self, &mut out)?;
+            b.memory().cast(self, &mut out)?;
             return Ok(out);
         }
         let v = self.to_vec_f32();
@@ -474,12 +454,12 @@ impl Tensor {
     /// first). Fails only on a device error, or a CUDA tensor that is not f32.
     pub fn fill(&mut self, value: f32) -> Result<()> {
         if let Device::Cuda(id) = self.device() {
-            return crate::backend::cuda::get(id).backend.fill(self, value);
+            return device::memory(id).fill(self, value);
         }
         if self.dtype() != DType::F32 {
             *self = self.to_dtype(DType::F32);
         }
-        crate::backend::cpu::fill(self.f32s_mut()?, value);
+        pool::fill(self.f32s_mut()?, value);
         Ok(())
     }
 
@@ -492,9 +472,7 @@ impl Tensor {
         let host = match &self.storage {
             Storage::Cuda(b, dtype) => {
                 let mut bytes = vec![0u8; self.numel() * dtype.size_in_bytes()];
-                crate::backend::cuda::get(b.id)
-                    .gpu
-                    .download(b.ptr, &mut bytes)?;
+                b.memory().download(b.ptr, &mut bytes)?;
                 Tensor::from_le_bytes(&bytes, *dtype, self.shape.clone())?
             }
             Storage::Cpu(_) => self.clone(),
@@ -507,9 +485,7 @@ impl Tensor {
                     _ => host,
                 };
                 let t = Tensor::cuda_uninit(id, self.shape.clone(), host.dtype())?;
-                crate::backend::cuda::get(id)
-                    .gpu
-                    .upload(t.cuda_ptr()?, &host.to_le_bytes())?;
+                device::memory(id).upload(t.cuda_ptr()?, &host.to_le_bytes())?;
                 Ok(t)
             }
         }
@@ -537,11 +513,9 @@ impl Tensor {
         }
         match &self.storage {
             Storage::Cuda(b, DType::F32) => {
-                let id = b.id;
+                let memory = b.memory();
                 let ptr = self.cuda_ptr_mut()?;
-                crate::backend::cuda::get(id)
-                    .gpu
-                    .upload(ptr, bytemuck::cast_slice(data))
+                memory.upload(ptr, bytemuck::cast_slice(data))
             }
             Storage::Cuda(..) => Err(self.dtype_error("copy_from_f32s")),
             Storage::Cpu(_) => {
@@ -570,9 +544,7 @@ impl Tensor {
             Storage::Cuda(b, _) => {
                 if Arc::strong_count(b) > 1 {
                     let fresh = DevBuf::new(b.id, bytes)?;
-                    crate::backend::cuda::get(b.id)
-                        .gpu
-                        .copy(fresh.ptr, b.ptr, bytes)?;
+                    b.memory().copy(fresh.ptr, b.ptr, bytes)?;
                     *b = Arc::new(fresh);
                 }
                 Ok(b.ptr)

@@ -7,10 +7,19 @@
 //! dropped and the next step reuses them. The pool holds at most what one step had
 //! alive at once per size; `trim_pool` releases it.
 
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 const MIN_POOLED: usize = 1 << 14;
+/// Elements per parallel task of [`fill`].
+const FILL_CHUNK: usize = 1 << 15;
+
+/// Sets every element, in parallel (a pooled buffer is large: zeroing it on one
+/// thread would cost more than the page faults the pool saves).
+pub(crate) fn fill(x: &mut [f32], v: f32) {
+    x.par_chunks_mut(FILL_CHUNK).for_each(|c| c.fill(v));
+}
 
 static POOL: Mutex<Option<HashMap<usize, Vec<Vec<f32>>>>> = Mutex::new(None);
 
@@ -71,7 +80,7 @@ impl Buf {
     pub fn zeroed(len: usize) -> Buf {
         match take_pooled(len) {
             Some(mut v) => {
-                crate::backend::cpu::fill(&mut v, 0.0);
+                fill(&mut v, 0.0);
                 Buf::from_vec(v)
             }
             None => Buf::from_vec(vec![0.0; len]),

@@ -5,20 +5,9 @@
 //! tiny products; they run in parallel over images × heads, each single-threaded, and
 //! read q, k, v in place through strides — no reshapes or copies.
 
-use super::gemm::{matmul_raw, Mat, Par, SharedMut};
+use crate::backend::gemm::{matmul_raw, Mat, Par, SharedMut};
+use crate::backend::AttnDims;
 use rayon::prelude::*;
-
-/// Geometry of one attention call. Only the first `queries` tokens attend (all
-/// `tokens` serve as keys and values): `queries == tokens` is ordinary self-attention,
-/// `queries == 1` is what the last block needs when only the cls token is read.
-#[derive(Clone, Copy, Debug)]
-pub struct AttnDims {
-    pub batch: usize,
-    pub tokens: usize,
-    pub queries: usize,
-    pub dim: usize,
-    pub heads: usize,
-}
 
 impl AttnDims {
     fn head_dim(self) -> usize {

@@ -3,17 +3,19 @@
 //! It is also the reference every other backend is tested against.
 
 pub mod attention;
-pub mod gemm;
 pub mod math;
 pub mod ops;
 pub mod optim;
 pub mod simd;
 
-pub use ops::fill;
-
-use super::{AdamStep, AttnDims, Backend, DropoutKey, DropoutMode, SgdStep};
+use super::check::{
+    check_attn, check_attn_backward, check_augment, check_embed, check_embed_backward,
+    check_matmul, check_patchify, rows_of, same_len,
+};
+use super::gemm;
+use super::{AdamStep, AttnDims, AugmentBatch, Backend, DropoutKey, DropoutMode, SgdStep};
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, Device, Tensor};
 use std::borrow::Cow;
 
 /// Sets the number of CPU threads (rayon's global pool, which the GEMMs use too).
@@ -69,28 +71,6 @@ pub fn physical_memory() -> Option<u64> {
 
 pub struct CpuBackend;
 
-fn same_len(op: &'static str, a: &[f32], b: &[f32]) -> Result<()> {
-    if a.len() != b.len() {
-        return Err(Error::shape(
-            op,
-            format!("{} elements", a.len()),
-            format!("{} elements", b.len()),
-        ));
-    }
-    Ok(())
-}
-
-fn rows_of(op: &'static str, x: &[f32], width: usize) -> Result<usize> {
-    if width == 0 || !x.len().is_multiple_of(width) {
-        return Err(Error::shape(
-            op,
-            format!("rows of width {width}"),
-            format!("{} elements", x.len()),
-        ));
-    }
-    Ok(x.len() / width)
-}
-
 /// An input as f32: f32 data as is, bf16 (mixed precision's activations) widened exactly.
 fn read(t: &Tensor) -> Result<Cow<'_, [f32]>> {
     match t.dtype() {
@@ -126,25 +106,12 @@ fn gemm_into(
     accumulate: bool,
     bias: Option<&[f32]>,
 ) -> Result<()> {
-    if a.dtype() != b.dtype() {
-        return Err(Error::Config(format!(
-            "matmul of a {} by a {} operand: cast one first",
-            a.dtype(),
-            b.dtype()
-        )));
-    }
+    check_matmul(c, a, b, (m, n, k))?;
     let (a, b) = (read(a)?, read(b)?);
     write(c, |c| {
-        if a.len() != m * k || b.len() != k * n || c.len() != m * n {
-            return Err(Error::shape(
-                "matmul",
-                format!("{m}x{k} · {k}x{n} -> {m}x{n}"),
-                format!("{} · {} -> {} elements", a.len(), b.len(), c.len()),
-            ));
-        }
         match bias {
             Some(bias) => {
-                rows_of("matmul bias", c, bias.len())?;
+                rows_of("matmul bias", c.len(), bias.len())?;
                 ops::fill_rows(c, bias);
                 gemm::matmul(c, &a, ta, &b, tb, (m, n, k), true);
             }
@@ -186,7 +153,7 @@ impl Backend for CpuBackend {
     fn fill_rows(&self, out: &mut Tensor, bias: &Tensor) -> Result<()> {
         let bias = bias.f32s()?;
         write(out, |out| {
-            rows_of("fill_rows", out, bias.len())?;
+            rows_of("fill_rows", out.len(), bias.len())?;
             ops::fill_rows(out, bias);
             Ok(())
         })
@@ -194,7 +161,7 @@ impl Backend for CpuBackend {
 
     fn bias_grad(&self, dy: &Tensor, db: &mut Tensor) -> Result<()> {
         let (dy, db) = (read(dy)?, db.f32s_mut()?);
-        rows_of("bias_grad", &dy, db.len())?;
+        rows_of("bias_grad", dy.len(), db.len())?;
         ops::bias_grad(&dy, db);
         Ok(())
     }
@@ -203,8 +170,8 @@ impl Backend for CpuBackend {
         let bias = bias.f32s()?;
         write(pre, |pre| {
             write(out, |out| {
-                same_len("bias_gelu", pre, out)?;
-                rows_of("bias_gelu", pre, bias.len())?;
+                same_len("bias_gelu", pre.len(), out.len())?;
+                rows_of("bias_gelu", pre.len(), bias.len())?;
                 ops::bias_gelu(pre, bias, out);
                 Ok(())
             })
@@ -214,8 +181,8 @@ impl Backend for CpuBackend {
     fn gelu_backward(&self, dy: &Tensor, pre: &Tensor, dpre: &mut Tensor) -> Result<()> {
         let (dy, pre) = (read(dy)?, read(pre)?);
         write(dpre, |dpre| {
-            same_len("gelu_backward", &dy, &pre)?;
-            same_len("gelu_backward", &dy, dpre)?;
+            same_len("gelu_backward", dy.len(), pre.len())?;
+            same_len("gelu_backward", dy.len(), dpre.len())?;
             ops::gelu_backward(&dy, &pre, dpre);
             Ok(())
         })
@@ -234,9 +201,9 @@ impl Backend for CpuBackend {
         let (x, g, b) = (x.f32s()?, gamma.f32s()?, beta.f32s()?);
         let (mean, rstd) = (mean.f32s_mut()?, rstd.f32s_mut()?);
         write(y, |y| {
-            let n = rows_of("layernorm", x, g.len())?;
-            same_len("layernorm", x, y)?;
-            same_len("layernorm", g, b)?;
+            let n = rows_of("layernorm", x.len(), g.len())?;
+            same_len("layernorm", x.len(), y.len())?;
+            same_len("layernorm", g.len(), b.len())?;
             if mean.len() != n || rstd.len() != n {
                 return Err(Error::shape(
                     "layernorm",
@@ -264,11 +231,11 @@ impl Backend for CpuBackend {
         let dy = &dy[..];
         let (mean, rstd) = (mean.f32s()?, rstd.f32s()?);
         let (dx, dg, db) = (dx.f32s_mut()?, dgamma.f32s_mut()?, dbeta.f32s_mut()?);
-        let n = rows_of("layernorm_backward", x, g.len())?;
-        same_len("layernorm_backward", dy, x)?;
-        same_len("layernorm_backward", dx, x)?;
-        same_len("layernorm_backward", dg, g)?;
-        same_len("layernorm_backward", db, g)?;
+        let n = rows_of("layernorm_backward", x.len(), g.len())?;
+        same_len("layernorm_backward", dy.len(), x.len())?;
+        same_len("layernorm_backward", dx.len(), x.len())?;
+        same_len("layernorm_backward", dg.len(), g.len())?;
+        same_len("layernorm_backward", db.len(), g.len())?;
         if mean.len() != n || rstd.len() != n {
             return Err(Error::shape(
                 "layernorm_backward",
@@ -291,15 +258,7 @@ impl Backend for CpuBackend {
 
     fn embed(&self, patches: &Tensor, cls: &Tensor, pos: &Tensor, out: &mut Tensor) -> Result<()> {
         let (p, c, e, o) = (patches.f32s()?, cls.f32s()?, pos.f32s()?, out.f32s_mut()?);
-        let t = rows_of("embed", e, c.len())?;
-        let b = rows_of("embed", p, (t - 1).max(1) * c.len())?;
-        if o.len() != b * t * c.len() {
-            return Err(Error::shape(
-                "embed",
-                format!("{} elements", b * t * c.len()),
-                o.len(),
-            ));
-        }
+        check_embed(p.len(), c.len(), e.len(), o.len())?;
         ops::embed(p, c, e, o);
         Ok(())
     }
@@ -317,15 +276,7 @@ impl Backend for CpuBackend {
             dcls.f32s_mut()?,
             dpos.f32s_mut()?,
         );
-        let t = rows_of("embed_backward", de, dc.len())?;
-        let b = rows_of("embed_backward", g, t * dc.len())?;
-        if dp.len() != b * (t - 1) * dc.len() {
-            return Err(Error::shape(
-                "embed_backward",
-                b * (t - 1) * dc.len(),
-                dp.len(),
-            ));
-        }
+        check_embed_backward(g.len(), dc.len(), de.len(), dp.len())?;
         ops::embed_backward(g, dp, dc, de);
         Ok(())
     }
@@ -373,15 +324,15 @@ impl Backend for CpuBackend {
         // b may be a bf16 branch under mixed precision (widened exactly)
         let b = read(b)?;
         let (a, out) = (a.f32s()?, out.f32s_mut()?);
-        same_len("add", a, &b)?;
-        same_len("add", a, out)?;
+        same_len("add", a.len(), b.len())?;
+        same_len("add", a.len(), out.len())?;
         ops::add(a, &b, out);
         Ok(())
     }
 
     fn add_assign(&self, dst: &mut Tensor, src: &Tensor) -> Result<()> {
         let (dst, src) = (dst.f32s_mut()?, src.f32s()?);
-        same_len("add_assign", dst, src)?;
+        same_len("add_assign", dst.len(), src.len())?;
         ops::add_assign(dst, src);
         Ok(())
     }
@@ -423,12 +374,12 @@ impl Backend for CpuBackend {
             DropoutMode::Accumulate => simd::DropMode::Accumulate,
             DropoutMode::AddTo(r) => {
                 let r = r.f32s()?;
-                same_len("dropout residual", r, x)?;
+                same_len("dropout residual", r.len(), x.len())?;
                 simd::DropMode::AddTo(r)
             }
         };
         write(out, |out| {
-            same_len("dropout", x, out)?;
+            same_len("dropout", x.len(), out.len())?;
             ops::dropout(x, p, key, samples, mode, out);
             Ok(())
         })
@@ -442,8 +393,8 @@ impl Backend for CpuBackend {
         dlogits: &mut Tensor,
     ) -> Result<f32> {
         let (z, dz) = (logits.f32s()?, dlogits.f32s_mut()?);
-        same_len("cross_entropy", z, dz)?;
-        let c = rows_of("cross_entropy", z, logits.shape().last())?;
+        same_len("cross_entropy", z.len(), dz.len())?;
+        let c = rows_of("cross_entropy", z.len(), logits.shape().last())?;
         if c != labels.len() || labels.is_empty() {
             return Err(Error::shape(
                 "cross_entropy",
@@ -498,117 +449,28 @@ impl Backend for CpuBackend {
         step: AdamStep,
     ) -> Result<()> {
         let (p, g, m, v) = (p.f32s_mut()?, g.f32s()?, m.f32s_mut()?, v.f32s_mut()?);
-        same_len("adam", p, g)?;
-        same_len("adam", m, g)?;
-        same_len("adam", v, g)?;
+        same_len("adam", p.len(), g.len())?;
+        same_len("adam", m.len(), g.len())?;
+        same_len("adam", v.len(), g.len())?;
         optim::adam(p, g, m, v, step);
         Ok(())
     }
 
     fn sgd(&self, p: &mut Tensor, g: &Tensor, buf: &mut Tensor, step: SgdStep) -> Result<()> {
         let (p, g, b) = (p.f32s_mut()?, g.f32s()?, buf.f32s_mut()?);
-        same_len("sgd", p, g)?;
+        same_len("sgd", p.len(), g.len())?;
         if step.momentum != 0.0 {
-            same_len("sgd", b, g)?;
+            same_len("sgd", b.len(), g.len())?;
         }
         optim::sgd(p, g, b, step);
         Ok(())
     }
-}
 
-/// Checks patchify's image and output shapes; returns `(b, c, h, w)`.
-pub(crate) fn check_patchify(
-    images: &Tensor,
-    patch: usize,
-    out: &Tensor,
-) -> Result<(usize, usize, usize, usize)> {
-    let &[b, c, h, w] = images.dims() else {
-        return Err(Error::shape(
-            "patchify",
-            "[batch, channels, height, width]",
-            images.shape(),
-        ));
-    };
-    if patch == 0 || h % patch != 0 || w % patch != 0 {
-        return Err(Error::shape(
-            "patchify",
-            format!("sides divisible by patch {patch}"),
-            images.shape(),
-        ));
+    fn augment(&self, batch: &AugmentBatch, dtype: DType) -> Result<Tensor> {
+        let n = check_augment(batch)?;
+        let mut out = Tensor::uninit([n], Device::Cpu);
+        ops::augment(batch, out.f32s_mut()?);
+        let b = batch.geometry.len();
+        out.reshape([b, 3, 32, 32])?.try_to_dtype(dtype)
     }
-    out.expect_dims(
-        "patchify",
-        &[b, (h / patch) * (w / patch), c * patch * patch],
-    )?;
-    Ok((b, c, h, w))
-}
-
-/// Checks that `logits` are `[batch, classes]`; returns `(batch, classes)`.
-pub(crate) fn check_logits(logits: &Tensor) -> Result<(usize, usize)> {
-    match *logits.dims() {
-        [b, c] if c > 0 => Ok((b, c)),
-        _ => Err(Error::shape(
-            "argmax_rows",
-            "[batch, classes]",
-            logits.shape(),
-        )),
-    }
-}
-
-/// The gradient buffer of attention's backward pass, shared by the backends: qkv's size,
-/// and overwriting only where every row is written (all tokens query).
-pub(crate) fn check_attn_backward(
-    d: AttnDims,
-    qkv: &Tensor,
-    dqkv: &Tensor,
-    accumulate: bool,
-) -> Result<()> {
-    if dqkv.numel() != qkv.numel() {
-        return Err(Error::shape(
-            "attention_backward",
-            qkv.shape(),
-            dqkv.shape(),
-        ));
-    }
-    if !accumulate && d.queries != d.tokens {
-        return Err(Error::Config(format!(
-            "attention_backward overwrites dqkv only when all {} tokens query, not {}",
-            d.tokens, d.queries
-        )));
-    }
-    Ok(())
-}
-
-/// Checks attention geometry and buffer sizes before the kernel's raw-pointer work.
-pub(crate) fn check_attn(
-    d: AttnDims,
-    saved: usize,
-    qkv: &Tensor,
-    probs: &Tensor,
-    out: &Tensor,
-) -> Result<()> {
-    if d.heads == 0 || !d.dim.is_multiple_of(d.heads) {
-        return Err(Error::Config(format!(
-            "dim {} is not divisible by {} heads",
-            d.dim, d.heads
-        )));
-    }
-    let (b, t, q, c) = (d.batch, d.tokens, d.queries, d.dim);
-    if q == 0 || q > t {
-        return Err(Error::Config(format!("{q} querying tokens out of {t}")));
-    }
-    for (what, have, want) in [
-        ("qkv", qkv.numel(), b * t * 3 * c),
-        ("saved", probs.numel(), saved),
-        ("out", out.numel(), b * q * c),
-    ] {
-        if have != want {
-            return Err(Error::shape(
-                "attention",
-                format!("{what} of {want} elements"),
-                have,
-            ));
-        }
-    }
-    Ok(())
 }

@@ -5,17 +5,15 @@
 //! do not depend on the thread count. Gradient outputs accumulate (`+=`), because a
 //! tensor may feed several consumers.
 
-use super::simd::{self, mix64, DropMode};
+use super::simd::{self, DropMode};
+use crate::backend::spec::{mix64, site_key};
+use crate::backend::{AugmentBatch, DropoutKey};
 use rayon::prelude::*;
 
 /// Elements per parallel task for elementwise loops.
 const CHUNK: usize = 1 << 15;
 /// Rows per parallel task for row-wise kernels whose rows are a few hundred wide.
 const ROWS: usize = 32;
-
-pub fn fill(x: &mut [f32], v: f32) {
-    x.par_chunks_mut(CHUNK).for_each(|c| c.fill(v));
-}
 
 /// `dst += src`
 pub fn add_assign(dst: &mut [f32], src: &[f32]) {
@@ -266,20 +264,6 @@ pub fn select_rows_backward(dout: &[f32], d: usize, stride_rows: usize, dx: &mut
     }
 }
 
-/// Identifies one dropout mask: the run's seed and the dropout site (layer). The mask
-/// bit of element `e` of sample `s` is a hash of (seed, site, s, e), so masks do not
-/// depend on thread count, batch composition or parallel layout.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DropoutKey {
-    pub seed: u64,
-    pub site: u64,
-}
-
-/// The part of every mask hash that depends only on the dropout site.
-pub(crate) fn site_key(key: DropoutKey) -> u64 {
-    mix64(mix64(key.seed) ^ key.site.wrapping_mul(0x9e37_79b9_7f4a_7c15))
-}
-
 fn sample_base(key: DropoutKey, sample: u64) -> u64 {
     mix64(site_key(key) ^ sample)
 }
@@ -331,4 +315,27 @@ pub fn cross_entropy(logits: &[f32], labels: &[usize], eps: f32, dlogits: &mut [
         }
     }
     (total / b as f64) as f32
+}
+
+/// Crops, flips and normalises raw `[b, 3, 32, 32]` pixels into `out`, one output
+/// element at a time as the CUDA kernel does (kernels/augment.cu), so the two are
+/// checked against one reference (data's `RawImages::to_images`) alike.
+pub fn augment(batch: &AugmentBatch, out: &mut [f32]) {
+    const SIDE: i32 = 32;
+    out.par_chunks_mut(3 * 32 * 32)
+        .zip(batch.pixels.par_chunks(3 * 32 * 32))
+        .zip(batch.geometry.par_iter())
+        .for_each(|((out, img), g)| {
+            for (i, o) in out.iter_mut().enumerate() {
+                let (c, y, x) = (i / 1024, (i / 32 % 32) as i32, (i % 32) as i32);
+                let (sy, sx) = (y + g.dy, if g.flip { SIDE - 1 - x } else { x } + g.dx);
+                let inside = (0..SIDE).contains(&sy) && (0..SIDE).contains(&sx);
+                let v = if inside {
+                    img[c * 1024 + (sy * SIDE + sx) as usize]
+                } else {
+                    0
+                };
+                *o = (v as f32 / 255.0 - batch.mean[c]) / batch.std[c];
+            }
+        });
 }

@@ -1,25 +1,10 @@
 //! Fused optimizer updates: one pass over (param, grad, state) per parameter tensor,
 //! with PyTorch's exact update order (so results match `torch.optim` to rounding).
 
+use crate::backend::{AdamStep, SgdStep};
 use rayon::prelude::*;
 
 const CHUNK: usize = 1 << 14;
-
-/// Scalars of one Adam/AdamW step, with bias corrections already folded in.
-#[derive(Clone, Copy, Debug)]
-pub struct AdamStep {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
-    /// AdamW (decay the weights directly) rather than Adam (decay added to the gradient).
-    pub decoupled: bool,
-    /// lr / (1 - beta1^t)
-    pub step_size: f32,
-    /// sqrt(1 - beta2^t)
-    pub bias_correction2_sqrt: f32,
-}
 
 pub fn adam(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: AdamStep) {
     p.par_chunks_mut(CHUNK)
@@ -40,18 +25,6 @@ pub fn adam(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: AdamStep)
                 *p -= s.step_size * (*m / denom);
             }
         });
-}
-
-/// Scalars of one SGD step.
-#[derive(Clone, Copy, Debug)]
-pub struct SgdStep {
-    pub lr: f32,
-    pub momentum: f32,
-    pub dampening: f32,
-    pub weight_decay: f32,
-    pub nesterov: bool,
-    /// The momentum buffer is empty (first step): it starts as the gradient.
-    pub first: bool,
 }
 
 /// `buf` is the momentum buffer; it may be empty when `momentum == 0`.

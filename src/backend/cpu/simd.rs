@@ -8,6 +8,7 @@
 //! gives bit-identical results.
 
 use super::math;
+use crate::backend::spec::mix64;
 
 macro_rules! simd_fn {
     ($(#[$m:meta])* pub fn $name:ident($($a:ident : $t:ty),* $(,)?) $body:block) => {
@@ -185,14 +186,6 @@ pub enum DropMode<'a> {
     Accumulate,
     /// `out = residual + m` (dropout fused with the residual add)
     AddTo(&'a [f32]),
-}
-
-#[inline(always)]
-pub fn mix64(mut z: u64) -> u64 {
-    // splitmix64 finaliser
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 simd_fn! {

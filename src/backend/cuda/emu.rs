@@ -417,7 +417,7 @@ impl EmuGpu {
             // alias A or B (the backend never passes an output as an input).
             unsafe {
                 let c = std::slice::from_raw_parts_mut(c, m * n);
-                crate::backend::cpu::gemm::matmul(
+                crate::backend::gemm::matmul(
                     c,
                     std::slice::from_raw_parts(a, m * k),
                     g.ta,
@@ -446,7 +446,7 @@ impl EmuGpu {
             self.containing(g.c, m * n * g.output.size_in_bytes(), "gemm C")?;
             vec![0.0; m * n]
         };
-        crate::backend::cpu::gemm::matmul(&mut c, &a, g.ta, &b, g.tb, g.mnk, g.accumulate);
+        crate::backend::gemm::matmul(&mut c, &a, g.ta, &b, g.tb, g.mnk, g.accumulate);
         self.add_bias(g, &mut c)?;
         let c = Tensor::from_vec(c, [m * n])?.to_dtype(g.output);
         self.upload(g.c, &c.to_le_bytes())

@@ -14,9 +14,8 @@ mod staging;
 
 use crate::error::{Error, Result};
 use crate::kernels::ParamKind;
-use crate::tensor::{DType, Device};
+use crate::tensor::{DType, Device, DeviceMemory, GpuId, Tensor};
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock};
 
 pub use ops::CudaBackend;
@@ -143,15 +142,49 @@ pub trait Gpu: Send + Sync {
     }
 }
 
-/// Names a CUDA device opened in this process (see [`Device::cuda`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct GpuId(u16);
-
 /// An opened device: its implementation and the backend that computes on it.
 pub struct CudaDevice {
     pub label: String,
     pub gpu: Arc<dyn Gpu>,
     pub backend: CudaBackend,
+}
+
+/// What tensors need of a device: its memory, through the [`Gpu`], and its fill and
+/// cast kernels, through the backend.
+impl DeviceMemory for CudaDevice {
+    fn label(&self) -> &str {
+        &self.label
+    }
+    fn describe(&self) -> String {
+        self.gpu.describe()
+    }
+    fn is_gpu(&self) -> bool {
+        self.gpu.stream().is_some()
+    }
+    fn alloc(&self, bytes: usize) -> Result<u64> {
+        self.gpu.alloc(bytes)
+    }
+    fn free(&self, ptr: u64) {
+        self.gpu.free(ptr)
+    }
+    fn upload(&self, dst: u64, src: &[u8]) -> Result<()> {
+        self.gpu.upload(dst, src)
+    }
+    fn download(&self, src: u64, dst: &mut [u8]) -> Result<()> {
+        self.gpu.download(src, dst)
+    }
+    fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        self.gpu.copy(dst, src, bytes)
+    }
+    fn fill(&self, t: &mut Tensor, value: f32) -> Result<()> {
+        self.backend.fill(t, value)
+    }
+    fn cast(&self, x: &Tensor, out: &mut Tensor) -> Result<()> {
+        self.backend.cast(x, out)
+    }
+    fn synchronize(&self) -> Result<()> {
+        self.gpu.synchronize()
+    }
 }
 
 fn registry() -> &'static Mutex<Vec<(String, &'static CudaDevice)>> {
@@ -166,10 +199,11 @@ fn device(key: &str, open: impl FnOnce() -> Result<Arc<dyn Gpu>>) -> Result<Devi
         .lock()
         .map_err(|_| Error::Device("the device table was poisoned by a panic".into()))?;
     if let Some(i) = devices.iter().position(|(k, _)| k == key) {
-        return Ok(Device::Cuda(GpuId(i as u16)));
+        return Ok(Device::Cuda(GpuId::new(i as u16)));
     }
     let gpu = open()?;
-    let id = GpuId(devices.len() as u16);
+    crate::tensor::install_memory(|id| get(id));
+    let id = GpuId::new(devices.len() as u16);
     let dev: &'static CudaDevice = Box::leak(Box::new(CudaDevice {
         label: key.to_string(),
         backend: CudaBackend::new(gpu.clone(), Device::Cuda(id)),
@@ -183,137 +217,45 @@ fn device(key: &str, open: impl FnOnce() -> Result<Arc<dyn Gpu>>) -> Result<Devi
 pub fn get(id: GpuId) -> &'static CudaDevice {
     let devices = registry().lock().unwrap_or_else(|e| e.into_inner());
     // A GpuId is only made by `device`, after registering: the index exists.
-    devices[id.0 as usize].1
+    devices[id.index()].1
 }
 
-impl Device {
-    /// GPU `ordinal` through the CUDA driver; a clear error when there is no driver,
-    /// no such GPU, or the kernels were not compiled into this build.
-    pub fn cuda(ordinal: usize) -> Result<Device> {
-        device(&format!("cuda:{ordinal}"), || {
-            Ok(Arc::new(driver::DriverGpu::open(ordinal)?) as Arc<dyn Gpu>)
-        })
-    }
-
-    /// The emulated CUDA device: the same kernels, run on the CPU (for tests).
-    pub fn cuda_emulated() -> Device {
-        device("cuda-emu", || {
-            Ok(Arc::new(emu::EmuGpu::default()) as Arc<dyn Gpu>)
-        })
-        .expect("opening the emulated device cannot fail")
-    }
-
-    /// An emulated CUDA device whose GEMMs do not add biases (the path taken where
-    /// cuBLASLt is missing or refuses a shape; for tests).
-    pub fn cuda_emulated_without_bias_epilogue() -> Device {
-        device("cuda-emu(no bias epilogue)", || {
-            Ok(Arc::new(emu::EmuGpu::without_bias_epilogue()) as Arc<dyn Gpu>)
-        })
-        .expect("opening the emulated device cannot fail")
-    }
-
-    /// An emulated CUDA device with only `bytes` of memory (for tests of running out).
-    pub fn cuda_emulated_with_memory(bytes: usize) -> Device {
-        device(&format!("cuda-emu({bytes} bytes)"), || {
-            Ok(Arc::new(emu::EmuGpu::with_memory(bytes)) as Arc<dyn Gpu>)
-        })
-        .expect("opening the emulated device cannot fail")
-    }
-
-    /// The device of rank `local` (its index among this machine's ranks) of a
-    /// parallel run asking for `s`: `cuda` is GPU `local` (one GPU per rank), `cuda:N`
-    /// is GPU N for every rank, and `cuda-emu` is one emulated device per rank (memory
-    /// apart, as on separate GPUs).
-    pub fn for_rank(s: &str, local: usize) -> Result<Device> {
-        match s {
-            "cuda" => Device::cuda(local),
-            "cuda-emu" if local > 0 => Ok(device(&format!("cuda-emu:{local}"), || {
-                Ok(Arc::new(emu::EmuGpu::default()) as Arc<dyn Gpu>)
-            })?),
-            _ => Device::parse(s),
-        }
-    }
-
-    /// `cpu`, `cuda`, `cuda:N` or `cuda-emu` (opening the device).
-    pub fn parse(s: &str) -> Result<Device> {
-        match s {
-            "cpu" => Ok(Device::Cpu),
-            "cuda" => Device::cuda(0),
-            "cuda-emu" => Ok(Device::cuda_emulated()),
-            _ => match s.strip_prefix("cuda:").map(str::parse) {
-                Some(Ok(n)) => Device::cuda(n),
-                _ => Err(Error::Config(format!(
-                    "unknown device `{s}` (expected cpu, cuda, cuda:N or cuda-emu)"
-                ))),
-            },
-        }
-    }
+/// GPU `ordinal` through the CUDA driver (see [`Device::cuda`]).
+pub(crate) fn open_gpu(ordinal: usize) -> Result<Device> {
+    device(&format!("cuda:{ordinal}"), || {
+        Ok(Arc::new(driver::DriverGpu::open(ordinal)?) as Arc<dyn Gpu>)
+    })
 }
 
-/// Waits until everything queued on `device` has finished (a no-op on the CPU).
-pub fn synchronize(device: Device) -> Result<()> {
+/// An emulated device under `key` (one key, one device with its own memory).
+pub(crate) fn open_emulated(key: &str, gpu: impl FnOnce() -> emu::EmuGpu) -> Device {
+    device(key, || Ok(Arc::new(gpu()) as Arc<dyn Gpu>))
+        .expect("opening the emulated device cannot fail")
+}
+
+/// The CUDA stream `device` computes on (NCCL enqueues its collectives on it, in
+/// order with the kernels); `None` on the CPU and on an emulated device.
+pub fn stream(device: Device) -> Option<Arc<cudarc::driver::CudaStream>> {
     match device {
-        Device::Cpu => Ok(()),
-        Device::Cuda(id) => get(id).gpu.synchronize(),
+        Device::Cuda(id) => get(id).gpu.stream(),
+        Device::Cpu => None,
     }
 }
 
-/// What `device` is, in words (the GPU's name; "cpu").
+/// The kernel profile of `device` (see [`Gpu::profile`]); `None` on the CPU.
+pub fn profile(device: Device) -> Option<Vec<(String, u64, f64)>> {
+    match device {
+        Device::Cuda(id) => get(id).gpu.profile(),
+        Device::Cpu => None,
+    }
+}
+
+/// As [`Device::describe`] (kept for callers not yet moved to it).
 pub fn describe(device: Device) -> String {
-    match device {
-        Device::Cpu => "cpu".into(),
-        Device::Cuda(id) => format!("{id}: {}", get(id).gpu.describe()),
-    }
+    device.describe()
 }
 
-/// Whether `device` is a real GPU (not the CPU, not the emulated device).
+/// As [`Device::is_gpu`] (kept for callers not yet moved to it).
 pub fn is_gpu(device: Device) -> bool {
-    match device {
-        Device::Cpu => false,
-        Device::Cuda(id) => get(id).gpu.stream().is_some(),
-    }
-}
-
-impl fmt::Display for GpuId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&get(*self).label)
-    }
-}
-
-/// Device memory owned by a tensor; freed on drop.
-pub struct DevBuf {
-    gpu: Arc<dyn Gpu>,
-    pub id: GpuId,
-    pub ptr: u64,
-    pub bytes: usize,
-}
-
-impl DevBuf {
-    /// `bytes` of device memory with unspecified contents (NaN on the emulated device).
-    pub fn new(id: GpuId, bytes: usize) -> Result<DevBuf> {
-        let gpu = get(id).gpu.clone();
-        let ptr = gpu.alloc(bytes.max(4)).map_err(|e| {
-            Error::Device(format!(
-                "{e} on {id} (out of device memory? try a smaller --batch-size or model)"
-            ))
-        })?;
-        Ok(DevBuf {
-            gpu,
-            id,
-            ptr,
-            bytes,
-        })
-    }
-}
-
-impl Drop for DevBuf {
-    fn drop(&mut self) {
-        self.gpu.free(self.ptr);
-    }
-}
-
-impl fmt::Debug for DevBuf {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "DevBuf({:#x}, {} bytes)", self.ptr, self.bytes)
-    }
+    device.is_gpu()
 }

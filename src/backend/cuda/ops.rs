@@ -2,13 +2,15 @@
 //! geometry, the same on a GPU and on the emulated device.
 
 use super::{Arg, Gemm, Gpu, Launch};
-use crate::backend::cpu::{
-    check_attn, check_attn_backward, check_logits, check_patchify, ops::site_key,
+use crate::backend::check::{
+    check_attn, check_attn_backward, check_augment, check_embed, check_embed_backward,
+    check_logits, check_matmul, check_patchify, rows_of, same_len,
 };
+use crate::backend::spec::site_key;
 use crate::backend::{
-    AdamStep, AttnDims, Backend, DropoutKey, DropoutMode, OptimTensors, SgdStep, Update,
+    AdamStep, AttnDims, AugmentBatch, Backend, DropoutKey, DropoutMode, OptimTensors, SgdStep,
+    Update,
 };
-use crate::data::RawImages;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Device, Tensor};
 use std::sync::{Arc, Mutex};
@@ -104,28 +106,6 @@ pub struct CudaBackend {
 /// Inputs up to this size are kept in the upload cache, this many of them.
 const CACHED_BYTES: usize = 64 << 10;
 const CACHED: usize = 16;
-
-fn same(op: &'static str, a: usize, b: usize) -> Result<()> {
-    if a != b {
-        return Err(Error::shape(
-            op,
-            format!("{a} elements"),
-            format!("{b} elements"),
-        ));
-    }
-    Ok(())
-}
-
-fn rows_of(op: &'static str, n: usize, width: usize) -> Result<usize> {
-    if width == 0 || !n.is_multiple_of(width) {
-        return Err(Error::shape(
-            op,
-            format!("rows of width {width}"),
-            format!("{n} elements"),
-        ));
-    }
-    Ok(n / width)
-}
 
 fn int(v: usize, what: &str) -> Result<Arg> {
     i32::try_from(v)
@@ -255,24 +235,11 @@ impl CudaBackend {
         (m, n, k): (usize, usize, usize),
         accumulate: bool,
     ) -> Result<Gemm> {
-        if a.numel() != m * k || b.numel() != k * n || c.numel() != m * n {
-            return Err(Error::shape(
-                "matmul",
-                format!("{m}x{k} · {k}x{n} -> {m}x{n}"),
-                format!("{} · {} -> {} elements", a.numel(), b.numel(), c.numel()),
-            ));
-        }
+        check_matmul(c, a, b, (m, n, k))?;
         let both = [DType::F32, DType::BF16];
         self.on_device(a, &both)?;
         self.on_device(b, &both)?;
         self.on_device(c, &both)?;
-        if a.dtype() != b.dtype() {
-            return Err(Error::Device(format!(
-                "matmul of a {} by a {} operand: cast one first",
-                a.dtype(),
-                b.dtype()
-            )));
-        }
         Ok(Gemm {
             c: c.cuda_ptr_mut()?,
             a: a.cuda_ptr()?,
@@ -368,7 +335,7 @@ impl CudaBackend {
     /// `out = x` converted to `out`'s dtype (f32 ↔ bf16, round to nearest even).
     pub fn cast(&self, x: &Tensor, out: &mut Tensor) -> Result<()> {
         let n = x.numel();
-        same("cast", n, out.numel())?;
+        same_len("cast", n, out.numel())?;
         let both = [DType::F32, DType::BF16];
         self.on_device(x, &both)?;
         self.on_device(out, &both)?;
@@ -423,7 +390,7 @@ impl Backend for CudaBackend {
         bias: &Tensor,
         (m, n, k): (usize, usize, usize),
     ) -> Result<()> {
-        same("matmul bias", bias.numel(), n)?;
+        same_len("matmul bias", bias.numel(), n)?;
         let fused = Gemm {
             bias: self.ptr(bias)?.bits(),
             ..self.gemm_of(c, a, false, b, true, (m, n, k), false)?
@@ -458,7 +425,7 @@ impl Backend for CudaBackend {
 
     fn bias_gelu(&self, pre: &mut Tensor, bias: &Tensor, out: &mut Tensor) -> Result<()> {
         let (n, d) = (pre.numel(), bias.numel());
-        same("bias_gelu", n, out.numel())?;
+        same_len("bias_gelu", n, out.numel())?;
         rows_of("bias_gelu", n, d)?;
         let kernel = variant(
             "bias_gelu",
@@ -477,8 +444,8 @@ impl Backend for CudaBackend {
 
     fn gelu_backward(&self, dy: &Tensor, pre: &Tensor, dpre: &mut Tensor) -> Result<()> {
         let n = dy.numel();
-        same("gelu_backward", n, pre.numel())?;
-        same("gelu_backward", n, dpre.numel())?;
+        same_len("gelu_backward", n, pre.numel())?;
+        same_len("gelu_backward", n, dpre.numel())?;
         let kernel = variant(
             "gelu_backward",
             ["gelu_backward_f32", "gelu_backward_bf16"],
@@ -500,8 +467,8 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let d = gamma.numel();
         let rows = rows_of("layernorm", x.numel(), d)?;
-        same("layernorm", x.numel(), y.numel())?;
-        same("layernorm", d, beta.numel())?;
+        same_len("layernorm", x.numel(), y.numel())?;
+        same_len("layernorm", d, beta.numel())?;
         if mean.numel() != rows || rstd.numel() != rows {
             return Err(Error::shape(
                 "layernorm",
@@ -541,10 +508,10 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let d = gamma.numel();
         let rows = rows_of("layernorm_backward", x.numel(), d)?;
-        same("layernorm_backward", dy.numel(), x.numel())?;
-        same("layernorm_backward", dx.numel(), x.numel())?;
-        same("layernorm_backward", dgamma.numel(), d)?;
-        same("layernorm_backward", dbeta.numel(), d)?;
+        same_len("layernorm_backward", dy.numel(), x.numel())?;
+        same_len("layernorm_backward", dx.numel(), x.numel())?;
+        same_len("layernorm_backward", dgamma.numel(), d)?;
+        same_len("layernorm_backward", dbeta.numel(), d)?;
         if mean.numel() != rows || rstd.numel() != rows {
             return Err(Error::shape(
                 "layernorm_backward",
@@ -614,9 +581,7 @@ impl Backend for CudaBackend {
 
     fn embed(&self, patches: &Tensor, cls: &Tensor, pos: &Tensor, out: &mut Tensor) -> Result<()> {
         let d = cls.numel();
-        let t = rows_of("embed", pos.numel(), d)?;
-        let b = rows_of("embed", patches.numel(), (t.max(2) - 1) * d)?;
-        same("embed", b * t * d, out.numel())?;
+        let (b, t) = check_embed(patches.numel(), d, pos.numel(), out.numel())?;
         let args = [
             self.ptr(patches)?,
             self.ptr(cls)?,
@@ -637,9 +602,7 @@ impl Backend for CudaBackend {
         dpos: &mut Tensor,
     ) -> Result<()> {
         let d = dcls.numel();
-        let t = rows_of("embed_backward", dpos.numel(), d)?;
-        let b = rows_of("embed_backward", dout.numel(), t * d)?;
-        same("embed_backward", b * (t - 1) * d, dpatches.numel())?;
+        let (b, t) = check_embed_backward(dout.numel(), d, dpos.numel(), dpatches.numel())?;
         let g = self.ptr(dout)?;
         let args = [
             g,
@@ -738,8 +701,8 @@ impl Backend for CudaBackend {
 
     fn add(&self, a: &Tensor, b: &Tensor, out: &mut Tensor) -> Result<()> {
         let n = a.numel();
-        same("add", n, b.numel())?;
-        same("add", n, out.numel())?;
+        same_len("add", n, b.numel())?;
+        same_len("add", n, out.numel())?;
         // b may be a bf16 branch (mixed precision), a and out are the f32 residual stream
         let args = [self.ptr(a)?, self.act(b)?, self.ptr_mut(out)?, long(n)];
         let kernel = variant("add", ["add_f32", "add_f32_bf16"], &[b])?;
@@ -748,7 +711,7 @@ impl Backend for CudaBackend {
 
     fn add_assign(&self, dst: &mut Tensor, src: &Tensor) -> Result<()> {
         let n = dst.numel();
-        same("add_assign", n, src.numel())?;
+        same_len("add_assign", n, src.numel())?;
         let args = [self.ptr_mut(dst)?, self.ptr(src)?, long(n)];
         self.elementwise("add_assign_f32", n, &args)
     }
@@ -791,7 +754,7 @@ impl Backend for CudaBackend {
         out: &mut Tensor,
     ) -> Result<()> {
         let n = x.numel();
-        same("dropout", n, out.numel())?;
+        same_len("dropout", n, out.numel())?;
         if samples.is_empty() || !n.is_multiple_of(samples.len()) {
             return Err(Error::shape(
                 "dropout",
@@ -809,7 +772,7 @@ impl Backend for CudaBackend {
             DropoutMode::Write => (Arg::Ptr(0), 0),
             DropoutMode::Accumulate => (Arg::Ptr(0), 1),
             DropoutMode::AddTo(r) => {
-                same("dropout residual", r.numel(), n)?;
+                same_len("dropout residual", r.numel(), n)?;
                 (self.ptr(r)?, 2)
             }
         };
@@ -847,7 +810,7 @@ impl Backend for CudaBackend {
         dlogits: &mut Tensor,
     ) -> Result<f32> {
         let classes = logits.shape().last();
-        same("cross_entropy", logits.numel(), dlogits.numel())?;
+        same_len("cross_entropy", logits.numel(), dlogits.numel())?;
         let b = rows_of("cross_entropy", logits.numel(), classes)?;
         if b != labels.len() || labels.is_empty() {
             return Err(Error::shape(
@@ -881,7 +844,7 @@ impl Backend for CudaBackend {
 
     fn select_rows(&self, x: &Tensor, stride_rows: usize, out: &mut Tensor) -> Result<()> {
         let (n, d) = (out.numel(), out.shape().last());
-        same("select_rows", n * stride_rows, x.numel())?;
+        same_len("select_rows", n * stride_rows, x.numel())?;
         let args = [
             self.ptr(x)?,
             self.ptr_mut(out)?,
@@ -899,7 +862,7 @@ impl Backend for CudaBackend {
         dx: &mut Tensor,
     ) -> Result<()> {
         let (n, d) = (dout.numel(), dout.shape().last());
-        same("select_rows_backward", n * stride_rows, dx.numel())?;
+        same_len("select_rows_backward", n * stride_rows, dx.numel())?;
         let args = [
             self.ptr(dout)?,
             self.ptr_mut(dx)?,
@@ -919,9 +882,9 @@ impl Backend for CudaBackend {
         s: AdamStep,
     ) -> Result<()> {
         let n = p.numel();
-        same("adam", n, g.numel())?;
-        same("adam", n, m.numel())?;
-        same("adam", n, v.numel())?;
+        same_len("adam", n, g.numel())?;
+        same_len("adam", n, m.numel())?;
+        same_len("adam", n, v.numel())?;
         let args = [
             self.ptr_mut(p)?,
             self.ptr(g)?,
@@ -942,9 +905,9 @@ impl Backend for CudaBackend {
 
     fn sgd(&self, p: &mut Tensor, g: &Tensor, buf: &mut Tensor, s: SgdStep) -> Result<()> {
         let n = p.numel();
-        same("sgd", n, g.numel())?;
+        same_len("sgd", n, g.numel())?;
         let b = if s.momentum != 0.0 {
-            same("sgd", n, buf.numel())?;
+            same_len("sgd", n, buf.numel())?;
             self.ptr_mut(buf)?
         } else {
             Arg::Ptr(0)
@@ -969,11 +932,11 @@ impl Backend for CudaBackend {
         let mut lens = Vec::new();
         for t in tensors.iter_mut() {
             let n = t.p.numel();
-            same("optimizer_step", n, t.g.numel())?;
+            same_len("optimizer_step", n, t.g.numel())?;
             let (p, g) = (addr(self.ptr_mut(t.p)?), addr(self.ptr(t.g)?));
             let mut state = Vec::new();
             for s in t.state.iter_mut() {
-                same("optimizer_step", n, s.numel())?;
+                same_len("optimizer_step", n, s.numel())?;
                 state.push(addr(self.ptr_mut(s)?));
             }
             let wd = match update {
@@ -1032,20 +995,19 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn augment(&self, raw: &RawImages, dtype: DType) -> Result<Tensor> {
-        let b = raw.geometry.len();
-        let n = b * 3 * 32 * 32;
-        same("augment", n, raw.pixels.len())?;
-        let geometry: Vec<i32> = raw
+    fn augment(&self, batch: &AugmentBatch, dtype: DType) -> Result<Tensor> {
+        let n = check_augment(batch)?;
+        let b = batch.geometry.len();
+        let geometry: Vec<i32> = batch
             .geometry
             .iter()
             .flat_map(|g| [g.dy, g.dx, g.flip as i32])
             .collect();
-        let (pixels, _p) = self.upload(&raw.pixels)?;
+        let (pixels, _p) = self.upload(batch.pixels)?;
         let (geometry, _g) = self.upload(&geometry)?;
         let mut out = Tensor::try_uninit_as([b, 3, 32, 32], dtype, self.device)?;
         let kernel = variant("augment", ["augment_u8_f32", "augment_u8_bf16"], &[&out])?;
-        let (m, s) = (crate::data::MEAN, crate::data::STD);
+        let (m, s) = (batch.mean, batch.std);
         let args = [
             pixels,
             geometry,

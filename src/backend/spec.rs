@@ -1,0 +1,87 @@
+//! The types the op set is written in: what [`super::Backend`]'s methods take besides
+//! tensors. Every backend uses them; none owns them.
+
+/// Geometry of one attention call. Only the first `queries` tokens attend (all
+/// `tokens` serve as keys and values): `queries == tokens` is ordinary self-attention,
+/// `queries == 1` is what the last block needs when only the cls token is read.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnDims {
+    pub batch: usize,
+    pub tokens: usize,
+    pub queries: usize,
+    pub dim: usize,
+    pub heads: usize,
+}
+
+/// Scalars of one Adam/AdamW step, with bias corrections already folded in.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// AdamW (decay the weights directly) rather than Adam (decay added to the gradient).
+    pub decoupled: bool,
+    /// lr / (1 - beta1^t)
+    pub step_size: f32,
+    /// sqrt(1 - beta2^t)
+    pub bias_correction2_sqrt: f32,
+}
+
+/// Scalars of one SGD step.
+#[derive(Clone, Copy, Debug)]
+pub struct SgdStep {
+    pub lr: f32,
+    pub momentum: f32,
+    pub dampening: f32,
+    pub weight_decay: f32,
+    pub nesterov: bool,
+    /// The momentum buffer is empty (first step): it starts as the gradient.
+    pub first: bool,
+}
+
+/// Identifies one dropout mask: the run's seed and the dropout site (layer). The mask
+/// bit of element `e` of sample `s` is a hash of (seed, site, s, e), so masks do not
+/// depend on thread count, batch composition or parallel layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropoutKey {
+    pub seed: u64,
+    pub site: u64,
+}
+
+/// The part of every mask hash that depends only on the dropout site.
+pub(crate) fn site_key(key: DropoutKey) -> u64 {
+    mix64(mix64(key.seed) ^ key.site.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+}
+
+/// The splitmix64 finaliser: the hash dropout masks are built from.
+#[inline(always)]
+pub(crate) fn mix64(mut z: u64) -> u64 {
+    // splitmix64 finaliser
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Where a random crop (as a shift) and a horizontal flip move one image.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Geometry {
+    pub dy: i32,
+    pub dx: i32,
+    pub flip: bool,
+}
+
+/// The augment op's input: a batch of raw images and how to crop, flip and normalise
+/// each (data/ builds it; the backend does the work where the model is).
+#[derive(Clone, Copy, Debug)]
+pub struct AugmentBatch<'a> {
+    /// `[b, 3, 32, 32]` planar `u8` pixels.
+    pub pixels: &'a [u8],
+    /// Each sample's crop and flip: the image shifted by (`dy`, `dx`) with zeros shifted
+    /// in, then mirrored if `flip`.
+    pub geometry: &'a [Geometry],
+    /// Per-channel mean and std: a pixel `v` becomes `(v / 255 - mean[c]) / std[c]`.
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}

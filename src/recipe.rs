@@ -606,11 +606,8 @@ fn nccl_gradients(opts: &TrainOptions, device: Device, par: &Parallel) -> Result
     if par.layout.dp == 1 || opts.comm == "host" {
         return Ok(false);
     }
-    let why_not = if !crate::backend::cuda::is_gpu(device) {
-        Some(format!(
-            "the device is {}, not a GPU",
-            crate::backend::cuda::describe(device)
-        ))
+    let why_not = if !device.is_gpu() {
+        Some(format!("the device is {}, not a GPU", device.describe()))
     } else if opts.device != "cuda" {
         Some(format!(
             "every rank computes on the same GPU (`--device {}`); NCCL needs a GPU per rank (`--device cuda`)",
@@ -671,7 +668,7 @@ fn train_rank(
         trainer.engine.to_device(device)?;
         trainer.logger.info(format!(
             "training on {}, {} linear layers",
-            crate::backend::cuda::describe(device),
+            device.describe(),
             precision
         ));
     }

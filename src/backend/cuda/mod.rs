@@ -249,13 +249,3 @@ pub fn profile(device: Device) -> Option<Vec<(String, u64, f64)>> {
         Device::Cpu => None,
     }
 }
-
-/// As [`Device::describe`] (kept for callers not yet moved to it).
-pub fn describe(device: Device) -> String {
-    device.describe()
-}
-
-/// As [`Device::is_gpu`] (kept for callers not yet moved to it).
-pub fn is_gpu(device: Device) -> bool {
-    device.is_gpu()
-}

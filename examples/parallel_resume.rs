@@ -4,7 +4,7 @@
 //!
 //! `cargo run --release --example parallel_resume [-- --tiny] [-- OUT_DIR]`
 
-use ferrovit::recipe::{train, TrainOptions};
+use ferrovit::recipe::{train, Resume, TrainOptions};
 use std::path::PathBuf;
 
 fn main() -> ferrovit::Result<()> {
@@ -45,7 +45,7 @@ fn main() -> ferrovit::Result<()> {
     let second = train(&TrainOptions {
         pp: 2,
         out: out.join("pp2"),
-        resume: Some(ckpt.to_string_lossy().into_owned()),
+        resume: Some(Resume::Dir(ckpt.clone())),
         ..base
     })?;
     println!(

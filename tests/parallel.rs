@@ -299,7 +299,7 @@ fn a_checkpoint_saved_under_any_layout_resumes_under_any_other() {
         for &l in &LAYOUTS {
             let out = root.join(format!("resume-{}-as-{}", name(s), name(l)));
             let mut o = options(&out, l);
-            o.resume = Some(from.to_string_lossy().into_owned());
+            o.resume = Some(recipe::Resume::Dir(from.to_path_buf()));
             recipe::train(&o).unwrap();
             let got = (losses(&out), tensors(&out, 2 * steps_per_epoch));
             // the resumed run's history holds epoch 1 from the checkpoint, epoch 2 its own

@@ -24,6 +24,7 @@ mod spec;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Device, Tensor};
 
+pub use device::DeviceSpec;
 pub use spec::{AdamStep, AttnDims, AugmentBatch, DropoutKey, Geometry, SgdStep};
 
 /// Where a dropout result goes.

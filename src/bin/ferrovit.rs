@@ -1,7 +1,9 @@
 //! The `ferrovit` command line.
 
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use ferrovit::backend::cpu;
+use ferrovit::backend::DeviceSpec;
 use ferrovit::checkpoint::{self, Checkpoint};
 use ferrovit::data::cifar10;
 use ferrovit::data::Dataset;
@@ -9,12 +11,11 @@ use ferrovit::engine::{Engine, TrainConfig};
 use ferrovit::infer::{load_images, Classifier};
 use ferrovit::launch::LaunchOptions;
 use ferrovit::nn::PRESETS;
-use ferrovit::recipe::{self, TrainOptions};
+use ferrovit::recipe::{self, PrecisionChoice, TrainOptions};
 use ferrovit::rng::Rng;
 use ferrovit::text::{self, escape};
 use ferrovit::trainer::init_stdout;
-use ferrovit::{Device, Error, Precision, Result, Tensor, VitConfig};
-use serde::Serialize;
+use ferrovit::{Device, Error, Result, Tensor, VitConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -54,140 +55,17 @@ enum Command {
     Presets,
 }
 
-/// Flags of `ferrovit train`. Each one left out keeps the value from `--config` (or
-/// the default shown); field names are the config file's keys.
-#[derive(Args, Serialize)]
+/// `ferrovit train`: the run's options ([`TrainOptions`], which defines the flags), and
+/// a config file. Each flag left out keeps the value from `--config` (or the default
+/// shown); a config file's keys are the flags' names with `_` for `-`.
+#[derive(Args)]
 struct TrainArgs {
     /// TOML file with any of these options (keys as the flags, `_` for `-`); flags
     /// given on the command line override it
     #[arg(long)]
-    #[serde(skip)]
     config: Option<PathBuf>,
-    /// Model preset (see `ferrovit presets`); --dim/--depth/--heads/--mlp-dim/--patch-size override its values
-    #[arg(long)]
-    preset: Option<String>,
-    /// Embedding width [default: 128 without a preset]
-    #[arg(long)]
-    dim: Option<usize>,
-    /// Transformer blocks [default: 4 without a preset]
-    #[arg(long)]
-    depth: Option<usize>,
-    /// Attention heads, must divide --dim [default: 4 without a preset]
-    #[arg(long)]
-    heads: Option<usize>,
-    /// MLP hidden width [default: 256 without a preset]
-    #[arg(long)]
-    mlp_dim: Option<usize>,
-    /// Patch side in pixels, must divide 32 [default: 4]
-    #[arg(long)]
-    patch_size: Option<usize>,
-    /// Dropout probability [default: 0.1]
-    #[arg(long)]
-    dropout: Option<f32>,
-    /// Data directory: CIFAR-10 binary files or an image folder (train/<class>/*.png,
-    /// test/<class>/…) [default: the embedded digits data]
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Passes over the training set [default: 20]
-    #[arg(long)]
-    epochs: Option<usize>,
-    /// Images per step [default: 64]
-    #[arg(long)]
-    batch_size: Option<usize>,
-    /// Peak learning rate of AdamW [default: 0.002]
-    #[arg(long)]
-    lr: Option<f32>,
-    /// Linear warm-up in epochs (fractions allowed), then cosine decay to 0 [default: 1]
-    #[arg(long)]
-    warmup: Option<f32>,
-    /// AdamW decoupled weight decay [default: 0.05]
-    #[arg(long)]
-    weight_decay: Option<f32>,
-    /// Label smoothing of the training loss, in [0, 1] [default: 0]
-    #[arg(long)]
-    label_smoothing: Option<f32>,
-    /// Training augmentation, a comma-separated list of: crop (random crop of the image
-    /// zero-padded by 4), flip (random horizontal flip), autoaugment (the CIFAR-10
-    /// AutoAugment policy); or none. Digits are not mirror-symmetric, hence no flip by
-    /// default [default: none]
-    #[arg(long)]
-    augment: Option<String>,
-    /// Seed of initialisation, data order, augmentation and dropout [default: 0]
-    #[arg(long)]
-    seed: Option<u64>,
-    /// CPU compute threads [default: one per core]
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Data-loader worker threads [default: 2]
-    #[arg(long)]
-    workers: Option<usize>,
-    /// Test every N epochs and after the last [default: 1]
-    #[arg(long)]
-    test_interval: Option<usize>,
-    /// Output directory: metrics.jsonl (per-epoch metrics), metrics.png (curves),
-    /// config.toml (the resolved options), checkpoints/ [default: out]
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Save a checkpoint every N epochs and after the last; 0: only after the last [default: 1]
-    #[arg(long, value_name = "N")]
-    save_every: Option<usize>,
-    /// Also save a checkpoint every N optimizer steps
-    #[arg(long, value_name = "N")]
-    save_every_steps: Option<u64>,
-    /// Keep the newest N checkpoints; 0 keeps all [default: 3]
-    #[arg(long, value_name = "N")]
-    keep_last: Option<usize>,
-    /// Save no checkpoints
-    #[arg(long)]
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    no_save: bool,
-    /// Largest checkpoint shard file in MiB [default: 2048]
-    #[arg(long, value_name = "MIB")]
-    shard_size_mb: Option<u64>,
-    /// Continue a run: `auto` (the newest committed checkpoint under <out>/checkpoints;
-    /// a fresh start if there is none) or a checkpoint directory. Give the run's options
-    /// again (or its config.toml)
-    #[arg(long, value_name = "auto|DIR")]
-    resume: Option<String>,
-    /// Start from a checkpoint's weights, non-strictly (e.g. a new classifier head),
-    /// with a fresh optimizer
-    #[arg(long, value_name = "DIR")]
-    init: Option<PathBuf>,
-    /// Data-parallel replicas; each computes a share of every global batch (--batch-size
-    /// is the global batch) [default: 1, or WORLD_SIZE / --pp under a launcher]
-    #[arg(long, value_name = "N")]
-    dp: Option<usize>,
-    /// Pipeline stages; the blocks are split across them (embedding on the first, head
-    /// on the last) [default: 1]
-    #[arg(long, value_name = "N")]
-    pp: Option<usize>,
-    /// Micro-batches per step in the pipeline (1F1B schedule) [default: 2 × pp]
-    #[arg(long, value_name = "N")]
-    microbatches: Option<usize>,
-    /// First block of pipeline stages 1.., e.g. `--stages 3,5` for three stages [default:
-    /// an even split]
-    #[arg(long, value_name = "B,B,…", value_delimiter = ',')]
-    stages: Option<Vec<usize>>,
-    /// Gradient all-reduce bucket in MiB [default: 25]
-    #[arg(long, value_name = "MIB")]
-    bucket_mb: Option<f32>,
-    /// Seconds a rank waits for another before failing [default: 300]
-    #[arg(long, value_name = "S")]
-    comm_timeout: Option<u64>,
-    /// How replicas combine gradients: nccl (on the GPUs; one GPU per rank), host
-    /// (through host memory), or auto (nccl when every rank has a GPU of its own and
-    /// NCCL loads) [default: auto]
-    #[arg(long, value_name = "C")]
-    comm: Option<String>,
-    /// Where to compute: cpu, cuda (GPU 0), cuda:N, or cuda-emu (the CUDA kernels
-    /// emulated on the CPU: slow, for testing) [default: cpu]
-    #[arg(long, value_name = "DEVICE")]
-    device: Option<String>,
-    /// The linear layers' arithmetic: f32, bf16 (mixed precision: bf16 GEMM operands,
-    /// f32 accumulation, parameters and optimizer state), or auto (bf16 on a CUDA
-    /// device, f32 on the CPU) [default: auto]
-    #[arg(long, value_name = "P")]
-    precision: Option<String>,
+    #[command(flatten)]
+    options: TrainOptions,
 }
 
 /// Images are PNG or JPEG of any size: the shorter side is resized to the model's 32
@@ -206,11 +84,11 @@ struct InferArgs {
     #[arg(long)]
     json: bool,
     /// Where to compute: cpu, cuda, cuda:N or cuda-emu
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[arg(long, default_value_t = DeviceSpec::Cpu)]
+    device: DeviceSpec,
     /// f32, bf16 or auto (bf16 on a CUDA device, f32 on the CPU)
-    #[arg(long, default_value = "auto")]
-    precision: String,
+    #[arg(long, value_enum, default_value_t = PrecisionChoice::Auto)]
+    precision: PrecisionChoice,
     /// Images to classify
     #[arg(required = true, value_name = "IMAGE")]
     images: Vec<PathBuf>,
@@ -237,11 +115,11 @@ struct EvalArgs {
     #[arg(long)]
     json: bool,
     /// Where to compute: cpu, cuda, cuda:N or cuda-emu
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[arg(long, default_value_t = DeviceSpec::Cpu)]
+    device: DeviceSpec,
     /// f32, bf16 or auto (bf16 on a CUDA device, f32 on the CPU)
-    #[arg(long, default_value = "auto")]
-    precision: String,
+    #[arg(long, value_enum, default_value_t = PrecisionChoice::Auto)]
+    precision: PrecisionChoice,
 }
 
 /// Each process gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and
@@ -359,11 +237,11 @@ struct BenchArgs {
     #[arg(long)]
     threads: Option<usize>,
     /// Where to compute: cpu, cuda, cuda:N or cuda-emu
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[arg(long, default_value_t = DeviceSpec::Cpu)]
+    device: DeviceSpec,
     /// f32, bf16 or auto (bf16 on a CUDA device, f32 on the CPU)
-    #[arg(long, default_value = "auto")]
-    precision: String,
+    #[arg(long, value_enum, default_value_t = PrecisionChoice::Auto)]
+    precision: PrecisionChoice,
 }
 
 fn main() -> ExitCode {
@@ -373,10 +251,11 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     init_stdout();
     let result = match cli.command {
-        Command::Train(a) => train(*a),
+        Command::Train(a) => train(*a, &matches),
         Command::Data(DataCommand::Cifar10(a)) => data_cifar10(a),
         Command::Ckpt(c) => ckpt(c),
         Command::Bench(a) => bench(a),
@@ -422,9 +301,9 @@ fn pairs(flag: &str, args: &[String]) -> Result<Vec<(String, String)>> {
 }
 
 /// The checkpoint's model on `device`, computing in `precision`.
-fn load_on(ckpt: PathBuf, device: &str, precision: &str) -> Result<Classifier> {
-    let device = Device::parse(device)?;
-    let precision = Precision::resolve(precision, device)?;
+fn load_on(ckpt: PathBuf, device: DeviceSpec, precision: PrecisionChoice) -> Result<Classifier> {
+    let device = Device::open(device)?;
+    let precision = precision.resolve(device);
     let mut model = Classifier::load(&ckpt_dir(ckpt)?)?;
     model.to_device(device, precision)?;
     Ok(model)
@@ -434,7 +313,7 @@ fn infer(a: InferArgs) -> Result<()> {
     if a.top_k == 0 {
         return Err(Error::Config("--top-k must be at least 1".into()));
     }
-    let mut model = load_on(a.ckpt, &a.device, &a.precision)?;
+    let mut model = load_on(a.ckpt, a.device, a.precision)?;
     // every image is read before anything is printed
     let images = load_images(&a.images)?;
     let top = model.top_k(images, a.top_k)?;
@@ -462,7 +341,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     if a.batch_size == 0 {
         return Err(Error::Config("--batch-size must be at least 1".into()));
     }
-    let mut model = load_on(a.ckpt, &a.device, &a.precision)?;
+    let mut model = load_on(a.ckpt, a.device, a.precision)?;
     let data = a.data.unwrap_or_else(ferrovit::data::default_data_dir);
     let (_, mut test) = Dataset::open(&data)?;
     model.align_classes(&mut test, &pairs("--class-map", &a.class_map)?)?;
@@ -534,12 +413,12 @@ fn presets() -> Result<()> {
     Ok(())
 }
 
-fn train(a: TrainArgs) -> Result<()> {
+fn train(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
     let base = match &a.config {
         Some(path) => TrainOptions::from_toml_file(path)?,
         None => TrainOptions::default(),
     };
-    let opts = TrainOptions::merged(&base, &a)?;
+    let opts = TrainOptions::merged(&base, &a.options, &given_flags(matches, "train"))?;
     let summary = recipe::train(&opts)?;
     if summary.rank != 0 {
         return Ok(()); // rank 0 reports for the run
@@ -562,6 +441,17 @@ fn train(a: TrainArgs) -> Result<()> {
     );
     println!("done in {:.1} s", summary.seconds);
     Ok(())
+}
+
+/// The options of subcommand `sub` set on the command line (not defaults).
+fn given_flags(matches: &ArgMatches, sub: &str) -> Vec<String> {
+    let Some(m) = matches.subcommand_matches(sub) else {
+        return Vec::new();
+    };
+    m.ids()
+        .filter(|id| m.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+        .map(|id| id.to_string())
+        .collect()
 }
 
 fn data_cifar10(a: Cifar10Args) -> Result<()> {
@@ -747,8 +637,8 @@ fn bench(a: BenchArgs) -> Result<()> {
         cpu::set_num_threads(n)?;
     }
     let cfg = VitConfig::preset(&a.preset)?;
-    let device = Device::parse(&a.device)?;
-    let precision = Precision::resolve(&a.precision, device)?;
+    let device = Device::open(a.device)?;
+    let precision = a.precision.resolve(device);
     let config = TrainConfig {
         precision,
         ..TrainConfig::default()

@@ -9,8 +9,10 @@ use crate::rng::Rng;
 pub const SIDE: usize = 32;
 pub const PIXELS: usize = SIDE * SIDE;
 
-/// Which random augmentation the training loader applies.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Which random augmentation the training loader applies. Written as a comma-separated
+/// list of `crop`, `flip`, `autoaugment`, or `none` (flags and config files).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct Augment {
     /// Random crop of a zero-padded image (torchvision `RandomCrop(32, padding)`); 0: off.
     pub crop_padding: usize,
@@ -18,6 +20,45 @@ pub struct Augment {
     pub flip: bool,
     /// AutoAugment with the CIFAR-10 policy, after crop and flip.
     pub auto_augment: bool,
+}
+
+impl std::str::FromStr for Augment {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Augment> {
+        Augment::parse(s)
+    }
+}
+
+impl std::fmt::Display for Augment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let crop = match self.crop_padding {
+            0 => None,
+            4 => Some("crop".to_string()),
+            p => Some(format!("crop{p}")),
+        };
+        let parts: Vec<String> = crop
+            .into_iter()
+            .chain(self.flip.then(|| "flip".into()))
+            .chain(self.auto_augment.then(|| "autoaugment".into()))
+            .collect();
+        match parts.is_empty() {
+            true => f.write_str("none"),
+            false => f.write_str(&parts.join(",")),
+        }
+    }
+}
+
+impl TryFrom<String> for Augment {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Augment> {
+        Augment::parse(&s)
+    }
+}
+
+impl From<Augment> for String {
+    fn from(a: Augment) -> String {
+        a.to_string()
+    }
 }
 
 impl Augment {
@@ -35,6 +76,10 @@ impl Augment {
                 "crop" => a.crop_padding = 4,
                 "flip" => a.flip = true,
                 "autoaugment" => a.auto_augment = true,
+                // `cropN`: another padding (how a library-set padding is written)
+                p if p.strip_prefix("crop").is_some_and(|n| n.parse::<usize>().is_ok()) => {
+                    a.crop_padding = p[4..].parse().unwrap_or(4)
+                }
                 other => {
                     return Err(Error::Config(format!(
                         "unknown augmentation `{other}` in `{spec}` (expected a comma-separated list of crop, flip, autoaugment, or none)"

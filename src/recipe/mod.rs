@@ -1,9 +1,18 @@
-//! The `ferrovit train` recipe: options (flags, or a TOML file that flags override),
-//! their validation, and the run itself — data, model, engine, trainer with the
-//! standard hooks, metrics file, plot and final report.
+//! The `ferrovit train` recipe: its options ([`options`]: flags, or a TOML file that
+//! flags override, and their validation) and the run itself — data, model, engine,
+//! trainer with the standard hooks, metrics file, plot and final report.
+
+mod options;
+
+use options::invalid;
+
+pub use options::{
+    Comm, PrecisionChoice, Resume, TrainOptions, DEFAULT_MODEL, MAX_BUCKET_MB, MAX_COMM_TIMEOUT_S,
+    MAX_MICROBATCHES, MAX_SHARD_SIZE_MB, MAX_WORKERS, MAX_WORLD,
+};
 
 use crate::autograd::Precision;
-use crate::backend::cpu;
+use crate::backend::{cpu, DeviceSpec};
 use crate::checkpoint::{self, LoadOptions, SaveOptions};
 use crate::data::{Augment, Dataset, Loader, Sampler};
 use crate::dist::{DistEnv, Layout, ProcessGroup, ReduceOp, ThreadGroup};
@@ -17,352 +26,10 @@ use crate::trainer::{
     SaveCheckpointHook, ThroughputHook, Trainer,
 };
 use crate::VitConfig;
-use serde::{Deserialize, Serialize};
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Every setting of a training run. Field names are the TOML keys of `--config` files
-/// and, with `-` for `_`, the flags of `ferrovit train`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TrainOptions {
-    /// Model preset; the dimension fields below override its values when set.
-    pub preset: Option<String>,
-    pub dim: Option<usize>,
-    pub depth: Option<usize>,
-    pub heads: Option<usize>,
-    pub mlp_dim: Option<usize>,
-    pub patch_size: Option<usize>,
-    pub dropout: f32,
-    /// Data directory (CIFAR-10 binary or image folder); default: the embedded digits.
-    pub data: Option<PathBuf>,
-    pub epochs: usize,
-    pub batch_size: usize,
-    /// Peak learning rate (AdamW).
-    pub lr: f32,
-    /// Linear warm-up in epochs, then cosine decay to 0 (per step).
-    pub warmup: f32,
-    pub weight_decay: f32,
-    pub label_smoothing: f32,
-    /// Comma-separated: crop, flip, autoaugment, or none.
-    pub augment: String,
-    pub seed: u64,
-    /// CPU compute threads (default: one per core).
-    pub threads: Option<usize>,
-    /// Data-loader worker threads.
-    pub workers: usize,
-    /// Test every this many epochs (and after the last).
-    pub test_interval: usize,
-    pub out: PathBuf,
-    /// Save a checkpoint under `<out>/checkpoints/` every this many epochs (and after
-    /// the last); 0 turns epoch saves off.
-    pub save_every: usize,
-    /// Also save every this many optimizer steps.
-    pub save_every_steps: Option<u64>,
-    /// Keep the newest N checkpoints (0: keep all).
-    pub keep_last: usize,
-    /// Do not save checkpoints at all.
-    pub no_save: bool,
-    /// Largest shard file, in MiB.
-    pub shard_size_mb: u64,
-    /// Resume: `auto` (the newest committed checkpoint under `<out>/checkpoints`, or a
-    /// fresh start when there is none) or a checkpoint directory.
-    pub resume: Option<String>,
-    /// Start from a checkpoint's weights (non-strict: tensors whose shape differs, such
-    /// as a classifier head for another number of classes, keep their initial values;
-    /// the optimizer starts fresh).
-    pub init: Option<PathBuf>,
-    /// Data-parallel replicas (each takes a share of every global batch).
-    pub dp: usize,
-    /// Pipeline stages (the blocks split across them; embedding on the first, head on
-    /// the last).
-    pub pp: usize,
-    /// Micro-batches per step in the pipeline (default: 2 × pp; 1 without a pipeline).
-    pub microbatches: Option<usize>,
-    /// First block of pipeline stages 1.. (default: an even split).
-    pub stages: Option<Vec<usize>>,
-    /// Gradient all-reduce bucket, in MiB.
-    pub bucket_mb: f32,
-    /// Seconds any rank waits for another before failing.
-    pub comm_timeout: u64,
-    /// How replicas combine gradients: `nccl` (on the GPUs, NCCL; one GPU per rank),
-    /// `host` (through host memory over the process group), or `auto` (nccl when every
-    /// rank trains on a GPU of its own and NCCL loads; host otherwise).
-    pub comm: String,
-    /// Where to compute: `cpu`, `cuda` (GPU 0), `cuda:N`, or `cuda-emu` (the CUDA
-    /// kernels emulated on the CPU: slow, for testing).
-    pub device: String,
-    /// The linear layers' arithmetic: `f32`, `bf16` (mixed precision: bf16 GEMM operands,
-    /// f32 accumulation, parameters and optimizer state), or `auto` (bf16 on a CUDA
-    /// device, f32 on the CPU).
-    pub precision: String,
-}
-
-/// The default model when neither a preset nor dimensions are given: small enough to
-/// reach 95% on the digits data in about a minute on two cores.
-pub const DEFAULT_MODEL: (usize, usize, usize, usize) = (128, 4, 4, 256);
-
-impl Default for TrainOptions {
-    fn default() -> Self {
-        TrainOptions {
-            preset: None,
-            dim: None,
-            depth: None,
-            heads: None,
-            mlp_dim: None,
-            patch_size: None,
-            dropout: 0.1,
-            data: None,
-            epochs: 20,
-            batch_size: 64,
-            lr: 2e-3,
-            warmup: 1.0,
-            weight_decay: 0.05,
-            label_smoothing: 0.0,
-            augment: "none".into(),
-            seed: 0,
-            threads: None,
-            workers: 2,
-            test_interval: 1,
-            out: PathBuf::from("out"),
-            save_every: 1,
-            save_every_steps: None,
-            keep_last: 3,
-            no_save: false,
-            shard_size_mb: 2048,
-            resume: None,
-            init: None,
-            dp: 1,
-            pp: 1,
-            microbatches: None,
-            stages: None,
-            bucket_mb: 25.0,
-            comm_timeout: 300,
-            comm: "auto".into(),
-            device: "cpu".into(),
-            precision: "auto".into(),
-        }
-    }
-}
-
-fn invalid(field: &str, value: impl std::fmt::Display, why: &str) -> Error {
-    Error::Config(format!("{field} = {value}: {why}"))
-}
-
-/// Largest checkpoint shard, in MiB (1 TiB): MiB are turned into bytes by `<< 20`.
-pub const MAX_SHARD_SIZE_MB: u64 = 1 << 20;
-/// Largest gradient all-reduce bucket, in MiB: a bucket is allocated whole.
-pub const MAX_BUCKET_MB: f32 = 4096.0;
-/// Longest communication timeout, in seconds (a day): deadlines are `Instant`s.
-pub const MAX_COMM_TIMEOUT_S: u64 = 24 * 60 * 60;
-/// Most data-loader workers (one thread each).
-pub const MAX_WORKERS: usize = 256;
-/// Most micro-batches per step.
-pub const MAX_MICROBATCHES: usize = 1 << 16;
-/// Most ranks (`dp × pp`).
-pub const MAX_WORLD: usize = 1 << 16;
-
-/// Checks `value` of `field` is in `1..=max`.
-fn check_count<T: PartialOrd + From<u8> + std::fmt::Display>(
-    field: &str,
-    value: T,
-    max: T,
-) -> Result<()> {
-    if value < T::from(1) {
-        return Err(invalid(field, value, "must be at least 1"));
-    }
-    if value > max {
-        let why = format!("must be at most {max}");
-        return Err(invalid(field, value, &why));
-    }
-    Ok(())
-}
-
-/// Refuses integers TOML cannot hold (over `i64::MAX`), naming the field: the options
-/// pass through a TOML table, whose error would not say which one.
-fn check_toml_integers(overrides: &impl Serialize) -> Result<()> {
-    let value =
-        serde_json::to_value(overrides).map_err(|e| Error::Config(format!("options: {e}")))?;
-    let fields = value.as_object().into_iter().flatten();
-    for (field, v) in fields {
-        let values = v.as_array().map_or(std::slice::from_ref(v), Vec::as_slice);
-        if let Some(n) = values.iter().find(|v| v.is_u64() && v.as_i64().is_none()) {
-            return Err(invalid(field, n, &format!("must be at most {}", i64::MAX)));
-        }
-    }
-    Ok(())
-}
-
-impl TrainOptions {
-    /// Reads options from a TOML file (missing keys keep their defaults; unknown keys
-    /// are an error naming them).
-    pub fn from_toml_file(path: &Path) -> Result<TrainOptions> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        toml::from_str(&text).map_err(|e| Error::Format {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        })
-    }
-
-    /// `base` (a config file's table, or the defaults) with every key of `overrides`
-    /// replaced: how flags override a config file.
-    pub fn merged(base: &TrainOptions, overrides: &impl Serialize) -> Result<TrainOptions> {
-        let err = |e: &dyn std::fmt::Display| Error::Config(format!("options: {e}"));
-        check_toml_integers(overrides)?;
-        let mut table = toml::Table::try_from(base).map_err(|e| err(&e))?;
-        table.extend(toml::Table::try_from(overrides).map_err(|e| err(&e))?);
-        toml::Value::Table(table).try_into().map_err(|e| err(&e))
-    }
-
-    /// The model configuration these options describe.
-    pub fn model(&self, num_classes: usize) -> Result<VitConfig> {
-        let (dim, depth, heads, mlp_dim) = DEFAULT_MODEL;
-        let mut cfg = match &self.preset {
-            Some(p) => VitConfig::preset(p)?,
-            None => VitConfig {
-                dim,
-                depth,
-                heads,
-                mlp_dim,
-                ..VitConfig::preset(crate::nn::PRESETS[0])?
-            },
-        };
-        cfg.dim = self.dim.unwrap_or(cfg.dim);
-        cfg.depth = self.depth.unwrap_or(cfg.depth);
-        cfg.heads = self.heads.unwrap_or(cfg.heads);
-        cfg.mlp_dim = self.mlp_dim.unwrap_or(cfg.mlp_dim);
-        cfg.patch_size = self.patch_size.unwrap_or(cfg.patch_size);
-        cfg.num_classes = num_classes;
-        cfg.dropout = self.dropout;
-        cfg.validate()?;
-        Ok(cfg)
-    }
-
-    /// Checks every option, the model's through `VitConfig::validate`.
-    pub fn validate(&self) -> Result<()> {
-        if self.epochs == 0 {
-            return Err(invalid("epochs", 0, "must be at least 1"));
-        }
-        if self.batch_size == 0 {
-            return Err(invalid("batch_size", 0, "must be at least 1"));
-        }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            return Err(invalid("lr", self.lr, "must be a positive number"));
-        }
-        if !(self.warmup.is_finite() && self.warmup >= 0.0) {
-            return Err(invalid("warmup", self.warmup, "must be >= 0 epochs"));
-        }
-        if self.warmup as f64 > self.epochs as f64 {
-            return Err(invalid(
-                "warmup",
-                self.warmup,
-                &format!("longer than the run's {} epochs", self.epochs),
-            ));
-        }
-        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return Err(invalid("weight_decay", self.weight_decay, "must be >= 0"));
-        }
-        if !(0.0..=1.0).contains(&self.label_smoothing) {
-            return Err(invalid(
-                "label_smoothing",
-                self.label_smoothing,
-                "must be in [0, 1]",
-            ));
-        }
-        // the model's own check, before any data is read (the class count comes later)
-        self.model(1)?;
-        if let Some(n) = self.threads {
-            check_count("threads", n, cpu::max_threads())?;
-        }
-        check_count("workers", self.workers, MAX_WORKERS)?;
-        check_count("shard_size_mb", self.shard_size_mb, MAX_SHARD_SIZE_MB)?;
-        if let Some(n) = self.save_every_steps {
-            // 0 would silently save never; leaving the flag out says that
-            check_count("save_every_steps", n, u64::MAX)?;
-        }
-        if self.resume.is_some() && self.init.is_some() {
-            return Err(Error::Config(
-                "resume and init exclude each other (resume continues a run; init starts a new one from weights)".into(),
-            ));
-        }
-        if self.test_interval == 0 {
-            return Err(invalid("test_interval", 0, "must be at least 1"));
-        }
-        Augment::parse(&self.augment)?;
-        if self.dp == 0 || self.pp == 0 {
-            return Err(invalid(
-                "dp/pp",
-                format!("{}/{}", self.dp, self.pp),
-                "must be at least 1",
-            ));
-        }
-        if self.dp.checked_mul(self.pp).is_none_or(|w| w > MAX_WORLD) {
-            return Err(invalid(
-                "dp/pp",
-                format!("{}/{}", self.dp, self.pp),
-                &format!("dp × pp must be at most {MAX_WORLD} ranks"),
-            ));
-        }
-        if let Some(m) = self.microbatches {
-            check_count("microbatches", m, MAX_MICROBATCHES)?;
-        }
-        if !(self.bucket_mb.is_finite() && self.bucket_mb > 0.0 && self.bucket_mb <= MAX_BUCKET_MB)
-        {
-            return Err(invalid(
-                "bucket_mb",
-                self.bucket_mb,
-                &format!("must be a number in (0, {MAX_BUCKET_MB}] MiB"),
-            ));
-        }
-        let ordinal = self.device.strip_prefix("cuda:").map(str::parse::<usize>);
-        if !(["cpu", "cuda", "cuda-emu"].contains(&self.device.as_str())
-            || ordinal.is_some_and(|n| n.is_ok()))
-        {
-            return Err(invalid(
-                "device",
-                &self.device,
-                "expected cpu, cuda, cuda:N or cuda-emu",
-            ));
-        }
-        if self.precision != "auto" {
-            Precision::parse(&self.precision)
-                .map_err(|_| invalid("precision", &self.precision, "expected auto, f32 or bf16"))?;
-        }
-        check_count("comm_timeout", self.comm_timeout, MAX_COMM_TIMEOUT_S)?;
-        if !["auto", "nccl", "host"].contains(&self.comm.as_str()) {
-            return Err(invalid("comm", &self.comm, "expected auto, nccl or host"));
-        }
-        Ok(())
-    }
-
-    /// Micro-batches per step.
-    pub fn microbatches(&self) -> usize {
-        self.microbatches
-            .unwrap_or(if self.pp > 1 { 2 * self.pp } else { 1 })
-    }
-
-    pub fn data_dir(&self) -> PathBuf {
-        self.data
-            .clone()
-            .unwrap_or_else(crate::data::default_data_dir)
-    }
-
-    /// Where the checkpoints go: `out/checkpoints`.
-    pub fn checkpoint_root(&self) -> PathBuf {
-        self.out.join("checkpoints")
-    }
-
-    /// The per-epoch metrics, one JSON object a line: `out/metrics.jsonl`.
-    pub fn metrics_path(&self) -> PathBuf {
-        self.out.join("metrics.jsonl")
-    }
-
-    /// The metrics' plot: `out/metrics.png`.
-    pub fn plot_path(&self) -> PathBuf {
-        self.out.join("metrics.png")
-    }
-}
 
 /// A fresh run never mixes its checkpoints with an earlier run's (retention and
 /// `--resume auto` go by step): an existing checkpoint directory is renamed aside.
@@ -406,7 +73,7 @@ fn check_position(t: &checkpoint::TrainingState, batches: u64, dir: &Path) -> Re
 /// the trainer after it.
 fn resume_from(
     trainer: &mut Trainer,
-    resume: &str,
+    resume: &Resume,
     root: &Path,
     cfg: &VitConfig,
     opts: &TrainOptions,
@@ -421,8 +88,8 @@ fn resume_from(
             root.display()
         ));
     }
-    let dir = if resume == "auto" {
-        match checkpoint::newest(root)? {
+    let dir = match resume {
+        Resume::Auto => match checkpoint::newest(root)? {
             Some(d) => d,
             None => {
                 trainer.logger.info(format!(
@@ -431,9 +98,8 @@ fn resume_from(
                 ));
                 return Ok(());
             }
-        }
-    } else {
-        PathBuf::from(resume)
+        },
+        Resume::Dir(dir) => dir.clone(),
     };
     let saved = checkpoint::Checkpoint::open(&dir)?.index;
     check_position(&saved.training, batches_per_epoch, &dir)?;
@@ -603,12 +269,12 @@ fn layout(opts: &TrainOptions, cfg: &VitConfig) -> Result<Layout> {
 /// Whether the replicas of a parallel run all-reduce their gradients with NCCL on the
 /// GPUs (`--comm`); in `auto`, only when every rank can, so all ranks choose alike.
 fn nccl_gradients(opts: &TrainOptions, device: Device, par: &Parallel) -> Result<bool> {
-    if par.layout.dp == 1 || opts.comm == "host" {
+    if par.layout.dp == 1 || opts.comm == Comm::Host {
         return Ok(false);
     }
     let why_not = if !device.is_gpu() {
         Some(format!("the device is {}, not a GPU", device.describe()))
-    } else if opts.device != "cuda" {
+    } else if opts.device != DeviceSpec::Cuda(None) {
         Some(format!(
             "every rank computes on the same GPU (`--device {}`); NCCL needs a GPU per rank (`--device cuda`)",
             opts.device
@@ -618,7 +284,7 @@ fn nccl_gradients(opts: &TrainOptions, device: Device, par: &Parallel) -> Result
             .err()
             .map(|e| e.to_string())
     };
-    if opts.comm == "nccl" {
+    if opts.comm == Comm::Nccl {
         return match why_not {
             Some(why) => Err(Error::Config(format!("--comm nccl: {why}"))),
             None => Ok(true),
@@ -644,9 +310,9 @@ fn train_rank(
     let dir = opts.data_dir();
     let (train, test) = Dataset::open(&dir)?;
     let cfg = opts.model(train.classes.len())?;
-    let augment = Augment::parse(&opts.augment)?;
+    let augment = opts.augment;
     let layout = layout(opts, &cfg)?;
-    let device = Device::for_rank(&opts.device, local)?;
+    let device = Device::for_rank(opts.device, local)?;
     let (par, nccl) = parallel(opts, group, &layout, device)?;
     if rank == 0 {
         write_resolved_config(opts)?;
@@ -656,7 +322,7 @@ fn train_rank(
     let (train_loader, test_loader) = loaders(opts, (train, test), augment, &layout, rank)?;
     let steps_per_epoch = train_loader.batches_per_epoch() as u64;
     let schedule = lr_schedule(opts, steps_per_epoch)?;
-    let precision = Precision::resolve(&opts.precision, device)?;
+    let precision = opts.precision.resolve(device);
     let engine = build_engine(opts, &cfg, precision, par)?;
     logger.info(describe_run(&dir, sizes, &classes, &cfg, opts));
     if world > 1 {
@@ -770,7 +436,7 @@ fn loaders(
     let mut test_loader = loader(opts, test, false, layout, rank)?;
     // On a CUDA device the loader sends raw pixels; the device crops, flips and
     // normalises (AutoAugment stays on the CPU).
-    let device_augment = opts.device != "cpu" && !augment.auto_augment;
+    let device_augment = opts.device.is_cuda() && !augment.auto_augment;
     train_loader.device_augment = device_augment;
     test_loader.device_augment = device_augment;
     Ok((train_loader, test_loader))

@@ -1,0 +1,495 @@
+//! The options of `ferrovit train`, defined once: [`TrainOptions`] is at the same time
+//! the command line's flags (clap), the `--config` file's keys (TOML, `_` for `-`),
+//! the resolved `config.toml` a run writes, and the run's input. Defaults come from
+//! `Default`; a config file overrides them and flags given on the command line
+//! override the file ([`TrainOptions::merged`]). Choices are enums, parsed once.
+
+use crate::autograd::Precision;
+use crate::backend::cpu;
+use crate::backend::DeviceSpec;
+use crate::data::Augment;
+use crate::error::{Error, Result};
+use crate::tensor::Device;
+use crate::VitConfig;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Every setting of a training run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainOptions {
+    /// Model preset (see `ferrovit presets`); --dim/--depth/--heads/--mlp-dim/--patch-size override its values
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Embedding width [default: 128 without a preset]
+    #[arg(long)]
+    pub dim: Option<usize>,
+    /// Transformer blocks [default: 4 without a preset]
+    #[arg(long)]
+    pub depth: Option<usize>,
+    /// Attention heads, must divide --dim [default: 4 without a preset]
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// MLP hidden width [default: 256 without a preset]
+    #[arg(long)]
+    pub mlp_dim: Option<usize>,
+    /// Patch side in pixels, must divide 32 [default: 4]
+    #[arg(long)]
+    pub patch_size: Option<usize>,
+    /// Dropout probability
+    #[arg(long, default_value_t = defaults().dropout)]
+    pub dropout: f32,
+    /// Data directory: CIFAR-10 binary files or an image folder (train/<class>/*.png,
+    /// test/<class>/…) [default: the embedded digits data]
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Passes over the training set
+    #[arg(long, default_value_t = defaults().epochs)]
+    pub epochs: usize,
+    /// Images per step (the global batch under data parallelism)
+    #[arg(long, default_value_t = defaults().batch_size)]
+    pub batch_size: usize,
+    /// Peak learning rate of AdamW
+    #[arg(long, default_value_t = defaults().lr)]
+    pub lr: f32,
+    /// Linear warm-up in epochs (fractions allowed), then cosine decay to 0
+    #[arg(long, default_value_t = defaults().warmup)]
+    pub warmup: f32,
+    /// AdamW decoupled weight decay
+    #[arg(long, default_value_t = defaults().weight_decay)]
+    pub weight_decay: f32,
+    /// Label smoothing of the training loss, in [0, 1]
+    #[arg(long, default_value_t = defaults().label_smoothing)]
+    pub label_smoothing: f32,
+    /// Training augmentation, a comma-separated list of: crop (random crop of the image
+    /// zero-padded by 4), flip (random horizontal flip), autoaugment (the CIFAR-10
+    /// AutoAugment policy); or none. Digits are not mirror-symmetric, hence no flip by
+    /// default
+    #[arg(long, default_value_t = defaults().augment)]
+    pub augment: Augment,
+    /// Seed of initialisation, data order, augmentation and dropout
+    #[arg(long, default_value_t = defaults().seed)]
+    pub seed: u64,
+    /// CPU compute threads [default: one per core]
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Data-loader worker threads
+    #[arg(long, default_value_t = defaults().workers)]
+    pub workers: usize,
+    /// Test every N epochs and after the last
+    #[arg(long, value_name = "N", default_value_t = defaults().test_interval)]
+    pub test_interval: usize,
+    /// Output directory: metrics.jsonl (per-epoch metrics), metrics.png (curves),
+    /// config.toml (the resolved options), checkpoints/
+    #[arg(long, default_value_os_t = defaults().out)]
+    pub out: PathBuf,
+    /// Save a checkpoint every N epochs and after the last; 0: only after the last
+    #[arg(long, value_name = "N", default_value_t = defaults().save_every)]
+    pub save_every: usize,
+    /// Also save a checkpoint every N optimizer steps
+    #[arg(long, value_name = "N")]
+    pub save_every_steps: Option<u64>,
+    /// Keep the newest N checkpoints; 0 keeps all
+    #[arg(long, value_name = "N", default_value_t = defaults().keep_last)]
+    pub keep_last: usize,
+    /// Save no checkpoints
+    #[arg(long)]
+    pub no_save: bool,
+    /// Largest checkpoint shard file in MiB
+    #[arg(long, value_name = "MIB", default_value_t = defaults().shard_size_mb)]
+    pub shard_size_mb: u64,
+    /// Continue a run: `auto` (the newest committed checkpoint under <out>/checkpoints;
+    /// a fresh start if there is none) or a checkpoint directory. Give the run's options
+    /// again (or its config.toml)
+    #[arg(long, value_name = "auto|DIR")]
+    pub resume: Option<Resume>,
+    /// Start from a checkpoint's weights, non-strictly (e.g. a new classifier head),
+    /// with a fresh optimizer
+    #[arg(long, value_name = "DIR")]
+    pub init: Option<PathBuf>,
+    /// Data-parallel replicas; each computes a share of every global batch (--batch-size
+    /// is the global batch); under a launcher, 1 means WORLD_SIZE / --pp
+    #[arg(long, value_name = "N", default_value_t = defaults().dp)]
+    pub dp: usize,
+    /// Pipeline stages; the blocks are split across them (embedding on the first, head
+    /// on the last)
+    #[arg(long, value_name = "N", default_value_t = defaults().pp)]
+    pub pp: usize,
+    /// Micro-batches per step in the pipeline (1F1B schedule) [default: 2 × pp]
+    #[arg(long, value_name = "N")]
+    pub microbatches: Option<usize>,
+    /// First block of pipeline stages 1.., e.g. `--stages 3,5` for three stages [default:
+    /// an even split]
+    #[arg(long, value_name = "B,B,…", value_delimiter = ',')]
+    pub stages: Option<Vec<usize>>,
+    /// Gradient all-reduce bucket in MiB
+    #[arg(long, value_name = "MIB", default_value_t = defaults().bucket_mb)]
+    pub bucket_mb: f32,
+    /// Seconds a rank waits for another before failing
+    #[arg(long, value_name = "S", default_value_t = defaults().comm_timeout)]
+    pub comm_timeout: u64,
+    /// How replicas combine gradients: nccl (on the GPUs; one GPU per rank), host
+    /// (through host memory), or auto (nccl when every rank has a GPU of its own and
+    /// NCCL loads)
+    #[arg(long, value_enum, default_value_t = defaults().comm)]
+    pub comm: Comm,
+    /// Where to compute: cpu, cuda (GPU 0; a GPU per rank under a launcher), cuda:N, or
+    /// cuda-emu (the CUDA kernels emulated on the CPU: slow, for testing)
+    #[arg(long, value_name = "DEVICE", default_value_t = defaults().device)]
+    pub device: DeviceSpec,
+    /// The linear layers' arithmetic: f32, bf16 (mixed precision: bf16 GEMM operands,
+    /// f32 accumulation, parameters and optimizer state), or auto (bf16 on a CUDA
+    /// device, f32 on the CPU)
+    #[arg(long, value_enum, default_value_t = defaults().precision)]
+    pub precision: PrecisionChoice,
+}
+
+/// The default model when neither a preset nor dimensions are given: small enough to
+/// reach 95% on the digits data in about a minute on two cores.
+pub const DEFAULT_MODEL: (usize, usize, usize, usize) = (128, 4, 4, 256);
+
+/// The defaults, for the flags' `[default: …]` (one source: `Default`).
+fn defaults() -> TrainOptions {
+    TrainOptions::default()
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            preset: None,
+            dim: None,
+            depth: None,
+            heads: None,
+            mlp_dim: None,
+            patch_size: None,
+            dropout: 0.1,
+            data: None,
+            epochs: 20,
+            batch_size: 64,
+            lr: 2e-3,
+            warmup: 1.0,
+            weight_decay: 0.05,
+            label_smoothing: 0.0,
+            augment: Augment::default(),
+            seed: 0,
+            threads: None,
+            workers: 2,
+            test_interval: 1,
+            out: PathBuf::from("out"),
+            save_every: 1,
+            save_every_steps: None,
+            keep_last: 3,
+            no_save: false,
+            shard_size_mb: 2048,
+            resume: None,
+            init: None,
+            dp: 1,
+            pp: 1,
+            microbatches: None,
+            stages: None,
+            bucket_mb: 25.0,
+            comm_timeout: 300,
+            comm: Comm::Auto,
+            device: DeviceSpec::Cpu,
+            precision: PrecisionChoice::Auto,
+        }
+    }
+}
+
+/// `--comm`: how data-parallel replicas combine their gradients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Comm {
+    /// NCCL when every rank trains on a GPU of its own and NCCL loads; host otherwise.
+    Auto,
+    /// NCCL on the GPUs (an error when a rank cannot).
+    Nccl,
+    /// Through host memory, over the process group.
+    Host,
+}
+
+/// `--precision`: the linear layers' arithmetic, or `auto` to let the device decide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PrecisionChoice {
+    /// bf16 on a CUDA device, f32 on the CPU.
+    Auto,
+    F32,
+    Bf16,
+}
+
+impl PrecisionChoice {
+    /// The precision this choice means on `device`.
+    pub fn resolve(self, device: Device) -> Precision {
+        match self {
+            PrecisionChoice::Auto if device == Device::Cpu => Precision::F32,
+            PrecisionChoice::Auto | PrecisionChoice::Bf16 => Precision::Bf16,
+            PrecisionChoice::F32 => Precision::F32,
+        }
+    }
+}
+
+/// The names flags and config files use (`auto`, `nccl`, `f32`, …), for library callers.
+macro_rules! from_value_name {
+    ($t:ty) => {
+        impl std::str::FromStr for $t {
+            type Err = Error;
+            fn from_str(s: &str) -> Result<$t> {
+                <$t as clap::ValueEnum>::from_str(s, false).map_err(Error::Config)
+            }
+        }
+    };
+}
+from_value_name!(Comm);
+from_value_name!(PrecisionChoice);
+
+/// `--resume`: the newest committed checkpoint of the run's output directory, or a
+/// checkpoint directory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Resume {
+    Auto,
+    Dir(PathBuf),
+}
+
+impl std::str::FromStr for Resume {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Resume> {
+        match s {
+            "auto" => Ok(Resume::Auto),
+            "" => Err(Error::Config(
+                "resume: give `auto` or a checkpoint directory".into(),
+            )),
+            dir => Ok(Resume::Dir(PathBuf::from(dir))),
+        }
+    }
+}
+
+impl TryFrom<String> for Resume {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Resume> {
+        s.parse()
+    }
+}
+
+impl From<Resume> for String {
+    fn from(r: Resume) -> String {
+        r.to_string()
+    }
+}
+
+impl std::fmt::Display for Resume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Resume::Auto => f.write_str("auto"),
+            Resume::Dir(d) => write!(f, "{}", d.display()),
+        }
+    }
+}
+
+pub(super) fn invalid(field: &str, value: impl std::fmt::Display, why: &str) -> Error {
+    Error::Config(format!("{field} = {value}: {why}"))
+}
+
+/// Largest checkpoint shard, in MiB (1 TiB): MiB are turned into bytes by `<< 20`.
+pub const MAX_SHARD_SIZE_MB: u64 = 1 << 20;
+/// Largest gradient all-reduce bucket, in MiB: a bucket is allocated whole.
+pub const MAX_BUCKET_MB: f32 = 4096.0;
+/// Longest communication timeout, in seconds (a day): deadlines are `Instant`s.
+pub const MAX_COMM_TIMEOUT_S: u64 = 24 * 60 * 60;
+/// Most data-loader workers (one thread each).
+pub const MAX_WORKERS: usize = 256;
+/// Most micro-batches per step.
+pub const MAX_MICROBATCHES: usize = 1 << 16;
+/// Most ranks (`dp × pp`).
+pub const MAX_WORLD: usize = 1 << 16;
+
+/// Checks `value` of `field` is in `1..=max`.
+fn check_count<T: PartialOrd + From<u8> + std::fmt::Display>(
+    field: &str,
+    value: T,
+    max: T,
+) -> Result<()> {
+    if value < T::from(1) {
+        return Err(invalid(field, value, "must be at least 1"));
+    }
+    if value > max {
+        let why = format!("must be at most {max}");
+        return Err(invalid(field, value, &why));
+    }
+    Ok(())
+}
+
+/// Refuses integers TOML cannot hold (over `i64::MAX`), naming the field: the options
+/// pass through a TOML table, whose error would not say which one.
+fn check_toml_integers(overrides: &impl Serialize) -> Result<()> {
+    let value =
+        serde_json::to_value(overrides).map_err(|e| Error::Config(format!("options: {e}")))?;
+    let fields = value.as_object().into_iter().flatten();
+    for (field, v) in fields {
+        let values = v.as_array().map_or(std::slice::from_ref(v), Vec::as_slice);
+        if let Some(n) = values.iter().find(|v| v.is_u64() && v.as_i64().is_none()) {
+            return Err(invalid(field, n, &format!("must be at most {}", i64::MAX)));
+        }
+    }
+    Ok(())
+}
+
+impl TrainOptions {
+    /// Reads options from a TOML file (missing keys keep their defaults; unknown keys
+    /// are an error naming them).
+    pub fn from_toml_file(path: &Path) -> Result<TrainOptions> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        toml::from_str(&text).map_err(|e| Error::Format {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })
+    }
+
+    /// `base` (a config file's options, or the defaults) with the options named in
+    /// `given` (those set on the command line) taken from `flags`: how flags override
+    /// a config file.
+    pub fn merged(
+        base: &TrainOptions,
+        flags: &TrainOptions,
+        given: &[String],
+    ) -> Result<TrainOptions> {
+        let err = |e: &dyn std::fmt::Display| Error::Config(format!("options: {e}"));
+        check_toml_integers(flags)?;
+        let mut overrides = toml::Table::try_from(flags).map_err(|e| err(&e))?;
+        overrides.retain(|k, _| given.iter().any(|g| g == k));
+        let mut table = toml::Table::try_from(base).map_err(|e| err(&e))?;
+        table.extend(overrides);
+        toml::Value::Table(table).try_into().map_err(|e| err(&e))
+    }
+
+    /// The model configuration these options describe.
+    pub fn model(&self, num_classes: usize) -> Result<VitConfig> {
+        let (dim, depth, heads, mlp_dim) = DEFAULT_MODEL;
+        let mut cfg = match &self.preset {
+            Some(p) => VitConfig::preset(p)?,
+            None => VitConfig {
+                dim,
+                depth,
+                heads,
+                mlp_dim,
+                ..VitConfig::preset(crate::nn::PRESETS[0])?
+            },
+        };
+        cfg.dim = self.dim.unwrap_or(cfg.dim);
+        cfg.depth = self.depth.unwrap_or(cfg.depth);
+        cfg.heads = self.heads.unwrap_or(cfg.heads);
+        cfg.mlp_dim = self.mlp_dim.unwrap_or(cfg.mlp_dim);
+        cfg.patch_size = self.patch_size.unwrap_or(cfg.patch_size);
+        cfg.num_classes = num_classes;
+        cfg.dropout = self.dropout;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks every option, the model's through `VitConfig::validate`.
+    pub fn validate(&self) -> Result<()> {
+        if self.epochs == 0 {
+            return Err(invalid("epochs", 0, "must be at least 1"));
+        }
+        if self.batch_size == 0 {
+            return Err(invalid("batch_size", 0, "must be at least 1"));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(invalid("lr", self.lr, "must be a positive number"));
+        }
+        if !(self.warmup.is_finite() && self.warmup >= 0.0) {
+            return Err(invalid("warmup", self.warmup, "must be >= 0 epochs"));
+        }
+        if self.warmup as f64 > self.epochs as f64 {
+            return Err(invalid(
+                "warmup",
+                self.warmup,
+                &format!("longer than the run's {} epochs", self.epochs),
+            ));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(invalid("weight_decay", self.weight_decay, "must be >= 0"));
+        }
+        if !(0.0..=1.0).contains(&self.label_smoothing) {
+            return Err(invalid(
+                "label_smoothing",
+                self.label_smoothing,
+                "must be in [0, 1]",
+            ));
+        }
+        // the model's own check, before any data is read (the class count comes later)
+        self.model(1)?;
+        if let Some(n) = self.threads {
+            check_count("threads", n, cpu::max_threads())?;
+        }
+        check_count("workers", self.workers, MAX_WORKERS)?;
+        check_count("shard_size_mb", self.shard_size_mb, MAX_SHARD_SIZE_MB)?;
+        if let Some(n) = self.save_every_steps {
+            // 0 would silently save never; leaving the flag out says that
+            check_count("save_every_steps", n, u64::MAX)?;
+        }
+        if self.resume.is_some() && self.init.is_some() {
+            return Err(Error::Config(
+                "resume and init exclude each other (resume continues a run; init starts a new one from weights)".into(),
+            ));
+        }
+        if self.test_interval == 0 {
+            return Err(invalid("test_interval", 0, "must be at least 1"));
+        }
+        if self.dp == 0 || self.pp == 0 {
+            return Err(invalid(
+                "dp/pp",
+                format!("{}/{}", self.dp, self.pp),
+                "must be at least 1",
+            ));
+        }
+        if self.dp.checked_mul(self.pp).is_none_or(|w| w > MAX_WORLD) {
+            return Err(invalid(
+                "dp/pp",
+                format!("{}/{}", self.dp, self.pp),
+                &format!("dp × pp must be at most {MAX_WORLD} ranks"),
+            ));
+        }
+        if let Some(m) = self.microbatches {
+            check_count("microbatches", m, MAX_MICROBATCHES)?;
+        }
+        if !(self.bucket_mb.is_finite() && self.bucket_mb > 0.0 && self.bucket_mb <= MAX_BUCKET_MB)
+        {
+            return Err(invalid(
+                "bucket_mb",
+                self.bucket_mb,
+                &format!("must be a number in (0, {MAX_BUCKET_MB}] MiB"),
+            ));
+        }
+        check_count("comm_timeout", self.comm_timeout, MAX_COMM_TIMEOUT_S)?;
+        Ok(())
+    }
+
+    /// Micro-batches per step.
+    pub fn microbatches(&self) -> usize {
+        self.microbatches
+            .unwrap_or(if self.pp > 1 { 2 * self.pp } else { 1 })
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.data
+            .clone()
+            .unwrap_or_else(crate::data::default_data_dir)
+    }
+
+    /// Where the checkpoints go: `out/checkpoints`.
+    pub fn checkpoint_root(&self) -> PathBuf {
+        self.out.join("checkpoints")
+    }
+
+    /// The per-epoch metrics, one JSON object a line: `out/metrics.jsonl`.
+    pub fn metrics_path(&self) -> PathBuf {
+        self.out.join("metrics.jsonl")
+    }
+
+    /// The metrics' plot: `out/metrics.png`.
+    pub fn plot_path(&self) -> PathBuf {
+        self.out.join("metrics.png")
+    }
+}

@@ -1,0 +1,81 @@
+//! Mixed-precision policy: the precision a graph computes in ([`Precision`]) and how
+//! each op's output is stored under it ([`Out`]).
+
+use super::Graph;
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Device, Shape, Tensor};
+
+/// The precision a graph computes in. Parameters, every gradient, optimizer state,
+/// LayerNorm statistics and the residual stream are f32 either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 operands.
+    #[default]
+    F32,
+    /// Mixed precision: GEMM operands in bf16 (weights and output gradients cast once
+    /// per use) with f32 accumulation — tensor cores on a GPU — and the activations
+    /// that only feed GEMMs, attention, GELU and dropout stored in bf16 ([`Out`]).
+    Bf16,
+}
+
+impl Precision {
+    /// `f32` or `bf16`.
+    pub fn parse(s: &str) -> Result<Precision> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(Error::Config(format!(
+                "unknown precision {s:?}: expected f32 or bf16"
+            ))),
+        }
+    }
+
+    /// `f32`, `bf16`, or `auto`: bf16 on a CUDA device (tensor cores), f32 on the CPU.
+    pub fn resolve(s: &str, device: Device) -> Result<Precision> {
+        match s {
+            "auto" if device == Device::Cpu => Ok(Precision::F32),
+            "auto" => Ok(Precision::Bf16),
+            "f32" | "bf16" => Precision::parse(s),
+            _ => Err(Error::Config(format!(
+                "unknown precision {s:?}: expected auto, f32 or bf16"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
+/// How an op's output is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Out {
+    /// f32 always: the residual stream itself, the logits, what goes to another rank.
+    F32,
+    /// bf16 under [`Precision::Bf16`], f32 otherwise: outputs that only feed GEMMs, the
+    /// ops that read bf16 (attention, bias+GELU, dropout) and the adds onto the f32
+    /// residual stream — as PyTorch's autocast keeps linear outputs in bf16 and
+    /// LayerNorm statistics and residuals in f32.
+    Compute,
+}
+
+impl Graph<'_> {
+    /// The precision of the ops recorded from here on (f32 until set).
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
+    }
+
+    /// An output buffer stored as `out` says under this graph's precision.
+    pub(super) fn out_as(&self, dims: &[usize], out: Out) -> Result<Tensor> {
+        let dtype = match (out, self.precision) {
+            (Out::Compute, Precision::Bf16) => DType::BF16,
+            _ => DType::F32,
+        };
+        Tensor::try_uninit_as(Shape::new(dims), dtype, self.device)
+    }
+}

@@ -2,8 +2,8 @@
 //! each op's output is stored under it ([`Out`]).
 
 use super::Graph;
-use crate::error::{Error, Result};
-use crate::tensor::{DType, Device, Shape, Tensor};
+use crate::error::Result;
+use crate::tensor::{DType, Shape, Tensor};
 
 /// The precision a graph computes in. Parameters, every gradient, optimizer state,
 /// LayerNorm statistics and the residual stream are f32 either way.
@@ -16,31 +16,6 @@ pub enum Precision {
     /// per use) with f32 accumulation — tensor cores on a GPU — and the activations
     /// that only feed GEMMs, attention, GELU and dropout stored in bf16 ([`Out`]).
     Bf16,
-}
-
-impl Precision {
-    /// `f32` or `bf16`.
-    pub fn parse(s: &str) -> Result<Precision> {
-        match s {
-            "f32" => Ok(Precision::F32),
-            "bf16" => Ok(Precision::Bf16),
-            _ => Err(Error::Config(format!(
-                "unknown precision {s:?}: expected f32 or bf16"
-            ))),
-        }
-    }
-
-    /// `f32`, `bf16`, or `auto`: bf16 on a CUDA device (tensor cores), f32 on the CPU.
-    pub fn resolve(s: &str, device: Device) -> Result<Precision> {
-        match s {
-            "auto" if device == Device::Cpu => Ok(Precision::F32),
-            "auto" => Ok(Precision::Bf16),
-            "f32" | "bf16" => Precision::parse(s),
-            _ => Err(Error::Config(format!(
-                "unknown precision {s:?}: expected auto, f32 or bf16"
-            ))),
-        }
-    }
 }
 
 impl std::fmt::Display for Precision {

@@ -251,7 +251,9 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let matches = Cli::command().get_matches();
+    let matches = Cli::command()
+        .try_get_matches()
+        .unwrap_or_else(|e| exit_on_usage_error(e));
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     init_stdout();
     let result = match cli.command {
@@ -441,6 +443,22 @@ fn train(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
     );
     println!("done in {:.1} s", summary.seconds);
     Ok(())
+}
+
+/// Exits on a command line clap refused. A value a flag cannot take is one line, as
+/// every other error is; the rest (help, version, unknown flags with their hints) as
+/// clap writes it.
+fn exit_on_usage_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        let text = e.to_string();
+        eprintln!("{}", text.lines().next().unwrap_or("error: invalid value"));
+        std::process::exit(2);
+    }
+    e.exit()
 }
 
 /// The options of subcommand `sub` set on the command line (not defaults).

@@ -455,7 +455,12 @@ fn exit_on_usage_error(e: clap::Error) -> ! {
         ErrorKind::InvalidValue | ErrorKind::ValueValidation
     ) {
         let text = e.to_string();
-        eprintln!("{}", text.lines().next().unwrap_or("error: invalid value"));
+        let parts: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
+            .collect();
+        eprintln!("{}", parts.join(" "));
         std::process::exit(2);
     }
     e.exit()

@@ -1,6 +1,6 @@
 //! build.rs's reader of kernel signatures: each `extern "C" __global__` kernel of a
 //! kernels/*.cu source, its parameters and how a launch passes each. Its own file so
-//! that tests/kernels_build.rs can test it (a build script has no tests of its own).
+//! that tests/core/kernels_build.rs can test it (a build script has no tests of its own).
 
 /// How a launch passes one kernel parameter: the `ParamKind` variant of src/kernels.rs
 /// that build.rs names in the generated table.

@@ -6,9 +6,9 @@
 #   bash scripts/gpu-check.sh run       # on the GPU machine, from the repository root,
 #                                       # with gpu-bundle/ carried over: ~4 minutes
 #
-# `run` checks every CUDA kernel against the CPU backend (tests/conformance.rs; on a
+# `run` checks every CUDA kernel against the CPU backend (tests/core/conformance.rs; on a
 # failure it runs them again under compute-sanitizer), trains the digits on the GPU and
-# on the CPU, in f32 and in bf16 mixed precision, and compares them (tests/cuda_train.rs),
+# on the CPU, in f32 and in bf16 mixed precision, and compares them (tests/core/cuda_train.rs),
 # runs the kernel bandwidth benches (benches/cuda_kernels.rs), then times a full training
 # step of both presets at batch 512 — ferrovit f32 and bf16 vs PyTorch f32, bf16 autocast
 # eager and torch.compile (scripts/bench_torch.py) — prints one table, and where a bf16
@@ -23,7 +23,7 @@ prepare() {
     export FERROVIT_REQUIRE_KERNELS=1
     rm -rf "$bundle" && mkdir -p "$bundle"
     local list
-    list=$( (cargo test --release --no-run --message-format=json --test conformance --test cuda_train --test dist_tcp;
+    list=$( (cargo test --release --no-run --message-format=json --test core --test cli;
              cargo bench --no-run --message-format=json --bench cuda_kernels) |
         python3 -c 'import json,sys
 for l in sys.stdin:
@@ -59,14 +59,14 @@ print(":".join(d for p in nvidia.__path__ for d in glob.glob(os.path.join(p, "*"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
     step() { echo; echo "== $1 ($((SECONDS - t0)) s)"; shift; "$@" || { echo "FAILED: $*"; status=1; return 1; }; }
     step "conformance: every kernel vs the CPU backend" \
-        timeout 120 "$bundle/conformance" cuda_kernels_match_the_cpu_backend --exact --nocapture ||
+        timeout 120 "$bundle/core" conformance::cuda_kernels_match_the_cpu_backend --exact --nocapture ||
         step "conformance again, under compute-sanitizer memcheck" \
-            timeout 120 compute-sanitizer --print-limit 20 "$bundle/conformance" \
-            cuda_kernels_match_the_cpu_backend --exact --nocapture
+            timeout 120 compute-sanitizer --print-limit 20 "$bundle/core" \
+            conformance::cuda_kernels_match_the_cpu_backend --exact --nocapture
     step "training on the GPU matches the CPU" \
-        timeout 180 "$bundle/cuda_train" cuda_training_matches_the_cpu_on_a_gpu --exact --nocapture
+        timeout 180 "$bundle/core" cuda_train::cuda_training_matches_the_cpu_on_a_gpu --exact --nocapture
     step "NCCL on the GPU: collectives and device tensors reduced in place (world 1)" \
-        timeout 60 "$bundle/dist_tcp" nccl_group_of_one_or_a_clear_error_without_a_gpu --exact --nocapture
+        timeout 60 "$bundle/cli" dist_tcp::nccl_group_of_one_or_a_clear_error_without_a_gpu --exact --nocapture
     step "kernel bandwidth (criterion)" \
         bash -c "timeout 150 $bundle/cuda_kernels --bench --noplot --warm-up-time 1 2>&1 | tee $log/kernels.txt"
     step "the attention kernels again, SIMT instead of tensor cores" \

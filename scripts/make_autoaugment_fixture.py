@@ -1,6 +1,6 @@
 """Writes tests/fixtures/autoaugment.safetensors: torchvision's AutoAugment operations
 (tensor path: nearest interpolation, zero fill) applied to three 32x32 images at the
-CIFAR-10 policy's magnitudes, for tests/autoaugment.rs.
+CIFAR-10 policy's magnitudes, for tests/core/autoaugment.rs.
 
 Run from the repo root: python3 scripts/make_autoaugment_fixture.py
 (needs torch, torchvision, safetensors)

@@ -86,12 +86,46 @@ pub fn mkfifo(path: &std::path::Path) {
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
 }
 
-/// A fresh, empty temporary directory unique to this test process and `name`.
+/// A fresh, empty temporary directory unique to this test process, the calling test
+/// file and `name` (files of one test binary share its pid: the same `name` in two of
+/// them must not be one directory).
+#[track_caller]
 pub fn temp_dir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("ferrovit-test-{name}-{}", std::process::id()));
+    let file = std::path::Path::new(std::panic::Location::caller().file());
+    let module = file.file_stem().and_then(|s| s.to_str()).unwrap_or("test");
+    let d = std::env::temp_dir().join(format!(
+        "ferrovit-test-{module}-{name}-{}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("create temp dir");
     d
+}
+
+/// Whether to run the body of `test` (its full name in this binary, `module::name`)
+/// here: true in a process of its own. Called in the test binary's shared process, it
+/// runs the binary again with only `test` selected, checks that it ran and passed, and
+/// returns false. For tests of process-wide state (the tensor buffer pool) that the
+/// binary's other tests, running beside them, would disturb.
+pub fn alone_in_a_process(test: &str) -> bool {
+    const ALONE: &str = "FERROVIT_TEST_ALONE";
+    if std::env::var_os(ALONE).is_some_and(|v| v == test) {
+        return true;
+    }
+    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([test, "--exact", "--test-threads=1", "--nocapture"])
+        .env(ALONE, test)
+        .output()
+        .expect("run the test binary");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success() && stdout.contains("test result: ok. 1 passed"),
+        "{test}, alone in a process:\n{stdout}\n{stderr}"
+    );
+    false
 }
 
 /// Flags of a one-block, width-32 model: a training epoch on the digits takes ~1 s.

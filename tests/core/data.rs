@@ -1,9 +1,7 @@
 //! Data sets: the CIFAR-10 binary reader's checks, the image-folder reader, and the
 //! CIFAR-10 archive extraction and download (from archives built here).
 
-mod common;
-
-use common::{ferrovit, mkfifo, png_header, temp_dir, within_20s};
+use crate::common::{ferrovit, mkfifo, png_header, temp_dir, within_20s};
 use ferrovit::data::{cifar10, default_data_dir, Dataset};
 use std::io::Write;
 use std::path::Path;

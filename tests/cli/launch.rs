@@ -2,9 +2,7 @@
 //! group; they train, save and resume across layouts; a killed rank brings the others
 //! down with a clear error instead of a hang; bad layouts are refused up front.
 
-mod common;
-
-use common::{ferrovit, temp_dir};
+use crate::common::{ferrovit, temp_dir};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -9,9 +9,9 @@
 //! zero its rounding decides the update's sign: 2e-3 for AdamW (4 steps, or the 46
 //! steps of a whole two-epoch run).
 
-mod common;
+use crate::common;
 
-use common::{max_rel_err, randn};
+use crate::common::{max_rel_err, randn};
 use ferrovit::checkpoint::{Checkpoint, Group};
 use ferrovit::data::Batch;
 use ferrovit::dist::{Layout, ProcessGroup, ThreadGroup};

@@ -2,9 +2,7 @@
 //! then resuming give bit-identical losses and parameters — data order, augmentation,
 //! dropout, LR schedule and optimizer state included.
 
-mod common;
-
-use common::{ferrovit, temp_dir, TINY};
+use crate::common::{ferrovit, temp_dir, TINY};
 use ferrovit::checkpoint::{self, Checkpoint, LoadOptions, SaveOptions};
 use ferrovit::data::{default_data_dir, Augment, Dataset, Loader, Sampler};
 use ferrovit::engine::{Engine, TrainConfig};

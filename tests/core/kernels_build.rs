@@ -5,7 +5,7 @@
 
 // Only the reader; build.rs uses the rest.
 #[allow(dead_code)]
-#[path = "../build/signatures.rs"]
+#[path = "../../build/signatures.rs"]
 mod signatures;
 
 use ferrovit::kernels::{module, BUILT, MODULES, PTXAS_REPORT, SIGNATURES};

@@ -2,9 +2,7 @@
 //! pointer, and every kind of corruption refused with an error naming the file and
 //! tensor — including random corruptions driven through the parser.
 
-mod common;
-
-use common::temp_dir;
+use crate::common::temp_dir;
 use ferrovit::checkpoint::{
     self, export_safetensors, import_safetensors, list, read_safetensors, AsyncSaver, Checkpoint,
     LoadOptions, SaveOptions, TrainingState, INDEX,

@@ -2,7 +2,7 @@
 //! every rank), point-to-point order, and failures (a rank that leaves, a rank that
 //! never comes, collectives called out of order) as errors, never hangs.
 
-mod common;
+use crate::common;
 
 use ferrovit::dist::{ProcessGroup, ReduceOp, ThreadGroup};
 use std::time::{Duration, Instant};

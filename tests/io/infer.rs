@@ -2,9 +2,9 @@
 //! weights are used in place, checkpoints of any layout work, and bad inputs are clear
 //! errors with nothing printed as a result.
 
-mod common;
+use crate::common;
 
-use common::{ferrovit, temp_dir, TINY};
+use crate::common::{ferrovit, temp_dir, TINY};
 use ferrovit::checkpoint::{LoadOptions, INDEX};
 use ferrovit::data::{default_data_dir, Dataset};
 use ferrovit::engine::{Engine, TrainConfig};

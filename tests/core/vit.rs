@@ -1,8 +1,6 @@
 //! The ViT presets and model structure.
 
-mod common;
-
-use common::{max_rel_err, randn};
+use crate::common::{max_rel_err, randn};
 use ferrovit::nn::PRESETS;
 use ferrovit::{ForwardCtx, Graph, ParamStore, Vit, VitConfig};
 

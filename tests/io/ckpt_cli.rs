@@ -1,9 +1,7 @@
 //! `ferrovit ckpt …` on a checkpoint written by `ferrovit train`, and the checkpoint
 //! read by Python's `safetensors` (scripts/check_checkpoint.py).
 
-mod common;
-
-use common::{ferrovit, temp_dir};
+use crate::common::{ferrovit, temp_dir};
 use std::path::Path;
 use std::process::Command;
 

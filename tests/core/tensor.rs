@@ -1,5 +1,6 @@
 //! Tensor basics: shapes, dtypes (bf16/f16 storage), byte round trips, errors.
 
+use crate::common;
 use ferrovit::tensor::{pool_bytes, trim_pool};
 use ferrovit::{DType, Device, Tensor};
 
@@ -62,6 +63,11 @@ fn byte_length_mismatch_is_an_error() {
 
 #[test]
 fn large_buffers_are_reused_through_the_pool() {
+    // the pool is the process's: the other tests of this binary take from it and give
+    // back to it while they run
+    if !common::alone_in_a_process("tensor::large_buffers_are_reused_through_the_pool") {
+        return;
+    }
     trim_pool();
     let n = 1 << 16;
     let mut t = Tensor::uninit([n], Device::Cpu);

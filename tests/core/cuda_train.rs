@@ -2,9 +2,7 @@
 //! path — device buffers, launch geometry, kernel sequence, optimizer — on the CPU),
 //! on a real GPU when there is one; and the errors a user gets without one.
 
-mod common;
-
-use common::{ferrovit, ferrovit_with_env, temp_dir};
+use crate::common::{ferrovit, ferrovit_with_env, temp_dir};
 use ferrovit::recipe::{train, TrainOptions};
 use ferrovit::Device;
 use std::path::Path;

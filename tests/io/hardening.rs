@@ -3,9 +3,7 @@
 //! never changes an answer, retention and failed saves leave nothing that looks like a
 //! checkpoint, and a pipeline rank's death ends a parallel save at once.
 
-mod common;
-
-use common::{temp_dir, TINY};
+use crate::common::{temp_dir, TINY};
 use ferrovit::checkpoint::{self, Checkpoint};
 use ferrovit::rng::Rng;
 use std::io::Read;

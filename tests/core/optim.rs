@@ -1,9 +1,7 @@
 //! Optimizers against f64 transcriptions of `torch.optim`'s update rules, clipping,
 //! schedules and named state.
 
-mod common;
-
-use common::randn;
+use crate::common::randn;
 use ferrovit::optim::{clip_grad_norm, LrSchedule, Optimizer, OptimizerKind};
 use ferrovit::{ParamStore, Tensor};
 

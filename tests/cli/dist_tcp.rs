@@ -3,9 +3,9 @@
 //! any u64 tag and large messages travel intact, and failures (a rank that leaves, a
 //! rank that never comes, a store key never set) are prompt errors naming the culprit.
 
-mod common;
+use crate::common;
 
-use common::rank_data;
+use crate::common::rank_data;
 use ferrovit::dist::{DistEnv, ProcessGroup, ReduceOp, SubGroup, TcpGroup, TcpStore};
 use ferrovit::rng::Rng;
 use std::collections::HashMap;

@@ -6,9 +6,7 @@
 //! Tolerance: |analytic − numeric| ≤ ATOL + RTOL·max(|analytic|, |numeric|). A wrong
 //! backward formula misses by O(1); f32 rounding and O(EPS²) truncation stay far below.
 
-mod common;
-
-use common::randn;
+use crate::common::randn;
 use ferrovit::backend::DropoutKey;
 use ferrovit::rng::Rng;
 use ferrovit::{Activation, ForwardCtx, Graph, ParamStore, Result, Tensor, Var, Vit, VitConfig};

@@ -6,9 +6,7 @@
 //! summation orders). Parameters after the AdamW steps are compared against the size of
 //! their change, which is the part a wrong update would get wrong.
 
-mod common;
-
-use common::max_rel_err;
+use crate::common::max_rel_err;
 use ferrovit::optim::{Optimizer, OptimizerKind};
 use ferrovit::{DType, ForwardCtx, Graph, ParamStore, Tensor, Vit, VitConfig};
 use safetensors::SafeTensors;

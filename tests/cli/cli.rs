@@ -1,9 +1,7 @@
 //! The `ferrovit` binary: real runs on tiny settings, config files, determinism, and
 //! clear errors on bad input.
 
-mod common;
-
-use common::{ferrovit, temp_dir, TINY};
+use crate::common::{ferrovit, temp_dir, TINY};
 use std::path::{Path, PathBuf};
 
 fn metrics(out: &Path) -> Vec<serde_json::Value> {

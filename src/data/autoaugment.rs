@@ -4,7 +4,7 @@
 //! The operations, magnitudes and rounding follow torchvision's tensor implementation
 //! (`torchvision.transforms.AutoAugment(AutoAugmentPolicy.CIFAR10)`, nearest
 //! interpolation, zero fill), so a model trained here sees the same augmented images a
-//! PyTorch recipe would; `tests/autoaugment.rs` compares every op against torchvision's
+//! PyTorch recipe would; `tests/core/autoaugment.rs` compares every op against torchvision's
 //! output on real images.
 
 use super::transforms::{PIXELS, SIDE};

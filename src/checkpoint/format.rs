@@ -225,6 +225,9 @@ impl Index {
     /// state (when saved) for every one of them, nothing else; the weight map naming
     /// exactly the model tensors, each with a file of its chunks.
     fn check_names(&self) -> Result<()> {
+        // the model's tensors by name and shape, from a skeleton (untouched zeros:
+        // address space only, which must still fit)
+        self.model.check_fits(4, "its weights")?;
         let mut store = crate::autograd::ParamStore::new();
         crate::nn::Vit::skeleton(&self.model, &mut store)?;
         let state: &[&str] = self.optimizer.map_or(&[], |k| k.state_names());

@@ -132,18 +132,8 @@ fn dropout_seed(seed: u64, step: u64) -> u64 {
 /// Refuses a model whose parameters, gradients and optimizer state cannot fit in this
 /// machine's memory, before any of it is allocated.
 fn check_fits(model: &VitConfig, config: &TrainConfig) -> Result<()> {
-    model.validate()?;
-    let params = model.checked_num_params().unwrap_or(u64::MAX);
     let per_param = 4 * (2 + config.optimizer.state_names().len() as u64);
-    let need = params.saturating_mul(per_param);
-    match crate::backend::cpu::physical_memory() {
-        Some(have) if need > have => Err(Error::Config(format!(
-            "the model's {params} parameters need {:.1} GiB for weights, gradients and optimizer state; this machine has {:.1} GiB",
-            need as f64 / f64::from(1 << 30),
-            have as f64 / f64::from(1 << 30)
-        ))),
-        _ => Ok(()),
-    }
+    model.check_fits(per_param, "weights, gradients and optimizer state")
 }
 
 impl Engine {

@@ -141,6 +141,22 @@ impl VitConfig {
         ("mlp_dim", 1 << 18),
     ];
 
+    /// Validates the config and refuses it when `bytes_per_param` × its parameters (for
+    /// `what`) exceed this machine's memory: checked before anything is allocated.
+    pub fn check_fits(&self, bytes_per_param: u64, what: &str) -> Result<()> {
+        self.validate()?;
+        let params = self.checked_num_params().unwrap_or(u64::MAX);
+        let need = params.saturating_mul(bytes_per_param);
+        match crate::backend::cpu::physical_memory() {
+            Some(have) if need > have => Err(Error::Config(format!(
+                "the model's {params} parameters need {:.1} GiB for {what}; this machine has {:.1} GiB",
+                need as f64 / f64::from(1 << 30),
+                have as f64 / f64::from(1 << 30)
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// The most parameters a model may have (16 G: 64 GiB of f32 weights).
     pub const MAX_PARAMS: u64 = 1 << 34;
 

@@ -633,6 +633,16 @@ fn the_index_is_verified_and_validated_before_use() {
         edit_index(&d, |v| v["model"][field] = value.into());
         cases.push((d, vec![INDEX, want]));
     }
+    // valid sizes, but 16 G parameters: refused before the skeleton is built, by the
+    // machine's memory or, where that is larger, by the missing tensors
+    let d = copy("huge-model");
+    edit_index(&d, |v| {
+        v["model"]["dim"] = 16384.into();
+        v["model"]["mlp_dim"] = 16384.into();
+        v["model"]["depth"] = 5.into();
+        v["layout"]["stages"][0]["end"] = 5.into();
+    });
+    cases.push((d, vec![INDEX]));
     let d = copy("dropout");
     edit_index(&d, |v| v["model"]["dropout"] = 1.5.into());
     cases.push((d, vec![INDEX, "dropout 1.5 is outside"]));

@@ -187,3 +187,135 @@ pub(crate) fn check_embed_backward(
     same_len("embed_backward", b * (t - 1) * d, dpatches)?;
     Ok((b, t))
 }
+
+/// One mean and one rstd per row.
+fn check_stats(op: &'static str, rows: usize, mean: usize, rstd: usize) -> Result<()> {
+    if mean != rows || rstd != rows {
+        return Err(Error::shape(op, format!("{rows} row statistics"), mean));
+    }
+    Ok(())
+}
+
+/// LayerNorm: `x` and `y` rows of gamma's width, beta like gamma, a mean and rstd per
+/// row; returns the rows.
+pub(crate) fn check_layernorm(
+    x: &Tensor,
+    (gamma, beta): (&Tensor, &Tensor),
+    y: &Tensor,
+    (mean, rstd): (&Tensor, &Tensor),
+) -> Result<usize> {
+    let op = "layernorm";
+    let rows = rows_of(op, x.numel(), gamma.numel())?;
+    same_len(op, x.numel(), y.numel())?;
+    same_len(op, gamma.numel(), beta.numel())?;
+    check_stats(op, rows, mean.numel(), rstd.numel())?;
+    Ok(rows)
+}
+
+/// LayerNorm's backward: `dy` and `dx` like `x`, its gradients like gamma, the saved
+/// statistics per row; returns the rows.
+pub(crate) fn check_layernorm_backward(
+    (dy, x, gamma): (&Tensor, &Tensor, &Tensor),
+    (mean, rstd): (&Tensor, &Tensor),
+    (dx, dgamma, dbeta): (&Tensor, &Tensor, &Tensor),
+) -> Result<usize> {
+    let op = "layernorm_backward";
+    let rows = rows_of(op, x.numel(), gamma.numel())?;
+    same_len(op, dy.numel(), x.numel())?;
+    same_len(op, dx.numel(), x.numel())?;
+    same_len(op, dgamma.numel(), gamma.numel())?;
+    same_len(op, dbeta.numel(), gamma.numel())?;
+    check_stats(op, rows, mean.numel(), rstd.numel())?;
+    Ok(rows)
+}
+
+/// Dropout: `out` like `x`, whole samples, a probability in [0, 1), a residual (when
+/// added to one) like `x`.
+pub(crate) fn check_dropout(
+    x: &Tensor,
+    p: f32,
+    samples: &[u64],
+    residual: Option<&Tensor>,
+    out: &Tensor,
+) -> Result<()> {
+    let n = x.numel();
+    same_len("dropout", n, out.numel())?;
+    if samples.is_empty() || !n.is_multiple_of(samples.len()) {
+        return Err(Error::shape(
+            "dropout",
+            format!("a multiple of {} samples", samples.len()),
+            n,
+        ));
+    }
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::Config(format!(
+            "dropout probability {p} is outside [0, 1)"
+        )));
+    }
+    if let Some(r) = residual {
+        same_len("dropout residual", r.numel(), n)?;
+    }
+    Ok(())
+}
+
+/// The cross-entropy: `dlogits` like the `[batch, classes]` logits, one label per row,
+/// each a class; returns `(batch, classes)`.
+pub(crate) fn check_cross_entropy(
+    logits: &Tensor,
+    labels: &[usize],
+    dlogits: &Tensor,
+) -> Result<(usize, usize)> {
+    let classes = logits.shape().last();
+    same_len("cross_entropy", logits.numel(), dlogits.numel())?;
+    let b = rows_of("cross_entropy", logits.numel(), classes)?;
+    if b != labels.len() || labels.is_empty() {
+        return Err(Error::shape(
+            "cross_entropy",
+            format!("{b} labels"),
+            labels.len(),
+        ));
+    }
+    if let Some((i, y)) = labels.iter().enumerate().find(|(_, &y)| y >= classes) {
+        return Err(Error::Config(format!(
+            "label {y} of sample {i} is out of range for {classes} classes"
+        )));
+    }
+    Ok((b, classes))
+}
+
+/// Elementwise ops: every tensor of `others` has as many elements as `first`;
+/// returns that count.
+pub(crate) fn check_same(op: &'static str, first: &Tensor, others: &[&Tensor]) -> Result<usize> {
+    let n = first.numel();
+    for t in others {
+        same_len(op, n, t.numel())?;
+    }
+    Ok(n)
+}
+
+/// A per-column vector (a bias) over the rows of `x`; returns `(rows, width)`.
+pub(crate) fn check_rows(op: &'static str, x: &Tensor, column: &Tensor) -> Result<(usize, usize)> {
+    let d = column.numel();
+    Ok((rows_of(op, x.numel(), d)?, d))
+}
+
+/// select_rows and its backward: `full` holds `stride` rows per row of `picked`;
+/// returns `(picked elements, width)`.
+pub(crate) fn check_select_rows(
+    op: &'static str,
+    picked: &Tensor,
+    stride: usize,
+    full: &Tensor,
+) -> Result<(usize, usize)> {
+    let n = picked.numel();
+    let want = n
+        .checked_mul(stride)
+        .ok_or_else(|| Error::shape(op, format!("{n} × {stride} elements"), full.numel()))?;
+    same_len(op, want, full.numel())?;
+    Ok((n, picked.shape().last()))
+}
+
+/// A linear layer's bias: one value per output column (`n` of `(m, n, k)`).
+pub(crate) fn check_matmul_bias(bias: &Tensor, (_, n, _): (usize, usize, usize)) -> Result<()> {
+    same_len("matmul bias", bias.numel(), n)
+}

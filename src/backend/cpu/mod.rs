@@ -9,8 +9,9 @@ pub mod optim;
 pub mod simd;
 
 use super::check::{
-    check_attn, check_attn_backward, check_augment, check_embed, check_embed_backward,
-    check_matmul, check_patchify, rows_of, same_len,
+    check_attn, check_attn_backward, check_augment, check_cross_entropy, check_dropout,
+    check_embed, check_embed_backward, check_layernorm, check_layernorm_backward, check_matmul,
+    check_matmul_bias, check_patchify, check_rows, check_same, check_select_rows,
 };
 use super::gemm;
 use super::{AdamStep, AttnDims, AugmentBatch, Backend, DropoutKey, DropoutMode, SgdStep};
@@ -111,7 +112,6 @@ fn gemm_into(
     write(c, |c| {
         match bias {
             Some(bias) => {
-                rows_of("matmul bias", c.len(), bias.len())?;
                 ops::fill_rows(c, bias);
                 gemm::matmul(c, &a, ta, &b, tb, (m, n, k), true);
             }
@@ -147,31 +147,32 @@ impl Backend for CpuBackend {
         bias: &Tensor,
         mnk: (usize, usize, usize),
     ) -> Result<()> {
+        check_matmul_bias(bias, mnk)?;
         gemm_into(c, a, false, b, true, mnk, false, Some(bias.f32s()?))
     }
 
     fn fill_rows(&self, out: &mut Tensor, bias: &Tensor) -> Result<()> {
+        check_rows("fill_rows", out, bias)?;
         let bias = bias.f32s()?;
         write(out, |out| {
-            rows_of("fill_rows", out.len(), bias.len())?;
             ops::fill_rows(out, bias);
             Ok(())
         })
     }
 
     fn bias_grad(&self, dy: &Tensor, db: &mut Tensor) -> Result<()> {
+        check_rows("bias_grad", dy, db)?;
         let (dy, db) = (read(dy)?, db.f32s_mut()?);
-        rows_of("bias_grad", dy.len(), db.len())?;
         ops::bias_grad(&dy, db);
         Ok(())
     }
 
     fn bias_gelu(&self, pre: &mut Tensor, bias: &Tensor, out: &mut Tensor) -> Result<()> {
+        check_same("bias_gelu", pre, &[out])?;
+        check_rows("bias_gelu", pre, bias)?;
         let bias = bias.f32s()?;
         write(pre, |pre| {
             write(out, |out| {
-                same_len("bias_gelu", pre.len(), out.len())?;
-                rows_of("bias_gelu", pre.len(), bias.len())?;
                 ops::bias_gelu(pre, bias, out);
                 Ok(())
             })
@@ -179,10 +180,9 @@ impl Backend for CpuBackend {
     }
 
     fn gelu_backward(&self, dy: &Tensor, pre: &Tensor, dpre: &mut Tensor) -> Result<()> {
+        check_same("gelu_backward", dy, &[pre, dpre])?;
         let (dy, pre) = (read(dy)?, read(pre)?);
         write(dpre, |dpre| {
-            same_len("gelu_backward", dy.len(), pre.len())?;
-            same_len("gelu_backward", dy.len(), dpre.len())?;
             ops::gelu_backward(&dy, &pre, dpre);
             Ok(())
         })
@@ -198,19 +198,10 @@ impl Backend for CpuBackend {
         mean: &mut Tensor,
         rstd: &mut Tensor,
     ) -> Result<()> {
+        check_layernorm(x, (gamma, beta), y, (mean, rstd))?;
         let (x, g, b) = (x.f32s()?, gamma.f32s()?, beta.f32s()?);
         let (mean, rstd) = (mean.f32s_mut()?, rstd.f32s_mut()?);
         write(y, |y| {
-            let n = rows_of("layernorm", x.len(), g.len())?;
-            same_len("layernorm", x.len(), y.len())?;
-            same_len("layernorm", g.len(), b.len())?;
-            if mean.len() != n || rstd.len() != n {
-                return Err(Error::shape(
-                    "layernorm",
-                    format!("{n} row statistics"),
-                    mean.len(),
-                ));
-            }
             ops::layernorm(x, g, b, eps, y, mean, rstd);
             Ok(())
         })
@@ -227,22 +218,11 @@ impl Backend for CpuBackend {
         dgamma: &mut Tensor,
         dbeta: &mut Tensor,
     ) -> Result<()> {
+        check_layernorm_backward((dy, x, gamma), (mean, rstd), (dx, dgamma, dbeta))?;
         let (dy, x, g) = (read(dy)?, x.f32s()?, gamma.f32s()?);
         let dy = &dy[..];
         let (mean, rstd) = (mean.f32s()?, rstd.f32s()?);
         let (dx, dg, db) = (dx.f32s_mut()?, dgamma.f32s_mut()?, dbeta.f32s_mut()?);
-        let n = rows_of("layernorm_backward", x.len(), g.len())?;
-        same_len("layernorm_backward", dy.len(), x.len())?;
-        same_len("layernorm_backward", dx.len(), x.len())?;
-        same_len("layernorm_backward", dg.len(), g.len())?;
-        same_len("layernorm_backward", db.len(), g.len())?;
-        if mean.len() != n || rstd.len() != n {
-            return Err(Error::shape(
-                "layernorm_backward",
-                format!("{n} row statistics"),
-                mean.len(),
-            ));
-        }
         ops::layernorm_backward(dy, x, g, mean, rstd, dx, dg, db);
         Ok(())
     }
@@ -322,17 +302,16 @@ impl Backend for CpuBackend {
 
     fn add(&self, a: &Tensor, b: &Tensor, out: &mut Tensor) -> Result<()> {
         // b may be a bf16 branch under mixed precision (widened exactly)
+        check_same("add", a, &[b, out])?;
         let b = read(b)?;
         let (a, out) = (a.f32s()?, out.f32s_mut()?);
-        same_len("add", a.len(), b.len())?;
-        same_len("add", a.len(), out.len())?;
         ops::add(a, &b, out);
         Ok(())
     }
 
     fn add_assign(&self, dst: &mut Tensor, src: &Tensor) -> Result<()> {
+        check_same("add_assign", dst, &[src])?;
         let (dst, src) = (dst.f32s_mut()?, src.f32s()?);
-        same_len("add_assign", dst.len(), src.len())?;
         ops::add_assign(dst, src);
         Ok(())
     }
@@ -355,31 +334,19 @@ impl Backend for CpuBackend {
         mode: DropoutMode,
         out: &mut Tensor,
     ) -> Result<()> {
+        let residual = match mode {
+            DropoutMode::AddTo(r) => Some(r),
+            _ => None,
+        };
+        check_dropout(x, p, samples, residual, out)?;
         let x = read(x)?;
         let x = &x[..];
-        if samples.is_empty() || x.len() % samples.len() != 0 {
-            return Err(Error::shape(
-                "dropout",
-                format!("a multiple of {} samples", samples.len()),
-                x.len(),
-            ));
-        }
-        if !(0.0..1.0).contains(&p) {
-            return Err(Error::Config(format!(
-                "dropout probability {p} is outside [0, 1)"
-            )));
-        }
         let mode = match mode {
             DropoutMode::Write => simd::DropMode::Write,
             DropoutMode::Accumulate => simd::DropMode::Accumulate,
-            DropoutMode::AddTo(r) => {
-                let r = r.f32s()?;
-                same_len("dropout residual", r.len(), x.len())?;
-                simd::DropMode::AddTo(r)
-            }
+            DropoutMode::AddTo(r) => simd::DropMode::AddTo(r.f32s()?),
         };
         write(out, |out| {
-            same_len("dropout", x.len(), out.len())?;
             ops::dropout(x, p, key, samples, mode, out);
             Ok(())
         })
@@ -392,31 +359,14 @@ impl Backend for CpuBackend {
         eps: f32,
         dlogits: &mut Tensor,
     ) -> Result<f32> {
+        check_cross_entropy(logits, labels, dlogits)?;
         let (z, dz) = (logits.f32s()?, dlogits.f32s_mut()?);
-        same_len("cross_entropy", z.len(), dz.len())?;
-        let c = rows_of("cross_entropy", z.len(), logits.shape().last())?;
-        if c != labels.len() || labels.is_empty() {
-            return Err(Error::shape(
-                "cross_entropy",
-                format!("{c} labels"),
-                labels.len(),
-            ));
-        }
-        let classes = logits.shape().last();
-        if let Some((i, y)) = labels.iter().enumerate().find(|(_, &y)| y >= classes) {
-            return Err(Error::Config(format!(
-                "label {y} of sample {i} is out of range for {classes} classes"
-            )));
-        }
         Ok(ops::cross_entropy(z, labels, eps, dz))
     }
 
     fn select_rows(&self, x: &Tensor, stride_rows: usize, out: &mut Tensor) -> Result<()> {
-        let d = out.shape().last();
+        let (_, d) = check_select_rows("select_rows", out, stride_rows, x)?;
         let (x, o) = (x.f32s()?, out.f32s_mut()?);
-        if x.len() != o.len() * stride_rows {
-            return Err(Error::shape("select_rows", o.len() * stride_rows, x.len()));
-        }
         ops::select_rows(x, d, stride_rows, o);
         Ok(())
     }
@@ -427,15 +377,8 @@ impl Backend for CpuBackend {
         stride_rows: usize,
         dx: &mut Tensor,
     ) -> Result<()> {
-        let d = dout.shape().last();
+        let (_, d) = check_select_rows("select_rows_backward", dout, stride_rows, dx)?;
         let (g, dx) = (dout.f32s()?, dx.f32s_mut()?);
-        if dx.len() != g.len() * stride_rows {
-            return Err(Error::shape(
-                "select_rows_backward",
-                g.len() * stride_rows,
-                dx.len(),
-            ));
-        }
         ops::select_rows_backward(g, d, stride_rows, dx);
         Ok(())
     }
@@ -448,20 +391,18 @@ impl Backend for CpuBackend {
         v: &mut Tensor,
         step: AdamStep,
     ) -> Result<()> {
+        check_same("adam", p, &[g, m, v])?;
         let (p, g, m, v) = (p.f32s_mut()?, g.f32s()?, m.f32s_mut()?, v.f32s_mut()?);
-        same_len("adam", p.len(), g.len())?;
-        same_len("adam", m.len(), g.len())?;
-        same_len("adam", v.len(), g.len())?;
         optim::adam(p, g, m, v, step);
         Ok(())
     }
 
     fn sgd(&self, p: &mut Tensor, g: &Tensor, buf: &mut Tensor, step: SgdStep) -> Result<()> {
-        let (p, g, b) = (p.f32s_mut()?, g.f32s()?, buf.f32s_mut()?);
-        same_len("sgd", p.len(), g.len())?;
+        check_same("sgd", p, &[g])?;
         if step.momentum != 0.0 {
-            same_len("sgd", b.len(), g.len())?;
+            check_same("sgd", p, &[buf])?;
         }
+        let (p, g, b) = (p.f32s_mut()?, g.f32s()?, buf.f32s_mut()?);
         optim::sgd(p, g, b, step);
         Ok(())
     }

@@ -3,8 +3,10 @@
 
 use super::{Arg, Gemm, Gpu, Launch};
 use crate::backend::check::{
-    check_attn, check_attn_backward, check_augment, check_embed, check_embed_backward,
-    check_logits, check_matmul, check_patchify, rows_of, same_len,
+    check_attn, check_attn_backward, check_augment, check_cross_entropy, check_dropout,
+    check_embed, check_embed_backward, check_layernorm, check_layernorm_backward, check_logits,
+    check_matmul, check_matmul_bias, check_patchify, check_rows, check_same, check_select_rows,
+    same_len,
 };
 use crate::backend::spec::site_key;
 use crate::backend::{
@@ -390,7 +392,7 @@ impl Backend for CudaBackend {
         bias: &Tensor,
         (m, n, k): (usize, usize, usize),
     ) -> Result<()> {
-        same_len("matmul bias", bias.numel(), n)?;
+        check_matmul_bias(bias, (m, n, k))?;
         let fused = Gemm {
             bias: self.ptr(bias)?.bits(),
             ..self.gemm_of(c, a, false, b, true, (m, n, k), false)?
@@ -403,8 +405,7 @@ impl Backend for CudaBackend {
     }
 
     fn fill_rows(&self, out: &mut Tensor, bias: &Tensor) -> Result<()> {
-        let (n, d) = (out.numel(), bias.numel());
-        rows_of("fill_rows", n, d)?;
+        let (n, (_, d)) = (out.numel(), check_rows("fill_rows", out, bias)?);
         let kernel = variant("fill_rows", ["fill_rows_f32", "fill_rows_bf16"], &[out])?;
         let args = [
             self.act_mut(out)?,
@@ -416,17 +417,15 @@ impl Backend for CudaBackend {
     }
 
     fn bias_grad(&self, dy: &Tensor, db: &mut Tensor) -> Result<()> {
-        let d = db.numel();
-        let rows = rows_of("bias_grad", dy.numel(), d)?;
+        let (rows, d) = check_rows("bias_grad", dy, db)?;
         let out = self.ptr_mut(db)?;
         let kernel = variant("bias_grad", ["column_sums_f32", "column_sums_bf16"], &[dy])?;
         self.column_sums(kernel, self.act(dy)?, (rows, d, d), out)
     }
 
     fn bias_gelu(&self, pre: &mut Tensor, bias: &Tensor, out: &mut Tensor) -> Result<()> {
-        let (n, d) = (pre.numel(), bias.numel());
-        same_len("bias_gelu", n, out.numel())?;
-        rows_of("bias_gelu", n, d)?;
+        let n = check_same("bias_gelu", pre, &[out])?;
+        let (_, d) = check_rows("bias_gelu", pre, bias)?;
         let kernel = variant(
             "bias_gelu",
             ["bias_gelu_f32", "bias_gelu_bf16"],
@@ -443,9 +442,7 @@ impl Backend for CudaBackend {
     }
 
     fn gelu_backward(&self, dy: &Tensor, pre: &Tensor, dpre: &mut Tensor) -> Result<()> {
-        let n = dy.numel();
-        same_len("gelu_backward", n, pre.numel())?;
-        same_len("gelu_backward", n, dpre.numel())?;
+        let n = check_same("gelu_backward", dy, &[pre, dpre])?;
         let kernel = variant(
             "gelu_backward",
             ["gelu_backward_f32", "gelu_backward_bf16"],
@@ -466,16 +463,7 @@ impl Backend for CudaBackend {
         rstd: &mut Tensor,
     ) -> Result<()> {
         let d = gamma.numel();
-        let rows = rows_of("layernorm", x.numel(), d)?;
-        same_len("layernorm", x.numel(), y.numel())?;
-        same_len("layernorm", d, beta.numel())?;
-        if mean.numel() != rows || rstd.numel() != rows {
-            return Err(Error::shape(
-                "layernorm",
-                format!("{rows} row statistics"),
-                mean.numel(),
-            ));
-        }
+        let rows = check_layernorm(x, (gamma, beta), y, (mean, rstd))?;
         let kernel = variant(
             "layernorm",
             ["layernorm_forward_f32", "layernorm_forward_bf16"],
@@ -507,18 +495,7 @@ impl Backend for CudaBackend {
         dbeta: &mut Tensor,
     ) -> Result<()> {
         let d = gamma.numel();
-        let rows = rows_of("layernorm_backward", x.numel(), d)?;
-        same_len("layernorm_backward", dy.numel(), x.numel())?;
-        same_len("layernorm_backward", dx.numel(), x.numel())?;
-        same_len("layernorm_backward", dgamma.numel(), d)?;
-        same_len("layernorm_backward", dbeta.numel(), d)?;
-        if mean.numel() != rows || rstd.numel() != rows {
-            return Err(Error::shape(
-                "layernorm_backward",
-                format!("{rows} row statistics"),
-                mean.numel(),
-            ));
-        }
+        let rows = check_layernorm_backward((dy, x, gamma), (mean, rstd), (dx, dgamma, dbeta))?;
         if rows == 0 {
             return Ok(());
         }
@@ -700,9 +677,7 @@ impl Backend for CudaBackend {
     }
 
     fn add(&self, a: &Tensor, b: &Tensor, out: &mut Tensor) -> Result<()> {
-        let n = a.numel();
-        same_len("add", n, b.numel())?;
-        same_len("add", n, out.numel())?;
+        let n = check_same("add", a, &[b, out])?;
         // b may be a bf16 branch (mixed precision), a and out are the f32 residual stream
         let args = [self.ptr(a)?, self.act(b)?, self.ptr_mut(out)?, long(n)];
         let kernel = variant("add", ["add_f32", "add_f32_bf16"], &[b])?;
@@ -710,8 +685,7 @@ impl Backend for CudaBackend {
     }
 
     fn add_assign(&self, dst: &mut Tensor, src: &Tensor) -> Result<()> {
-        let n = dst.numel();
-        same_len("add_assign", n, src.numel())?;
+        let n = check_same("add_assign", dst, &[src])?;
         let args = [self.ptr_mut(dst)?, self.ptr(src)?, long(n)];
         self.elementwise("add_assign_f32", n, &args)
     }
@@ -754,27 +728,16 @@ impl Backend for CudaBackend {
         out: &mut Tensor,
     ) -> Result<()> {
         let n = x.numel();
-        same_len("dropout", n, out.numel())?;
-        if samples.is_empty() || !n.is_multiple_of(samples.len()) {
-            return Err(Error::shape(
-                "dropout",
-                format!("a multiple of {} samples", samples.len()),
-                n,
-            ));
-        }
-        if !(0.0..1.0).contains(&p) {
-            return Err(Error::Config(format!(
-                "dropout probability {p} is outside [0, 1)"
-            )));
-        }
+        let residual = match mode {
+            DropoutMode::AddTo(r) => Some(r),
+            _ => None,
+        };
+        check_dropout(x, p, samples, residual, out)?;
         let (samples_dev, _keep) = self.upload(samples)?;
         let (residual, mode) = match mode {
             DropoutMode::Write => (Arg::Ptr(0), 0),
             DropoutMode::Accumulate => (Arg::Ptr(0), 1),
-            DropoutMode::AddTo(r) => {
-                same_len("dropout residual", r.numel(), n)?;
-                (self.ptr(r)?, 2)
-            }
+            DropoutMode::AddTo(r) => (self.ptr(r)?, 2),
         };
         let threshold = (p as f64 * 65536.0).round() as u32;
         // f32 or bf16 each: the MLP's bf16 activations; a bf16 branch added to the f32
@@ -809,21 +772,7 @@ impl Backend for CudaBackend {
         eps: f32,
         dlogits: &mut Tensor,
     ) -> Result<f32> {
-        let classes = logits.shape().last();
-        same_len("cross_entropy", logits.numel(), dlogits.numel())?;
-        let b = rows_of("cross_entropy", logits.numel(), classes)?;
-        if b != labels.len() || labels.is_empty() {
-            return Err(Error::shape(
-                "cross_entropy",
-                format!("{b} labels"),
-                labels.len(),
-            ));
-        }
-        if let Some((i, y)) = labels.iter().enumerate().find(|(_, &y)| y >= classes) {
-            return Err(Error::Config(format!(
-                "label {y} of sample {i} is out of range for {classes} classes"
-            )));
-        }
+        let (b, classes) = check_cross_entropy(logits, labels, dlogits)?;
         let ys: Vec<i32> = labels.iter().map(|&y| y as i32).collect();
         let (labels, _keep) = self.upload(&ys)?;
         let mut rows = self.scratch(b)?;
@@ -843,8 +792,7 @@ impl Backend for CudaBackend {
     }
 
     fn select_rows(&self, x: &Tensor, stride_rows: usize, out: &mut Tensor) -> Result<()> {
-        let (n, d) = (out.numel(), out.shape().last());
-        same_len("select_rows", n * stride_rows, x.numel())?;
+        let (n, d) = check_select_rows("select_rows", out, stride_rows, x)?;
         let args = [
             self.ptr(x)?,
             self.ptr_mut(out)?,
@@ -861,8 +809,7 @@ impl Backend for CudaBackend {
         stride_rows: usize,
         dx: &mut Tensor,
     ) -> Result<()> {
-        let (n, d) = (dout.numel(), dout.shape().last());
-        same_len("select_rows_backward", n * stride_rows, dx.numel())?;
+        let (n, d) = check_select_rows("select_rows_backward", dout, stride_rows, dx)?;
         let args = [
             self.ptr(dout)?,
             self.ptr_mut(dx)?,
@@ -881,10 +828,7 @@ impl Backend for CudaBackend {
         v: &mut Tensor,
         s: AdamStep,
     ) -> Result<()> {
-        let n = p.numel();
-        same_len("adam", n, g.numel())?;
-        same_len("adam", n, m.numel())?;
-        same_len("adam", n, v.numel())?;
+        let n = check_same("adam", p, &[g, m, v])?;
         let args = [
             self.ptr_mut(p)?,
             self.ptr(g)?,
@@ -904,10 +848,9 @@ impl Backend for CudaBackend {
     }
 
     fn sgd(&self, p: &mut Tensor, g: &Tensor, buf: &mut Tensor, s: SgdStep) -> Result<()> {
-        let n = p.numel();
-        same_len("sgd", n, g.numel())?;
+        let n = check_same("sgd", p, &[g])?;
         let b = if s.momentum != 0.0 {
-            same_len("sgd", n, buf.numel())?;
+            check_same("sgd", p, &[buf])?;
             self.ptr_mut(buf)?
         } else {
             Arg::Ptr(0)

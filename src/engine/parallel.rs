@@ -133,6 +133,64 @@ struct InFlight {
     weight: f32,
 }
 
+/// One step of this stage: its share of the batch cut into micro-batches, and what the
+/// last stage gathers of them.
+struct StageStep<'b> {
+    batch: &'b Batch,
+    train: bool,
+    /// The micro-batches' rows of the share.
+    bounds: Vec<std::ops::Range<usize>>,
+    /// The global batch's size (at least 1).
+    global: usize,
+    device: Device,
+    smoothing: f32,
+    /// Loss × samples, and predictions, of this replica's share (last stage).
+    loss_sum: f64,
+    predictions: Vec<usize>,
+    /// Forward passes waiting for their backward pass.
+    inflight: VecDeque<InFlight>,
+}
+
+impl<'b> StageStep<'b> {
+    fn new(engine: &Engine, par: &Parallel, batch: &'b Batch, train: bool) -> Self {
+        let n = batch.labels.len();
+        let m = par.microbatches.min(n);
+        StageStep {
+            batch,
+            train,
+            bounds: (0..m).map(|i| i * n / m..(i + 1) * n / m).collect(),
+            global: batch.global.max(1),
+            device: engine.params_device(),
+            smoothing: if train {
+                engine.config.label_smoothing
+            } else {
+                0.0
+            },
+            loss_sum: 0.0,
+            predictions: vec![0; n],
+            inflight: VecDeque::new(),
+        }
+    }
+
+    /// The step's metrics, shared by every rank: `[loss × samples, labels,
+    /// predictions]` at this replica's offset in the global batch (the last stages fill
+    /// them in), summed over the world.
+    fn shared_metrics(&self, par: &Parallel) -> Result<Vec<f32>> {
+        let global = self.global;
+        let mut shared = vec![0.0f32; 1 + 2 * global];
+        if par.coords().1 + 1 == par.layout.pp {
+            shared[0] = self.loss_sum as f32;
+            let at = self.batch.offset;
+            for (k, (&y, &p)) in self.batch.labels.iter().zip(&self.predictions).enumerate() {
+                shared[1 + at + k] = y as f32;
+                shared[1 + global + at + k] = p as f32;
+            }
+        }
+        par.world.all_reduce(&mut shared, ReduceOp::Sum)?;
+        Ok(shared)
+    }
+}
+
 /// Message tags between stages: micro-batch `i`'s activations and gradients.
 fn tag(i: usize, backward: bool) -> u64 {
     2 * i as u64 + backward as u64
@@ -169,148 +227,18 @@ impl Engine {
     }
 
     fn run_stage(&mut self, par: &mut Parallel, batch: Batch, train: bool) -> Result<StepResult> {
-        let (_, stage) = par.coords();
-        let stages = par.layout.pp;
-        let last = stage + 1 == stages;
-        let n = batch.labels.len();
-        let m = par.microbatches.min(n);
-        let bounds: Vec<std::ops::Range<usize>> =
-            (0..m).map(|i| i * n / m..(i + 1) * n / m).collect();
-        let global = batch.global.max(1);
-        let device = self.params_device();
-        let ctx_for = |r: &std::ops::Range<usize>, step: u64, seed: u64| {
-            let samples = batch.samples[r.clone()].to_vec();
-            if train {
-                ForwardCtx::train(super::dropout_seed(seed, step), samples)
-            } else {
-                ForwardCtx::eval(samples.len())
-            }
-        };
+        let mut s = StageStep::new(self, par, &batch, train);
         if train {
             self.params.zero_grad()?;
         }
-        let smoothing = if train {
-            self.config.label_smoothing
-        } else {
-            0.0
-        };
-        // loss × samples, and predictions, of this replica's share (last stage)
-        let mut loss_sum = 0.0f64;
-        let mut predictions = vec![0usize; n];
-        let mut inflight: VecDeque<InFlight> = VecDeque::new();
         let t0 = Instant::now();
-        // 1F1B: stage s runs (stages - s - 1) forwards ahead, then alternates one
-        // forward and one backward, then drains its remaining backwards.
-        let warmup = if train {
-            (stages - stage - 1).min(m)
-        } else {
-            m
-        };
-        let mut next_fwd = 0;
-        let mut next_bwd = 0;
-        while next_fwd < m || (train && next_bwd < m) {
-            let forward_now = next_fwd < m && (!train || next_fwd - next_bwd <= warmup);
-            if forward_now {
-                let i = next_fwd;
-                next_fwd += 1;
-                let r = bounds[i].clone();
-                let ctx = ctx_for(&r, self.step, self.config.seed);
-                let mut graph = Graph::owning(self.params.share());
-                graph.set_precision(self.config.precision);
-                let (input, x) = if stage == 0 {
-                    let images = match &batch.raw {
-                        Some(raw) => self.images(&batch.images, Some(&raw.rows(r.clone())))?,
-                        None => rows(&batch.images, r.clone())?.to_device(device)?,
-                    };
-                    (None, PartInput::Images(images))
-                } else {
-                    let c = &self.model.config;
-                    let h = par.recv(stage - 1, tag(i, false))?;
-                    let t = Tensor::from_vec(h, [r.len(), c.tokens(), c.dim])?.to_device(device)?;
-                    let v = graph.input_with_grad(t);
-                    (Some(v), PartInput::Hidden(v))
-                };
-                let out = self.model.forward_part(&mut graph, x, &ctx)?;
-                let output = if last {
-                    let logits = graph.value(out).clone();
-                    for (p, row) in predictions[r.clone()]
-                        .iter_mut()
-                        .zip(super::argmax_rows(&logits)?)
-                    {
-                        *p = row;
-                    }
-                    let loss = graph.cross_entropy(out, &batch.labels[r.clone()], smoothing)?;
-                    loss_sum += graph.value(loss).f32s()?[0] as f64 * r.len() as f64;
-                    loss
-                } else {
-                    par.pp
-                        .send(host(graph.value(out))?.f32s()?, stage + 1, tag(i, false))?;
-                    out
-                };
-                if train {
-                    inflight.push_back(InFlight {
-                        graph,
-                        input,
-                        output,
-                        weight: r.len() as f32 / global as f32,
-                    });
-                }
-            } else if train {
-                let i = next_bwd;
-                next_bwd += 1;
-                let mut f = inflight.pop_front().ok_or_else(|| {
-                    Error::Graph(format!("pipeline: micro-batch {i} has no forward pass"))
-                })?;
-                let grad = if last {
-                    Tensor::try_full([1], f.weight, device)?
-                } else {
-                    let g = par.recv(stage + 1, tag(i, true))?;
-                    Tensor::from_vec(g, f.graph.value(f.output).shape().clone())?
-                        .to_device(device)?
-                };
-                // gradients accumulate in the engine's store, one micro-batch at a time
-                f.graph.store_mut().swap_grads(&mut self.params);
-                let r = f.graph.backward_from(f.output, grad);
-                f.graph.store_mut().swap_grads(&mut self.params);
-                r?;
-                if let Some(input) = f.input {
-                    let g = f.graph.grad(input).ok_or_else(|| {
-                        Error::Graph("pipeline: no gradient for the received hidden states".into())
-                    })?;
-                    par.pp.send(host(g)?.f32s()?, stage - 1, tag(i, true))?;
-                }
-            }
-        }
+        self.schedule_1f1b(par, &mut s)?;
         par.pipeline_time += t0.elapsed();
-        // The step's metrics, shared by every rank: [loss × samples, labels, predictions]
-        // at this replica's offset in the global batch (last stages fill them in).
-        let mut shared = vec![0.0f32; 1 + 2 * global];
-        if last {
-            shared[0] = loss_sum as f32;
-            let at = batch.offset;
-            for (k, (&y, &p)) in batch.labels.iter().zip(&predictions).enumerate() {
-                shared[1 + at + k] = y as f32;
-                shared[1 + global + at + k] = p as f32;
-            }
-        }
-        par.world.all_reduce(&mut shared, ReduceOp::Sum)?;
+        let shared = s.shared_metrics(par)?;
+        let global = s.global;
         let loss = shared[0] / global as f32;
-        if train && !loss.is_finite() {
-            return Err(Error::NonFinite {
-                step: self.step,
-                value: loss,
-            });
-        }
         if train {
-            reduce_gradients(&mut self.params, par.dp.as_ref(), par.bucket, ReduceOp::Sum)?;
-            if let Some(max) = self.config.clip_grad_norm {
-                // replicas agree after the all-reduce; the norm spans the stages
-                let mut sq = [grad_sum_squares(&self.params)? as f32];
-                par.pp.all_reduce(&mut sq, ReduceOp::Sum)?;
-                scale_grads(&mut self.params, max, sq[0].sqrt())?;
-            }
-            self.optimizer.step(&mut self.params, self.lr)?;
-            self.step += 1;
+            self.update(par, loss)?;
         }
         let ints = |v: &[f32]| v.iter().map(|&x| x as usize).collect();
         Ok(StepResult {
@@ -318,5 +246,133 @@ impl Engine {
             labels: ints(&shared[1..1 + global]),
             predictions: ints(&shared[1 + global..]),
         })
+    }
+
+    /// 1F1B: stage s runs (stages - s - 1) forwards ahead, then alternates one forward
+    /// and one backward, then drains its remaining backwards (forwards only in
+    /// evaluation).
+    fn schedule_1f1b(&mut self, par: &mut Parallel, s: &mut StageStep) -> Result<()> {
+        let (_, stage) = par.coords();
+        let m = s.bounds.len();
+        let warmup = if s.train {
+            (par.layout.pp - stage - 1).min(m)
+        } else {
+            m
+        };
+        let (mut next_fwd, mut next_bwd) = (0, 0);
+        while next_fwd < m || (s.train && next_bwd < m) {
+            if next_fwd < m && (!s.train || next_fwd - next_bwd <= warmup) {
+                self.forward_micro(par, s, next_fwd)?;
+                next_fwd += 1;
+            } else if s.train {
+                self.backward_micro(par, s, next_bwd)?;
+                next_bwd += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Micro-batch `i`'s forward pass: images (first stage) or the previous stage's
+    /// hidden states in; the loss and predictions (last stage) or the hidden states
+    /// sent on; its graph kept for the backward pass when training.
+    fn forward_micro(&mut self, par: &mut Parallel, s: &mut StageStep, i: usize) -> Result<()> {
+        let (_, stage) = par.coords();
+        let last = stage + 1 == par.layout.pp;
+        let r = s.bounds[i].clone();
+        let samples = s.batch.samples[r.clone()].to_vec();
+        let ctx = match s.train {
+            true => ForwardCtx::train(super::dropout_seed(self.config.seed, self.step), samples),
+            false => ForwardCtx::eval(samples.len()),
+        };
+        let mut graph = Graph::owning(self.params.share());
+        graph.set_precision(self.config.precision);
+        let (input, x) = if stage == 0 {
+            let images = match &s.batch.raw {
+                Some(raw) => self.images(&s.batch.images, Some(&raw.rows(r.clone())))?,
+                None => rows(&s.batch.images, r.clone())?.to_device(s.device)?,
+            };
+            (None, PartInput::Images(images))
+        } else {
+            let c = &self.model.config;
+            let h = par.recv(stage - 1, tag(i, false))?;
+            let t = Tensor::from_vec(h, [r.len(), c.tokens(), c.dim])?.to_device(s.device)?;
+            let v = graph.input_with_grad(t);
+            (Some(v), PartInput::Hidden(v))
+        };
+        let out = self.model.forward_part(&mut graph, x, &ctx)?;
+        let output = if last {
+            let logits = graph.value(out).clone();
+            for (p, row) in s.predictions[r.clone()]
+                .iter_mut()
+                .zip(super::argmax_rows(&logits)?)
+            {
+                *p = row;
+            }
+            let loss = graph.cross_entropy(out, &s.batch.labels[r.clone()], s.smoothing)?;
+            s.loss_sum += graph.value(loss).f32s()?[0] as f64 * r.len() as f64;
+            loss
+        } else {
+            par.pp
+                .send(host(graph.value(out))?.f32s()?, stage + 1, tag(i, false))?;
+            out
+        };
+        if s.train {
+            s.inflight.push_back(InFlight {
+                graph,
+                input,
+                output,
+                weight: r.len() as f32 / s.global as f32,
+            });
+        }
+        Ok(())
+    }
+
+    /// Micro-batch `i`'s backward pass: the loss (last stage) or the next stage's
+    /// gradient in, gradients accumulated in the engine's store, its input's gradient
+    /// sent back.
+    fn backward_micro(&mut self, par: &mut Parallel, s: &mut StageStep, i: usize) -> Result<()> {
+        let (_, stage) = par.coords();
+        let mut f = s.inflight.pop_front().ok_or_else(|| {
+            Error::Graph(format!("pipeline: micro-batch {i} has no forward pass"))
+        })?;
+        let grad = if stage + 1 == par.layout.pp {
+            Tensor::try_full([1], f.weight, s.device)?
+        } else {
+            let g = par.recv(stage + 1, tag(i, true))?;
+            Tensor::from_vec(g, f.graph.value(f.output).shape().clone())?.to_device(s.device)?
+        };
+        // gradients accumulate in the engine's store, one micro-batch at a time
+        f.graph.store_mut().swap_grads(&mut self.params);
+        let r = f.graph.backward_from(f.output, grad);
+        f.graph.store_mut().swap_grads(&mut self.params);
+        r?;
+        if let Some(input) = f.input {
+            let g = f.graph.grad(input).ok_or_else(|| {
+                Error::Graph("pipeline: no gradient for the received hidden states".into())
+            })?;
+            par.pp.send(host(g)?.f32s()?, stage - 1, tag(i, true))?;
+        }
+        Ok(())
+    }
+
+    /// The update after a training step: stop on a non-finite loss (every rank alike),
+    /// sum the replicas' gradients, clip by the norm over the stages, step.
+    fn update(&mut self, par: &mut Parallel, loss: f32) -> Result<()> {
+        if !loss.is_finite() {
+            return Err(Error::NonFinite {
+                step: self.step,
+                value: loss,
+            });
+        }
+        reduce_gradients(&mut self.params, par.dp.as_ref(), par.bucket, ReduceOp::Sum)?;
+        if let Some(max) = self.config.clip_grad_norm {
+            // replicas agree after the all-reduce; the norm spans the stages
+            let mut sq = [grad_sum_squares(&self.params)? as f32];
+            par.pp.all_reduce(&mut sq, ReduceOp::Sum)?;
+            scale_grads(&mut self.params, max, sq[0].sqrt())?;
+        }
+        self.optimizer.step(&mut self.params, self.lr)?;
+        self.step += 1;
+        Ok(())
     }
 }

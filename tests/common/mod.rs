@@ -177,3 +177,30 @@ pub fn check_collectives(g: &dyn ferrovit::dist::ProcessGroup) {
     assert_eq!(mine, sum[r * 4..(r + 1) * 4], "rank {r}: reduce_scatter");
     g.barrier().unwrap();
 }
+
+/// A copy of checkpoint directory `from` at `to` (created); returns `to`.
+pub fn copy_checkpoint(from: &std::path::Path, to: &std::path::Path) -> std::path::PathBuf {
+    std::fs::create_dir_all(to).expect("create copy");
+    for f in std::fs::read_dir(from).expect("read checkpoint") {
+        let f = f.expect("entry").path();
+        std::fs::copy(&f, to.join(f.file_name().expect("name"))).expect("copy");
+    }
+    to.to_path_buf()
+}
+
+/// Edits a checkpoint's index as a crafter would: consistently, its checksum rewritten
+/// to match.
+pub fn edit_index(dir: &std::path::Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join(ferrovit::checkpoint::INDEX);
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&p).expect("read index")).expect("index JSON");
+    f(&mut v);
+    write_index(dir, &serde_json::to_vec(&v).expect("index JSON"));
+}
+
+/// Replaces a checkpoint's index and its checksum.
+pub fn write_index(dir: &std::path::Path, bytes: &[u8]) {
+    let sum = format!("{:08x}\n", crc32fast::hash(bytes));
+    std::fs::write(dir.join(ferrovit::checkpoint::INDEX_CHECKSUM), sum).expect("checksum");
+    std::fs::write(dir.join(ferrovit::checkpoint::INDEX), bytes).expect("index");
+}

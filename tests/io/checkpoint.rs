@@ -2,7 +2,7 @@
 //! pointer, and every kind of corruption refused with an error naming the file and
 //! tensor — including random corruptions driven through the parser.
 
-use crate::common::temp_dir;
+use crate::common::{copy_checkpoint, edit_index, temp_dir, write_index};
 use ferrovit::checkpoint::{
     self, export_safetensors, import_safetensors, list, read_safetensors, AsyncSaver, Checkpoint,
     LoadOptions, SaveOptions, TrainingState, INDEX,
@@ -342,30 +342,6 @@ fn try_load(dir: &Path) -> Result<Vec<(String, Vec<f32>)>, String> {
     e.load_checkpoint(dir, LoadOptions::default())
         .map_err(|e| e.to_string())?;
     Ok(state(&e))
-}
-
-fn copy_checkpoint(from: &Path, to: &Path) -> PathBuf {
-    std::fs::create_dir_all(to).unwrap();
-    for f in std::fs::read_dir(from).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
-    }
-    to.to_path_buf()
-}
-
-/// Edits an index as a crafter would: consistently, its checksum rewritten to match.
-fn edit_index(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
-    let p = dir.join(INDEX);
-    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
-    f(&mut v);
-    write_index(dir, &serde_json::to_vec(&v).unwrap());
-}
-
-/// Replaces a checkpoint's index and its checksum.
-fn write_index(dir: &Path, bytes: &[u8]) {
-    let sum = format!("{:08x}\n", crc32fast::hash(bytes));
-    std::fs::write(dir.join(checkpoint::INDEX_CHECKSUM), sum).unwrap();
-    std::fs::write(dir.join(INDEX), bytes).unwrap();
 }
 
 #[test]

@@ -4,7 +4,7 @@
 
 use crate::common;
 
-use crate::common::{ferrovit, temp_dir, TINY};
+use crate::common::{copy_checkpoint, edit_index, ferrovit, temp_dir, TINY};
 use ferrovit::checkpoint::{LoadOptions, INDEX};
 use ferrovit::data::{default_data_dir, Dataset};
 use ferrovit::engine::{Engine, TrainConfig};
@@ -147,13 +147,8 @@ fn bad_inputs_are_clear_errors_and_print_no_result() {
     bytes.truncate(bytes.len() / 2);
     std::fs::write(&broken, bytes).unwrap();
     // a corrupted copy of the checkpoint: one flipped byte in a weight
-    let corrupt = out.join("corrupt");
     let newest = ferrovit::checkpoint::newest(&root).unwrap().unwrap();
-    std::fs::create_dir_all(&corrupt).unwrap();
-    for e in std::fs::read_dir(&newest).unwrap() {
-        let p = e.unwrap().path();
-        std::fs::copy(&p, corrupt.join(p.file_name().unwrap())).unwrap();
-    }
+    let corrupt = copy_checkpoint(&newest, &out.join("corrupt"));
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(corrupt.join(INDEX)).unwrap()).unwrap();
     let chunk = &index["tensors"]["head.weight"]["chunks"][0];
@@ -337,24 +332,15 @@ fn class_and_file_names_are_printed_escaped() {
     let out = temp_dir("infer-escape");
     let root = train(&out, &[]);
     // a checkpoint whose class names hold escape sequences and a bidi override
-    let evil = out.join("evil");
     let newest = ferrovit::checkpoint::newest(&root).unwrap().unwrap();
-    std::fs::create_dir_all(&evil).unwrap();
-    for e in std::fs::read_dir(&newest).unwrap() {
-        let p = e.unwrap().path();
-        std::fs::copy(&p, evil.join(p.file_name().unwrap())).unwrap();
-    }
-    let mut index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(evil.join(INDEX)).unwrap()).unwrap();
+    let evil = copy_checkpoint(&newest, &out.join("evil"));
     let names: Vec<String> = (0..10)
         .map(|i| format!("\u{1b}]0;pwned\u{7}\u{1b}[2J{i}\u{202e}"))
         .collect();
-    index["training"]["classes"] = serde_json::json!(names);
-    // (a crafted index: its checksum rewritten to match)
-    let bytes = serde_json::to_vec(&index).unwrap();
-    let sum = format!("{:08x}\n", crc32fast::hash(&bytes));
-    std::fs::write(evil.join(ferrovit::checkpoint::INDEX_CHECKSUM), sum).unwrap();
-    std::fs::write(evil.join(INDEX), bytes).unwrap();
+    // a crafted index: its checksum rewritten to match
+    edit_index(&evil, |index| {
+        index["training"]["classes"] = serde_json::json!(names)
+    });
     let (paths, _) = pngs(&out, 1);
     let image = out.join("a\u{1b}[1mb.png");
     std::fs::rename(&paths[0], &image).unwrap();

@@ -4,7 +4,7 @@
 //!
 //! `cargo run --release --example parallel_resume [-- --tiny] [-- OUT_DIR]`
 
-use ferrovit::recipe::{train, Resume, TrainOptions};
+use ferrovit::recipe::{train, train_given, Resume, TrainOptions};
 use std::path::PathBuf;
 
 fn main() -> ferrovit::Result<()> {
@@ -29,6 +29,7 @@ fn main() -> ferrovit::Result<()> {
         dp: 2,
         out: dp.clone(),
         keep_last: 0,
+        overwrite: true, // an earlier run of the example is moved aside
         ..base.clone()
     })?;
     println!(
@@ -42,12 +43,16 @@ fn main() -> ferrovit::Result<()> {
     let ckpt = dp
         .join("checkpoints")
         .join(format!("step-{steps_per_epoch:010}"));
-    let second = train(&TrainOptions {
+    //    (the model, optimizer, data and seed come from the checkpoint; the layout is given)
+    let resumed = TrainOptions {
+        dp: 1,
         pp: 2,
         out: out.join("pp2"),
         resume: Some(Resume::Dir(ckpt.clone())),
-        ..base
-    })?;
+        overwrite: true,
+        ..TrainOptions::default()
+    };
+    let second = train_given(&resumed, &["dp", "pp"])?;
     println!(
         "pp=2, resumed from {}: {:.1}% test accuracy (the dp=2 run: {:.1}%)",
         ckpt.display(),

@@ -416,12 +416,15 @@ fn presets() -> Result<()> {
 }
 
 fn train(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
-    let base = match &a.config {
-        Some(path) => TrainOptions::from_toml_file(path)?,
-        None => TrainOptions::default(),
+    let (base, mut given) = match &a.config {
+        Some(path) => TrainOptions::from_toml_file_keys(path)?,
+        None => (TrainOptions::default(), Vec::new()),
     };
-    let opts = TrainOptions::merged(&base, &a.options, &given_flags(matches, "train"))?;
-    let summary = recipe::train(&opts)?;
+    let flags = given_flags(matches, "train");
+    let opts = TrainOptions::merged(&base, &a.options, &flags)?;
+    // a resume takes the options given neither way from its checkpoint
+    given.extend(flags);
+    let summary = recipe::train_given(&opts, &given)?;
     if summary.rank != 0 {
         return Ok(()); // rank 0 reports for the run
     }

@@ -60,6 +60,11 @@ pub struct TrainingState {
     pub epochs: u64,
     #[serde(default)]
     pub batches_per_epoch: u64,
+    /// The options of the run that saved it (`ferrovit train`'s, as a JSON object of
+    /// option name → value), so a resume needs no flags; kept as it is here and read
+    /// by the recipe. Absent from older checkpoints and from imports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// The parallel layout a checkpoint was saved under.

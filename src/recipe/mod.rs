@@ -3,13 +3,17 @@
 //! trainer with the standard hooks, metrics file, plot and final report.
 
 mod options;
+mod resolve;
+mod rundir;
 
 use options::invalid;
 
 pub use options::{
     Comm, PrecisionChoice, Resume, TrainOptions, DEFAULT_MODEL, MAX_BUCKET_MB, MAX_COMM_TIMEOUT_S,
-    MAX_MICROBATCHES, MAX_SHARD_SIZE_MB, MAX_WORKERS, MAX_WORLD,
+    MAX_MICROBATCHES, MAX_SHARD_SIZE_MB, MAX_WORKERS, MAX_WORLD, MUST_MATCH,
 };
+pub use resolve::resume_options;
+pub use rundir::{RunLock, LOCK};
 
 use crate::autograd::Precision;
 use crate::backend::{cpu, DeviceSpec};
@@ -30,25 +34,6 @@ use crate::VitConfig;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// A fresh run never mixes its checkpoints with an earlier run's (retention and
-/// `--resume auto` go by step): an existing checkpoint directory is renamed aside.
-fn set_aside_old_run(root: &Path, logger: &Logger) -> Result<()> {
-    if checkpoint::list(root)?.committed.is_empty() {
-        return Ok(());
-    }
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let aside = root.with_file_name(format!("checkpoints.old-{stamp}"));
-    std::fs::rename(root, &aside).map_err(|e| Error::io(root, e))?;
-    logger.info(format!(
-        "{} held checkpoints of an earlier run: moved to {} (use --resume auto to continue a run)",
-        root.display(),
-        aside.display()
-    ));
-    Ok(())
-}
 
 /// A resume continues at the checkpoint's position, which must be one this run
 /// reaches: every batch is one update, so `step = epoch × batches per epoch + batch`.
@@ -78,7 +63,7 @@ fn resume_from(
     cfg: &VitConfig,
     opts: &TrainOptions,
     batches_per_epoch: u64,
-) -> Result<()> {
+) -> Result<bool> {
     let listing = checkpoint::list(root)?;
     if !listing.uncommitted.is_empty() {
         trainer.logger.warn(format!(
@@ -96,7 +81,7 @@ fn resume_from(
                     "no checkpoint under {} to resume from: starting fresh",
                     root.display()
                 ));
-                return Ok(());
+                return Ok(false);
             }
         },
         Resume::Dir(dir) => dir.clone(),
@@ -152,7 +137,7 @@ fn resume_from(
         state.batch,
         state.step
     ));
-    Ok(())
+    Ok(true)
 }
 
 /// What a finished run reports.
@@ -170,17 +155,35 @@ pub struct TrainSummary {
 
 /// Runs `ferrovit train` with these options: logs progress and per-epoch metrics,
 /// writes `metrics.jsonl`, `metrics.png` and the resolved `config.toml` into `out`.
+/// Options that differ from the defaults count as given ([`train_given`]): on a resume
+/// the others come from the checkpoint, so an option set back to its default (e.g.
+/// `pp: 1` for a run saved with 2 stages) must be named with [`train_given`].
 ///
 /// The layout is `dp × pp`: as ranks in threads of this process, or — when launched
 /// with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set (`ferrovit launch`, torchrun,
 /// SLURM) — as this process's rank of a TCP group. Rank 0's summary is returned.
 pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
+    train_given(opts, &opts.differing_from_default()?)
+}
+
+/// [`train`], told which options were given (on the command line or in a `--config`
+/// file, by name): a resume takes the others from its checkpoint
+/// ([`resume_options`]). Everything is checked — options, resume, layout, data,
+/// model, device, the directory's lock ([`rundir::claim`], taken by the process of
+/// rank 0) — before anything is written; the lock is released when the run ends.
+pub fn train_given(opts: &TrainOptions, given: &[impl AsRef<str>]) -> Result<TrainSummary> {
+    let given: Vec<String> = given.iter().map(|g| g.as_ref().to_string()).collect();
+    let env = DistEnv::from_env()?;
+    let logger = env
+        .as_ref()
+        .map_or_else(Logger::default, |e| Logger::new(e.rank, e.world));
+    let opts = &resume_options(opts, &given, env.is_some(), &logger)?;
     opts.validate()?;
     if let Some(n) = opts.threads {
         cpu::set_num_threads(n)?;
     }
     let timeout = Duration::from_secs(opts.comm_timeout);
-    if let Some(env) = DistEnv::from_env()? {
+    if let Some(env) = env {
         let world = env.world;
         let opts = if opts.dp == 1 && world > 1 && world.is_multiple_of(opts.pp) {
             // the launcher's world size decides the data-parallel degree
@@ -200,15 +203,21 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             )));
         }
         check_layout(&opts)?;
+        let _lock = match env.rank {
+            0 => Some(rundir::claim(&opts, &logger)?),
+            _ => None,
+        };
         let local = env.local_rank.unwrap_or(env.rank);
         let group: Arc<dyn ProcessGroup> = Arc::new(env.connect(timeout)?);
         return train_rank(&opts, Some(group), local);
     }
     let world = opts.dp * opts.pp;
     if world == 1 {
+        let _lock = rundir::claim(opts, &logger)?;
         return train_rank(opts, None, 0);
     }
     check_layout(opts)?;
+    let _lock = rundir::claim(opts, &logger)?;
     let handles: Vec<_> = ThreadGroup::new(world, timeout)?
         .into_iter()
         .map(|g| {
@@ -314,9 +323,6 @@ fn train_rank(
     let layout = layout(opts, &cfg)?;
     let device = Device::for_rank(opts.device, local)?;
     let (par, nccl) = parallel(opts, group, &layout, device)?;
-    if rank == 0 {
-        write_resolved_config(opts)?;
-    }
     let classes = train.classes.clone();
     let sizes = (train.len(), test.len());
     let (train_loader, test_loader) = loaders(opts, (train, test), augment, &layout, rank)?;
@@ -329,7 +335,7 @@ fn train_rank(
         logger.info(describe_layout(opts, &layout, nccl));
     }
     let mut trainer = Trainer::new(engine, logger);
-    resume_or_init(&mut trainer, opts, &cfg, rank, steps_per_epoch)?;
+    resume_or_init(&mut trainer, opts, &cfg, steps_per_epoch)?;
     if device != Device::Cpu {
         trainer.engine.to_device(device)?;
         trainer.logger.info(format!(
@@ -338,7 +344,8 @@ fn train_rank(
             precision
         ));
     }
-    add_hooks(&mut trainer, opts, rank, schedule, &classes)?;
+    start_outputs(&trainer, opts, &cfg, rank)?;
+    add_hooks(&mut trainer, opts, rank, schedule, &classes, &cfg)?;
     trainer.fit(
         &train_loader,
         opts.epochs,
@@ -375,13 +382,38 @@ fn parallel(
     Ok((Some(par), nccl))
 }
 
-/// Writes the options as resolved (defaults, file and flags merged) to
-/// `out/config.toml`, so a run can be repeated with `--config`.
-fn write_resolved_config(opts: &TrainOptions) -> Result<()> {
-    std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
-    let resolved = opts.out.join("config.toml");
-    let text = toml::to_string(opts).map_err(|e| Error::Config(format!("options: {e}")))?;
-    crate::files::write_replacing(&resolved, text.as_bytes())
+/// The run's first writes, once every rank has started without error: rank 0 moves an
+/// earlier run aside (`--overwrite`) and writes `config.toml`; no rank goes on (to
+/// save) before it is done.
+fn start_outputs(
+    trainer: &Trainer,
+    opts: &TrainOptions,
+    cfg: &VitConfig,
+    rank: usize,
+) -> Result<()> {
+    let config = opts.resolved(cfg, cpu::num_threads()).to_config_toml()?;
+    let world = trainer.engine.parallel_info().map(|p| &p.world);
+    if let Some(w) = world {
+        w.barrier()?;
+    }
+    if rank == 0 {
+        if opts.overwrite {
+            rundir::move_aside(&opts.out, &trainer.logger)?;
+        }
+        write_resolved_config(&opts.out, &config)?;
+    }
+    if let Some(w) = world {
+        w.barrier()?;
+    }
+    Ok(())
+}
+
+/// Writes `out/config.toml`: every option as resolved (defaults, file and flags merged;
+/// the model's dimensions, threads, micro-batches and data directory filled in,
+/// [`TrainOptions::to_config_toml`]), so `--config` repeats the run.
+fn write_resolved_config(out: &Path, text: &str) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    crate::files::write_replacing(&out.join("config.toml"), text.as_bytes())
 }
 
 /// The log line that describes the data and the model.
@@ -498,28 +530,26 @@ fn build_engine(
     }
 }
 
-/// Where training starts: resumed from a checkpoint (`--resume`), or fresh with an
-/// earlier run's checkpoints set aside, then optionally initialised from weights
-/// (`--init`).
+/// Where training starts: resumed from a checkpoint (`--resume`), or fresh, optionally
+/// initialised from weights (`--init`; with `--resume auto`, only if there was nothing
+/// to resume). Reads only.
 fn resume_or_init(
     trainer: &mut Trainer,
     opts: &TrainOptions,
     cfg: &VitConfig,
-    rank: usize,
     steps_per_epoch: u64,
 ) -> Result<()> {
     let ckpt_root = opts.checkpoint_root();
-    if let Some(resume) = &opts.resume {
-        resume_from(trainer, resume, &ckpt_root, cfg, opts, steps_per_epoch)?;
-    }
-    if opts.resume.is_none() && !opts.no_save && rank == 0 {
-        set_aside_old_run(&ckpt_root, &trainer.logger)?;
-    }
-    // no rank goes on (to save) before rank 0 has set the old run aside
-    if let Some(p) = trainer.engine.parallel_info() {
-        p.world.barrier()?;
-    }
-    if let Some(init) = &opts.init {
+    let resumed = match &opts.resume {
+        Some(resume) => resume_from(trainer, resume, &ckpt_root, cfg, opts, steps_per_epoch)?,
+        None => false,
+    };
+    if let (Some(init), true) = (&opts.init, resumed) {
+        trainer.logger.info(format!(
+            "--init {} is not used: the run resumes from its checkpoint",
+            init.display()
+        ));
+    } else if let Some(init) = &opts.init {
         let (_, report) = trainer.engine.load_checkpoint(
             init,
             LoadOptions {
@@ -543,6 +573,7 @@ fn add_hooks(
     rank: usize,
     schedule: LrSchedule,
     classes: &[String],
+    cfg: &VitConfig,
 ) -> Result<()> {
     let history = trainer.history().to_vec();
     trainer
@@ -576,6 +607,7 @@ fn add_hooks(
         );
         hook.schedule = Some(schedule);
         hook.classes = classes.to_vec();
+        hook.run_options = Some(saved_options(opts, cfg)?);
         trainer.add_hook(hook);
     }
     Ok(())
@@ -608,4 +640,20 @@ fn finish(
         metrics_path: opts.metrics_path(),
         plot_path: opts.plot_path(),
     }
+}
+
+/// The options a checkpoint records for a resume: the run's, with the model's
+/// dimensions resolved (what a resume must match); machine- and layout-dependent
+/// defaults (threads, micro-batches) stay unset to be resolved again where the run
+/// continues, and this invocation's `--resume`/`--overwrite` are not recorded.
+fn saved_options(
+    opts: &TrainOptions,
+    cfg: &VitConfig,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
+    TrainOptions {
+        resume: None,
+        overwrite: false,
+        ..opts.with_model(cfg)
+    }
+    .to_json()
 }

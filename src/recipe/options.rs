@@ -99,14 +99,21 @@ pub struct TrainOptions {
     #[arg(long, value_name = "MIB", default_value_t = defaults().shard_size_mb)]
     pub shard_size_mb: u64,
     /// Continue a run: `auto` (the newest committed checkpoint under <out>/checkpoints;
-    /// a fresh start if there is none) or a checkpoint directory. Give the run's options
-    /// again (or its config.toml)
+    /// a fresh start if there is none) or a checkpoint directory. The run's options come
+    /// from the checkpoint: give only those to change (--epochs to extend, the layout,
+    /// --device, --threads, --data, saving); model, optimizer, augmentation and seed
+    /// flags must match it
     #[arg(long, value_name = "auto|DIR")]
     pub resume: Option<Resume>,
     /// Start from a checkpoint's weights, non-strictly (e.g. a new classifier head),
-    /// with a fresh optimizer
+    /// with a fresh optimizer (with --resume auto: only when there is nothing to resume)
     #[arg(long, value_name = "DIR")]
     pub init: Option<PathBuf>,
+    /// Start afresh in an --out that holds a run (or resume another run's checkpoint
+    /// there): move that run (checkpoints, metrics, config.toml, everything but the
+    /// lock) aside to <out>.old-<unix time>
+    #[arg(long)]
+    pub overwrite: bool,
     /// Data-parallel replicas; each computes a share of every global batch (--batch-size
     /// is the global batch); under a launcher, 1 means WORLD_SIZE / --pp
     #[arg(long, value_name = "N", default_value_t = defaults().dp)]
@@ -183,6 +190,7 @@ impl Default for TrainOptions {
             shard_size_mb: 2048,
             resume: None,
             init: None,
+            overwrite: false,
             dp: 1,
             pp: 1,
             microbatches: None,
@@ -339,11 +347,7 @@ impl TrainOptions {
     /// Reads options from a TOML file (missing keys keep their defaults; unknown keys
     /// are an error naming them).
     pub fn from_toml_file(path: &Path) -> Result<TrainOptions> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        toml::from_str(&text).map_err(|e| Error::Format {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        })
+        Ok(Self::from_toml_file_keys(path)?.0)
     }
 
     /// `base` (a config file's options, or the defaults) with the options named in
@@ -429,9 +433,14 @@ impl TrainOptions {
             // 0 would silently save never; leaving the flag out says that
             check_count("save_every_steps", n, u64::MAX)?;
         }
-        if self.resume.is_some() && self.init.is_some() {
+        if matches!(self.resume, Some(Resume::Dir(_))) && self.init.is_some() {
             return Err(Error::Config(
-                "resume and init exclude each other (resume continues a run; init starts a new one from weights)".into(),
+                "resume DIR and init exclude each other (resume continues a run; init starts a new one from weights)".into(),
+            ));
+        }
+        if self.resume == Some(Resume::Auto) && self.overwrite {
+            return Err(Error::Config(
+                "resume auto and overwrite exclude each other (resume auto continues the run in --out; overwrite moves it aside to start afresh)".into(),
             ));
         }
         if self.test_interval == 0 {
@@ -491,5 +500,125 @@ impl TrainOptions {
     /// The metrics' plot: `out/metrics.png`.
     pub fn plot_path(&self) -> PathBuf {
         self.out.join("metrics.png")
+    }
+}
+
+/// The options a resume keeps: they define the model, the optimisation and the data
+/// stream, so the checkpoint's values hold and a different one given is refused.
+/// Everything else (epochs to extend, the layout, device, threads, workers, data path,
+/// output and saving options, …) may change on a resume.
+pub const MUST_MATCH: [&str; 14] = [
+    "preset",
+    "dim",
+    "depth",
+    "heads",
+    "mlp_dim",
+    "patch_size",
+    "dropout",
+    "batch_size",
+    "lr",
+    "warmup",
+    "weight_decay",
+    "label_smoothing",
+    "augment",
+    "seed",
+];
+
+/// Largest `--config` file read.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+impl TrainOptions {
+    /// Reads options from a TOML file, with the keys it sets (as [`from_toml_file`]).
+    ///
+    /// [`from_toml_file`]: TrainOptions::from_toml_file
+    pub fn from_toml_file_keys(path: &Path) -> Result<(TrainOptions, Vec<String>)> {
+        let bytes = crate::files::read_regular_file(path, MAX_CONFIG_BYTES)?;
+        let bad = |msg: String| Error::Format {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let text = String::from_utf8(bytes).map_err(|e| bad(e.to_string()))?;
+        // parsed as options first: its errors point at the line
+        let opts = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let table: toml::Table = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        Ok((opts, table.keys().cloned().collect()))
+    }
+
+    /// The options as a JSON object: option name → value (null when unset). Through
+    /// the text, so an `f32` reads as written (0.002, not 0.0020000000949949026).
+    pub fn to_json(&self) -> Result<serde_json::Map<String, serde_json::Value>> {
+        let err = |e: serde_json::Error| Error::Config(format!("options: {e}"));
+        serde_json::from_str(&serde_json::to_string(self).map_err(err)?).map_err(err)
+    }
+
+    /// Options from such an object; a name that is not an option is an error.
+    pub fn from_json(
+        map: &serde_json::Map<String, serde_json::Value>,
+    ) -> std::result::Result<TrainOptions, String> {
+        serde_json::from_value(serde_json::Value::Object(map.clone())).map_err(|e| e.to_string())
+    }
+
+    /// The names of the options whose values differ from the defaults: what a library
+    /// caller of `recipe::train` is taken to have given.
+    pub fn differing_from_default(&self) -> Result<Vec<String>> {
+        let default = TrainOptions::default().to_json()?;
+        let mine = self.to_json()?;
+        Ok(mine
+            .into_iter()
+            .filter(|(k, v)| default.get(k) != Some(v))
+            .map(|(k, _)| k)
+            .collect())
+    }
+
+    /// These options with the model's dimensions filled in from `cfg` (the model they
+    /// describe: the preset's or the default model's values where none were given).
+    pub fn with_model(&self, cfg: &VitConfig) -> TrainOptions {
+        TrainOptions {
+            dim: Some(cfg.dim),
+            depth: Some(cfg.depth),
+            heads: Some(cfg.heads),
+            mlp_dim: Some(cfg.mlp_dim),
+            patch_size: Some(cfg.patch_size),
+            ..self.clone()
+        }
+    }
+
+    /// Every option as the run resolves it: the model's dimensions, the thread count
+    /// (`threads`, this process's), micro-batches and the data directory filled in.
+    pub fn resolved(&self, cfg: &VitConfig, threads: usize) -> TrainOptions {
+        TrainOptions {
+            threads: Some(self.threads.unwrap_or(threads)),
+            microbatches: Some(self.microbatches()),
+            data: Some(self.data_dir()),
+            ..self.with_model(cfg)
+        }
+    }
+
+    /// `config.toml`'s text: every option of these (resolved) options, unset ones as
+    /// comment lines (TOML has no null). `resume` is an action on the directory, not an
+    /// option of the run, and is left out: `--config` this file repeats the run, and
+    /// with `--resume auto` continues it.
+    pub fn to_config_toml(&self) -> Result<String> {
+        let opts = TrainOptions {
+            resume: None,
+            overwrite: false,
+            ..self.clone()
+        };
+        let err = |e: &dyn std::fmt::Display| Error::Config(format!("options: {e}"));
+        let mut text = String::from(
+            "# The resolved options of the run in this directory, defaults included:\n\
+             # `ferrovit train --config config.toml` repeats it; add `--resume auto` to continue it.\n",
+        );
+        text += &toml::to_string(&opts).map_err(|e| err(&e))?;
+        for (key, value) in opts.to_json()? {
+            if value.is_null() {
+                let note = match key.as_str() {
+                    "resume" => "not recorded (give --resume auto to continue this run)",
+                    _ => "unset",
+                };
+                text += &format!("# {key}: {note}\n");
+            }
+        }
+        Ok(text)
     }
 }

@@ -325,6 +325,8 @@ pub struct SaveCheckpointHook {
     saver: AsyncSaver,
     /// Class names, recorded for inference.
     pub classes: Vec<String>,
+    /// The run's options, recorded for a resume (`TrainingState::options`).
+    pub run_options: Option<serde_json::Map<String, serde_json::Value>>,
     /// Saves started (numbers each save, the same on every rank).
     saves: u64,
 }
@@ -344,6 +346,7 @@ impl SaveCheckpointHook {
             schedule: None,
             saver: AsyncSaver::default(),
             classes: Vec::new(),
+            run_options: None,
             saves: 0,
         }
     }
@@ -358,6 +361,7 @@ impl SaveCheckpointHook {
             classes: self.classes.clone(),
             epochs: s.epochs as u64,
             batches_per_epoch: s.iters_per_epoch as u64,
+            options: self.run_options.clone(),
             ..TrainingState::default()
         };
         let name = checkpoint_name(s.engine.step_count());

@@ -406,10 +406,15 @@ fn failed_writes_leave_no_partial_outputs() {
     assert!(out_dir.join("config.toml").is_file());
 
     // export: the safetensors file (~100 KiB) does not fit
-    let args = [&["train", "--epochs", "1", "--out", o][..], &TINY[..]].concat();
+    let run = out_dir.join("run");
+    let args = [
+        &["train", "--epochs", "1", "--out", run.to_str().unwrap()][..],
+        &TINY[..],
+    ]
+    .concat();
     let (ok, _, err) = ferrovit(&args);
     assert!(ok, "{err}");
-    let ckpt = out_dir.join("checkpoints");
+    let ckpt = run.join("checkpoints");
     let file = out_dir.join("model.safetensors");
     let export = [
         "ckpt",

@@ -228,8 +228,9 @@ fn running(pid: u32) -> bool {
 #[test]
 fn ranks_die_with_their_launcher() {
     let out = temp_dir("launch-signal");
-    let o = out.to_str().unwrap();
     for (sig, name) in [(9, "KILL"), (15, "TERM"), (2, "INT")] {
+        let run = out.join(name); // one run per directory
+        let o = run.to_str().unwrap();
         let mut launcher = Command::new(env!("CARGO_BIN_EXE_ferrovit"))
             .args([&["launch", "--nproc", "2", "--", "train"], &MODEL[..]].concat())
             .args(["--epochs", "500", "--no-save", "--out", o])

@@ -204,3 +204,25 @@ pub fn write_index(dir: &std::path::Path, bytes: &[u8]) {
     std::fs::write(dir.join(ferrovit::checkpoint::INDEX_CHECKSUM), sum).expect("checksum");
     std::fs::write(dir.join(ferrovit::checkpoint::INDEX), bytes).expect("index");
 }
+
+/// Every file and directory under `dir` (relative path → the file's bytes, `None` for
+/// a directory): equal before and after means nothing under `dir` changed.
+pub fn dir_snapshot(
+    dir: &std::path::Path,
+) -> std::collections::BTreeMap<std::path::PathBuf, Option<Vec<u8>>> {
+    let mut all = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).expect("read dir") {
+            let p = e.expect("entry").path();
+            let rel = p.strip_prefix(dir).expect("inside").to_path_buf();
+            if p.is_dir() {
+                all.insert(rel, None);
+                todo.push(p);
+            } else {
+                all.insert(rel, Some(std::fs::read(&p).expect("read file")));
+            }
+        }
+    }
+    all
+}

@@ -300,7 +300,10 @@ fn a_checkpoint_saved_under_any_layout_resumes_under_any_other() {
             let out = root.join(format!("resume-{}-as-{}", name(s), name(l)));
             let mut o = options(&out, l);
             o.resume = Some(recipe::Resume::Dir(from.to_path_buf()));
-            recipe::train(&o).unwrap();
+            // the layout, even at its defaults, is this run's (not the checkpoint's)
+            let mut given = o.differing_from_default().unwrap();
+            given.extend(["dp".into(), "pp".into()]);
+            recipe::train_given(&o, &given).unwrap();
             let got = (losses(&out), tensors(&out, 2 * steps_per_epoch));
             // the resumed run's history holds epoch 1 from the checkpoint, epoch 2 its own
             assert_same(

@@ -13,3 +13,4 @@ mod ckpt_cli;
 mod hardening;
 mod infer;
 mod resume;
+mod rundir;

@@ -2,7 +2,7 @@
 //! then resuming give bit-identical losses and parameters — data order, augmentation,
 //! dropout, LR schedule and optimizer state included.
 
-use crate::common::{ferrovit, temp_dir, TINY};
+use crate::common::{dir_snapshot, edit_index, ferrovit, temp_dir, TINY};
 use ferrovit::checkpoint::{self, Checkpoint, LoadOptions, SaveOptions};
 use ferrovit::data::{default_data_dir, Augment, Dataset, Loader, Sampler};
 use ferrovit::engine::{Engine, TrainConfig};
@@ -228,67 +228,230 @@ fn killed_during_saves_the_newest_committed_checkpoint_resumes_exactly() {
     std::fs::remove_dir_all(root).unwrap();
 }
 
+/// A two-block model with augmentation and a seed of its own: what a resume must keep.
+const MODEL: [&str; 12] = [
+    "--dim",
+    "32",
+    "--depth",
+    "2",
+    "--heads",
+    "2",
+    "--mlp-dim",
+    "32",
+    "--augment",
+    "crop,autoaugment",
+    "--seed",
+    "5",
+];
+
+/// Every per-epoch metric but the timings, from metrics.jsonl.
+fn epoch_metrics(out: &Path) -> Vec<[f64; 4]> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            ["train_loss", "train_acc", "test_loss", "test_acc"].map(|k| v[k].as_f64().unwrap())
+        })
+        .collect()
+}
+
+/// `train` with `args`; fails the test unless it succeeds. Returns stdout.
+fn train_ok(args: &[&str]) -> String {
+    let (ok, stdout, err) = ferrovit(&[&["train"][..], args].concat());
+    assert!(ok, "{args:?}: {err}");
+    stdout
+}
+
+/// Leaves `out` as a two-epoch run of MODEL stopped after its first epoch: trained
+/// through, then its epoch-2 checkpoint removed.
+fn interrupted(out: &Path) {
+    if !out.join("config.toml").exists() {
+        let o = out.to_str().unwrap();
+        train_ok(
+            &[
+                &["--epochs", "2", "--keep-last", "0", "--out", o][..],
+                &MODEL[..],
+            ]
+            .concat(),
+        );
+    }
+    let last = out
+        .join("checkpoints")
+        .join(checkpoint::checkpoint_name(46));
+    std::fs::remove_dir_all(last).unwrap();
+}
+
 #[test]
-fn resume_refuses_a_different_model_or_seed() {
-    let out = temp_dir("resume-mismatch");
-    let o = out.to_str().unwrap();
-    // a one-block model of width 32 with `extra` flags, writing into `out`
-    let run = |extra: &[&str]| {
-        let base = ["train", "--dim", "32", "--mlp-dim", "32", "--out", o];
-        ferrovit(&[&base[..], extra].concat())
-    };
-    let (ok, _, err) = run(&["--epochs", "1", "--depth", "1"]);
-    assert!(ok, "{err}");
-    // a different architecture is refused naming the first tensor that differs
-    let (ok, _, err) = run(&["--epochs", "2", "--depth", "2", "--resume", "auto"]);
+fn a_resume_needs_no_flags_and_continues_exactly() {
+    let root = temp_dir("no-flags");
+    let dir = |n: &str| root.join(n);
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let (a, b, d, e) = (dir("a"), dir("b"), dir("d"), dir("e"));
+    train_ok(&[&["--epochs", "2", "--out", &s(&a)][..], &MODEL[..]].concat());
+    let want = epoch_metrics(&a);
+    assert_eq!(want.len(), 2);
+
+    // the options come from the checkpoint: no flags but where the run is
+    interrupted(&b);
+    let stdout = train_ok(&["--out", &s(&b), "--resume", "auto"]);
     assert!(
-        !ok && err.contains("`blocks.1.norm1.weight` is missing from the checkpoint"),
-        "{err}"
+        stdout.contains("resuming with the run's options from")
+            && stdout.contains("step-0000000023"),
+        "{stdout}"
     );
-    let (ok, _, err) = ferrovit(&[
-        "train",
-        "--dim",
-        "64",
-        "--mlp-dim",
-        "32",
+    assert_eq!(epoch_metrics(&b), want, "resumed without flags");
+
+    // config.toml holds every option, defaults and the model's dimensions included
+    let config = std::fs::read_to_string(b.join("config.toml")).unwrap();
+    for line in [
+        "dim = 32",
+        "depth = 2",
+        "heads = 2",
+        "patch_size = 4",
+        "seed = 5",
+        "augment = \"crop,autoaugment\"",
+        "threads = ",
+        "microbatches = 1",
+        "data = ",
+        "epochs = 2",
+        "# preset: unset",
+        "# save_every_steps: unset",
+    ] {
+        assert!(config.contains(line), "{line}: {config}");
+    }
+    // ... so it continues the run, and repeats it
+    let config = s(&b.join("config.toml"));
+    interrupted(&b);
+    train_ok(&["--config", &config, "--resume", "auto"]);
+    assert_eq!(
+        epoch_metrics(&b),
+        want,
+        "--config config.toml --resume auto"
+    );
+    train_ok(&["--config", &config, "--out", &s(&e)]);
+    assert_eq!(epoch_metrics(&e), want, "--config config.toml alone");
+
+    // under another layout: equal up to float rounding
+    interrupted(&d);
+    let stdout = train_ok(&[
         "--out",
-        o,
-        "--epochs",
-        "2",
-        "--depth",
-        "1",
+        &s(&d),
         "--resume",
         "auto",
+        "--dp",
+        "2",
+        "--pp",
+        "2",
     ]);
     assert!(
-        !ok && err
-            .contains("has shape [32, 3, 4, 4] in the checkpoint but [64, 3, 4, 4] in the model"),
-        "{err}"
+        stdout.contains("dp 1 → 2") && stdout.contains("pp 1 → 2"),
+        "{stdout}"
     );
-    let (ok, _, err) = run(&[
-        "--epochs",
-        "2",
-        "--depth",
-        "1",
-        "--dropout",
-        "0.2",
-        "--resume",
-        "auto",
-    ]);
-    assert!(!ok && err.contains("different model"), "{err}");
-    let (ok, _, err) = run(&[
-        "--epochs", "2", "--depth", "1", "--seed", "3", "--resume", "auto",
-    ]);
-    assert!(!ok && err.contains("resume with --seed 0"), "{err}");
-    let (ok, _, err) = run(&["--depth", "1", "--resume", "/nonexistent/ckpt"]);
+    let got = epoch_metrics(&d);
+    assert_eq!(got[0], want[0], "epoch 1 comes from the checkpoint");
+    for loss in [0, 2] {
+        let (x, y) = (got[1][loss], want[1][loss]);
+        assert!(
+            (x - y).abs() <= 2e-3 * y,
+            "dp 2 × pp 2: {got:?} vs {want:?}"
+        );
+    }
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn a_resume_refuses_options_that_contradict_the_checkpoint_and_writes_nothing() {
+    let root = temp_dir("contradict");
+    let out = root.join("run");
+    let o = out.to_str().unwrap();
+    interrupted(&out);
+    let toml = root.join("more-dropout.toml");
+    std::fs::write(&toml, "dropout = 0.2\nepochs = 3\n").unwrap();
+    let toml = toml.to_str().unwrap();
+    let before = dir_snapshot(&root);
+    for (flags, want) in [
+        (
+            vec!["--dim", "64"],
+            "--dim 64 contradicts the checkpoint's dim 32",
+        ),
+        (
+            vec!["--depth", "1"],
+            "--depth 1 contradicts the checkpoint's depth 2",
+        ),
+        (
+            vec!["--seed", "3"],
+            "--seed 3 contradicts the checkpoint's seed 5",
+        ),
+        (
+            vec!["--lr", "0.01"],
+            "--lr 0.01 contradicts the checkpoint's lr 0.002",
+        ),
+        (
+            vec!["--batch-size", "32"],
+            "--batch-size 32 contradicts the checkpoint's batch_size 64",
+        ),
+        (
+            vec!["--augment", "flip"],
+            "--augment flip contradicts the checkpoint's augment crop,autoaugment",
+        ),
+        (
+            vec!["--preset", "vit_tiny_patch4_32"],
+            "--preset vit_tiny_patch4_32 contradicts the checkpoint's preset (unset)",
+        ),
+        (
+            vec!["--config", toml],
+            "--dropout 0.2 contradicts the checkpoint's dropout 0.1",
+        ),
+    ] {
+        let args = [&["train", "--out", o, "--resume", "auto"][..], &flags[..]].concat();
+        let (ok, stdout, err) = ferrovit(&args);
+        assert!(!ok, "{flags:?} was taken: {stdout}");
+        assert!(
+            err.contains(want) && err.contains("step-0000000023") && err.lines().count() == 1,
+            "{flags:?}: {err}"
+        );
+        assert!(
+            dir_snapshot(&root) == before,
+            "{flags:?} changed the directory"
+        );
+    }
+    // a checkpoint that is not there
+    let (ok, _, err) = ferrovit(&["train", "--out", o, "--resume", "/nonexistent/ckpt"]);
     assert!(!ok && err.contains("/nonexistent/ckpt"), "{err}");
-    // a fresh run sets the earlier run's checkpoints aside instead of mixing with them
-    let (ok, stdout, err) = run(&["--epochs", "1", "--depth", "1"]);
+    assert!(dir_snapshot(&root) == before);
+    // values equal to the saved ones are fine
+    let stdout = train_ok(&[&["--out", o, "--resume", "auto"][..], &MODEL[..]].concat());
+    assert!(stdout.contains("epoch   2/2"), "{stdout}");
+
+    // an older checkpoint, without options: its run's config.toml, else the flags
+    interrupted(&out);
+    let ckpt = out
+        .join("checkpoints")
+        .join(checkpoint::checkpoint_name(23));
+    edit_index(&ckpt, |v| {
+        v["training"].as_object_mut().unwrap().remove("options");
+    });
+    let stdout = train_ok(&["--out", o, "--resume", "auto"]);
+    assert!(stdout.contains("config.toml"), "{stdout}");
+    interrupted(&out);
+    std::fs::remove_file(out.join("config.toml")).unwrap();
+    let (ok, stdout, err) = ferrovit(&["train", "--out", o, "--resume", "auto"]);
+    assert!(stdout.contains("records no options"), "{stdout}");
     assert!(
-        ok && stdout.contains("checkpoints of an earlier run"),
+        !ok && err.contains("resume with --seed 5"),
+        "the default seed is not the checkpoint's: {err}"
+    );
+    // options that are not options are refused, naming the checkpoint
+    edit_index(&ckpt, |v| {
+        v["training"]["options"] = serde_json::json!({"dim": 32, "colour": "red"});
+    });
+    let (ok, _, err) = ferrovit(&["train", "--out", o, "--resume", "auto"]);
+    assert!(
+        !ok && err.contains("step-0000000023") && err.contains("colour"),
         "{err}"
     );
-    std::fs::remove_dir_all(out).unwrap();
+    std::fs::remove_dir_all(root).unwrap();
 }
 
 #[test]
@@ -343,8 +506,16 @@ fn init_fine_tunes_from_weights_with_a_new_head() {
         "--init",
         "/nonexistent/ckpt",
         "--out",
-        out.to_str().unwrap(),
+        root.join("none").to_str().unwrap(),
     ]);
     assert!(!ok && err.contains("/nonexistent/ckpt"), "{err}");
+    // with --resume auto, --init applies only when there is nothing to resume
+    let args = ["--init", ckpt.to_str().unwrap(), "--resume", "auto"];
+    let (ok, stdout, err) =
+        ferrovit(&[&["train", "--out", out.to_str().unwrap()][..], &args].concat());
+    assert!(
+        ok && stdout.contains("--init") && stdout.contains("is not used"),
+        "{stdout}{err}"
+    );
     std::fs::remove_dir_all(root).unwrap();
 }

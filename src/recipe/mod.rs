@@ -20,10 +20,11 @@ use crate::engine::{Engine, Parallel, TrainConfig};
 use crate::error::{Error, Result};
 use crate::metrics::ConfusionMatrix;
 use crate::optim::LrSchedule;
+use crate::signals::StopFlag;
 use crate::tensor::Device;
 use crate::trainer::{
     AccuracyHook, LogMetricByEpochHook, Logger, LossHook, LrSchedulerHook, PlotHook, ProgressHook,
-    SaveCheckpointHook, ThroughputHook, Trainer,
+    SaveCheckpointHook, Stopped, ThroughputHook, Trainer,
 };
 use crate::VitConfig;
 
@@ -166,6 +167,9 @@ pub struct TrainSummary {
     pub seconds: f64,
     pub metrics_path: PathBuf,
     pub plot_path: PathBuf,
+    /// Where and why the run stopped early (a stop requested through the flag given to
+    /// [`train_until`], e.g. by a signal), with its checkpoint unless `--no-save`.
+    pub stopped: Option<Stopped>,
 }
 
 /// Runs `ferrovit train` with these options: logs progress and per-epoch metrics,
@@ -175,6 +179,12 @@ pub struct TrainSummary {
 /// with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set (`ferrovit launch`, torchrun,
 /// SLURM) — as this process's rank of a TCP group. Rank 0's summary is returned.
 pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
+    train_until(opts, &StopFlag::new())
+}
+
+/// [`train`], stopping after the current step once `stop` is set (every rank at the
+/// same step; a checkpoint is saved there unless `--no-save`).
+pub fn train_until(opts: &TrainOptions, stop: &StopFlag) -> Result<TrainSummary> {
     opts.validate()?;
     if let Some(n) = opts.threads {
         cpu::set_num_threads(n)?;
@@ -202,22 +212,22 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         check_layout(&opts)?;
         let local = env.local_rank.unwrap_or(env.rank);
         let group: Arc<dyn ProcessGroup> = Arc::new(env.connect(timeout)?);
-        return train_rank(&opts, Some(group), local);
+        return train_rank(&opts, Some(group), local, stop);
     }
     let world = opts.dp * opts.pp;
     if world == 1 {
-        return train_rank(opts, None, 0);
+        return train_rank(opts, None, 0, stop);
     }
     check_layout(opts)?;
     let handles: Vec<_> = ThreadGroup::new(world, timeout)?
         .into_iter()
         .map(|g| {
-            let opts = opts.clone();
+            let (opts, stop) = (opts.clone(), stop.clone());
             std::thread::Builder::new()
                 .name(format!("rank-{}", g.rank()))
                 .spawn(move || {
                     let local = g.rank();
-                    train_rank(&opts, Some(Arc::new(g)), local)
+                    train_rank(&opts, Some(Arc::new(g)), local, &stop)
                 })
                 .map_err(|e| Error::Config(format!("cannot start a rank thread: {e}")))
         })
@@ -303,6 +313,7 @@ fn train_rank(
     opts: &TrainOptions,
     group: Option<Arc<dyn ProcessGroup>>,
     local: usize,
+    stop: &StopFlag,
 ) -> Result<TrainSummary> {
     let start = Instant::now();
     let (rank, world) = group.as_ref().map_or((0, 1), |g| (g.rank(), g.world()));
@@ -339,13 +350,17 @@ fn train_rank(
         ));
     }
     add_hooks(&mut trainer, opts, rank, schedule, &classes)?;
-    trainer.fit(
+    trainer.engine.set_stop_flag(stop.clone());
+    let stopped = trainer.fit(
         &train_loader,
         opts.epochs,
         Some(&test_loader),
         opts.test_interval,
     )?;
-    Ok(finish(&trainer, opts, rank, classes, start))
+    Ok(TrainSummary {
+        stopped,
+        ..finish(&trainer, opts, rank, classes, start)
+    })
 }
 
 /// The rank's share of the layout: its `Parallel` (with the replicas' gradients
@@ -607,5 +622,6 @@ fn finish(
         seconds: start.elapsed().as_secs_f64(),
         metrics_path: opts.metrics_path(),
         plot_path: opts.plot_path(),
+        stopped: None,
     }
 }

@@ -262,3 +262,28 @@ fn watch(flag: &StopFlag, again: Again, announce: bool, done: &AtomicBool) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flag_keeps_its_first_reason_and_votes_round_trip() {
+        let flag = StopFlag::new();
+        assert_eq!(flag.reason(), None);
+        let shared = flag.clone();
+        shared.set(StopReason::Signal(15));
+        flag.request();
+        assert_eq!(flag.reason(), Some(StopReason::Signal(15)), "the first one");
+        for r in [
+            StopReason::Signal(2),
+            StopReason::Signal(15),
+            StopReason::Requested,
+        ] {
+            assert_eq!(StopReason::from_code(r.code() as f32 as i32), Some(r));
+        }
+        assert_eq!(StopReason::from_code(0), None);
+        assert_eq!(StopReason::Signal(2).exit_code(), 130);
+        assert_eq!(StopReason::Signal(15).to_string(), "SIGTERM");
+    }
+}

@@ -35,6 +35,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a ViT (default: a small ViT on the embedded digits data)
+    ///
+    /// SIGINT (Ctrl-C) or SIGTERM stops the run after the current step with a checkpoint
+    /// there and exits with 130 or 143, printing the command that resumes it; a second
+    /// signal exits at once.
     Train(Box<TrainArgs>),
     /// Get a data set (the real CIFAR-10)
     #[command(subcommand)]
@@ -445,6 +449,9 @@ fn train(a: TrainArgs, matches: &ArgMatches) -> Result<Option<i32>> {
     if let Some(t) = &summary.stopped {
         println!("{}", stopped_line(t, &opts));
         return Ok(code);
+    }
+    if let Some(reason) = stop.reason() {
+        println!("{reason} came after the last training step: the run finished");
     }
     if let (Some(acc), Some(c)) = (summary.final_test_accuracy, &summary.confusion) {
         println!(

@@ -7,10 +7,13 @@
 //! When one child fails, the others normally fail soon after by themselves (their
 //! connections to it close); those that do not within the grace period are killed.
 //! The children do not outlive the launcher: SIGTERM and SIGINT are passed on to them
-//! (the launcher then exits with 128 + the signal, after the same grace period), and on
-//! Linux a launcher killed outright takes them along (PR_SET_PDEATHSIG).
+//! (a `ferrovit train` rank then stops after its current step and saves a checkpoint;
+//! those still running after the stop timeout, or at once on a second signal, are
+//! killed, and the launcher exits with 128 + the signal), and on Linux a launcher
+//! killed outright takes them along (PR_SET_PDEATHSIG).
 
 use crate::error::{Error, Result};
+use crate::signals::{self, Caught};
 use std::io;
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -35,6 +38,9 @@ pub struct LaunchOptions {
     /// How long the other children may take to exit by themselves after one failed,
     /// before they are killed.
     pub grace: Duration,
+    /// How long the children may take to stop (finish their step, save, exit) after a
+    /// SIGTERM or SIGINT passed on to them, before they are killed.
+    pub stop_timeout: Duration,
 }
 
 impl Default for LaunchOptions {
@@ -46,12 +52,17 @@ impl Default for LaunchOptions {
             args: Vec::new(),
             program: None,
             grace: Duration::from_secs(10),
+            stop_timeout: DEFAULT_STOP_TIMEOUT,
         }
     }
 }
 
 /// How often the children are polled.
 const POLL: Duration = Duration::from_millis(20);
+
+/// [`LaunchOptions::stop_timeout`]'s default: a step and a checkpoint save of a large
+/// model, with room to spare.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The exit code that reports `status` (128 + the signal for a child killed by one,
 /// as shells do).
@@ -106,7 +117,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<i32> {
     );
 
     // before the first child exists, so that none can be left behind by a signal
-    let signals = signals::Forward::install()
+    let signals = Caught::install()
         .map_err(|e| Error::Message(format!("launch: cannot handle signals: {e}")))?;
     let mut children: Vec<Option<Child>> = Vec::with_capacity(opts.nproc);
     for rank in 0..opts.nproc {
@@ -132,7 +143,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<i32> {
             }
         }
     }
-    wait_all(children, opts.grace, &signals)
+    wait_all(children, (opts.grace, opts.stop_timeout), &signals)
 }
 
 /// Makes the child `cmd` starts die (SIGKILL) when this thread, the launcher's, dies —
@@ -164,92 +175,6 @@ fn die_with_launcher(cmd: &mut Command) {
 
 #[cfg(not(target_os = "linux"))]
 fn die_with_launcher(_cmd: &mut Command) {}
-
-/// SIGTERM and SIGINT, caught so that the launcher can pass them on to its children.
-#[cfg(unix)]
-mod signals {
-    use std::io;
-    use std::sync::atomic::{AtomicI32, Ordering};
-
-    /// The last signal received and not yet taken (0: none).
-    static RECEIVED: AtomicI32 = AtomicI32::new(0);
-
-    extern "C" fn record(sig: libc::c_int) {
-        // all a handler may safely do: the launcher's poll loop acts on it
-        RECEIVED.store(sig, Ordering::SeqCst);
-    }
-
-    /// While alive, SIGTERM and SIGINT are recorded instead of ending the process; the
-    /// previous handlers come back when it is dropped.
-    pub struct Forward {
-        previous: Vec<(libc::c_int, libc::sigaction)>,
-    }
-
-    impl Forward {
-        pub fn install() -> io::Result<Forward> {
-            RECEIVED.store(0, Ordering::SeqCst);
-            let mut f = Forward {
-                previous: Vec::new(),
-            };
-            for sig in [libc::SIGTERM, libc::SIGINT] {
-                // SAFETY: a zeroed sigaction is valid; the handler only stores an atomic.
-                unsafe {
-                    let mut sa: libc::sigaction = std::mem::zeroed();
-                    sa.sa_sigaction = record as extern "C" fn(libc::c_int) as libc::sighandler_t;
-                    sa.sa_flags = libc::SA_RESTART;
-                    libc::sigemptyset(&mut sa.sa_mask);
-                    let mut old: libc::sigaction = std::mem::zeroed();
-                    if libc::sigaction(sig, &sa, &mut old) != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    f.previous.push((sig, old));
-                }
-            }
-            Ok(f)
-        }
-
-        /// The signal received since the last call, if any.
-        pub fn take(&self) -> Option<i32> {
-            Some(RECEIVED.swap(0, Ordering::SeqCst)).filter(|&s| s != 0)
-        }
-    }
-
-    impl Drop for Forward {
-        fn drop(&mut self) {
-            for (sig, old) in &self.previous {
-                // SAFETY: restores a disposition that sigaction itself reported.
-                unsafe {
-                    libc::sigaction(*sig, old, std::ptr::null_mut());
-                }
-            }
-        }
-    }
-
-    /// Sends `sig` to the child `pid` (not yet reaped, so the pid is still its own).
-    pub fn send(pid: u32, sig: i32) {
-        // SAFETY: kill only sends a signal.
-        unsafe {
-            libc::kill(pid as libc::pid_t, sig);
-        }
-    }
-}
-
-#[cfg(not(unix))]
-mod signals {
-    pub struct Forward;
-
-    impl Forward {
-        pub fn install() -> std::io::Result<Forward> {
-            Ok(Forward)
-        }
-
-        pub fn take(&self) -> Option<i32> {
-            None
-        }
-    }
-
-    pub fn send(_pid: u32, _sig: i32) {}
-}
 
 /// A watcher's report: rank `.0` exited at `.1` (`None`: the watcher could not wait,
 /// poll the child instead).
@@ -292,13 +217,14 @@ fn watch(_pid: u32, _rank: usize, _tx: Sender<Exit>) -> Option<JoinHandle<()>> {
     None
 }
 
-/// Waits for every child; after the first failure, or a SIGTERM or SIGINT to the
-/// launcher (passed on to them), kills those still running once `grace` has passed.
+/// Waits for every child; after the first failure kills those still running once
+/// `grace` has passed, after a SIGTERM or SIGINT to the launcher (passed on to them)
+/// once `stop_timeout` has (at once on a second signal).
 /// 128 + the signal, else the first failure's exit code, or 0.
 fn wait_all(
     mut children: Vec<Option<Child>>,
-    grace: Duration,
-    signals: &signals::Forward,
+    (grace, stop_timeout): (Duration, Duration),
+    signals: &Caught,
 ) -> Result<i32> {
     let n = children.len();
     let (tx, rx) = mpsc::channel::<Exit>();
@@ -320,8 +246,9 @@ fn wait_all(
     let mut kill_at: Option<Instant> = None;
     let mut stopped_by: Option<i32> = None;
     let result = loop {
-        if let Some(sig) = signals.take() {
-            let at = forward(sig, &children, stopped_by.is_some(), grace);
+        if let Some((sig, n)) = signals.take() {
+            let again = stopped_by.is_some() || n > 1;
+            let at = forward(sig, &children, again, stop_timeout);
             kill_at = sooner(kill_at, at);
             stopped_by = Some(sig);
         }
@@ -376,6 +303,8 @@ fn wait_all(
         for (_, rank, status) in done {
             if status.success() {
                 tracing::debug!("rank {rank} finished");
+            } else if stopped_by.is_some() && stopped_by_signal(status) {
+                tracing::debug!("rank {rank} stopped ({status})");
             } else if first_failure.is_none() {
                 tracing::error!(
                     "rank {rank} failed first ({status}); the others get {grace:?} to exit"
@@ -390,9 +319,11 @@ fn wait_all(
         if kill_at.is_some_and(|t| Instant::now() >= t) {
             let stragglers: Vec<usize> = (0..n).filter(|&r| children[r].is_some()).collect();
             if !stragglers.is_empty() {
-                tracing::warn!(
-                    "killing rank(s) {stragglers:?}, still running {grace:?} after the first failure"
-                );
+                let why = match stopped_by {
+                    Some(sig) => format!("after {}", signals::name(sig)),
+                    None => "after the first failure".into(),
+                };
+                tracing::warn!("killing rank(s) {stragglers:?}, still running {why}");
             }
             break Ok(());
         }
@@ -407,6 +338,21 @@ fn wait_all(
     })
 }
 
+/// Whether a child's exit is a stop by SIGINT or SIGTERM (its own exit code 128 +
+/// the signal after a graceful stop, or the signal itself).
+fn stopped_by_signal(status: ExitStatus) -> bool {
+    #[cfg(unix)]
+    {
+        let code = exit_code(status);
+        code == 128 + libc::SIGINT || code == 128 + libc::SIGTERM
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = status;
+        false
+    }
+}
+
 /// The earlier of two deadlines (`None`: none yet).
 fn sooner(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     match (a, b) {
@@ -416,20 +362,26 @@ fn sooner(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 }
 
 /// Passes the launcher's signal `sig` on to the children still running, as torchrun
-/// does; when to kill those that remain: after `grace`, or at once on a second signal
-/// (`again`), the user's way to insist.
-fn forward(sig: i32, children: &[Option<Child>], again: bool, grace: Duration) -> Option<Instant> {
+/// does; when to kill those that remain: after `timeout` (time to finish a step and
+/// save), or at once on a second signal (`again`), the user's way to insist.
+fn forward(
+    sig: i32,
+    children: &[Option<Child>],
+    again: bool,
+    timeout: Duration,
+) -> Option<Instant> {
+    let name = signals::name(sig);
     if again {
-        tracing::warn!("launch: signal {sig} again: killing the ranks");
+        tracing::warn!("launch: {name} again: killing the ranks");
         return Some(Instant::now());
     }
     tracing::warn!(
-        "launch: signal {sig}: passing it on to the ranks (those still running in {grace:?} are killed)"
+        "launch: {name}: passing it on to the ranks, which stop after their current step and save; a second signal kills them (so does {timeout:?} without exiting)"
     );
     for child in children.iter().flatten() {
         signals::send(child.id(), sig);
     }
-    Instant::now().checked_add(grace)
+    Instant::now().checked_add(timeout)
 }
 
 /// Kills and reaps every child still running.

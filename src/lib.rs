@@ -21,6 +21,7 @@ pub mod nn;
 pub mod optim;
 pub mod recipe;
 pub mod rng;
+pub mod signals;
 pub mod tensor;
 pub mod text;
 pub mod trainer;

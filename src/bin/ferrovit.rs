@@ -13,8 +13,9 @@ use ferrovit::launch::LaunchOptions;
 use ferrovit::nn::PRESETS;
 use ferrovit::recipe::{self, PrecisionChoice, TrainOptions};
 use ferrovit::rng::Rng;
+use ferrovit::signals::{Again, StopFlag, StopOnSignals};
 use ferrovit::text::{self, escape};
-use ferrovit::trainer::init_stdout;
+use ferrovit::trainer::{init_stdout, Stopped};
 use ferrovit::{Device, Error, Result, Tensor, VitConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,6 +35,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a ViT (default: a small ViT on the embedded digits data)
+    ///
+    /// SIGINT (Ctrl-C) or SIGTERM stops the run after the current step with a checkpoint
+    /// there and exits with 130 or 143, printing the command that resumes it; a second
+    /// signal exits at once.
     Train(Box<TrainArgs>),
     /// Get a data set (the real CIFAR-10)
     #[command(subcommand)]
@@ -127,8 +132,10 @@ struct EvalArgs {
 /// SLURM_PROCID/SLURM_NTASKS, when launched by other tools), and FERROVIT_SECRET, drawn
 /// afresh for the run, which every connection between them must prove knowledge of.
 /// When one process fails, the others stop with an error naming it; stragglers are
-/// killed after --grace. SIGTERM and SIGINT are passed on to the processes (exit code
-/// 128 + the signal); on Linux they die with the launcher even when it is killed.
+/// killed after --grace. SIGTERM and SIGINT are passed on to the processes, which stop
+/// after their current step and save a checkpoint; those still running after
+/// --stop-timeout, or at once on a second signal, are killed (exit code 128 + the
+/// signal). On Linux they die with the launcher even when it is killed.
 #[derive(Args)]
 struct LaunchArgs {
     /// Processes to start (the world size)
@@ -143,6 +150,10 @@ struct LaunchArgs {
     /// Seconds the others may take to stop by themselves after one process failed
     #[arg(long, value_name = "S", default_value_t = 10)]
     grace: u64,
+    /// Seconds the processes may take to stop (finish the step, save, exit) after a
+    /// SIGTERM or SIGINT passed on to them, before they are killed
+    #[arg(long, value_name = "S", default_value_t = ferrovit::launch::DEFAULT_STOP_TIMEOUT.as_secs())]
+    stop_timeout: u64,
     /// The ferrovit command each process runs (after `--`)
     #[arg(last = true, required = true, value_name = "COMMAND")]
     args: Vec<String>,
@@ -257,7 +268,12 @@ fn main() -> ExitCode {
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     init_stdout();
     let result = match cli.command {
-        Command::Train(a) => train(*a, &matches),
+        Command::Train(a) => match train(*a, &matches) {
+            // stopped by a signal: 128 + the signal, as if it had ended the process
+            Ok(Some(code)) => return ExitCode::from(code.clamp(0, 255) as u8),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        },
         Command::Data(DataCommand::Cifar10(a)) => data_cifar10(a),
         Command::Ckpt(c) => ckpt(c),
         Command::Bench(a) => bench(a),
@@ -393,6 +409,7 @@ fn launch(a: LaunchArgs) -> Result<i32> {
         args: a.args,
         program: None,
         grace: Duration::from_secs(a.grace),
+        stop_timeout: Duration::from_secs(a.stop_timeout),
     })
 }
 
@@ -415,7 +432,8 @@ fn presets() -> Result<()> {
     Ok(())
 }
 
-fn train(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
+/// `ferrovit train`; the exit code of a run stopped by a signal.
+fn train(a: TrainArgs, matches: &ArgMatches) -> Result<Option<i32>> {
     let (base, mut given) = match &a.config {
         Some(path) => TrainOptions::from_toml_file_keys(path)?,
         None => (TrainOptions::default(), Vec::new()),
@@ -424,9 +442,19 @@ fn train(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
     let opts = TrainOptions::merged(&base, &a.options, &flags)?;
     // a resume takes the options given neither way from its checkpoint
     given.extend(flags);
-    let summary = recipe::train_given(&opts, &given)?;
+    let stop = StopFlag::new();
+    let _signals = stop_on_signals(&stop)?;
+    let summary = recipe::train_given_until(&opts, &given, &stop)?;
+    let code = summary.stopped.as_ref().map(|t| t.reason.exit_code());
     if summary.rank != 0 {
-        return Ok(()); // rank 0 reports for the run
+        return Ok(code); // rank 0 reports for the run
+    }
+    if let Some(t) = &summary.stopped {
+        println!("{}", stopped_line(t, &opts));
+        return Ok(code);
+    }
+    if let Some(reason) = stop.reason() {
+        println!("{reason} came after the last training step: the run finished");
     }
     if let (Some(acc), Some(c)) = (summary.final_test_accuracy, &summary.confusion) {
         println!(
@@ -445,7 +473,46 @@ fn train(a: TrainArgs, matches: &ArgMatches) -> Result<()> {
         text::path(&summary.plot_path)
     );
     println!("done in {:.1} s", summary.seconds);
-    Ok(())
+    Ok(None)
+}
+
+/// SIGINT and SIGTERM stop training after the current step. A process of its own exits
+/// at once on a second signal; a rank of a launched group leaves that to its launcher,
+/// which may pass on a signal the rank already had (a terminal's Ctrl-C and Slurm
+/// signal every process), and only its rank 0 says it is stopping.
+fn stop_on_signals(stop: &StopFlag) -> Result<StopOnSignals> {
+    let env = ferrovit::dist::DistEnv::from_env().ok().flatten();
+    let (again, announce) = match env {
+        Some(e) if e.world > 1 => (Again::Ignore, e.rank == 0),
+        _ => (Again::Exit, true),
+    };
+    StopOnSignals::install(stop.clone(), again, announce)
+        .map_err(|e| Error::Message(format!("cannot handle SIGINT/SIGTERM: {e}")))
+}
+
+/// Where a stopped run stopped, its checkpoint and how to continue.
+fn stopped_line(t: &Stopped, opts: &TrainOptions) -> String {
+    let at = format!(
+        "stopped by {} after step {} (epoch {}, batch {})",
+        t.reason,
+        t.step,
+        t.epoch + 1,
+        t.batch
+    );
+    let train = format!("train --out {} --resume auto", text::path(&opts.out));
+    let resume = match ferrovit::dist::DistEnv::from_env().ok().flatten() {
+        Some(e) if e.world > 1 && std::env::var_os("FERROVIT_LAUNCHED").is_some() => {
+            format!("`ferrovit launch --nproc {} -- {train}`", e.world)
+        }
+        Some(e) if e.world > 1 => format!("`ferrovit {train}` on {} ranks", e.world),
+        _ => format!("`ferrovit {train}`"),
+    };
+    match &t.checkpoint {
+        Some(dir) => format!("{at}: checkpoint {}; resume with {resume}", text::path(dir)),
+        None => format!(
+            "{at}: nothing was saved (--no-save); {resume} continues from an earlier checkpoint, if there is one"
+        ),
+    }
 }
 
 /// Exits on a command line clap refused. A value a flag cannot take is one line, as

@@ -11,6 +11,7 @@ use crate::dist::average_gradients;
 use crate::error::{Error, Result};
 use crate::nn::{ForwardCtx, Vit, VitConfig};
 use crate::optim::{clip_grad_norm, Optimizer, OptimizerKind};
+use crate::signals::{StopFlag, StopReason};
 use crate::tensor::Tensor;
 use crate::tensor::{DType, Device};
 
@@ -60,6 +61,10 @@ pub struct StepResult {
     pub loss: f32,
     pub labels: Vec<usize>,
     pub predictions: Vec<usize>,
+    /// After a training step: a stop was requested ([`Engine::stop_flag`]) on some rank
+    /// by then — in a parallel run every rank learns it at the same step, through the
+    /// step's metrics all-reduce (the first requesting rank's reason).
+    pub stop: Option<StopReason>,
 }
 
 /// The model's output for a batch: the logits `[batch, classes]` (a copy; the engine
@@ -122,6 +127,8 @@ pub struct Engine {
     step: u64,
     /// This rank's place in a parallel run (`None`: one rank, the whole model).
     par: Option<Parallel>,
+    /// Read at every training step into [`StepResult::stop`].
+    stop: StopFlag,
 }
 
 /// Dropout seed of a step: the run's seed and the update count.
@@ -177,6 +184,7 @@ impl Engine {
             training: true,
             step: 0,
             par,
+            stop: StopFlag::new(),
         })
     }
 
@@ -201,6 +209,17 @@ impl Engine {
 
     pub fn parallel_info_mut(&mut self) -> Option<&mut Parallel> {
         self.par.as_mut()
+    }
+
+    /// The flag a training step reports in [`StepResult::stop`]: request a stop
+    /// through it (or a clone).
+    pub fn stop_flag(&self) -> &StopFlag {
+        &self.stop
+    }
+
+    /// Reports `flag` instead (one flag shared by several ranks, or by a signal handler).
+    pub fn set_stop_flag(&mut self, flag: StopFlag) {
+        self.stop = flag;
     }
 
     fn params_device(&self) -> Device {
@@ -438,6 +457,7 @@ impl Engine {
             loss: loss.value,
             predictions,
             labels: batch.labels,
+            stop: self.stop.reason(),
         })
     }
 
@@ -457,6 +477,7 @@ impl Engine {
             loss: stats.loss,
             labels: batch.labels,
             predictions,
+            stop: None,
         })
     }
 

@@ -17,6 +17,7 @@ use crate::dist::{reduce_gradients, Layout, ProcessGroup, ReduceOp, SubGroup};
 use crate::error::{Error, Result};
 use crate::nn::{ForwardCtx, PartInput};
 use crate::optim::{grad_sum_squares, scale_grads};
+use crate::signals::{StopFlag, StopReason};
 use crate::tensor::{Device, Tensor};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -174,10 +175,17 @@ impl<'b> StageStep<'b> {
 
     /// The step's metrics, shared by every rank: `[loss × samples, labels,
     /// predictions]` at this replica's offset in the global batch (the last stages fill
-    /// them in), summed over the world.
-    fn shared_metrics(&self, par: &Parallel) -> Result<Vec<f32>> {
+    /// them in), then in a training step each rank's stop vote at its rank
+    /// ([`StopReason::code`], 0 for none), summed over the world. The vote rides on the
+    /// all-reduce every step does anyway, so agreeing on a stop costs no round trip.
+    fn shared_metrics(&self, par: &Parallel, stop: &StopFlag) -> Result<Vec<f32>> {
         let global = self.global;
-        let mut shared = vec![0.0f32; 1 + 2 * global];
+        let votes = if self.train { par.layout.world } else { 0 };
+        let mut shared = vec![0.0f32; 1 + 2 * global + votes];
+        if self.train {
+            // small integers (signal numbers, -1): exact in f32
+            shared[1 + 2 * global + par.rank()] = stop.reason().map_or(0, |r| r.code()) as f32;
+        }
         if par.coords().1 + 1 == par.layout.pp {
             shared[0] = self.loss_sum as f32;
             let at = self.batch.offset;
@@ -234,17 +242,20 @@ impl Engine {
         let t0 = Instant::now();
         self.schedule_1f1b(par, &mut s)?;
         par.pipeline_time += t0.elapsed();
-        let shared = s.shared_metrics(par)?;
+        let shared = s.shared_metrics(par, &self.stop)?;
         let global = s.global;
         let loss = shared[0] / global as f32;
         if train {
             self.update(par, loss)?;
         }
         let ints = |v: &[f32]| v.iter().map(|&x| x as usize).collect();
+        let (metrics, votes) = shared.split_at(1 + 2 * global);
         Ok(StepResult {
             loss,
-            labels: ints(&shared[1..1 + global]),
-            predictions: ints(&shared[1 + global..]),
+            labels: ints(&metrics[1..1 + global]),
+            predictions: ints(&metrics[1 + global..]),
+            // the first rank's vote, the same on every rank
+            stop: votes.iter().find_map(|&v| StopReason::from_code(v as i32)),
         })
     }
 

@@ -24,10 +24,11 @@ use crate::engine::{Engine, Parallel, TrainConfig};
 use crate::error::{Error, Result};
 use crate::metrics::ConfusionMatrix;
 use crate::optim::LrSchedule;
+use crate::signals::StopFlag;
 use crate::tensor::Device;
 use crate::trainer::{
     AccuracyHook, LogMetricByEpochHook, Logger, LossHook, LrSchedulerHook, PlotHook, ProgressHook,
-    SaveCheckpointHook, ThroughputHook, Trainer,
+    SaveCheckpointHook, Stopped, ThroughputHook, Trainer,
 };
 use crate::VitConfig;
 
@@ -151,6 +152,9 @@ pub struct TrainSummary {
     pub seconds: f64,
     pub metrics_path: PathBuf,
     pub plot_path: PathBuf,
+    /// Where and why the run stopped early (a stop requested through the flag given to
+    /// [`train_given_until`], e.g. by a signal), with its checkpoint unless `--no-save`.
+    pub stopped: Option<Stopped>,
 }
 
 /// Runs `ferrovit train` with these options: logs progress and per-epoch metrics,
@@ -172,6 +176,16 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
 /// model, device, the directory's lock ([`rundir::claim`], taken by the process of
 /// rank 0) — before anything is written; the lock is released when the run ends.
 pub fn train_given(opts: &TrainOptions, given: &[impl AsRef<str>]) -> Result<TrainSummary> {
+    train_given_until(opts, given, &StopFlag::new())
+}
+
+/// [`train_given`], stopping after the current step once `stop` is set (every rank at
+/// the same step; a checkpoint is saved there unless `--no-save`).
+pub fn train_given_until(
+    opts: &TrainOptions,
+    given: &[impl AsRef<str>],
+    stop: &StopFlag,
+) -> Result<TrainSummary> {
     let given: Vec<String> = given.iter().map(|g| g.as_ref().to_string()).collect();
     let env = DistEnv::from_env()?;
     let logger = env
@@ -209,24 +223,24 @@ pub fn train_given(opts: &TrainOptions, given: &[impl AsRef<str>]) -> Result<Tra
         };
         let local = env.local_rank.unwrap_or(env.rank);
         let group: Arc<dyn ProcessGroup> = Arc::new(env.connect(timeout)?);
-        return train_rank(&opts, Some(group), local);
+        return train_rank(&opts, Some(group), local, stop);
     }
     let world = opts.dp * opts.pp;
     if world == 1 {
         let _lock = rundir::claim(opts, &logger)?;
-        return train_rank(opts, None, 0);
+        return train_rank(opts, None, 0, stop);
     }
     check_layout(opts)?;
     let _lock = rundir::claim(opts, &logger)?;
     let handles: Vec<_> = ThreadGroup::new(world, timeout)?
         .into_iter()
         .map(|g| {
-            let opts = opts.clone();
+            let (opts, stop) = (opts.clone(), stop.clone());
             std::thread::Builder::new()
                 .name(format!("rank-{}", g.rank()))
                 .spawn(move || {
                     let local = g.rank();
-                    train_rank(&opts, Some(Arc::new(g)), local)
+                    train_rank(&opts, Some(Arc::new(g)), local, &stop)
                 })
                 .map_err(|e| Error::Config(format!("cannot start a rank thread: {e}")))
         })
@@ -312,6 +326,7 @@ fn train_rank(
     opts: &TrainOptions,
     group: Option<Arc<dyn ProcessGroup>>,
     local: usize,
+    stop: &StopFlag,
 ) -> Result<TrainSummary> {
     let start = Instant::now();
     let (rank, world) = group.as_ref().map_or((0, 1), |g| (g.rank(), g.world()));
@@ -346,13 +361,17 @@ fn train_rank(
     }
     start_outputs(&trainer, opts, &cfg, rank)?;
     add_hooks(&mut trainer, opts, rank, schedule, &classes, &cfg)?;
-    trainer.fit(
+    trainer.engine.set_stop_flag(stop.clone());
+    let stopped = trainer.fit(
         &train_loader,
         opts.epochs,
         Some(&test_loader),
         opts.test_interval,
     )?;
-    Ok(finish(&trainer, opts, rank, classes, start))
+    Ok(TrainSummary {
+        stopped,
+        ..finish(&trainer, opts, rank, classes, start)
+    })
 }
 
 /// The rank's share of the layout: its `Parallel` (with the replicas' gradients
@@ -639,6 +658,7 @@ fn finish(
         seconds: start.elapsed().as_secs_f64(),
         metrics_path: opts.metrics_path(),
         plot_path: opts.plot_path(),
+        stopped: None,
     }
 }
 

@@ -307,13 +307,19 @@ impl Hook for ProgressHook {
         self.clear();
         Ok(())
     }
+    fn after_train(&mut self, _: &mut State) -> Result<()> {
+        self.clear(); // a stopped epoch's bar
+        Ok(())
+    }
 }
 
 /// Saves a checkpoint every N epochs and/or every N steps, asynchronously: the
 /// parameters and optimizer state are snapshotted (copy-on-write, no copy unless
 /// training updates them before the writer is done) and written on a background
 /// thread while training goes on. A save waits for the previous one (and
-/// `after_train` for the last one); a failed save's error stops training.
+/// `after_train` for the last one); a failed save's error stops training. When
+/// training stops early ([`State::stopped`]), `after_train` saves at the stop's
+/// position (unless a save of that step is under way) and waits for it.
 #[derive(Debug)]
 pub struct SaveCheckpointHook {
     pub root: PathBuf,
@@ -329,6 +335,8 @@ pub struct SaveCheckpointHook {
     pub run_options: Option<serde_json::Map<String, serde_json::Value>>,
     /// Saves started (numbers each save, the same on every rank).
     saves: u64,
+    /// The step of the last save started.
+    last_step: Option<u64>,
 }
 
 impl SaveCheckpointHook {
@@ -348,11 +356,23 @@ impl SaveCheckpointHook {
             classes: Vec::new(),
             run_options: None,
             saves: 0,
+            last_step: None,
         }
     }
 
-    /// Starts a save positioned at (`epoch`, `batch`): where a resume continues.
+    /// Starts a save positioned at (`epoch`, `batch`) in the background (where a
+    /// resume continues) and logs it.
     fn save(&mut self, s: &mut State, epoch: usize, batch: usize) -> Result<()> {
+        let dir = self.start_save(s, epoch, batch)?;
+        s.logger.info(format!(
+            "saving checkpoint {} (in the background)",
+            dir.display()
+        ));
+        Ok(())
+    }
+
+    /// Starts a save positioned at (`epoch`, `batch`); its directory.
+    fn start_save(&mut self, s: &mut State, epoch: usize, batch: usize) -> Result<PathBuf> {
         let training = TrainingState {
             epoch: epoch as u64,
             batch: batch as u64,
@@ -368,6 +388,7 @@ impl SaveCheckpointHook {
         let mut snapshot = s.engine.snapshot(training);
         snapshot.save = self.saves;
         self.saves += 1;
+        self.last_step = Some(s.engine.step_count());
         if let Some(done) = self.saver.save(
             snapshot,
             self.root.clone(),
@@ -376,10 +397,24 @@ impl SaveCheckpointHook {
         )? {
             tracing::debug!("checkpoint committed: {}", done.display());
         }
-        s.logger.info(format!(
-            "saving checkpoint {} (in the background)",
-            self.root.join(name).display()
-        ));
+        Ok(self.root.join(name))
+    }
+
+    /// After a stop: a checkpoint at its position, written before this returns.
+    fn save_at_stop(&mut self, s: &mut State) -> Result<()> {
+        let Some((epoch, batch)) = s.stopped.as_ref().map(|t| (t.epoch, t.batch)) else {
+            return Ok(());
+        };
+        let step = s.engine.step_count();
+        let dir = match self.last_step == Some(step) {
+            true => self.root.join(checkpoint_name(step)), // saving it already
+            false => self.start_save(s, epoch, batch)?,
+        };
+        self.saver.wait()?;
+        s.logger.info(format!("saved checkpoint {}", dir.display()));
+        if let Some(t) = s.stopped.as_mut() {
+            t.checkpoint = Some(dir);
+        }
         Ok(())
     }
 }
@@ -403,7 +438,8 @@ impl Hook for SaveCheckpointHook {
         }
         Ok(())
     }
-    fn after_train(&mut self, _: &mut State) -> Result<()> {
+    fn after_train(&mut self, s: &mut State) -> Result<()> {
+        self.save_at_stop(s)?;
         self.saver.wait()?;
         Ok(())
     }

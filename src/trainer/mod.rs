@@ -8,6 +8,12 @@
 //! `after_iter`, then (every `test_interval` epochs and after the last)
 //! `before_test`, `after_test_iter` per batch, `after_test`, and finally `after_epoch`;
 //! `after_train` at the end. Hooks run in the order they were added.
+//!
+//! A stop requested through [`Trainer::stop_flag`] (by code, or by a signal: see
+//! [`crate::signals`]) ends `fit` after the current training step, on every rank of a
+//! parallel run at the same step: no test and no `after_epoch` for the partial epoch,
+//! `after_train` with [`State::stopped`] set (the checkpoint hook saves there), and `fit`
+//! returns where it stopped.
 
 mod hooks;
 mod logger;
@@ -25,8 +31,10 @@ pub use timer::Timers;
 use crate::data::{Batch, Loader};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::signals::{StopFlag, StopReason};
 use std::any::Any;
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 /// Metric name → value for the current epoch (`epoch`, `train_loss`, `train_acc`,
 /// `test_loss`, `test_acc`, `lr`, `images_per_s`, … as the hooks write them).
@@ -48,6 +56,21 @@ pub struct State<'e> {
     pub history: Vec<Metrics>,
     pub timers: Timers,
     pub logger: Logger,
+    /// Set when training stops early, before `after_train`.
+    pub stopped: Option<Stopped>,
+}
+
+/// Where and why `fit` stopped early.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stopped {
+    pub reason: StopReason,
+    /// The position a resume continues from: epoch (0-based) and the next batch in it.
+    pub epoch: usize,
+    pub batch: usize,
+    /// Updates applied.
+    pub step: u64,
+    /// The checkpoint saved at that position (by [`SaveCheckpointHook`]), if any.
+    pub checkpoint: Option<PathBuf>,
 }
 
 /// One batch's result, passed to `after_iter` and `after_test_iter`: the global
@@ -138,6 +161,12 @@ impl Trainer {
         self.history = state.history.clone();
     }
 
+    /// The flag that stops `fit` after the current step (a clone: request a stop
+    /// through it from anywhere). It is the engine's ([`Engine::stop_flag`]).
+    pub fn stop_flag(&self) -> StopFlag {
+        self.engine.stop_flag().clone()
+    }
+
     /// Per-epoch metrics of every `fit` so far.
     pub fn history(&self) -> &[Metrics] {
         &self.history
@@ -149,14 +178,15 @@ impl Trainer {
     }
 
     /// Trains for `epochs` passes over `train`, testing on `test` every
-    /// `test_interval` epochs and after the last one.
+    /// `test_interval` epochs and after the last one. Returns where it stopped if a
+    /// stop was requested ([`Trainer::stop_flag`]) before the end.
     pub fn fit(
         &mut self,
         train: &Loader,
         epochs: usize,
         test: Option<&Loader>,
         test_interval: usize,
-    ) -> Result<()> {
+    ) -> Result<Option<Stopped>> {
         if test_interval == 0 {
             return Err(Error::Config("test_interval must be at least 1".into()));
         }
@@ -178,11 +208,12 @@ impl Trainer {
             history: std::mem::take(history),
             timers: std::mem::take(timers),
             logger: logger.clone(),
+            stopped: None,
         };
         let result = run(&mut s, hooks, *start, train, test, test_interval);
         *history = s.history;
         *timers = s.timers;
-        result
+        result.map(|()| s.stopped)
     }
 }
 
@@ -195,7 +226,7 @@ fn run(
     test_interval: usize,
 ) -> Result<()> {
     call!(hooks, before_train(s));
-    for epoch in start_epoch..s.epochs {
+    'epochs: for epoch in start_epoch..s.epochs {
         let first = if epoch == start_epoch { start_batch } else { 0 };
         s.epoch = epoch;
         s.metrics = Metrics::from([("epoch".to_string(), (epoch + 1) as f64)]);
@@ -206,7 +237,10 @@ fn run(
             let b = batch?;
             s.iter = first + i;
             call!(hooks, before_iter(s));
-            run_batch(s, hooks, b, true)?;
+            if let Some(reason) = run_batch(s, hooks, b, true)? {
+                stop_here(s, reason);
+                break 'epochs;
+            }
         }
         s.timers.stop("train-epoch");
         if let Some(test) =
@@ -227,10 +261,34 @@ fn run(
     Ok(())
 }
 
+/// Records that training stops after the step just done (every rank logs it).
+fn stop_here(s: &mut State, reason: StopReason) {
+    let stopped = Stopped {
+        reason,
+        epoch: s.epoch,
+        batch: s.iter + 1,
+        step: s.engine.step_count(),
+        checkpoint: None,
+    };
+    s.logger.warn(format!(
+        "stopping at step {} (epoch {}, batch {} of {}): {reason}",
+        stopped.step,
+        stopped.epoch + 1,
+        stopped.batch,
+        s.iters_per_epoch
+    ));
+    s.stopped = Some(stopped);
+}
+
 /// One batch: a training step ([`Engine::train_batch`]; timed as `train-step`, then
 /// `after_iter`) or a test step ([`Engine::test_batch`]; timed as `test-step`, then
-/// `after_test_iter`).
-fn run_batch(s: &mut State, hooks: &mut [Box<dyn Hook>], b: Batch, train: bool) -> Result<()> {
+/// `after_test_iter`). A stop requested by the training step's end.
+fn run_batch(
+    s: &mut State,
+    hooks: &mut [Box<dyn Hook>],
+    b: Batch,
+    train: bool,
+) -> Result<Option<StopReason>> {
     let timer = if train { "train-step" } else { "test-step" };
     s.timers.start(timer);
     let out = if train {
@@ -245,5 +303,5 @@ fn run_batch(s: &mut State, hooks: &mut [Box<dyn Hook>], b: Batch, train: bool) 
     } else {
         call!(hooks, after_test_iter(s, &out));
     }
-    Ok(())
+    Ok(out.stop)
 }

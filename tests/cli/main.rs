@@ -12,3 +12,4 @@ mod dist;
 mod dist_tcp;
 mod launch;
 mod readme;
+mod stop;

@@ -19,6 +19,7 @@ use ferrovit::engine::{Engine, Parallel, TrainConfig};
 use ferrovit::optim::OptimizerKind;
 use ferrovit::recipe::{self, TrainOptions};
 use ferrovit::rng::Rng;
+use ferrovit::signals::StopReason;
 use ferrovit::{Tensor, VitConfig};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -209,6 +210,48 @@ fn tutorial_calls_refuse_a_pipeline_stage() {
     for h in handles {
         let err = h.join().unwrap();
         assert!(err.contains("use train_batch"), "{err}");
+    }
+}
+
+/// Ranks in threads, each with a flag of its own: only the last rank's is set (before
+/// step 2). Every rank must learn it at step 2, from the step's shared metrics.
+#[test]
+fn a_stop_on_one_rank_stops_every_rank_at_the_same_step() {
+    for (dp, pp) in [(2, 1), (1, 2)] {
+        let cfg = model();
+        let world = dp * pp;
+        let groups = ThreadGroup::new(world, Duration::from_secs(60)).unwrap();
+        let handles: Vec<_> = groups
+            .into_iter()
+            .map(|g| {
+                let cfg = cfg.clone();
+                std::thread::spawn(move || {
+                    let layout = Layout::new(dp, pp, cfg.depth, None).unwrap();
+                    let (replica, _) = layout.coords(g.rank());
+                    let last = g.rank() + 1 == layout.world;
+                    let par = Parallel::new(Arc::new(g), layout, 2, 1000).unwrap();
+                    let mut e =
+                        Engine::parallel(&cfg, train_config(OptimizerKind::adamw()), par).unwrap();
+                    for s in 0..STEPS {
+                        if s == 2 && last {
+                            e.stop_flag().set(StopReason::Signal(15));
+                        }
+                        let r = e.train_batch(share(s, replica, dp)).unwrap();
+                        if let Some(reason) = r.stop {
+                            return Some((s, reason));
+                        }
+                    }
+                    None
+                })
+            })
+            .collect();
+        for (rank, h) in handles.into_iter().enumerate() {
+            assert_eq!(
+                h.join().unwrap(),
+                Some((2, StopReason::Signal(15))),
+                "dp {dp} pp {pp}: rank {rank}"
+            );
+        }
     }
 }
 

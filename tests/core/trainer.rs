@@ -1,11 +1,13 @@
 //! The tutorial's engine loop and the trainer's hooks: call order and effect.
 
+use ferrovit::checkpoint::{self, Checkpoint, SaveOptions};
 use ferrovit::data::{default_data_dir, Dataset, Loader, Sampler};
 use ferrovit::engine::{Engine, TrainConfig};
 use ferrovit::optim::LrSchedule;
+use ferrovit::signals::{StopFlag, StopReason};
 use ferrovit::trainer::{
-    AccuracyHook, Hook, LogMetricByEpochHook, Logger, LossHook, LrSchedulerHook, State, StepOutput,
-    ThroughputHook, Trainer,
+    AccuracyHook, Hook, LogMetricByEpochHook, Logger, LossHook, LrSchedulerHook,
+    SaveCheckpointHook, State, StepOutput, Stopped, ThroughputHook, Trainer,
 };
 use ferrovit::{Device, Error, Result, Tensor, VitConfig};
 use std::sync::{Arc, Mutex};
@@ -280,4 +282,67 @@ fn lr_by_epoch_and_hook_errors_stop_fit() {
     let err = t.fit(&train, 2, None, 1).unwrap_err().to_string();
     assert!(err.contains("stop here"));
     assert_eq!(t.engine.step_count(), 2, "stopped after the second step");
+}
+
+/// Requests a stop through the trainer's flag before training step `at`, and counts
+/// the epochs that ended.
+struct StopBefore {
+    at: u64,
+    flag: StopFlag,
+    epochs_ended: usize,
+}
+
+impl Hook for StopBefore {
+    fn before_iter(&mut self, s: &mut State) -> Result<()> {
+        if s.engine.step_count() == self.at {
+            self.flag.request();
+        }
+        Ok(())
+    }
+    fn after_epoch(&mut self, _: &mut State) -> Result<()> {
+        self.epochs_ended += 1;
+        Ok(())
+    }
+}
+
+#[test]
+fn a_stop_request_ends_fit_after_the_step_with_a_checkpoint_there() {
+    let root = crate::common::temp_dir("stop-request");
+    let (train, test) = loaders(96, 32); // 3 steps per epoch
+    let mut t = Trainer::new(engine(), Logger::default());
+    let flag = t.stop_flag();
+    t.add_hook(StopBefore {
+        at: 4, // epoch 1, batch 1
+        flag,
+        epochs_ended: 0,
+    });
+    t.add_hook(SaveCheckpointHook::new(
+        &root,
+        None,
+        None,
+        SaveOptions::default(),
+    ));
+    let stopped = t.fit(&train, 5, Some(&test), 1).unwrap();
+    let dir = root.join(checkpoint::checkpoint_name(5));
+    let want = Stopped {
+        reason: StopReason::Requested,
+        epoch: 1,
+        batch: 2,
+        step: 5,
+        checkpoint: Some(dir.clone()),
+    };
+    assert_eq!(
+        stopped,
+        Some(want),
+        "stopped after the step it was asked in"
+    );
+    assert_eq!(t.engine.step_count(), 5);
+    assert_eq!(t.hook::<StopBefore>().unwrap().epochs_ended, 1);
+    assert_eq!(t.history().len(), 1, "the partial epoch is not recorded");
+    // saved (and committed) before fit returned, at a position a resume continues from
+    let ck = Checkpoint::open(&dir).unwrap();
+    ck.verify().unwrap();
+    let tr = &ck.index.training;
+    assert_eq!((tr.epoch, tr.batch, tr.step), (1, 2, 5));
+    std::fs::remove_dir_all(root).unwrap();
 }

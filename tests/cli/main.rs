@@ -11,4 +11,5 @@ mod cli;
 mod dist;
 mod dist_tcp;
 mod launch;
+mod progress;
 mod readme;

@@ -74,18 +74,20 @@ fn log_lines_replace_the_bar_when_stderr_is_a_pipe() {
 
 #[test]
 fn a_time_log_interval_waits_its_seconds() {
-    let out = temp_dir("seconds");
+    let root = temp_dir("seconds");
+    let out = root.join("hourly");
     let (stdout, _) = train(&out, &["--epochs", "1", "--log-interval", "3600s"]);
     assert!(
         !stdout.lines().any(|l| l.starts_with("step ")),
         "a run of seconds logs no line an hour apart:\n{stdout}"
     );
     assert!(stdout.contains("epoch   1/1"), "{stdout}");
+    let out = root.join("often");
     let (stdout, _) = train(&out, &["--epochs", "1", "--log-interval", "0.000001s"]);
     let n = stdout.lines().filter(|l| l.starts_with("step ")).count();
     let per_epoch = metrics(&out)[0]["step"].as_u64().unwrap() as usize;
     assert!(n >= per_epoch - 1, "{n} lines:\n{stdout}");
-    std::fs::remove_dir_all(&out).unwrap();
+    std::fs::remove_dir_all(&root).unwrap();
 }
 
 #[test]

@@ -28,7 +28,7 @@ use crate::signals::StopFlag;
 use crate::tensor::Device;
 use crate::trainer::{
     AccuracyHook, LogMetricByEpochHook, Logger, LossHook, LrSchedulerHook, PlotHook, ProgressHook,
-    SaveCheckpointHook, Stopped, ThroughputHook, Trainer,
+    SaveCheckpointHook, Stopped, TensorBoardHook, ThroughputHook, Trainer,
 };
 use crate::VitConfig;
 
@@ -584,8 +584,8 @@ fn resume_or_init(
 }
 
 /// The standard hooks: the LR schedule and the metrics on every rank; progress, the
-/// JSON-lines file and the plot on rank 0 (every rank has the global metrics); the
-/// checkpoint saver unless `--no-save`.
+/// JSON-lines file, the plot and TensorBoard's files on rank 0 (every rank has the
+/// global metrics); the checkpoint saver unless `--no-save`.
 fn add_hooks(
     trainer: &mut Trainer,
     opts: &TrainOptions,
@@ -605,7 +605,7 @@ fn add_hooks(
         .add_hook(ThroughputHook::default());
     if rank == 0 {
         trainer
-            .add_hook(ProgressHook::default())
+            .add_hook(ProgressHook::new(opts.log_interval))
             .add_hook(LogMetricByEpochHook::with_jsonl(
                 opts.metrics_path(),
                 &history,
@@ -613,6 +613,12 @@ fn add_hooks(
             .add_hook(PlotHook {
                 path: opts.plot_path(),
             });
+        if opts.tensorboard {
+            trainer.add_hook(TensorBoardHook::new(
+                opts.tensorboard_dir(),
+                opts.log_interval,
+            ));
+        }
     }
     if !opts.no_save {
         let mut hook = SaveCheckpointHook::new(

@@ -10,6 +10,7 @@ use crate::backend::DeviceSpec;
 use crate::data::Augment;
 use crate::error::{Error, Result};
 use crate::tensor::Device;
+use crate::trainer::LogInterval;
 use crate::VitConfig;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -79,6 +80,16 @@ pub struct TrainOptions {
     /// Test every N epochs and after the last
     #[arg(long, value_name = "N", default_value_t = defaults().test_interval)]
     pub test_interval: usize,
+    /// When stderr is not a terminal (a pipe, a file, Slurm, CI), log a progress line
+    /// (step, epoch, loss, accuracy, lr, images/s, ETA) every N optimizer steps (`50`) or
+    /// every S seconds (`30s`); on a terminal the progress bar shows instead. Also how
+    /// often --tensorboard records the running train loss and lr
+    #[arg(long, value_name = "N|Ss", default_value_t = defaults().log_interval)]
+    pub log_interval: LogInterval,
+    /// Write TensorBoard event files (train/test loss and accuracy, lr, images/s by
+    /// step) under <out>/tensorboard: `tensorboard --logdir <out>/tensorboard`
+    #[arg(long)]
+    pub tensorboard: bool,
     /// Output directory: metrics.jsonl (per-epoch metrics), metrics.png (curves),
     /// config.toml (the resolved options), checkpoints/
     #[arg(long, default_value_os_t = defaults().out)]
@@ -182,6 +193,8 @@ impl Default for TrainOptions {
             threads: None,
             workers: 2,
             test_interval: 1,
+            log_interval: LogInterval::default(),
+            tensorboard: false,
             out: PathBuf::from("out"),
             save_every: 1,
             save_every_steps: None,
@@ -495,6 +508,11 @@ impl TrainOptions {
     /// The per-epoch metrics, one JSON object a line: `out/metrics.jsonl`.
     pub fn metrics_path(&self) -> PathBuf {
         self.out.join("metrics.jsonl")
+    }
+
+    /// TensorBoard's event files: `out/tensorboard`.
+    pub fn tensorboard_dir(&self) -> PathBuf {
+        self.out.join("tensorboard")
     }
 
     /// The metrics' plot: `out/metrics.png`.

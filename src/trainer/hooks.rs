@@ -7,7 +7,6 @@ use crate::checkpoint::{checkpoint_name, AsyncSaver, SaveOptions, TrainingState}
 use crate::error::{Error, Result};
 use crate::metrics::ConfusionMatrix;
 use crate::optim::LrSchedule;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -186,14 +185,18 @@ impl LogMetricByEpochHook {
     }
 }
 
-/// One epoch's metrics as a JSON object on one line (`epoch` as an integer).
+/// One epoch's metrics as a JSON object on one line, each number at its precision:
+/// `epoch` and `step` as integers, `time` (unix seconds) to the millisecond, and the
+/// rest (losses, accuracies, lr, rates: f32 quantities, or means of them) as the
+/// shortest decimal that reads back as the same f32 (`lr` 0.002, not
+/// 0.0020000000949949026). A non-finite value is `null`.
 fn json_line(metrics: &Metrics) -> String {
     let mut obj = serde_json::Map::new();
-    for (k, v) in metrics {
-        let value = if k == "epoch" {
-            serde_json::Value::from(*v as u64)
-        } else {
-            serde_json::Value::from(*v)
+    for (k, &v) in metrics {
+        let value = match k.as_str() {
+            "epoch" | "step" => serde_json::Value::from(v as u64),
+            "time" => serde_json::Value::from((v * 1e3).round() / 1e3),
+            _ => serde_json::Value::from(f32_precision(v)),
         };
         obj.insert(k.clone(), value);
     }
@@ -202,9 +205,17 @@ fn json_line(metrics: &Metrics) -> String {
     line
 }
 
-/// `epoch   3/20  train_loss 0.4123  train_acc 87.12%  …`
+/// The f64 nearest to the shortest decimal of `v` as an f32: printed as an f64 (the
+/// shortest decimal that reads back as it), that is the f32's shortest decimal.
+fn f32_precision(v: f64) -> f64 {
+    let short = (v as f32).to_string();
+    short.parse().unwrap_or(v)
+}
+
+/// `epoch   3/20  step 69  train_loss 0.4123  train_acc 87.12%  …`
 fn human_line(s: &State) -> String {
-    const FIRST: [&str; 6] = [
+    const FIRST: [&str; 7] = [
+        "step",
         "train_loss",
         "train_acc",
         "test_loss",
@@ -221,7 +232,8 @@ fn human_line(s: &State) -> String {
         .map(|(k, v)| (k.as_str(), *v));
     for (k, v) in known.chain(rest) {
         match k {
-            "epoch" => {}
+            "epoch" | "time" => {}
+            "step" => line += &format!("  step {v:.0}"),
             k if k.ends_with("_acc") => line += &format!("  {k} {:6.2}%", 100.0 * v),
             "lr" => line += &format!("  lr {v:.3e}"),
             "images_per_s" => line += &format!("  images_per_s {v:.0}"),
@@ -254,61 +266,6 @@ impl Hook for PlotHook {
         if s.logger.rank == 0 {
             plot_metrics(&s.history, &self.path)?;
         }
-        Ok(())
-    }
-}
-
-/// A progress bar per training epoch with loss, accuracy, images/s and ETA, drawn on
-/// stderr when it is a terminal (hidden otherwise, e.g. in CI logs), on rank 0.
-#[derive(Debug, Default)]
-pub struct ProgressHook {
-    bar: Option<ProgressBar>,
-}
-
-impl ProgressHook {
-    fn clear(&mut self) {
-        if let Some(bar) = self.bar.take() {
-            bar.finish_and_clear();
-        }
-    }
-}
-
-impl Hook for ProgressHook {
-    fn before_epoch(&mut self, s: &mut State) -> Result<()> {
-        if s.logger.rank != 0 {
-            return Ok(());
-        }
-        let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
-        let bar = ProgressBar::new(s.iters_per_epoch as u64).with_style(style);
-        bar.set_prefix(format!("epoch {}/{}", s.epoch + 1, s.epochs));
-        self.bar = Some(bar);
-        Ok(())
-    }
-    fn after_iter(&mut self, s: &mut State, _: &StepOutput) -> Result<()> {
-        if let Some(bar) = &self.bar {
-            let m = |k: &str| s.metrics.get(k).copied().unwrap_or(f64::NAN);
-            bar.set_message(format!(
-                "loss {:.4} acc {:5.1}% {:.0} img/s",
-                m("train_loss"),
-                100.0 * m("train_acc"),
-                m("images_per_s")
-            ));
-            bar.inc(1);
-        }
-        Ok(())
-    }
-    fn before_test(&mut self, _: &mut State) -> Result<()> {
-        self.clear();
-        Ok(())
-    }
-    fn after_epoch(&mut self, _: &mut State) -> Result<()> {
-        self.clear();
-        Ok(())
-    }
-    fn after_train(&mut self, _: &mut State) -> Result<()> {
-        self.clear(); // a stopped epoch's bar
         Ok(())
     }
 }
@@ -442,5 +399,32 @@ impl Hook for SaveCheckpointHook {
         self.save_at_stop(s)?;
         self.saver.wait()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_lines_print_numbers_at_their_precision() {
+        let m = Metrics::from([
+            ("epoch".to_string(), 2.0),
+            ("step".to_string(), 46.0),
+            ("time".to_string(), 1_790_000_000.123_456_7),
+            ("lr".to_string(), 2e-3f32 as f64),
+            ("train_acc".to_string(), 1252.0 / 1437.0),
+            ("train_loss".to_string(), f64::NAN),
+        ]);
+        assert_eq!(
+            json_line(&m),
+            "{\"epoch\":2,\"lr\":0.002,\"step\":46,\"time\":1790000000.123,\"train_acc\":0.87125957,\"train_loss\":null}\n"
+        );
+        let back: serde_json::Value = serde_json::from_str(&json_line(&m)).unwrap();
+        assert_eq!(back["lr"].as_f64().unwrap() as f32, 2e-3f32);
+        assert_eq!(
+            back["train_acc"].as_f64().unwrap() as f32,
+            (1252.0 / 1437.0) as f32
+        );
     }
 }

@@ -7,7 +7,8 @@
 //! `before_train`, then per epoch `before_epoch`, per batch `before_iter` and
 //! `after_iter`, then (every `test_interval` epochs and after the last)
 //! `before_test`, `after_test_iter` per batch, `after_test`, and finally `after_epoch`;
-//! `after_train` at the end. Hooks run in the order they were added.
+//! `after_train` at the end. Hooks run in the order they were added. Before
+//! `after_epoch` the trainer records the epoch's `step` and `time` in its metrics.
 //!
 //! A stop requested through [`Trainer::stop_flag`] (by code, or by a signal: see
 //! [`crate::signals`]) ends `fit` after the current training step, on every rank of a
@@ -18,14 +19,18 @@
 mod hooks;
 mod logger;
 mod plot;
+mod progress;
+mod tensorboard;
 mod timer;
 
 pub use hooks::{
-    AccuracyHook, LogMetricByEpochHook, LossHook, LrSchedulerHook, PlotHook, ProgressHook,
-    SaveCheckpointHook, ThroughputHook,
+    AccuracyHook, LogMetricByEpochHook, LossHook, LrSchedulerHook, PlotHook, SaveCheckpointHook,
+    ThroughputHook,
 };
 pub use logger::{init_stdout, Logger};
 pub use plot::plot_metrics;
+pub use progress::{LogInterval, ProgressHook, MAX_LOG_INTERVAL_S};
+pub use tensorboard::TensorBoardHook;
 pub use timer::Timers;
 
 use crate::data::{Batch, Loader};
@@ -37,7 +42,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// Metric name → value for the current epoch (`epoch`, `train_loss`, `train_acc`,
-/// `test_loss`, `test_acc`, `lr`, `images_per_s`, … as the hooks write them).
+/// `test_loss`, `test_acc`, `lr`, `images_per_s`, … as the hooks write them; `step`,
+/// the optimizer steps so far, and `time`, unix seconds, as the epoch ends).
 pub type Metrics = BTreeMap<String, f64>;
 
 /// Everything hooks may read or change during `fit`.
@@ -254,6 +260,9 @@ fn run(
             s.engine.train();
             call!(hooks, after_test(s));
         }
+        s.metrics
+            .insert("step".into(), s.engine.step_count() as f64);
+        s.metrics.insert("time".into(), unix_time());
         s.history.push(s.metrics.clone());
         call!(hooks, after_epoch(s));
     }
@@ -278,6 +287,13 @@ fn stop_here(s: &mut State, reason: StopReason) {
         s.iters_per_epoch
     ));
     s.stopped = Some(stopped);
+}
+
+/// Seconds since the Unix epoch (0 on a clock set before it).
+pub(crate) fn unix_time() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// One batch: a training step ([`Engine::train_batch`]; timed as `train-step`, then

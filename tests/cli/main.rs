@@ -11,5 +11,6 @@ mod cli;
 mod dist;
 mod dist_tcp;
 mod launch;
+mod progress;
 mod readme;
 mod stop;

@@ -302,7 +302,7 @@ pub const MAX_WORKERS: usize = 256;
 /// Most micro-batches per step.
 pub const MAX_MICROBATCHES: usize = 1 << 16;
 /// Most ranks (`dp × pp`).
-pub const MAX_WORLD: usize = 1 << 16;
+pub const MAX_WORLD: usize = crate::dist::MAX_WORLD;
 
 /// Checks `value` of `field` is in `1..=max`.
 fn check_count<T: PartialOrd + From<u8> + std::fmt::Display>(

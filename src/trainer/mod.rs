@@ -18,7 +18,7 @@ pub use hooks::{
     AccuracyHook, LogMetricByEpochHook, LossHook, LrSchedulerHook, PlotHook, ProgressHook,
     SaveCheckpointHook, ThroughputHook,
 };
-pub use logger::{init_stdout, Logger};
+pub use logger::{init_logging, init_stdout, Logger, Verbosity};
 pub use plot::plot_metrics;
 pub use timer::Timers;
 

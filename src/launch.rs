@@ -1,8 +1,10 @@
-//! Runs `nproc` copies of a program on this machine as the ranks of one process group
-//! (the single-node part of what torchrun does): each child gets RANK, WORLD_SIZE,
-//! LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, FERROVIT_SECRET (drawn afresh
-//! for each run, so that no process outside it can join) and FERROVIT_LAUNCHED=1 and
-//! joins the group with [`crate::dist::TcpGroup::from_env`].
+//! Runs `nproc` copies of a program on this machine as ranks of one process group, as
+//! torchrun does: each child gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+//! MASTER_ADDR, MASTER_PORT, FERROVIT_SECRET and FERROVIT_LAUNCHED=1 and joins the group
+//! with [`crate::dist::TcpGroup::from_env`]. On one machine the secret is drawn afresh
+//! for each run, so that no process outside it can join; with several (`nnodes`, one
+//! launcher per machine, node `node_rank` starting ranks `node_rank × nproc ..`) every
+//! launcher passes on the FERROVIT_SECRET of its environment, which must be the same.
 //!
 //! When one child fails, the others normally fail soon after by themselves (their
 //! connections to it close); those that do not within the grace period are killed.
@@ -25,11 +27,17 @@ use std::time::{Duration, Instant};
 /// What to launch and how.
 #[derive(Clone, Debug)]
 pub struct LaunchOptions {
-    /// Processes (ranks) to start.
+    /// Processes (ranks) to start on this machine.
     pub nproc: usize,
+    /// Machines taking part, each running a launcher with the same options but its own
+    /// `node_rank`.
+    pub nnodes: usize,
+    /// This machine's index, below `nnodes`: it starts ranks `node_rank × nproc ..`,
+    /// and node 0's first rank hosts the rendezvous store.
+    pub node_rank: usize,
     /// Where rank 0 hosts the rendezvous store.
     pub master_addr: String,
-    /// Its port; 0 picks a free one.
+    /// Its port; 0 picks a free one (on one machine only).
     pub master_port: u16,
     /// The children's command-line arguments.
     pub args: Vec<String>,
@@ -47,6 +55,8 @@ impl Default for LaunchOptions {
     fn default() -> Self {
         LaunchOptions {
             nproc: 1,
+            nnodes: 1,
+            node_rank: 0,
             master_addr: "127.0.0.1".into(),
             master_port: 0,
             args: Vec::new(),
@@ -89,15 +99,76 @@ fn free_port(addr: &str) -> Result<u16> {
         .map_err(|e| Error::Config(format!("launch: cannot find a free port on {addr}: {e}")))
 }
 
+/// Most processes one launcher starts.
+pub const MAX_NPROC: usize = 1024;
+
+/// Shortest FERROVIT_SECRET accepted for a run over several machines.
+pub const MIN_SECRET_LEN: usize = 16;
+
+/// Refuses options that cannot make a group: counts out of bounds, a node rank past
+/// the nodes, no address, several machines without a fixed port.
+fn check(opts: &LaunchOptions) -> Result<()> {
+    let bad = |msg: String| Err(Error::Config(format!("launch: {msg}")));
+    if !(1..=MAX_NPROC).contains(&opts.nproc) {
+        return bad(format!(
+            "--nproc {}: must be in 1..={MAX_NPROC}",
+            opts.nproc
+        ));
+    }
+    let max_nodes = crate::dist::MAX_WORLD / opts.nproc;
+    if !(1..=max_nodes).contains(&opts.nnodes) {
+        return bad(format!(
+            "--nnodes {}: must be in 1..={max_nodes} (nnodes × nproc at most {} ranks)",
+            opts.nnodes,
+            crate::dist::MAX_WORLD
+        ));
+    }
+    if opts.node_rank >= opts.nnodes {
+        return bad(format!(
+            "--node-rank {} must be below --nnodes {}",
+            opts.node_rank, opts.nnodes
+        ));
+    }
+    if opts.master_addr.is_empty() {
+        return bad("the master address is empty".into());
+    }
+    if opts.nnodes > 1 && opts.master_port == 0 {
+        return bad(format!(
+            "--nnodes {} needs --master-port: every node must find rank 0's store at the same port",
+            opts.nnodes
+        ));
+    }
+    Ok(())
+}
+
+/// The run's secret: drawn afresh on one machine; over several, `env_secret` (this
+/// launcher's FERROVIT_SECRET), which every node must share.
+fn run_secret(opts: &LaunchOptions, env_secret: Option<String>) -> Result<String> {
+    if opts.nnodes == 1 {
+        return crate::dist::random_secret()
+            .map_err(|e| Error::Message(format!("launch: cannot draw the run's secret: {e}")));
+    }
+    match env_secret {
+        Some(s) if s.len() >= MIN_SECRET_LEN => Ok(s),
+        given => Err(Error::Config(format!(
+            "launch: --nnodes {} needs the run's secret in FERROVIT_SECRET (the same on every node, at least {MIN_SECRET_LEN} characters; {}): e.g. `export FERROVIT_SECRET=$(openssl rand -hex 16)` on one node and the same value on the others",
+            opts.nnodes,
+            match given {
+                Some(s) => format!("it has {}", s.len()),
+                None => "it is unset".into(),
+            }
+        ))),
+    }
+}
+
 /// Starts the ranks, waits for all of them, and returns the exit code of the first
 /// one that failed (0 when all succeeded).
 pub fn launch(opts: &LaunchOptions) -> Result<i32> {
-    if opts.nproc == 0 {
-        return Err(Error::Config("launch: nproc must be at least 1".into()));
-    }
-    if opts.master_addr.is_empty() {
-        return Err(Error::Config("launch: the master address is empty".into()));
-    }
+    check(opts)?;
+    let secret = run_secret(
+        opts,
+        std::env::var_os("FERROVIT_SECRET").map(|s| s.to_string_lossy().into_owned()),
+    )?;
     let program = match &opts.program {
         Some(p) => p.clone(),
         None => std::env::current_exe()
@@ -107,11 +178,14 @@ pub fn launch(opts: &LaunchOptions) -> Result<i32> {
         0 => free_port(&opts.master_addr)?,
         p => p,
     };
-    let secret = crate::dist::random_secret()
-        .map_err(|e| Error::Message(format!("launch: cannot draw the run's secret: {e}")))?;
+    let first = opts.node_rank * opts.nproc;
+    let world = opts.nnodes * opts.nproc;
+    let ranks = match opts.nproc {
+        1 => format!("rank {first}"),
+        n => format!("ranks {first} to {}", first + n - 1),
+    };
     tracing::info!(
-        "launching {} ranks of {} (master {}:{port})",
-        opts.nproc,
+        "launching {ranks} of {world} ({}; master {}:{port})",
         program.display(),
         opts.master_addr
     );
@@ -120,12 +194,13 @@ pub fn launch(opts: &LaunchOptions) -> Result<i32> {
     let signals = Caught::install()
         .map_err(|e| Error::Message(format!("launch: cannot handle signals: {e}")))?;
     let mut children: Vec<Option<Child>> = Vec::with_capacity(opts.nproc);
-    for rank in 0..opts.nproc {
+    for local in 0..opts.nproc {
+        let rank = first + local;
         let mut cmd = Command::new(&program);
         cmd.args(&opts.args)
             .env("RANK", rank.to_string())
-            .env("WORLD_SIZE", opts.nproc.to_string())
-            .env("LOCAL_RANK", rank.to_string())
+            .env("WORLD_SIZE", world.to_string())
+            .env("LOCAL_RANK", local.to_string())
             .env("LOCAL_WORLD_SIZE", opts.nproc.to_string())
             .env("MASTER_ADDR", &opts.master_addr)
             .env("MASTER_PORT", port.to_string())

@@ -15,7 +15,7 @@ use ferrovit::recipe::{self, PrecisionChoice, TrainOptions};
 use ferrovit::rng::Rng;
 use ferrovit::signals::{Again, StopFlag, StopOnSignals};
 use ferrovit::text::{self, escape};
-use ferrovit::trainer::{init_stdout, Stopped};
+use ferrovit::trainer::{init_logging, Stopped, Verbosity};
 use ferrovit::{Device, Error, Result, Tensor, VitConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,8 +28,30 @@ use std::time::{Duration, Instant};
     about = "Train Vision Transformers on CIFAR-10-style data"
 )]
 struct Cli {
+    /// Log warnings and errors only (no progress); wins over RUST_LOG
+    #[arg(
+        long,
+        short,
+        global = true,
+        conflicts_with = "verbose",
+        help_heading = "Global options"
+    )]
+    quiet: bool,
+    /// Log debug lines too; wins over RUST_LOG
+    #[arg(long, short, global = true, help_heading = "Global options")]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+impl Cli {
+    fn verbosity(&self) -> Verbosity {
+        match (self.quiet, self.verbose) {
+            (true, _) => Verbosity::Quiet,
+            (_, true) => Verbosity::Verbose,
+            _ => Verbosity::Normal,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -57,7 +79,39 @@ enum Command {
     /// `ferrovit launch --nproc 4 -- train --dp 2 --pp 2`
     Launch(LaunchArgs),
     /// List the model presets and their parameter counts
-    Presets,
+    Presets {
+        /// Print JSON: [{"preset", "dim", "depth", "heads", "mlp_dim", "patch_size", "params"}, …]
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script, e.g. `ferrovit completions bash >
+    /// ~/.local/share/bash-completion/completions/ferrovit`
+    Completions {
+        /// The shell to complete in
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+impl Command {
+    /// Whether the command prints JSON on stdout (its log lines then go to stderr).
+    fn json(&self) -> bool {
+        match self {
+            Command::Train(a) => a.json,
+            Command::Ckpt(
+                CkptCommand::Inspect { json, .. }
+                | CkptCommand::Verify { json, .. }
+                | CkptCommand::List { json, .. },
+            ) => *json,
+            Command::Bench(a) => a.json,
+            Command::Infer(a) => a.json,
+            Command::Eval(a) => a.json,
+            Command::Presets { json } => *json,
+            // the ranks print JSON on the launcher's stdout
+            Command::Launch(a) => a.args.iter().any(|x| x == "--json"),
+            _ => false,
+        }
+    }
 }
 
 /// `ferrovit train`: the run's options ([`TrainOptions`], which defines the flags), and
@@ -69,6 +123,11 @@ struct TrainArgs {
     /// given on the command line override it
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Print the final summary as JSON on stdout (log lines go to stderr): {"final_test_accuracy",
+    /// "images", "classes", "per_class", "confusion", "seconds", "out", "metrics", "plot",
+    /// "checkpoints"}
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     options: TrainOptions,
 }
@@ -129,8 +188,11 @@ struct EvalArgs {
 
 /// Each process gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and
 /// MASTER_PORT (as torchrun sets them; `ferrovit train` honours them, and SLURM's
-/// SLURM_PROCID/SLURM_NTASKS, when launched by other tools), and FERROVIT_SECRET, drawn
-/// afresh for the run, which every connection between them must prove knowledge of.
+/// SLURM_PROCID/SLURM_NTASKS, when launched by other tools), and FERROVIT_SECRET, which
+/// every connection between them must prove knowledge of: drawn afresh on one machine;
+/// with --nnodes > 1 taken from the environment, the same on every node (e.g. `export
+/// FERROVIT_SECRET=$(openssl rand -hex 16)`). Each rank computes on cores / local
+/// ranks threads unless `train --threads` says otherwise.
 /// When one process fails, the others stop with an error naming it; stragglers are
 /// killed after --grace. SIGTERM and SIGINT are passed on to the processes, which stop
 /// after their current step and save a checkpoint; those still running after
@@ -138,13 +200,22 @@ struct EvalArgs {
 /// signal). On Linux they die with the launcher even when it is killed.
 #[derive(Args)]
 struct LaunchArgs {
-    /// Processes to start (the world size)
-    #[arg(long, value_name = "N")]
+    /// Processes to start on this machine (the world size on one machine)
+    #[arg(long, visible_alias = "nproc-per-node", value_name = "N")]
     nproc: usize,
-    /// Address of rank 0's rendezvous store
+    /// Machines taking part: run `launch` on each, with the same flags and its own
+    /// --node-rank; WORLD_SIZE = nnodes × nproc
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    nnodes: usize,
+    /// This machine's index, 0..nnodes: it runs ranks node-rank × nproc onwards (node
+    /// 0 hosts rank 0 and its store)
+    #[arg(long, value_name = "R", default_value_t = 0)]
+    node_rank: usize,
+    /// Address of rank 0's rendezvous store (with --nnodes > 1: node 0's address, as
+    /// the other nodes reach it)
     #[arg(long, default_value = "127.0.0.1")]
     master_addr: String,
-    /// Port of rank 0's rendezvous store; 0 picks a free one
+    /// Port of rank 0's rendezvous store; 0 picks a free one (one machine only)
     #[arg(long, default_value_t = 0)]
     master_port: u16,
     /// Seconds the others may take to stop by themselves after one process failed
@@ -188,11 +259,20 @@ enum CkptCommand {
     Inspect {
         /// Checkpoint directory (or a root with a `latest` pointer)
         dir: PathBuf,
+        /// Print JSON: {"checkpoint", "format", "version", "model" (with "params"),
+        /// "optimizer", "layout", "training" (as index.json has them), "tensors": [{"name",
+        /// "group", "dtype", "shape", "bytes", "files"}], "shards": {file: bytes}}
+        #[arg(long)]
+        json: bool,
     },
     /// Check every shard header, bound and checksum; exit code 0 only if all are good
     Verify {
         /// Checkpoint directory (or a root with a `latest` pointer)
         dir: PathBuf,
+        /// Print JSON: {"ok": true, "checkpoint", "tensors", "bytes", "files",
+        /// "index_checksum"}, or {"ok": false, "checkpoint", "error"} (exit code 1)
+        #[arg(long)]
+        json: bool,
     },
     /// List the committed and uncommitted checkpoints under a root
     List {
@@ -201,6 +281,10 @@ enum CkptCommand {
         /// Remove the uncommitted directories (interrupted saves)
         #[arg(long)]
         clean: bool,
+        /// Print JSON: {"committed": [{"path", "latest"}], "uncommitted": [{"path",
+        /// "removed"}]}
+        #[arg(long)]
+        json: bool,
     },
     /// Write the model weights into one safetensors file
     Export {
@@ -253,6 +337,10 @@ struct BenchArgs {
     /// f32, bf16 or auto (bf16 on a CUDA device, f32 on the CPU)
     #[arg(long, value_enum, default_value_t = PrecisionChoice::Auto)]
     precision: PrecisionChoice,
+    /// Print JSON: {"params", "batch_size", "precision", "device", "threads", "statistic",
+    /// "step_s", "images_per_s", "profile": [{"kernel", "ms", "calls"}] (per step)}
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
@@ -266,7 +354,7 @@ fn main() -> ExitCode {
         .try_get_matches()
         .unwrap_or_else(|e| exit_on_usage_error(e));
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    init_stdout();
+    init_logging(cli.verbosity(), cli.command.json());
     let result = match cli.command {
         Command::Train(a) => match train(*a, &matches) {
             // stopped by a signal: 128 + the signal, as if it had ended the process
@@ -277,7 +365,16 @@ fn main() -> ExitCode {
         Command::Data(DataCommand::Cifar10(a)) => data_cifar10(a),
         Command::Ckpt(c) => ckpt(c),
         Command::Bench(a) => bench(a),
-        Command::Presets => presets(),
+        Command::Presets { json } => presets(json),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "ferrovit",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
         Command::Infer(a) => infer(a),
         Command::Eval(a) => eval(a),
         Command::Launch(a) => {
@@ -365,24 +462,8 @@ fn eval(a: EvalArgs) -> Result<()> {
     model.align_classes(&mut test, &pairs("--class-map", &a.class_map)?)?;
     let names = test.classes.clone();
     let c = model.evaluate(test, a.batch_size)?;
-    let per_class = c.per_class_accuracy();
     if a.json {
-        let per: serde_json::Map<String, serde_json::Value> = names
-            .iter()
-            .zip(&per_class)
-            .map(|(n, acc)| (n.clone(), serde_json::json!(acc)))
-            .collect();
-        let k = names.len();
-        let confusion: Vec<Vec<u64>> = (0..k)
-            .map(|y| (0..k).map(|p| c.count(y, p)).collect())
-            .collect();
-        let out = serde_json::json!({
-            "accuracy": c.accuracy(),
-            "images": c.total(),
-            "per_class": per,
-            "confusion": confusion,
-        });
-        println!("{out}");
+        println!("{}", serde_json::Value::Object(confusion_json(&names, &c)));
         return Ok(());
     }
     println!(
@@ -398,12 +479,34 @@ fn eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// A confusion matrix as JSON: {"accuracy", "images", "per_class": {class: accuracy},
+/// "confusion": [[count of (true row, predicted column)]]}.
+fn confusion_json(
+    names: &[String],
+    c: &ferrovit::metrics::ConfusionMatrix,
+) -> serde_json::Map<String, serde_json::Value> {
+    let per: serde_json::Map<String, serde_json::Value> = names
+        .iter()
+        .zip(c.per_class_accuracy())
+        .map(|(n, acc)| (n.clone(), serde_json::json!(acc)))
+        .collect();
+    let k = names.len();
+    let confusion: Vec<Vec<u64>> = (0..k)
+        .map(|y| (0..k).map(|p| c.count(y, p)).collect())
+        .collect();
+    let mut out = serde_json::Map::new();
+    out.insert("accuracy".into(), c.accuracy().into());
+    out.insert("images".into(), c.total().into());
+    out.insert("per_class".into(), per.into());
+    out.insert("confusion".into(), serde_json::json!(confusion));
+    out
+}
+
 fn launch(a: LaunchArgs) -> Result<i32> {
-    if a.nproc == 0 {
-        return Err(Error::Config("--nproc must be at least 1".into()));
-    }
     ferrovit::launch::launch(&LaunchOptions {
         nproc: a.nproc,
+        nnodes: a.nnodes,
+        node_rank: a.node_rank,
         master_addr: a.master_addr,
         master_port: a.master_port,
         args: a.args,
@@ -413,7 +516,26 @@ fn launch(a: LaunchArgs) -> Result<i32> {
     })
 }
 
-fn presets() -> Result<()> {
+fn presets(json: bool) -> Result<()> {
+    if json {
+        let rows = PRESETS
+            .iter()
+            .map(|&p| {
+                let c = VitConfig::preset(p)?;
+                Ok(serde_json::json!({
+                    "preset": p,
+                    "dim": c.dim,
+                    "depth": c.depth,
+                    "heads": c.heads,
+                    "mlp_dim": c.mlp_dim,
+                    "patch_size": c.patch_size,
+                    "params": c.num_params(),
+                }))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        println!("{}", serde_json::Value::Array(rows));
+        return Ok(());
+    }
     println!(
         "{:<28} {:>5} {:>6} {:>6} {:>8} {:>12}",
         "preset", "dim", "depth", "heads", "mlp_dim", "params"
@@ -449,12 +571,21 @@ fn train(a: TrainArgs, matches: &ArgMatches) -> Result<Option<i32>> {
     if summary.rank != 0 {
         return Ok(code); // rank 0 reports for the run
     }
+    if let Some(reason) = stop.reason().filter(|_| code.is_none()) {
+        tracing::info!("{reason} came after the last training step: the run finished");
+    }
+    if a.json {
+        println!("{}", train_json(&summary, &opts));
+    }
     if let Some(t) = &summary.stopped {
-        println!("{}", stopped_line(t, &opts));
+        match a.json {
+            true => eprintln!("{}", stopped_line(t, &opts)),
+            false => println!("{}", stopped_line(t, &opts)),
+        }
         return Ok(code);
     }
-    if let Some(reason) = stop.reason() {
-        println!("{reason} came after the last training step: the run finished");
+    if a.json {
+        return Ok(None);
     }
     if let (Some(acc), Some(c)) = (summary.final_test_accuracy, &summary.confusion) {
         println!(
@@ -502,7 +633,12 @@ fn stopped_line(t: &Stopped, opts: &TrainOptions) -> String {
     let train = format!("train --out {} --resume auto", text::path(&opts.out));
     let resume = match ferrovit::dist::DistEnv::from_env().ok().flatten() {
         Some(e) if e.world > 1 && std::env::var_os("FERROVIT_LAUNCHED").is_some() => {
-            format!("`ferrovit launch --nproc {} -- {train}`", e.world)
+            let nproc = e.local_world.unwrap_or(e.world);
+            let nodes = match nproc == e.world {
+                true => String::new(),
+                false => " on each node".into(),
+            };
+            format!("`ferrovit launch --nproc {nproc} -- {train}`{nodes}")
         }
         Some(e) if e.world > 1 => format!("`ferrovit {train}` on {} ranks", e.world),
         _ => format!("`ferrovit {train}`"),
@@ -513,6 +649,42 @@ fn stopped_line(t: &Stopped, opts: &TrainOptions) -> String {
             "{at}: nothing was saved (--no-save); {resume} continues from an earlier checkpoint, if there is one"
         ),
     }
+}
+
+/// `train --json`'s summary: the final test's [`confusion_json`] (accuracy renamed
+/// `final_test_accuracy`; null without a test), the classes, the seconds and the paths
+/// written (`checkpoints` null with `--no-save`), and where a stopped run stopped
+/// (`stopped`: reason, exit code, epoch, batch, step, checkpoint; null otherwise).
+fn train_json(summary: &recipe::TrainSummary, opts: &TrainOptions) -> serde_json::Value {
+    let mut out = match &summary.confusion {
+        Some(c) => confusion_json(&summary.classes, c),
+        None => serde_json::Map::new(),
+    };
+    let accuracy = out.remove("accuracy").unwrap_or_default();
+    out.insert("final_test_accuracy".into(), accuracy);
+    let path = |p: &std::path::Path| serde_json::Value::from(p.to_string_lossy());
+    let checkpoints = match opts.no_save {
+        true => serde_json::Value::Null,
+        false => path(&opts.checkpoint_root()),
+    };
+    out.insert("classes".into(), serde_json::json!(summary.classes));
+    out.insert("seconds".into(), summary.seconds.into());
+    out.insert("out".into(), path(&opts.out));
+    out.insert("metrics".into(), path(&summary.metrics_path));
+    out.insert("plot".into(), path(&summary.plot_path));
+    out.insert("checkpoints".into(), checkpoints);
+    let stopped = summary.stopped.as_ref().map(|t| {
+        serde_json::json!({
+            "reason": t.reason.to_string(),
+            "exit_code": t.reason.exit_code(),
+            "epoch": t.epoch,
+            "batch": t.batch,
+            "step": t.step,
+            "checkpoint": t.checkpoint.as_deref().map(|p| p.to_string_lossy()),
+        })
+    });
+    out.insert("stopped".into(), stopped.into());
+    serde_json::Value::Object(out)
 }
 
 /// Exits on a command line clap refused. A value a flag cannot take is one line, as
@@ -585,9 +757,9 @@ fn ckpt_dir(dir: PathBuf) -> Result<PathBuf> {
 
 fn ckpt(c: CkptCommand) -> Result<()> {
     match c {
-        CkptCommand::Inspect { dir } => ckpt_inspect(dir),
-        CkptCommand::Verify { dir } => ckpt_verify(dir),
-        CkptCommand::List { root, clean } => ckpt_list(&root, clean),
+        CkptCommand::Inspect { dir, json } => ckpt_inspect(dir, json),
+        CkptCommand::Verify { dir, json } => ckpt_verify(dir, json),
+        CkptCommand::List { root, clean, json } => ckpt_list(&root, clean, json),
         CkptCommand::Export { dir, safetensors } => {
             let dir = ckpt_dir(dir)?;
             let n = checkpoint::export_safetensors(&dir, &safetensors)?;
@@ -612,10 +784,14 @@ fn ckpt(c: CkptCommand) -> Result<()> {
 
 /// `ckpt inspect`: the index's model, optimizer, layout and training state, then a
 /// table of its tensors and the bytes in each shard file.
-fn ckpt_inspect(dir: PathBuf) -> Result<()> {
+fn ckpt_inspect(dir: PathBuf, json: bool) -> Result<()> {
     let dir = ckpt_dir(dir)?;
     let ck = Checkpoint::open(&dir)?;
     let ix = &ck.index;
+    if json {
+        println!("{}", inspect_json(&dir, ix)?);
+        return Ok(());
+    }
     let m = &ix.model;
     println!("checkpoint {}", text::path(&dir));
     println!("format {} version {}", escape(&ix.format), ix.version);
@@ -647,18 +823,66 @@ fn ckpt_inspect(dir: PathBuf) -> Result<()> {
     Ok(())
 }
 
+/// Bytes of a tensor entry (all its chunks).
+fn entry_bytes(e: &checkpoint::TensorEntry) -> u64 {
+    e.chunks.iter().map(|c| c.end - c.start).sum()
+}
+
+/// Bytes of tensors in each shard file.
+fn shard_bytes(ix: &checkpoint::Index) -> std::collections::BTreeMap<&str, u64> {
+    let mut files: std::collections::BTreeMap<&str, u64> = Default::default();
+    for c in ix.tensors.values().flat_map(|e| &e.chunks) {
+        *files.entry(&c.file).or_default() += c.end - c.start;
+    }
+    files
+}
+
+/// `ckpt inspect --json`: the index's model (with its parameter count), optimizer,
+/// layout and training state as index.json writes them, then the tensors and shards.
+fn inspect_json(dir: &std::path::Path, ix: &checkpoint::Index) -> Result<serde_json::Value> {
+    // through the text index.json is written as, so that f32s keep their shortest
+    // form (0.1, not 0.10000000149011612)
+    let file: serde_json::Value = serde_json::to_string(ix)
+        .and_then(|t| serde_json::from_str(&t))
+        .map_err(|e| Error::Message(format!("index: {e}")))?;
+    let mut model = file["model"].clone();
+    model["params"] = ix.model.num_params().into();
+    let tensors: Vec<serde_json::Value> = ix
+        .tensors
+        .iter()
+        .map(|(name, e)| {
+            let files: Vec<&str> = e.chunks.iter().map(|c| c.file.as_str()).collect();
+            serde_json::json!({
+                "name": name,
+                "group": file["tensors"][name]["group"],
+                "dtype": e.dtype.name(),
+                "shape": e.shape,
+                "bytes": entry_bytes(e),
+                "files": files,
+            })
+        })
+        .collect();
+    Ok(serde_json::json!({
+        "checkpoint": dir.to_string_lossy(),
+        "format": ix.format,
+        "version": ix.version,
+        "model": model,
+        "optimizer": file["optimizer"],
+        "layout": file["layout"],
+        "training": file["training"],
+        "tensors": tensors,
+        "shards": shard_bytes(ix),
+    }))
+}
+
 /// The tensor table of `ckpt inspect`, then each shard file's bytes of tensors.
 fn print_tensors(ix: &checkpoint::Index) {
-    let mut files: std::collections::BTreeMap<&str, u64> = Default::default();
     println!(
         "{:<44} {:<9} {:<6} {:>16} {:>12}  file",
         "tensor", "group", "dtype", "shape", "bytes"
     );
     for (name, e) in &ix.tensors {
-        let bytes: u64 = e.chunks.iter().map(|c| c.end - c.start).sum();
-        for c in &e.chunks {
-            *files.entry(&c.file).or_default() += c.end - c.start;
-        }
+        let bytes = entry_bytes(e);
         println!(
             "{:<44} {:<9} {:<6} {:>16} {bytes:>12}  {}",
             escape(name),
@@ -674,18 +898,39 @@ fn print_tensors(ix: &checkpoint::Index) {
             )
         );
     }
-    for (f, b) in files {
+    for (f, b) in shard_bytes(ix) {
         println!("shard {}: {b} bytes of tensors", escape(f));
     }
 }
 
 /// `ckpt verify`: every header, bound and checksum; an error (a failing exit) if any
 /// is bad.
-fn ckpt_verify(dir: PathBuf) -> Result<()> {
+fn ckpt_verify(dir: PathBuf, json: bool) -> Result<()> {
     let dir = ckpt_dir(dir)?;
-    let ck = Checkpoint::open(&dir)?;
-    let r = ck.verify()?;
-    let index = match ck.index.version {
+    let verified = Checkpoint::open(&dir).and_then(|ck| Ok((ck.verify()?, ck.index.version)));
+    if json {
+        let out = match &verified {
+            Ok((r, version)) => serde_json::json!({
+                "ok": true,
+                "checkpoint": dir.to_string_lossy(),
+                "tensors": r.tensors,
+                "bytes": r.bytes,
+                "files": r.files,
+                "index_checksum": *version >= 2,
+            }),
+            Err(e) => serde_json::json!({
+                "ok": false,
+                "checkpoint": dir.to_string_lossy(),
+                "error": e.to_string(),
+            }),
+        };
+        println!("{out}");
+    }
+    let (r, version) = verified?;
+    if json {
+        return Ok(());
+    }
+    let index = match version {
         1 => "index validated (version 1: it has no checksum)",
         _ => "index checksum and contents verified",
     };
@@ -697,22 +942,37 @@ fn ckpt_verify(dir: PathBuf) -> Result<()> {
 }
 
 /// `ckpt list`: committed checkpoints (the `latest` one marked), then uncommitted
-/// directories, removed with `clean`.
-fn ckpt_list(root: &std::path::Path, clean: bool) -> Result<()> {
+/// directories, removed with `clean`; as JSON with `json`.
+fn ckpt_list(root: &std::path::Path, clean: bool, json: bool) -> Result<()> {
     let l = checkpoint::list(root)?;
     let latest = checkpoint::read_latest(root);
+    let is_latest = |p: &std::path::Path| {
+        latest.is_some() && p.file_name().and_then(|n| n.to_str()) == latest.as_deref()
+    };
+    if clean {
+        for p in &l.uncommitted {
+            std::fs::remove_dir_all(p).map_err(|e| Error::io(p, e))?;
+        }
+    }
+    if json {
+        let path = |p: &PathBuf| p.to_string_lossy().into_owned();
+        let out = serde_json::json!({
+            "committed": l.committed.iter()
+                .map(|p| serde_json::json!({"path": path(p), "latest": is_latest(p)}))
+                .collect::<Vec<_>>(),
+            "uncommitted": l.uncommitted.iter()
+                .map(|p| serde_json::json!({"path": path(p), "removed": clean}))
+                .collect::<Vec<_>>(),
+        });
+        println!("{out}");
+        return Ok(());
+    }
     for p in &l.committed {
-        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        let mark = if latest.as_deref() == Some(name) {
-            "  (latest)"
-        } else {
-            ""
-        };
+        let mark = if is_latest(p) { "  (latest)" } else { "" };
         println!("committed    {}{mark}", text::path(p));
     }
     for p in &l.uncommitted {
         if clean {
-            std::fs::remove_dir_all(p).map_err(|e| Error::io(p, e))?;
             println!("removed      {} (uncommitted)", text::path(p));
         } else {
             println!(
@@ -724,8 +984,47 @@ fn ckpt_list(root: &std::path::Path, clean: bool) -> Result<()> {
     Ok(())
 }
 
+/// What `bench` measured.
+struct BenchResult {
+    params: usize,
+    batch: usize,
+    precision: ferrovit::Precision,
+    device: Device,
+    /// How `step` was taken from the timed steps: "median" or "mean".
+    statistic: &'static str,
+    /// Seconds per step.
+    step: f64,
+    /// Steps run, warm-up included (the profile's divisor).
+    steps_run: f64,
+}
+
 fn bench(a: BenchArgs) -> Result<()> {
-    check_bench_args(&a)?;
+    let r = bench_run(&a)?;
+    let profile = profile_rows(r.device);
+    if a.json {
+        println!("{}", bench_json(&r, profile));
+        return Ok(());
+    }
+    let on = match r.device {
+        Device::Cpu => format!("{} threads", cpu::num_threads()),
+        d => d.describe(),
+    };
+    println!(
+        "{} params, batch {}, {}, {on}: {} step {:.3} s, {:.1} images/s",
+        r.params,
+        r.batch,
+        r.precision,
+        r.statistic,
+        r.step,
+        r.batch as f64 / r.step
+    );
+    print_profile(r.device, profile, r.steps_run);
+    Ok(())
+}
+
+/// Times `a.steps` training steps after `a.warmup` untimed ones.
+fn bench_run(a: &BenchArgs) -> Result<BenchResult> {
+    check_bench_args(a)?;
     if let Some(n) = a.threads {
         cpu::set_num_threads(n)?;
     }
@@ -762,22 +1061,41 @@ fn bench(a: BenchArgs) -> Result<()> {
     }
     device.synchronize()?;
     times.sort_by(f64::total_cmp);
-    let (what, step) = match device {
+    let (statistic, step) = match device {
         Device::Cpu => ("median", times[times.len() / 2]),
         _ => ("mean", start.elapsed().as_secs_f64() / a.steps as f64),
     };
-    let on = match device {
-        Device::Cpu => format!("{} threads", cpu::num_threads()),
-        d => d.describe(),
-    };
-    println!(
-        "{} params, batch {b}, {precision}, {on}: {what} step {:.3} s, {:.1} images/s",
-        cfg.num_params(),
+    Ok(BenchResult {
+        params: cfg.num_params(),
+        batch: b,
+        precision,
+        device,
+        statistic,
         step,
-        b as f64 / step
-    );
-    print_profile(device, (a.warmup + a.steps) as f64);
-    Ok(())
+        steps_run: (a.warmup + a.steps) as f64,
+    })
+}
+
+/// `bench --json`: the result, and the CUDA profile's rows per step.
+fn bench_json(r: &BenchResult, profile: Vec<(String, u64, f64)>) -> serde_json::Value {
+    let per_step = |x: f64| x / r.steps_run;
+    let profile: Vec<serde_json::Value> = profile
+        .into_iter()
+        .map(|(kernel, calls, ms)| {
+            serde_json::json!({"kernel": kernel, "ms": per_step(ms), "calls": per_step(calls as f64)})
+        })
+        .collect();
+    serde_json::json!({
+        "params": r.params,
+        "batch_size": r.batch,
+        "precision": r.precision.to_string(),
+        "device": r.device.describe(),
+        "threads": cpu::num_threads(),
+        "statistic": r.statistic,
+        "step_s": r.step,
+        "images_per_s": r.batch as f64 / r.step,
+        "profile": profile,
+    })
 }
 
 /// Refuses bench sizes out of bounds, so the random batch's size and the step count
@@ -798,28 +1116,36 @@ fn check_bench_args(a: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// The per-kernel (name, calls, ms) of a CUDA device under FERROVIT_PROFILE=1, over
+/// the whole run; none elsewhere.
+fn profile_rows(device: Device) -> Vec<(String, u64, f64)> {
+    match device {
+        Device::Cuda(_) => ferrovit::backend::cuda::profile(device).unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
 /// The per-kernel times of a CUDA device (FERROVIT_PROFILE=1), per step of `steps`.
-fn print_profile(device: Device, steps: f64) {
-    if let Device::Cuda(_) = device {
-        if let Some(rows) = ferrovit::backend::cuda::profile(device) {
-            let total: f64 = rows.iter().map(|r| r.2).sum();
-            let what = if device.is_gpu() {
-                "device time"
-            } else {
-                "emulated kernels' host time"
-            };
-            println!(
-                "{what} per step (FERROVIT_PROFILE=1): {:.3} ms",
-                total / steps
-            );
-            for (what, calls, ms) in rows {
-                println!(
-                    "{:>9.3} ms {:>5.1}% {:>6} calls  {what}",
-                    ms / steps,
-                    100.0 * ms / total,
-                    calls as f64 / steps
-                );
-            }
-        }
+fn print_profile(device: Device, rows: Vec<(String, u64, f64)>, steps: f64) {
+    if rows.is_empty() {
+        return;
+    }
+    let total: f64 = rows.iter().map(|r| r.2).sum();
+    let what = if device.is_gpu() {
+        "device time"
+    } else {
+        "emulated kernels' host time"
+    };
+    println!(
+        "{what} per step (FERROVIT_PROFILE=1): {:.3} ms",
+        total / steps
+    );
+    for (what, calls, ms) in rows {
+        println!(
+            "{:>9.3} ms {:>5.1}% {:>6} calls  {what}",
+            ms / steps,
+            100.0 * ms / total,
+            calls as f64 / steps
+        );
     }
 }

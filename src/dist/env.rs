@@ -15,6 +15,9 @@ pub struct DistEnv {
     /// The rank among the processes of this machine (LOCAL_RANK or SLURM_LOCALID),
     /// when given.
     pub local_rank: Option<usize>,
+    /// The processes of the run on this machine (LOCAL_WORLD_SIZE, as torchrun and
+    /// `ferrovit launch` set it), when given.
+    pub local_world: Option<usize>,
     pub master_addr: String,
     pub master_port: u16,
     /// The run's shared secret (FERROVIT_SECRET; empty when unset), which every
@@ -29,6 +32,7 @@ impl std::fmt::Debug for DistEnv {
             .field("rank", &self.rank)
             .field("world", &self.world)
             .field("local_rank", &self.local_rank)
+            .field("local_world", &self.local_world)
             .field("master_addr", &self.master_addr)
             .field("master_port", &self.master_port)
             .field("secret", &format_args!("({} bytes)", self.secret.len()))
@@ -38,7 +42,7 @@ impl std::fmt::Debug for DistEnv {
 
 impl DistEnv {
     /// Reads RANK, WORLD_SIZE (or SLURM_PROCID, SLURM_NTASKS where those are unset),
-    /// LOCAL_RANK (or SLURM_LOCALID), MASTER_ADDR, MASTER_PORT and FERROVIT_SECRET. `Ok(None)` when no
+    /// LOCAL_RANK (or SLURM_LOCALID), LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT and FERROVIT_SECRET. `Ok(None)` when no
     /// world size is set; malformed or missing values are errors naming the variable.
     pub fn from_env() -> Result<Option<DistEnv>> {
         Self::from_lookup(|k| std::env::var_os(k).map(|v| v.to_string_lossy().into_owned()))
@@ -78,6 +82,14 @@ impl DistEnv {
         let local_rank = first(&["LOCAL_RANK", "SLURM_LOCALID"])
             .map(int)
             .transpose()?;
+        let local_world = match first(&["LOCAL_WORLD_SIZE"]).map(int).transpose()? {
+            Some(0) => {
+                return Err(Error::Config(
+                    "LOCAL_WORLD_SIZE=0: must be at least 1".into(),
+                ))
+            }
+            n => n,
+        };
         let master_addr = match first(&["MASTER_ADDR"]) {
             Some((_, v)) if !v.is_empty() => v,
             Some(_) => return Err(Error::Config("MASTER_ADDR is empty".into())),
@@ -107,6 +119,7 @@ impl DistEnv {
             rank,
             world,
             local_rank,
+            local_world,
             master_addr,
             master_port,
             // as given: surrounding spaces would be part of it on every rank alike

@@ -33,6 +33,9 @@ pub use nccl::NcclGroup;
 pub use store::TcpStore;
 pub use thread::ThreadGroup;
 
+/// Most ranks of one group: a layout's dp × pp, a launcher's nnodes × nproc.
+pub const MAX_WORLD: usize = 1 << 16;
+
 use crate::autograd::ParamStore;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;

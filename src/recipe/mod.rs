@@ -33,7 +33,7 @@ use crate::trainer::{
 use crate::VitConfig;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// A resume continues at the checkpoint's position, which must be one this run
@@ -193,9 +193,8 @@ pub fn train_given_until(
         .map_or_else(Logger::default, |e| Logger::new(e.rank, e.world));
     let opts = &resume_options(opts, &given, env.is_some(), &logger)?;
     opts.validate()?;
-    if let Some(n) = opts.threads {
-        cpu::set_num_threads(n)?;
-    }
+    let env = DistEnv::from_env()?;
+    set_threads(opts, env.as_ref().and_then(|e| e.local_world))?;
     let timeout = Duration::from_secs(opts.comm_timeout);
     if let Some(env) = env {
         let world = env.world;
@@ -253,6 +252,48 @@ pub fn train_given_until(
         })
         .collect();
     first_cause(results)
+}
+
+/// The cores and local ranks this process's compute threads were split from, when
+/// they were (set once, as rayon's pool is).
+static THREAD_SPLIT: OnceLock<(usize, usize)> = OnceLock::new();
+
+/// Sets this process's compute threads: `--threads` when given (validated); else, with
+/// `local_ranks` > 1 processes of the run on this machine (LOCAL_WORLD_SIZE from
+/// `launch` or torchrun), cores / local ranks (at least 1) so that they do not
+/// oversubscribe the cores; else one per core. Ranks in threads of one process need no
+/// split: they share the one pool.
+fn set_threads(opts: &TrainOptions, local_ranks: Option<usize>) -> Result<()> {
+    if let Some(n) = opts.threads {
+        return cpu::set_num_threads(n);
+    }
+    let Some(local) = local_ranks.filter(|&l| l > 1) else {
+        return Ok(());
+    };
+    let cores = cpu::available_cores();
+    match cpu::set_num_threads((cores / local).max(1)) {
+        Ok(()) => {
+            let _ = THREAD_SPLIT.set((cores, local));
+        }
+        // a pool built earlier in this process (a library caller's): slower, not wrong
+        Err(e) => tracing::warn!("cannot split the cores among {local} local ranks: {e}"),
+    }
+    Ok(())
+}
+
+/// This process's compute threads for the log: "2 threads", or "1 thread (2 cores / 2
+/// local ranks)" when [`set_threads`] split the cores.
+fn describe_threads() -> String {
+    let n = cpu::num_threads();
+    let threads = if n == 1 {
+        "1 thread".into()
+    } else {
+        format!("{n} threads")
+    };
+    match THREAD_SPLIT.get() {
+        Some((cores, local)) => format!("{threads} ({cores} cores / {local} local ranks)"),
+        None => threads,
+    }
 }
 
 /// Rank 0's summary, or the error that started a failure: when one rank fails the
@@ -346,6 +387,7 @@ fn train_rank(
     let precision = opts.precision.resolve(device);
     let engine = build_engine(opts, &cfg, precision, par)?;
     logger.info(describe_run(&dir, sizes, &classes, &cfg, opts));
+    logger.debug(format!("compute on {}", describe_threads()));
     if world > 1 {
         logger.info(describe_layout(opts, &layout, nccl));
     }
@@ -410,7 +452,7 @@ fn start_outputs(
     cfg: &VitConfig,
     rank: usize,
 ) -> Result<()> {
-    let config = opts.resolved(cfg, cpu::num_threads()).to_config_toml()?;
+    let config = opts.resolved(cfg).to_config_toml(cpu::num_threads())?;
     let world = trainer.engine.parallel_info().map(|p| &p.world);
     if let Some(w) = world {
         w.barrier()?;
@@ -428,7 +470,7 @@ fn start_outputs(
 }
 
 /// Writes `out/config.toml`: every option as resolved (defaults, file and flags merged;
-/// the model's dimensions, threads, micro-batches and data directory filled in,
+/// the model's dimensions and data directory filled in, machine-dependent defaults noted,
 /// [`TrainOptions::to_config_toml`]), so `--config` repeats the run.
 fn write_resolved_config(out: &Path, text: &str) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
@@ -444,7 +486,7 @@ fn describe_run(
     opts: &TrainOptions,
 ) -> String {
     format!(
-        "data {} ({train_len} train / {test_len} test images, {} classes); model dim {} depth {} heads {} mlp {} patch {} ({} params); augment {}; {} threads",
+        "data {} ({train_len} train / {test_len} test images, {} classes); model dim {} depth {} heads {} mlp {} patch {} ({} params); augment {}; {}",
         dir.display(),
         classes.len(),
         cfg.dim,
@@ -454,7 +496,7 @@ fn describe_run(
         cfg.patch_size,
         cfg.num_params(),
         opts.augment,
-        cpu::num_threads()
+        describe_threads()
     )
 }
 

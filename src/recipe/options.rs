@@ -323,7 +323,7 @@ pub const MAX_WORKERS: usize = 256;
 /// Most micro-batches per step.
 pub const MAX_MICROBATCHES: usize = 1 << 16;
 /// Most ranks (`dp × pp`).
-pub const MAX_WORLD: usize = 1 << 16;
+pub const MAX_WORLD: usize = crate::dist::MAX_WORLD;
 
 /// Checks `value` of `field` is in `1..=max`.
 fn check_count<T: PartialOrd + From<u8> + std::fmt::Display>(
@@ -601,22 +601,23 @@ impl TrainOptions {
         }
     }
 
-    /// Every option as the run resolves it: the model's dimensions, the thread count
-    /// (`threads`, this process's), micro-batches and the data directory filled in.
-    pub fn resolved(&self, cfg: &VitConfig, threads: usize) -> TrainOptions {
+    /// Every option as the run resolves it: the model's dimensions and the data
+    /// directory filled in. Threads and micro-batches left unset stay unset (their
+    /// defaults depend on the machine and the layout, so a run repeated or continued
+    /// elsewhere resolves them again); [`Self::to_config_toml`] notes their values.
+    pub fn resolved(&self, cfg: &VitConfig) -> TrainOptions {
         TrainOptions {
-            threads: Some(self.threads.unwrap_or(threads)),
-            microbatches: Some(self.microbatches()),
             data: Some(self.data_dir()),
             ..self.with_model(cfg)
         }
     }
 
     /// `config.toml`'s text: every option of these (resolved) options, unset ones as
-    /// comment lines (TOML has no null). `resume` is an action on the directory, not an
-    /// option of the run, and is left out: `--config` this file repeats the run, and
-    /// with `--resume auto` continues it.
-    pub fn to_config_toml(&self) -> Result<String> {
+    /// comment lines (TOML has no null), with this run's value for those that default
+    /// by machine or layout (`threads`: this process's compute threads). `resume` is an
+    /// action on the directory, not an option of the run, and is left out: `--config`
+    /// this file repeats the run, and with `--resume auto` continues it.
+    pub fn to_config_toml(&self, threads: usize) -> Result<String> {
         let opts = TrainOptions {
             resume: None,
             overwrite: false,
@@ -631,8 +632,15 @@ impl TrainOptions {
         for (key, value) in opts.to_json()? {
             if value.is_null() {
                 let note = match key.as_str() {
-                    "resume" => "not recorded (give --resume auto to continue this run)",
-                    _ => "unset",
+                    "resume" => "not recorded (give --resume auto to continue this run)".into(),
+                    "threads" => format!(
+                        "unset: one per core, cores / local ranks under a launcher (this run: {threads})"
+                    ),
+                    "microbatches" => format!(
+                        "unset: 2 × pp with a pipeline, else 1 (this run: {})",
+                        self.microbatches()
+                    ),
+                    _ => "unset".into(),
                 };
                 text += &format!("# {key}: {note}\n");
             }

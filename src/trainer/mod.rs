@@ -27,7 +27,7 @@ pub use hooks::{
     AccuracyHook, LogMetricByEpochHook, LossHook, LrSchedulerHook, PlotHook, SaveCheckpointHook,
     ThroughputHook,
 };
-pub use logger::{init_stdout, Logger};
+pub use logger::{init_logging, init_stdout, Logger, Verbosity};
 pub use plot::plot_metrics;
 pub use progress::{LogInterval, ProgressHook, MAX_LOG_INTERVAL_S};
 pub use tensorboard::TensorBoardHook;

@@ -1,7 +1,7 @@
 //! The `ferrovit` binary: real runs on tiny settings, config files, determinism, and
 //! clear errors on bad input.
 
-use crate::common::{ferrovit, temp_dir, TINY};
+use crate::common::{ferrovit, ferrovit_with_env, temp_dir, TINY};
 use std::path::{Path, PathBuf};
 
 fn metrics(out: &Path) -> Vec<serde_json::Value> {
@@ -471,5 +471,181 @@ fn class_names_from_data_folders_are_printed_escaped() {
         "{out:?}"
     );
     assert!(out.contains(r"\u{1b}[2Jcat\nforged line"), "{out}");
+    // as JSON: the names JSON-escaped, read back whole
+    let (ok, out, err) = ferrovit(&[&args[..], &["--json"]].concat());
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        v["classes"].as_array().unwrap().contains(&evil.into()),
+        "{v}"
+    );
+    assert!(v["per_class"].get(evil).is_some(), "{v}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// stdout of a command as JSON (nothing else on it), and its stderr.
+fn json(args: &[&str]) -> (serde_json::Value, String) {
+    let (ok, out, err) = ferrovit(args);
+    assert!(ok, "{args:?}: {err}");
+    let v = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"));
+    (v, err)
+}
+
+#[test]
+fn presets_bench_and_train_print_json() {
+    let (v, _) = json(&["presets", "--json"]);
+    let lite = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["preset"] == "vit_lite_depth7_patch4_32")
+        .unwrap();
+    assert_eq!(lite["params"], 3722250);
+    assert_eq!(
+        (lite["dim"].as_u64(), lite["depth"].as_u64()),
+        (Some(256), Some(7))
+    );
+
+    let (v, _) = json(&[
+        "bench",
+        "--preset",
+        "vit_lite_depth7_patch4_32",
+        "--batch-size",
+        "4",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(
+        (v["params"].as_u64(), v["batch_size"].as_u64()),
+        (Some(3722250), Some(4))
+    );
+    assert_eq!(
+        (v["device"].as_str(), v["threads"].as_u64()),
+        (Some("cpu"), Some(1))
+    );
+    let step = v["step_s"].as_f64().unwrap();
+    assert!(step > 0.0, "{v}");
+    let ips = v["images_per_s"].as_f64().unwrap();
+    assert!((ips - 4.0 / step).abs() < 1e-6 * ips, "{v}");
+
+    let out_dir = temp_dir("train-json");
+    let o = out_dir.to_str().unwrap();
+    let (v, err) = json(&[&["train", "--epochs", "1", "--out", o, "--json"][..], &TINY].concat());
+    assert!(err.contains("epoch   1/1"), "log lines on stderr: {err}");
+    let last = metrics(&out_dir).pop().unwrap();
+    assert_eq!(v["final_test_accuracy"], last["test_acc"]);
+    assert_eq!(v["images"], 360);
+    let classes: Vec<String> = (0..10).map(|i| i.to_string()).collect();
+    assert_eq!(v["classes"], serde_json::json!(classes));
+    let confusion = v["confusion"].as_array().unwrap();
+    let total: u64 = confusion
+        .iter()
+        .flat_map(|r| r.as_array().unwrap())
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert_eq!((confusion.len(), total), (10, 360));
+    let right: u64 = (0..10).map(|i| confusion[i][i].as_u64().unwrap()).sum();
+    assert!((right as f64 / 360.0 - last["test_acc"].as_f64().unwrap()).abs() < 1e-9);
+    assert!(v["seconds"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        v["metrics"],
+        out_dir.join("metrics.jsonl").to_str().unwrap()
+    );
+    assert_eq!(v["plot"], out_dir.join("metrics.png").to_str().unwrap());
+    assert_eq!(
+        v["checkpoints"],
+        out_dir.join("checkpoints").to_str().unwrap()
+    );
+    std::fs::remove_dir_all(&out_dir).unwrap();
+}
+
+/// The INFO lines of a train run (its description and epoch lines) and the debug line
+/// each rank logs.
+const INFO_LINE: &str = "epoch   1/1";
+const DEBUG_LINE: &str = "compute on ";
+
+#[test]
+fn quiet_verbose_and_rust_log_choose_the_lines() {
+    let out_dir = temp_dir("verbosity");
+    let o = out_dir.to_str().unwrap();
+    let run = |flags: &[&str], rust_log: &str| {
+        let args = [
+            flags,
+            &["train", "--epochs", "1", "--no-save", "--out", o],
+            &TINY,
+        ]
+        .concat();
+        let (ok, out, err) = ferrovit_with_env(&args, &[("RUST_LOG", rust_log)]);
+        assert!(ok, "{flags:?} RUST_LOG={rust_log}: {err}");
+        (out, err)
+    };
+    let (out, err) = run(&["--quiet"], "");
+    assert!(
+        !out.contains(INFO_LINE) && !out.contains("data ") && err.is_empty(),
+        "{out}{err}"
+    );
+    assert!(
+        out.starts_with("final test accuracy"),
+        "the result still: {out}"
+    );
+    // the flags win over RUST_LOG
+    let (out, _) = run(&["-q"], "debug");
+    assert!(
+        !out.contains(INFO_LINE) && !out.contains(DEBUG_LINE),
+        "{out}"
+    );
+    let (out, _) = run(&["--verbose"], "warn");
+    assert!(out.contains(INFO_LINE) && out.contains(DEBUG_LINE), "{out}");
+    let (out, _) = run(&[], "debug");
+    assert!(out.contains(INFO_LINE) && out.contains(DEBUG_LINE), "{out}");
+    let (out, _) = run(&[], "warn");
+    assert!(
+        !out.contains(INFO_LINE) && out.contains("final test accuracy"),
+        "{out}"
+    );
+    let (out, _) = run(&[], "");
+    assert!(
+        out.contains(INFO_LINE) && !out.contains(DEBUG_LINE),
+        "default: INFO: {out}"
+    );
+    let (out, err) = run(&[], "ferrovit=[");
+    assert!(
+        out.contains(INFO_LINE) && err.contains("ignoring RUST_LOG=ferrovit=["),
+        "{err}"
+    );
+    let (ok, _, err) = ferrovit(&["--quiet", "--verbose", "presets"]);
+    assert!(!ok && err.contains("--verbose"), "{err}");
+    std::fs::remove_dir_all(&out_dir).unwrap();
+}
+
+#[test]
+fn completions_for_bash_zsh_and_fish() {
+    let dir = temp_dir("completions");
+    for shell in ["bash", "zsh", "fish"] {
+        let (ok, script, err) = ferrovit(&["completions", shell]);
+        assert!(ok && script.contains("train"), "{shell}: {err}");
+        if shell == "bash" {
+            assert!(script.contains("--resume") && script.contains("--nproc-per-node"));
+            let file = dir.join("ferrovit.bash");
+            std::fs::write(&file, &script).unwrap();
+            let check = std::process::Command::new("bash")
+                .arg("-n")
+                .arg(&file)
+                .output()
+                .unwrap();
+            assert!(
+                check.status.success(),
+                "bash -n: {}",
+                String::from_utf8_lossy(&check.stderr)
+            );
+        }
+    }
+    let (ok, _, err) = ferrovit(&["completions", "tcsh"]);
+    assert!(!ok && err.contains("tcsh"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -402,6 +402,7 @@ fn the_environment_describes_the_group() {
             rank: 2,
             world: 4,
             local_rank: Some(0),
+            local_world: None,
             master_addr: "node7".into(),
             master_port: 29500,
             secret: String::new(),
@@ -455,6 +456,18 @@ fn the_environment_describes_the_group() {
     assert!(full(("MASTER_PORT", "")).contains("MASTER_PORT is not set"));
     assert!(full(("MASTER_ADDR", "")).contains("MASTER_ADDR is not set"));
     assert!(err(&[("WORLD_SIZE", "0"), ("RANK", "0")]).contains("WORLD_SIZE=0"));
+    // the processes on this machine, which share its cores
+    let one = [("WORLD_SIZE", "1"), ("RANK", "0")];
+    let local = |n| env(&[&one[..], &[("LOCAL_WORLD_SIZE", n)]].concat());
+    assert_eq!(local("2").unwrap().unwrap().local_world, Some(2));
+    assert!(local("0")
+        .unwrap_err()
+        .to_string()
+        .contains("LOCAL_WORLD_SIZE=0"));
+    assert!(local("x")
+        .unwrap_err()
+        .to_string()
+        .contains("LOCAL_WORLD_SIZE=\"x\""));
 }
 
 /// The NCCL group on a machine with a GPU (world size 1: every collective must return

@@ -2,7 +2,7 @@
 //! group; they train, save and resume across layouts; a killed rank brings the others
 //! down with a clear error instead of a hang; bad layouts are refused up front.
 
-use crate::common::{ferrovit, temp_dir};
+use crate::common::{ferrovit, temp_dir, TINY};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -288,4 +288,199 @@ fn ranks_die_with_their_launcher() {
         }
     }
     std::fs::remove_dir_all(out).unwrap();
+}
+
+/// A `ferrovit` command with `args`, FERROVIT_SECRET set to `secret` (or removed).
+fn launch_with_secret(args: &[&str], secret: Option<&str>) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ferrovit"));
+    c.args(args);
+    match secret {
+        Some(s) => c.env("FERROVIT_SECRET", s),
+        None => c.env_remove("FERROVIT_SECRET"),
+    };
+    c
+}
+
+#[test]
+fn each_rank_computes_on_its_share_of_the_cores() {
+    let out = temp_dir("launch-threads");
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let n = (cores / 2).max(1);
+    let threads = if n == 1 {
+        "1 thread".into()
+    } else {
+        format!("{n} threads")
+    };
+    let run = |extra: &[&str]| {
+        let args = [
+            &[
+                "launch",
+                "--nproc",
+                "2",
+                "--",
+                "--verbose",
+                "train",
+                "--epochs",
+                "1",
+            ][..],
+            &TINY,
+            &["--no-save", "--out", out.to_str().unwrap()],
+            extra,
+        ]
+        .concat();
+        let (ok, stdout, err) = ferrovit(&args);
+        assert!(ok, "{err}");
+        stdout
+    };
+    let stdout = run(&[]);
+    let split = format!("{threads} ({cores} cores / 2 local ranks)");
+    for rank in 0..2 {
+        let line = format!("[rank {rank}/2] compute on {split}\n");
+        assert!(stdout.contains(&line), "{line}: {stdout}");
+    }
+    assert!(
+        stdout.contains(&format!("augment none; {split}\n")),
+        "the description line: {stdout}"
+    );
+    // --threads wins
+    let stdout = run(&["--threads", "1"]);
+    assert!(
+        stdout.contains("[rank 1/2] compute on 1 thread\n"),
+        "{stdout}"
+    );
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
+fn two_launchers_make_one_run_as_two_nodes() {
+    let out = temp_dir("launch-nodes");
+    let o = out.to_str().unwrap();
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let nodes: Vec<_> = ["0", "1"]
+        .iter()
+        .map(|node| {
+            let args = [
+                &[
+                    "launch",
+                    "--nnodes",
+                    "2",
+                    "--node-rank",
+                    node,
+                    "--nproc-per-node",
+                    "1",
+                ][..],
+                &[
+                    "--master-port",
+                    &port,
+                    "--",
+                    "train",
+                    "--epochs",
+                    "1",
+                    "--dp",
+                    "2",
+                ],
+                &TINY,
+                &["--out", o, "--json", "--comm-timeout", "60"],
+            ]
+            .concat();
+            launch_with_secret(&args, Some("0123456789abcdef0123456789abcdef"))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<_> = nodes
+        .into_iter()
+        .map(|n| n.wait_with_output().unwrap())
+        .collect();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    for (node, o) in outputs.iter().enumerate() {
+        assert!(o.status.success(), "node {node}: {}", text(&o.stderr));
+    }
+    let (first, second) = (&outputs[0], &outputs[1]);
+    assert!(
+        text(&first.stderr).contains("launching rank 0 of 2"),
+        "{}",
+        text(&first.stderr)
+    );
+    assert!(
+        text(&second.stderr).contains("launching rank 1 of 2"),
+        "{}",
+        text(&second.stderr)
+    );
+    assert!(
+        text(&first.stderr).contains("[rank 0/2] layout dp=2"),
+        "{}",
+        text(&first.stderr)
+    );
+    // rank 0 alone prints the summary, as JSON with nothing else on stdout
+    let summary: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap();
+    assert_eq!(summary["images"], 360);
+    assert_eq!(losses(&out).len(), 2, "one epoch's train and test loss");
+    assert!(second.stdout.is_empty(), "{}", text(&second.stdout));
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
+fn launch_refuses_node_options_that_cannot_make_a_run() {
+    let secret = Some("0123456789abcdef");
+    let cases: [(&[&str], Option<&str>, &str); 8] = [
+        (&["--nproc", "0"], None, "--nproc 0: must be in 1..=1024"),
+        (
+            &["--nproc", "5000"],
+            None,
+            "--nproc 5000: must be in 1..=1024",
+        ),
+        (
+            &["--nproc", "64", "--nnodes", "2000"],
+            None,
+            "--nnodes 2000: must be in 1..=1024",
+        ),
+        (&["--nproc", "1", "--nnodes", "0"], None, "--nnodes 0"),
+        (
+            &[
+                "--nproc",
+                "1",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                "2",
+                "--master-port",
+                "29500",
+            ],
+            secret,
+            "--node-rank 2 must be below --nnodes 2",
+        ),
+        (
+            &["--nproc", "1", "--nnodes", "2"],
+            secret,
+            "needs --master-port",
+        ),
+        (
+            &["--nproc", "1", "--nnodes", "2", "--master-port", "29500"],
+            None,
+            "export FERROVIT_SECRET=$(openssl rand -hex 16)",
+        ),
+        (
+            &["--nproc", "1", "--nnodes", "2", "--master-port", "29500"],
+            Some("short"),
+            "at least 16 characters; it has 5",
+        ),
+    ];
+    for (flags, secret, want) in cases {
+        let args = [&["launch"][..], flags, &["--", "train"]].concat();
+        let out = launch_with_secret(&args, secret).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{flags:?}: {err}"
+        );
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+    }
 }

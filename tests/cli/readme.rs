@@ -99,7 +99,7 @@ fn flags(text: &str) -> BTreeSet<String> {
 }
 
 /// The subcommands, each with the nested subcommands whose options it gathers.
-const SUBCOMMANDS: [(&str, &[&str]); 8] = [
+const SUBCOMMANDS: [(&str, &[&str]); 9] = [
     ("train", &[]),
     ("launch", &[]),
     ("infer", &[]),
@@ -108,12 +108,17 @@ const SUBCOMMANDS: [(&str, &[&str]); 8] = [
     ("presets", &[]),
     ("data", &["cifar10"]),
     ("ckpt", &["inspect", "verify", "list", "export", "import"]),
+    ("completions", &[]),
 ];
 
-/// The options `ferrovit <sub> [nested] --help` lists (not flags in its prose).
+/// The options every subcommand takes (documented once, on the synopsis' first line).
+const GLOBAL: [&str; 2] = ["--quiet", "--verbose"];
+
+/// The options `ferrovit <sub> [nested] --help` lists, with their aliases (not flags
+/// in its prose); `ferrovit --help`'s for an empty `sub`.
 fn help_flags(sub: &str, nested: &[&str]) -> BTreeSet<String> {
     let paths: Vec<Vec<&str>> = if nested.is_empty() {
-        vec![vec![sub]]
+        vec![[sub].into_iter().filter(|s| !s.is_empty()).collect()]
     } else {
         nested.iter().map(|n| vec![sub, n]).collect()
     };
@@ -129,10 +134,14 @@ fn help_flags(sub: &str, nested: &[&str]) -> BTreeSet<String> {
             .lines()
             .filter(|l| l.trim_start().starts_with('-'))
             .map(|l| {
+                let aliases = l.split_once("[alias").map_or("", |(_, a)| a);
+                let aliases = aliases.split(']').next().unwrap_or("");
                 l.split("  ")
                     .find(|p| !p.trim().is_empty())
                     .unwrap_or("")
                     .to_string()
+                    + " "
+                    + aliases
                     + "\n"
             })
             .collect();
@@ -171,12 +180,25 @@ fn the_synopsis_lists_every_flag_of_every_subcommand() {
             synopsis.iter().any(|(s, _)| s == sub),
             "`ferrovit {sub}` is not in the synopsis"
         );
+        let mut help = help_flags(sub, nested);
+        help.retain(|f| !GLOBAL.contains(&f.as_str()));
         assert_eq!(
-            documented,
-            help_flags(sub, nested),
+            documented, help,
             "`ferrovit {sub}`: README synopsis vs --help"
         );
     }
+    // the global options, on the line `ferrovit [--quiet | --verbose] COMMAND …`
+    let global = synopsis
+        .iter()
+        .find(|(s, _)| s.starts_with('['))
+        .expect("a synopsis line of the global options");
+    let mut top = help_flags("", &[]);
+    top.remove("--version");
+    assert_eq!(
+        flags(&global.1),
+        top,
+        "global options: README synopsis vs --help"
+    );
 }
 
 /// Every `ferrovit …` invocation anywhere in the README (code blocks and inline code)

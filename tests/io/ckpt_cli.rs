@@ -1,7 +1,7 @@
 //! `ferrovit ckpt …` on a checkpoint written by `ferrovit train`, and the checkpoint
 //! read by Python's `safetensors` (scripts/check_checkpoint.py).
 
-use crate::common::{ferrovit, temp_dir};
+use crate::common::{edit_index, ferrovit, temp_dir, TINY};
 use std::path::Path;
 use std::process::Command;
 
@@ -138,6 +138,135 @@ fn inspect_verify_list_export_import() {
     );
     let (ok, _, err) = ferrovit(&["ckpt", "verify", "/nonexistent/ckpt"]);
     assert!(!ok && err.contains("does not exist"), "{err}");
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+/// A checkpoint's `ckpt` outputs with `--json`, parsed: the index's values, names from
+/// the file JSON-escaped, a failed verify as `ok: false` with a failing exit.
+#[test]
+fn ckpt_json_outputs_carry_the_checkpoint() {
+    let out = temp_dir("ckpt-json");
+    let o = out.to_str().unwrap();
+    let (ok, _, err) = ferrovit(&[&["train", "--epochs", "1", "--out", o][..], &TINY].concat());
+    assert!(ok, "{err}");
+    let root = out.join("checkpoints");
+    let dir = ferrovit::checkpoint::newest(&root).unwrap().unwrap();
+    // class names a crafted file could hold: control characters, quotes, a newline
+    let hostile = "7\u{1b}[31m \"red\"\nline";
+    edit_index(&dir, |v| {
+        let mut classes: Vec<String> = (0..10).map(|i| i.to_string()).collect();
+        classes[7] = hostile.into();
+        v["training"]["classes"] = serde_json::json!(classes);
+    });
+    let json = |args: &[&str]| -> (bool, serde_json::Value) {
+        let (ok, text, err) = ferrovit(args);
+        let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}\n{err}"));
+        (ok, v)
+    };
+    let d = dir.to_str().unwrap();
+    let (ok, v) = json(&["ckpt", "inspect", root.to_str().unwrap(), "--json"]);
+    assert!(ok);
+    assert_eq!(v["checkpoint"], d);
+    assert_eq!(
+        (v["format"].as_str(), v["version"].as_u64()),
+        (Some("ferrovit-checkpoint"), Some(2))
+    );
+    let m = &v["model"];
+    assert_eq!(
+        (
+            m["dim"].as_u64(),
+            m["depth"].as_u64(),
+            m["mlp_dim"].as_u64()
+        ),
+        (Some(32), Some(1), Some(32))
+    );
+    assert_eq!(
+        m["dropout"].as_f64(),
+        Some(0.1),
+        "f32s in their shortest form"
+    );
+    assert_eq!(v["training"]["step"], 23);
+    assert_eq!(v["training"]["classes"][7], hostile);
+    assert_eq!(
+        (v["layout"]["dp"].as_u64(), v["layout"]["pp"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert!(
+        v["optimizer"]["AdamW"]["beta1"].as_f64().is_some(),
+        "{}",
+        v["optimizer"]
+    );
+    let tensors = v["tensors"].as_array().unwrap();
+    let params: u64 = tensors
+        .iter()
+        .filter(|t| t["group"] == "model")
+        .map(|t| {
+            t["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n.as_u64().unwrap())
+                .product::<u64>()
+        })
+        .sum();
+    assert_eq!(m["params"].as_u64(), Some(params));
+    let head = tensors.iter().find(|t| t["name"] == "head.weight").unwrap();
+    assert_eq!(head["shape"], serde_json::json!([10, 32]));
+    assert_eq!(
+        (head["dtype"].as_str(), head["bytes"].as_u64()),
+        (Some("F32"), Some(10 * 32 * 4))
+    );
+    let bytes: u64 = tensors.iter().map(|t| t["bytes"].as_u64().unwrap()).sum();
+    let shards: u64 = v["shards"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|b| b.as_u64().unwrap())
+        .sum();
+    assert_eq!(bytes, shards);
+
+    let (ok, r) = json(&["ckpt", "verify", d, "--json"]);
+    assert!(ok, "{r}");
+    assert_eq!(r["ok"], true);
+    assert_eq!(r["tensors"].as_u64(), Some(tensors.len() as u64));
+    assert_eq!(
+        (r["bytes"].as_u64(), r["index_checksum"].as_bool()),
+        (Some(bytes), Some(true))
+    );
+
+    // an interrupted save beside it, then listed, then cleaned
+    std::fs::create_dir_all(root.join(".tmp-step-0000000099")).unwrap();
+    let (ok, l) = json(&["ckpt", "list", root.to_str().unwrap(), "--json"]);
+    assert!(ok);
+    assert_eq!(
+        l["committed"],
+        serde_json::json!([{"path": d, "latest": true}])
+    );
+    let uncommitted = l["uncommitted"].as_array().unwrap();
+    assert_eq!(uncommitted.len(), 1, "{l}");
+    assert_eq!(uncommitted[0]["removed"], false);
+    let (ok, l) = json(&["ckpt", "list", root.to_str().unwrap(), "--clean", "--json"]);
+    assert!(ok && l["uncommitted"][0]["removed"] == true, "{l}");
+    assert!(!Path::new(l["uncommitted"][0]["path"].as_str().unwrap()).exists());
+
+    // a truncated shard: ok false, the file named, a failing exit
+    let shard = dir.join(v["tensors"][0]["files"][0].as_str().unwrap());
+    let len = std::fs::metadata(&shard).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shard)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let (ok, r) = json(&["ckpt", "verify", d, "--json"]);
+    assert!(!ok && r["ok"] == false, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains(shard.file_name().unwrap().to_str().unwrap()),
+        "{r}"
+    );
     std::fs::remove_dir_all(out).unwrap();
 }
 

@@ -36,8 +36,8 @@ pub fn set_num_threads(n: usize) -> Result<()> {
         .map_err(|e| Error::Config(format!("cannot set thread count to {n}: {e}")))
 }
 
-/// Cores this process may use.
-fn available_cores() -> usize {
+/// Cores this process may use (its CPU affinity and quota).
+pub fn available_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 

@@ -1,6 +1,29 @@
 //! Classification metrics.
 
+use serde::{Deserialize, Serialize};
 use std::fmt;
+
+/// A running mean weighted by batch size (an epoch's train loss so far): the sum and
+/// the count, so that it can be saved and continued exactly.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunningMean {
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl RunningMean {
+    /// Adds `value` for `count` items and returns the mean so far.
+    pub fn add(&mut self, value: f64, count: usize) -> f64 {
+        self.sum += value * count as f64;
+        self.count += count as u64;
+        self.mean()
+    }
+
+    /// The mean so far (0 before anything was added).
+    pub fn mean(&self) -> f64 {
+        self.sum / self.count.max(1) as f64
+    }
+}
 
 /// Counts of (true label, predicted label) pairs.
 #[derive(Clone, Debug, PartialEq, Eq)]

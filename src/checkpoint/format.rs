@@ -3,6 +3,7 @@
 //! writes and parses them, with every bound checked before anything is read.
 
 use crate::error::{Error, Result};
+use crate::metrics::RunningMean;
 use crate::optim::{LrSchedule, OptimizerKind};
 use crate::tensor::DType;
 use crate::VitConfig;
@@ -65,6 +66,11 @@ pub struct TrainingState {
     /// by the recipe. Absent from older checkpoints and from imports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub options: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The running means of the epoch so far when saved mid-epoch (`train_loss`,
+    /// `train_acc`: sum and count), so a resume reports the same epoch averages as an
+    /// uninterrupted run. Empty at an epoch's end.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub running: BTreeMap<String, RunningMean>,
 }
 
 /// The parallel layout a checkpoint was saved under.
@@ -334,6 +340,20 @@ impl TrainingState {
         let mut seen = std::collections::BTreeSet::new();
         if let Some(dup) = self.classes.iter().find(|c| !seen.insert(c.as_str())) {
             return bad(format!("class name {dup:?} appears twice"));
+        }
+        self.check_running()
+    }
+
+    /// Running means only mid-epoch, each finite and over at most the batches run.
+    fn check_running(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::Config(format!("training: running: {msg}")));
+        if self.batch == 0 && !self.running.is_empty() {
+            return bad("running means at the start of an epoch".into());
+        }
+        for (name, m) in &self.running {
+            if !m.sum.is_finite() || m.count == 0 {
+                return bad(format!("{name:?} has sum {} over {} items", m.sum, m.count));
+            }
         }
         Ok(())
     }

@@ -5,45 +5,31 @@
 use super::{plot_metrics, Hook, Metrics, State, StepOutput};
 use crate::checkpoint::{checkpoint_name, AsyncSaver, SaveOptions, TrainingState};
 use crate::error::{Error, Result};
-use crate::metrics::ConfusionMatrix;
+use crate::metrics::{ConfusionMatrix, RunningMean};
 use crate::optim::LrSchedule;
 use std::io::Write;
 use std::path::PathBuf;
 
-/// A running mean weighted by batch size.
-#[derive(Clone, Copy, Debug, Default)]
-struct Mean {
-    sum: f64,
-    count: usize,
-}
-
-impl Mean {
-    fn add(&mut self, value: f64, count: usize) -> f64 {
-        self.sum += value * count as f64;
-        self.count += count;
-        self.sum / self.count.max(1) as f64
-    }
+/// The epoch's running mean `name` (in `State::running`, so that a mid-epoch
+/// checkpoint carries it).
+fn running<'s>(s: &'s mut State, name: &str) -> &'s mut RunningMean {
+    s.running.entry(name.to_string()).or_default()
 }
 
 /// Mean loss per image: `train_loss` over the epoch, `test_loss` over each test.
 #[derive(Debug, Default)]
 pub struct LossHook {
-    train: Mean,
-    test: Mean,
+    test: RunningMean,
 }
 
 impl Hook for LossHook {
-    fn before_epoch(&mut self, _: &mut State) -> Result<()> {
-        self.train = Mean::default();
-        Ok(())
-    }
     fn after_iter(&mut self, s: &mut State, out: &StepOutput) -> Result<()> {
-        let v = self.train.add(out.loss as f64, out.labels.len());
+        let v = running(s, "train_loss").add(out.loss as f64, out.labels.len());
         s.metrics.insert("train_loss".into(), v);
         Ok(())
     }
     fn before_test(&mut self, _: &mut State) -> Result<()> {
-        self.test = Mean::default();
+        self.test = RunningMean::default();
         Ok(())
     }
     fn after_test_iter(&mut self, s: &mut State, out: &StepOutput) -> Result<()> {
@@ -57,7 +43,6 @@ impl Hook for LossHook {
 /// matrix of the last test.
 #[derive(Debug, Default)]
 pub struct AccuracyHook {
-    train: Mean,
     /// The confusion matrix of the most recent test.
     pub confusion: Option<ConfusionMatrix>,
 }
@@ -71,15 +56,9 @@ fn correct(out: &StepOutput) -> usize {
 }
 
 impl Hook for AccuracyHook {
-    fn before_epoch(&mut self, _: &mut State) -> Result<()> {
-        self.train = Mean::default();
-        Ok(())
-    }
     fn after_iter(&mut self, s: &mut State, out: &StepOutput) -> Result<()> {
         let n = out.labels.len().max(1);
-        let v = self
-            .train
-            .add(correct(out) as f64 / n as f64, out.labels.len());
+        let v = running(s, "train_acc").add(correct(out) as f64 / n as f64, out.labels.len());
         s.metrics.insert("train_acc".into(), v);
         Ok(())
     }
@@ -186,16 +165,17 @@ impl LogMetricByEpochHook {
 }
 
 /// One epoch's metrics as a JSON object on one line, each number at its precision:
-/// `epoch` and `step` as integers, `time` (unix seconds) to the millisecond, and the
-/// rest (losses, accuracies, lr, rates: f32 quantities, or means of them) as the
-/// shortest decimal that reads back as the same f32 (`lr` 0.002, not
-/// 0.0020000000949949026). A non-finite value is `null`.
+/// `epoch` and `step` as integers, `time` (unix seconds) to the millisecond,
+/// accuracies (`*_acc`: exact ratios of counts) as f64s, and the rest (losses, lr,
+/// rates: f32 quantities, or means of them) as the shortest decimal that reads back as
+/// the same f32 (`lr` 0.002, not 0.0020000000949949026). A non-finite value is `null`.
 fn json_line(metrics: &Metrics) -> String {
     let mut obj = serde_json::Map::new();
     for (k, &v) in metrics {
         let value = match k.as_str() {
             "epoch" | "step" => serde_json::Value::from(v as u64),
             "time" => serde_json::Value::from((v * 1e3).round() / 1e3),
+            k if k.ends_with("_acc") => serde_json::Value::from(v),
             _ => serde_json::Value::from(f32_precision(v)),
         };
         obj.insert(k.clone(), value);
@@ -339,6 +319,10 @@ impl SaveCheckpointHook {
             epochs: s.epochs as u64,
             batches_per_epoch: s.iters_per_epoch as u64,
             options: self.run_options.clone(),
+            running: match batch {
+                0 => Default::default(),
+                _ => s.running.clone(),
+            },
             ..TrainingState::default()
         };
         let name = checkpoint_name(s.engine.step_count());
@@ -418,13 +402,10 @@ mod tests {
         ]);
         assert_eq!(
             json_line(&m),
-            "{\"epoch\":2,\"lr\":0.002,\"step\":46,\"time\":1790000000.123,\"train_acc\":0.87125957,\"train_loss\":null}\n"
+            "{\"epoch\":2,\"lr\":0.002,\"step\":46,\"time\":1790000000.123,\"train_acc\":0.8712595685455811,\"train_loss\":null}\n"
         );
         let back: serde_json::Value = serde_json::from_str(&json_line(&m)).unwrap();
         assert_eq!(back["lr"].as_f64().unwrap() as f32, 2e-3f32);
-        assert_eq!(
-            back["train_acc"].as_f64().unwrap() as f32,
-            (1252.0 / 1437.0) as f32
-        );
+        assert_eq!(back["train_acc"].as_f64().unwrap(), 1252.0 / 1437.0);
     }
 }

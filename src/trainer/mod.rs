@@ -36,6 +36,7 @@ pub use timer::Timers;
 use crate::data::{Batch, Loader};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::metrics::RunningMean;
 use crate::signals::{StopFlag, StopReason};
 use std::any::Any;
 use std::collections::BTreeMap;
@@ -60,6 +61,10 @@ pub struct State<'e> {
     /// The metrics of every finished epoch (the current one is pushed before
     /// `after_epoch`).
     pub history: Vec<Metrics>,
+    /// The epoch's running means by name (the train loss and accuracy hooks keep theirs
+    /// here): emptied as an epoch starts, saved with a mid-epoch checkpoint and
+    /// restored by a resume, so the resumed epoch's averages are an uninterrupted run's.
+    pub running: BTreeMap<String, RunningMean>,
     pub timers: Timers,
     pub logger: Logger,
     /// Set when training stops early, before `after_train`.
@@ -124,6 +129,8 @@ pub struct Trainer {
     pub start: (usize, usize),
     hooks: Vec<Box<dyn Hook>>,
     history: Vec<Metrics>,
+    /// The running means of the epoch `fit` starts in the middle of (a resume's).
+    running: BTreeMap<String, RunningMean>,
     timers: Timers,
 }
 
@@ -144,6 +151,7 @@ impl Trainer {
             start: (0, 0),
             hooks: Vec::new(),
             history: Vec::new(),
+            running: BTreeMap::new(),
             timers: Timers::default(),
         }
     }
@@ -161,10 +169,12 @@ impl Trainer {
     }
 
     /// Continues from a checkpoint's training state (already loaded into the engine):
-    /// `fit` starts at its epoch and batch, with its metrics history.
+    /// `fit` starts at its epoch and batch, with its metrics history and the running
+    /// means of a partly trained epoch.
     pub fn resume(&mut self, state: &crate::checkpoint::TrainingState) {
         self.start = (state.epoch as usize, state.batch as usize);
         self.history = state.history.clone();
+        self.running = state.running.clone();
     }
 
     /// The flag that stops `fit` after the current step (a clone: request a stop
@@ -202,6 +212,7 @@ impl Trainer {
             start,
             hooks,
             history,
+            running,
             timers,
         } = self;
         let mut s = State {
@@ -212,6 +223,7 @@ impl Trainer {
             iters_per_epoch: train.batches_per_epoch(),
             metrics: Metrics::new(),
             history: std::mem::take(history),
+            running: std::mem::take(running),
             timers: std::mem::take(timers),
             logger: logger.clone(),
             stopped: None,
@@ -234,6 +246,9 @@ fn run(
     call!(hooks, before_train(s));
     'epochs: for epoch in start_epoch..s.epochs {
         let first = if epoch == start_epoch { start_batch } else { 0 };
+        if first == 0 {
+            s.running.clear();
+        }
         s.epoch = epoch;
         s.metrics = Metrics::from([("epoch".to_string(), (epoch + 1) as f64)]);
         s.engine.train();

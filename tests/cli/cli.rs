@@ -242,7 +242,9 @@ fn bad_inputs_fail_with_one_clear_message() {
             "/nonexistent/run.toml",
         ),
     ];
+    let fresh = temp_dir("bad-inputs-out").join("out");
     for (args, want) in cases {
+        let args = with_fresh_out(&args, fresh.to_str().unwrap());
         let (ok, out, err) = ferrovit(&args);
         assert!(!ok, "{args:?} should fail");
         assert!(
@@ -313,8 +315,10 @@ fn flags_that_would_wrap_hang_or_be_ignored_are_refused_at_once() {
         ),
         (vec!["bench", "--threads", "100000"], "threads = 100000"),
     ];
+    let fresh = temp_dir("refused-flags-out").join("out");
     for (args, want) in cases {
         let start = std::time::Instant::now();
+        let args = with_fresh_out(&args, fresh.to_str().unwrap());
         let (ok, out, err) = ferrovit(&args);
         assert!(!ok, "{args:?} should fail");
         assert!(
@@ -472,7 +476,7 @@ fn class_names_from_data_folders_are_printed_escaped() {
     );
     assert!(out.contains(r"\u{1b}[2Jcat\nforged line"), "{out}");
     // as JSON: the names JSON-escaped, read back whole
-    let (ok, out, err) = ferrovit(&[&args[..], &["--json"]].concat());
+    let (ok, out, err) = ferrovit(&[&args[..], &["--json", "--overwrite"]].concat());
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(
@@ -576,7 +580,15 @@ fn quiet_verbose_and_rust_log_choose_the_lines() {
     let run = |flags: &[&str], rust_log: &str| {
         let args = [
             flags,
-            &["train", "--epochs", "1", "--no-save", "--out", o],
+            &[
+                "train",
+                "--epochs",
+                "1",
+                "--no-save",
+                "--overwrite",
+                "--out",
+                o,
+            ],
             &TINY,
         ]
         .concat();
@@ -648,4 +660,14 @@ fn completions_for_bash_zsh_and_fish() {
     let (ok, _, err) = ferrovit(&["completions", "tcsh"]);
     assert!(!ok && err.contains("tcsh"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `args` with a fresh output directory when they are a `train` naming none, so that a
+/// run left in the working directory's `out/` is not what answers.
+fn with_fresh_out<'a>(args: &[&'a str], out: &'a str) -> Vec<&'a str> {
+    let mut args = args.to_vec();
+    if args.first() == Some(&"train") && !args.contains(&"--out") {
+        args.extend(["--out", out]);
+    }
+    args
 }

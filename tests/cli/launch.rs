@@ -324,7 +324,7 @@ fn each_rank_computes_on_its_share_of_the_cores() {
                 "1",
             ][..],
             &TINY,
-            &["--no-save", "--out", out.to_str().unwrap()],
+            &["--no-save", "--overwrite", "--out", out.to_str().unwrap()],
             extra,
         ]
         .concat();

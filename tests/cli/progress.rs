@@ -151,6 +151,9 @@ fn metrics_jsonl_has_integer_steps_unix_times_and_short_numbers() {
             if ["epoch", "step"].contains(&key.as_str()) {
                 assert!(raw.contains(&format!("\"{key}\":{v},")), "{raw}");
                 assert!(v.is_u64(), "{key}: {raw}");
+            } else if key.ends_with("_acc") {
+                // exact ratios of counts, at f64 precision (eval's accuracy)
+                assert!(v.is_f64(), "{key}: {raw}");
             } else if key != "time" {
                 // the shortest decimal of an f32: as f32 printed again, the same text
                 let f = v.as_f64().unwrap() as f32;

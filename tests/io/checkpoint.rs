@@ -600,6 +600,18 @@ fn the_index_is_verified_and_validated_before_use() {
         v["training"]["batch"] = 9.into();
     });
     cases.push((d, vec![INDEX, "batch 9 is past the epoch's 4 batches"]));
+    let d = copy("running-at-epoch-start");
+    edit_index(&d, |v| {
+        v["training"]["batch"] = 0.into();
+        v["training"]["running"] = serde_json::json!({"train_loss": {"sum": 1.0, "count": 4}});
+    });
+    cases.push((d, vec![INDEX, "running means at the start of an epoch"]));
+    let d = copy("running-empty");
+    edit_index(&d, |v| {
+        v["training"]["batch"] = 1.into();
+        v["training"]["running"] = serde_json::json!({"train_acc": {"sum": 0.0, "count": 0}});
+    });
+    cases.push((d, vec![INDEX, "\"train_acc\" has sum 0 over 0 items"]));
     for (field, value, want) in [
         ("dim", 1u64 << 40, "dim 1099511627776 is outside"),
         ("depth", 1_000_000_000, "depth 1000000000 is outside"),

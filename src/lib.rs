@@ -13,6 +13,7 @@ pub mod dist;
 pub mod engine;
 pub mod error;
 pub mod files;
+pub mod host;
 pub mod infer;
 pub mod kernels;
 pub mod launch;

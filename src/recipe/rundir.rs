@@ -5,6 +5,7 @@
 use super::options::{Resume, TrainOptions};
 use crate::checkpoint;
 use crate::error::{Error, Result};
+use crate::host::host_name;
 use crate::trainer::Logger;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -67,7 +68,7 @@ impl RunLock {
         let me = Holder {
             pid: std::process::id(),
             host: host_name(),
-            started: unix_now(),
+            started: unix_now_s(),
         };
         let mut lock = RunLock {
             path: out.join(LOCK),
@@ -220,24 +221,9 @@ fn pid_alive(pid: u32) -> bool {
     }
 }
 
-/// This machine's host name.
-fn host_name() -> String {
-    #[cfg(unix)]
-    {
-        let mut buf = [0u8; 256];
-        // SAFETY: the buffer is valid for its length; the name is cut at its NUL
-        if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0 {
-            let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-            return String::from_utf8_lossy(&buf[..end]).into_owned();
-        }
-    }
-    std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".into())
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+/// Whole unix seconds.
+fn unix_now_s() -> u64 {
+    crate::host::unix_time() as u64
 }
 
 /// What in `out` belongs to an earlier run: its outputs and committed checkpoints.
@@ -328,7 +314,7 @@ fn aside_dir(out: &Path) -> Result<PathBuf> {
     let name = full.file_name().ok_or_else(|| {
         Error::Message(format!("cannot move the run in {} aside", full.display()))
     })?;
-    let base = format!("{}.old-{}", name.to_string_lossy(), unix_now());
+    let base = format!("{}.old-{}", name.to_string_lossy(), unix_now_s());
     for k in 1..1000 {
         let dir = full.with_file_name(match k {
             1 => base.clone(),

@@ -36,6 +36,7 @@ pub use timer::Timers;
 use crate::data::{Batch, Loader};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::host::unix_time;
 use crate::metrics::RunningMean;
 use crate::signals::{StopFlag, StopReason};
 use std::any::Any;
@@ -304,12 +305,6 @@ fn stop_here(s: &mut State, reason: StopReason) {
     s.stopped = Some(stopped);
 }
 
-/// Seconds since the Unix epoch (0 on a clock set before it).
-pub(crate) fn unix_time() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
 
 /// One batch: a training step ([`Engine::train_batch`]; timed as `train-step`, then
 /// `after_iter`) or a test step ([`Engine::test_batch`]; timed as `test-step`, then

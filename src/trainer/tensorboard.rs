@@ -25,7 +25,8 @@
 //! message), 5 four bytes LE (a float).
 
 use super::progress::Every;
-use super::{unix_time, Hook, LogInterval, State, StepOutput};
+use super::{Hook, LogInterval, State, StepOutput};
+use crate::host::unix_time;
 use crate::error::{Error, Result};
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -158,34 +159,15 @@ impl EventFile {
 }
 
 /// This machine's name for the file name: letters, digits, `.`, `-` and `_` kept,
-/// anything else `_` (`localhost` when it has none).
+/// anything else `_`.
 fn hostname() -> String {
-    #[cfg(unix)]
-    let name = {
-        let mut buf = [0u8; 256];
-        // SAFETY: `buf` is writable for its whole length, which is what we pass
-        let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
-        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-        if ok {
-            String::from_utf8_lossy(&buf[..end]).into_owned()
-        } else {
-            String::new()
-        }
-    };
-    #[cfg(not(unix))]
-    let name = String::new();
-    let name: String = name
+    crate::host::host_name()
         .chars()
         .map(|c| match c {
             'a'..='z' | 'A'..='Z' | '0'..='9' | '.' | '-' | '_' => c,
             _ => '_',
         })
-        .collect();
-    if name.is_empty() {
-        "localhost".into()
-    } else {
-        name
-    }
+        .collect()
 }
 
 /// What an event carries besides its time and step.

@@ -305,7 +305,6 @@ fn stop_here(s: &mut State, reason: StopReason) {
     s.stopped = Some(stopped);
 }
 
-
 /// One batch: a training step ([`Engine::train_batch`]; timed as `train-step`, then
 /// `after_iter`) or a test step ([`Engine::test_batch`]; timed as `test-step`, then
 /// `after_test_iter`). A stop requested by the training step's end.

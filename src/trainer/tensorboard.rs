@@ -26,8 +26,8 @@
 
 use super::progress::Every;
 use super::{Hook, LogInterval, State, StepOutput};
-use crate::host::unix_time;
 use crate::error::{Error, Result};
+use crate::host::unix_time;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};

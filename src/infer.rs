@@ -4,7 +4,7 @@
 
 use crate::autograd::{Graph, ParamStore, Precision};
 use crate::checkpoint::Checkpoint;
-use crate::data::{Dataset, Loader, Sampler, MEAN, STD};
+use crate::data::{Dataset, Loader, Normalize, Sampler};
 use crate::error::{Error, Result};
 use crate::metrics::ConfusionMatrix;
 use crate::nn::{ForwardCtx, Vit};
@@ -23,6 +23,9 @@ pub struct Classifier {
     pub dir: PathBuf,
     /// The linear layers' arithmetic (see [`Classifier::to_device`]).
     precision: Precision,
+    /// How the model's training images were normalised (from the checkpoint; CIFAR-10's
+    /// for checkpoints that record none).
+    pub norm: Normalize,
 }
 
 /// One class of a prediction.
@@ -78,6 +81,7 @@ impl Classifier {
             named_classes,
             dir: dir.to_path_buf(),
             precision: Precision::F32,
+            norm: ckpt.index.training.normalize,
         })
     }
 
@@ -103,7 +107,24 @@ impl Classifier {
         self.params.iter().all(|p| p.value.is_mapped())
     }
 
-    /// Class probabilities `[b, classes]` of normalised images `[b, 3, 32, 32]`.
+    /// The side of the images the model takes (the checkpoint's image size).
+    pub fn image_size(&self) -> usize {
+        self.model.config.image_size
+    }
+
+    /// Images from files brought to the model's size and normalised as its training
+    /// images were ([`load_images`]).
+    pub fn load_images(&self, paths: &[PathBuf]) -> Result<Tensor> {
+        load_images(paths, self.image_size(), &self.norm)
+    }
+
+    /// A data set brought to the model's image size (bilinear, as training brought it)
+    /// and normalised as its training images were.
+    pub fn prepare(&self, data: Dataset) -> Dataset {
+        data.resized(self.image_size()).with_norm(self.norm)
+    }
+
+    /// Class probabilities `[b, classes]` of normalised images `[b, 3, S, S]`.
     pub fn probabilities(&mut self, images: Tensor) -> Result<Tensor> {
         let b = images.dims().first().copied().unwrap_or(0);
         let images = images.to_device(self.device())?;
@@ -191,8 +212,10 @@ impl Classifier {
 
     /// The confusion matrix of the model on a data set, in batches of `batch`
     /// (loaded on background threads; the model runs on every core). The data's
-    /// classes are aligned with the model's first ([`Classifier::align_classes`]).
-    pub fn evaluate(&mut self, mut data: Dataset, batch: usize) -> Result<ConfusionMatrix> {
+    /// classes are aligned with the model's first ([`Classifier::align_classes`]), its
+    /// images brought to the model's size and normalisation ([`Classifier::prepare`]).
+    pub fn evaluate(&mut self, data: Dataset, batch: usize) -> Result<ConfusionMatrix> {
+        let mut data = self.prepare(data);
         self.align_classes(&mut data, &[])?;
         let classes = self.model.config.num_classes;
         let n = data.len();
@@ -226,14 +249,14 @@ fn rename_classes(classes: &mut [String], map: &[(String, String)]) -> Result<()
     Ok(())
 }
 
-/// Images from files (PNG/JPEG, any size: the shorter side resized to 32, then the
-/// centre cropped, as the image-folder reader does), normalised as in training:
-/// `[n, 3, 32, 32]`. The first file that cannot be read or decoded is named.
-pub fn load_images(paths: &[PathBuf]) -> Result<Tensor> {
-    let mut out = Vec::with_capacity(paths.len() * 3 * 32 * 32);
+/// Images from files (PNG/JPEG, any size: the shorter side resized to `side`, then the
+/// centre cropped, as the image-folder reader does), normalised by `norm`:
+/// `[n, 3, side, side]`. The first file that cannot be read or decoded is named.
+pub fn load_images(paths: &[PathBuf], side: usize, norm: &Normalize) -> Result<Tensor> {
+    let mut out = Vec::with_capacity(paths.len() * 3 * side * side);
     for p in paths {
-        let img = crate::data::folder::load_image(p)?;
-        crate::data::transforms::normalize_into(&img, &MEAN, &STD, &mut out);
+        let img = crate::data::folder::load_image_at(p, side)?;
+        crate::data::transforms::normalize_into(&img, &norm.mean, &norm.std, &mut out);
     }
-    Tensor::from_vec(out, [paths.len(), 3, 32, 32])
+    Tensor::from_vec(out, [paths.len(), 3, side, side])
 }

@@ -102,10 +102,20 @@ pub(crate) fn check_attn(
     Ok(())
 }
 
-/// Checks the pixels are `[b, 3, 32, 32]` for the `b` samples the geometry names;
-/// returns the number of pixels.
+/// Largest image side the augment op takes (its kernel indexes pixels with `int`s).
+pub const MAX_AUGMENT_SIDE: usize = 4096;
+
+/// Checks the pixels are `[b, 3, side, side]` for the `b` samples the geometry names,
+/// with a side in 1..=[`MAX_AUGMENT_SIDE`]; returns the number of pixels.
 pub(crate) fn check_augment(batch: &AugmentBatch) -> Result<usize> {
-    let n = batch.geometry.len() * 3 * 32 * 32;
+    if !(1..=MAX_AUGMENT_SIDE).contains(&batch.side) {
+        return Err(Error::shape(
+            "augment",
+            format!("an image side in 1..={MAX_AUGMENT_SIDE}"),
+            format!("side {}", batch.side),
+        ));
+    }
+    let n = batch.geometry.len() * 3 * batch.side * batch.side;
     same_len("augment", n, batch.pixels.len())?;
     Ok(n)
 }

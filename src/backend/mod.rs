@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::tensor::{DType, Device, Tensor};
 
 pub use device::DeviceSpec;
-pub use spec::{AdamStep, AttnDims, AugmentBatch, DropoutKey, Geometry, SgdStep};
+pub use spec::{AdamStep, AttnDims, AugmentBatch, DropoutKey, Geometry, Normalize, SgdStep};
 
 /// Where a dropout result goes.
 #[derive(Clone, Copy)]
@@ -197,7 +197,7 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
-    /// Crops, flips and normalises a batch of raw images (`[b, 3, 32, 32]` on this
+    /// Crops, flips and normalises a batch of raw images (`[b, 3, side, side]` on this
     /// backend's device, stored as `dtype`).
     fn augment(&self, batch: &AugmentBatch, dtype: DType) -> Result<Tensor>;
 

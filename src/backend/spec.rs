@@ -72,16 +72,50 @@ pub struct Geometry {
     pub flip: bool,
 }
 
-/// The augment op's input: a batch of raw images and how to crop, flip and normalise
-/// each (data/ builds it; the backend does the work where the model is).
+/// Per-channel normalisation: a pixel `v` (0..=255) becomes `(v / 255 - mean[c]) / std[c]`.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Normalize {
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Normalize {
+    /// CIFAR-10's per-channel mean and std (as torchvision tutorials use them): the
+    /// default, and what checkpoints that record none were trained with.
+    pub const CIFAR10: Normalize = Normalize {
+        mean: [0.4914, 0.4822, 0.4465],
+        std: [0.2470, 0.2435, 0.2616],
+    };
+
+    /// Every mean finite, every std finite and positive; why not otherwise.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if let Some(m) = self.mean.iter().find(|m| !m.is_finite()) {
+            return Err(format!("mean {m} is not a finite number"));
+        }
+        match self.std.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+            Some(s) => Err(format!("std {s} must be a positive finite number")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Default for Normalize {
+    fn default() -> Self {
+        Normalize::CIFAR10
+    }
+}
+
+/// The augment op's input: a batch of raw square images and how to crop, flip and
+/// normalise each (data/ builds it; the backend does the work where the model is).
 #[derive(Clone, Copy, Debug)]
 pub struct AugmentBatch<'a> {
-    /// `[b, 3, 32, 32]` planar `u8` pixels.
+    /// `[b, 3, side, side]` planar `u8` pixels.
     pub pixels: &'a [u8],
+    /// The images' side in pixels.
+    pub side: usize,
     /// Each sample's crop and flip: the image shifted by (`dy`, `dx`) with zeros shifted
     /// in, then mirrored if `flip`.
     pub geometry: &'a [Geometry],
-    /// Per-channel mean and std: a pixel `v` becomes `(v / 255 - mean[c]) / std[c]`.
-    pub mean: [f32; 3],
-    pub std: [f32; 3],
+    /// How a pixel becomes an input value.
+    pub norm: Normalize,
 }

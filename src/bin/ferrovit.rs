@@ -8,7 +8,7 @@ use ferrovit::checkpoint::{self, Checkpoint};
 use ferrovit::data::cifar10;
 use ferrovit::data::Dataset;
 use ferrovit::engine::{Engine, TrainConfig};
-use ferrovit::infer::{load_images, Classifier};
+use ferrovit::infer::Classifier;
 use ferrovit::launch::LaunchOptions;
 use ferrovit::nn::PRESETS;
 use ferrovit::recipe::{self, PrecisionChoice, TrainOptions};
@@ -132,9 +132,9 @@ struct TrainArgs {
     options: TrainOptions,
 }
 
-/// Images are PNG or JPEG of any size: the shorter side is resized to the model's 32
-/// pixels (bilinear), then the centre is cropped, as for image-folder training data.
-/// Weights are used in place from the checkpoint's memory-mapped files (checksums
+/// Images are PNG or JPEG of any size: the shorter side is resized to the model's image
+/// size (the checkpoint's; bilinear), then the centre is cropped, as for image-folder
+/// training data, and normalised with the mean and std the checkpoint records. Weights are used in place from the checkpoint's memory-mapped files (checksums
 /// verified); every image is read before anything is printed.
 #[derive(Args)]
 struct InferArgs {
@@ -159,7 +159,8 @@ struct InferArgs {
 }
 
 /// The data directory is read as for `train --data` (CIFAR-10 binary or an image
-/// folder); its test split is evaluated. Its class names must be the checkpoint's
+/// folder) at the checkpoint's image size, normalised with its mean and std; its test
+/// split is evaluated. Its class names must be the checkpoint's
 /// (in any order: labels follow the names), or be mapped to them with --class-map.
 #[derive(Args)]
 struct EvalArgs {
@@ -430,7 +431,7 @@ fn infer(a: InferArgs) -> Result<()> {
     }
     let mut model = load_on(a.ckpt, a.device, a.precision)?;
     // every image is read before anything is printed
-    let images = load_images(&a.images)?;
+    let images = model.load_images(&a.images)?;
     let top = model.top_k(images, a.top_k)?;
     if a.json {
         let out: Vec<serde_json::Value> = a
@@ -458,7 +459,9 @@ fn eval(a: EvalArgs) -> Result<()> {
     }
     let mut model = load_on(a.ckpt, a.device, a.precision)?;
     let data = a.data.unwrap_or_else(ferrovit::data::default_data_dir);
-    let (_, mut test) = Dataset::open(&data)?;
+    // image folders decoded at the model's size; CIFAR-10 binary data resized to it
+    let (_, test) = Dataset::open_at(&data, model.image_size())?;
+    let mut test = model.prepare(test);
     model.align_classes(&mut test, &pairs("--class-map", &a.class_map)?)?;
     let names = test.classes.clone();
     let c = model.evaluate(test, a.batch_size)?;

@@ -2,6 +2,7 @@
 //! docs/checkpoint-format.md specifies both; this module is the one place that
 //! writes and parses them, with every bound checked before anything is read.
 
+use crate::backend::Normalize;
 use crate::error::{Error, Result};
 use crate::metrics::RunningMean;
 use crate::optim::{LrSchedule, OptimizerKind};
@@ -71,6 +72,11 @@ pub struct TrainingState {
     /// uninterrupted run. Empty at an epoch's end.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub running: BTreeMap<String, RunningMean>,
+    /// How the model's input images were normalised (`{"mean": [r, g, b], "std": [r, g,
+    /// b]}`), for inference; absent from older checkpoints, which were trained with
+    /// CIFAR-10's (the default).
+    #[serde(default)]
+    pub normalize: Normalize,
 }
 
 /// The parallel layout a checkpoint was saved under.
@@ -340,6 +346,9 @@ impl TrainingState {
         let mut seen = std::collections::BTreeSet::new();
         if let Some(dup) = self.classes.iter().find(|c| !seen.insert(c.as_str())) {
             return bad(format!("class name {dup:?} appears twice"));
+        }
+        if let Err(why) = self.normalize.check() {
+            return bad(format!("normalize: {why}"));
         }
         self.check_running()
     }

@@ -30,6 +30,7 @@ pub use writer::{
 
 use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::nn::VitConfig;
 use crate::tensor::{DType, Tensor};
 use std::path::{Path, PathBuf};
 
@@ -114,6 +115,9 @@ pub struct LoadReport {
     pub unexpected: Vec<String>,
     /// Present in both with different shapes: (name, checkpoint shape, model shape).
     pub mismatched: Vec<(String, Vec<usize>, Vec<usize>)>,
+    /// Position embeddings resampled to the model's patch grid (non-strict loads, the
+    /// same patch size): (name, the checkpoint's grid side, the model's).
+    pub resampled: Vec<(String, usize, usize)>,
     /// Tensors loaded.
     pub loaded: usize,
     /// Whether the optimizer state was restored.
@@ -143,6 +147,12 @@ impl std::fmt::Display for LoadReport {
             write!(
                 f,
                 "; `{n}` shape {c:?} in the checkpoint vs {m:?} in the model (kept initial)"
+            )?;
+        }
+        for (n, from, to) in &self.resampled {
+            write!(
+                f,
+                "; `{n}` resampled from a {from}×{from} to a {to}×{to} patch grid (bicubic, the cls position kept)"
             )?;
         }
         Ok(())
@@ -223,8 +233,16 @@ impl Engine {
         let model = self.model.clone();
         let params = self.params_mut();
         for p in params.iter() {
+            let grids = |saved: &[usize]| match opts.strict || p.name != "pos_embed" {
+                true => None,
+                false => pos_embed_grids(&ckpt.index.model, &model.config, saved, p.value.dims()),
+            };
             match ckpt.index.tensors.get(&p.name) {
                 None => report.missing.push(p.name.clone()),
+                Some(t) if t.shape.as_slice() != p.value.dims() && grids(&t.shape).is_some() => {
+                    let (from, to) = grids(&t.shape).unwrap_or_default();
+                    report.resampled.push((p.name.clone(), from, to));
+                }
                 Some(t) if t.shape.as_slice() != p.value.dims() => report.mismatched.push((
                     p.name.clone(),
                     t.shape.clone(),
@@ -250,10 +268,13 @@ impl Engine {
         }
         // Read (and checksum) everything, tensors in parallel, before changing anything.
         use rayon::prelude::*;
-        let loaded: Vec<(String, Tensor)> = values
+        let mut loaded: Vec<(String, Tensor)> = values
             .into_par_iter()
             .map(|n| ckpt.read(&n).map(|t| (n, t)))
             .collect::<Result<_>>()?;
+        for (name, from, to) in &report.resampled {
+            loaded.push((name.clone(), resampled_pos_embed(&ckpt, name, *from, *to)?));
+        }
         // Optimizer state: all of it (same optimizer, every tensor present) or none.
         let state_names: Vec<String> = self
             .optimizer
@@ -303,6 +324,33 @@ impl Engine {
         }
         Ok((ckpt.index.training.clone(), report))
     }
+}
+
+/// The checkpoint's and the model's patch grid sides when the checkpoint's position
+/// embedding (shape `saved`) can be resampled to the model's (`want`): the same patch
+/// size and width, square grids of other sizes.
+fn pos_embed_grids(
+    saved_cfg: &VitConfig,
+    cfg: &VitConfig,
+    saved: &[usize],
+    want: &[usize],
+) -> Option<(usize, usize)> {
+    use crate::nn::pos_embed::grid_side;
+    match (saved, want) {
+        ([1, a, d], [1, b, e]) if d == e && saved_cfg.patch_size == cfg.patch_size => {
+            Some((grid_side(*a)?, grid_side(*b)?))
+        }
+        _ => None,
+    }
+}
+
+/// Tensor `name` of `ckpt` (a position embedding `[1, 1 + from², dim]`) resampled to a
+/// `to` × `to` grid, as timm's `resample_abs_pos_embed`.
+fn resampled_pos_embed(ckpt: &Checkpoint, name: &str, from: usize, to: usize) -> Result<Tensor> {
+    let t = ckpt.read(name)?.to_dtype(DType::F32);
+    let dim = t.dims()[2];
+    let values = crate::nn::pos_embed::resample_pos_embed(&t.to_vec_f32(), dim, from, to);
+    Tensor::from_vec(values, [1, 1 + to * to, dim])
 }
 
 fn first_difference(r: &LoadReport) -> String {

@@ -1,5 +1,5 @@
-//! AutoAugment (Cubuk et al., 2019) with the CIFAR-10 policy, on planar `[3, 32, 32]`
-//! `u8` images.
+//! AutoAugment (Cubuk et al., 2019) with the CIFAR-10 policy, on planar `[3, S, S]`
+//! `u8` images of any side `S` (translations scale with it, as torchvision's do).
 //!
 //! The operations, magnitudes and rounding follow torchvision's tensor implementation
 //! (`torchvision.transforms.AutoAugment(AutoAugmentPolicy.CIFAR10)`, nearest
@@ -7,7 +7,7 @@
 //! PyTorch recipe would; `tests/core/autoaugment.rs` compares every op against torchvision's
 //! output on real images.
 
-use super::transforms::{PIXELS, SIDE};
+use super::transforms::side_of;
 use crate::rng::Rng;
 
 /// One AutoAugment image operation.
@@ -127,14 +127,21 @@ impl Op {
         )
     }
 
-    /// The unsigned magnitude of `bin` (0..BINS) for 32 × 32 images: shear as a slope,
-    /// translation in pixels, rotation in degrees, enhancement as the factor minus 1,
-    /// posterize in bits kept, solarize as the threshold; 0 for ops without one.
+    /// The unsigned magnitude of `bin` (0..BINS) for 32 × 32 images
+    /// ([`Op::magnitude_at`] with side 32).
     pub fn magnitude(self, bin: usize) -> f32 {
+        self.magnitude_at(bin, 32)
+    }
+
+    /// The unsigned magnitude of `bin` (0..BINS) for `side` × `side` images: shear as a
+    /// slope, translation in pixels (torchvision: up to 150/331 of the side), rotation
+    /// in degrees, enhancement as the factor minus 1, posterize in bits kept, solarize
+    /// as the threshold; 0 for ops without one.
+    pub fn magnitude_at(self, bin: usize, side: usize) -> f32 {
         let bin = bin.min(BINS - 1);
         match self {
             ShearX | ShearY => linspace(0.0, 0.3, bin),
-            TranslateX | TranslateY => linspace(0.0, 150.0 / 331.0 * SIDE as f32, bin),
+            TranslateX | TranslateY => linspace(0.0, 150.0 / 331.0 * side as f32, bin),
             Rotate => linspace(0.0, 30.0, bin),
             Brightness | Color | Contrast | Sharpness => linspace(0.0, 0.9, bin),
             Posterize => 8.0 - (bin as f32 / ((BINS - 1) as f32 / 4.0)).round_ties_even(),
@@ -145,15 +152,18 @@ impl Op {
 
     /// The operation at a (signed) magnitude, as [`Op::magnitude`] defines it.
     pub fn apply(self, img: &[u8], m: f32) -> Vec<u8> {
+        let side = side_of(img);
+        let half = side as f32 * 0.5;
+        let pixels = side * side;
         match self {
             // torchvision: shear angle atan(m) about the top-left corner
             ShearX => affine(
                 img,
-                inverse_affine([-HALF, -HALF], 0.0, [0.0, 0.0], [m, 0.0]),
+                inverse_affine([-half, -half], 0.0, [0.0, 0.0], [m, 0.0]),
             ),
             ShearY => affine(
                 img,
-                inverse_affine([-HALF, -HALF], 0.0, [0.0, 0.0], [0.0, m]),
+                inverse_affine([-half, -half], 0.0, [0.0, 0.0], [0.0, m]),
             ),
             // whole pixels, truncated toward zero
             TranslateX => affine(
@@ -173,7 +183,7 @@ impl Op {
             }
             Contrast => {
                 let gray = grayscale(img);
-                let mean = gray.iter().map(|&v| v as f32).sum::<f32>() / PIXELS as f32;
+                let mean = gray.iter().map(|&v| v as f32).sum::<f32>() / pixels as f32;
                 blend(img, |_, _| mean, m)
             }
             Sharpness => {
@@ -188,8 +198,8 @@ impl Op {
                 .iter()
                 .map(|&v| if v as f32 >= m { 255 - v } else { v })
                 .collect(),
-            AutoContrast => img.chunks(PIXELS).flat_map(autocontrast_plane).collect(),
-            Equalize => img.chunks(PIXELS).flat_map(equalize_plane).collect(),
+            AutoContrast => img.chunks(pixels).flat_map(autocontrast_plane).collect(),
+            Equalize => img.chunks(pixels).flat_map(equalize_plane).collect(),
             Invert => img.iter().map(|v| 255 - v).collect(),
         }
     }
@@ -206,14 +216,12 @@ pub fn auto_augment(img: &[u8], rng: &mut Rng) -> Vec<u8> {
         let draw = rng.uniform(0.0, 1.0);
         let negative = rng.next_u64() & 1 == 0;
         if draw <= p {
-            let m = op.magnitude(bin);
+            let m = op.magnitude_at(bin, side_of(&out));
             out = op.apply(&out, if op.signed() && negative { -m } else { m });
         }
     }
     out
 }
-
-const HALF: f32 = SIDE as f32 * 0.5;
 
 /// torchvision's `_get_inverse_affine_matrix`: the map from output to input
 /// coordinates (origin at the image centre) of rotation by `angle` degrees about
@@ -236,26 +244,21 @@ fn inverse_affine(center: [f32; 2], angle: f32, translate: [f32; 2], shear: [f32
 /// Nearest-neighbour resampling through the inverse map `m`, zeros outside (torch's
 /// affine grid + `grid_sample(align_corners=False)`, evaluated in f32 in its order).
 fn affine(img: &[u8], m: [f32; 6]) -> Vec<u8> {
-    let r = [
-        m[0] / HALF,
-        m[1] / HALF,
-        m[2] / HALF,
-        m[3] / HALF,
-        m[4] / HALF,
-        m[5] / HALF,
-    ];
-    let unnormalize = |g: f32| ((g + 1.0) * SIDE as f32 - 1.0) / 2.0;
+    let side = side_of(img);
+    let (pixels, half) = (side * side, side as f32 * 0.5);
+    let r = m.map(|v| v / half);
+    let unnormalize = |g: f32| ((g + 1.0) * side as f32 - 1.0) / 2.0;
     let mut out = vec![0u8; img.len()];
-    for y in 0..SIDE {
-        let yc = y as f32 - HALF + 0.5;
-        for x in 0..SIDE {
-            let xc = x as f32 - HALF + 0.5;
+    for y in 0..side {
+        let yc = y as f32 - half + 0.5;
+        for x in 0..side {
+            let xc = x as f32 - half + 0.5;
             let sx = unnormalize(xc * r[0] + yc * r[1] + r[2]).round_ties_even();
             let sy = unnormalize(xc * r[3] + yc * r[4] + r[5]).round_ties_even();
-            if (0.0..SIDE as f32).contains(&sx) && (0.0..SIDE as f32).contains(&sy) {
-                let src = sy as usize * SIDE + sx as usize;
-                for c in 0..img.len() / PIXELS {
-                    out[c * PIXELS + y * SIDE + x] = img[c * PIXELS + src];
+            if (0.0..side as f32).contains(&sx) && (0.0..side as f32).contains(&sy) {
+                let src = sy as usize * side + sx as usize;
+                for c in 0..img.len() / pixels {
+                    out[c * pixels + y * side + x] = img[c * pixels + src];
                 }
             }
         }
@@ -269,19 +272,21 @@ fn blend(img: &[u8], other: impl Fn(usize, usize) -> f32, m: f32) -> Vec<u8> {
     // torchvision forms 1 + m and its complement in f64, then computes in f32
     let factor = 1.0 + m as f64;
     let (a, b) = (factor as f32, (1.0 - factor) as f32);
+    let pixels = img.len() / 3;
     img.iter()
         .enumerate()
-        .map(|(i, &v)| (a * v as f32 + b * other(i, i % PIXELS)).clamp(0.0, 255.0) as u8)
+        .map(|(i, &v)| (a * v as f32 + b * other(i, i % pixels)).clamp(0.0, 255.0) as u8)
         .collect()
 }
 
 /// ITU-R 601 luma, truncated to `u8`.
 fn grayscale(img: &[u8]) -> Vec<u8> {
-    (0..PIXELS)
+    let pixels = img.len() / 3;
+    (0..pixels)
         .map(|p| {
             (0.2989 * img[p] as f32
-                + 0.587 * img[PIXELS + p] as f32
-                + 0.114 * img[2 * PIXELS + p] as f32) as u8
+                + 0.587 * img[pixels + p] as f32
+                + 0.114 * img[2 * pixels + p] as f32) as u8
         })
         .collect()
 }
@@ -289,18 +294,20 @@ fn grayscale(img: &[u8]) -> Vec<u8> {
 /// PIL's SMOOTH filter (3 × 3, centre weight 5) on interior pixels, rounded; the border
 /// keeps its values.
 fn smooth(img: &[u8]) -> Vec<u8> {
+    let side = side_of(img);
+    let pixels = side * side;
     let mut out = img.to_vec();
-    for (c, plane) in img.chunks(PIXELS).enumerate() {
-        for y in 1..SIDE - 1 {
-            for x in 1..SIDE - 1 {
+    for (c, plane) in img.chunks(pixels).enumerate() {
+        for y in 1..side.saturating_sub(1) {
+            for x in 1..side.saturating_sub(1) {
                 let mut s = 0.0f32;
                 for dy in 0..3 {
                     for dx in 0..3 {
                         let w = if dy == 1 && dx == 1 { 5.0 } else { 1.0 } / 13.0;
-                        s += w * plane[(y + dy - 1) * SIDE + x + dx - 1] as f32;
+                        s += w * plane[(y + dy - 1) * side + x + dx - 1] as f32;
                     }
                 }
-                out[c * PIXELS + y * SIDE + x] = s.round_ties_even().clamp(0.0, 255.0) as u8;
+                out[c * pixels + y * side + x] = s.round_ties_even().clamp(0.0, 255.0) as u8;
             }
         }
     }

@@ -3,7 +3,8 @@
 //!
 //! Classes are the sorted sub-folder names of `train/`; `test/` may hold any subset of
 //! them. Images are decoded with the `image` crate, converted to RGB, and brought to
-//! 32 × 32: the shorter side is resized to 32 (bilinear), then the centre is cropped.
+//! S × S (`--image-size`, 32 by default): the shorter side is resized to S (bilinear),
+//! then the centre is cropped.
 //! Files with other extensions and hidden files are skipped; a file with an image
 //! extension that does not decode is an error naming it.
 //!
@@ -71,10 +72,15 @@ fn check_dimensions(path: &Path, (w, h): (u32, u32)) -> Result<()> {
     })
 }
 
-/// Decodes an image file into planar `[3, 32, 32]` RGB bytes: a regular file (pipes
+/// Decodes an image file into planar `[3, 32, 32]` RGB bytes ([`load_image_at`] 32).
+pub fn load_image(path: &Path) -> Result<Vec<u8>> {
+    load_image_at(path, 32)
+}
+
+/// Decodes an image file into planar `[3, side, side]` RGB bytes: a regular file (pipes
 /// and devices refused), read in full but bounded, its size checked from its header
 /// before the decoder allocates anything.
-pub fn load_image(path: &Path) -> Result<Vec<u8>> {
+pub fn load_image_at(path: &Path, side: usize) -> Result<Vec<u8>> {
     let bytes = crate::files::read_regular_file(path, MAX_IMAGE_FILE_BYTES)?;
     let reader = || {
         image::ImageReader::new(std::io::Cursor::new(&bytes[..]))
@@ -95,37 +101,48 @@ pub fn load_image(path: &Path) -> Result<Vec<u8>> {
     decoder.limits(limits);
     let img = decoder.decode().map_err(cannot)?;
     check_dimensions(path, (img.width(), img.height()))?;
-    Ok(to_planar_32(&img))
+    Ok(to_planar(&img, side))
 }
 
-/// Resizes the shorter side to 32 (bilinear), centre-crops 32 × 32, and lays the RGB
-/// channels out as planes.
-pub fn to_planar_32(img: &image::DynamicImage) -> Vec<u8> {
+/// Resizes the shorter side to `side` (bilinear), centre-crops `side` × `side`, and
+/// lays the RGB channels out as planes.
+pub fn to_planar(img: &image::DynamicImage, side: usize) -> Vec<u8> {
     let (w, h) = (img.width().max(1), img.height().max(1));
-    let rgb = if (w, h) == (32, 32) {
+    let t = side as u32;
+    let rgb = if (w, h) == (t, t) {
         img.to_rgb8()
     } else {
-        let s = 32.0 / w.min(h) as f64;
+        let s = t as f64 / w.min(h) as f64;
         let (nw, nh) = (
-            ((w as f64 * s).round() as u32).max(32),
-            ((h as f64 * s).round() as u32).max(32),
+            ((w as f64 * s).round() as u32).max(t),
+            ((h as f64 * s).round() as u32).max(t),
         );
         let resized = img.resize_exact(nw, nh, FilterType::Triangle);
-        resized
-            .crop_imm((nw - 32) / 2, (nh - 32) / 2, 32, 32)
-            .to_rgb8()
+        resized.crop_imm((nw - t) / 2, (nh - t) / 2, t, t).to_rgb8()
     };
-    let mut out = vec![0u8; 3 * 1024];
+    let plane = side * side;
+    let mut out = vec![0u8; 3 * plane];
     for (p, px) in rgb.pixels().enumerate() {
         for c in 0..3 {
-            out[c * 1024 + p] = px[c];
+            out[c * plane + p] = px[c];
         }
     }
     out
 }
 
-/// Reads one split (`train/` or `test/`) with the given class list.
-fn read_split(dir: &Path, classes: &[String]) -> Result<Dataset> {
+/// A planar `[3, from, from]` image resized to `[3, to, to]` as [`to_planar`] resizes
+/// a decoded one (bilinear).
+pub fn resize_planar(img: &[u8], from: usize, to: usize) -> Vec<u8> {
+    let plane = from * from;
+    let rgb = image::RgbImage::from_fn(from as u32, from as u32, |x, y| {
+        let p = y as usize * from + x as usize;
+        image::Rgb([img[p], img[plane + p], img[2 * plane + p]])
+    });
+    to_planar(&image::DynamicImage::ImageRgb8(rgb), to)
+}
+
+/// Reads one split (`train/` or `test/`) with the given class list, images `side` × `side`.
+fn read_split(dir: &Path, classes: &[String], side: usize) -> Result<Dataset> {
     let mut files = Vec::new();
     for class_dir in sorted_entries(dir)? {
         if !class_dir.is_dir() {
@@ -160,17 +177,24 @@ fn read_split(dir: &Path, classes: &[String]) -> Result<Dataset> {
     }
     let images = files
         .par_iter()
-        .map(|(f, _)| load_image(f))
+        .map(|(f, _)| load_image_at(f, side))
         .collect::<Result<Vec<_>>>()?;
     Ok(Dataset {
         images: images.concat(),
         labels: files.iter().map(|(_, l)| *l).collect(),
         classes: classes.to_vec(),
+        side,
+        ..Dataset::default()
     })
 }
 
-/// The train and test splits of an image folder.
+/// The train and test splits of an image folder at 32 × 32.
 pub fn read_image_folder(dir: &Path) -> Result<(Dataset, Dataset)> {
+    read_image_folder_at(dir, 32)
+}
+
+/// The train and test splits of an image folder, images `side` × `side`.
+pub fn read_image_folder_at(dir: &Path, side: usize) -> Result<(Dataset, Dataset)> {
     let train_dir = dir.join("train");
     let classes: Vec<String> = sorted_entries(&train_dir)?
         .into_iter()
@@ -187,7 +211,7 @@ pub fn read_image_folder(dir: &Path) -> Result<(Dataset, Dataset)> {
             ),
         });
     }
-    let train = read_split(&train_dir, &classes)?;
-    let test = read_split(&dir.join("test"), &classes)?;
+    let train = read_split(&train_dir, &classes, side)?;
+    let test = read_split(&dir.join("test"), &classes, side)?;
     Ok((train, test))
 }

@@ -8,8 +8,9 @@ pub mod folder;
 mod loader;
 pub mod transforms;
 
+pub use crate::backend::Normalize;
 pub use loader::{Batch, Epoch, Loader, Sampler};
-use transforms::{normalize_into, PIXELS};
+use transforms::normalize_into;
 pub use transforms::{Augment, Geometry};
 
 use crate::backend::AugmentBatch;
@@ -21,10 +22,13 @@ use std::path::{Path, PathBuf};
 
 /// Bytes per CIFAR-10 record: one label byte, then 3 × 32 × 32 pixel bytes (planar RGB).
 pub const RECORD: usize = 1 + 3 * 32 * 32;
-/// Per-channel mean and std used to normalise images (CIFAR-10's, as torchvision
-/// tutorials use them).
-pub const MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];
-pub const STD: [f32; 3] = [0.2470, 0.2435, 0.2616];
+/// Per-channel mean and std used to normalise images by default (CIFAR-10's, as
+/// torchvision tutorials use them: [`Normalize::CIFAR10`]).
+pub const MEAN: [f32; 3] = Normalize::CIFAR10.mean;
+pub const STD: [f32; 3] = Normalize::CIFAR10.std;
+/// Smallest and largest image side a data set is brought to.
+pub const MIN_IMAGE_SIDE: usize = 1;
+pub const MAX_IMAGE_SIDE: usize = 1024;
 
 /// Largest CIFAR-10 binary file read (the real ones are 30 MB; 1.4 M records fit).
 pub const MAX_DATA_FILE_BYTES: u64 = 4 << 30;
@@ -68,12 +72,29 @@ pub fn first_duplicate(names: &[String]) -> Option<&str> {
         .map(String::as_str)
 }
 
-/// Images as raw bytes `[n, 3, 32, 32]` and their labels.
-#[derive(Clone, Debug, Default)]
+/// Square images as raw bytes `[n, 3, side, side]`, their labels, and how batches
+/// normalise them.
+#[derive(Clone, Debug)]
 pub struct Dataset {
     pub images: Vec<u8>,
     pub labels: Vec<u8>,
     pub classes: Vec<String>,
+    /// The images' side in pixels (32 for CIFAR-10 binary data).
+    pub side: usize,
+    /// The per-channel normalisation of [`Dataset::batch`] and [`RawImages`].
+    pub norm: Normalize,
+}
+
+impl Default for Dataset {
+    fn default() -> Self {
+        Dataset {
+            images: Vec::new(),
+            labels: Vec::new(),
+            classes: Vec::new(),
+            side: 32,
+            norm: Normalize::default(),
+        }
+    }
 }
 
 /// The default data set shipped with the repository (found where the crate was built,
@@ -157,9 +178,27 @@ impl Dataset {
         Ok((train, test))
     }
 
-    /// The train and test splits of a data directory: CIFAR-10 binary files when it
-    /// has `batches.meta.txt`, otherwise an image folder with `train/` and `test/`.
+    /// The train and test splits of a data directory at 32 × 32 ([`Dataset::open_at`]).
     pub fn open(dir: &Path) -> Result<(Dataset, Dataset)> {
+        Dataset::open_at(dir, 32)
+    }
+
+    /// The train and test splits of a data directory, images `side` × `side`: CIFAR-10
+    /// binary files when it has `batches.meta.txt` (32 × 32, resized to `side` as an
+    /// image folder's images are: bilinear), otherwise an image folder with `train/`
+    /// and `test/` (each image's shorter side resized to `side`, the centre cropped).
+    pub fn open_at(dir: &Path, side: usize) -> Result<(Dataset, Dataset)> {
+        if !(MIN_IMAGE_SIDE..=MAX_IMAGE_SIDE).contains(&side) {
+            return Err(Error::Config(format!(
+                "image size {side}: must be in {MIN_IMAGE_SIDE}..={MAX_IMAGE_SIDE}"
+            )));
+        }
+        let (train, test) = Dataset::open_native(dir, side)?;
+        Ok((train.resized(side), test.resized(side)))
+    }
+
+    /// The splits as stored: CIFAR-10 binary data at 32, an image folder at `side`.
+    fn open_native(dir: &Path, side: usize) -> Result<(Dataset, Dataset)> {
         if !dir.is_dir() {
             return Err(Error::Format {
                 path: dir.to_path_buf(),
@@ -169,7 +208,7 @@ impl Dataset {
         if dir.join("batches.meta.txt").is_file() {
             Dataset::cifar_dir(dir)
         } else if dir.join("train").is_dir() {
-            folder::read_image_folder(dir)
+            folder::read_image_folder_at(dir, side)
         } else {
             Err(Error::Format {
                 path: dir.to_path_buf(),
@@ -178,28 +217,61 @@ impl Dataset {
         }
     }
 
-    /// Normalised f32 images `[b, 3, 32, 32]` and labels for the given indices. With
+    /// These images brought to `side` × `side` (bilinear, as an image folder's are;
+    /// unchanged at their own side).
+    pub fn resized(self, side: usize) -> Dataset {
+        if side == self.side {
+            return self;
+        }
+        use rayon::prelude::*;
+        let images = self
+            .images
+            .par_chunks(3 * self.side * self.side)
+            .flat_map_iter(|img| folder::resize_planar(img, self.side, side))
+            .collect();
+        Dataset {
+            images,
+            side,
+            ..self
+        }
+    }
+
+    /// These images normalised by `norm` in batches.
+    pub fn with_norm(self, norm: Normalize) -> Dataset {
+        Dataset { norm, ..self }
+    }
+
+    /// Bytes of one image.
+    fn image_bytes(&self) -> usize {
+        3 * self.side * self.side
+    }
+
+    /// Normalised f32 images `[b, 3, side, side]` and labels for the given indices. With
     /// `augment = Some((aug, key))`, each image is augmented from its own random stream
     /// keyed by (`key`, sample index), so an image's augmentation does not depend on
-    /// which batch, worker or data-parallel rank builds it.
+    /// which batch, worker or data-parallel rank builds it. The crop padding is for
+    /// 32 × 32 and scales with the side ([`Augment::for_side`]).
     pub fn batch(
         &self,
         idx: &[usize],
         augment: Option<(Augment, u64)>,
     ) -> Result<(Tensor, Vec<usize>)> {
-        let mut out = Vec::with_capacity(idx.len() * 3 * PIXELS);
+        let mut out = Vec::with_capacity(idx.len() * self.image_bytes());
+        let (mean, std) = (&self.norm.mean, &self.norm.std);
         for &i in idx {
             let img = self.image(i)?;
             match augment {
                 Some((aug, key)) if !aug.is_identity() => {
                     let mut rng = sample_rng(key, i);
-                    normalize_into(&aug.apply(img, &mut rng), &MEAN, &STD, &mut out)
+                    let aug = aug.for_side(self.side);
+                    normalize_into(&aug.apply(img, &mut rng), mean, std, &mut out)
                 }
-                _ => normalize_into(img, &MEAN, &STD, &mut out),
+                _ => normalize_into(img, mean, std, &mut out),
             }
         }
         let labels = self.labels_of(idx)?;
-        Ok((Tensor::from_vec(out, [idx.len(), 3, 32, 32])?, labels))
+        let s = self.side;
+        Ok((Tensor::from_vec(out, [idx.len(), 3, s, s])?, labels))
     }
 
     /// As [`Dataset::batch`] for a device that crops, flips and normalises itself: the
@@ -211,8 +283,10 @@ impl Dataset {
         augment: Option<(Augment, u64)>,
     ) -> Result<(RawImages, Vec<usize>)> {
         let mut raw = RawImages {
-            pixels: Vec::with_capacity(idx.len() * 3 * PIXELS),
+            pixels: Vec::with_capacity(idx.len() * self.image_bytes()),
             geometry: Vec::with_capacity(idx.len()),
+            side: self.side,
+            norm: self.norm,
         };
         for &i in idx {
             raw.pixels.extend_from_slice(self.image(i)?);
@@ -222,7 +296,9 @@ impl Dataset {
                         "AutoAugment runs on the CPU: it cannot be deferred to the device".into(),
                     ))
                 }
-                Some((aug, key)) => aug.draw_geometry(&mut sample_rng(key, i)),
+                Some((aug, key)) => aug
+                    .for_side(self.side)
+                    .draw_geometry(&mut sample_rng(key, i)),
                 None => Geometry::default(),
             });
         }
@@ -230,14 +306,13 @@ impl Dataset {
     }
 
     fn image(&self, i: usize) -> Result<&[u8]> {
-        self.images
-            .get(i * 3 * PIXELS..(i + 1) * 3 * PIXELS)
-            .ok_or_else(|| {
-                Error::Config(format!(
-                    "sample {i} is out of range for {} images",
-                    self.len()
-                ))
-            })
+        let n = self.image_bytes();
+        self.images.get(i * n..(i + 1) * n).ok_or_else(|| {
+            Error::Config(format!(
+                "sample {i} is out of range for {} images",
+                self.len()
+            ))
+        })
     }
 
     /// The labels of samples `idx`.
@@ -261,39 +336,47 @@ fn sample_rng(key: u64, i: usize) -> Rng {
 }
 
 /// A batch's images before cropping, flipping and normalising (done by the device).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct RawImages {
-    /// `[b, 3, 32, 32]` planar `u8` pixels.
+    /// `[b, 3, side, side]` planar `u8` pixels.
     pub pixels: Vec<u8>,
     /// Each sample's crop and flip.
     pub geometry: Vec<Geometry>,
+    /// The images' side in pixels.
+    pub side: usize,
+    /// The data set's normalisation.
+    pub norm: Normalize,
 }
 
 impl RawImages {
-    /// Normalised f32 images `[b, 3, 32, 32]` on the CPU: the reference for devices.
+    /// Normalised f32 images `[b, 3, side, side]` on the CPU: the reference for devices.
     pub fn to_images(&self) -> Result<Tensor> {
         let mut out = Vec::with_capacity(self.pixels.len());
-        for (img, g) in self.pixels.chunks(3 * PIXELS).zip(&self.geometry) {
-            normalize_into(&g.apply(img), &MEAN, &STD, &mut out);
+        let n = 3 * self.side * self.side;
+        for (img, g) in self.pixels.chunks(n.max(1)).zip(&self.geometry) {
+            normalize_into(&g.apply(img), &self.norm.mean, &self.norm.std, &mut out);
         }
-        Tensor::from_vec(out, [self.geometry.len(), 3, 32, 32])
+        let s = self.side;
+        Tensor::from_vec(out, [self.geometry.len(), 3, s, s])
     }
 
     /// The augment op's input for these images, with the data set's normalisation.
     pub fn batch(&self) -> AugmentBatch<'_> {
         AugmentBatch {
             pixels: &self.pixels,
+            side: self.side,
             geometry: &self.geometry,
-            mean: MEAN,
-            std: STD,
+            norm: self.norm,
         }
     }
 
     /// Samples `range` (a pipeline's micro-batch).
     pub fn rows(&self, range: std::ops::Range<usize>) -> RawImages {
+        let n = 3 * self.side * self.side;
         RawImages {
-            pixels: self.pixels[range.start * 3 * PIXELS..range.end * 3 * PIXELS].to_vec(),
+            pixels: self.pixels[range.start * n..range.end * n].to_vec(),
             geometry: self.geometry[range].to_vec(),
+            ..*self
         }
     }
 }

@@ -1,20 +1,30 @@
-//! Image transforms on raw CIFAR-style images (`[3, 32, 32]` planar `u8`), applied per
-//! sample by the loader before normalisation.
+//! Image transforms on raw square images (`[3, S, S]` planar `u8`; S = 32 for
+//! CIFAR-10), applied per sample by the loader before normalisation.
 
 use super::autoaugment::auto_augment;
 pub use crate::backend::Geometry;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
-pub const SIDE: usize = 32;
-pub const PIXELS: usize = SIDE * SIDE;
+/// The side of a square 3-channel planar image of `img.len()` bytes.
+pub fn side_of(img: &[u8]) -> usize {
+    (img.len() / 3).isqrt()
+}
+
+/// The crop padding that corresponds at `side` pixels to `padding` at 32 (the padding
+/// timm and torchvision use for CIFAR-10 is 4): `padding × side / 32`, rounded, so the
+/// random shift covers the same fraction of the image at every size.
+pub fn scaled_padding(padding: usize, side: usize) -> usize {
+    (padding * side + 16) / 32
+}
 
 /// Which random augmentation the training loader applies. Written as a comma-separated
 /// list of `crop`, `flip`, `autoaugment`, or `none` (flags and config files).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Augment {
-    /// Random crop of a zero-padded image (torchvision `RandomCrop(32, padding)`); 0: off.
+    /// Random crop of a zero-padded image (torchvision `RandomCrop(32, padding)`), the
+    /// padding given for 32 × 32 images (scaled with the image: [`scaled_padding`]); 0: off.
     pub crop_padding: usize,
     /// Random horizontal flip with probability 1/2.
     pub flip: bool,
@@ -90,6 +100,15 @@ impl Augment {
         Ok(a)
     }
 
+    /// This augmentation for `side` × `side` images: the crop padding scaled from 32
+    /// ([`scaled_padding`]; unchanged at 32).
+    pub fn for_side(self, side: usize) -> Augment {
+        Augment {
+            crop_padding: scaled_padding(self.crop_padding, side),
+            ..self
+        }
+    }
+
     /// Draws the crop offsets, then the flip (the first numbers [`Augment::apply`]
     /// draws from `rng`).
     pub fn draw_geometry(&self, rng: &mut Rng) -> Geometry {
@@ -137,8 +156,9 @@ impl Geometry {
 /// zero-padded image at offset (`pad + dy`, `pad + dx`).
 pub fn shift(img: &[u8], dy: isize, dx: isize) -> Vec<u8> {
     let mut out = vec![0u8; img.len()];
-    let s = SIDE as isize;
-    for c in 0..img.len() / PIXELS {
+    let side = side_of(img);
+    let (s, pixels) = (side as isize, side * side);
+    for c in 0..img.len() / pixels.max(1) {
         for y in 0..s {
             let sy = y + dy;
             if !(0..s).contains(&sy) {
@@ -147,8 +167,8 @@ pub fn shift(img: &[u8], dy: isize, dx: isize) -> Vec<u8> {
             for x in 0..s {
                 let sx = x + dx;
                 if (0..s).contains(&sx) {
-                    out[c * PIXELS + (y * s + x) as usize] =
-                        img[c * PIXELS + (sy * s + sx) as usize];
+                    out[c * pixels + (y * s + x) as usize] =
+                        img[c * pixels + (sy * s + sx) as usize];
                 }
             }
         }
@@ -159,7 +179,7 @@ pub fn shift(img: &[u8], dy: isize, dx: isize) -> Vec<u8> {
 /// Mirror image (left ↔ right).
 pub fn hflip(img: &[u8]) -> Vec<u8> {
     let mut out = img.to_vec();
-    for row in out.chunks_mut(SIDE) {
+    for row in out.chunks_mut(side_of(img).max(1)) {
         row.reverse();
     }
     out
@@ -167,7 +187,7 @@ pub fn hflip(img: &[u8]) -> Vec<u8> {
 
 /// `u8` pixels to f32, `(v / 255 - mean[c]) / std[c]` per channel, appended to `out`.
 pub fn normalize_into(img: &[u8], mean: &[f32; 3], std: &[f32; 3], out: &mut Vec<f32>) {
-    for (c, plane) in img.chunks(PIXELS).enumerate() {
+    for (c, plane) in img.chunks((img.len() / 3).max(1)).enumerate() {
         out.extend(plane.iter().map(|&v| (v as f32 / 255.0 - mean[c]) / std[c]));
     }
 }
@@ -175,6 +195,8 @@ pub fn normalize_into(img: &[u8], mean: &[f32; 3], std: &[f32; 3], out: &mut Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const PIXELS: usize = 32 * 32;
 
     /// A 3-channel image whose pixel value encodes its position (and channel).
     fn ramp() -> Vec<u8> {

@@ -7,6 +7,7 @@
 //! `nn.LayerNorm` starts at weight 1, bias 0. The ViT's own tensors follow timm:
 //! position embedding trunc_normal(std 0.02, cut at ±2 std), cls token normal(std 1e-6).
 
+pub mod pos_embed;
 mod vit;
 
 pub use vit::{ForwardCtx, Part, PartInput, Vit, VitConfig, PRESETS};

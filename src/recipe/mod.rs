@@ -373,7 +373,9 @@ fn train_rank(
     let (rank, world) = group.as_ref().map_or((0, 1), |g| (g.rank(), g.world()));
     let logger = Logger::new(rank, world);
     let dir = opts.data_dir();
-    let (train, test) = Dataset::open(&dir)?;
+    let norm = opts.norm()?;
+    let (train, test) = Dataset::open_at(&dir, opts.model(1)?.image_size)?;
+    let (train, test) = (train.with_norm(norm), test.with_norm(norm));
     let cfg = opts.model(train.classes.len())?;
     let augment = opts.augment;
     let layout = layout(opts, &cfg)?;
@@ -485,10 +487,13 @@ fn describe_run(
     cfg: &VitConfig,
     opts: &TrainOptions,
 ) -> String {
+    let s = cfg.image_size;
     format!(
-        "data {} ({train_len} train / {test_len} test images, {} classes); model dim {} depth {} heads {} mlp {} patch {} ({} params); augment {}; {}",
+        "data {} ({train_len} train / {test_len} test images of {s}×{s}, {} classes, mean {} std {}); model dim {} depth {} heads {} mlp {} patch {} ({} params); augment {}; {}",
         dir.display(),
         classes.len(),
+        opts.mean,
+        opts.std,
         cfg.dim,
         cfg.depth,
         cfg.heads,
@@ -674,6 +679,7 @@ fn add_hooks(
         );
         hook.schedule = Some(schedule);
         hook.classes = classes.to_vec();
+        hook.normalize = opts.norm()?;
         hook.run_options = Some(saved_options(opts, cfg)?);
         trainer.add_hook(hook);
     }

@@ -7,7 +7,7 @@
 use crate::autograd::Precision;
 use crate::backend::cpu;
 use crate::backend::DeviceSpec;
-use crate::data::Augment;
+use crate::data::{Augment, Normalize};
 use crate::error::{Error, Result};
 use crate::tensor::Device;
 use crate::trainer::LogInterval;
@@ -34,9 +34,22 @@ pub struct TrainOptions {
     /// MLP hidden width [default: 256 without a preset]
     #[arg(long)]
     pub mlp_dim: Option<usize>,
-    /// Patch side in pixels, must divide 32 [default: 4]
+    /// Patch side in pixels, must divide --image-size [default: 4]
     #[arg(long)]
     pub patch_size: Option<usize>,
+    /// Image side in pixels the model takes, a multiple of --patch-size, at most 1024:
+    /// image folders are resized to it (shorter side, then the centre cropped), CIFAR-10
+    /// binary data resized from 32 (bilinear), the crop padding scaled from 4 at 32
+    /// [default: 32]
+    #[arg(long, value_name = "S")]
+    pub image_size: Option<usize>,
+    /// Per-channel mean the images are normalised with, `(x - mean) / std` on pixels in
+    /// [0, 1] (CIFAR-10's by default); recorded in the checkpoint for infer/eval
+    #[arg(long, value_name = "R,G,B", default_value_t = defaults().mean)]
+    pub mean: Channels,
+    /// Per-channel std the images are normalised with, each > 0 (CIFAR-10's by default)
+    #[arg(long, value_name = "R,G,B", default_value_t = defaults().std)]
+    pub std: Channels,
     /// Dropout probability
     #[arg(long, default_value_t = defaults().dropout)]
     pub dropout: f32,
@@ -63,7 +76,7 @@ pub struct TrainOptions {
     #[arg(long, default_value_t = defaults().label_smoothing)]
     pub label_smoothing: f32,
     /// Training augmentation, a comma-separated list of: crop (random crop of the image
-    /// zero-padded by 4), flip (random horizontal flip), autoaugment (the CIFAR-10
+    /// zero-padded by 4 at 32 pixels, scaled with --image-size), flip (random horizontal flip), autoaugment (the CIFAR-10
     /// AutoAugment policy); or none. Digits are not mirror-symmetric, hence no flip by
     /// default
     #[arg(long, default_value_t = defaults().augment)]
@@ -180,6 +193,9 @@ impl Default for TrainOptions {
             heads: None,
             mlp_dim: None,
             patch_size: None,
+            image_size: None,
+            mean: Channels(Normalize::CIFAR10.mean),
+            std: Channels(Normalize::CIFAR10.std),
             dropout: 0.1,
             data: None,
             epochs: 20,
@@ -214,6 +230,54 @@ impl Default for TrainOptions {
             device: DeviceSpec::Cpu,
             precision: PrecisionChoice::Auto,
         }
+    }
+}
+
+/// `--mean`/`--std`: one value per channel (R, G, B), written `R,G,B` on the command
+/// line and as an array of three numbers in config files.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "Vec<f32>", into = "Vec<f32>")]
+pub struct Channels(pub [f32; 3]);
+
+impl TryFrom<Vec<f32>> for Channels {
+    type Error = Error;
+    fn try_from(v: Vec<f32>) -> Result<Channels> {
+        match <[f32; 3]>::try_from(v.as_slice()) {
+            Ok(c) if c.iter().all(|x| x.is_finite()) => Ok(Channels(c)),
+            Ok(_) => Err(Error::Config(format!(
+                "{v:?}: every value must be a finite number"
+            ))),
+            Err(_) => Err(Error::Config(format!(
+                "{v:?}: expected 3 values (R, G, B), got {}",
+                v.len()
+            ))),
+        }
+    }
+}
+
+impl From<Channels> for Vec<f32> {
+    fn from(c: Channels) -> Vec<f32> {
+        c.0.to_vec()
+    }
+}
+
+impl std::str::FromStr for Channels {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Channels> {
+        let values = s
+            .split(',')
+            .map(|v| v.trim().parse::<f32>())
+            .collect::<std::result::Result<Vec<f32>, _>>()
+            .map_err(|e| Error::Config(format!("`{s}`: {e} (expected R,G,B numbers)")))?;
+        Channels::try_from(values)
+            .map_err(|_| Error::Config(format!("`{s}`: expected 3 finite numbers R,G,B")))
+    }
+}
+
+impl std::fmt::Display for Channels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [r, g, b] = self.0;
+        write!(f, "{r},{g},{b}")
     }
 }
 
@@ -325,6 +389,20 @@ pub const MAX_MICROBATCHES: usize = 1 << 16;
 /// Most ranks (`dp × pp`).
 pub const MAX_WORLD: usize = crate::dist::MAX_WORLD;
 
+/// Refuses an image size the model cannot take (`--image-size`): it must be a multiple
+/// of the patch size and at most the data's largest side.
+fn check_image_size(size: usize, patch: usize) -> Result<()> {
+    let max = crate::data::MAX_IMAGE_SIDE;
+    let why = if size == 0 || patch == 0 || !size.is_multiple_of(patch) {
+        format!("must be a positive multiple of the patch size {patch}")
+    } else if size > max {
+        format!("must be at most {max}")
+    } else {
+        return Ok(());
+    };
+    Err(Error::Config(format!("--image-size {size}: {why}")))
+}
+
 /// Checks `value` of `field` is in `1..=max`.
 fn check_count<T: PartialOrd + From<u8> + std::fmt::Display>(
     field: &str,
@@ -398,6 +476,8 @@ impl TrainOptions {
         cfg.heads = self.heads.unwrap_or(cfg.heads);
         cfg.mlp_dim = self.mlp_dim.unwrap_or(cfg.mlp_dim);
         cfg.patch_size = self.patch_size.unwrap_or(cfg.patch_size);
+        cfg.image_size = self.image_size.unwrap_or(cfg.image_size);
+        check_image_size(cfg.image_size, cfg.patch_size)?;
         cfg.num_classes = num_classes;
         cfg.dropout = self.dropout;
         cfg.validate()?;
@@ -437,6 +517,7 @@ impl TrainOptions {
         }
         // the model's own check, before any data is read (the class count comes later)
         self.model(1)?;
+        self.norm()?;
         if let Some(n) = self.threads {
             check_count("threads", n, cpu::max_threads())?;
         }
@@ -488,6 +569,22 @@ impl TrainOptions {
         Ok(())
     }
 
+    /// The images' normalisation (`--mean`, `--std`), checked.
+    pub fn norm(&self) -> Result<Normalize> {
+        let norm = Normalize {
+            mean: self.mean.0,
+            std: self.std.0,
+        };
+        norm.check().map_err(|why| {
+            let (flag, value) = match norm.std.iter().all(|s| s.is_finite() && *s > 0.0) {
+                true => ("--mean", self.mean),
+                false => ("--std", self.std),
+            };
+            Error::Config(format!("{flag} {value}: {why}"))
+        })?;
+        Ok(norm)
+    }
+
     /// Micro-batches per step.
     pub fn microbatches(&self) -> usize {
         self.microbatches
@@ -525,7 +622,7 @@ impl TrainOptions {
 /// stream, so the checkpoint's values hold and a different one given is refused.
 /// Everything else (epochs to extend, the layout, device, threads, workers, data path,
 /// output and saving options, …) may change on a resume.
-pub const MUST_MATCH: [&str; 14] = [
+pub const MUST_MATCH: [&str; 17] = [
     "preset",
     "dim",
     "depth",
@@ -540,6 +637,9 @@ pub const MUST_MATCH: [&str; 14] = [
     "label_smoothing",
     "augment",
     "seed",
+    "image_size",
+    "mean",
+    "std",
 ];
 
 /// Largest `--config` file read.
@@ -597,6 +697,7 @@ impl TrainOptions {
             heads: Some(cfg.heads),
             mlp_dim: Some(cfg.mlp_dim),
             patch_size: Some(cfg.patch_size),
+            image_size: Some(cfg.image_size),
             ..self.clone()
         }
     }

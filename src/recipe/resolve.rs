@@ -136,6 +136,12 @@ fn show(v: Option<&serde_json::Value>) -> String {
     match v {
         None | Some(serde_json::Value::Null) => "(unset)".into(),
         Some(serde_json::Value::String(s)) => s.clone(),
+        // as the flag is written (`--mean 0.5,0.5,0.5`, `--stages 3,5`)
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .map(|v| show(Some(v)))
+            .collect::<Vec<_>>()
+            .join(","),
         Some(v) => v.to_string(),
     }
 }

@@ -268,6 +268,8 @@ pub struct SaveCheckpointHook {
     saver: AsyncSaver,
     /// Class names, recorded for inference.
     pub classes: Vec<String>,
+    /// The images' normalisation, recorded for inference.
+    pub normalize: crate::data::Normalize,
     /// The run's options, recorded for a resume (`TrainingState::options`).
     pub run_options: Option<serde_json::Map<String, serde_json::Value>>,
     /// Saves started (numbers each save, the same on every rank).
@@ -291,6 +293,7 @@ impl SaveCheckpointHook {
             schedule: None,
             saver: AsyncSaver::default(),
             classes: Vec::new(),
+            normalize: crate::data::Normalize::default(),
             run_options: None,
             saves: 0,
             last_step: None,
@@ -316,6 +319,7 @@ impl SaveCheckpointHook {
             schedule: self.schedule,
             history: s.history.clone(),
             classes: self.classes.clone(),
+            normalize: self.normalize,
             epochs: s.epochs as u64,
             batches_per_epoch: s.iters_per_epoch as u64,
             options: self.run_options.clone(),

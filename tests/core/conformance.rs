@@ -15,7 +15,7 @@
 use ferrovit::backend::{
     for_device, AdamStep, AttnDims, Backend, DropoutKey, DropoutMode, OptimTensors, SgdStep, Update,
 };
-use ferrovit::data::{Geometry, RawImages};
+use ferrovit::data::{Geometry, Normalize, RawImages};
 use ferrovit::rng::Rng;
 use ferrovit::{DType, Device, Result, Tensor};
 use std::cell::{Cell, RefCell};
@@ -710,22 +710,44 @@ impl Suite {
                 Geometry::default(),
             ])
             .collect::<Vec<_>>();
-        let pixels = (0..geometry.len() * 3072)
-            .map(|i| (i * 7 % 251) as u8)
+        // CIFAR-10's 32 × 32 and the default normalisation; 48 × 48 (geometry scaled by
+        // the padding's 6 at 48) with another normalisation
+        let custom = Normalize {
+            mean: [0.5, 0.25, 0.0],
+            std: [0.5, 0.125, 2.0],
+        };
+        let wide: Vec<Geometry> = geometry
+            .iter()
+            .map(|g| Geometry {
+                dy: g.dy * 3 / 2,
+                dx: g.dx * 3 / 2,
+                flip: g.flip,
+            })
             .collect();
-        let raw = RawImages { pixels, geometry };
-        for dtype in [DType::F32, DType::BF16] {
-            self.check(&format!("augment {dtype}"), 0.0, vec![], &|be, _| {
-                let images = be.augment(&raw.batch(), dtype)?.to_device(Device::Cpu)?;
-                assert_eq!(images.dtype(), dtype);
-                let want = raw.to_images()?.to_dtype(dtype);
-                assert_eq!(
-                    images.to_vec_f32(),
-                    want.to_vec_f32(),
-                    "augmented images differ"
-                );
-                Ok(0.0)
-            });
+        for (side, geometry, norm) in [(32, geometry, Normalize::default()), (48, wide, custom)] {
+            let pixels = (0..geometry.len() * 3 * side * side)
+                .map(|i| (i * 7 % 251) as u8)
+                .collect();
+            let raw = RawImages {
+                pixels,
+                geometry,
+                side,
+                norm,
+            };
+            for dtype in [DType::F32, DType::BF16] {
+                self.check(&format!("augment {side} {dtype}"), 0.0, vec![], &|be, _| {
+                    let images = be.augment(&raw.batch(), dtype)?.to_device(Device::Cpu)?;
+                    assert_eq!(images.dtype(), dtype);
+                    assert_eq!(images.dims(), [raw.geometry.len(), 3, side, side]);
+                    let want = raw.to_images()?.to_dtype(dtype);
+                    assert_eq!(
+                        images.to_vec_f32(),
+                        want.to_vec_f32(),
+                        "augmented images differ"
+                    );
+                    Ok(0.0)
+                });
+            }
         }
         let failed = self.failed.borrow();
         assert!(

@@ -343,3 +343,82 @@ fn duplicate_class_names_are_an_error() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--image-size`: an image folder is decoded at the size (shorter side, centre crop),
+/// CIFAR-10 binary data is resized from 32 bilinearly, batches have the size, the crop
+/// padding scales (4 at 32 → 6 at 48), AutoAugment runs at it; `--mean/--std` are what
+/// batches and the device's raw images are normalised with.
+#[test]
+fn data_sets_at_another_image_size_and_normalisation() {
+    use ferrovit::data::{folder, Augment, Normalize};
+    let dir = temp_dir("folder-48");
+    for split in ["train", "test"] {
+        let d = dir.join(split).join("only");
+        std::fs::create_dir_all(&d).unwrap();
+        write_image(&d.join("a.png"), 96, 64, 0);
+    }
+    let (train, _) = Dataset::open_at(&dir, 48).unwrap();
+    assert_eq!((train.side, train.images.len()), (48, 3 * 48 * 48));
+    // 96 × 64 → 72 × 48, cropped at x 12..60: the red channel (x) is the source column
+    // scaled by 4/3, so the crop's middle column shows source x ≈ (12 + 24) × 4/3 = 48
+    let mid = train.images[24 * 48 + 24] as i32;
+    assert!((mid - 48).abs() <= 1, "centre pixel red {mid}");
+    assert_eq!(train.images[2 * 48 * 48], 100, "blue is the class's");
+    let e = Dataset::open_at(&dir, 2000).unwrap_err().to_string();
+    assert!(e.contains("image size 2000"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let (digits, _) = Dataset::cifar_dir(&default_data_dir()).unwrap();
+    let big = digits.clone().resized(48);
+    assert_eq!((big.side, big.len()), (48, digits.len()));
+    assert_eq!(
+        big.images[..3 * 48 * 48],
+        folder::resize_planar(&digits.images[..3072], 32, 48)[..],
+        "CIFAR-10 records resized as image folders are"
+    );
+    let (b, labels) = big.batch(&[0, 1, 2], None).unwrap();
+    assert_eq!(
+        (b.dims(), labels),
+        (&[3, 3, 48, 48][..], digits.labels_of(&[0, 1, 2]).unwrap())
+    );
+
+    // the crop padding scales with the side: 13 × 13 offsets at 48 (padding 6)
+    let crop = Augment::parse("crop").unwrap();
+    assert_eq!(crop.for_side(32), crop);
+    assert_eq!(crop.for_side(48).crop_padding, 6);
+    assert_eq!(crop.for_side(64).crop_padding, 8);
+    let (raw, _) = big
+        .raw_batch(&(0..400).collect::<Vec<_>>(), Some((crop, 7)))
+        .unwrap();
+    assert_eq!(raw.side, 48);
+    assert!(raw
+        .geometry
+        .iter()
+        .all(|g| g.dy.abs() <= 6 && g.dx.abs() <= 6));
+    assert!(raw.geometry.iter().any(|g| g.dy.abs() == 6));
+    // AutoAugment at 48: the same batch each time, of the same size
+    let auto = Augment::parse("crop,flip,autoaugment").unwrap();
+    let (a1, _) = big.batch(&[0, 5], Some((auto, 3))).unwrap();
+    let (a2, _) = big.batch(&[0, 5], Some((auto, 3))).unwrap();
+    assert_eq!(a1.dims(), [2, 3, 48, 48]);
+    assert_eq!(a1.to_vec_f32(), a2.to_vec_f32());
+
+    // a custom normalisation: (v / 255 − mean) / std per channel, on both paths
+    let norm = Normalize {
+        mean: [0.5, 0.0, 1.0],
+        std: [0.5, 2.0, 0.25],
+    };
+    let custom = digits.clone().with_norm(norm);
+    let (x, _) = custom.batch(&[3], None).unwrap();
+    let (x0, _) = digits.batch(&[3], None).unwrap();
+    assert_ne!(x.to_vec_f32(), x0.to_vec_f32());
+    let px = &digits.images[3 * 3072..4 * 3072];
+    for (i, got) in x.to_vec_f32().into_iter().enumerate() {
+        let c = i / 1024;
+        let want = (px[i] as f32 / 255.0 - norm.mean[c]) / norm.std[c];
+        assert!((got - want).abs() < 1e-6, "element {i}: {got} vs {want}");
+    }
+    let (raw, _) = custom.raw_batch(&[3], None).unwrap();
+    assert_eq!(raw.norm, norm);
+    assert_eq!(raw.to_images().unwrap().to_vec_f32(), x.to_vec_f32());
+}

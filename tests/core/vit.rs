@@ -185,3 +185,37 @@ fn cls_only_last_block_equals_full_computation() {
         assert!(max_rel_err(a, b).0 < 1e-5);
     }
 }
+
+/// The position embedding resampled to another patch grid equals timm's
+/// `resample_abs_pos_embed` (tests/fixtures/pos_embed.safetensors, written by
+/// scripts/make_pos_embed_fixture.py): 8×8 → 12×12 and 8×8 → 4×4, the cls row kept.
+#[test]
+fn pos_embed_resampling_matches_timm() {
+    use ferrovit::nn::pos_embed::resample_pos_embed;
+    const FIXTURE: &[u8] = include_bytes!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/pos_embed.safetensors"
+    ));
+    let st = safetensors::SafeTensors::deserialize(FIXTURE).unwrap();
+    let f32s = |name: &str| -> Vec<f32> {
+        let t = st.tensor(name).unwrap();
+        t.data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    };
+    let input = f32s("input");
+    assert_eq!(input.len(), 65 * 5);
+    for to in [12, 4] {
+        let want = f32s(&format!("to{to}"));
+        let got = resample_pos_embed(&input, 5, 8, to);
+        assert_eq!(got.len(), want.len());
+        assert_eq!(got[..5], input[..5], "the cls position is kept");
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-5, "8×8 → {to}×{to}: max |diff| {worst}");
+    }
+}

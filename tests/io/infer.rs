@@ -8,7 +8,7 @@ use crate::common::{copy_checkpoint, edit_index, ferrovit, temp_dir, TINY};
 use ferrovit::checkpoint::{LoadOptions, INDEX};
 use ferrovit::data::{default_data_dir, Dataset};
 use ferrovit::engine::{Engine, TrainConfig};
-use ferrovit::infer::{load_images, Classifier};
+use ferrovit::infer::Classifier;
 use std::path::{Path, PathBuf};
 
 /// Trains a model (`TINY` by default) for one epoch into `out`.
@@ -65,7 +65,7 @@ fn predictions_and_accuracy_match_the_training_engine() {
 
     // the same images through the engine that trained the model
     let (paths, _) = pngs(&out, 8);
-    let images = load_images(&paths).unwrap();
+    let images = model.load_images(&paths).unwrap();
     let cfg = model.model.config.clone();
     let mut engine = Engine::new(&cfg, TrainConfig::default()).unwrap();
     engine
@@ -126,7 +126,8 @@ fn a_checkpoint_saved_under_a_parallel_layout_classifies_the_same() {
     let predict = |root: &Path| {
         let dir = ferrovit::checkpoint::newest(root).unwrap().unwrap();
         let mut m = Classifier::load(&dir).unwrap();
-        let top = m.top_k(load_images(&paths).unwrap(), 1).unwrap();
+        let images = m.load_images(&paths).unwrap();
+        let top = m.top_k(images, 1).unwrap();
         top.iter().map(|t| t[0].index).collect::<Vec<_>>()
     };
     assert_eq!(predict(&parallel), predict(&single));
@@ -369,5 +370,182 @@ fn class_and_file_names_are_printed_escaped() {
         !ok && !err.contains('\u{1b}') && err.contains(r"\u{1b}"),
         "{err:?}"
     );
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+/// `--image-size 48` with `--mean/--std`: the run trains on the digits resized to 48,
+/// the checkpoint records 48 and the normalisation, `infer`/`eval` bring images to 48
+/// and normalise them so (the engine's predictions and the run's accuracy), an older
+/// index without `normalize` means CIFAR-10's, and `--init` from it to a 32-pixel model
+/// resamples the position embedding and trains; an image folder trains at 48 too.
+#[test]
+fn a_model_at_another_image_size_and_normalisation_infers_as_trained() {
+    let out = temp_dir("infer-48");
+    let flags = [
+        &TINY[..],
+        &[
+            "--image-size",
+            "48",
+            "--mean",
+            "0.5,0.4,0.3",
+            "--std",
+            "0.25,0.5,0.125",
+            "--augment",
+            "crop",
+        ],
+    ]
+    .concat();
+    let root = train(&out.join("run"), &flags);
+    let newest = ferrovit::checkpoint::newest(&root).unwrap().unwrap();
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(newest.join(INDEX)).unwrap()).unwrap();
+    assert_eq!(index["model"]["image_size"], 48);
+    assert_eq!(index["tensors"]["pos_embed"]["shape"][1], 1 + 12 * 12);
+    let norm = &index["training"]["normalize"];
+    assert_eq!(norm["mean"], serde_json::json!([0.5, 0.4, 0.3]), "{norm}");
+    assert_eq!(norm["std"], serde_json::json!([0.25, 0.5, 0.125]), "{norm}");
+    assert_eq!(index["training"]["options"]["image_size"], 48);
+
+    let mut model = Classifier::load(&newest).unwrap();
+    assert_eq!((model.image_size(), model.norm.mean), (48, [0.5, 0.4, 0.3]));
+    let (paths, _) = pngs(&out, 6);
+    let images = model.load_images(&paths).unwrap();
+    assert_eq!(images.dims(), [6, 3, 48, 48]);
+    let mut engine = Engine::new(&model.model.config, TrainConfig::default()).unwrap();
+    engine
+        .load_checkpoint(&newest, LoadOptions::default())
+        .unwrap();
+    let (_, want) = engine.eval_batch(images.clone(), &[0; 6]).unwrap();
+    let top: Vec<usize> = model
+        .top_k(images, 1)
+        .unwrap()
+        .iter()
+        .map(|t| t[0].index)
+        .collect();
+    assert_eq!(top, want, "infer's top-1 classes are the engine's");
+    let ckpt = newest.to_str().unwrap();
+    let args: Vec<&str> = paths.iter().map(|p| p.to_str().unwrap()).collect();
+    let (ok, stdout, err) = ferrovit(&[&["infer", "--ckpt", ckpt, "--json"], &args[..]].concat());
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let cli: Vec<usize> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["top"][0]["index"].as_u64().unwrap() as usize)
+        .collect();
+    assert_eq!(cli, want);
+    // eval reads the digits at 48 with the run's normalisation: the run's test accuracy
+    let metrics = std::fs::read_to_string(out.join("run/metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    let (ok, stdout, err) = ferrovit(&["eval", "--ckpt", ckpt, "--json"]);
+    assert!(ok, "{err}");
+    let acc = serde_json::from_str::<serde_json::Value>(&stdout).unwrap()["accuracy"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (acc - last["test_acc"].as_f64().unwrap()).abs() < 1e-9,
+        "{acc} vs {last}"
+    );
+
+    // an index from before normalisation was recorded: CIFAR-10's
+    let old = copy_checkpoint(&newest, &out.join("old"));
+    edit_index(&old, |v| {
+        v["training"].as_object_mut().unwrap().remove("normalize");
+    });
+    let m = Classifier::load(&old).unwrap();
+    assert_eq!(m.norm, ferrovit::data::Normalize::CIFAR10);
+
+    // --init into a 32-pixel model: the 12×12 grid resampled to 8×8, and it trains
+    let init = [&TINY[..], &["--init", ckpt, "--epochs", "1"]].concat();
+    let o = out.join("init32");
+    let (ok, log, err) = ferrovit(&[&["train", "--out", o.to_str().unwrap()], &init[..]].concat());
+    assert!(ok, "{err}");
+    assert!(
+        log.contains("`pos_embed` resampled from a 12×12 to a 8×8 patch grid"),
+        "{log}"
+    );
+    assert!(o.join("metrics.jsonl").is_file());
+
+    // an image folder (made here, 64 × 40 images) at 48
+    let folder = out.join("folder");
+    for split in ["train", "test"] {
+        for (c, class) in ["x", "y"].iter().enumerate() {
+            let d = folder.join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            for k in 0..4u32 {
+                let img = image::RgbImage::from_fn(64, 40, |x, y| {
+                    image::Rgb([(x * 4) as u8, (y * 6) as u8, (c as u32 * 200 + k) as u8])
+                });
+                img.save(d.join(format!("{k}.png"))).unwrap();
+            }
+        }
+    }
+    let f = folder.to_str().unwrap();
+    let args = [
+        &TINY[..],
+        &["--image-size", "48", "--data", f, "--batch-size", "4"],
+    ]
+    .concat();
+    let root = train(&out.join("folder-run"), &args);
+    let dir = ferrovit::checkpoint::newest(&root).unwrap().unwrap();
+    assert_eq!(Classifier::load(&dir).unwrap().image_size(), 48);
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+/// Bad `--image-size`, `--mean` and `--std` values are refused naming the flag and the
+/// value, before anything runs; a resume keeps the run's size and normalisation.
+#[test]
+fn bad_image_size_and_normalisation_are_refused() {
+    let out = temp_dir("image-size-bad");
+    let o = out.to_str().unwrap();
+    for (flags, want) in [
+        (
+            vec!["--image-size", "50"],
+            "--image-size 50: must be a positive multiple of the patch size 4",
+        ),
+        (vec!["--image-size", "0"], "--image-size 0"),
+        (
+            vec!["--image-size", "2048"],
+            "--image-size 2048: must be at most 1024",
+        ),
+        (
+            vec!["--image-size", "48", "--patch-size", "5"],
+            "--image-size 48",
+        ),
+        (vec!["--mean", "0.5,0.5"], "--mean"),
+        (vec!["--mean", "nan,0,0"], "--mean"),
+        (
+            vec!["--std", "0.2,0,0.2"],
+            "--std 0.2,0,0.2: std 0 must be a positive finite number",
+        ),
+        (vec!["--std", "a,b,c"], "--std"),
+    ] {
+        let args = [
+            &["train", "--out", o, "--epochs", "1"][..],
+            &TINY[..],
+            &flags[..],
+        ]
+        .concat();
+        let (ok, _, err) = ferrovit(&args);
+        assert!(!ok, "{flags:?} was accepted");
+        assert!(err.contains(want), "{flags:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{flags:?}: one line: {err}");
+    }
+    // the run at 32 cannot be resumed at another size or normalisation
+    let root = train(&out.join("run"), &[]);
+    let run = root.parent().unwrap().to_str().unwrap();
+    for (flag, value, shown) in [
+        ("--image-size", "48", "48"),
+        ("--mean", "0,0,0.5", "0.0,0.0,0.5"),
+        ("--std", "1,1,1", "1.0,1.0,1.0"),
+    ] {
+        let args = [
+            "train", "--out", run, "--resume", "auto", "--epochs", "2", flag, value,
+        ];
+        let (ok, _, err) = ferrovit(&args);
+        let want = format!("{flag} {shown} contradicts the checkpoint's");
+        assert!(!ok && err.contains(&want), "{err}");
+    }
     std::fs::remove_dir_all(out).unwrap();
 }

@@ -317,25 +317,28 @@ pub fn cross_entropy(logits: &[f32], labels: &[usize], eps: f32, dlogits: &mut [
     (total / b as f64) as f32
 }
 
-/// Crops, flips and normalises raw `[b, 3, 32, 32]` pixels into `out`, one output
+/// Crops, flips and normalises raw `[b, 3, side, side]` pixels into `out`, one output
 /// element at a time as the CUDA kernel does (kernels/augment.cu), so the two are
 /// checked against one reference (data's `RawImages::to_images`) alike.
 pub fn augment(batch: &AugmentBatch, out: &mut [f32]) {
-    const SIDE: i32 = 32;
-    out.par_chunks_mut(3 * 32 * 32)
-        .zip(batch.pixels.par_chunks(3 * 32 * 32))
+    let side = batch.side;
+    let plane = side * side;
+    let s = side as i32;
+    let (mean, std) = (batch.norm.mean, batch.norm.std);
+    out.par_chunks_mut(3 * plane)
+        .zip(batch.pixels.par_chunks(3 * plane))
         .zip(batch.geometry.par_iter())
         .for_each(|((out, img), g)| {
             for (i, o) in out.iter_mut().enumerate() {
-                let (c, y, x) = (i / 1024, (i / 32 % 32) as i32, (i % 32) as i32);
-                let (sy, sx) = (y + g.dy, if g.flip { SIDE - 1 - x } else { x } + g.dx);
-                let inside = (0..SIDE).contains(&sy) && (0..SIDE).contains(&sx);
+                let (c, y, x) = (i / plane, (i / side % side) as i32, (i % side) as i32);
+                let (sy, sx) = (y + g.dy, if g.flip { s - 1 - x } else { x } + g.dx);
+                let inside = (0..s).contains(&sy) && (0..s).contains(&sx);
                 let v = if inside {
-                    img[c * 1024 + (sy * SIDE + sx) as usize]
+                    img[c * plane + (sy * s + sx) as usize]
                 } else {
                     0
                 };
-                *o = (v as f32 / 255.0 - batch.mean[c]) / batch.std[c];
+                *o = (v as f32 / 255.0 - mean[c]) / std[c];
             }
         });
 }

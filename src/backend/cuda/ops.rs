@@ -948,14 +948,17 @@ impl Backend for CudaBackend {
             .collect();
         let (pixels, _p) = self.upload(batch.pixels)?;
         let (geometry, _g) = self.upload(&geometry)?;
-        let mut out = Tensor::try_uninit_as([b, 3, 32, 32], dtype, self.device)?;
+        let side = batch.side;
+        let mut out = Tensor::try_uninit_as([b, 3, side, side], dtype, self.device)?;
         let kernel = variant("augment", ["augment_u8_f32", "augment_u8_bf16"], &[&out])?;
-        let (m, s) = (batch.mean, batch.std);
+        let (m, s) = (batch.norm.mean, batch.norm.std);
         let args = [
             pixels,
             geometry,
             self.act_mut(&mut out)?,
             long(n),
+            // at most MAX_AUGMENT_SIDE (check_augment)
+            Arg::I32(side as i32),
             Arg::F32(m[0]),
             Arg::F32(m[1]),
             Arg::F32(m[2]),

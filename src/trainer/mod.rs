@@ -24,8 +24,8 @@ mod tensorboard;
 mod timer;
 
 pub use hooks::{
-    AccuracyHook, LogMetricByEpochHook, LossHook, LrSchedulerHook, PlotHook, SaveCheckpointHook,
-    ThroughputHook,
+    AccuracyHook, GradNormHook, LogMetricByEpochHook, LossHook, LrSchedulerHook, PlotHook,
+    SaveCheckpointHook, ThroughputHook,
 };
 pub use logger::{init_logging, init_stdout, Logger, Verbosity};
 pub use plot::plot_metrics;
@@ -304,7 +304,6 @@ fn stop_here(s: &mut State, reason: StopReason) {
     ));
     s.stopped = Some(stopped);
 }
-
 
 /// One batch: a training step ([`Engine::train_batch`]; timed as `train-step`, then
 /// `after_iter`) or a test step ([`Engine::test_batch`]; timed as `test-step`, then

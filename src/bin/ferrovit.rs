@@ -138,7 +138,8 @@ struct TrainArgs {
 /// verified); every image is read before anything is printed.
 #[derive(Args)]
 struct InferArgs {
-    /// Checkpoint directory (or a root such as out/checkpoints: its newest checkpoint)
+    /// Checkpoint directory (or a root such as out/checkpoints: its newest checkpoint; or
+    /// a pointer file naming one: out/checkpoints/best, …/latest)
     #[arg(long, value_name = "DIR")]
     ckpt: PathBuf,
     /// Classes to show per image
@@ -164,7 +165,8 @@ struct InferArgs {
 /// (in any order: labels follow the names), or be mapped to them with --class-map.
 #[derive(Args)]
 struct EvalArgs {
-    /// Checkpoint directory (or a root such as out/checkpoints: its newest checkpoint)
+    /// Checkpoint directory (or a root such as out/checkpoints: its newest checkpoint; or
+    /// a pointer file naming one: out/checkpoints/best, …/latest)
     #[arg(long, value_name = "DIR")]
     ckpt: PathBuf,
     /// Data directory [default: the embedded digits data]
@@ -258,7 +260,7 @@ struct Cifar10Args {
 enum CkptCommand {
     /// Show a checkpoint's model, layout, training state and tensors
     Inspect {
-        /// Checkpoint directory (or a root with a `latest` pointer)
+        /// Checkpoint directory (or a root: its newest; or a pointer file: <root>/best)
         dir: PathBuf,
         /// Print JSON: {"checkpoint", "format", "version", "model" (with "params"),
         /// "optimizer", "layout", "training" (as index.json has them), "tensors": [{"name",
@@ -268,7 +270,7 @@ enum CkptCommand {
     },
     /// Check every shard header, bound and checksum; exit code 0 only if all are good
     Verify {
-        /// Checkpoint directory (or a root with a `latest` pointer)
+        /// Checkpoint directory (or a root: its newest; or a pointer file: <root>/best)
         dir: PathBuf,
         /// Print JSON: {"ok": true, "checkpoint", "tensors", "bytes", "files",
         /// "index_checksum"}, or {"ok": false, "checkpoint", "error"} (exit code 1)
@@ -289,7 +291,7 @@ enum CkptCommand {
     },
     /// Write the model weights into one safetensors file
     Export {
-        /// Checkpoint directory (or a root with a `latest` pointer)
+        /// Checkpoint directory (or a root: its newest; or a pointer file: <root>/best)
         dir: PathBuf,
         /// Output .safetensors file
         #[arg(long, value_name = "FILE")]
@@ -748,8 +750,22 @@ fn data_cifar10(a: Cifar10Args) -> Result<()> {
     Ok(())
 }
 
-/// A checkpoint directory, or the one a root's `latest` pointer names.
+/// A checkpoint directory, the one a pointer file names (`<root>/best`,
+/// `<root>/latest`), or the newest under a root.
 fn ckpt_dir(dir: PathBuf) -> Result<PathBuf> {
+    if let (true, Some(root), Some(pointer)) = (
+        dir.is_file(),
+        dir.parent(),
+        dir.file_name().and_then(|n| n.to_str()),
+    ) {
+        return match checkpoint::read_pointer(root, pointer) {
+            Some(name) => Ok(root.join(name)),
+            None => Err(Error::Format {
+                path: dir.clone(),
+                msg: "not a checkpoint directory, nor a pointer file naming one".into(),
+            }),
+        };
+    }
     if !dir.join(checkpoint::INDEX).exists() {
         if let Some(newest) = checkpoint::newest(&dir)? {
             return Ok(newest);
@@ -944,14 +960,17 @@ fn ckpt_verify(dir: PathBuf, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// `ckpt list`: committed checkpoints (the `latest` one marked), then uncommitted
-/// directories, removed with `clean`; as JSON with `json`.
+/// `ckpt list`: committed checkpoints (the `latest` and `best` ones marked), then
+/// uncommitted directories, removed with `clean`; as JSON with `json`.
 fn ckpt_list(root: &std::path::Path, clean: bool, json: bool) -> Result<()> {
     let l = checkpoint::list(root)?;
-    let latest = checkpoint::read_latest(root);
-    let is_latest = |p: &std::path::Path| {
-        latest.is_some() && p.file_name().and_then(|n| n.to_str()) == latest.as_deref()
+    let named = |pointer: &str| {
+        let name = checkpoint::read_pointer(root, pointer);
+        move |p: &std::path::Path| {
+            name.is_some() && p.file_name().and_then(|n| n.to_str()) == name.as_deref()
+        }
     };
+    let (is_latest, is_best) = (named("latest"), named(checkpoint::BEST));
     if clean {
         for p in &l.uncommitted {
             std::fs::remove_dir_all(p).map_err(|e| Error::io(p, e))?;
@@ -961,7 +980,7 @@ fn ckpt_list(root: &std::path::Path, clean: bool, json: bool) -> Result<()> {
         let path = |p: &PathBuf| p.to_string_lossy().into_owned();
         let out = serde_json::json!({
             "committed": l.committed.iter()
-                .map(|p| serde_json::json!({"path": path(p), "latest": is_latest(p)}))
+                .map(|p| serde_json::json!({"path": path(p), "latest": is_latest(p), "best": is_best(p)}))
                 .collect::<Vec<_>>(),
             "uncommitted": l.uncommitted.iter()
                 .map(|p| serde_json::json!({"path": path(p), "removed": clean}))
@@ -971,7 +990,14 @@ fn ckpt_list(root: &std::path::Path, clean: bool, json: bool) -> Result<()> {
         return Ok(());
     }
     for p in &l.committed {
-        let mark = if is_latest(p) { "  (latest)" } else { "" };
+        let marks: Vec<&str> = [(is_latest(p), "latest"), (is_best(p), "best")]
+            .into_iter()
+            .filter_map(|(on, m)| on.then_some(m))
+            .collect();
+        let mark = match marks.is_empty() {
+            true => String::new(),
+            false => format!("  ({})", marks.join(", ")),
+        };
         println!("committed    {}{mark}", text::path(p));
     }
     for p in &l.uncommitted {

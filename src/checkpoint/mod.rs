@@ -24,8 +24,8 @@ pub use format::{
 pub use import::{import_safetensors, read_safetensors};
 pub use reader::{read_index, Checkpoint, VerifyReport};
 pub use writer::{
-    checkpoint_name, retain, save, set_latest, AsyncSaver, SaveGroup, SaveOptions, SnapTensor,
-    Snapshot,
+    checkpoint_name, retain, save, set_latest, AsyncSaver, BestBy, SaveGroup, SaveOptions,
+    SnapTensor, Snapshot, BEST,
 };
 
 use crate::engine::Engine;
@@ -74,8 +74,14 @@ pub fn list(root: &Path) -> Result<Listing> {
 
 /// The checkpoint name in `root/latest`, if there is one.
 pub fn read_latest(root: &Path) -> Option<String> {
+    read_pointer(root, "latest")
+}
+
+/// The checkpoint name in the pointer file `root/<pointer>` (`latest`, `best`), if
+/// there is one.
+pub fn read_pointer(root: &Path, pointer: &str) -> Option<String> {
     let bytes =
-        crate::files::read_bounded(&root.join("latest"), 4096, crate::files::Links::Refuse).ok()?;
+        crate::files::read_bounded(&root.join(pointer), 4096, crate::files::Links::Refuse).ok()?;
     let name = String::from_utf8(bytes).ok()?.trim().to_string();
     check_file_name(&name).ok()?;
     Some(name)

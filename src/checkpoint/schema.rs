@@ -121,7 +121,8 @@ pub mod optimizer {
     }
 }
 
-/// `training.schedule`: `"Constant"`, `{"Step": {…}}`, `{"WarmupCosine": {…}}` or null.
+/// `training.schedule`: `"Constant"`, `{"Step": {…}}`, `{"WarmupCosine": {…}}` (runs
+/// before `Cosine`), `{"Cosine": {…}}` or null.
 pub mod schedule {
     use super::*;
 
@@ -137,6 +138,12 @@ pub mod schedule {
             total: u64,
             min_lr: f32,
         },
+        Cosine {
+            warmup: u64,
+            total: u64,
+            min_lr: f32,
+            warmup_lr: f32,
+        },
     }
 
     pub fn serialize<S: Serializer>(l: &Option<LrSchedule>, s: S) -> Result<S::Ok, S::Error> {
@@ -151,6 +158,17 @@ pub mod schedule {
                 warmup,
                 total,
                 min_lr,
+            },
+            LrSchedule::Cosine {
+                warmup,
+                total,
+                min_lr,
+                warmup_lr,
+            } => Schedule::Cosine {
+                warmup,
+                total,
+                min_lr,
+                warmup_lr,
             },
         })
         .serialize(s)
@@ -168,6 +186,17 @@ pub mod schedule {
                 warmup,
                 total,
                 min_lr,
+            },
+            Schedule::Cosine {
+                warmup,
+                total,
+                min_lr,
+                warmup_lr,
+            } => LrSchedule::Cosine {
+                warmup,
+                total,
+                min_lr,
+                warmup_lr,
             },
         }))
     }

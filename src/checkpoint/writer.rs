@@ -83,6 +83,55 @@ pub struct SaveOptions {
     pub shard_bytes: u64,
     /// Keep only the newest N committed checkpoints under the root (`None`: keep all).
     pub keep_last: Option<usize>,
+    /// Also keep the best checkpoint by a test metric, named by the `best` pointer.
+    pub keep_best: Option<BestBy>,
+}
+
+/// Which checkpoint is the best: the epoch-end checkpoint whose epoch has the best
+/// value of `metric` in the training history (ties: the earliest).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BestBy {
+    pub metric: String,
+    /// Higher is better (accuracies); else lower (losses).
+    pub maximize: bool,
+}
+
+impl BestBy {
+    pub fn max(metric: &str) -> BestBy {
+        BestBy {
+            metric: metric.into(),
+            maximize: true,
+        }
+    }
+
+    pub fn min(metric: &str) -> BestBy {
+        BestBy {
+            metric: metric.into(),
+            maximize: false,
+        }
+    }
+
+    /// The name of the best committed checkpoint under `root` by `history` (every
+    /// epoch so far, each with its `step`): only epochs with a value of the metric
+    /// count, and only those whose end was saved. The history of the newest
+    /// checkpoint holds every earlier epoch's, so a resumed run finds the same one.
+    pub fn best(&self, root: &Path, history: &[BTreeMap<String, f64>]) -> Option<String> {
+        let mut best: Option<(f64, String)> = None;
+        for epoch in history {
+            let (Some(&v), Some(&step)) = (epoch.get(&self.metric), epoch.get("step")) else {
+                continue;
+            };
+            let name = checkpoint_name(step as u64);
+            let better = best.as_ref().is_none_or(|(b, _)| match self.maximize {
+                true => v > *b,
+                false => v < *b,
+            });
+            if v.is_finite() && better && root.join(&name).join(super::INDEX).is_file() {
+                best = Some((v, name));
+            }
+        }
+        best.map(|(_, name)| name)
+    }
 }
 
 impl Default for SaveOptions {
@@ -90,6 +139,7 @@ impl Default for SaveOptions {
         SaveOptions {
             shard_bytes: 2 << 30,
             keep_last: None,
+            keep_best: None,
         }
     }
 }
@@ -324,8 +374,15 @@ pub fn save(snap: &Snapshot, root: &Path, name: &str, opts: &SaveOptions) -> Res
     if snap.rank == 0 {
         fault.after_commit();
         set_latest(root, name)?;
+        let best = opts
+            .keep_best
+            .as_ref()
+            .and_then(|b| b.best(root, &snap.training.history));
+        if let Some(best) = &best {
+            set_pointer(root, BEST, best)?;
+        }
         if let Some(keep) = opts.keep_last {
-            retain(root, keep)?;
+            retain(root, keep, best.as_deref())?;
         }
     }
     Ok(dest)
@@ -473,8 +530,17 @@ fn read_part(tmp: &Path, rank: usize) -> Result<BTreeMap<String, TensorEntry>> {
 /// The `latest` pointer: a file naming the newest committed checkpoint, replaced by
 /// write-to-temporary + rename.
 pub fn set_latest(root: &Path, name: &str) -> Result<()> {
-    let tmp = root.join(".latest.tmp");
-    let path = root.join("latest");
+    set_pointer(root, "latest", name)
+}
+
+/// The pointer naming the best checkpoint (`SaveOptions::keep_best`).
+pub const BEST: &str = "best";
+
+/// A pointer file `root/<pointer>` naming a checkpoint, replaced by write-to-temporary
+/// + rename.
+fn set_pointer(root: &Path, pointer: &str, name: &str) -> Result<()> {
+    let tmp = root.join(format!(".{pointer}.tmp"));
+    let path = root.join(pointer);
     let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
     f.write_all(format!("{name}\n").as_bytes())
         .and_then(|_| f.sync_all())
@@ -483,20 +549,20 @@ pub fn set_latest(root: &Path, name: &str) -> Result<()> {
     fsync_dir(root)
 }
 
-/// Removes all but the newest `keep` committed checkpoints (never the newest one, nor
-/// the one `latest` names). Each is first renamed out of the namespace (to a hidden
+/// Removes all but the newest `keep` committed checkpoints (never the newest one, the
+/// one `latest` names, nor `best`). Each is first renamed out of the namespace (to a hidden
 /// `.del-…` directory, which is never a checkpoint), so a crash in the middle of the
 /// removal cannot leave a half-deleted directory that looks committed.
-pub fn retain(root: &Path, keep: usize) -> Result<Vec<PathBuf>> {
+pub fn retain(root: &Path, keep: usize, best: Option<&str>) -> Result<Vec<PathBuf>> {
     let list = super::list(root)?;
-    let latest = super::read_latest(root);
+    let kept = [super::read_latest(root), best.map(String::from)];
     let mut removed = Vec::new();
     let n = list.committed.len();
     for p in list.committed.iter().take(n.saturating_sub(keep.max(1))) {
         let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
-        if Some(name) == latest.as_deref() {
+        if kept.iter().any(|k| k.as_deref() == Some(name)) {
             continue;
         }
         let doomed = root.join(format!(".del-{name}-{}", std::process::id()));

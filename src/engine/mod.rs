@@ -129,6 +129,8 @@ pub struct Engine {
     par: Option<Parallel>,
     /// Read at every training step into [`StepResult::stop`].
     stop: StopFlag,
+    /// The global gradient norm before clipping, of the last update (when clipping).
+    grad_norm: Option<f32>,
 }
 
 /// Dropout seed of a step: the run's seed and the update count.
@@ -185,6 +187,7 @@ impl Engine {
             step: 0,
             par,
             stop: StopFlag::new(),
+            grad_norm: None,
         })
     }
 
@@ -272,6 +275,12 @@ impl Engine {
 
     pub fn set_lr(&mut self, lr: f32) {
         self.lr = lr;
+    }
+
+    /// The global L2 norm of the last update's gradients before clipping (over the
+    /// whole model in a parallel run); `None` unless `TrainConfig::clip_grad_norm` is set.
+    pub fn grad_norm(&self) -> Option<f32> {
+        self.grad_norm
     }
 
     /// The parameters (and their gradients).
@@ -385,7 +394,7 @@ impl Engine {
             average_gradients(&mut self.params, p.dp.as_ref(), p.bucket)?;
         }
         if let Some(max) = self.config.clip_grad_norm {
-            clip_grad_norm(&mut self.params, max)?;
+            self.grad_norm = Some(clip_grad_norm(&mut self.params, max)?);
         }
         self.optimizer.step(&mut self.params, self.lr)?;
         self.step += 1;

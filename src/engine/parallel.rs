@@ -378,9 +378,12 @@ impl Engine {
         reduce_gradients(&mut self.params, par.dp.as_ref(), par.bucket, ReduceOp::Sum)?;
         if let Some(max) = self.config.clip_grad_norm {
             // replicas agree after the all-reduce; the norm spans the stages
+            // (one scalar all-reduce over the pipeline group: the stages' sums of squares)
             let mut sq = [grad_sum_squares(&self.params)? as f32];
             par.pp.all_reduce(&mut sq, ReduceOp::Sum)?;
-            scale_grads(&mut self.params, max, sq[0].sqrt())?;
+            let total = sq[0].sqrt();
+            scale_grads(&mut self.params, max, total)?;
+            self.grad_norm = Some(total);
         }
         self.optimizer.step(&mut self.params, self.lr)?;
         self.step += 1;

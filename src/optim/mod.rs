@@ -284,12 +284,25 @@ pub enum LrSchedule {
         step_size: u64,
         gamma: f32,
     },
-    /// Linear warm-up from 0 over `warmup` steps, then cosine decay to `min_lr` at
-    /// `total` steps (held there after).
+    /// Linear warm-up from 0 over `warmup` steps (update `k` at `(k + 1) / warmup` of
+    /// the base rate), then cosine decay over the remaining steps to `min_lr` at `total`
+    /// steps (held there after). What runs before [`LrSchedule::Cosine`] used, kept for
+    /// their checkpoints.
     WarmupCosine {
         warmup: u64,
         total: u64,
         min_lr: f32,
+    },
+    /// timm's `CosineLRScheduler(t_initial=total, lr_min=min_lr, warmup_t=warmup,
+    /// warmup_lr_init=warmup_lr, t_in_epochs=False)` (one cycle, no warm-up prefix),
+    /// stepped per update: update `k` runs at `warmup_lr + k (base − warmup_lr) /
+    /// warmup` while `k < warmup`, else at `min_lr + ½ (base − min_lr)(1 + cos(π k /
+    /// total))`, and at `min_lr` from `total` on.
+    Cosine {
+        warmup: u64,
+        total: u64,
+        min_lr: f32,
+        warmup_lr: f32,
     },
 }
 
@@ -308,8 +321,21 @@ impl LrSchedule {
                 total,
                 min_lr,
             } if warmup <= total && min_lr.is_finite() && min_lr >= 0.0 => Ok(()),
+            LrSchedule::Cosine {
+                warmup,
+                total,
+                min_lr,
+                warmup_lr,
+            } if warmup <= total
+                && total > 0
+                && [min_lr, warmup_lr]
+                    .iter()
+                    .all(|r| r.is_finite() && *r >= 0.0) =>
+            {
+                Ok(())
+            }
             s => Err(Error::Config(format!(
-                "{s:?}: needs step_size > 0, warmup <= total and finite, non-negative rates"
+                "{s:?}: needs step_size > 0, warmup <= total, total > 0 (Cosine) and finite, non-negative rates"
             ))),
         }
     }
@@ -334,6 +360,33 @@ impl LrSchedule {
                 let cos = 0.5 * (1.0 + (std::f64::consts::PI * t).cos());
                 (min_lr as f64 + (base - min_lr) as f64 * cos) as f32
             }
+            LrSchedule::Cosine {
+                warmup,
+                total,
+                min_lr,
+                warmup_lr,
+            } => timm_cosine(
+                base as f64,
+                step,
+                warmup,
+                total,
+                min_lr as f64,
+                warmup_lr as f64,
+            ),
         }
     }
+}
+
+/// timm's `CosineLRScheduler._get_lr(t)` (scheduler/cosine_lr.py) with `cycle_limit`,
+/// `cycle_mul`, `cycle_decay` and `k_decay` 1, `warmup_prefix` false and no noise.
+fn timm_cosine(base: f64, t: u64, warmup: u64, total: u64, min_lr: f64, warmup_lr: f64) -> f32 {
+    let lr = if t < warmup {
+        warmup_lr + t as f64 * (base - warmup_lr) / warmup as f64
+    } else if t >= total {
+        min_lr // past the one cycle
+    } else {
+        let cos = 1.0 + (std::f64::consts::PI * t as f64 / total as f64).cos();
+        min_lr + 0.5 * (base - min_lr) * cos
+    };
+    lr as f32
 }

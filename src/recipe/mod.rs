@@ -27,8 +27,8 @@ use crate::optim::LrSchedule;
 use crate::signals::StopFlag;
 use crate::tensor::Device;
 use crate::trainer::{
-    AccuracyHook, LogMetricByEpochHook, Logger, LossHook, LrSchedulerHook, PlotHook, ProgressHook,
-    SaveCheckpointHook, Stopped, TensorBoardHook, ThroughputHook, Trainer,
+    AccuracyHook, GradNormHook, LogMetricByEpochHook, Logger, LossHook, LrSchedulerHook, PlotHook,
+    ProgressHook, SaveCheckpointHook, Stopped, TensorBoardHook, ThroughputHook, Trainer,
 };
 use crate::VitConfig;
 
@@ -56,7 +56,8 @@ fn check_position(t: &checkpoint::TrainingState, batches: u64, dir: &Path) -> Re
 }
 
 /// Loads the checkpoint to resume from (strict, optimizer state included) and positions
-/// the trainer after it.
+/// the trainer after it; the schedule it recorded, or `None` when there was nothing to
+/// resume.
 fn resume_from(
     trainer: &mut Trainer,
     resume: &Resume,
@@ -64,7 +65,7 @@ fn resume_from(
     cfg: &VitConfig,
     opts: &TrainOptions,
     batches_per_epoch: u64,
-) -> Result<bool> {
+) -> Result<Option<Option<LrSchedule>>> {
     let listing = checkpoint::list(root)?;
     if !listing.uncommitted.is_empty() {
         trainer.logger.warn(format!(
@@ -82,7 +83,7 @@ fn resume_from(
                     "no checkpoint under {} to resume from: starting fresh",
                     root.display()
                 ));
-                return Ok(false);
+                return Ok(None);
             }
         },
         Resume::Dir(dir) => dir.clone(),
@@ -138,7 +139,7 @@ fn resume_from(
         state.batch,
         state.step
     ));
-    Ok(true)
+    Ok(Some(saved.training.schedule))
 }
 
 /// What a finished run reports.
@@ -394,7 +395,7 @@ fn train_rank(
         logger.info(describe_layout(opts, &layout, nccl));
     }
     let mut trainer = Trainer::new(engine, logger);
-    resume_or_init(&mut trainer, opts, &cfg, steps_per_epoch)?;
+    let schedule = resume_or_init(&mut trainer, opts, &cfg, steps_per_epoch, schedule)?;
     if device != Device::Cpu {
         trainer.engine.to_device(device)?;
         trainer.logger.info(format!(
@@ -427,13 +428,20 @@ fn parallel(
     layout: &Layout,
     device: Device,
 ) -> Result<(Option<Parallel>, bool)> {
-    let Some(g) = group else {
-        return Ok((None, false));
+    let g = match group {
+        Some(g) => g,
+        // accumulation runs as the pipeline's micro-batches, on a group of this one rank
+        None if opts.accum_steps > 1 => {
+            let timeout = Duration::from_secs(opts.comm_timeout);
+            let one: Arc<dyn ProcessGroup> = Arc::new(ThreadGroup::new(1, timeout)?.remove(0));
+            one
+        }
+        None => return Ok((None, false)),
     };
     let par = Parallel::new(
         g,
         layout.clone(),
-        opts.microbatches(),
+        opts.micro_steps(),
         // bounded by validate (at most MAX_BUCKET_MB MiB of f32s)
         ((opts.bucket_mb as f64 * (1 << 20) as f64) / 4.0) as usize,
     )?;
@@ -510,8 +518,8 @@ fn describe_layout(opts: &TrainOptions, layout: &Layout, nccl: bool) -> String {
     format!(
         "layout {}, {} micro-batches per step, global batch {}{}",
         layout.describe(),
-        opts.microbatches(),
-        opts.batch_size,
+        opts.micro_steps(),
+        opts.batch_size * opts.accum_steps,
         match nccl {
             true => "; gradients all-reduced by NCCL on the GPUs",
             false if layout.dp > 1 => "; gradients all-reduced through host memory",
@@ -551,13 +559,16 @@ fn loader(
     let (replica, stage) = layout.coords(rank);
     let len = data.len();
     let sampler = Sampler::new(len, shuffle, opts.seed);
-    let mut l = Loader::new(Arc::new(data), sampler, opts.batch_size)?.shard(replica, layout.dp)?;
+    // an optimizer step's batch: --accum-steps micro-batches of --batch-size
+    let batch = opts.batch_size * opts.accum_steps;
+    let mut l = Loader::new(Arc::new(data), sampler, batch)?.shard(replica, layout.dp)?;
     l.workers = opts.workers;
     l.images = stage == 0;
     Ok(l)
 }
 
-/// Linear warm-up over `--warmup` epochs, then cosine decay to 0, per step.
+/// Linear warm-up over `--warmup` epochs from `--warmup-lr`, then cosine decay to
+/// `--min-lr`, per optimizer step: timm's `CosineLRScheduler` ([`LrSchedule::Cosine`]).
 fn lr_schedule(opts: &TrainOptions, steps_per_epoch: u64) -> Result<LrSchedule> {
     let total = (opts.epochs as u64)
         .checked_mul(steps_per_epoch)
@@ -568,10 +579,11 @@ fn lr_schedule(opts: &TrainOptions, steps_per_epoch: u64) -> Result<LrSchedule> 
                 &format!("× {steps_per_epoch} steps per epoch overflows the step count"),
             )
         })?;
-    Ok(LrSchedule::WarmupCosine {
+    Ok(LrSchedule::Cosine {
         warmup: ((opts.warmup as f64 * steps_per_epoch as f64).round() as u64).min(total),
         total,
-        min_lr: 0.0,
+        min_lr: opts.min_lr,
+        warmup_lr: opts.warmup_lr,
     })
 }
 
@@ -586,6 +598,7 @@ fn build_engine(
         lr: opts.lr,
         weight_decay: opts.weight_decay,
         label_smoothing: opts.label_smoothing,
+        clip_grad_norm: opts.clip_grad,
         seed: opts.seed,
         precision,
         ..TrainConfig::default()
@@ -598,17 +611,25 @@ fn build_engine(
 
 /// Where training starts: resumed from a checkpoint (`--resume`), or fresh, optionally
 /// initialised from weights (`--init`; with `--resume auto`, only if there was nothing
-/// to resume). Reads only.
+/// to resume). Reads only. Returns the schedule the run goes on with: `schedule`, or
+/// the older [`LrSchedule::WarmupCosine`] of a checkpoint saved before
+/// [`LrSchedule::Cosine`], so that its run continues as it began.
 fn resume_or_init(
     trainer: &mut Trainer,
     opts: &TrainOptions,
     cfg: &VitConfig,
     steps_per_epoch: u64,
-) -> Result<()> {
+    schedule: LrSchedule,
+) -> Result<LrSchedule> {
     let ckpt_root = opts.checkpoint_root();
-    let resumed = match &opts.resume {
+    let saved = match &opts.resume {
         Some(resume) => resume_from(trainer, resume, &ckpt_root, cfg, opts, steps_per_epoch)?,
-        None => false,
+        None => None,
+    };
+    let resumed = saved.is_some();
+    let schedule = match saved.flatten() {
+        Some(old @ LrSchedule::WarmupCosine { .. }) => old,
+        _ => schedule,
     };
     if let (Some(init), true) = (&opts.init, resumed) {
         trainer.logger.info(format!(
@@ -627,7 +648,7 @@ fn resume_or_init(
             .logger
             .info(format!("initialised from {}: {report}", init.display()));
     }
-    Ok(())
+    Ok(schedule)
 }
 
 /// The standard hooks: the LR schedule and the metrics on every rank; progress, the
@@ -650,6 +671,9 @@ fn add_hooks(
         .add_hook(LossHook::default())
         .add_hook(AccuracyHook::default())
         .add_hook(ThroughputHook::default());
+    if opts.clip_grad.is_some() {
+        trainer.add_hook(GradNormHook);
+    }
     if rank == 0 {
         trainer
             .add_hook(ProgressHook::new(opts.log_interval))
@@ -675,6 +699,7 @@ fn add_hooks(
             SaveOptions {
                 shard_bytes: opts.shard_size_mb << 20,
                 keep_last: (opts.keep_last > 0).then_some(opts.keep_last),
+                keep_best: opts.keep_best.map(options::KeepBest::rule),
             },
         );
         hook.schedule = Some(schedule);

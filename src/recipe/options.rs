@@ -66,9 +66,26 @@ pub struct TrainOptions {
     /// Peak learning rate of AdamW
     #[arg(long, default_value_t = defaults().lr)]
     pub lr: f32,
-    /// Linear warm-up in epochs (fractions allowed), then cosine decay to 0
+    /// Linear warm-up in epochs (fractions allowed) from --warmup-lr, then cosine decay
+    /// to --min-lr, per optimizer step: timm's CosineLRScheduler (t_in_epochs=False)
     #[arg(long, default_value_t = defaults().warmup)]
     pub warmup: f32,
+    /// The rate the linear warm-up starts from (timm's warmup_lr_init)
+    #[arg(long, value_name = "LR", default_value_t = defaults().warmup_lr)]
+    pub warmup_lr: f32,
+    /// The rate the cosine decay ends at (timm's lr_min)
+    #[arg(long, value_name = "LR", default_value_t = defaults().min_lr)]
+    pub min_lr: f32,
+    /// Clip the gradients to this global L2 norm before each update (as
+    /// torch.nn.utils.clip_grad_norm_; over the whole model under dp × pp); logs the
+    /// norm before clipping as grad_norm (epoch mean) [default: no clipping]
+    #[arg(long, value_name = "NORM")]
+    pub clip_grad: Option<f32>,
+    /// Gradient accumulation: one optimizer step per N micro-batches of --batch-size
+    /// (the effective batch, and an epoch's step, is N × --batch-size images; the LR
+    /// schedule counts optimizer steps)
+    #[arg(long, value_name = "N", default_value_t = defaults().accum_steps)]
+    pub accum_steps: usize,
     /// AdamW decoupled weight decay
     #[arg(long, default_value_t = defaults().weight_decay)]
     pub weight_decay: f32,
@@ -116,6 +133,10 @@ pub struct TrainOptions {
     /// Keep the newest N checkpoints; 0 keeps all
     #[arg(long, value_name = "N", default_value_t = defaults().keep_last)]
     pub keep_last: usize,
+    /// Also keep the epoch-end checkpoint with the best METRIC so far (test_acc: highest,
+    /// test_loss: lowest), named by <out>/checkpoints/best
+    #[arg(long, value_enum, value_name = "METRIC")]
+    pub keep_best: Option<KeepBest>,
     /// Save no checkpoints
     #[arg(long)]
     pub no_save: bool,
@@ -202,6 +223,10 @@ impl Default for TrainOptions {
             batch_size: 64,
             lr: 2e-3,
             warmup: 1.0,
+            warmup_lr: 0.0,
+            min_lr: 0.0,
+            clip_grad: None,
+            accum_steps: 1,
             weight_decay: 0.05,
             label_smoothing: 0.0,
             augment: Augment::default(),
@@ -215,6 +240,7 @@ impl Default for TrainOptions {
             save_every: 1,
             save_every_steps: None,
             keep_last: 3,
+            keep_best: None,
             no_save: false,
             shard_size_mb: 2048,
             resume: None,
@@ -327,6 +353,30 @@ macro_rules! from_value_name {
 }
 from_value_name!(Comm);
 from_value_name!(PrecisionChoice);
+from_value_name!(KeepBest);
+
+/// `--keep-best`: the test metric that picks the best checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum KeepBest {
+    /// Test accuracy (higher is better).
+    #[serde(rename = "test_acc")]
+    #[value(name = "test_acc")]
+    TestAcc,
+    /// Test loss (lower is better).
+    #[serde(rename = "test_loss")]
+    #[value(name = "test_loss")]
+    TestLoss,
+}
+
+impl KeepBest {
+    /// The retention rule: the metric's name and whether higher is better.
+    pub fn rule(self) -> crate::checkpoint::BestBy {
+        match self {
+            KeepBest::TestAcc => crate::checkpoint::BestBy::max("test_acc"),
+            KeepBest::TestLoss => crate::checkpoint::BestBy::min("test_loss"),
+        }
+    }
+}
 
 /// `--resume`: the newest committed checkpoint of the run's output directory, or a
 /// checkpoint directory.
@@ -505,6 +555,7 @@ impl TrainOptions {
                 &format!("longer than the run's {} epochs", self.epochs),
             ));
         }
+        self.validate_schedule()?;
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             return Err(invalid("weight_decay", self.weight_decay, "must be >= 0"));
         }
@@ -557,6 +608,7 @@ impl TrainOptions {
         if let Some(m) = self.microbatches {
             check_count("microbatches", m, MAX_MICROBATCHES)?;
         }
+        self.validate_accumulation()?;
         if !(self.bucket_mb.is_finite() && self.bucket_mb > 0.0 && self.bucket_mb <= MAX_BUCKET_MB)
         {
             return Err(invalid(
@@ -585,10 +637,50 @@ impl TrainOptions {
         Ok(norm)
     }
 
+    /// The rates of the schedule (`warmup_lr`, `min_lr`), clipping and accumulation.
+    fn validate_schedule(&self) -> Result<()> {
+        for (field, v) in [("warmup_lr", self.warmup_lr), ("min_lr", self.min_lr)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(invalid(field, v, "must be a number >= 0"));
+            }
+            if v > self.lr {
+                let why = format!("must be at most --lr {}", self.lr);
+                return Err(invalid(field, v, &why));
+            }
+        }
+        if let Some(c) = self.clip_grad {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(invalid("clip_grad", c, "must be a positive number"));
+            }
+        }
+        check_count("accum_steps", self.accum_steps, MAX_MICROBATCHES)
+    }
+
+    /// Accumulation's micro-batches (after `microbatches`' own check).
+    fn validate_accumulation(&self) -> Result<()> {
+        if self.micro_steps() > MAX_MICROBATCHES
+            || self.batch_size.checked_mul(self.accum_steps).is_none()
+        {
+            let why = format!(
+                "× {} micro-batches (or × --batch-size {}) is too many: at most {MAX_MICROBATCHES} micro-batches per step",
+                self.microbatches(),
+                self.batch_size
+            );
+            return Err(invalid("accum_steps", self.accum_steps, &why));
+        }
+        Ok(())
+    }
+
     /// Micro-batches per step.
     pub fn microbatches(&self) -> usize {
         self.microbatches
             .unwrap_or(if self.pp > 1 { 2 * self.pp } else { 1 })
+    }
+
+    /// Micro-batches per optimizer step, accumulation included: each of the
+    /// `--accum-steps` batches of `--batch-size` cut into `microbatches()`.
+    pub fn micro_steps(&self) -> usize {
+        self.microbatches() * self.accum_steps
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -622,7 +714,7 @@ impl TrainOptions {
 /// stream, so the checkpoint's values hold and a different one given is refused.
 /// Everything else (epochs to extend, the layout, device, threads, workers, data path,
 /// output and saving options, …) may change on a resume.
-pub const MUST_MATCH: [&str; 17] = [
+pub const MUST_MATCH: [&str; 21] = [
     "preset",
     "dim",
     "depth",
@@ -640,6 +732,10 @@ pub const MUST_MATCH: [&str; 17] = [
     "image_size",
     "mean",
     "std",
+    "warmup_lr",
+    "min_lr",
+    "clip_grad",
+    "accum_steps",
 ];
 
 /// Largest `--config` file read.

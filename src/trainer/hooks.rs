@@ -39,6 +39,21 @@ impl Hook for LossHook {
     }
 }
 
+/// The global gradient norm before clipping (the engine's, when it clips), as the
+/// epoch's mean `grad_norm` over its updates.
+#[derive(Debug, Default)]
+pub struct GradNormHook;
+
+impl Hook for GradNormHook {
+    fn after_iter(&mut self, s: &mut State, _: &StepOutput) -> Result<()> {
+        if let Some(norm) = s.engine.grad_norm() {
+            let v = running(s, "grad_norm").add(norm as f64, 1);
+            s.metrics.insert("grad_norm".into(), v);
+        }
+        Ok(())
+    }
+}
+
 /// Top-1 accuracy as a fraction: `train_acc` and `test_acc`; keeps the confusion
 /// matrix of the last test.
 #[derive(Debug, Default)]

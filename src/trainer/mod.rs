@@ -24,8 +24,8 @@ mod tensorboard;
 mod timer;
 
 pub use hooks::{
-    AccuracyHook, LogMetricByEpochHook, LossHook, LrSchedulerHook, PlotHook, SaveCheckpointHook,
-    ThroughputHook,
+    AccuracyHook, GradNormHook, LogMetricByEpochHook, LossHook, LrSchedulerHook, PlotHook,
+    SaveCheckpointHook, ThroughputHook,
 };
 pub use logger::{init_logging, init_stdout, Logger, Verbosity};
 pub use plot::plot_metrics;

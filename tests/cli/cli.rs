@@ -235,7 +235,8 @@ fn bad_inputs_fail_with_one_clear_message() {
         (vec!["train", "--augment", "mixup"], "mixup"),
         (
             [&["train", "--lr", "1e30", "--out", &nan_out][..], &TINY[..]].concat(),
-            "the loss is NaN at step 1",
+            // update 0 runs at timm's warmup_lr_init (0): the first to diverge is 1
+            "the loss is NaN at step 2",
         ),
         (
             vec!["train", "--config", "/nonexistent/run.toml"],
@@ -305,6 +306,35 @@ fn flags_that_would_wrap_hang_or_be_ignored_are_refused_at_once() {
         ),
         (vec!["train", "--lr", "inf"], "lr = inf"),
         (vec!["train", "--weight-decay", "NaN"], "weight_decay = NaN"),
+        (
+            vec!["train", "--clip-grad", "0"],
+            "clip_grad = 0: must be a positive number",
+        ),
+        (vec!["train", "--clip-grad", "NaN"], "clip_grad = NaN"),
+        (
+            vec!["train", "--accum-steps", "0"],
+            "accum_steps = 0: must be at least 1",
+        ),
+        (
+            vec!["train", "--accum-steps", "70000"],
+            "accum_steps = 70000: must be at most 65536",
+        ),
+        (
+            vec!["train", "--pp", "2", "--accum-steps", "20000"],
+            "accum_steps = 20000: × 4 micro-batches",
+        ),
+        (
+            vec!["train", "--min-lr=-1"],
+            "min_lr = -1: must be a number >= 0",
+        ),
+        (
+            vec!["train", "--warmup-lr", "0.5"],
+            "warmup_lr = 0.5: must be at most --lr 0.002",
+        ),
+        (
+            vec!["train", "--keep-best", "train_acc"],
+            "test_acc, test_loss",
+        ),
         (
             vec!["train", "--label-smoothing", "NaN"],
             "label_smoothing = NaN",

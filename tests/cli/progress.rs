@@ -123,7 +123,8 @@ fn bad_log_intervals_are_refused_naming_the_flag() {
 fn metrics_jsonl_has_integer_steps_unix_times_and_short_numbers() {
     let out = temp_dir("jsonl");
     let before = unix_now();
-    train(&out, &["--epochs", "3"]);
+    // warm-up from the peak rate: every warm-up update runs at it exactly
+    train(&out, &["--epochs", "3", "--warmup-lr", "0.002"]);
     let after = unix_now();
     let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     let m = metrics(&out);
@@ -141,7 +142,7 @@ fn metrics_jsonl_has_integer_steps_unix_times_and_short_numbers() {
         );
         last_time = time;
     }
-    // warm-up ends at epoch 1's last step: the peak rate exactly, printed as given
+    // epoch 1's last step runs at the peak rate exactly, printed as given
     assert!(
         text.lines().next().unwrap().contains("\"lr\":0.002,"),
         "{text}"

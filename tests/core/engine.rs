@@ -127,3 +127,85 @@ fn bf16_gradients_are_close_to_f32() {
         );
     }
 }
+
+/// `--clip-grad`: the update with clipping equals one computed by hand from the
+/// unclipped gradients as `torch.nn.utils.clip_grad_norm_` does (total L2 norm over
+/// every gradient, scale max / (total + 1e-6) when below 1), with SGD at lr 1 so the
+/// step is `p - g`; and the engine reports the norm before clipping.
+fn clipping_matches_a_hand_computed_reference(device: ferrovit::tensor::Device) {
+    let cfg = VitConfig {
+        dim: 16,
+        depth: 1,
+        heads: 2,
+        mlp_dim: 16,
+        dropout: 0.0,
+        ..VitConfig::preset("vit_tiny_patch4_32").unwrap()
+    };
+    let config = |clip: Option<f32>| TrainConfig {
+        optimizer: ferrovit::optim::OptimizerKind::sgd(0.0, false),
+        lr: 1.0,
+        weight_decay: 0.0,
+        clip_grad_norm: clip,
+        ..TrainConfig::default()
+    };
+    let images = crate::common::randn(&[4, 3, 32, 32], 11);
+    let (labels, ids) = (vec![1, 7, 3, 3], vec![0, 1, 2, 3]);
+    let mut plain = Engine::new(&cfg, config(None)).unwrap();
+    plain.to_device(device).unwrap();
+    plain.zero_grad().unwrap();
+    let out = plain.forward(images.clone(), &ids).unwrap();
+    let loss = plain.criterion(&out, &labels).unwrap();
+    plain.backward(&loss).unwrap();
+    let host = |t: &Tensor| {
+        t.to_device(ferrovit::tensor::Device::Cpu)
+            .unwrap()
+            .to_vec_f32()
+    };
+    let (values, grads): (Vec<Vec<f32>>, Vec<Vec<f32>>) = plain
+        .params()
+        .iter()
+        .map(|p| (host(&p.value), host(&p.grad)))
+        .unzip();
+    let total = grads
+        .iter()
+        .flatten()
+        .map(|&g| g as f64 * g as f64)
+        .sum::<f64>()
+        .sqrt();
+    for (max, clipped) in [(total / 4.0, true), (total * 2.0, false)] {
+        let coef = (max / (total + 1e-6)).min(1.0);
+        assert_eq!(coef < 1.0, clipped);
+        let mut e = Engine::new(&cfg, config(Some(max as f32))).unwrap();
+        e.to_device(device).unwrap();
+        e.train_step(images.clone(), &labels, &ids).unwrap();
+        let norm = e.grad_norm().unwrap();
+        assert!(
+            (norm as f64 - total).abs() < 1e-5 * total,
+            "norm {norm} vs {total}"
+        );
+        for ((p, v), g) in e.params().iter().zip(&values).zip(&grads) {
+            let want: Vec<f32> = v
+                .iter()
+                .zip(g)
+                .map(|(&v, &g)| (v as f64 - coef * g as f64) as f32)
+                .collect();
+            let got = host(&p.value);
+            let err = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(err < 1e-5, "{} (max {max:.4}): off by {err}", p.name);
+        }
+    }
+}
+
+#[test]
+fn clipping_matches_a_hand_computed_reference_on_the_cpu() {
+    clipping_matches_a_hand_computed_reference(ferrovit::tensor::Device::Cpu);
+}
+
+#[test]
+fn clipping_matches_a_hand_computed_reference_on_emulated_cuda() {
+    clipping_matches_a_hand_computed_reference(ferrovit::tensor::Device::cuda_emulated());
+}

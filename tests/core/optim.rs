@@ -232,3 +232,39 @@ fn state_is_named_by_parameter_and_restores() {
         .load_state(&other, 1, |_| None);
     assert!(missing.unwrap_err().to_string().contains("exp_avg.w"));
 }
+
+/// timm's `CosineLRScheduler` (t_in_epochs=False) rate of every update, from
+/// tests/fixtures/lr_schedule_timm.json (scripts/make_lr_schedule_fixture.py).
+#[test]
+fn cosine_schedule_matches_timm() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/lr_schedule_timm.json"
+    ))
+    .unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let cases = doc["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 4);
+    for case in cases {
+        let num = |k: &str| case[k].as_f64().unwrap();
+        let schedule = LrSchedule::Cosine {
+            warmup: num("warmup") as u64,
+            total: num("total") as u64,
+            min_lr: num("min_lr") as f32,
+            warmup_lr: num("warmup_lr") as f32,
+        };
+        schedule.validate().unwrap();
+        let rates = case["rates"].as_array().unwrap();
+        assert!(rates.len() as f64 > num("total"), "past the end too");
+        for (step, want) in rates.iter().enumerate() {
+            let (want, got) = (
+                want.as_f64().unwrap(),
+                schedule.lr(num("lr") as f32, step as u64),
+            );
+            assert!(
+                (got as f64 - want).abs() <= 1e-6 * want.abs() + 1e-12,
+                "{case}: update {step}: {got} vs timm {want}"
+            );
+        }
+    }
+}

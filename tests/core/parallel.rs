@@ -183,6 +183,57 @@ fn every_layout_steps_like_one_rank_on_the_global_batch() {
     }
 }
 
+/// `--clip-grad` under dp × pp: the norm each rank clips by is the whole model's (the
+/// replicas' summed gradients, the stages' sums of squares all-reduced over the
+/// pipeline group), the same as one rank's up to rounding — and large enough here that
+/// the clipping acts (the parameters then agree: `every_layout_steps_like_one_rank…`).
+#[test]
+fn clipping_uses_the_whole_models_gradient_norm_in_every_layout() {
+    let norms = |dp: usize, pp: usize| -> Vec<Vec<f32>> {
+        let groups = ThreadGroup::new(dp * pp, Duration::from_secs(60)).unwrap();
+        let handles: Vec<_> = groups
+            .into_iter()
+            .map(|g| {
+                std::thread::spawn(move || {
+                    let cfg = model();
+                    let layout = Layout::new(dp, pp, cfg.depth, None).unwrap();
+                    let (replica, _) = layout.coords(g.rank());
+                    let par = Parallel::new(Arc::new(g), layout, 2, 1000).unwrap();
+                    let config = train_config(OptimizerKind::sgd(0.9, false));
+                    let mut e = Engine::parallel(&cfg, config, par).unwrap();
+                    (0..STEPS)
+                        .map(|s| {
+                            e.train_batch(share(s, replica, dp)).unwrap();
+                            e.grad_norm().unwrap()
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    };
+    let mut single = Engine::new(&model(), train_config(OptimizerKind::sgd(0.9, false))).unwrap();
+    let want: Vec<f32> = (0..STEPS)
+        .map(|s| {
+            single.train_batch(share(s, 0, 1)).unwrap();
+            single.grad_norm().unwrap()
+        })
+        .collect();
+    assert!(
+        want.iter().all(|&n| n > 1.0),
+        "clipping acts at max norm 1: {want:?}"
+    );
+    for (dp, pp) in [(2, 1), (1, 2), (2, 2)] {
+        for (rank, got) in norms(dp, pp).iter().enumerate() {
+            let (e, i) = max_rel_err(got, &want);
+            assert!(
+                e < 1e-4,
+                "dp {dp} pp {pp} rank {rank}: step {i}: {got:?} vs {want:?}"
+            );
+        }
+    }
+}
+
 #[test]
 fn uneven_shares_and_micro_batches_are_weighted_exactly() {
     // 16 samples over 3 replicas (5/5/6) and 3 micro-batches per replica (1/2/2, …)
@@ -399,4 +450,66 @@ fn bad_layouts_are_refused_before_any_work() {
         "nothing was trained or written"
     );
     std::fs::remove_dir_all(out).unwrap();
+}
+
+/// The first epoch's `grad_norm` in metrics.jsonl.
+fn grad_norm(out: &Path) -> f64 {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    first["grad_norm"].as_f64().unwrap()
+}
+
+/// `--accum-steps` (with `--clip-grad`): `--batch-size 16 --accum-steps 4` takes the optimizer steps of
+/// `--batch-size 64` (its global batches, each cut into 4 micro-batches of 16 per
+/// replica-share, their losses weighted by their share of the 64), so the parameters
+/// and optimizer state after an epoch (23 AdamW steps) agree to rounding — on one rank,
+/// under dp 2 and pp 2 — and a run resumed from a mid-epoch checkpoint agrees too.
+#[test]
+fn accumulated_micro_batches_step_like_the_larger_batch() {
+    let root = common::temp_dir("accum");
+    let steps = 1437u64.div_ceil(64);
+    let run = |tag: &str, layout: (usize, usize), batch: usize, accum: usize| {
+        let out = root.join(tag);
+        let opts = TrainOptions {
+            epochs: 1,
+            batch_size: batch,
+            accum_steps: accum,
+            clip_grad: Some(1.0),
+            save_every_steps: Some(10),
+            ..options(&out, layout)
+        };
+        recipe::train(&opts).unwrap();
+        (out, opts)
+    };
+    let (big, _) = run("big", (1, 1), 64, 1);
+    let want = (losses(&big), tensors(&big, steps));
+    for (tag, layout) in [
+        ("accum", (1, 1)),
+        ("accum-dp2", (2, 1)),
+        ("accum-pp2", (1, 2)),
+    ] {
+        let (out, opts) = run(tag, layout, 16, 4);
+        let got = (losses(&out), tensors(&out, steps));
+        assert_same(tag, &got, &want, true, 2e-3);
+        // clipped (the pre-clip norm's epoch mean is logged) by the same norm
+        let (a, b) = (grad_norm(&out), grad_norm(&big));
+        assert!(
+            a > 1.0 && (a - b).abs() < 1e-4 * b,
+            "{tag}: grad_norm {a} vs {b}"
+        );
+        if tag == "accum" {
+            // resumed from step 10 (mid-epoch) into another directory
+            let resumed = root.join("accum-resumed");
+            let ckpt = out.join("checkpoints").join("step-0000000010");
+            recipe::train(&TrainOptions {
+                out: resumed.clone(),
+                resume: Some(recipe::Resume::Dir(ckpt)),
+                ..opts
+            })
+            .unwrap();
+            let got = (losses(&resumed), tensors(&resumed, steps));
+            assert_same("accum resumed", &got, &want, true, 2e-3);
+        }
+    }
+    std::fs::remove_dir_all(root).unwrap();
 }

@@ -4,8 +4,8 @@
 
 use crate::common::{copy_checkpoint, edit_index, temp_dir, write_index};
 use ferrovit::checkpoint::{
-    self, export_safetensors, import_safetensors, list, read_safetensors, AsyncSaver, Checkpoint,
-    LoadOptions, SaveOptions, TrainingState, INDEX,
+    self, export_safetensors, import_safetensors, list, read_safetensors, AsyncSaver, BestBy,
+    Checkpoint, LoadOptions, SaveOptions, TrainingState, BEST, INDEX,
 };
 use ferrovit::engine::{Engine, TrainConfig};
 use ferrovit::rng::Rng;
@@ -56,6 +56,7 @@ fn saved(e: &Engine, name: &str) -> (PathBuf, PathBuf) {
     let opts = SaveOptions {
         shard_bytes: 40_000,
         keep_last: None,
+        keep_best: None,
     };
     let training = TrainingState {
         epoch: 2,
@@ -249,6 +250,78 @@ fn retention_latest_pointer_and_uncommitted_directories() {
     let err = saver.wait().unwrap_err().to_string();
     assert!(err.contains("a-file"), "{err}");
     std::fs::remove_dir_all(root).unwrap();
+}
+
+/// `--keep-best`: retention keeps the newest N and the checkpoint of the best epoch by
+/// the metric in the (newest) history — only epochs with a test result and a saved end
+/// count — and the `best` pointer names it; a later better epoch moves the pointer and
+/// frees the old best.
+#[test]
+fn retention_keeps_the_best_checkpoint_and_points_at_it() {
+    let mut e = trained(6);
+    for (by, best_step) in [
+        (BestBy::max("test_acc"), 20),
+        (BestBy::min("test_loss"), 30),
+    ] {
+        let root = temp_dir("keep-best");
+        let opts = SaveOptions {
+            keep_last: Some(1),
+            keep_best: Some(by.clone()),
+            ..SaveOptions::default()
+        };
+        // epochs end at steps 10..=60; epoch 4 (step 40) had no test; step 50 was not
+        // saved at its epoch's end; test_acc peaks at step 20, test_loss bottoms at 30
+        let acc = [0.5, 0.9, 0.8, 0.99, 0.95, 0.7];
+        let loss = [2.0, 1.0, 0.5, 0.1, 0.05, 0.9];
+        let mut history = Vec::new();
+        for (k, step) in (10u64..=60).step_by(10).enumerate() {
+            let mut m = std::collections::BTreeMap::from([("step".to_string(), step as f64)]);
+            if step != 40 {
+                m.insert("test_acc".into(), acc[k]);
+                m.insert("test_loss".into(), loss[k]);
+            }
+            history.push(m);
+            if step == 50 {
+                continue;
+            }
+            e.set_step(step);
+            let training = TrainingState {
+                history: history.clone(),
+                ..TrainingState::default()
+            };
+            checkpoint::save(
+                &e.snapshot(training),
+                &root,
+                &checkpoint::checkpoint_name(step),
+                &opts,
+            )
+            .unwrap();
+        }
+        let names: Vec<String> = list(&root)
+            .unwrap()
+            .committed
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into())
+            .collect();
+        let best = checkpoint::checkpoint_name(best_step);
+        assert_eq!(names, [best.clone(), "step-0000000060".into()], "{by:?}");
+        assert_eq!(
+            checkpoint::read_pointer(&root, BEST),
+            Some(best.clone()),
+            "{by:?}"
+        );
+        // the CLI takes the pointer for a checkpoint and lists it
+        let (ok, out, err) = crate::common::ferrovit(&["ckpt", "list", root.to_str().unwrap()]);
+        assert!(ok, "{err}");
+        assert!(out.contains(&format!("{best}  (best)")), "{out}");
+        assert!(out.contains("step-0000000060  (latest)"), "{out}");
+        let best_file = root.join(BEST);
+        let (ok, out, err) =
+            crate::common::ferrovit(&["ckpt", "inspect", best_file.to_str().unwrap()]);
+        assert!(ok, "{err}");
+        assert!(out.contains(&format!("step {best_step}")), "{out}");
+        std::fs::remove_dir_all(root).unwrap();
+    }
 }
 
 #[test]

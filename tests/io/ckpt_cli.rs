@@ -240,7 +240,7 @@ fn ckpt_json_outputs_carry_the_checkpoint() {
     assert!(ok);
     assert_eq!(
         l["committed"],
-        serde_json::json!([{"path": d, "latest": true}])
+        serde_json::json!([{"path": d, "latest": true, "best": false}])
     );
     let uncommitted = l["uncommitted"].as_array().unwrap();
     assert_eq!(uncommitted.len(), 1, "{l}");

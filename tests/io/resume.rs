@@ -403,6 +403,22 @@ fn a_resume_refuses_options_that_contradict_the_checkpoint_and_writes_nothing() 
             vec!["--config", toml],
             "--dropout 0.2 contradicts the checkpoint's dropout 0.1",
         ),
+        (
+            vec!["--clip-grad", "1"],
+            "--clip-grad 1.0 contradicts the checkpoint's clip_grad (unset)",
+        ),
+        (
+            vec!["--accum-steps", "2"],
+            "--accum-steps 2 contradicts the checkpoint's accum_steps 1",
+        ),
+        (
+            vec!["--min-lr", "0.0001"],
+            "--min-lr 0.0001 contradicts the checkpoint's min_lr 0.0",
+        ),
+        (
+            vec!["--warmup-lr", "0.0001"],
+            "--warmup-lr 0.0001 contradicts the checkpoint's warmup_lr 0.0",
+        ),
     ] {
         let args = [&["train", "--out", o, "--resume", "auto"][..], &flags[..]].concat();
         let (ok, stdout, err) = ferrovit(&args);
@@ -420,9 +436,20 @@ fn a_resume_refuses_options_that_contradict_the_checkpoint_and_writes_nothing() 
     let (ok, _, err) = ferrovit(&["train", "--out", o, "--resume", "/nonexistent/ckpt"]);
     assert!(!ok && err.contains("/nonexistent/ckpt"), "{err}");
     assert!(dir_snapshot(&root) == before);
-    // values equal to the saved ones are fine
-    let stdout = train_ok(&[&["--out", o, "--resume", "auto"][..], &MODEL[..]].concat());
+    // values equal to the saved ones are fine, and --keep-best may change
+    let flags = ["--out", o, "--resume", "auto", "--keep-best", "test_acc"];
+    let stdout = train_ok(&[&flags[..], &MODEL[..]].concat());
     assert!(stdout.contains("epoch   2/2"), "{stdout}");
+    // the best of both epochs, the one before the resume included (first among ties)
+    let epochs: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let acc = |k: usize| epochs[k]["test_acc"].as_f64().unwrap();
+    let step = if acc(1) > acc(0) { 46 } else { 23 };
+    let best = checkpoint::read_pointer(&out.join("checkpoints"), checkpoint::BEST);
+    assert_eq!(best, Some(checkpoint::checkpoint_name(step)), "{epochs:?}");
 
     // an older checkpoint, without options: its run's config.toml, else the flags
     interrupted(&out);
@@ -517,5 +544,48 @@ fn init_fine_tunes_from_weights_with_a_new_head() {
         ok && stdout.contains("--init") && stdout.contains("is not used"),
         "{stdout}{err}"
     );
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+/// A checkpoint saved before `LrSchedule::Cosine` (its schedule the older
+/// `WarmupCosine`) resumes with its own schedule, so its run continues as it began;
+/// a new run's checkpoint records timm's `Cosine` with its rates.
+#[test]
+fn a_resume_keeps_an_older_checkpoints_schedule() {
+    let root = temp_dir("old-schedule");
+    let out = root.join("run");
+    let o = out.to_str().unwrap();
+    interrupted(&out);
+    let ckpt = out
+        .join("checkpoints")
+        .join(checkpoint::checkpoint_name(23));
+    let saved = Checkpoint::open(&ckpt).unwrap().index.training.schedule;
+    let timm = LrSchedule::Cosine {
+        warmup: 23,
+        total: 46,
+        min_lr: 0.0,
+        warmup_lr: 0.0,
+    };
+    assert_eq!(saved, Some(timm));
+    let last_lr = |out: &Path| {
+        let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        v["lr"].as_f64().unwrap() as f32
+    };
+    train_ok(&["--out", o, "--resume", "auto"]);
+    assert_eq!(last_lr(&out), timm.lr(2e-3, 45));
+    let old = LrSchedule::WarmupCosine {
+        warmup: 23,
+        total: 46,
+        min_lr: 0.0,
+    };
+    interrupted(&out);
+    edit_index(&ckpt, |v| {
+        v["training"]["schedule"] =
+            serde_json::json!({"WarmupCosine": {"warmup": 23, "total": 46, "min_lr": 0.0}});
+    });
+    train_ok(&["--out", o, "--resume", "auto"]);
+    assert_ne!(old.lr(2e-3, 45), timm.lr(2e-3, 45));
+    assert_eq!(last_lr(&out), old.lr(2e-3, 45));
     std::fs::remove_dir_all(root).unwrap();
 }

@@ -244,42 +244,7 @@ fn architecture(
     opts: &ImportOptions,
     file: &Path,
 ) -> Result<(VitConfig, Option<String>)> {
-    let mut heads_from = None;
-    let heads = match (&opts.preset, opts.heads) {
-        (Some(p), heads) => {
-            let preset = VitConfig::preset(p)?;
-            if !s.fit(&preset) {
-                return Err(Error::Format {
-                    path: file.to_path_buf(),
-                    msg: format!(
-                        "the tensors' shapes ({}) are not preset {p}'s (dim {}, depth {}, MLP width {}, patch {}, image {})",
-                        s.describe(), preset.dim, preset.depth, preset.mlp_dim, preset.patch_size, preset.image_size
-                    ),
-                });
-            }
-            heads.unwrap_or(preset.heads)
-        }
-        (None, Some(h)) => h,
-        (None, None) => {
-            let found = PRESETS
-                .iter()
-                .find(|p| VitConfig::preset(p).is_ok_and(|c| s.fit(&c)));
-            let Some(p) = found else {
-                return Err(Error::Config(format!(
-                    "--heads is required: the tensors' shapes ({}) match no preset, and shapes never tell the number of attention heads",
-                    s.describe()
-                )));
-            };
-            heads_from = Some(p.to_string());
-            VitConfig::preset(p)?.heads
-        }
-    };
-    if heads == 0 || !s.dim.is_multiple_of(heads) {
-        return Err(Error::Config(format!(
-            "--heads {heads} does not divide the model's dim {}",
-            s.dim
-        )));
-    }
+    let (heads, heads_from) = heads(s, opts, file)?;
     let num_classes = match (opts.num_classes, s.classes) {
         (Some(n), _) | (None, Some(n)) => n,
         (None, None) => {
@@ -301,6 +266,49 @@ fn architecture(
     };
     model.validate()?;
     Ok((model, heads_from))
+}
+
+/// The number of attention heads: `--heads`, else the preset's (`--preset`, or the
+/// preset whose shapes match); and the preset it came from when `--heads` was not given.
+fn heads(s: &Shapes, opts: &ImportOptions, file: &Path) -> Result<(usize, Option<String>)> {
+    let (heads, from) = match (&opts.preset, opts.heads) {
+        (Some(p), heads) => {
+            let preset = VitConfig::preset(p)?;
+            if !s.fit(&preset) {
+                return Err(Error::Format {
+                    path: file.to_path_buf(),
+                    msg: format!(
+                        "the tensors' shapes ({}) are not preset {p}'s (dim {}, depth {}, MLP width {}, patch {}, image {})",
+                        s.describe(), preset.dim, preset.depth, preset.mlp_dim, preset.patch_size, preset.image_size
+                    ),
+                });
+            }
+            (
+                heads.unwrap_or(preset.heads),
+                heads.is_none().then(|| p.clone()),
+            )
+        }
+        (None, Some(h)) => (h, None),
+        (None, None) => {
+            let found = PRESETS
+                .iter()
+                .find(|p| VitConfig::preset(p).is_ok_and(|c| s.fit(&c)));
+            let Some(p) = found else {
+                return Err(Error::Config(format!(
+                    "--heads is required: the tensors' shapes ({}) match no preset, and shapes never tell the number of attention heads",
+                    s.describe()
+                )));
+            };
+            (VitConfig::preset(p)?.heads, Some(p.to_string()))
+        }
+    };
+    if heads == 0 || !s.dim.is_multiple_of(heads) {
+        return Err(Error::Config(format!(
+            "--heads {heads} does not divide the model's dim {}",
+            s.dim
+        )));
+    }
+    Ok((heads, from))
 }
 
 /// Replaces the engine's parameters by `tensors` after checking them all (nothing is

@@ -104,6 +104,10 @@ fn inspect_verify_list_export_import() {
         "encoder.layer.=blocks.",
     ]);
     assert!(ok && text.contains("imported 92 tensors"), "{err}");
+    assert!(
+        text.contains("4 heads from preset vit_lite_depth7_patch4_32"),
+        "{text}"
+    );
     let mut other = ferrovit::engine::Engine::new(
         &cfg,
         ferrovit::engine::TrainConfig {

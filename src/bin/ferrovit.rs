@@ -6,12 +6,12 @@ use ferrovit::backend::cpu;
 use ferrovit::backend::DeviceSpec;
 use ferrovit::checkpoint::{self, Checkpoint};
 use ferrovit::data::cifar10;
-use ferrovit::data::Dataset;
+use ferrovit::data::{Dataset, Normalize};
 use ferrovit::engine::{Engine, TrainConfig};
 use ferrovit::infer::Classifier;
 use ferrovit::launch::LaunchOptions;
 use ferrovit::nn::PRESETS;
-use ferrovit::recipe::{self, PrecisionChoice, TrainOptions};
+use ferrovit::recipe::{self, Channels, PrecisionChoice, TrainOptions};
 use ferrovit::rng::Rng;
 use ferrovit::signals::{Again, StopFlag, StopOnSignals};
 use ferrovit::text::{self, escape};
@@ -289,7 +289,9 @@ enum CkptCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Write the model weights into one safetensors file
+    /// Write the model weights into one safetensors file: a timm VisionTransformer's state
+    /// dict (ferrovit's names and layouts are timm's); prints the timm call whose
+    /// load_state_dict(..., strict=True) takes it
     Export {
         /// Checkpoint directory (or a root: its newest; or a pointer file: <root>/best)
         dir: PathBuf,
@@ -297,23 +299,46 @@ enum CkptCommand {
         #[arg(long, value_name = "FILE")]
         safetensors: PathBuf,
     },
-    /// Make a weights-only checkpoint from a safetensors file
+    /// Make a weights-only checkpoint from a safetensors file: a timm VisionTransformer's
+    /// state dict (class token, learned position embedding, global_pool='token'; its
+    /// dim, depth, MLP width, patch size, image size and classes read from the tensor
+    /// shapes), or a preset's
     Import {
         /// Input .safetensors file
         file: PathBuf,
         /// Checkpoint root to write into (as step-0000000000)
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
-        /// Model preset the weights are for
-        #[arg(long, default_value = "vit_lite_depth7_patch4_32")]
-        preset: String,
-        /// Number of classes of the classifier head
-        #[arg(long, default_value_t = 10)]
-        num_classes: usize,
+        /// Model preset the weights are for (its shapes are checked; its heads are used
+        /// unless --heads is given)
+        #[arg(long)]
+        preset: Option<String>,
+        /// Attention heads: required unless the shapes match a preset's (shapes never
+        /// tell the number of heads)
+        #[arg(long, value_name = "H")]
+        heads: Option<usize>,
+        /// Classes of the classifier head [default: the file's head's]; another number
+        /// (or a file without a head) gets a fresh head initialised from --seed
+        #[arg(long, value_name = "N")]
+        num_classes: Option<usize>,
+        /// Seed of a fresh head's initialisation
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
         /// Rename tensors: FROM=TO replaces the name prefix FROM by TO (repeatable;
         /// the first matching rule applies)
         #[arg(long = "map", value_name = "FROM=TO")]
         map: Vec<String>,
+        /// Leave out the tensors whose names (after --map) start with PREFIX (repeatable)
+        #[arg(long = "ignore", value_name = "PREFIX")]
+        ignore: Vec<String>,
+        /// Per-channel mean of the model's input normalisation, recorded for infer/eval
+        /// (timm's ImageNet models: 0.485,0.456,0.406)
+        #[arg(long, value_name = "R,G,B", default_value = "0.4914,0.4822,0.4465")]
+        mean: Channels,
+        /// Per-channel std of the model's input normalisation (timm's ImageNet models:
+        /// 0.229,0.224,0.225)
+        #[arg(long, value_name = "R,G,B", default_value = "0.2470,0.2435,0.2616")]
+        std: Channels,
     },
 }
 
@@ -783,19 +808,66 @@ fn ckpt(c: CkptCommand) -> Result<()> {
             let dir = ckpt_dir(dir)?;
             let n = checkpoint::export_safetensors(&dir, &safetensors)?;
             println!("wrote {n} model tensors to {}", text::path(&safetensors));
+            let model = checkpoint::read_index(&dir)?.model;
+            match checkpoint::timm_constructor(&model) {
+                Some(call) => println!("timm: {call}.load_state_dict(..., strict=True)"),
+                None => println!(
+                    "timm: no VisionTransformer mlp_ratio gives the MLP width {} of dim {}",
+                    model.mlp_dim, model.dim
+                ),
+            }
             Ok(())
         }
         CkptCommand::Import {
             file,
             out,
             preset,
+            heads,
             num_classes,
+            seed,
             map,
+            ignore,
+            mean,
+            std,
         } => {
-            let map = pairs("--map", &map)?;
-            let (count, dest) =
-                checkpoint::import_safetensors(&file, &out, &preset, num_classes, &map)?;
-            println!("imported {count} tensors into {}", text::path(&dest));
+            let norm = Normalize {
+                mean: mean.0,
+                std: std.0,
+            };
+            if let Err(why) = norm.check() {
+                return Err(Error::Config(format!("--mean {mean} / --std {std}: {why}")));
+            }
+            let opts = checkpoint::ImportOptions {
+                preset,
+                heads,
+                num_classes,
+                map: pairs("--map", &map)?,
+                ignore,
+                norm,
+                seed,
+            };
+            let done = checkpoint::import_safetensors(&file, &out, &opts)?;
+            let m = &done.model;
+            let mut notes = Vec::new();
+            if let Some(p) = &done.heads_from {
+                notes.push(format!("{} heads from preset {p}", m.heads));
+            }
+            if done.fresh_head {
+                notes.push(format!(
+                    "a fresh {}-class head (seed {seed})",
+                    m.num_classes
+                ));
+            }
+            if done.ignored > 0 {
+                notes.push(format!("{} tensors left out", done.ignored));
+            }
+            println!(
+                "imported {} tensors into {}: dim {} depth {} heads {} mlp_dim {} patch {} image {} classes {}{}",
+                done.tensors,
+                text::path(&done.dest),
+                m.dim, m.depth, m.heads, m.mlp_dim, m.patch_size, m.image_size, m.num_classes,
+                notes.iter().map(|n| format!("; {n}")).collect::<String>()
+            );
             Ok(())
         }
     }

@@ -21,7 +21,7 @@ pub use format::{
     TensorEntry, TrainingState, ALIGN, FORMAT, INDEX, INDEX_CHECKSUM, MAX_HEADER_BYTES,
     MAX_INDEX_BYTES, VERSION,
 };
-pub use import::{import_safetensors, read_safetensors};
+pub use import::{import_safetensors, read_safetensors, timm_constructor, ImportOptions, Imported};
 pub use reader::{read_index, Checkpoint, VerifyReport};
 pub use writer::{
     checkpoint_name, retain, save, set_latest, AsyncSaver, BestBy, SaveGroup, SaveOptions,

@@ -9,8 +9,8 @@ mod rundir;
 use options::invalid;
 
 pub use options::{
-    Comm, PrecisionChoice, Resume, TrainOptions, DEFAULT_MODEL, MAX_BUCKET_MB, MAX_COMM_TIMEOUT_S,
-    MAX_MICROBATCHES, MAX_SHARD_SIZE_MB, MAX_WORKERS, MAX_WORLD, MUST_MATCH,
+    Channels, Comm, PrecisionChoice, Resume, TrainOptions, DEFAULT_MODEL, MAX_BUCKET_MB,
+    MAX_COMM_TIMEOUT_S, MAX_MICROBATCHES, MAX_SHARD_SIZE_MB, MAX_WORKERS, MAX_WORLD, MUST_MATCH,
 };
 pub use resolve::resume_options;
 pub use rundir::{RunLock, LOCK};

@@ -13,4 +13,5 @@ mod dist_tcp;
 mod launch;
 mod progress;
 mod readme;
+mod recipes;
 mod stop;

@@ -5,7 +5,7 @@
 use crate::common::{copy_checkpoint, edit_index, temp_dir, write_index};
 use ferrovit::checkpoint::{
     self, export_safetensors, import_safetensors, list, read_safetensors, AsyncSaver, BestBy,
-    Checkpoint, LoadOptions, SaveOptions, TrainingState, BEST, INDEX,
+    Checkpoint, ImportOptions, LoadOptions, SaveOptions, TrainingState, BEST, INDEX,
 };
 use ferrovit::engine::{Engine, TrainConfig};
 use ferrovit::rng::Rng;
@@ -368,8 +368,16 @@ fn import_makes_a_weights_only_checkpoint_of_an_exported_file() {
     export_safetensors(&dir, &file).unwrap();
 
     let out = root.join("imported");
-    let (n, dest) = import_safetensors(&file, &out, preset, 3, &[]).unwrap();
-    assert_eq!(n, e.params().len());
+    let opts = |num_classes, map: &[(String, String)]| ImportOptions {
+        preset: Some(preset.into()),
+        num_classes: Some(num_classes),
+        map: map.to_vec(),
+        ..Default::default()
+    };
+    let done = import_safetensors(&file, &out, &opts(3, &[])).unwrap();
+    let dest = done.dest;
+    assert_eq!(done.tensors, e.params().len());
+    assert!(!done.fresh_head);
     assert_eq!(dest, out.join("step-0000000000"));
     let ck = Checkpoint::open(&dest).unwrap();
     assert!(ck.index.optimizer.is_none(), "weights only");
@@ -388,22 +396,24 @@ fn import_makes_a_weights_only_checkpoint_of_an_exported_file() {
     other.load_checkpoint(&dest, weights_only).unwrap();
     assert_eq!(weights(&other), weights(&e));
 
-    // names the model lacks, and a head of another size, are refused
+    // names the model lacks are refused; a head of another size is a fresh one
     let renamed = [("blocks.".to_string(), "layers.".to_string())];
-    let err = import_safetensors(&file, &out, preset, 3, &renamed)
+    let err = import_safetensors(&file, &out, &opts(3, &renamed))
         .unwrap_err()
         .to_string();
-    assert!(
-        err.contains("match no parameter") && err.contains("layers."),
-        "{err}"
-    );
-    let err = import_safetensors(&file, &out, preset, 10, &[])
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("model.safetensors") && err.contains("shape mismatch"),
-        "{err}"
-    );
+    assert!(err.contains("--map") && err.contains("`layers.0."), "{err}");
+    let out10 = root.join("imported10");
+    let done = import_safetensors(&file, &out10, &opts(10, &[])).unwrap();
+    assert!(done.fresh_head && done.model.num_classes == 10);
+    let ck = Checkpoint::open(&done.dest).unwrap();
+    assert_eq!(ck.index.tensors["head.weight"].shape, [10, cfg.dim]);
+    for (n, t) in e
+        .params()
+        .named_parameters()
+        .filter(|(n, _)| !n.starts_with("head."))
+    {
+        assert_eq!(ck.read(n).unwrap().to_vec_f32(), t.to_vec_f32(), "{n}");
+    }
     std::fs::remove_dir_all(root).unwrap();
 }
 

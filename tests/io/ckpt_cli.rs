@@ -81,7 +81,7 @@ fn inspect_verify_list_export_import() {
     );
     let (ok, _, err) = ferrovit(&[&base[..], &["--map", "encoder.layer.=blocks."]].concat());
     assert!(
-        !ok && err.contains("shape mismatch"),
+        !ok && err.contains("not preset vit_tiny_patch4_32's"),
         "a tiny model is not the preset: {err}"
     );
 
@@ -104,6 +104,10 @@ fn inspect_verify_list_export_import() {
         "encoder.layer.=blocks.",
     ]);
     assert!(ok && text.contains("imported 92 tensors"), "{err}");
+    assert!(
+        text.contains("4 heads from preset vit_lite_depth7_patch4_32"),
+        "{text}"
+    );
     let mut other = ferrovit::engine::Engine::new(
         &cfg,
         ferrovit::engine::TrainConfig {
@@ -270,7 +274,7 @@ fn ckpt_json_outputs_carry_the_checkpoint() {
     std::fs::remove_dir_all(out).unwrap();
 }
 
-fn write_safetensors(path: &Path, tensors: &[(String, ferrovit::Tensor)]) {
+pub(crate) fn write_safetensors(path: &Path, tensors: &[(String, ferrovit::Tensor)]) {
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
         .map(|(n, t)| (n.clone(), t.to_le_bytes(), t.dims().to_vec()))

@@ -14,3 +14,4 @@ mod hardening;
 mod infer;
 mod resume;
 mod rundir;
+mod timm_interop;

@@ -42,6 +42,7 @@ fn share(replica: usize, replicas: usize) -> Batch {
         samples: rows.clone().map(|i| i as u64).collect(),
         global: BATCH,
         offset: rows.start,
+        mix: None,
     }
 }
 

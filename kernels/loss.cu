@@ -50,6 +50,46 @@ extern "C" __global__ void cross_entropy_f32(const float* __restrict__ logits, c
   }
 }
 
+// Softmax cross-entropy against soft targets (F.cross_entropy(logits, targets) with
+// [b, c] probabilities: Mixup/CutMix), fused with its gradient: the CPU backend's ops.rs
+// cross_entropy_soft. grid ceil(b/4), block 128 (one warp per row):
+// row_loss[r] = sum_k t_k * (lse - z_k); dlogits[r,k] = (softmax_k * sum t - t_k) / b.
+extern "C" __global__ void cross_entropy_soft_f32(const float* __restrict__ logits,
+                                                  const float* __restrict__ targets, float* __restrict__ dlogits,
+                                                  float* __restrict__ row_loss, int b, int c) {
+  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row < b) { // whole warps take the same branch, and there is no __syncthreads
+    const float* z = logits + (long)row * c;
+    const float* t = targets + (long)row * c;
+    float* dz = dlogits + (long)row * c;
+
+    float m = -INFINITY;
+    for (int k = lane; k < c; k += 32) m = fmaxf(m, z[k]);
+    m = fv_warp_max(m);
+
+    double sum_exp = 0.0;
+    for (int k = lane; k < c; k += 32) sum_exp += exp((double)(z[k] - m));
+    sum_exp = fv_warp_sum_f64(sum_exp);
+    const double lse = (double)m + log(sum_exp);
+
+    double loss = 0.0, mass = 0.0;
+    for (int k = lane; k < c; k += 32) {
+      loss += (double)t[k] * (lse - (double)z[k]);
+      mass += (double)t[k];
+    }
+    loss = fv_warp_sum_f64(loss);
+    mass = fv_warp_sum_f64(mass);
+    if (lane == 0) row_loss[row] = (float)loss;
+
+    const float fb = (float)b;
+    for (int k = lane; k < c; k += 32) {
+      float p = (float)(exp((double)z[k] - lse) * mass);
+      dz[k] = (p - t[k]) / fb;
+    }
+  }
+}
+
 // grid ceil(b/4), block 128 (one warp per row): index of each row's largest logit (the
 // first on ties, as the CPU's argmax_rows), so only b integers leave the device.
 extern "C" __global__ void argmax_rows_f32(const float* __restrict__ logits, int* __restrict__ out, int b, int c) {

@@ -48,6 +48,35 @@ impl Rng {
         }
     }
 
+    /// Gamma(shape, 1) in log space, for `shape` > 0 (Marsaglia and Tsang; a shape
+    /// below 1 through Gamma(shape + 1) · U^(1/shape)), so tiny shapes do not
+    /// underflow to 0.
+    pub fn ln_gamma_variate(&mut self, shape: f64) -> f64 {
+        if shape < 1.0 {
+            let u = 1.0 - self.next_f64(); // (0, 1]
+            return self.ln_gamma_variate(shape + 1.0) + u.ln() / shape;
+        }
+        let d = shape - 1.0 / 3.0;
+        let c = 1.0 / (9.0 * d).sqrt();
+        loop {
+            let x = self.normal() as f64;
+            let v = (1.0 + c * x).powi(3);
+            if v <= 0.0 {
+                continue;
+            }
+            let u = 1.0 - self.next_f64();
+            if u.ln() < 0.5 * x * x + d - d * v + d * v.ln() {
+                return (d * v).ln();
+            }
+        }
+    }
+
+    /// Beta(alpha, alpha) for `alpha` > 0, as X / (X + Y) with X, Y ~ Gamma(alpha).
+    pub fn beta(&mut self, alpha: f64) -> f64 {
+        let (x, y) = (self.ln_gamma_variate(alpha), self.ln_gamma_variate(alpha));
+        1.0 / (1.0 + (y - x).exp())
+    }
+
     /// `n` values from `f`.
     pub fn vec(&mut self, n: usize, mut f: impl FnMut(&mut Rng) -> f32) -> Vec<f32> {
         (0..n).map(|_| f(self)).collect()

@@ -3,7 +3,7 @@
 
 use super::{AttnDims, AugmentBatch};
 use crate::error::{Error, Result};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 
 /// Checks patchify's image and output shapes; returns `(b, c, h, w)`.
 pub(crate) fn check_patchify(
@@ -289,6 +289,27 @@ pub(crate) fn check_cross_entropy(
         return Err(Error::Config(format!(
             "label {y} of sample {i} is out of range for {classes} classes"
         )));
+    }
+    Ok((b, classes))
+}
+
+/// The soft-target cross-entropy: `targets` (f32) and `dlogits` like the
+/// `[batch, classes]` logits, at least one row; returns `(batch, classes)`.
+pub(crate) fn check_cross_entropy_soft(
+    logits: &Tensor,
+    targets: &Tensor,
+    dlogits: &Tensor,
+) -> Result<(usize, usize)> {
+    let op = "cross_entropy_soft";
+    let classes = logits.shape().last();
+    same_len(op, logits.numel(), dlogits.numel())?;
+    same_len(op, logits.numel(), targets.numel())?;
+    if targets.dtype() != DType::F32 {
+        return Err(Error::shape(op, "f32 targets", targets.dtype()));
+    }
+    let b = rows_of(op, logits.numel(), classes)?;
+    if b == 0 {
+        return Err(Error::shape(op, "at least one row", 0));
     }
     Ok((b, classes))
 }

@@ -158,6 +158,15 @@ pub trait Backend: Send + Sync {
         label_smoothing: f32,
         dlogits: &mut Tensor,
     ) -> Result<f32>;
+    /// Mean softmax cross-entropy against soft targets (`[b, classes]` f32, as
+    /// `F.cross_entropy(logits, targets)`: each row's loss is −Σ t · log softmax(z));
+    /// writes d loss / d logits = (softmax · Σt − t) / b into `dlogits`.
+    fn cross_entropy_soft(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        dlogits: &mut Tensor,
+    ) -> Result<f32>;
     /// Row `i` of `out` = row `i * stride_rows` of `x` (the cls token of each image).
     fn select_rows(&self, x: &Tensor, stride_rows: usize, out: &mut Tensor) -> Result<()>;
     fn select_rows_backward(

@@ -9,6 +9,7 @@
 //! reads the workers in turn, so the batches, their order and their augmentation do
 //! not depend on the number of workers (nor on how replicas split the batches).
 
+use super::mixup::{Mixed, Mixup};
 use super::{Augment, Dataset, RawImages};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
@@ -56,6 +57,9 @@ pub struct Batch {
     /// Size of the global batch this is a share of, and where the share starts in it.
     pub global: usize,
     pub offset: usize,
+    /// Mixup/CutMix of this batch (the images are mixed already): the loss takes soft
+    /// targets, train accuracy the dominant labels ([`Batch::accuracy_labels`]).
+    pub mix: Option<Mixed>,
 }
 
 impl Batch {
@@ -69,6 +73,16 @@ impl Batch {
             samples,
             global,
             offset: 0,
+            mix: None,
+        }
+    }
+
+    /// The labels predictions are compared with: each sample's own, or under mixing
+    /// the class with the larger share of its target ([`super::mixup::Mix::dominant`]).
+    pub fn accuracy_labels(&self) -> Vec<usize> {
+        match &self.mix {
+            Some(m) => m.mix.dominant(&self.labels, &m.partners),
+            None => self.labels.clone(),
         }
     }
 }
@@ -92,6 +106,8 @@ pub struct Loader {
     pub drop_last: bool,
     /// Random augmentation of every image.
     pub augment: Augment,
+    /// Mixup/CutMix of every global batch (`None`: none). Not with `device_augment`.
+    pub mixup: Option<Mixup>,
     /// Background threads building batches (at least 1).
     pub workers: usize,
     /// Batches each worker may hold ready ahead of the consumer.
@@ -112,6 +128,7 @@ impl Loader {
             device_augment: false,
             drop_last: false,
             augment: Augment::default(),
+            mixup: None,
             workers: 2,
             prefetch: 2,
         })
@@ -158,37 +175,11 @@ impl Loader {
         let mut handles = Vec::with_capacity(workers);
         for w in 0..workers {
             let (tx, rx) = sync_channel(self.prefetch.max(1));
-            let (chunks, data) = (chunks.clone(), self.data.clone());
-            let (augment, seed) = (self.augment, self.sampler.seed);
-            let ((replica, replicas), images) = (self.shard, self.images);
-            let device_augment = self.device_augment;
+            let (chunks, this) = (chunks.clone(), self.clone());
             handles.push(std::thread::spawn(move || {
-                // augmentation streams keyed by (seed, epoch, sample index)
-                let key = seed ^ (epoch + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                for all in chunks.iter().skip(w).step_by(workers) {
-                    let n = all.len();
-                    let share = replica * n / replicas..(replica + 1) * n / replicas;
-                    let idx = &all[share.clone()];
-                    let none = || Tensor::zeros([0], Device::Cpu);
-                    let built = if !images {
-                        data.labels_of(idx).map(|l| (none(), None, l))
-                    } else if device_augment {
-                        data.raw_batch(idx, Some((augment, key)))
-                            .map(|(raw, l)| (none(), Some(raw), l))
-                    } else {
-                        data.batch(idx, Some((augment, key)))
-                            .map(|(images, l)| (images, None, l))
-                    };
-                    let batch = built.map(|(images, raw, labels)| Batch {
-                        images,
-                        raw,
-                        labels,
-                        samples: idx.iter().map(|&i| i as u64).collect(),
-                        global: n,
-                        offset: share.start,
-                    });
+                for (k, all) in chunks.iter().enumerate().skip(w).step_by(workers) {
                     // The consumer stopped early: nothing left to do.
-                    if tx.send(batch).is_err() {
+                    if tx.send(this.share(epoch, first + k, all)).is_err() {
                         return;
                     }
                 }
@@ -202,6 +193,83 @@ impl Loader {
             total: chunks.len(),
         }
     }
+}
+
+impl Loader {
+    /// This replica's share of global batch `index` of `epoch`, whose samples are `all`:
+    /// images augmented from streams keyed by (seed, epoch, sample index), then mixed
+    /// (Mixup/CutMix) with the reversed global batch as drawn for (seed, epoch, index).
+    fn share(&self, epoch: u64, index: usize, all: &[usize]) -> Result<Batch> {
+        let key = self.sampler.seed ^ (epoch + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let (replica, replicas) = self.shard;
+        let n = all.len();
+        let share = replica * n / replicas..(replica + 1) * n / replicas;
+        let idx = &all[share.clone()];
+        let mix = self.mixup.and_then(|m| {
+            m.draw(
+                self.data.side,
+                &mut Mixup::batch_rng(self.sampler.seed, epoch, index),
+            )
+        });
+        // row i's partner: the reversed global batch's sample at i
+        let partners: Vec<usize> = share.clone().map(|j| all[n - 1 - j]).collect();
+        let none = || Tensor::zeros([0], Device::Cpu);
+        let (images, raw) = if !self.images {
+            (none(), None)
+        } else if self.device_augment {
+            if mix.is_some() {
+                return Err(Error::Config(
+                    "Mixup/CutMix run on the CPU loader: they cannot be deferred to the device"
+                        .into(),
+                ));
+            }
+            (
+                none(),
+                Some(self.data.raw_batch(idx, Some((self.augment, key)))?.0),
+            )
+        } else {
+            let mut images = self.data.batch(idx, Some((self.augment, key)))?.0;
+            if let Some(mix) = &mix {
+                let partner_images = if share.len() == n {
+                    flipped(&images)?
+                } else {
+                    self.data.batch(&partners, Some((self.augment, key)))?.0
+                };
+                mix.apply(images.f32s_mut()?, partner_images.f32s()?, self.data.side);
+            }
+            (images, None)
+        };
+        let labels = self.data.labels_of(idx)?;
+        let mix = match mix {
+            Some(mix) => Some(Mixed {
+                mix,
+                partners: self.data.labels_of(&partners)?,
+            }),
+            None => None,
+        };
+        Ok(Batch {
+            images,
+            raw,
+            labels,
+            samples: idx.iter().map(|&i| i as u64).collect(),
+            global: n,
+            offset: share.start,
+            mix,
+        })
+    }
+}
+
+/// `[b, …]` images with their rows in reverse order.
+fn flipped(images: &Tensor) -> Result<Tensor> {
+    let row = images.numel() / images.dims()[0].max(1);
+    let rev: Vec<f32> = images
+        .f32s()?
+        .chunks(row.max(1))
+        .rev()
+        .flatten()
+        .copied()
+        .collect();
+    Tensor::from_vec(rev, images.shape().clone())
 }
 
 /// Iterator over one epoch's batches, in order.

@@ -6,6 +6,7 @@ pub mod autoaugment;
 pub mod cifar10;
 pub mod folder;
 mod loader;
+pub mod mixup;
 pub mod transforms;
 
 pub use crate::backend::Normalize;

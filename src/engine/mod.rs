@@ -369,6 +369,25 @@ impl Engine {
         })
     }
 
+    /// The loss of a whole batch: [`Engine::criterion`], or under Mixup/CutMix
+    /// cross-entropy against the batch's soft targets (label smoothing folded in).
+    fn batch_criterion(&mut self, output: &Output, batch: &Batch) -> Result<Loss> {
+        self.check(output.id)?;
+        let smoothing = if self.training {
+            self.config.label_smoothing
+        } else {
+            0.0
+        };
+        let graph = self.graph()?;
+        let var = batch_loss(graph, output.var, batch, 0..batch.labels.len(), smoothing)?;
+        let value = graph.value(var).f32s()?[0];
+        Ok(Loss {
+            value,
+            var,
+            id: output.id,
+        })
+    }
+
     /// Backpropagates the loss into the parameter gradients (accumulating, as in
     /// PyTorch). A non-finite loss stops here with an error naming the step.
     pub fn backward(&mut self, loss: &Loss) -> Result<()> {
@@ -459,13 +478,13 @@ impl Engine {
         // backward pass is queued: on a GPU the step then returns while its backward
         // and update still run, and the next batch is prepared and queued meanwhile.
         let predictions = argmax_rows(&output.logits)?;
-        let loss = self.criterion(&output, &batch.labels)?;
+        let loss = self.batch_criterion(&output, &batch)?;
         self.backward(&loss)?;
         self.step()?;
         Ok(StepResult {
             loss: loss.value,
             predictions,
-            labels: batch.labels,
+            labels: batch.accuracy_labels(),
             stop: self.stop.reason(),
         })
     }
@@ -521,6 +540,26 @@ impl Engine {
             },
             predictions,
         ))
+    }
+}
+
+/// The loss of rows `range` of `batch` given their `logits`: cross-entropy with label
+/// smoothing, or against soft targets (smoothing folded in) when the batch is mixed.
+fn batch_loss(
+    graph: &mut Graph<'_>,
+    logits: Var,
+    batch: &Batch,
+    range: std::ops::Range<usize>,
+    smoothing: f32,
+) -> Result<Var> {
+    match &batch.mix {
+        None => graph.cross_entropy(logits, &batch.labels[range], smoothing),
+        Some(m) => {
+            let classes = graph.value(logits).shape().last();
+            let rows = range.len();
+            let targets = m.targets(&batch.labels, range, classes, smoothing);
+            graph.cross_entropy_soft(logits, &Tensor::from_vec(targets, [rows, classes])?)
+        }
     }
 }
 

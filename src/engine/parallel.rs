@@ -189,7 +189,8 @@ impl<'b> StageStep<'b> {
         if par.coords().1 + 1 == par.layout.pp {
             shared[0] = self.loss_sum as f32;
             let at = self.batch.offset;
-            for (k, (&y, &p)) in self.batch.labels.iter().zip(&self.predictions).enumerate() {
+            let labels = self.batch.accuracy_labels();
+            for (k, (&y, &p)) in labels.iter().zip(&self.predictions).enumerate() {
                 shared[1 + at + k] = y as f32;
                 shared[1 + global + at + k] = p as f32;
             }
@@ -319,7 +320,7 @@ impl Engine {
             {
                 *p = row;
             }
-            let loss = graph.cross_entropy(out, &s.batch.labels[r.clone()], s.smoothing)?;
+            let loss = super::batch_loss(&mut graph, out, s.batch, r.clone(), s.smoothing)?;
             s.loss_sum += graph.value(loss).f32s()?[0] as f64 * r.len() as f64;
             loss
         } else {

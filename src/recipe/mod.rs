@@ -497,7 +497,7 @@ fn describe_run(
 ) -> String {
     let s = cfg.image_size;
     format!(
-        "data {} ({train_len} train / {test_len} test images of {s}×{s}, {} classes, mean {} std {}); model dim {} depth {} heads {} mlp {} patch {} ({} params); augment {}; {}",
+        "data {} ({train_len} train / {test_len} test images of {s}×{s}, {} classes, mean {} std {}); model dim {} depth {} heads {} mlp {} patch {} ({} params); augment {}{}; {}",
         dir.display(),
         classes.len(),
         opts.mean,
@@ -509,8 +509,20 @@ fn describe_run(
         cfg.patch_size,
         cfg.num_params(),
         opts.augment,
+        describe_mixing(opts),
         describe_threads()
     )
+}
+
+/// ", mixup A cutmix B (prob P, switch S)" when the training batches are mixed.
+fn describe_mixing(opts: &TrainOptions) -> String {
+    match opts.mixup() {
+        Ok(Some(m)) => format!(
+            ", mixup {} cutmix {} (prob {}, switch {})",
+            m.mixup_alpha, m.cutmix_alpha, m.prob, m.switch_prob
+        ),
+        _ => String::new(),
+    }
 }
 
 /// The log line that describes a parallel run's layout.
@@ -539,11 +551,13 @@ fn loaders(
 ) -> Result<(Loader, Loader)> {
     let mut train_loader = loader(opts, train, true, layout, rank)?;
     train_loader.augment = augment;
+    train_loader.mixup = opts.mixup()?;
     let mut test_loader = loader(opts, test, false, layout, rank)?;
     // On a CUDA device the loader sends raw pixels; the device crops, flips and
-    // normalises (AutoAugment stays on the CPU).
+    // normalises (AutoAugment stays on the CPU). Mixup/CutMix mix normalised images on
+    // the CPU loader, so a mixed training run augments there too.
     let device_augment = opts.device.is_cuda() && !augment.auto_augment;
-    train_loader.device_augment = device_augment;
+    train_loader.device_augment = device_augment && train_loader.mixup.is_none();
     test_loader.device_augment = device_augment;
     Ok((train_loader, test_loader))
 }

@@ -7,6 +7,7 @@
 use crate::autograd::Precision;
 use crate::backend::cpu;
 use crate::backend::DeviceSpec;
+use crate::data::mixup::Mixup;
 use crate::data::{Augment, Normalize};
 use crate::error::{Error, Result};
 use crate::tensor::Device;
@@ -92,6 +93,25 @@ pub struct TrainOptions {
     /// Label smoothing of the training loss, in [0, 1]
     #[arg(long, default_value_t = defaults().label_smoothing)]
     pub label_smoothing: f32,
+    /// Mixup (timm's mixup_alpha): blend each training batch with the batch reversed,
+    /// lambda ~ Beta(ALPHA, ALPHA); targets mixed alike, label smoothing folded in, and
+    /// train accuracy counts the label with the larger share. Done on the CPU loader
+    /// after augmentation and normalisation (with --device cuda too: mixing turns the
+    /// device's own augmentation off); 0 turns it off
+    #[arg(long, value_name = "ALPHA", default_value_t = defaults().mixup)]
+    pub mixup: f64,
+    /// CutMix (timm's cutmix_alpha): paste a box of side sqrt(1 - lambda) of the image,
+    /// lambda ~ Beta(ALPHA, ALPHA), from the batch reversed; lambda corrected to the
+    /// clipped box's area; 0 turns it off
+    #[arg(long, value_name = "ALPHA", default_value_t = defaults().cutmix)]
+    pub cutmix: f64,
+    /// Probability that a batch is mixed at all (timm's mixup prob)
+    #[arg(long, value_name = "P", default_value_t = defaults().mixup_prob)]
+    pub mixup_prob: f64,
+    /// With both --mixup and --cutmix: probability of CutMix rather than Mixup for a
+    /// batch (timm's switch_prob)
+    #[arg(long, value_name = "P", default_value_t = defaults().mixup_switch_prob)]
+    pub mixup_switch_prob: f64,
     /// Training augmentation, a comma-separated list of: crop (random crop of the image
     /// zero-padded by 4 at 32 pixels, scaled with --image-size), flip (random horizontal flip), autoaugment (the CIFAR-10
     /// AutoAugment policy); or none. Digits are not mirror-symmetric, hence no flip by
@@ -229,6 +249,10 @@ impl Default for TrainOptions {
             accum_steps: 1,
             weight_decay: 0.05,
             label_smoothing: 0.0,
+            mixup: 0.0,
+            cutmix: 0.0,
+            mixup_prob: 1.0,
+            mixup_switch_prob: 0.5,
             augment: Augment::default(),
             seed: 0,
             threads: None,
@@ -566,6 +590,7 @@ impl TrainOptions {
                 "must be in [0, 1]",
             ));
         }
+        self.mixup()?;
         // the model's own check, before any data is read (the class count comes later)
         self.model(1)?;
         self.norm()?;
@@ -619,6 +644,32 @@ impl TrainOptions {
         }
         check_count("comm_timeout", self.comm_timeout, MAX_COMM_TIMEOUT_S)?;
         Ok(())
+    }
+
+    /// Mixup/CutMix of the training batches (`None` when off), checked: alphas finite
+    /// and >= 0, probabilities in [0, 1].
+    pub fn mixup(&self) -> Result<Option<Mixup>> {
+        for (field, v) in [("mixup", self.mixup), ("cutmix", self.cutmix)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(invalid(field, v, "must be a number >= 0"));
+            }
+        }
+        let probs = [
+            ("mixup_prob", self.mixup_prob),
+            ("mixup_switch_prob", self.mixup_switch_prob),
+        ];
+        for (field, v) in probs {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(invalid(field, v, "must be in [0, 1]"));
+            }
+        }
+        let m = Mixup {
+            mixup_alpha: self.mixup,
+            cutmix_alpha: self.cutmix,
+            prob: self.mixup_prob,
+            switch_prob: self.mixup_switch_prob,
+        };
+        Ok(m.enabled().then_some(m))
     }
 
     /// The images' normalisation (`--mean`, `--std`), checked.
@@ -714,7 +765,7 @@ impl TrainOptions {
 /// stream, so the checkpoint's values hold and a different one given is refused.
 /// Everything else (epochs to extend, the layout, device, threads, workers, data path,
 /// output and saving options, …) may change on a resume.
-pub const MUST_MATCH: [&str; 21] = [
+pub const MUST_MATCH: [&str; 25] = [
     "preset",
     "dim",
     "depth",
@@ -736,6 +787,10 @@ pub const MUST_MATCH: [&str; 21] = [
     "min_lr",
     "clip_grad",
     "accum_steps",
+    "mixup",
+    "cutmix",
+    "mixup_prob",
+    "mixup_switch_prob",
 ];
 
 /// Largest `--config` file read.

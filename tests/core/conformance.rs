@@ -569,6 +569,20 @@ impl Suite {
                     be.cross_entropy(z, &labels, 0.1, dz).map(f64::from)
                 },
             );
+            // soft targets (Mixup/CutMix), rows not summing to 1 too
+            self.check(
+                "cross_entropy_soft",
+                1e-5,
+                vec![
+                    self.rand(&[11, classes]),
+                    self.uniform(&[11, classes], 0.0, 0.3),
+                    self.nan(&[11, classes]),
+                ],
+                &|be, t| {
+                    let [z, y, dz] = t else { unreachable!() };
+                    be.cross_entropy_soft(z, y, dz).map(f64::from)
+                },
+            );
         }
         self.check(
             "select_rows",

@@ -414,3 +414,38 @@ fn running_out_of_device_memory_is_an_error() {
         .to_string();
     assert!(err.contains("out of memory"), "{err}");
 }
+
+/// Mixup/CutMix with `--device cuda`: the loader augments and mixes on the CPU (the
+/// device's own augmentation is off for a mixed run) and the device takes the loss on
+/// soft targets (its cross_entropy_soft kernel); one epoch's loss must match the CPU
+/// backend's, and differ from an unmixed run's.
+fn mixed_matches_cpu(device: &str) {
+    let dir = temp_dir(&format!("cuda-train-mixed-{}", device.replace(':', "-")));
+    let run = |side: &str, device: &str, mixed: bool| {
+        let out = dir.join(side);
+        let o = TrainOptions {
+            mixup: if mixed { 0.8 } else { 0.0 },
+            cutmix: if mixed { 1.0 } else { 0.0 },
+            label_smoothing: 0.1,
+            ..options(&out, device, "f32", "crop", 1)
+        };
+        train(&o).unwrap();
+        epoch_losses(&out)[0]
+    };
+    let (cpu, dev) = (run("cpu", "cpu", true), run("dev", device, true));
+    assert!(
+        (cpu - dev).abs() <= 1e-4 * cpu.abs(),
+        "{device}: mixed epoch loss {dev}, the CPU {cpu}"
+    );
+    let plain = run("plain", device, false);
+    assert!(
+        (plain - dev).abs() > 1e-3,
+        "mixing changed nothing: {plain}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn emulated_mixed_training_matches_the_cpu() {
+    mixed_matches_cpu("cuda-emu");
+}

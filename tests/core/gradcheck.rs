@@ -230,6 +230,21 @@ fn softmax_cross_entropy_with_label_smoothing() {
     }
 }
 
+#[test]
+fn softmax_cross_entropy_with_soft_targets() {
+    // rows as Mixup makes them (0.7 / 0.3 of two classes, smoothed), and one not
+    // summing to 1, whose gradient has the softmax · Σt term
+    let mut t = ferrovit::data::mixup::soft_targets(&[0, 3, 6, 2], &[5, 3, 1, 4], 0.7, 7, 0.1);
+    t.extend((0..7).map(|k| 0.05 * k as f32));
+    let targets = Tensor::from_vec(t, [5, 7]).unwrap();
+    check(
+        "cross_entropy_soft",
+        vec![randn(&[5, 7], 28)],
+        &[0],
+        &move |g, v| g.cross_entropy_soft(v[0], &targets),
+    );
+}
+
 fn tiny_config() -> VitConfig {
     VitConfig {
         image_size: 8,

@@ -19,6 +19,7 @@ mod engine;
 mod gradcheck;
 mod kernels_build;
 mod loader;
+mod mixup;
 mod optim;
 mod parallel;
 mod pytorch_parity;

@@ -419,6 +419,14 @@ fn a_resume_refuses_options_that_contradict_the_checkpoint_and_writes_nothing() 
             vec!["--warmup-lr", "0.0001"],
             "--warmup-lr 0.0001 contradicts the checkpoint's warmup_lr 0.0",
         ),
+        (
+            vec!["--mixup", "0.8"],
+            "--mixup 0.8 contradicts the checkpoint's mixup 0.0",
+        ),
+        (
+            vec!["--mixup-switch-prob", "0.3"],
+            "--mixup-switch-prob 0.3 contradicts the checkpoint's mixup_switch_prob 0.5",
+        ),
     ] {
         let args = [&["train", "--out", o, "--resume", "auto"][..], &flags[..]].concat();
         let (ok, stdout, err) = ferrovit(&args);

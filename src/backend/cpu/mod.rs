@@ -9,9 +9,9 @@ pub mod optim;
 pub mod simd;
 
 use super::check::{
-    check_attn, check_attn_backward, check_augment, check_cross_entropy, check_dropout,
-    check_embed, check_embed_backward, check_layernorm, check_layernorm_backward, check_matmul,
-    check_matmul_bias, check_patchify, check_rows, check_same, check_select_rows,
+    check_attn, check_attn_backward, check_augment, check_cross_entropy, check_cross_entropy_soft,
+    check_dropout, check_embed, check_embed_backward, check_layernorm, check_layernorm_backward,
+    check_matmul, check_matmul_bias, check_patchify, check_rows, check_same, check_select_rows,
 };
 use super::gemm;
 use super::{AdamStep, AttnDims, AugmentBatch, Backend, DropoutKey, DropoutMode, SgdStep};
@@ -362,6 +362,17 @@ impl Backend for CpuBackend {
         check_cross_entropy(logits, labels, dlogits)?;
         let (z, dz) = (logits.f32s()?, dlogits.f32s_mut()?);
         Ok(ops::cross_entropy(z, labels, eps, dz))
+    }
+
+    fn cross_entropy_soft(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        dlogits: &mut Tensor,
+    ) -> Result<f32> {
+        let (_, classes) = check_cross_entropy_soft(logits, targets, dlogits)?;
+        let (z, t, dz) = (logits.f32s()?, targets.f32s()?, dlogits.f32s_mut()?);
+        Ok(ops::cross_entropy_soft(z, t, classes, dz))
     }
 
     fn select_rows(&self, x: &Tensor, stride_rows: usize, out: &mut Tensor) -> Result<()> {

@@ -317,6 +317,31 @@ pub fn cross_entropy(logits: &[f32], labels: &[usize], eps: f32, dlogits: &mut [
     (total / b as f64) as f32
 }
 
+/// Softmax cross-entropy against soft targets `[b, c]`, averaged over the batch
+/// (`F.cross_entropy(logits, targets)`). Returns the loss and writes
+/// d loss / d logits (= (softmax · Σt − t) / batch) into `dlogits` in the same pass.
+pub fn cross_entropy_soft(logits: &[f32], targets: &[f32], c: usize, dlogits: &mut [f32]) -> f32 {
+    let b = logits.len() / c;
+    let mut total = 0.0f64;
+    let rows = logits.chunks(c).zip(targets.chunks(c));
+    for ((z, t), dz) in rows.zip(dlogits.chunks_mut(c)) {
+        let m = z.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+        let sum: f64 = z.iter().map(|&v| ((v - m) as f64).exp()).sum();
+        let lse = m as f64 + sum.ln();
+        let (mut row, mut mass) = (0.0f64, 0.0f64);
+        for (&v, &t) in z.iter().zip(t) {
+            row += t as f64 * (lse - v as f64);
+            mass += t as f64;
+        }
+        total += row;
+        for ((dz, &v), &t) in dz.iter_mut().zip(z).zip(t) {
+            let p = ((v as f64 - lse).exp() * mass) as f32;
+            *dz = (p - t) / b as f32;
+        }
+    }
+    (total / b as f64) as f32
+}
+
 /// Crops, flips and normalises raw `[b, 3, side, side]` pixels into `out`, one output
 /// element at a time as the CUDA kernel does (kernels/augment.cu), so the two are
 /// checked against one reference (data's `RawImages::to_images`) alike.

@@ -3,10 +3,10 @@
 
 use super::{Arg, Gemm, Gpu, Launch};
 use crate::backend::check::{
-    check_attn, check_attn_backward, check_augment, check_cross_entropy, check_dropout,
-    check_embed, check_embed_backward, check_layernorm, check_layernorm_backward, check_logits,
-    check_matmul, check_matmul_bias, check_patchify, check_rows, check_same, check_select_rows,
-    same_len,
+    check_attn, check_attn_backward, check_augment, check_cross_entropy, check_cross_entropy_soft,
+    check_dropout, check_embed, check_embed_backward, check_layernorm, check_layernorm_backward,
+    check_logits, check_matmul, check_matmul_bias, check_patchify, check_rows, check_same,
+    check_select_rows, same_len,
 };
 use crate::backend::spec::site_key;
 use crate::backend::{
@@ -787,6 +787,28 @@ impl Backend for CudaBackend {
             Arg::F32(eps),
         ];
         self.per_row("cross_entropy_f32", b, &args)?;
+        let per_row = rows.to_device(Device::Cpu)?;
+        Ok((per_row.f32s()?.iter().map(|&v| v as f64).sum::<f64>() / b as f64) as f32)
+    }
+
+    fn cross_entropy_soft(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        dlogits: &mut Tensor,
+    ) -> Result<f32> {
+        let (b, classes) = check_cross_entropy_soft(logits, targets, dlogits)?;
+        let mut rows = self.scratch(b)?;
+        let r = self.ptr_mut(&mut rows)?;
+        let args = [
+            self.ptr(logits)?,
+            self.ptr(targets)?,
+            self.ptr_mut(dlogits)?,
+            r,
+            int(b, "batch")?,
+            int(classes, "classes")?,
+        ];
+        self.per_row("cross_entropy_soft_f32", b, &args)?;
         let per_row = rows.to_device(Device::Cpu)?;
         Ok((per_row.f32s()?.iter().map(|&v| v as f64).sum::<f64>() / b as f64) as f32)
     }

@@ -53,6 +53,10 @@ pub struct TrainOptions {
     /// Dropout probability
     #[arg(long, default_value_t = defaults().dropout)]
     pub dropout: f32,
+    /// Stochastic depth (timm's drop_path_rate), in [0, 1): block i of D drops each
+    /// residual branch per sample with probability P · i / (D − 1) in training
+    #[arg(long, value_name = "P", default_value_t = defaults().drop_path)]
+    pub drop_path: f32,
     /// Data directory: CIFAR-10 binary files or an image folder (train/<class>/*.png,
     /// test/<class>/…) [default: the embedded digits data]
     #[arg(long)]
@@ -218,6 +222,7 @@ impl Default for TrainOptions {
             mean: Channels(Normalize::CIFAR10.mean),
             std: Channels(Normalize::CIFAR10.std),
             dropout: 0.1,
+            drop_path: 0.0,
             data: None,
             epochs: 20,
             batch_size: 64,
@@ -530,6 +535,7 @@ impl TrainOptions {
         check_image_size(cfg.image_size, cfg.patch_size)?;
         cfg.num_classes = num_classes;
         cfg.dropout = self.dropout;
+        cfg.drop_path = self.drop_path;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -714,7 +720,7 @@ impl TrainOptions {
 /// stream, so the checkpoint's values hold and a different one given is refused.
 /// Everything else (epochs to extend, the layout, device, threads, workers, data path,
 /// output and saving options, …) may change on a resume.
-pub const MUST_MATCH: [&str; 21] = [
+pub const MUST_MATCH: [&str; 22] = [
     "preset",
     "dim",
     "depth",
@@ -736,6 +742,7 @@ pub const MUST_MATCH: [&str; 21] = [
     "min_lr",
     "clip_grad",
     "accum_steps",
+    "drop_path",
 ];
 
 /// Largest `--config` file read.

@@ -81,7 +81,16 @@ type Params = BTreeMap<String, Vec<f32>>;
 /// Trains `STEPS` steps under `dp × pp` (in-process ranks); returns the global loss per
 /// step (the same on every rank) and every parameter (each from the rank holding it).
 fn run(dp: usize, pp: usize, microbatches: usize, opt: OptimizerKind) -> (Vec<f32>, Params) {
-    let cfg = model();
+    run_model(model(), dp, pp, microbatches, opt)
+}
+
+fn run_model(
+    cfg: VitConfig,
+    dp: usize,
+    pp: usize,
+    microbatches: usize,
+    opt: OptimizerKind,
+) -> (Vec<f32>, Params) {
     if dp * pp == 1 {
         let mut e = Engine::new(&cfg, train_config(opt)).unwrap();
         let losses = (0..STEPS)
@@ -180,6 +189,31 @@ fn every_layout_steps_like_one_rank_on_the_global_batch() {
             let what = format!("{opt:?}: dp={dp} pp={pp} with {m} micro-batches");
             assert_same(&what, &run(dp, pp, m, opt), &single, adam, tol);
         }
+    }
+}
+
+/// Stochastic depth is keyed by sample and global block index: every layout (a stage
+/// of one block each included) drops the same branches as one rank, and it changes
+/// the training.
+#[test]
+fn drop_path_steps_alike_in_every_layout() {
+    let opt = OptimizerKind::sgd(0.9, false);
+    let cfg = VitConfig {
+        drop_path: 0.5,
+        ..model()
+    };
+    let single = run_model(cfg.clone(), 1, 1, 1, opt);
+    let plain = run(1, 1, 1, opt);
+    assert_ne!(single.0, plain.0, "drop-path changes the losses");
+    for (dp, pp, m) in [(2, 1, 1), (1, 3, 3), (2, 3, 2)] {
+        let what = format!("drop-path: dp={dp} pp={pp} with {m} micro-batches");
+        assert_same(
+            &what,
+            &run_model(cfg.clone(), dp, pp, m, opt),
+            &single,
+            false,
+            1e-4,
+        );
     }
 }
 

@@ -745,3 +745,23 @@ fn the_index_is_verified_and_validated_before_use() {
     assert_eq!(try_load(&clean).unwrap(), state(&e));
     std::fs::remove_dir_all(root).unwrap();
 }
+
+/// `model.drop_path` is written, read back, validated, and optional: a checkpoint of a
+/// version before stochastic depth (no such key) loads with 0.
+#[test]
+fn model_drop_path_is_recorded_and_optional() {
+    let (root, dir) = saved(&trained(2), "drop-path");
+    let raw: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(INDEX)).unwrap()).unwrap();
+    assert_eq!(raw["model"]["drop_path"], 0.0);
+    edit_index(&dir, |v| v["model"]["drop_path"] = 0.25.into());
+    assert_eq!(Checkpoint::open(&dir).unwrap().index.model.drop_path, 0.25);
+    edit_index(&dir, |v| {
+        v["model"].as_object_mut().unwrap().remove("drop_path");
+    });
+    assert_eq!(Checkpoint::open(&dir).unwrap().index.model.drop_path, 0.0);
+    edit_index(&dir, |v| v["model"]["drop_path"] = 1.5.into());
+    let e = Checkpoint::open(&dir).unwrap_err().to_string();
+    assert!(e.contains("drop_path 1.5 is outside [0, 1)"), "{e}");
+    std::fs::remove_dir_all(root).unwrap();
+}

@@ -765,3 +765,41 @@ fn model_drop_path_is_recorded_and_optional() {
     assert!(e.contains("drop_path 1.5 is outside [0, 1)"), "{e}");
     std::fs::remove_dir_all(root).unwrap();
 }
+
+/// A checkpoint without an EMA refuses `--weights ema` naming itself; one with an EMA
+/// missing a tensor fails the index checks naming it.
+#[test]
+fn ema_weights_are_asked_for_explicitly_and_checked_whole() {
+    let mut e = trained(3);
+    let (root, plain) = saved(&e, "no-ema");
+    let err = ferrovit::infer::Classifier::load_weights(&plain, checkpoint::Weights::Ema)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains(plain.to_str().unwrap()) && err.contains("no EMA"),
+        "{err}"
+    );
+    let out = root.join("x.safetensors");
+    let err = checkpoint::export_weights(&plain, &out, checkpoint::Weights::Ema).unwrap_err();
+    assert!(err.to_string().contains("no EMA"), "{err}");
+    e.enable_ema(0.5, false).unwrap();
+    let (root2, with) = saved(&e, "with-ema");
+    let ck = Checkpoint::open(&with).unwrap();
+    assert_eq!(ck.names(checkpoint::Group::Ema).len(), e.params().len());
+    // the EMA starts as the weights
+    assert_eq!(
+        ck.read("ema.head.bias").unwrap().to_vec_f32(),
+        ck.read("head.bias").unwrap().to_vec_f32()
+    );
+    edit_index(&with, |v| {
+        v["tensors"]
+            .as_object_mut()
+            .unwrap()
+            .remove("ema.head.bias");
+    });
+    let err = Checkpoint::open(&with).unwrap_err().to_string();
+    assert!(err.contains("`ema.head.bias` is missing"), "{err}");
+    std::fs::remove_dir_all(root).unwrap();
+    std::fs::remove_dir_all(root2).unwrap();
+}

@@ -416,6 +416,10 @@ fn a_resume_refuses_options_that_contradict_the_checkpoint_and_writes_nothing() 
             "--drop-path 0.1 contradicts the checkpoint's drop_path 0.0",
         ),
         (
+            vec!["--ema-decay", "0.99"],
+            "--ema-decay 0.99 contradicts the checkpoint's ema_decay (unset)",
+        ),
+        (
             vec!["--min-lr", "0.0001"],
             "--min-lr 0.0001 contradicts the checkpoint's min_lr 0.0",
         ),

@@ -73,7 +73,11 @@ fn bench(c: &mut Criterion) {
             .unwrap()
     });
     let samples: Vec<u64> = (0..512).collect();
-    let key = DropoutKey { seed: 1, site: 2 };
+    let key = DropoutKey {
+        seed: 1,
+        site: 2,
+        per_sample: false,
+    };
     run("dropout + residual", 3 * f, &mut || {
         be.dropout(&a, 0.1, key, &samples, DropoutMode::AddTo(&b), &mut out)
             .unwrap()

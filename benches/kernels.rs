@@ -75,7 +75,11 @@ fn kernels(c: &mut Criterion) {
         b.iter(|| ops::bias_gelu(&mut pre, &gamma, &mut y))
     });
     let samples: Vec<u64> = (0..B as u64).collect();
-    let key = ferrovit::backend::DropoutKey { seed: 1, site: 2 };
+    let key = ferrovit::backend::DropoutKey {
+        seed: 1,
+        site: 2,
+        per_sample: false,
+    };
     g.bench_function("dropout_add", |b| {
         b.iter(|| ops::dropout(&dout, 0.1, key, &samples, simd::DropMode::AddTo(&x), &mut y))
     });

@@ -184,60 +184,65 @@ __device__ __forceinline__ float ew_dropout_one(float x, unsigned long long h, i
 // mix64(mix64(key ^ samples[s]) ^ (e / 4)) is >= threshold (key: the dropout site's,
 // so one upload of the batch's sample indices serves every site); m = x * (kept ? scale : 0).
 // mode 0: out = m; mode 1: out += m; mode 2: out = residual + m (residual null otherwise).
-// When per % 4 == 0 a quad is one hash's four lanes. x of type TX and out of type TO (each
+// whole != 0 (stochastic depth): every element takes element 0's bit (lane 0 of
+// mix64(mix64(key ^ samples[s]))), so a sample is kept or dropped whole. When per % 4 == 0
+// a quad is one hash's four lanes. x of type TX and out of type TO (each
 // f32 or bf16: under mixed precision a bf16 branch is added to the f32 residual stream,
 // and its f32 gradient is written to the branch in bf16), residual f32.
 template <class TX, class TO>
 __device__ __forceinline__ void ew_dropout(const TX* __restrict__ x, const float* __restrict__ residual,
                                            TO* __restrict__ out, const unsigned long long* __restrict__ samples,
                                            unsigned long long key, long per, long n, unsigned threshold, float scale,
-                                           int mode) {
+                                           int mode, int whole) {
   const bool narrow = ew_narrow(n);
   long s, e;
   if (per % 4 == 0) {
     for (long i = fv_global_id(); i < n / 4; i += fv_grid_stride()) {
       ew_divmod(4 * i, per, narrow, s, e);
-      const unsigned long long h = fv_mix64(fv_mix64(key ^ samples[s]) ^ (unsigned long long)(e >> 2));
+      const unsigned long long e4 = whole ? 0ull : (unsigned long long)(e >> 2);
+      const unsigned long long h = fv_mix64(fv_mix64(key ^ samples[s]) ^ e4);
       const fv_vec4<TX> xv = fv_load4(x, i);
       fv_vec4<TO> o = mode == 1 ? fv_load4(out, i) : fv_vec4<TO>{};
       const fv_vec4<float> r = mode == 2 ? fv_load4(residual, i) : fv_vec4<float>{};
 #pragma unroll
       for (int k = 0; k < 4; ++k)
-        o.v[k] = fv_as<TO>(ew_dropout_one(fv_f32(xv.v[k]), h, k, threshold, scale, mode, fv_f32(o.v[k]), r.v[k]));
+        o.v[k] = fv_as<TO>(
+            ew_dropout_one(fv_f32(xv.v[k]), h, whole ? 0 : k, threshold, scale, mode, fv_f32(o.v[k]), r.v[k]));
       fv_store4(out, i, o);
     }
     return;
   }
   for (long i = fv_global_id(); i < n; i += fv_grid_stride()) {
     ew_divmod(i, per, narrow, s, e);
-    const unsigned long long h = fv_mix64(fv_mix64(key ^ samples[s]) ^ (unsigned long long)(e >> 2));
-    out[i] = fv_as<TO>(ew_dropout_one(fv_f32(x[i]), h, (int)(e & 3), threshold, scale, mode,
+    const unsigned long long e4 = whole ? 0ull : (unsigned long long)(e >> 2);
+    const unsigned long long h = fv_mix64(fv_mix64(key ^ samples[s]) ^ e4);
+    out[i] = fv_as<TO>(ew_dropout_one(fv_f32(x[i]), h, whole ? 0 : (int)(e & 3), threshold, scale, mode,
                                      mode == 1 ? fv_f32(out[i]) : 0.f, mode == 2 ? residual[i] : 0.f));
   }
 }
 extern "C" __global__ void dropout_f32(const float* __restrict__ x, const float* __restrict__ residual,
                                        float* __restrict__ out, const unsigned long long* __restrict__ samples,
                                        unsigned long long key, long per, long n, unsigned threshold, float scale,
-                                       int mode) {
-  ew_dropout(x, residual, out, samples, key, per, n, threshold, scale, mode);
+                                       int mode, int whole) {
+  ew_dropout(x, residual, out, samples, key, per, n, threshold, scale, mode, whole);
 }
 extern "C" __global__ void dropout_bf16(const fv_bf16* __restrict__ x, const float* __restrict__ residual,
                                         fv_bf16* __restrict__ out, const unsigned long long* __restrict__ samples,
                                         unsigned long long key, long per, long n, unsigned threshold, float scale,
-                                        int mode) {
-  ew_dropout(x, residual, out, samples, key, per, n, threshold, scale, mode);
+                                        int mode, int whole) {
+  ew_dropout(x, residual, out, samples, key, per, n, threshold, scale, mode, whole);
 }
 extern "C" __global__ void dropout_bf16_f32(const fv_bf16* __restrict__ x, const float* __restrict__ residual,
                                             float* __restrict__ out, const unsigned long long* __restrict__ samples,
                                             unsigned long long key, long per, long n, unsigned threshold,
-                                            float scale, int mode) {
-  ew_dropout(x, residual, out, samples, key, per, n, threshold, scale, mode);
+                                            float scale, int mode, int whole) {
+  ew_dropout(x, residual, out, samples, key, per, n, threshold, scale, mode, whole);
 }
 extern "C" __global__ void dropout_f32_bf16(const float* __restrict__ x, const float* __restrict__ residual,
                                             fv_bf16* __restrict__ out, const unsigned long long* __restrict__ samples,
                                             unsigned long long key, long per, long n, unsigned threshold,
-                                            float scale, int mode) {
-  ew_dropout(x, residual, out, samples, key, per, n, threshold, scale, mode);
+                                            float scale, int mode, int whole) {
+  ew_dropout(x, residual, out, samples, key, per, n, threshold, scale, mode, whole);
 }
 
 // grid-stride over n = rows * d, block 256: out[r, :] = x[r * stride_rows, :]

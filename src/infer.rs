@@ -3,7 +3,7 @@
 //! and evaluating data sets. Any checkpoint works, whatever layout it was saved under.
 
 use crate::autograd::{Graph, ParamStore, Precision};
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, Weights};
 use crate::data::{Dataset, Loader, Normalize, Sampler};
 use crate::error::{Error, Result};
 use crate::metrics::ConfusionMatrix;
@@ -41,15 +41,22 @@ impl Classifier {
     /// first that is not is named), viewed in place where it is stored as one F32
     /// chunk (read into memory otherwise).
     pub fn load(dir: &Path) -> Result<Classifier> {
+        Classifier::load_weights(dir, Weights::Raw)
+    }
+
+    /// As [`Classifier::load`], with the trained weights or their EMA (`ema.<param>`;
+    /// an error naming the checkpoint when it has none).
+    pub fn load_weights(dir: &Path, weights: Weights) -> Result<Classifier> {
         let ckpt = Checkpoint::open(dir)?;
         let cfg = ckpt.index.model.clone();
         let mut params = ParamStore::new();
         let model = Vit::skeleton(&cfg, &mut params)?;
         for p in params.iter_mut() {
-            let Some(entry) = ckpt.index.tensors.get(&p.name) else {
+            let stored = ckpt.weight_name(&p.name, weights)?;
+            let Some(entry) = ckpt.index.tensors.get(&stored) else {
                 return Err(Error::Format {
                     path: dir.to_path_buf(),
-                    msg: format!("the checkpoint has no `{}` for its model", p.name),
+                    msg: format!("the checkpoint has no `{stored}` for its model"),
                 });
             };
             if entry.shape.as_slice() != p.value.dims() {
@@ -63,9 +70,9 @@ impl Classifier {
                     ),
                 });
             }
-            p.value = match ckpt.view(&p.name) {
+            p.value = match ckpt.view(&stored) {
                 Ok(t) => t,
-                Err(_) => ckpt.read(&p.name)?.to_dtype(crate::tensor::DType::F32),
+                Err(_) => ckpt.read(&stored)?.to_dtype(crate::tensor::DType::F32),
             };
         }
         let saved = &ckpt.index.training.classes;

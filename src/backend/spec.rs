@@ -43,11 +43,14 @@ pub struct SgdStep {
 
 /// Identifies one dropout mask: the run's seed and the dropout site (layer). The mask
 /// bit of element `e` of sample `s` is a hash of (seed, site, s, e), so masks do not
-/// depend on thread count, batch composition or parallel layout.
+/// depend on thread count, batch composition or parallel layout. With `per_sample`
+/// (stochastic depth, timm's `DropPath`) every element of a sample takes element 0's
+/// bit: the whole sample is kept or dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DropoutKey {
     pub seed: u64,
     pub site: u64,
+    pub per_sample: bool,
 }
 
 /// The part of every mask hash that depends only on the dropout site.

@@ -4,7 +4,7 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use ferrovit::backend::cpu;
 use ferrovit::backend::DeviceSpec;
-use ferrovit::checkpoint::{self, Checkpoint};
+use ferrovit::checkpoint::{self, Checkpoint, Weights};
 use ferrovit::data::cifar10;
 use ferrovit::data::{Dataset, Normalize};
 use ferrovit::engine::{Engine, TrainConfig};
@@ -154,6 +154,10 @@ struct InferArgs {
     /// f32, bf16 or auto (bf16 on a CUDA device, f32 on the CPU)
     #[arg(long, value_enum, default_value_t = PrecisionChoice::Auto)]
     precision: PrecisionChoice,
+    /// Which weights: the trained ones (raw) or their moving average (ema: the
+    /// checkpoint of a run with --ema-decay)
+    #[arg(long, value_enum, default_value_t = Weights::Raw)]
+    weights: Weights,
     /// Images to classify
     #[arg(required = true, value_name = "IMAGE")]
     images: Vec<PathBuf>,
@@ -187,6 +191,10 @@ struct EvalArgs {
     /// f32, bf16 or auto (bf16 on a CUDA device, f32 on the CPU)
     #[arg(long, value_enum, default_value_t = PrecisionChoice::Auto)]
     precision: PrecisionChoice,
+    /// Which weights: the trained ones (raw) or their moving average (ema: the
+    /// checkpoint of a run with --ema-decay; its accuracy is the run's ema_test_acc)
+    #[arg(long, value_enum, default_value_t = Weights::Raw)]
+    weights: Weights,
 }
 
 /// Each process gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and
@@ -298,6 +306,10 @@ enum CkptCommand {
         /// Output .safetensors file
         #[arg(long, value_name = "FILE")]
         safetensors: PathBuf,
+        /// Which weights: the trained ones (raw) or their moving average (ema: the
+        /// checkpoint of a run with --ema-decay), written under the model's names
+        #[arg(long, value_enum, default_value_t = Weights::Raw)]
+        weights: Weights,
     },
     /// Make a weights-only checkpoint from a safetensors file: a timm VisionTransformer's
     /// state dict (class token, learned position embedding, global_pool='token'; its
@@ -444,10 +456,15 @@ fn pairs(flag: &str, args: &[String]) -> Result<Vec<(String, String)>> {
 }
 
 /// The checkpoint's model on `device`, computing in `precision`.
-fn load_on(ckpt: PathBuf, device: DeviceSpec, precision: PrecisionChoice) -> Result<Classifier> {
+fn load_on(
+    ckpt: PathBuf,
+    device: DeviceSpec,
+    precision: PrecisionChoice,
+    weights: Weights,
+) -> Result<Classifier> {
     let device = Device::open(device)?;
     let precision = precision.resolve(device);
-    let mut model = Classifier::load(&ckpt_dir(ckpt)?)?;
+    let mut model = Classifier::load_weights(&ckpt_dir(ckpt)?, weights)?;
     model.to_device(device, precision)?;
     Ok(model)
 }
@@ -456,7 +473,7 @@ fn infer(a: InferArgs) -> Result<()> {
     if a.top_k == 0 {
         return Err(Error::Config("--top-k must be at least 1".into()));
     }
-    let mut model = load_on(a.ckpt, a.device, a.precision)?;
+    let mut model = load_on(a.ckpt, a.device, a.precision, a.weights)?;
     // every image is read before anything is printed
     let images = model.load_images(&a.images)?;
     let top = model.top_k(images, a.top_k)?;
@@ -484,7 +501,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     if a.batch_size == 0 {
         return Err(Error::Config("--batch-size must be at least 1".into()));
     }
-    let mut model = load_on(a.ckpt, a.device, a.precision)?;
+    let mut model = load_on(a.ckpt, a.device, a.precision, a.weights)?;
     let data = a.data.unwrap_or_else(ferrovit::data::default_data_dir);
     // image folders decoded at the model's size; CIFAR-10 binary data resized to it
     let (_, test) = Dataset::open_at(&data, model.image_size())?;
@@ -628,6 +645,12 @@ fn train(a: TrainArgs, matches: &ArgMatches) -> Result<Option<i32>> {
             text::join(&summary.classes)
         );
     }
+    if let Some((loss, acc)) = summary.final_ema_test {
+        println!(
+            "final test accuracy of the EMA weights {:.2}% (test loss {loss:.4})",
+            100.0 * acc
+        );
+    }
     println!(
         "metrics: {}  plot: {}",
         text::path(&summary.metrics_path),
@@ -692,6 +715,9 @@ fn train_json(summary: &recipe::TrainSummary, opts: &TrainOptions) -> serde_json
     };
     let accuracy = out.remove("accuracy").unwrap_or_default();
     out.insert("final_test_accuracy".into(), accuracy);
+    let ema = summary.final_ema_test;
+    out.insert("final_ema_test_loss".into(), ema.map(|e| e.0).into());
+    out.insert("final_ema_test_accuracy".into(), ema.map(|e| e.1).into());
     let path = |p: &std::path::Path| serde_json::Value::from(p.to_string_lossy());
     let checkpoints = match opts.no_save {
         true => serde_json::Value::Null,
@@ -804,9 +830,13 @@ fn ckpt(c: CkptCommand) -> Result<()> {
         CkptCommand::Inspect { dir, json } => ckpt_inspect(dir, json),
         CkptCommand::Verify { dir, json } => ckpt_verify(dir, json),
         CkptCommand::List { root, clean, json } => ckpt_list(&root, clean, json),
-        CkptCommand::Export { dir, safetensors } => {
+        CkptCommand::Export {
+            dir,
+            safetensors,
+            weights,
+        } => {
             let dir = ckpt_dir(dir)?;
-            let n = checkpoint::export_safetensors(&dir, &safetensors)?;
+            let n = checkpoint::export_weights(&dir, &safetensors, weights)?;
             println!("wrote {n} model tensors to {}", text::path(&safetensors));
             let model = checkpoint::read_index(&dir)?.model;
             match checkpoint::timm_constructor(&model) {

@@ -100,12 +100,23 @@ pub struct Chunk {
     pub rank: usize,
 }
 
+/// Which weights of a checkpoint a reader uses: the trained ones, or their moving
+/// average (`--ema-decay`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Weights {
+    #[default]
+    Raw,
+    Ema,
+}
+
 /// What a tensor is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Group {
     Model,
     Optimizer,
+    /// The exponential moving average of the weights (`ema.<param>`, `--ema-decay`)
+    Ema,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -248,16 +259,22 @@ impl Index {
         let mut store = crate::autograd::ParamStore::new();
         crate::nn::Vit::skeleton(&self.model, &mut store)?;
         let state: &[&str] = self.optimizer.map_or(&[], |k| k.state_names());
+        // an EMA, when saved, covers every weight
+        let ema = self.tensors.values().any(|t| t.group == Group::Ema);
         let mut want = BTreeMap::new();
         for (n, t) in store.named_parameters() {
             want.insert(n.to_string(), (Group::Model, t.dims().to_vec()));
             for s in state {
                 want.insert(format!("{s}.{n}"), (Group::Optimizer, t.dims().to_vec()));
             }
+            if ema {
+                let name = format!("{}{n}", crate::optim::EMA_PREFIX);
+                want.insert(name, (Group::Ema, t.dims().to_vec()));
+            }
         }
         for (name, t) in &self.tensors {
             match want.remove(name) {
-                // weights load into f32 from any dtype; optimizer state is f32
+                // weights load into f32 from any dtype; optimizer state and EMA are f32
                 Some((group, dims))
                     if group == t.group
                         && dims == t.shape
@@ -268,7 +285,7 @@ impl Index {
                         t.dtype,
                         t.shape,
                         t.group,
-                        if group == Group::Optimizer { " and dtype F32" } else { "" }
+                        if group == Group::Model { "" } else { " and dtype F32" }
                     )))
                 }
                 None => {

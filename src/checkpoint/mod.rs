@@ -18,7 +18,7 @@ mod writer;
 
 pub use format::{
     check_file_name, parse_shard_header, shard_header, Chunk, Group, HeaderEntry, Index, Layout,
-    TensorEntry, TrainingState, ALIGN, FORMAT, INDEX, INDEX_CHECKSUM, MAX_HEADER_BYTES,
+    TensorEntry, TrainingState, Weights, ALIGN, FORMAT, INDEX, INDEX_CHECKSUM, MAX_HEADER_BYTES,
     MAX_INDEX_BYTES, VERSION,
 };
 pub use import::{import_safetensors, read_safetensors, timm_constructor, ImportOptions, Imported};
@@ -99,7 +99,8 @@ pub fn newest(root: &Path) -> Result<Option<PathBuf>> {
 pub struct LoadOptions {
     /// Every model parameter must be present with its shape, and nothing extra.
     pub strict: bool,
-    /// Restore the optimizer state (and the step count) too.
+    /// Restore the optimizer state (and the step count) too, and the EMA of the
+    /// weights when the engine keeps one (else it restarts from the loaded weights).
     pub optimizer: bool,
 }
 
@@ -187,6 +188,10 @@ impl Engine {
                 .into_iter()
                 .map(|(n, t)| share(n, Group::Optimizer, t)),
         );
+        if let Some(ema) = self.ema() {
+            let named = ema.named(params).into_iter();
+            tensors.extend(named.map(|(n, t)| share(n, Group::Ema, t)));
+        }
         Snapshot {
             model: self.model.config.clone(),
             optimizer: Some(self.optimizer.kind),
@@ -310,11 +315,17 @@ impl Engine {
         } else {
             Vec::new()
         };
-        report.loaded = loaded.len() + state.len();
+        // a resume restores the EMA; weights alone (--init) start it afresh from them
+        let ema = match opts.optimizer {
+            true => self.ema_from(&ckpt)?,
+            false => Vec::new(),
+        };
+        report.loaded = loaded.len() + state.len() + ema.len();
         let params = self.params_mut();
         for (n, t) in loaded {
             params.set(&n, t)?;
         }
+        self.restore_ema(ema)?;
         if restore && have_state {
             let mut state: std::collections::HashMap<String, Tensor> = state.into_iter().collect();
             let store = std::mem::take(self.params_mut());
@@ -329,6 +340,47 @@ impl Engine {
             report.optimizer_loaded = true;
         }
         Ok((ckpt.index.training.clone(), report))
+    }
+}
+
+impl Engine {
+    /// This rank's EMA tensors from the checkpoint when the engine keeps an EMA and the
+    /// checkpoint has one (read and verified like the weights); none otherwise.
+    fn ema_from(&self, ckpt: &Checkpoint) -> Result<Vec<(String, Tensor)>> {
+        let Some(ema) = self.ema() else {
+            return Ok(Vec::new());
+        };
+        let names: Vec<String> = ema
+            .named(self.params())
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        if !names.iter().all(|n| ckpt.index.tensors.contains_key(n)) {
+            return Ok(Vec::new());
+        }
+        use rayon::prelude::*;
+        names
+            .into_par_iter()
+            .map(|n| ckpt.read(&n).map(|t| (n, t.to_dtype(DType::F32))))
+            .collect()
+    }
+
+    /// Installs the EMA read by [`Engine::ema_from`], or (none read: weights from a
+    /// checkpoint without one) restarts it from the loaded weights.
+    fn restore_ema(&mut self, values: Vec<(String, Tensor)>) -> Result<()> {
+        let mut values: std::collections::HashMap<String, Tensor> = values.into_iter().collect();
+        let empty = values.is_empty();
+        let store = std::mem::take(self.params_mut());
+        let result = match self.ema_mut() {
+            None => Ok(()),
+            Some(ema) if empty => {
+                ema.reset(&store);
+                Ok(())
+            }
+            Some(ema) => ema.load(&store, |n| values.remove(n)),
+        };
+        *self.params_mut() = store;
+        result
     }
 }
 
@@ -377,14 +429,23 @@ fn first_difference(r: &LoadReport) -> String {
     }
 }
 
-/// Writes the model tensors of a checkpoint into one safetensors file (for other
-/// tools); returns the number of tensors written.
+/// Writes the model tensors of a checkpoint (the trained weights or their EMA, under
+/// the model's names) into one safetensors file (for other tools); returns the number
+/// of tensors written.
 pub fn export_safetensors(dir: &Path, out: &Path) -> Result<usize> {
+    export_weights(dir, out, Weights::Raw)
+}
+
+/// As [`export_safetensors`], the trained weights or their EMA.
+pub fn export_weights(dir: &Path, out: &Path, weights: Weights) -> Result<usize> {
     let ckpt = Checkpoint::open(dir)?;
     let names = ckpt.names(Group::Model);
     let tensors: Vec<(String, Tensor)> = names
         .iter()
-        .map(|n| ckpt.read(n).map(|t| (n.to_string(), t)))
+        .map(|n| {
+            let stored = ckpt.weight_name(n, weights)?;
+            ckpt.read(&stored).map(|t| (n.to_string(), t))
+        })
         .collect::<Result<_>>()?;
     let meta: Vec<(&str, DType, &[usize])> = tensors
         .iter()

@@ -68,6 +68,20 @@ impl Checkpoint {
             .collect()
     }
 
+    /// The stored name of parameter `param` among `weights`: itself, or its EMA
+    /// (`ema.<param>`); asking for the EMA of a checkpoint without one is an error
+    /// naming the checkpoint.
+    pub fn weight_name(&self, param: &str, weights: super::Weights) -> Result<String> {
+        match weights {
+            super::Weights::Raw => Ok(param.to_string()),
+            _ if self.names(super::Group::Ema).is_empty() => Err(Error::Format {
+                path: self.dir.clone(),
+                msg: "the checkpoint has no EMA of the weights (its run had no --ema-decay): use --weights raw".into(),
+            }),
+            super::Weights::Ema => Ok(format!("{}{param}", crate::optim::EMA_PREFIX)),
+        }
+    }
+
     pub fn entry(&self, name: &str) -> Result<&TensorEntry> {
         self.index.tensors.get(name).ok_or_else(|| Error::Format {
             path: self.dir.join(INDEX),

@@ -28,6 +28,9 @@ pub mod model {
         heads: usize,
         mlp_dim: usize,
         dropout: f32,
+        /// absent in checkpoints written before stochastic depth existed
+        #[serde(default)]
+        drop_path: f32,
         layernorm_eps: f32,
     }
 
@@ -42,6 +45,7 @@ pub mod model {
             heads: c.heads,
             mlp_dim: c.mlp_dim,
             dropout: c.dropout,
+            drop_path: c.drop_path,
             layernorm_eps: c.layernorm_eps,
         }
         .serialize(s)
@@ -59,6 +63,7 @@ pub mod model {
             heads: m.heads,
             mlp_dim: m.mlp_dim,
             dropout: m.dropout,
+            drop_path: m.drop_path,
             layernorm_eps: m.layernorm_eps,
         })
     }

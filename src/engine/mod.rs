@@ -10,7 +10,7 @@ use crate::data::{Batch, RawImages};
 use crate::dist::average_gradients;
 use crate::error::{Error, Result};
 use crate::nn::{ForwardCtx, Vit, VitConfig};
-use crate::optim::{clip_grad_norm, Optimizer, OptimizerKind};
+use crate::optim::{clip_grad_norm, Ema, Optimizer, OptimizerKind};
 use crate::signals::{StopFlag, StopReason};
 use crate::tensor::Tensor;
 use crate::tensor::{DType, Device};
@@ -131,6 +131,8 @@ pub struct Engine {
     stop: StopFlag,
     /// The global gradient norm before clipping, of the last update (when clipping).
     grad_norm: Option<f32>,
+    /// The moving average of this rank's weights (`--ema-decay`), updated after each step.
+    ema: Option<Ema>,
 }
 
 /// Dropout seed of a step: the run's seed and the update count.
@@ -188,6 +190,7 @@ impl Engine {
             par,
             stop: StopFlag::new(),
             grad_norm: None,
+            ema: None,
         })
     }
 
@@ -197,7 +200,48 @@ impl Engine {
     pub fn to_device(&mut self, device: Device) -> Result<()> {
         self.finish();
         self.params.to_device(device)?;
+        if let Some(ema) = &mut self.ema {
+            ema.to_device(device)?;
+        }
         self.optimizer.to_device(device)
+    }
+
+    /// Keeps an exponential moving average of the weights from now on (timm's
+    /// `ModelEmaV3` with `decay`, and its warm-up when `warmup`), starting from the
+    /// current weights; a checkpoint with an EMA loaded afterwards restores it.
+    pub fn enable_ema(&mut self, decay: f32, warmup: bool) -> Result<()> {
+        self.finish();
+        self.ema = Some(Ema::new(decay, warmup, &self.params)?);
+        Ok(())
+    }
+
+    /// The moving average of the weights, when kept.
+    pub fn ema(&self) -> Option<&Ema> {
+        self.ema.as_ref()
+    }
+
+    pub(crate) fn ema_mut(&mut self) -> Option<&mut Ema> {
+        self.ema.as_mut()
+    }
+
+    /// Exchanges the EMA with the weights (a second call restores them): the test
+    /// pass of the averaged weights runs the model as it is. An error without an EMA.
+    pub fn swap_ema(&mut self) -> Result<()> {
+        self.finish();
+        let ema = self
+            .ema
+            .as_mut()
+            .ok_or_else(|| Error::Config("this run keeps no EMA of the weights".into()))?;
+        ema.swap(&mut self.params);
+        Ok(())
+    }
+
+    /// The EMA update after optimizer step `self.step`.
+    fn update_ema(&mut self) -> Result<()> {
+        match &mut self.ema {
+            Some(ema) => ema.update(&self.params, self.step),
+            None => Ok(()),
+        }
     }
 
     /// Where the parameters are.
@@ -417,7 +461,7 @@ impl Engine {
         }
         self.optimizer.step(&mut self.params, self.lr)?;
         self.step += 1;
-        Ok(())
+        self.update_ema()
     }
 
     /// One training step on a batch: zero_grad, forward, criterion, backward, step.

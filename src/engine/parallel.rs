@@ -388,6 +388,6 @@ impl Engine {
         }
         self.optimizer.step(&mut self.params, self.lr)?;
         self.step += 1;
-        Ok(())
+        self.update_ema()
     }
 }

@@ -22,8 +22,14 @@ pub struct VitConfig {
     /// Dropout after the embedding, the attention output projection, the MLP's GELU
     /// and the MLP output.
     pub dropout: f32,
+    /// Stochastic depth (timm's `drop_path_rate`): block `i`'s two residual branches
+    /// are dropped per sample with probability `drop_path · i / (depth − 1)`.
+    pub drop_path: f32,
     pub layernorm_eps: f32,
 }
+
+/// The first stochastic-depth mask site (dropout's are `0..=3 · depth`).
+const DROP_PATH_SITES: u64 = 1 << 32;
 
 /// Named presets with the hyper-parameters of Colossal-AI's model zoo.
 pub const PRESETS: &[&str] = &["vit_tiny_patch4_32", "vit_lite_depth7_patch4_32"];
@@ -51,8 +57,19 @@ impl VitConfig {
             heads,
             mlp_dim: dim * mlp_ratio,
             dropout: 0.1,
+            drop_path: 0.0,
             layernorm_eps: 1e-6,
         })
+    }
+
+    /// Block `i`'s stochastic-depth rate: `drop_path · i / (depth − 1)`, rising
+    /// linearly from 0 (timm's `torch.linspace(0, drop_path_rate, depth)`). It depends
+    /// on the global block index only, so every pipeline split agrees.
+    pub fn drop_path_rate(&self, i: usize) -> f32 {
+        if self.depth < 2 {
+            return 0.0;
+        }
+        (self.drop_path as f64 * i as f64 / (self.depth - 1) as f64) as f32
     }
 
     /// Patches per image.
@@ -104,6 +121,12 @@ impl VitConfig {
             return Err(Error::Config(format!(
                 "dropout {} is outside [0, 1)",
                 self.dropout
+            )));
+        }
+        if !(0.0..1.0).contains(&self.drop_path) {
+            return Err(Error::Config(format!(
+                "drop_path {} is outside [0, 1)",
+                self.drop_path
             )));
         }
         if !(self.layernorm_eps > 0.0 && self.layernorm_eps < 1.0) {
@@ -539,12 +562,12 @@ impl Vit {
             .attn
             .proj
             .forward_to(g, a, Activation::None, Out::Compute)?;
-        let x = self.dropout_add(g, x, h, site, ctx)?;
+        let x = self.residual(g, x, h, (i, 0), site, ctx)?;
         let h = b.norm2.forward(g, x, Out::Compute)?;
         let h = b.mlp.fc1.forward_to(g, h, Activation::Gelu, Out::Compute)?;
         let h = self.dropout(g, h, site + 1, ctx)?;
         let h = b.mlp.fc2.forward_to(g, h, Activation::None, Out::Compute)?;
-        self.dropout_add(g, x, h, site + 2, ctx)
+        self.residual(g, x, h, (i, 1), site + 2, ctx)
     }
 
     /// Final LayerNorm and the classifier on the cls token of features `[b, t, d]`.
@@ -562,6 +585,31 @@ impl Vit {
         g.reshape(logits, &[b, self.config.num_classes])
     }
 
+    /// `residual + drop_path(dropout(x))` for branch `(block, k)` (0: attention, 1:
+    /// MLP), as timm's block; one fused pass when only one of them is active. Drop-path
+    /// masks have sites of their own, above every dropout site.
+    fn residual(
+        &self,
+        g: &mut Graph,
+        residual: Var,
+        x: Var,
+        (block, k): (usize, u64),
+        site: u64,
+        ctx: &ForwardCtx,
+    ) -> Result<Var> {
+        let p = self.config.drop_path_rate(block);
+        if !ctx.train || p == 0.0 {
+            return self.dropout_add(g, residual, x, site, ctx);
+        }
+        let x = self.dropout(g, x, site, ctx)?;
+        let key = DropoutKey {
+            seed: ctx.seed,
+            site: DROP_PATH_SITES + 2 * block as u64 + k,
+            per_sample: true,
+        };
+        g.dropout_add(residual, x, p, key, &ctx.samples)
+    }
+
     /// `residual + dropout(x)`, fused when dropout is active.
     fn dropout_add(
         &self,
@@ -577,6 +625,7 @@ impl Vit {
         let key = DropoutKey {
             seed: ctx.seed,
             site,
+            per_sample: false,
         };
         g.dropout_add(residual, x, self.config.dropout, key, &ctx.samples)
     }
@@ -588,6 +637,7 @@ impl Vit {
         let key = DropoutKey {
             seed: ctx.seed,
             site,
+            per_sample: false,
         };
         g.dropout(x, self.config.dropout, key, &ctx.samples)
     }

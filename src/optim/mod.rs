@@ -5,6 +5,10 @@
 //! (moments, momentum buffers, step count) is exposed by the parameter's global name
 //! so checkpoints can save and reshard it like the weights.
 
+mod ema;
+
+pub use ema::{Ema, EMA_PREFIX};
+
 use crate::autograd::ParamStore;
 use crate::backend::{self, AdamStep, OptimTensors, SgdStep, Update};
 use crate::error::{Error, Result};

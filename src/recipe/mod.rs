@@ -148,6 +148,8 @@ pub struct TrainSummary {
     /// The rank that reports (0; with a launcher every process gets its own).
     pub rank: usize,
     pub final_test_accuracy: Option<f64>,
+    /// The last test's `ema_test_loss` and `ema_test_acc` (`--ema-decay`).
+    pub final_ema_test: Option<(f64, f64)>,
     pub confusion: Option<ConfusionMatrix>,
     pub classes: Vec<String>,
     pub seconds: f64,
@@ -617,10 +619,14 @@ fn build_engine(
         precision,
         ..TrainConfig::default()
     };
-    match par {
+    let mut engine = match par {
         Some(par) => Engine::parallel(cfg, tc, par),
         None => Engine::new(cfg, tc),
+    }?;
+    if let Some(decay) = opts.ema_decay {
+        engine.enable_ema(decay, opts.ema_warmup)?;
     }
+    Ok(engine)
 }
 
 /// Where training starts: resumed from a checkpoint (`--resume`), or fresh, optionally
@@ -746,6 +752,11 @@ fn finish(
     TrainSummary {
         rank,
         final_test_accuracy: confusion.as_ref().map(ConfusionMatrix::accuracy),
+        final_ema_test: trainer
+            .history()
+            .iter()
+            .rev()
+            .find_map(|m| Some((*m.get("ema_test_loss")?, *m.get("ema_test_acc")?))),
         confusion,
         classes,
         seconds: start.elapsed().as_secs_f64(),

@@ -54,6 +54,20 @@ pub struct TrainOptions {
     /// Dropout probability
     #[arg(long, default_value_t = defaults().dropout)]
     pub dropout: f32,
+    /// Stochastic depth (timm's drop_path_rate), in [0, 1): block i of D drops each
+    /// residual branch per sample with probability P · i / (D − 1) in training
+    #[arg(long, value_name = "P", default_value_t = defaults().drop_path)]
+    pub drop_path: f32,
+    /// Keep an exponential moving average of the weights (timm's ModelEmaV3): after each
+    /// optimizer step ema = D · ema + (1 − D) · weights (the first step copies them), D
+    /// in [0, 1); tested beside the raw weights each test epoch (ema_test_loss,
+    /// ema_test_acc), saved in checkpoints (eval/infer/ckpt export --weights ema)
+    #[arg(long, value_name = "D")]
+    pub ema_decay: Option<f32>,
+    /// With --ema-decay: timm's warm-up, the decay at update t being
+    /// min(D, 1 − (1 + t)^(−2/3)) (ModelEmaV3 use_warmup=True)
+    #[arg(long)]
+    pub ema_warmup: bool,
     /// Data directory: CIFAR-10 binary files or an image folder (train/<class>/*.png,
     /// test/<class>/…) [default: the embedded digits data]
     #[arg(long)]
@@ -238,6 +252,9 @@ impl Default for TrainOptions {
             mean: Channels(Normalize::CIFAR10.mean),
             std: Channels(Normalize::CIFAR10.std),
             dropout: 0.1,
+            drop_path: 0.0,
+            ema_decay: None,
+            ema_warmup: false,
             data: None,
             epochs: 20,
             batch_size: 64,
@@ -554,6 +571,7 @@ impl TrainOptions {
         check_image_size(cfg.image_size, cfg.patch_size)?;
         cfg.num_classes = num_classes;
         cfg.dropout = self.dropout;
+        cfg.drop_path = self.drop_path;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -580,6 +598,12 @@ impl TrainOptions {
             ));
         }
         self.validate_schedule()?;
+        if let Some(d) = self.ema_decay.filter(|d| !(0.0..1.0).contains(d)) {
+            return Err(invalid("ema_decay", d, "must be in [0, 1)"));
+        }
+        if self.ema_warmup && self.ema_decay.is_none() {
+            return Err(invalid("ema_warmup", true, "needs --ema-decay"));
+        }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             return Err(invalid("weight_decay", self.weight_decay, "must be >= 0"));
         }
@@ -765,7 +789,7 @@ impl TrainOptions {
 /// stream, so the checkpoint's values hold and a different one given is refused.
 /// Everything else (epochs to extend, the layout, device, threads, workers, data path,
 /// output and saving options, …) may change on a resume.
-pub const MUST_MATCH: [&str; 25] = [
+pub const MUST_MATCH: [&str; 28] = [
     "preset",
     "dim",
     "depth",
@@ -791,6 +815,9 @@ pub const MUST_MATCH: [&str; 25] = [
     "cutmix",
     "mixup_prob",
     "mixup_switch_prob",
+    "drop_path",
+    "ema_decay",
+    "ema_warmup",
 ];
 
 /// Largest `--config` file read.

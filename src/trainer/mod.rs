@@ -273,6 +273,9 @@ fn run(
             for batch in test.epoch(0) {
                 run_batch(s, hooks, batch?, false)?;
             }
+            if s.engine.ema().is_some() {
+                test_ema(s, test)?;
+            }
             s.engine.train();
             call!(hooks, after_test(s));
         }
@@ -283,6 +286,28 @@ fn run(
         call!(hooks, after_epoch(s));
     }
     call!(hooks, after_train(s));
+    Ok(())
+}
+
+/// The test pass of the weights' moving average: `ema_test_loss` (mean per image) and
+/// `ema_test_acc`. The average is swapped in for the pass and out again, error or not.
+fn test_ema(s: &mut State, test: &Loader) -> Result<()> {
+    s.engine.swap_ema()?;
+    let (mut loss, mut correct) = (RunningMean::default(), 0usize);
+    let mut count = 0usize;
+    let pass = test.epoch(0).try_for_each(|batch| {
+        let out = s.engine.test_batch(batch?)?;
+        loss.add(out.loss as f64, out.labels.len());
+        let hits = out.predictions.iter().zip(&out.labels);
+        correct += hits.filter(|(p, y)| p == y).count();
+        count += out.labels.len();
+        Ok::<(), Error>(())
+    });
+    s.engine.swap_ema()?;
+    pass?;
+    s.metrics.insert("ema_test_loss".into(), loss.mean());
+    let acc = correct as f64 / count.max(1) as f64;
+    s.metrics.insert("ema_test_acc".into(), acc);
     Ok(())
 }
 

@@ -390,6 +390,23 @@ fn flags_that_would_wrap_hang_or_be_ignored_are_refused_at_once() {
             "label_smoothing = NaN",
         ),
         (
+            vec!["train", "--drop-path", "1"],
+            "drop_path 1 is outside [0, 1)",
+        ),
+        (
+            vec!["train", "--drop-path=-0.1"],
+            "drop_path -0.1 is outside [0, 1)",
+        ),
+        (
+            vec!["train", "--ema-decay", "1"],
+            "ema_decay = 1: must be in [0, 1)",
+        ),
+        (vec!["train", "--ema-decay", "NaN"], "ema_decay = NaN"),
+        (
+            vec!["train", "--ema-warmup"],
+            "ema_warmup = true: needs --ema-decay",
+        ),
+        (
             vec!["bench", "--batch-size", "1000000000000"],
             "--batch-size 1000000000000",
         ),

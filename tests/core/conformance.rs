@@ -531,7 +531,9 @@ impl Suite {
             (0, f32, bf16),
             (1, bf16, f32),
         ];
-        for ((mode, xt, ot), per) in modes.into_iter().flat_map(|m| [(m, 133), (m, 132)]) {
+        // per_sample: stochastic depth's one bit per sample
+        let cases = modes.into_iter().flat_map(|m| [(m, 133), (m, 132)]);
+        for (((mode, xt, ot), per), whole) in cases.flat_map(|c| [(c, false), (c, true)]) {
             let residual = self.rand(&[5, per]);
             let out = if mode == 1 {
                 self.rand(&[5, per])
@@ -539,7 +541,7 @@ impl Suite {
                 self.nan(&[5, per])
             };
             self.check(
-                &format!("dropout {xt} -> {ot}, mode {mode}"),
+                &format!("dropout {xt} -> {ot}, mode {mode}, per_sample {whole}"),
                 0.0,
                 vec![
                     self.rand(&[5, per]).to_dtype(xt),
@@ -548,7 +550,11 @@ impl Suite {
                 ],
                 &|be, t| {
                     let [x, r, o] = t else { unreachable!() };
-                    let key = DropoutKey { seed: 11, site: 3 };
+                    let key = DropoutKey {
+                        seed: 11,
+                        site: 3,
+                        per_sample: whole,
+                    };
                     let mode = match mode {
                         0 => DropoutMode::Write,
                         1 => DropoutMode::Accumulate,

@@ -449,3 +449,54 @@ fn mixed_matches_cpu(device: &str) {
 fn emulated_mixed_training_matches_the_cpu() {
     mixed_matches_cpu("cuda-emu");
 }
+
+/// `--drop-path` and `--ema-decay` on the emulated CUDA device: the drop masks, the EMA
+/// kept in device memory and its test pass give the CPU's losses (within the f32
+/// tolerance of `train_both`), and the EMA saved from the device is the CPU's.
+#[test]
+fn drop_path_and_ema_on_the_device_match_the_cpu() {
+    let dir = temp_dir("cuda-train-drop-path-ema");
+    let run = |side: &str, device: &str| {
+        let o = TrainOptions {
+            drop_path: 0.3,
+            ema_decay: Some(0.9),
+            ema_warmup: true,
+            ..options(&dir.join(side), device, "f32", "none", 1)
+        };
+        let s = train(&o).unwrap();
+        let text = std::fs::read_to_string(dir.join(side).join("metrics.jsonl")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        let root = dir.join(side).join("checkpoints");
+        let mut steps: Vec<_> = std::fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .starts_with("step-")
+            })
+            .collect();
+        steps.sort();
+        let ckpt = ferrovit::checkpoint::Checkpoint::open(steps.last().unwrap()).unwrap();
+        let ema = ckpt
+            .read("ema.blocks.1.mlp.fc2.weight")
+            .unwrap()
+            .to_vec_f32();
+        let raw = ckpt.read("blocks.1.mlp.fc2.weight").unwrap().to_vec_f32();
+        (v, s.final_ema_test.unwrap(), ema, raw)
+    };
+    let (cpu, cpu_final, cpu_ema, cpu_raw) = run("cpu", "cpu");
+    let (dev, dev_final, dev_ema, _) = run("dev", "cuda-emu");
+    for k in ["train_loss", "test_loss", "ema_test_loss"] {
+        let (x, y) = (cpu[k].as_f64().unwrap(), dev[k].as_f64().unwrap());
+        assert!((x - y).abs() <= 1e-4 * x.abs(), "{k}: device {y}, CPU {x}");
+    }
+    assert_eq!(cpu_final.1, cpu["ema_test_acc"].as_f64().unwrap());
+    assert!((cpu_final.1 - dev_final.1).abs() <= 0.015);
+    assert_ne!(cpu_ema, cpu_raw, "the EMA is not the weights");
+    let (e, i) = crate::common::max_rel_err(&cpu_ema, &dev_ema);
+    assert!(e < 1e-4, "EMA [{i}] differs by {e:e}");
+    let _ = std::fs::remove_dir_all(dir);
+}

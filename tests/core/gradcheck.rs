@@ -207,7 +207,36 @@ fn dropout_is_a_fixed_linear_mask() {
         "dropout",
         vec![randn(&[3, 4, 10], 25)],
         &[0],
-        &move |g, v| g.dropout(v[0], 0.3, DropoutKey { seed: 11, site: 3 }, &samples),
+        &move |g, v| {
+            g.dropout(
+                v[0],
+                0.3,
+                DropoutKey {
+                    seed: 11,
+                    site: 3,
+                    per_sample: false,
+                },
+                &samples,
+            )
+        },
+    );
+}
+
+/// Stochastic depth: one mask bit per sample (p = 0.5 over 6 samples drops some and
+/// keeps some), fused with the residual add.
+#[test]
+fn drop_path_is_a_per_sample_mask() {
+    let samples: Arc<[u64]> = vec![5, 9, 2, 7, 1, 3].into();
+    let key = DropoutKey {
+        seed: 11,
+        site: 3,
+        per_sample: true,
+    };
+    check(
+        "drop_path_add",
+        vec![randn(&[6, 4, 10], 28), randn(&[6, 4, 10], 29)],
+        &[0, 1],
+        &move |g, v| g.dropout_add(v[0], v[1], 0.5, key, &samples),
     );
 }
 
@@ -256,6 +285,7 @@ fn tiny_config() -> VitConfig {
         heads: 2,
         mlp_dim: 12,
         dropout: 0.1,
+        drop_path: 0.0,
         layernorm_eps: 1e-6,
     }
 }
@@ -279,7 +309,20 @@ fn vit_loss(
 
 #[test]
 fn whole_vit_with_dropout_per_element() {
-    let cfg = tiny_config();
+    whole_vit(tiny_config());
+}
+
+/// Stochastic depth on every block but the first (rates 0 and 0.6 over depth 2) with
+/// dropout: samples 10, 11, 12 of seed 1234 lose some of block 1's branches.
+#[test]
+fn whole_vit_with_drop_path() {
+    whole_vit(VitConfig {
+        drop_path: 0.6,
+        ..tiny_config()
+    });
+}
+
+fn whole_vit(cfg: VitConfig) {
     let mut store = ParamStore::new();
     let vit = Vit::new(&cfg, &mut store, 3).unwrap();
     let images = randn(&[3, 3, 8, 8], 30);
@@ -371,7 +414,19 @@ fn dropout_fused_with_residual_add() {
         "dropout_add",
         vec![randn(&[2, 3, 8], 40), randn(&[2, 3, 8], 41)],
         &[0, 1],
-        &move |g, v| g.dropout_add(v[0], v[1], 0.25, DropoutKey { seed: 3, site: 9 }, &samples),
+        &move |g, v| {
+            g.dropout_add(
+                v[0],
+                v[1],
+                0.25,
+                DropoutKey {
+                    seed: 3,
+                    site: 9,
+                    per_sample: false,
+                },
+                &samples,
+            )
+        },
     );
 }
 

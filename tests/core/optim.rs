@@ -1,9 +1,9 @@
 //! Optimizers against f64 transcriptions of `torch.optim`'s update rules, clipping,
 //! schedules and named state.
 
-use crate::common::randn;
-use ferrovit::optim::{clip_grad_norm, LrSchedule, Optimizer, OptimizerKind};
-use ferrovit::{ParamStore, Tensor};
+use crate::common::{max_rel_err, randn};
+use ferrovit::optim::{clip_grad_norm, Ema, LrSchedule, Optimizer, OptimizerKind};
+use ferrovit::{Device, ParamStore, Tensor};
 
 const N: usize = 37;
 
@@ -266,5 +266,71 @@ fn cosine_schedule_matches_timm() {
                 "{case}: update {step}: {got} vs timm {want}"
             );
         }
+    }
+}
+
+/// The EMA after every update equals timm's `ModelEmaV3` driven as timm's train.py
+/// drives it (tests/fixtures/ema_timm.json, scripts/make_ema_fixture.py): decay 0.9
+/// without warm-up, 0.9 and 0.5 with it; on the CPU and the emulated CUDA device.
+#[test]
+fn ema_matches_timm_model_ema_v3() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/ema_timm.json"
+    ))
+    .unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let floats = |v: &serde_json::Value| -> Vec<f32> {
+        let a = v.as_array().unwrap();
+        a.iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    };
+    let weights: Vec<Vec<f32>> = doc["weights"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(floats)
+        .collect();
+    let runs = doc["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 3);
+    for device in [Device::Cpu, Device::cuda_emulated()] {
+        for run in runs {
+            let (decay, warmup) = (
+                run["decay"].as_f64().unwrap() as f32,
+                run["warmup"].as_bool().unwrap(),
+            );
+            let mut store = ParamStore::new();
+            let w = |s: usize| Tensor::from_vec(weights[s].clone(), [3, 5]).unwrap();
+            store.add("w", w(0)).unwrap();
+            store.to_device(device).unwrap();
+            let mut ema = Ema::new(decay, warmup, &store).unwrap();
+            for (i, want) in run["steps"].as_array().unwrap().iter().enumerate() {
+                let step = i as u64 + 1;
+                store.set("w", w(i + 1).to_device(device).unwrap()).unwrap();
+                ema.update(&store, step).unwrap();
+                let d = want["decay"].as_f64().unwrap();
+                assert!(
+                    (ema.decay_at(step) as f64 - d).abs() < 1e-7,
+                    "{run:?} step {step}"
+                );
+                let got = ema.named(&store)[0].1.to_vec_f32();
+                let (e, j) = max_rel_err(&got, &floats(&want["ema"]));
+                assert!(
+                    e < 1e-6,
+                    "decay {decay} warmup {warmup} step {step}: [{j}] off by {e:e} ({device:?})"
+                );
+            }
+            assert_eq!(ema.named(&store)[0].0, "ema.w");
+        }
+    }
+}
+
+/// An EMA decay outside [0, 1) is refused, naming the option.
+#[test]
+fn ema_decay_outside_its_range_is_refused() {
+    let mut store = ParamStore::new();
+    store.add("w", randn(&[2], 1)).unwrap();
+    for d in [1.0, -0.1, f32::NAN] {
+        let e = Ema::new(d, false, &store).unwrap_err().to_string();
+        assert!(e.contains("ema_decay") && e.contains("[0, 1)"), "{e}");
     }
 }

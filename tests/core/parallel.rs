@@ -82,7 +82,16 @@ type Params = BTreeMap<String, Vec<f32>>;
 /// Trains `STEPS` steps under `dp × pp` (in-process ranks); returns the global loss per
 /// step (the same on every rank) and every parameter (each from the rank holding it).
 fn run(dp: usize, pp: usize, microbatches: usize, opt: OptimizerKind) -> (Vec<f32>, Params) {
-    let cfg = model();
+    run_model(model(), dp, pp, microbatches, opt)
+}
+
+fn run_model(
+    cfg: VitConfig,
+    dp: usize,
+    pp: usize,
+    microbatches: usize,
+    opt: OptimizerKind,
+) -> (Vec<f32>, Params) {
     if dp * pp == 1 {
         let mut e = Engine::new(&cfg, train_config(opt)).unwrap();
         let losses = (0..STEPS)
@@ -181,6 +190,31 @@ fn every_layout_steps_like_one_rank_on_the_global_batch() {
             let what = format!("{opt:?}: dp={dp} pp={pp} with {m} micro-batches");
             assert_same(&what, &run(dp, pp, m, opt), &single, adam, tol);
         }
+    }
+}
+
+/// Stochastic depth is keyed by sample and global block index: every layout (a stage
+/// of one block each included) drops the same branches as one rank, and it changes
+/// the training.
+#[test]
+fn drop_path_steps_alike_in_every_layout() {
+    let opt = OptimizerKind::sgd(0.9, false);
+    let cfg = VitConfig {
+        drop_path: 0.5,
+        ..model()
+    };
+    let single = run_model(cfg.clone(), 1, 1, 1, opt);
+    let plain = run(1, 1, 1, opt);
+    assert_ne!(single.0, plain.0, "drop-path changes the losses");
+    for (dp, pp, m) in [(2, 1, 1), (1, 3, 3), (2, 3, 2)] {
+        let what = format!("drop-path: dp={dp} pp={pp} with {m} micro-batches");
+        assert_same(
+            &what,
+            &run_model(cfg.clone(), dp, pp, m, opt),
+            &single,
+            false,
+            1e-4,
+        );
     }
 }
 
@@ -566,6 +600,92 @@ fn mixed_runs_agree_across_layouts() {
     assert!(
         diff > 1e-2,
         "mixing changes training: head differs by {diff}"
+    );
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+/// The EMA of every tensor of the checkpoint at `step` under `out`, with the weights.
+fn ema_tensors(out: &Path, step: u64) -> Params {
+    let dir = out.join("checkpoints").join(format!("step-{step:010}"));
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let mut names: Vec<&str> = ckpt.names(Group::Ema);
+    assert_eq!(
+        names.len(),
+        ckpt.names(Group::Model).len(),
+        "an EMA per weight"
+    );
+    names.extend(ckpt.names(Group::Model));
+    names
+        .iter()
+        .map(|n| (n.to_string(), ckpt.read(n).unwrap().to_vec_f32()))
+        .collect()
+}
+
+/// `ema_test_loss` and `ema_test_acc` of each epoch, from metrics.jsonl.
+fn ema_metrics(out: &Path) -> Vec<f32> {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .flat_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            ["ema_test_loss", "ema_test_acc"].map(|k| v[k].as_f64().unwrap() as f32)
+        })
+        .collect()
+}
+
+/// `--ema-decay` (with warm-up): a run saved on one rank and resumed on one rank
+/// continues bit-exactly, EMA included; resumed as a 2-stage pipeline (each stage
+/// restores the EMA of its own blocks) it continues within the layouts' tolerance; and
+/// `eval --weights ema` on the last checkpoint gives the logged `ema_test_acc`.
+#[test]
+fn ema_resumes_exactly_under_another_layout() {
+    let root = common::temp_dir("ema-resume");
+    let steps_per_epoch = 1437u64.div_ceil(64);
+    let with_ema = |out: &Path, layout| TrainOptions {
+        ema_decay: Some(0.9),
+        ema_warmup: true,
+        ..options(out, layout)
+    };
+    let full = root.join("full");
+    recipe::train(&with_ema(&full, (1, 1))).unwrap();
+    let reference = (ema_metrics(&full), ema_tensors(&full, 2 * steps_per_epoch));
+    let raw = losses(&full);
+    assert_ne!(
+        reference.0[2], raw[3],
+        "the EMA is tested apart from the weights"
+    );
+    let from = full
+        .join("checkpoints")
+        .join(format!("step-{steps_per_epoch:010}"));
+    for layout in [(1, 1), (1, 2)] {
+        let out = root.join(format!("resume-as-{}", name(layout)));
+        let mut o = with_ema(&out, layout);
+        o.resume = Some(recipe::Resume::Dir(from.clone()));
+        let mut given = o.differing_from_default().unwrap();
+        given.extend(["dp".into(), "pp".into()]);
+        recipe::train_given(&o, &given).unwrap();
+        let got = (ema_metrics(&out), ema_tensors(&out, 2 * steps_per_epoch));
+        if layout == (1, 1) {
+            assert_eq!(got, reference, "resumed on one rank: bit-exact");
+        } else {
+            assert_same("EMA resumed as pp 2", &got, &reference, true, 2e-3);
+        }
+    }
+    let last = full.join("checkpoints").join("latest");
+    let (ok, stdout, err) = common::ferrovit(&[
+        "eval",
+        "--ckpt",
+        last.to_str().unwrap(),
+        "--weights",
+        "ema",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let logged = *ema_metrics(&full).last().unwrap();
+    assert_eq!(
+        v["accuracy"].as_f64().unwrap() as f32,
+        logged,
+        "eval --weights ema"
     );
     std::fs::remove_dir_all(root).unwrap();
 }

@@ -70,6 +70,7 @@ fn config(f: &Fixture) -> VitConfig {
         heads: u("heads"),
         mlp_dim: u("mlp_dim"),
         dropout: 0.0,
+        drop_path: 0.0,
         layernorm_eps: f.meta("eps") as f32,
     }
 }

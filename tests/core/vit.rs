@@ -1,6 +1,7 @@
 //! The ViT presets and model structure.
 
 use crate::common::{max_rel_err, randn};
+use ferrovit::backend::DropoutKey;
 use ferrovit::nn::PRESETS;
 use ferrovit::{ForwardCtx, Graph, ParamStore, Vit, VitConfig};
 
@@ -64,6 +65,20 @@ fn invalid_configs_name_the_field() {
                 ..base.clone()
             },
             "dropout",
+        ),
+        (
+            VitConfig {
+                drop_path: 1.0,
+                ..base.clone()
+            },
+            "drop_path",
+        ),
+        (
+            VitConfig {
+                drop_path: f32::NAN,
+                ..base.clone()
+            },
+            "drop_path",
         ),
     ];
     for (cfg, field) in cases {
@@ -150,14 +165,20 @@ fn initialisation_follows_pytorch_defaults_and_is_seeded() {
 
 #[test]
 fn cls_only_last_block_equals_full_computation() {
-    let cfg = VitConfig {
-        image_size: 16,
-        depth: 3,
-        dim: 32,
-        heads: 4,
-        mlp_dim: 48,
-        ..VitConfig::preset("vit_tiny_patch4_32").unwrap()
-    };
+    for drop_path in [0.0, 0.5] {
+        cls_only_equals_full(VitConfig {
+            image_size: 16,
+            depth: 3,
+            dim: 32,
+            heads: 4,
+            mlp_dim: 48,
+            drop_path,
+            ..VitConfig::preset("vit_tiny_patch4_32").unwrap()
+        });
+    }
+}
+
+fn cls_only_equals_full(cfg: VitConfig) {
     let images = randn(&[3, 3, 16, 16], 5);
     let labels = [4, 0, 9];
     let ctx = ForwardCtx::train(77, vec![3u64, 1, 8]);
@@ -217,5 +238,105 @@ fn pos_embed_resampling_matches_timm() {
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         assert!(worst < 1e-5, "8×8 → {to}×{to}: max |diff| {worst}");
+    }
+}
+
+#[test]
+fn drop_path_rates_rise_linearly_over_depth() {
+    let cfg = VitConfig {
+        depth: 5,
+        drop_path: 0.2,
+        ..VitConfig::preset("vit_tiny_patch4_32").unwrap()
+    };
+    let rates: Vec<f32> = (0..5).map(|i| cfg.drop_path_rate(i)).collect();
+    // torch.linspace(0, 0.2, 5)
+    assert_eq!(rates, [0.0, 0.05, 0.1, 0.15, 0.2]);
+    let one = VitConfig { depth: 1, ..cfg };
+    assert_eq!(one.drop_path_rate(0), 0.0, "linspace(0, P, 1) is [0]");
+}
+
+/// splitmix64's finaliser, written out again: the documented mask hash.
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Stochastic depth keeps sample `s` iff 16-bit lane 0 of mix64(mix64(site key ^ s))
+/// is at least round(p · 2^16), the site key being mix64(mix64(seed) ^ site · φ), and
+/// scales what it keeps by 1 / (1 − p): recomputed here by hand for 400 samples.
+#[test]
+fn drop_path_masks_whole_samples_as_documented() {
+    let (p, seed, site) = (0.3f32, 17u64, 5u64);
+    let samples: std::sync::Arc<[u64]> = (0..400u64).map(|s| s * 7 + 3).collect();
+    let n = samples.len();
+    let x = randn(&[n, 3, 5], 1);
+    let r = randn(&[n, 3, 5], 2);
+    let mut store = ParamStore::new();
+    let mut g = Graph::new(&mut store);
+    let (xv, rv) = (g.input(x.clone()), g.input(r.clone()));
+    let key = DropoutKey {
+        seed,
+        site,
+        per_sample: true,
+    };
+    let out = g.dropout_add(rv, xv, p, key, &samples).unwrap();
+    let out = g.value(out).to_vec_f32();
+    let site_key = mix64(mix64(seed) ^ site.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let threshold = (p as f64 * 65536.0).round() as u64;
+    let (x, r) = (x.to_vec_f32(), r.to_vec_f32());
+    let mut dropped = 0;
+    for (i, &s) in samples.iter().enumerate() {
+        let keep = mix64(mix64(site_key ^ s)) & 0xffff >= threshold;
+        dropped += usize::from(!keep);
+        let m = if keep { 1.0 / (1.0 - p) } else { 0.0 };
+        for e in i * 15..(i + 1) * 15 {
+            assert_eq!(out[e], r[e] + x[e] * m, "sample {s}, element {e}");
+        }
+    }
+    assert!(
+        (90..150).contains(&dropped),
+        "{dropped} of 400 dropped at p = 0.3"
+    );
+}
+
+/// With a rate that rounds to "always drop", the last block of a depth-2 model (rate
+/// P) adds nothing and the first (rate 0) is untouched: training logits equal the
+/// logits of block 0 alone, and the training step's gradients skip block 1.
+#[test]
+fn drop_path_near_one_drops_the_last_block_and_spares_the_first() {
+    let cfg = VitConfig {
+        image_size: 8,
+        depth: 2,
+        dim: 16,
+        heads: 2,
+        mlp_dim: 24,
+        dropout: 0.0,
+        drop_path: 0.999_995,
+        ..VitConfig::preset("vit_tiny_patch4_32").unwrap()
+    };
+    let images = randn(&[4, 3, 8, 8], 3);
+    let mut store = ParamStore::new();
+    let vit = Vit::new(&cfg, &mut store, 4).unwrap();
+    let mut g = Graph::new(&mut store);
+    let ctx = ForwardCtx::train(9, vec![0u64, 1, 2, 3]);
+    let logits = vit.forward(&mut g, images.clone(), &ctx).unwrap();
+    let trained = g.value(logits).to_vec_f32();
+    let loss = g.cross_entropy(logits, &[0, 1, 2, 3], 0.0).unwrap();
+    g.backward(loss).unwrap();
+    let eval = ForwardCtx::eval(4);
+    let x = vit.embed(&mut g, images, &eval).unwrap();
+    let x = vit.blocks(&mut g, x, 0..1, &eval).unwrap();
+    let logits = vit.head(&mut g, x).unwrap();
+    assert_eq!(trained, g.value(logits).to_vec_f32());
+    drop(g);
+    for p in store.iter() {
+        let zero = p.grad.to_vec_f32().iter().all(|&v| v == 0.0);
+        let in_last = p.name.starts_with("blocks.1.");
+        assert_eq!(
+            zero, in_last,
+            "`{}`: gradient zero iff in the dropped block",
+            p.name
+        );
     }
 }

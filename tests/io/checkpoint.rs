@@ -755,3 +755,61 @@ fn the_index_is_verified_and_validated_before_use() {
     assert_eq!(try_load(&clean).unwrap(), state(&e));
     std::fs::remove_dir_all(root).unwrap();
 }
+
+/// `model.drop_path` is written, read back, validated, and optional: a checkpoint of a
+/// version before stochastic depth (no such key) loads with 0.
+#[test]
+fn model_drop_path_is_recorded_and_optional() {
+    let (root, dir) = saved(&trained(2), "drop-path");
+    let raw: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(INDEX)).unwrap()).unwrap();
+    assert_eq!(raw["model"]["drop_path"], 0.0);
+    edit_index(&dir, |v| v["model"]["drop_path"] = 0.25.into());
+    assert_eq!(Checkpoint::open(&dir).unwrap().index.model.drop_path, 0.25);
+    edit_index(&dir, |v| {
+        v["model"].as_object_mut().unwrap().remove("drop_path");
+    });
+    assert_eq!(Checkpoint::open(&dir).unwrap().index.model.drop_path, 0.0);
+    edit_index(&dir, |v| v["model"]["drop_path"] = 1.5.into());
+    let e = Checkpoint::open(&dir).unwrap_err().to_string();
+    assert!(e.contains("drop_path 1.5 is outside [0, 1)"), "{e}");
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+/// A checkpoint without an EMA refuses `--weights ema` naming itself; one with an EMA
+/// missing a tensor fails the index checks naming it.
+#[test]
+fn ema_weights_are_asked_for_explicitly_and_checked_whole() {
+    let mut e = trained(3);
+    let (root, plain) = saved(&e, "no-ema");
+    let err = ferrovit::infer::Classifier::load_weights(&plain, checkpoint::Weights::Ema)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains(plain.to_str().unwrap()) && err.contains("no EMA"),
+        "{err}"
+    );
+    let out = root.join("x.safetensors");
+    let err = checkpoint::export_weights(&plain, &out, checkpoint::Weights::Ema).unwrap_err();
+    assert!(err.to_string().contains("no EMA"), "{err}");
+    e.enable_ema(0.5, false).unwrap();
+    let (root2, with) = saved(&e, "with-ema");
+    let ck = Checkpoint::open(&with).unwrap();
+    assert_eq!(ck.names(checkpoint::Group::Ema).len(), e.params().len());
+    // the EMA starts as the weights
+    assert_eq!(
+        ck.read("ema.head.bias").unwrap().to_vec_f32(),
+        ck.read("head.bias").unwrap().to_vec_f32()
+    );
+    edit_index(&with, |v| {
+        v["tensors"]
+            .as_object_mut()
+            .unwrap()
+            .remove("ema.head.bias");
+    });
+    let err = Checkpoint::open(&with).unwrap_err().to_string();
+    assert!(err.contains("`ema.head.bias` is missing"), "{err}");
+    std::fs::remove_dir_all(root).unwrap();
+    std::fs::remove_dir_all(root2).unwrap();
+}

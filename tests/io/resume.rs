@@ -412,6 +412,14 @@ fn a_resume_refuses_options_that_contradict_the_checkpoint_and_writes_nothing() 
             "--accum-steps 2 contradicts the checkpoint's accum_steps 1",
         ),
         (
+            vec!["--drop-path", "0.1"],
+            "--drop-path 0.1 contradicts the checkpoint's drop_path 0.0",
+        ),
+        (
+            vec!["--ema-decay", "0.99"],
+            "--ema-decay 0.99 contradicts the checkpoint's ema_decay (unset)",
+        ),
+        (
             vec!["--min-lr", "0.0001"],
             "--min-lr 0.0001 contradicts the checkpoint's min_lr 0.0",
         ),

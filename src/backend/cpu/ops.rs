@@ -270,7 +270,8 @@ fn sample_base(key: DropoutKey, sample: u64) -> u64 {
 
 /// Inverted dropout: `out = m`, `out += m` or `out = residual + m` (see [`DropMode`]),
 /// where `m = x * mask / (1 - p)`. `x.len() / samples.len()` elements belong to each
-/// sample. Keep probabilities are quantised to 1/65536.
+/// sample; with `key.per_sample` (stochastic depth) one mask bit covers a sample. Keep
+/// probabilities are quantised to 1/65536.
 pub fn dropout(
     x: &[f32],
     p: f32,
@@ -291,8 +292,36 @@ pub fn dropout(
                 DropMode::AddTo(r) => DropMode::AddTo(&r[i * per..(i + 1) * per]),
                 m => m,
             };
-            simd::dropout_sample(x, sample_base(key, s), threshold, scale, mode, o)
+            if key.per_sample {
+                let m = drop_path_scale(sample_base(key, s), threshold, scale);
+                apply_drop(x, m, mode, o)
+            } else {
+                simd::dropout_sample(x, sample_base(key, s), threshold, scale, mode, o)
+            }
         });
+}
+
+/// Stochastic depth's factor for one sample: element 0's mask value (16-bit lane 0 of
+/// `mix64(base)`), which every element of the sample shares.
+fn drop_path_scale(base: u64, threshold: u32, scale: f32) -> f32 {
+    if (mix64(base) & 0xffff) as u32 >= threshold {
+        scale
+    } else {
+        0.0
+    }
+}
+
+/// `m = x * s` for one sample, written, accumulated or added to the residual.
+fn apply_drop(x: &[f32], s: f32, mode: DropMode, out: &mut [f32]) {
+    match mode {
+        DropMode::Write => out.iter_mut().zip(x).for_each(|(o, x)| *o = x * s),
+        DropMode::Accumulate => out.iter_mut().zip(x).for_each(|(o, x)| *o += x * s),
+        DropMode::AddTo(r) => out
+            .iter_mut()
+            .zip(x)
+            .zip(r)
+            .for_each(|((o, x), r)| *o = r + x * s),
+    }
 }
 
 /// Softmax cross-entropy with label smoothing `eps`, averaged over the batch (PyTorch's

@@ -761,6 +761,7 @@ impl Backend for CudaBackend {
             Arg::U32(threshold),
             Arg::F32(1.0 / (1.0 - p)),
             Arg::I32(mode),
+            Arg::I32(key.per_sample.into()),
         ];
         self.elementwise(kernel, n, &args)
     }

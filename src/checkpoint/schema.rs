@@ -292,7 +292,7 @@ mod tests {
     /// The objects exactly as docs/checkpoint-format.md spells them, both ways.
     #[test]
     fn the_index_objects_are_the_documented_ones() {
-        let text = r#"{"model":{"image_size":32,"patch_size":4,"in_channels":3,"num_classes":10,"dim":256,"depth":7,"heads":4,"mlp_dim":512,"dropout":0.1,"layernorm_eps":1e-6},"optimizer":{"AdamW":{"beta1":0.9,"beta2":0.999,"eps":1e-8}},"schedule":{"WarmupCosine":{"warmup":5,"total":50,"min_lr":0.0}},"layout":{"world":4,"dp":2,"pp":2,"stages":[{"start":0,"end":3},{"start":3,"end":7}]},"dtype":"BF16"}"#;
+        let text = r#"{"model":{"image_size":32,"patch_size":4,"in_channels":3,"num_classes":10,"dim":256,"depth":7,"heads":4,"mlp_dim":512,"dropout":0.1,"drop_path":0.0,"layernorm_eps":1e-6},"optimizer":{"AdamW":{"beta1":0.9,"beta2":0.999,"eps":1e-8}},"schedule":{"WarmupCosine":{"warmup":5,"total":50,"min_lr":0.0}},"layout":{"world":4,"dp":2,"pp":2,"stages":[{"start":0,"end":3},{"start":3,"end":7}]},"dtype":"BF16"}"#;
         let f: Fields = serde_json::from_str(text).unwrap();
         assert_eq!(
             f.model,

@@ -21,16 +21,18 @@ fn recipe_files_parse_validate_and_build_their_presets() {
             "vit_lite_depth7_patch4_32",
             300,
             0.0,
+            0.1,
         ),
-        ("vit_tiny_cifar10.toml", "vit_tiny_patch4_32", 200, 0.1),
+        ("vit_tiny_cifar10.toml", "vit_tiny_patch4_32", 200, 0.1, 0.0),
     ];
-    for (file, preset, epochs, dropout) in recipes {
+    for (file, preset, epochs, dropout, drop_path) in recipes {
         let opts = TrainOptions::from_toml_file(&recipe(file)).unwrap();
         opts.validate().unwrap();
         assert_eq!(opts.preset.as_deref(), Some(preset), "{file}");
         assert_eq!(opts.epochs, epochs, "{file}");
         let want = VitConfig {
             dropout,
+            drop_path,
             ..VitConfig::preset(preset).unwrap()
         };
         assert_eq!(opts.model(10).unwrap(), want, "{file}");

@@ -397,33 +397,33 @@ impl Engine {
     /// Softmax cross-entropy of the output against `labels` (with the configured label
     /// smoothing while training).
     pub fn criterion(&mut self, output: &Output, labels: &[usize]) -> Result<Loss> {
-        self.check(output.id)?;
-        let smoothing = if self.training {
-            self.config.label_smoothing
-        } else {
-            0.0
-        };
-        let graph = self.graph()?;
-        let var = graph.cross_entropy(output.var, labels, smoothing)?;
-        let value = graph.value(var).f32s()?[0];
-        Ok(Loss {
-            value,
-            var,
-            id: output.id,
+        self.loss_of(output, |graph, smoothing| {
+            graph.cross_entropy(output.var, labels, smoothing)
         })
     }
 
     /// The loss of a whole batch: [`Engine::criterion`], or under Mixup/CutMix
     /// cross-entropy against the batch's soft targets (label smoothing folded in).
     fn batch_criterion(&mut self, output: &Output, batch: &Batch) -> Result<Loss> {
+        self.loss_of(output, |graph, smoothing| {
+            batch_loss(graph, output.var, batch, 0..batch.labels.len(), smoothing)
+        })
+    }
+
+    /// The loss `build` adds to the output's graph, given the label smoothing (the
+    /// configured one while training, none in evaluation).
+    fn loss_of(
+        &mut self,
+        output: &Output,
+        build: impl FnOnce(&mut Graph<'static>, f32) -> Result<Var>,
+    ) -> Result<Loss> {
         self.check(output.id)?;
-        let smoothing = if self.training {
-            self.config.label_smoothing
-        } else {
-            0.0
+        let smoothing = match self.training {
+            true => self.config.label_smoothing,
+            false => 0.0,
         };
         let graph = self.graph()?;
-        let var = batch_loss(graph, output.var, batch, 0..batch.labels.len(), smoothing)?;
+        let var = build(graph, smoothing)?;
         let value = graph.value(var).f32s()?[0];
         Ok(Loss {
             value,

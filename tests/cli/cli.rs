@@ -86,23 +86,35 @@ fn the_default_run_reaches_95_percent_on_digits() {
     std::fs::remove_dir_all(&out_dir).unwrap();
 }
 
-/// Mixup and CutMix (timm's DeiT values, label smoothing folded in) on digits: the
-/// run says it mixes, and it learns (12 epochs reach ~83% here; 8 must pass 50%, five
-/// times chance).
+/// The full timm-style recipe on digits — Mixup and CutMix (DeiT's values), label
+/// smoothing folded in, stochastic depth, EMA with warm-up, gradient clipping, the
+/// cosine from and to 1e-5 — still reaches the default run's 95%, raw and EMA weights
+/// alike (30 epochs: 97.8% both, measured 2026-11-30; 20 epochs give ~95.3%).
 #[test]
-fn a_mixup_cutmix_run_trains_on_digits() {
-    let out_dir = temp_dir("mixup");
+fn the_full_recipe_reaches_the_default_runs_accuracy() {
+    let out_dir = temp_dir("full-recipe");
     let o = out_dir.to_str().unwrap();
     let args = [
         "train",
         "--epochs",
-        "8",
+        "30",
         "--mixup",
         "0.8",
         "--cutmix",
         "1.0",
         "--label-smoothing",
         "0.1",
+        "--drop-path",
+        "0.1",
+        "--ema-decay",
+        "0.99",
+        "--ema-warmup",
+        "--clip-grad",
+        "1.0",
+        "--warmup-lr",
+        "1e-5",
+        "--min-lr",
+        "1e-5",
         "--out",
         o,
     ];
@@ -113,10 +125,11 @@ fn a_mixup_cutmix_run_trains_on_digits() {
         "{out}"
     );
     let m = metrics(&out_dir);
-    let acc = m[7]["test_acc"].as_f64().unwrap();
-    assert!(acc >= 0.5, "final test accuracy {acc}\n{out}");
-    let resolved = std::fs::read_to_string(out_dir.join("config.toml")).unwrap();
-    assert!(resolved.contains("mixup = 0.8"), "{resolved}");
+    assert_eq!(m.len(), 30);
+    for key in ["test_acc", "ema_test_acc"] {
+        let acc = m[29][key].as_f64().unwrap();
+        assert!(acc >= 0.95, "final {key} {acc}\n{out}");
+    }
     std::fs::remove_dir_all(&out_dir).unwrap();
 }
 

@@ -917,7 +917,7 @@ fn ckpt_inspect(dir: PathBuf, json: bool) -> Result<()> {
     println!("checkpoint {}", text::path(&dir));
     println!("format {} version {}", escape(&ix.format), ix.version);
     println!(
-        "model: dim {} depth {} heads {} mlp {} patch {} image {} classes {} ({} params)",
+        "model: dim {} depth {} heads {} mlp {} patch {} image {} classes {} dropout {} drop-path {} ({} params)",
         m.dim,
         m.depth,
         m.heads,
@@ -925,6 +925,8 @@ fn ckpt_inspect(dir: PathBuf, json: bool) -> Result<()> {
         m.patch_size,
         m.image_size,
         m.num_classes,
+        m.dropout,
+        m.drop_path,
         m.num_params()
     );
     println!("optimizer: {:?}", ix.optimizer);

@@ -407,6 +407,14 @@ pub enum KeepBest {
     #[serde(rename = "test_loss")]
     #[value(name = "test_loss")]
     TestLoss,
+    /// The EMA weights' test accuracy (with `--ema-decay`).
+    #[serde(rename = "ema_test_acc")]
+    #[value(name = "ema_test_acc")]
+    EmaTestAcc,
+    /// The EMA weights' test loss (with `--ema-decay`).
+    #[serde(rename = "ema_test_loss")]
+    #[value(name = "ema_test_loss")]
+    EmaTestLoss,
 }
 
 impl KeepBest {
@@ -415,6 +423,8 @@ impl KeepBest {
         match self {
             KeepBest::TestAcc => crate::checkpoint::BestBy::max("test_acc"),
             KeepBest::TestLoss => crate::checkpoint::BestBy::min("test_loss"),
+            KeepBest::EmaTestAcc => crate::checkpoint::BestBy::max("ema_test_acc"),
+            KeepBest::EmaTestLoss => crate::checkpoint::BestBy::min("ema_test_loss"),
         }
     }
 }

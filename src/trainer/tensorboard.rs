@@ -33,12 +33,15 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 /// The metrics written after each epoch, and their TensorBoard tags.
-const EPOCH_TAGS: [(&str, &str); 6] = [
+const EPOCH_TAGS: [(&str, &str); 9] = [
     ("train_loss", "train/loss"),
     ("train_acc", "train/acc"),
     ("test_loss", "test/loss"),
     ("test_acc", "test/acc"),
+    ("ema_test_loss", "ema/test_loss"),
+    ("ema_test_acc", "ema/test_acc"),
     ("lr", "lr"),
+    ("grad_norm", "grad_norm"),
     ("images_per_s", "images_per_s"),
 ];
 

@@ -360,19 +360,36 @@ for tag in acc.Tags()["scalars"]:
 }
 
 /// The epoch tags and the metrics.jsonl keys they come from.
-const TAGS: [(&str, &str); 6] = [
+const TAGS: [(&str, &str); 9] = [
     ("train/loss", "train_loss"),
     ("train/acc", "train_acc"),
     ("test/loss", "test_loss"),
     ("test/acc", "test_acc"),
+    ("ema/test_loss", "ema_test_loss"),
+    ("ema/test_acc", "ema_test_acc"),
     ("lr", "lr"),
+    ("grad_norm", "grad_norm"),
     ("images_per_s", "images_per_s"),
 ];
 
 #[test]
 fn tensorboard_files_hold_the_metrics_and_tensorboard_reads_them() {
     let out = temp_dir("tensorboard");
-    let flags = ["--epochs", "2", "--log-interval", "5", "--tensorboard"];
+    // with the EMA and clipping, whose metrics have tags too; the best checkpoint by
+    // the EMA's accuracy kept
+    let flags = [
+        "--epochs",
+        "2",
+        "--log-interval",
+        "5",
+        "--tensorboard",
+        "--ema-decay",
+        "0.9",
+        "--clip-grad",
+        "5",
+        "--keep-best",
+        "ema_test_acc",
+    ];
     let before = unix_now();
     train(&out, &flags);
     // a resumed run adds a file (named by the second it starts: one later sorts later)
@@ -381,6 +398,10 @@ fn tensorboard_files_hold_the_metrics_and_tensorboard_reads_them() {
     train(&out, &[&resumed[..], &["--tensorboard"]].concat());
     let after = unix_now();
     let dir = out.join("tensorboard");
+    assert!(
+        out.join("checkpoints").join("best").is_file(),
+        "--keep-best ema_test_acc"
+    );
     let (files, scalars) = read_event_files(&dir);
     assert_eq!(files.len(), 2, "{files:?}");
     let m = metrics(&out);

@@ -370,6 +370,11 @@ fn tensors(out: &Path, step: u64) -> Params {
     let ckpt = Checkpoint::open(&dir).unwrap();
     let mut names: Vec<&str> = ckpt.names(Group::Model);
     names.extend(ckpt.names(Group::Optimizer));
+    read_all(&ckpt, &names)
+}
+
+/// The named tensors of `ckpt`, by name.
+fn read_all(ckpt: &Checkpoint, names: &[&str]) -> Params {
     names
         .iter()
         .map(|n| (n.to_string(), ckpt.read(n).unwrap().to_vec_f32()))
@@ -378,11 +383,16 @@ fn tensors(out: &Path, step: u64) -> Params {
 
 /// Train and test loss of each epoch, from metrics.jsonl.
 fn losses(out: &Path) -> Vec<f32> {
+    epoch_pairs(out, ["train_loss", "test_loss"])
+}
+
+/// The two metrics `keys` of each epoch, in turn, from metrics.jsonl.
+fn epoch_pairs(out: &Path, keys: [&str; 2]) -> Vec<f32> {
     let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     text.lines()
         .flat_map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            ["train_loss", "test_loss"].map(|k| v[k].as_f64().unwrap() as f32)
+            keys.map(|k| v[k].as_f64().unwrap() as f32)
         })
         .collect()
 }
@@ -615,21 +625,12 @@ fn ema_tensors(out: &Path, step: u64) -> Params {
         "an EMA per weight"
     );
     names.extend(ckpt.names(Group::Model));
-    names
-        .iter()
-        .map(|n| (n.to_string(), ckpt.read(n).unwrap().to_vec_f32()))
-        .collect()
+    read_all(&ckpt, &names)
 }
 
 /// `ema_test_loss` and `ema_test_acc` of each epoch, from metrics.jsonl.
 fn ema_metrics(out: &Path) -> Vec<f32> {
-    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    text.lines()
-        .flat_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            ["ema_test_loss", "ema_test_acc"].map(|k| v[k].as_f64().unwrap() as f32)
-        })
-        .collect()
+    epoch_pairs(out, ["ema_test_loss", "ema_test_acc"])
 }
 
 /// `--ema-decay` (with warm-up): a run saved on one rank and resumed on one rank

@@ -1,7 +1,7 @@
 //! The argument checks of the op set, written once and called by every backend before
 //! it touches memory, so a bad call fails alike (same error, same message) everywhere.
 
-use super::{AttnDims, AugmentBatch};
+use super::{AttnDims, AugmentBatch, AugmentMix};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 
@@ -115,9 +115,41 @@ pub(crate) fn check_augment(batch: &AugmentBatch) -> Result<usize> {
             format!("side {}", batch.side),
         ));
     }
-    let n = batch.geometry.len() * 3 * batch.side * batch.side;
-    same_len("augment", n, batch.pixels.len())?;
-    Ok(n)
+    let plane = 3 * batch.side * batch.side;
+    same_len("augment", batch.geometry.len() * plane, batch.pixels.len())?;
+    if let Some(m) = &batch.mix {
+        check_augment_mix(m, batch.geometry.len(), batch.side)?;
+    }
+    Ok(batch.outputs() * plane)
+}
+
+/// Every partner one of the `rows` images, lambda in [0, 1], CutMix's box inside the
+/// image.
+fn check_augment_mix(m: &AugmentMix, rows: usize, side: usize) -> Result<()> {
+    if let Some(p) = m.partner.iter().find(|&&p| p as usize >= rows) {
+        return Err(Error::shape(
+            "augment",
+            format!("partners among the {rows} images"),
+            format!("partner {p}"),
+        ));
+    }
+    if !(0.0..=1.0).contains(&m.mix.lam) {
+        return Err(Error::shape(
+            "augment",
+            "a mixing lambda in [0, 1]",
+            format!("lambda {}", m.mix.lam),
+        ));
+    }
+    match m.mix.cutmix {
+        Some(b) if !(b.y0 <= b.y1 && b.y1 <= side && b.x0 <= b.x1 && b.x1 <= side) => {
+            Err(Error::shape(
+                "augment",
+                format!("a CutMix box inside {side} x {side}"),
+                format!("rows {}..{}, columns {}..{}", b.y0, b.y1, b.x0, b.x1),
+            ))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Checks two buffers an op reads or writes together hold as many elements.

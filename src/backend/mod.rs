@@ -14,7 +14,7 @@
 //! (nearest even); parameters, their gradients, optimizer state and statistics are
 //! always f32.
 
-mod check;
+pub(crate) mod check;
 pub mod cpu;
 pub mod cuda;
 mod device;
@@ -25,7 +25,10 @@ use crate::error::{Error, Result};
 use crate::tensor::{DType, Device, Tensor};
 
 pub use device::DeviceSpec;
-pub use spec::{AdamStep, AttnDims, AugmentBatch, DropoutKey, Geometry, Normalize, SgdStep};
+pub use spec::{
+    AdamStep, AttnDims, AugmentBatch, AugmentMix, DropoutKey, Geometry, Mix, MixBox, Normalize,
+    SgdStep,
+};
 
 /// Where a dropout result goes.
 #[derive(Clone, Copy)]

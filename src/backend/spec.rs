@@ -121,4 +121,51 @@ pub struct AugmentBatch<'a> {
     pub geometry: &'a [Geometry],
     /// How a pixel becomes an input value.
     pub norm: Normalize,
+    /// Mixup/CutMix fused in (`None`: each image as it is).
+    pub mix: Option<AugmentMix<'a>>,
+}
+
+impl AugmentBatch<'_> {
+    /// Images the op writes: one per partner under mixing (the pixels may hold partner
+    /// rows past them), else one per geometry.
+    pub fn outputs(&self) -> usize {
+        match &self.mix {
+            Some(m) => m.partner.len(),
+            None => self.geometry.len(),
+        }
+    }
+}
+
+/// Mixup/CutMix in the augment op: output image `i` is the augmented image `i` mixed
+/// with the augmented image `partner[i]` (rows of the same pixels and geometry) as `mix`
+/// says: the normalised values blended `lam·own + (1 − lam)·partner` (each factor
+/// rounded to f32 once), or the partner's inside CutMix's box.
+#[derive(Clone, Copy, Debug)]
+pub struct AugmentMix<'a> {
+    pub mix: Mix,
+    pub partner: &'a [u32],
+}
+
+/// A CutMix box: rows `y0..y1`, columns `x0..x1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MixBox {
+    pub y0: usize,
+    pub y1: usize,
+    pub x0: usize,
+    pub x1: usize,
+}
+
+/// How one batch is mixed: the (corrected) lambda, and CutMix's box (`None`: Mixup).
+/// data::mixup draws it; the augment op may apply it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Mix {
+    pub lam: f64,
+    pub cutmix: Option<MixBox>,
+}
+
+impl Mix {
+    /// Mixup's two factors, `lam` and `1 − lam`, each rounded to f32 once.
+    pub fn factors(&self) -> (f32, f32) {
+        (self.lam as f32, (1.0 - self.lam) as f32)
+    }
 }

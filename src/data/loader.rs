@@ -10,7 +10,7 @@
 //! not depend on the number of workers (nor on how replicas split the batches).
 
 use super::mixup::{Mixed, Mixup};
-use super::{Augment, Dataset, RawImages};
+use super::{Augment, Dataset, RawImages, RawMix};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::tensor::{Device, Tensor};
@@ -57,7 +57,7 @@ pub struct Batch {
     /// Size of the global batch this is a share of, and where the share starts in it.
     pub global: usize,
     pub offset: usize,
-    /// Mixup/CutMix of this batch (the images are mixed already): the loss takes soft
+    /// Mixup/CutMix of this batch (the images, or `raw`, are mixed): the loss takes soft
     /// targets, train accuracy the dominant labels ([`Batch::accuracy_labels`]).
     pub mix: Option<Mixed>,
 }
@@ -99,14 +99,14 @@ pub struct Loader {
     pub shard: (usize, usize),
     /// Build the images (stages after a pipeline's first need only the labels).
     pub images: bool,
-    /// Leave cropping, flipping and normalising to the device: batches carry raw pixels
-    /// (`Batch::raw`), a quarter of the bytes to copy. Not with AutoAugment.
+    /// Leave cropping, flipping, normalising and mixing to the device: batches carry raw
+    /// pixels (`Batch::raw`), a quarter of the bytes to copy. Not with AutoAugment.
     pub device_augment: bool,
     /// Drop the last partial batch of an epoch.
     pub drop_last: bool,
     /// Random augmentation of every image.
     pub augment: Augment,
-    /// Mixup/CutMix of every global batch (`None`: none). Not with `device_augment`.
+    /// Mixup/CutMix of every global batch (`None`: none).
     pub mixup: Option<Mixup>,
     /// Background threads building batches (at least 1).
     pub workers: usize,
@@ -217,16 +217,22 @@ impl Loader {
         let (images, raw) = if !self.images {
             (none(), None)
         } else if self.device_augment {
-            if mix.is_some() {
-                return Err(Error::Config(
-                    "Mixup/CutMix run on the CPU loader: they cannot be deferred to the device"
-                        .into(),
-                ));
+            let augment = Some((self.augment, key));
+            let mut raw = self.data.raw_batch(idx, augment)?.0;
+            if let Some(mix) = mix {
+                raw = if share.len() == n {
+                    RawImages {
+                        mix: Some(RawMix {
+                            mix,
+                            partner: (0..n as u32).rev().collect(),
+                        }),
+                        ..raw
+                    }
+                } else {
+                    raw.mixed_with(mix, self.data.raw_batch(&partners, augment)?.0)
+                };
             }
-            (
-                none(),
-                Some(self.data.raw_batch(idx, Some((self.augment, key)))?.0),
-            )
+            (none(), Some(raw))
         } else {
             let mut images = self.data.batch(idx, Some((self.augment, key)))?.0;
             if let Some(mix) = &mix {

@@ -14,6 +14,7 @@
 //! global batch alike; the fixture test replays timm's draws through the same trait.
 //! Unlike timm, an odd batch is allowed: its middle sample is its own partner.
 
+pub use crate::backend::{Mix, MixBox};
 use crate::rng::Rng;
 
 /// The options: timm's `mixup_alpha`, `cutmix_alpha`, `prob`, `switch_prob`.
@@ -48,22 +49,6 @@ impl MixDraws for Rng {
     fn randint(&mut self, lo: i64, hi: i64) -> i64 {
         lo + (self.next_u64() % (hi - lo).max(1) as u64) as i64
     }
-}
-
-/// A CutMix box: rows `y0..y1`, columns `x0..x1`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MixBox {
-    pub y0: usize,
-    pub y1: usize,
-    pub x0: usize,
-    pub x1: usize,
-}
-
-/// How one batch is mixed: the (corrected) lambda, and CutMix's box (`None`: Mixup).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Mix {
-    pub lam: f64,
-    pub cutmix: Option<MixBox>,
 }
 
 impl Mixup {
@@ -137,7 +122,7 @@ impl Mix {
     pub fn apply(&self, images: &mut [f32], partners: &[f32], side: usize) {
         match self.cutmix {
             None => {
-                let (a, b) = (self.lam as f32, (1.0 - self.lam) as f32);
+                let (a, b) = self.factors();
                 for (x, &p) in images.iter_mut().zip(partners) {
                     *x = *x * a + p * b;
                 }

@@ -14,7 +14,8 @@ pub use loader::{Batch, Epoch, Loader, Sampler};
 use transforms::normalize_into;
 pub use transforms::{Augment, Geometry};
 
-use crate::backend::AugmentBatch;
+use crate::backend::Mix;
+use crate::backend::{AugmentBatch, AugmentMix};
 use crate::error::{Error, Result};
 use crate::files::read_regular_file;
 use crate::rng::Rng;
@@ -288,6 +289,7 @@ impl Dataset {
             geometry: Vec::with_capacity(idx.len()),
             side: self.side,
             norm: self.norm,
+            mix: None,
         };
         for &i in idx {
             raw.pixels.extend_from_slice(self.image(i)?);
@@ -336,7 +338,8 @@ fn sample_rng(key: u64, i: usize) -> Rng {
     Rng::new(key ^ (i as u64).wrapping_mul(0xd6e8_feb8_6659_fd93))
 }
 
-/// A batch's images before cropping, flipping and normalising (done by the device).
+/// A batch's images before cropping, flipping, normalising and mixing (done by the
+/// device).
 #[derive(Clone, Debug)]
 pub struct RawImages {
     /// `[b, 3, side, side]` planar `u8` pixels.
@@ -347,18 +350,38 @@ pub struct RawImages {
     pub side: usize,
     /// The data set's normalisation.
     pub norm: Normalize,
+    /// Mixup/CutMix of the batch (`None`: none).
+    pub mix: Option<RawMix>,
+}
+
+/// Mixup/CutMix left to the device: how the batch is mixed and the partner of each
+/// image the batch yields, among its images (the pixels may hold partner images past
+/// the batch's own).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RawMix {
+    pub mix: Mix,
+    pub partner: Vec<u32>,
 }
 
 impl RawImages {
     /// Normalised f32 images `[b, 3, side, side]` on the CPU: the reference for devices.
     pub fn to_images(&self) -> Result<Tensor> {
-        let mut out = Vec::with_capacity(self.pixels.len());
+        crate::backend::check::check_augment(&self.batch())?;
         let n = 3 * self.side * self.side;
-        for (img, g) in self.pixels.chunks(n.max(1)).zip(&self.geometry) {
+        let image = |i: usize| {
+            let mut out = Vec::with_capacity(n);
+            let (img, g) = (&self.pixels[i * n..(i + 1) * n], self.geometry[i]);
             normalize_into(&g.apply(img), &self.norm.mean, &self.norm.std, &mut out);
+            out
+        };
+        let b = self.batch().outputs();
+        let mut out: Vec<f32> = (0..b).flat_map(image).collect();
+        if let Some(m) = &self.mix {
+            let partners: Vec<f32> = m.partner.iter().flat_map(|&p| image(p as usize)).collect();
+            m.mix.apply(&mut out, &partners, self.side);
         }
         let s = self.side;
-        Tensor::from_vec(out, [self.geometry.len(), 3, s, s])
+        Tensor::from_vec(out, [b, 3, s, s])
     }
 
     /// The augment op's input for these images, with the data set's normalisation.
@@ -368,16 +391,55 @@ impl RawImages {
             side: self.side,
             geometry: &self.geometry,
             norm: self.norm,
+            mix: self.mix.as_ref().map(|m| AugmentMix {
+                mix: m.mix,
+                partner: &m.partner,
+            }),
         }
     }
 
-    /// Samples `range` (a pipeline's micro-batch).
+    /// The images of samples `range` (a pipeline's micro-batch), with their partners.
     pub fn rows(&self, range: std::ops::Range<usize>) -> RawImages {
+        let Some(m) = &self.mix else {
+            return self.gather(range);
+        };
+        let partners = m.partner[range.clone()].iter().map(|&p| p as usize);
+        let mut out = self.gather(range.clone().chain(partners));
+        let k = range.len() as u32;
+        out.mix = Some(RawMix {
+            mix: m.mix,
+            partner: (k..2 * k).collect(),
+        });
+        out
+    }
+
+    /// Images `rows`, unmixed.
+    fn gather(&self, rows: impl Iterator<Item = usize>) -> RawImages {
         let n = 3 * self.side * self.side;
-        RawImages {
-            pixels: self.pixels[range.start * n..range.end * n].to_vec(),
-            geometry: self.geometry[range].to_vec(),
+        let mut out = RawImages {
+            pixels: vec![],
+            geometry: vec![],
+            mix: None,
             ..*self
+        };
+        for i in rows {
+            out.pixels
+                .extend_from_slice(&self.pixels[i * n..(i + 1) * n]);
+            out.geometry.push(self.geometry[i]);
         }
+        out
+    }
+
+    /// Mixes these images with `partners`, image `i`'s partner being `partners`' image
+    /// `i` (appended to these).
+    pub fn mixed_with(mut self, mix: Mix, partners: RawImages) -> RawImages {
+        let k = self.geometry.len() as u32;
+        self.pixels.extend(partners.pixels);
+        self.geometry.extend(partners.geometry);
+        self.mix = Some(RawMix {
+            mix,
+            partner: (k..2 * k).collect(),
+        });
+        self
     }
 }

@@ -555,11 +555,10 @@ fn loaders(
     train_loader.augment = augment;
     train_loader.mixup = opts.mixup()?;
     let mut test_loader = loader(opts, test, false, layout, rank)?;
-    // On a CUDA device the loader sends raw pixels; the device crops, flips and
-    // normalises (AutoAugment stays on the CPU). Mixup/CutMix mix normalised images on
-    // the CPU loader, so a mixed training run augments there too.
+    // On a CUDA device the loader sends raw pixels; the device crops, flips, normalises
+    // and mixes (AutoAugment stays on the CPU, and then so does the rest).
     let device_augment = opts.device.is_cuda() && !augment.auto_augment;
-    train_loader.device_augment = device_augment && train_loader.mixup.is_none();
+    train_loader.device_augment = device_augment;
     test_loader.device_augment = device_augment;
     Ok((train_loader, test_loader))
 }

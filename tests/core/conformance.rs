@@ -15,7 +15,8 @@
 use ferrovit::backend::{
     for_device, AdamStep, AttnDims, Backend, DropoutKey, DropoutMode, OptimTensors, SgdStep, Update,
 };
-use ferrovit::data::{Geometry, Normalize, RawImages};
+use ferrovit::data::mixup::{Mix, MixBox};
+use ferrovit::data::{Geometry, Normalize, RawImages, RawMix};
 use ferrovit::rng::Rng;
 use ferrovit::{DType, Device, Result, Tensor};
 use std::cell::{Cell, RefCell};
@@ -748,25 +749,58 @@ impl Suite {
             let pixels = (0..geometry.len() * 3 * side * side)
                 .map(|i| (i * 7 % 251) as u8)
                 .collect();
-            let raw = RawImages {
+            let plain = RawImages {
                 pixels,
                 geometry,
                 side,
                 norm,
+                mix: None,
             };
-            for dtype in [DType::F32, DType::BF16] {
-                self.check(&format!("augment {side} {dtype}"), 0.0, vec![], &|be, _| {
-                    let images = be.augment(&raw.batch(), dtype)?.to_device(Device::Cpu)?;
-                    assert_eq!(images.dtype(), dtype);
-                    assert_eq!(images.dims(), [raw.geometry.len(), 3, side, side]);
-                    let want = raw.to_images()?.to_dtype(dtype);
-                    assert_eq!(
-                        images.to_vec_f32(),
-                        want.to_vec_f32(),
-                        "augmented images differ"
-                    );
-                    Ok(0.0)
-                });
+            // Mixup with the images reversed; CutMix with the last image's partners
+            // appended (a dp share's)
+            let mixup = RawImages {
+                mix: Some(RawMix {
+                    mix: Mix {
+                        lam: 0.3,
+                        cutmix: None,
+                    },
+                    partner: (0..plain.geometry.len() as u32).rev().collect(),
+                }),
+                ..plain.clone()
+            };
+            let b = side / 4;
+            let cutmix = plain.rows(0..3).mixed_with(
+                Mix {
+                    lam: 0.6,
+                    cutmix: Some(MixBox {
+                        y0: b,
+                        y1: 3 * b,
+                        x0: 0,
+                        x1: 2 * b + 1,
+                    }),
+                },
+                plain.rows(4..7),
+            );
+            for (dtype, (kind, raw)) in [DType::F32, DType::BF16].into_iter().flat_map(|d| {
+                [("", &plain), (" mixup", &mixup), (" cutmix", &cutmix)].map(|r| (d, r))
+            }) {
+                self.check(
+                    &format!("augment {side} {dtype}{kind}"),
+                    0.0,
+                    vec![],
+                    &|be, _| {
+                        let images = be.augment(&raw.batch(), dtype)?.to_device(Device::Cpu)?;
+                        assert_eq!(images.dtype(), dtype);
+                        assert_eq!(images.dims(), [raw.batch().outputs(), 3, side, side]);
+                        let want = raw.to_images()?.to_dtype(dtype);
+                        assert_eq!(
+                            images.to_vec_f32(),
+                            want.to_vec_f32(),
+                            "augmented images differ"
+                        );
+                        Ok(0.0)
+                    },
+                );
             }
         }
         let failed = self.failed.borrow();

@@ -415,10 +415,10 @@ fn running_out_of_device_memory_is_an_error() {
     assert!(err.contains("out of memory"), "{err}");
 }
 
-/// Mixup/CutMix with `--device cuda`: the loader augments and mixes on the CPU (the
-/// device's own augmentation is off for a mixed run) and the device takes the loss on
-/// soft targets (its cross_entropy_soft kernel); one epoch's loss must match the CPU
-/// backend's, and differ from an unmixed run's.
+/// Mixup/CutMix with `--device cuda`: the device crops, flips and mixes the raw pixels
+/// (its augment kernel) and takes the loss on soft targets (its cross_entropy_soft
+/// kernel); one epoch's loss must match the CPU backend's, and differ from an unmixed
+/// run's.
 fn mixed_matches_cpu(device: &str) {
     let dir = temp_dir(&format!("cuda-train-mixed-{}", device.replace(':', "-")));
     let run = |side: &str, device: &str, mixed: bool| {

@@ -5,10 +5,10 @@
 //! global batch alike under any data-parallel split.
 
 use ferrovit::autograd::{Graph, ParamStore};
-use ferrovit::data::mixup::{soft_targets, MixDraws, Mixup};
-use ferrovit::data::{default_data_dir, Dataset, Loader, Sampler};
+use ferrovit::data::mixup::{soft_targets, Mix, MixBox, MixDraws, Mixup};
+use ferrovit::data::{default_data_dir, Dataset, Loader, RawImages, RawMix, Sampler};
 use ferrovit::rng::Rng;
-use ferrovit::{Device, Tensor};
+use ferrovit::{DType, Device, Tensor};
 use serde_json::Value;
 use std::sync::Arc;
 
@@ -269,17 +269,81 @@ fn replicas_shares_mix_as_the_whole_batch() {
     }
 }
 
-/// A loader that leaves augmentation to the device refuses to mix rather than
-/// silently skip it.
+/// A loader that leaves augmentation to the device leaves it the mixing too: the raw
+/// batches (with each image's partner, appended where it lies in another replica's
+/// share) give the CPU loader's mixed images, through the reference and through the
+/// CPU backend's augment op, whole and under data parallelism, in f32 and bf16.
 #[test]
-fn device_augmentation_refuses_mixing() {
-    let mut l = digits_loader(Some(Mixup {
-        mixup_alpha: 1.0,
-        cutmix_alpha: 0.0,
+fn device_augmentation_mixes_as_the_cpu_loader() {
+    let mixup = Mixup {
+        mixup_alpha: 0.8,
+        cutmix_alpha: 1.0,
         prob: 1.0,
         switch_prob: 0.5,
-    }));
-    l.device_augment = true;
-    let err = l.epoch(0).next().unwrap().unwrap_err().to_string();
-    assert!(err.contains("Mixup/CutMix run on the CPU loader"), "{err}");
+    };
+    let cpu = ferrovit::backend::for_device(Device::Cpu);
+    for replicas in [1, 3] {
+        let host = digits_loader(Some(mixup))
+            .shard(1 % replicas, replicas)
+            .unwrap();
+        let mut device = host.clone();
+        device.device_augment = true;
+        for (h, d) in host.epoch(2).zip(device.epoch(2)).take(6) {
+            let (h, d) = (h.unwrap(), d.unwrap());
+            let raw = d.raw.as_ref().expect("raw pixels");
+            assert_eq!(d.mix, h.mix);
+            assert_eq!(raw.mix.as_ref().unwrap().mix, h.mix.as_ref().unwrap().mix);
+            let want = h.images.f32s().unwrap();
+            assert_eq!(raw.to_images().unwrap().f32s().unwrap(), want);
+            for dtype in [DType::F32, DType::BF16] {
+                let got = cpu.augment(&raw.batch(), dtype).unwrap();
+                let want = h.images.to_dtype(dtype);
+                assert_eq!(got.to_vec_f32(), want.to_vec_f32(), "dp {replicas} {dtype}");
+            }
+            // a pipeline's micro-batch carries its rows' partners
+            let tail = raw.rows(3..h.labels.len());
+            let row = 3 * 32 * 32;
+            assert_eq!(
+                tail.to_images().unwrap().f32s().unwrap(),
+                &want[3 * row..],
+                "dp {replicas}"
+            );
+        }
+    }
+}
+
+/// The augment op refuses a partner past the images, a lambda outside [0, 1] and a
+/// CutMix box outside the image, naming the value, on the CPU and in the reference.
+#[test]
+fn the_augment_op_refuses_a_bad_mix() {
+    let (train, _) = Dataset::cifar_dir(&default_data_dir()).unwrap();
+    let (raw, _) = train.raw_batch(&[0, 1], None).unwrap();
+    let cpu = ferrovit::backend::for_device(Device::Cpu);
+    let lam = |lam| Mix { lam, cutmix: None };
+    let boxed = |y1| Mix {
+        lam: 0.5,
+        cutmix: Some(MixBox {
+            y0: 0,
+            y1,
+            x0: 0,
+            x1: 4,
+        }),
+    };
+    for (mix, partner, what) in [
+        (lam(0.5), vec![1, 2], "partner 2"),
+        (lam(1.5), vec![1, 0], "lambda 1.5"),
+        (boxed(33), vec![1, 0], "rows 0..33"),
+    ] {
+        let bad = RawImages {
+            mix: Some(RawMix { mix, partner }),
+            ..raw.clone()
+        };
+        let err = cpu
+            .augment(&bad.batch(), DType::F32)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(what), "{err}");
+        let err = bad.to_images().unwrap_err().to_string();
+        assert!(err.contains(what), "{err}");
+    }
 }

@@ -422,7 +422,7 @@ impl Backend for CpuBackend {
         let n = check_augment(batch)?;
         let mut out = Tensor::uninit([n], Device::Cpu);
         ops::augment(batch, out.f32s_mut()?);
-        let (b, side) = (batch.geometry.len(), batch.side);
+        let (b, side) = (batch.outputs(), batch.side);
         out.reshape([b, 3, side, side])?.try_to_dtype(dtype)
     }
 }

@@ -371,28 +371,48 @@ pub fn cross_entropy_soft(logits: &[f32], targets: &[f32], c: usize, dlogits: &m
     (total / b as f64) as f32
 }
 
-/// Crops, flips and normalises raw `[b, 3, side, side]` pixels into `out`, one output
-/// element at a time as the CUDA kernel does (kernels/augment.cu), so the two are
-/// checked against one reference (data's `RawImages::to_images`) alike.
+/// Crops, flips and normalises raw `[b, 3, side, side]` pixels into `out`, and mixes
+/// each image with its partner under Mixup/CutMix, one output element at a time as the
+/// CUDA kernel does (kernels/augment.cu), so the two are checked against one reference
+/// (data's `RawImages::to_images`) alike.
 pub fn augment(batch: &AugmentBatch, out: &mut [f32]) {
-    let side = batch.side;
-    let plane = side * side;
-    let s = side as i32;
-    let (mean, std) = (batch.norm.mean, batch.norm.std);
+    let plane = batch.side * batch.side;
     out.par_chunks_mut(3 * plane)
-        .zip(batch.pixels.par_chunks(3 * plane))
-        .zip(batch.geometry.par_iter())
-        .for_each(|((out, img), g)| {
+        .enumerate()
+        .for_each(|(s, out)| {
             for (i, o) in out.iter_mut().enumerate() {
-                let (c, y, x) = (i / plane, (i / side % side) as i32, (i % side) as i32);
-                let (sy, sx) = (y + g.dy, if g.flip { s - 1 - x } else { x } + g.dx);
-                let inside = (0..s).contains(&sy) && (0..s).contains(&sx);
-                let v = if inside {
-                    img[c * plane + (sy * s + sx) as usize]
-                } else {
-                    0
+                let (c, y, x) = (i / plane, i / batch.side % batch.side, i % batch.side);
+                let at = |s: usize| augmented_at(batch, s, c, y, x);
+                *o = match batch.mix {
+                    None => at(s),
+                    Some(m) => {
+                        let p = m.partner[s] as usize;
+                        match m.mix.cutmix {
+                            Some(b) if (b.y0..b.y1).contains(&y) && (b.x0..b.x1).contains(&x) => {
+                                at(p)
+                            }
+                            Some(_) => at(s),
+                            None => {
+                                let (lam, rest) = m.mix.factors();
+                                at(s) * lam + at(p) * rest
+                            }
+                        }
+                    }
                 };
-                *o = (v as f32 / 255.0 - mean[c]) / std[c];
             }
         });
+}
+
+/// Image `s`'s normalised value at (`c`, `y`, `x`) after its crop and flip.
+fn augmented_at(batch: &AugmentBatch, s: usize, c: usize, y: usize, x: usize) -> f32 {
+    let (side, g) = (batch.side as i32, batch.geometry[s]);
+    let (y, x) = (y as i32, x as i32);
+    let (sy, sx) = (y + g.dy, if g.flip { side - 1 - x } else { x } + g.dx);
+    let inside = (0..side).contains(&sy) && (0..side).contains(&sx);
+    let plane = batch.side * batch.side;
+    let v = match inside {
+        true => batch.pixels[(3 * s + c) * plane + (sy * side + sx) as usize],
+        false => 0,
+    };
+    (v as f32 / 255.0 - batch.norm.mean[c]) / batch.norm.std[c]
 }

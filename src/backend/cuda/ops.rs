@@ -963,7 +963,6 @@ impl Backend for CudaBackend {
 
     fn augment(&self, batch: &AugmentBatch, dtype: DType) -> Result<Tensor> {
         let n = check_augment(batch)?;
-        let b = batch.geometry.len();
         let geometry: Vec<i32> = batch
             .geometry
             .iter()
@@ -971,23 +970,48 @@ impl Backend for CudaBackend {
             .collect();
         let (pixels, _p) = self.upload(batch.pixels)?;
         let (geometry, _g) = self.upload(&geometry)?;
+        // without mixing the kernel never reads the partners (null)
+        let (partner, _q) = match &batch.mix {
+            Some(m) => {
+                let partner: Vec<i32> = m.partner.iter().map(|&p| p as i32).collect();
+                let (arg, guard) = self.upload(&partner)?;
+                (arg, Some(guard))
+            }
+            None => (Arg::Ptr(0), None),
+        };
         let side = batch.side;
-        let mut out = Tensor::try_uninit_as([b, 3, side, side], dtype, self.device)?;
+        let mut out = Tensor::try_uninit_as([batch.outputs(), 3, side, side], dtype, self.device)?;
         let kernel = variant("augment", ["augment_u8_f32", "augment_u8_bf16"], &[&out])?;
         let (m, s) = (batch.norm.mean, batch.norm.std);
+        let (mode, (lam, rest), [y0, y1, x0, x1]) = match batch.mix.map(|m| m.mix) {
+            None => (0, (1.0, 0.0), [0; 4]),
+            Some(mix) => match mix.cutmix {
+                None => (1, mix.factors(), [0; 4]),
+                Some(b) => (2, mix.factors(), [b.y0, b.y1, b.x0, b.x1]),
+            },
+        };
+        // sides and box bounds are at most MAX_AUGMENT_SIDE (check_augment)
+        let small = |v: usize| Arg::I32(v as i32);
         let args = [
             pixels,
             geometry,
+            partner,
             self.act_mut(&mut out)?,
             long(n),
-            // at most MAX_AUGMENT_SIDE (check_augment)
-            Arg::I32(side as i32),
+            small(side),
             Arg::F32(m[0]),
             Arg::F32(m[1]),
             Arg::F32(m[2]),
             Arg::F32(s[0]),
             Arg::F32(s[1]),
             Arg::F32(s[2]),
+            Arg::I32(mode),
+            Arg::F32(lam),
+            Arg::F32(rest),
+            small(y0),
+            small(y1),
+            small(x0),
+            small(x1),
         ];
         self.elementwise(kernel, n, &args)?;
         Ok(out)

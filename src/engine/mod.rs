@@ -140,11 +140,26 @@ fn dropout_seed(seed: u64, step: u64) -> u64 {
     seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
-/// Refuses a model whose parameters, gradients and optimizer state cannot fit in this
-/// machine's memory, before any of it is allocated.
-fn check_fits(model: &VitConfig, config: &TrainConfig) -> Result<()> {
-    let per_param = 4 * (2 + config.optimizer.state_names().len() as u64);
-    model.check_fits(per_param, "weights, gradients and optimizer state")
+/// Refuses a model whose parameters, gradients and optimizer state (and an EMA of the
+/// weights when `ema`) cannot fit in this machine's memory, before any of it is
+/// allocated.
+fn check_fits(model: &VitConfig, config: &TrainConfig, ema: bool) -> Result<()> {
+    check_fits_in(model, config, ema, crate::backend::cpu::physical_memory())
+}
+
+/// [`check_fits`] against `have` bytes.
+fn check_fits_in(
+    model: &VitConfig,
+    config: &TrainConfig,
+    ema: bool,
+    have: Option<u64>,
+) -> Result<()> {
+    let copies = 2 + config.optimizer.state_names().len() as u64 + u64::from(ema);
+    let what = match ema {
+        true => "weights, gradients, optimizer state and their EMA",
+        false => "weights, gradients and optimizer state",
+    };
+    model.check_fits_in(4 * copies, what, have)
 }
 
 impl Engine {
@@ -160,7 +175,7 @@ impl Engine {
     }
 
     fn build(model: &VitConfig, config: TrainConfig, par: Option<Parallel>) -> Result<Self> {
-        check_fits(model, &config)?;
+        check_fits(model, &config, false)?;
         let mut params = ParamStore::new();
         let part = match &par {
             Some(p) => {
@@ -210,6 +225,7 @@ impl Engine {
     /// `ModelEmaV3` with `decay`, and its warm-up when `warmup`), starting from the
     /// current weights; a checkpoint with an EMA loaded afterwards restores it.
     pub fn enable_ema(&mut self, decay: f32, warmup: bool) -> Result<()> {
+        check_fits(&self.model.config, &self.config, true)?;
         self.finish();
         self.ema = Some(Ema::new(decay, warmup, &self.params)?);
         Ok(())
@@ -620,4 +636,26 @@ pub fn count_correct(logits: &Tensor, labels: &[usize]) -> Result<usize> {
         .zip(labels)
         .filter(|(p, y)| p == y)
         .count())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// AdamW keeps four f32 copies of each parameter (weights, gradients, two moments);
+    /// an EMA is a fifth, and the up-front check counts it.
+    #[test]
+    fn the_memory_check_counts_the_ema() {
+        let model = VitConfig::preset("vit_lite_depth7_patch4_32").unwrap();
+        let config = TrainConfig::default();
+        let four = 16 * model.num_params() as u64;
+        assert!(check_fits_in(&model, &config, false, Some(four)).is_ok());
+        let err = check_fits_in(&model, &config, true, Some(four)).unwrap_err();
+        assert!(
+            err.to_string().contains("optimizer state and their EMA"),
+            "{err}"
+        );
+        assert!(check_fits_in(&model, &config, true, Some(four + four / 4)).is_ok());
+        assert!(check_fits_in(&model, &config, false, Some(four - 1)).is_err());
+    }
 }

@@ -167,10 +167,19 @@ impl VitConfig {
     /// Validates the config and refuses it when `bytes_per_param` × its parameters (for
     /// `what`) exceed this machine's memory: checked before anything is allocated.
     pub fn check_fits(&self, bytes_per_param: u64, what: &str) -> Result<()> {
+        self.check_fits_in(
+            bytes_per_param,
+            what,
+            crate::backend::cpu::physical_memory(),
+        )
+    }
+
+    /// [`VitConfig::check_fits`] against `have` bytes (`None`: unknown, no limit).
+    pub fn check_fits_in(&self, bytes_per_param: u64, what: &str, have: Option<u64>) -> Result<()> {
         self.validate()?;
         let params = self.checked_num_params().unwrap_or(u64::MAX);
         let need = params.saturating_mul(bytes_per_param);
-        match crate::backend::cpu::physical_memory() {
+        match have {
             Some(have) if need > have => Err(Error::Config(format!(
                 "the model's {params} parameters need {:.1} GiB for {what}; this machine has {:.1} GiB",
                 need as f64 / f64::from(1 << 30),

@@ -15,6 +15,7 @@ fn recipe(name: &str) -> PathBuf {
 
 #[test]
 fn recipe_files_parse_validate_and_build_their_presets() {
+    // (file, preset, epochs, dropout, drop_path, (batch, lr, weight decay, warm-up))
     let recipes = [
         (
             "vit_lite_cifar10.toml",
@@ -22,10 +23,18 @@ fn recipe_files_parse_validate_and_build_their_presets() {
             300,
             0.0,
             0.1,
+            (128, 5e-4, 3e-2, 10.0),
         ),
-        ("vit_tiny_cifar10.toml", "vit_tiny_patch4_32", 200, 0.1, 0.0),
+        (
+            "vit_tiny_cifar10.toml",
+            "vit_tiny_patch4_32",
+            60,
+            0.1,
+            0.0,
+            (512, 1e-3, 0.0, 5.0),
+        ),
     ];
-    for (file, preset, epochs, dropout, drop_path) in recipes {
+    for (file, preset, epochs, dropout, drop_path, anchors) in recipes {
         let opts = TrainOptions::from_toml_file(&recipe(file)).unwrap();
         opts.validate().unwrap();
         assert_eq!(opts.preset.as_deref(), Some(preset), "{file}");
@@ -36,8 +45,8 @@ fn recipe_files_parse_validate_and_build_their_presets() {
             ..VitConfig::preset(preset).unwrap()
         };
         assert_eq!(opts.model(10).unwrap(), want, "{file}");
-        let anchors = (opts.batch_size, opts.lr, opts.weight_decay, opts.warmup);
-        assert_eq!(anchors, (128, 5e-4, 3e-2, 10.0), "{file}");
+        let got = (opts.batch_size, opts.lr, opts.weight_decay, opts.warmup);
+        assert_eq!(got, anchors, "{file}");
         assert_eq!(opts.label_smoothing, 0.1, "{file}");
         assert_eq!(opts.augment.to_string(), "crop,flip,autoaugment", "{file}");
     }

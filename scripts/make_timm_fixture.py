@@ -3,7 +3,10 @@ ferrovit's presets, each as `<name>.safetensors` (timm's state dict, as
 `model.state_dict()` has it), `<name>-<i>.png` (a few fixed RGB images of the model's
 size) and `<name>-probs.safetensors` (`probs`: timm's softmax probabilities for those
 images, `[images, classes]`, normalised with ImageNet's mean and std as
-`ferrovit ckpt import --mean/--std` is told to record).
+`ferrovit ckpt import --mean/--std` is told to record); and `strict_keys.json`: for each
+timm constructor call ferrovit's `ckpt export` prints in the tests, the names and shapes
+of that model's state dict — what `load_state_dict(..., strict=True)` requires, so the
+test checks an export against it where torch is not installed (CI).
 
 tests/io/timm_interop.rs imports each model with `ferrovit ckpt import`, runs
 `ferrovit infer` on the PNGs and compares with `probs`; then exports it again and has
@@ -13,9 +16,11 @@ is not installed).
 Run from the repo root: python3 scripts/make_timm_fixture.py
 (needs torch, timm, safetensors, pillow; written with torch 2.15.0 and timm 1.0.31)
 """
+import json
 import os
 
 import numpy as np
+import timm
 import torch
 from PIL import Image
 from safetensors.torch import save_file
@@ -40,8 +45,26 @@ def build(m):
     ).eval()
 
 
+# constructor calls as `ferrovit ckpt export` prints them (tests/io/timm_interop.rs)
+EXPORT_CALLS = [
+    "timm.models.vision_transformer.VisionTransformer(img_size=48, patch_size=8, in_chans=3, "
+    "embed_dim=48, depth=2, num_heads=3, mlp_ratio=2.0, num_classes=5)",
+]
+
+
+def strict_keys():
+    keys = {}
+    for call in EXPORT_CALLS:
+        model = eval(call, {"timm": timm})
+        keys[call] = {k: list(v.shape) for k, v in model.state_dict().items()}
+    with open(os.path.join(OUT, "strict_keys.json"), "w") as f:
+        json.dump(keys, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
+    strict_keys()
     for seed, (name, m) in enumerate(MODELS.items()):
         torch.manual_seed(seed)
         model = build(m)

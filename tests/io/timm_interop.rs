@@ -1,13 +1,16 @@
 //! timm `VisionTransformer`s in and out (tests/fixtures/timm, written by
 //! scripts/make_timm_fixture.py): `ckpt import` reads the architecture from the tensor
 //! shapes and `infer` then gives timm's probabilities; `ckpt export` writes a state dict
-//! timm loads with strict=True (checked where python3 has timm; skipped otherwise, as
-//! in CI); a bad file or flag is a one-line error naming the tensor or flag.
+//! timm loads with strict=True: its names and shapes are timm's (strict_keys.json,
+//! always), and timm loads it and gives ferrovit's probabilities (where python3 has
+//! timm; skipped otherwise, as in CI); a bad file or flag is a one-line error naming the
+//! tensor or flag.
 
 use crate::ckpt_cli::write_safetensors;
 use crate::common::{ferrovit, temp_dir};
 use ferrovit::checkpoint::read_safetensors;
 use ferrovit::Tensor;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -145,6 +148,7 @@ fn exports_load_in_timm_strictly_with_ferrovits_probabilities() {
         call,
         "timm.models.vision_transformer.VisionTransformer(img_size=48, patch_size=8, in_chans=3, embed_dim=48, depth=2, num_heads=3, mlp_ratio=2.0, num_classes=5)"
     );
+    assert_strict_keys(call, &st);
     let ferrovit_probs = infer(&dest, 5, &images(model));
     let has_timm = Command::new("python3")
         .args(["-c", "import timm, torch, PIL, safetensors"])
@@ -178,6 +182,26 @@ fn exports_load_in_timm_strictly_with_ferrovits_probabilities() {
     let timm_probs: Vec<Vec<f32>> = serde_json::from_slice(&res.stdout).unwrap();
     assert_close(&ferrovit_probs, &timm_probs, "ferrovit's export in timm");
     std::fs::remove_dir_all(out).unwrap();
+}
+
+/// The export's tensor names and shapes are exactly those of the state dict of timm's
+/// model `call` (strict_keys.json, written by timm): what `strict=True` checks, here
+/// without torch.
+fn assert_strict_keys(call: &str, export: &Path) {
+    let text = std::fs::read_to_string(fixture("strict_keys.json")).unwrap();
+    let all: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let want: BTreeMap<String, Vec<usize>> = serde_json::from_value(
+        all.get(call)
+            .unwrap_or_else(|| panic!("strict_keys.json has no {call}"))
+            .clone(),
+    )
+    .unwrap();
+    let got: BTreeMap<String, Vec<usize>> = read_safetensors(export, &[])
+        .unwrap()
+        .into_iter()
+        .map(|(name, t)| (name, t.dims().to_vec()))
+        .collect();
+    assert_eq!(got, want, "the export's tensors against timm's state dict");
 }
 
 fn zeros(dims: &[usize]) -> Tensor {

@@ -23,6 +23,7 @@ pub mod optim;
 pub mod recipe;
 pub mod rng;
 pub mod signals;
+mod simd;
 pub mod tensor;
 pub mod text;
 pub mod trainer;

@@ -40,7 +40,7 @@ impl Mat {
     }
 
     /// Rows `start..start + n`.
-    fn row_block(self, start: usize, n: usize) -> Mat {
+    pub(crate) fn row_block(self, start: usize, n: usize) -> Mat {
         Mat {
             offset: self.offset + start * self.rs,
             rows: n,
@@ -49,7 +49,7 @@ impl Mat {
     }
 
     /// Columns `start..start + n`.
-    fn col_block(self, start: usize, n: usize) -> Mat {
+    pub(crate) fn col_block(self, start: usize, n: usize) -> Mat {
         Mat {
             offset: self.offset + start * self.cs,
             cols: n,
@@ -58,7 +58,7 @@ impl Mat {
     }
 
     /// One past the largest index the view touches.
-    fn extent(self) -> usize {
+    pub(crate) fn extent(self) -> usize {
         if self.rows == 0 || self.cols == 0 {
             return self.offset;
         }

@@ -151,7 +151,7 @@ struct InferArgs {
     /// Where to compute: cpu, cuda, cuda:N or cuda-emu
     #[arg(long, default_value_t = DeviceSpec::Cpu)]
     device: DeviceSpec,
-    /// f32, bf16 or auto (bf16 on a CUDA device, f32 on the CPU)
+    /// f32, bf16 or auto (bf16 on a CUDA device; on the CPU f32 unless its bf16 products are timed faster)
     #[arg(long, value_enum, default_value_t = PrecisionChoice::Auto)]
     precision: PrecisionChoice,
     /// Which weights: the trained ones (raw) or their moving average (ema: the
@@ -188,7 +188,7 @@ struct EvalArgs {
     /// Where to compute: cpu, cuda, cuda:N or cuda-emu
     #[arg(long, default_value_t = DeviceSpec::Cpu)]
     device: DeviceSpec,
-    /// f32, bf16 or auto (bf16 on a CUDA device, f32 on the CPU)
+    /// f32, bf16 or auto (bf16 on a CUDA device; on the CPU f32 unless its bf16 products are timed faster)
     #[arg(long, value_enum, default_value_t = PrecisionChoice::Auto)]
     precision: PrecisionChoice,
     /// Which weights: the trained ones (raw) or their moving average (ema: the
@@ -374,11 +374,13 @@ struct BenchArgs {
     /// Where to compute: cpu, cuda, cuda:N or cuda-emu
     #[arg(long, default_value_t = DeviceSpec::Cpu)]
     device: DeviceSpec,
-    /// f32, bf16 or auto (bf16 on a CUDA device, f32 on the CPU)
+    /// f32, bf16 or auto (bf16 on a CUDA device; on the CPU f32 unless its bf16 products are timed faster)
     #[arg(long, value_enum, default_value_t = PrecisionChoice::Auto)]
     precision: PrecisionChoice,
     /// Print JSON: {"params", "batch_size", "precision", "device", "threads", "statistic",
-    /// "step_s", "images_per_s", "profile": [{"kernel", "ms", "calls"}] (per step)}
+    /// "step_s", "images_per_s", "infer_s", "infer_images_per_s", "bf16_gemm" (how a
+    /// bf16 CPU run's products ran; null otherwise), "profile": [{"kernel", "ms",
+    /// "calls"}] (per step)}
     #[arg(long)]
     json: bool,
 }
@@ -1127,6 +1129,8 @@ struct BenchResult {
     statistic: &'static str,
     /// Seconds per step.
     step: f64,
+    /// Seconds per inference batch (forward only, evaluation mode), by `statistic`.
+    infer: f64,
     /// Steps run, warm-up included (the profile's divisor).
     steps_run: f64,
 }
@@ -1151,6 +1155,15 @@ fn bench(a: BenchArgs) -> Result<()> {
         r.step,
         r.batch as f64 / r.step
     );
+    println!(
+        "inference: {} batch {:.3} s, {:.1} images/s",
+        r.statistic,
+        r.infer,
+        r.batch as f64 / r.infer
+    );
+    if let Some(choice) = bf16_choice(&r) {
+        println!("{choice}");
+    }
     print_profile(r.device, profile, r.steps_run);
     Ok(())
 }
@@ -1192,12 +1205,8 @@ fn bench_run(a: &BenchArgs) -> Result<BenchResult> {
         engine.train_step(images.clone(), &labels, &samples)?;
         times.push(t0.elapsed().as_secs_f64());
     }
-    device.synchronize()?;
-    times.sort_by(f64::total_cmp);
-    let (statistic, step) = match device {
-        Device::Cpu => ("median", times[times.len() / 2]),
-        _ => ("mean", start.elapsed().as_secs_f64() / a.steps as f64),
-    };
+    let (statistic, step) = timing(device, times, start)?;
+    let infer = time_inference(&mut engine, &images, &labels, a)?;
     Ok(BenchResult {
         params: cfg.num_params(),
         batch: b,
@@ -1205,8 +1214,49 @@ fn bench_run(a: &BenchArgs) -> Result<BenchResult> {
         device,
         statistic,
         step,
+        infer,
         steps_run: (a.warmup + a.steps) as f64,
     })
+}
+
+/// The statistic of per-step `times` taken since `start`: on the CPU the median, on a
+/// GPU (whose steps overlap) the mean over the whole run, after waiting for it.
+fn timing(device: Device, mut times: Vec<f64>, start: Instant) -> Result<(&'static str, f64)> {
+    device.synchronize()?;
+    times.sort_by(f64::total_cmp);
+    Ok(match device {
+        Device::Cpu => ("median", times[times.len() / 2]),
+        _ => ("mean", start.elapsed().as_secs_f64() / times.len() as f64),
+    })
+}
+
+/// Seconds per inference batch (forward pass in evaluation mode, predictions read),
+/// after `a.warmup` untimed ones: the same statistic as the training step's.
+fn time_inference(
+    engine: &mut Engine,
+    images: &Tensor,
+    labels: &[usize],
+    a: &BenchArgs,
+) -> Result<f64> {
+    for _ in 0..a.warmup {
+        engine.eval_batch(images.clone(), labels)?;
+    }
+    let device = engine.params_device();
+    device.synchronize()?;
+    let start = Instant::now();
+    let mut times = Vec::new();
+    for _ in 0..a.steps {
+        let t0 = Instant::now();
+        engine.eval_batch(images.clone(), labels)?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(timing(device, times, start)?.1)
+}
+
+/// How bf16 products run on the CPU, for a bf16 CPU run.
+fn bf16_choice(r: &BenchResult) -> Option<cpu::bf16gemm::Bf16Choice> {
+    (r.device == Device::Cpu && r.precision == ferrovit::Precision::Bf16)
+        .then(cpu::bf16gemm::choice)
 }
 
 /// `bench --json`: the result, and the CUDA profile's rows per step.
@@ -1227,6 +1277,9 @@ fn bench_json(r: &BenchResult, profile: Vec<(String, u64, f64)>) -> serde_json::
         "statistic": r.statistic,
         "step_s": r.step,
         "images_per_s": r.batch as f64 / r.step,
+        "infer_s": r.infer,
+        "infer_images_per_s": r.batch as f64 / r.infer,
+        "bf16_gemm": bf16_choice(r).map(|c| c.to_string()),
         "profile": profile,
     })
 }

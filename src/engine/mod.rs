@@ -285,7 +285,7 @@ impl Engine {
         self.stop = flag;
     }
 
-    fn params_device(&self) -> Device {
+    pub fn params_device(&self) -> Device {
         self.params
             .iter()
             .next()

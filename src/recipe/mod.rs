@@ -398,6 +398,13 @@ fn train_rank(
     }
     let mut trainer = Trainer::new(engine, logger);
     let schedule = resume_or_init(&mut trainer, opts, &cfg, steps_per_epoch, schedule)?;
+    if device == Device::Cpu && opts.precision != PrecisionChoice::F32 {
+        // what `auto` chose and why, or how bf16 products run here
+        trainer.logger.info(format!(
+            "{precision} linear layers on the CPU; {}",
+            cpu::bf16gemm::choice()
+        ));
+    }
     if device != Device::Cpu {
         trainer.engine.to_device(device)?;
         trainer.logger.info(format!(

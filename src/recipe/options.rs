@@ -225,7 +225,7 @@ pub struct TrainOptions {
     pub device: DeviceSpec,
     /// The linear layers' arithmetic: f32, bf16 (mixed precision: bf16 GEMM operands,
     /// f32 accumulation, parameters and optimizer state), or auto (bf16 on a CUDA
-    /// device, f32 on the CPU)
+    /// device; on the CPU f32 unless its bf16 products are timed faster)
     #[arg(long, value_enum, default_value_t = defaults().precision)]
     pub precision: PrecisionChoice,
 }
@@ -364,7 +364,8 @@ pub enum Comm {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum PrecisionChoice {
-    /// bf16 on a CUDA device, f32 on the CPU.
+    /// bf16 on a CUDA device; f32 on the CPU unless its bf16 products are faster
+    /// (AVX512-BF16 timed faster than f32: `cpu::bf16gemm::bf16_pays`).
     Auto,
     F32,
     Bf16,
@@ -374,7 +375,9 @@ impl PrecisionChoice {
     /// The precision this choice means on `device`.
     pub fn resolve(self, device: Device) -> Precision {
         match self {
-            PrecisionChoice::Auto if device == Device::Cpu => Precision::F32,
+            PrecisionChoice::Auto if device == Device::Cpu && !cpu::bf16gemm::bf16_pays() => {
+                Precision::F32
+            }
             PrecisionChoice::Auto | PrecisionChoice::Bf16 => Precision::Bf16,
             PrecisionChoice::F32 => Precision::F32,
         }

@@ -5,6 +5,7 @@
 //! `cfg`s scattered over models and optimizers. Compute on the CPU is f32; bf16 and f16
 //! exist for storage and transfer (checkpoints, mixed precision) through `half`.
 
+pub mod convert;
 mod device;
 mod pool;
 
@@ -14,7 +15,7 @@ use std::fmt;
 
 pub(crate) use device::install_memory;
 pub use device::{DevBuf, Device, DeviceMemory, GpuId};
-pub use pool::{pool_bytes, trim_pool, Buf};
+pub use pool::{pool_bytes, trim_pool, Bf16Buf, Buf};
 use std::sync::Arc;
 
 /// Element type of a tensor.
@@ -104,7 +105,7 @@ impl fmt::Display for Shape {
 #[derive(Clone, Debug)]
 pub enum CpuStorage {
     F32(pool::Buf),
-    BF16(Vec<bf16>),
+    BF16(pool::Bf16Buf),
     F16(Vec<f16>),
 }
 
@@ -183,7 +184,7 @@ impl Tensor {
             (_, DType::F32) => Tensor::try_uninit(shape, device),
             (Device::Cuda(id), _) => Tensor::cuda_uninit(id, shape, dtype),
             (Device::Cpu, DType::BF16) => Ok(Tensor {
-                storage: Storage::Cpu(CpuStorage::BF16(vec![bf16::ZERO; shape.numel()])),
+                storage: Storage::Cpu(CpuStorage::BF16(pool::Bf16Buf::zeroed(shape.numel()))),
                 shape,
             }),
             (Device::Cpu, DType::F16) => Ok(Tensor {
@@ -318,6 +319,32 @@ impl Tensor {
         }
     }
 
+    /// The bf16 elements of a CPU tensor.
+    pub fn bf16s(&self) -> Result<&[bf16]> {
+        match &self.storage {
+            Storage::Cpu(CpuStorage::BF16(b)) => Ok(b),
+            Storage::Cuda(b, _) => Err(on_device("bf16s", b)),
+            _ => Err(Error::DType {
+                op: "bf16s",
+                expected: "BF16",
+                actual: self.dtype().name(),
+            }),
+        }
+    }
+
+    pub fn bf16s_mut(&mut self) -> Result<&mut [bf16]> {
+        let actual = self.dtype().name();
+        match &mut self.storage {
+            Storage::Cpu(CpuStorage::BF16(b)) => Ok(b),
+            Storage::Cuda(b, _) => Err(on_device("bf16s_mut", b)),
+            _ => Err(Error::DType {
+                op: "bf16s_mut",
+                expected: "BF16",
+                actual,
+            }),
+        }
+    }
+
     fn dtype_error(&self, op: &'static str) -> Error {
         Error::DType {
             op,
@@ -337,7 +364,11 @@ impl Tensor {
                 Err(e) => panic!("{e}"),
             },
             Storage::Cpu(CpuStorage::F32(b)) => b.as_slice().to_vec(),
-            Storage::Cpu(CpuStorage::BF16(v)) => v.iter().map(|x| x.to_f32()).collect(),
+            Storage::Cpu(CpuStorage::BF16(v)) => {
+                let mut out = vec![0.0; v.len()];
+                convert::widen(v, &mut out);
+                out
+            }
             Storage::Cpu(CpuStorage::F16(v)) => v.iter().map(|x| x.to_f32()).collect(),
         }
     }
@@ -361,11 +392,29 @@ impl Tensor {
             b.memory().cast(self, &mut out)?;
             return Ok(out);
         }
-        let v = self.to_vec_f32();
-        let cpu = match dtype {
-            DType::F32 => CpuStorage::F32(pool::Buf::from_vec(v)),
-            DType::BF16 => CpuStorage::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect()),
-            DType::F16 => CpuStorage::F16(v.iter().map(|&x| f16::from_f32(x)).collect()),
+        let cpu = match (&self.storage, dtype) {
+            (Storage::Cpu(CpuStorage::F32(b)), DType::BF16) => {
+                let mut out = pool::Bf16Buf::uninit(b.as_slice().len());
+                convert::narrow(b.as_slice(), &mut out);
+                CpuStorage::BF16(out)
+            }
+            (Storage::Cpu(CpuStorage::BF16(h)), DType::F32) => {
+                let mut out = pool::Buf::uninit(h.len());
+                convert::widen(h, out.as_mut_slice());
+                CpuStorage::F32(out)
+            }
+            _ => {
+                let v = self.to_vec_f32();
+                match dtype {
+                    DType::F32 => CpuStorage::F32(pool::Buf::from_vec(v)),
+                    DType::BF16 => {
+                        let mut out = pool::Bf16Buf::uninit(v.len());
+                        convert::narrow(&v, &mut out);
+                        CpuStorage::BF16(out)
+                    }
+                    DType::F16 => CpuStorage::F16(v.iter().map(|&x| f16::from_f32(x)).collect()),
+                }
+            }
         };
         Ok(Tensor {
             shape: self.shape.clone(),
@@ -431,12 +480,12 @@ impl Tensor {
                     .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                     .collect(),
             )),
-            DType::BF16 => CpuStorage::BF16(
+            DType::BF16 => CpuStorage::BF16(pool::Bf16Buf::from_vec(
                 bytes
                     .chunks_exact(2)
                     .map(|c| bf16::from_le_bytes([c[0], c[1]]))
                     .collect(),
-            ),
+            )),
             DType::F16 => CpuStorage::F16(
                 bytes
                     .chunks_exact(2)

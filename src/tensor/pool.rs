@@ -1,12 +1,13 @@
-//! A size-keyed pool of large f32 buffers.
+//! Size-keyed pools of large f32 and bf16 buffers.
 //!
 //! A training step allocates the same activation and gradient buffers every time.
 //! Fresh large allocations come from `mmap` and pay a page fault per 4 KiB on first
 //! touch (about 0.7 s per ViT-tiny step at batch 128 on this class of machine), so
-//! buffers of at least `MIN_POOLED` elements go back to this pool when their tensor is
-//! dropped and the next step reuses them. The pool holds at most what one step had
-//! alive at once per size; `trim_pool` releases it.
+//! buffers of at least `MIN_POOLED` elements go back to their pool when their tensor
+//! is dropped and the next step reuses them. A pool holds at most what one step had
+//! alive at once per size; `trim_pool` releases them.
 
+use half::bf16;
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,15 +22,43 @@ pub(crate) fn fill(x: &mut [f32], v: f32) {
     x.par_chunks_mut(FILL_CHUNK).for_each(|c| c.fill(v));
 }
 
-static POOL: Mutex<Option<HashMap<usize, Vec<Vec<f32>>>>> = Mutex::new(None);
+type Pool<T> = Mutex<Option<HashMap<usize, Vec<Vec<T>>>>>;
 
-fn take(len: usize) -> Option<Vec<f32>> {
-    let mut guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
+/// An element type with a pool of its own.
+trait Pooled: Sized + 'static {
+    fn pool() -> &'static Pool<Self>;
+}
+
+static F32_POOL: Pool<f32> = Mutex::new(None);
+static BF16_POOL: Pool<bf16> = Mutex::new(None);
+
+impl Pooled for f32 {
+    fn pool() -> &'static Pool<f32> {
+        &F32_POOL
+    }
+}
+
+impl Pooled for bf16 {
+    fn pool() -> &'static Pool<bf16> {
+        &BF16_POOL
+    }
+}
+
+/// A pooled buffer of `len` elements, if one is free (small ones are never pooled).
+fn take<T: Pooled>(len: usize) -> Option<Vec<T>> {
+    if len < MIN_POOLED {
+        return None;
+    }
+    let mut guard = T::pool().lock().unwrap_or_else(|e| e.into_inner());
     guard.as_mut()?.get_mut(&len)?.pop()
 }
 
-fn give(v: Vec<f32>) {
-    let mut guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
+/// Returns a buffer to its pool (if it is large and exactly sized).
+fn give<T: Pooled>(v: Vec<T>) {
+    if v.len() < MIN_POOLED || v.len() != v.capacity() {
+        return;
+    }
+    let mut guard = T::pool().lock().unwrap_or_else(|e| e.into_inner());
     guard
         .get_or_insert_with(HashMap::new)
         .entry(v.len())
@@ -39,16 +68,69 @@ fn give(v: Vec<f32>) {
 
 /// Releases every pooled buffer back to the allocator.
 pub fn trim_pool() {
-    let mut guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    *guard = None;
+    *F32_POOL.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    *BF16_POOL.lock().unwrap_or_else(|e| e.into_inner()) = None;
 }
 
-/// Bytes currently held by the pool.
+/// Bytes currently held by the pools.
 pub fn pool_bytes() -> usize {
-    let guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    guard
-        .as_ref()
-        .map_or(0, |m| m.iter().map(|(len, v)| len * v.len() * 4).sum())
+    fn bytes<T: Pooled>() -> usize {
+        let guard = T::pool().lock().unwrap_or_else(|e| e.into_inner());
+        let per = std::mem::size_of::<T>();
+        guard
+            .as_ref()
+            .map_or(0, |m| m.iter().map(|(len, v)| len * v.len() * per).sum())
+    }
+    bytes::<f32>() + bytes::<bf16>()
+}
+
+/// A pooled bf16 buffer (mixed precision's activations on the CPU).
+#[derive(Debug, Default)]
+pub struct Bf16Buf(Vec<bf16>);
+
+impl Bf16Buf {
+    /// `len` elements of unspecified (but initialised) values.
+    pub fn uninit(len: usize) -> Bf16Buf {
+        Bf16Buf(take(len).unwrap_or_else(|| vec![bf16::ZERO; len]))
+    }
+
+    pub fn zeroed(len: usize) -> Bf16Buf {
+        let mut b = Bf16Buf::uninit(len);
+        b.0.fill(bf16::ZERO);
+        b
+    }
+
+    pub fn from_vec(v: Vec<bf16>) -> Bf16Buf {
+        Bf16Buf(v)
+    }
+}
+
+impl std::ops::Deref for Bf16Buf {
+    type Target = [bf16];
+    fn deref(&self) -> &[bf16] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Bf16Buf {
+    fn deref_mut(&mut self) -> &mut [bf16] {
+        &mut self.0
+    }
+}
+
+impl Clone for Bf16Buf {
+    /// A deep copy (into a pooled buffer).
+    fn clone(&self) -> Bf16Buf {
+        let mut b = Bf16Buf::uninit(self.len());
+        b.copy_from_slice(self);
+        b
+    }
+}
+
+impl Drop for Bf16Buf {
+    fn drop(&mut self) {
+        give(std::mem::take(&mut self.0));
+    }
 }
 
 /// A pooled f32 buffer, shared copy-on-write: [`Buf::share`] hands out another
@@ -78,7 +160,7 @@ impl Default for Buf {
 
 impl Buf {
     pub fn zeroed(len: usize) -> Buf {
-        match take_pooled(len) {
+        match take(len) {
             Some(mut v) => {
                 fill(&mut v, 0.0);
                 Buf::from_vec(v)
@@ -88,7 +170,7 @@ impl Buf {
     }
 
     pub fn uninit(len: usize) -> Buf {
-        Buf::from_vec(take_pooled(len).unwrap_or_else(|| vec![0.0; len]))
+        Buf::from_vec(take(len).unwrap_or_else(|| vec![0.0; len]))
     }
 
     pub fn from_vec(v: Vec<f32>) -> Buf {
@@ -147,14 +229,6 @@ impl Buf {
     }
 }
 
-fn take_pooled(len: usize) -> Option<Vec<f32>> {
-    if len >= MIN_POOLED {
-        take(len)
-    } else {
-        None
-    }
-}
-
 impl Clone for Buf {
     /// A deep copy (into a pooled buffer).
     fn clone(&self) -> Buf {
@@ -168,8 +242,7 @@ impl Drop for Buf {
     fn drop(&mut self) {
         // the last reference returns the memory to the pool
         if let Inner::Heap(a) = &mut self.0 {
-            let Some(v) = Arc::get_mut(a) else { return };
-            if v.len() >= MIN_POOLED && v.len() == v.capacity() {
+            if let Some(v) = Arc::get_mut(a) {
                 give(std::mem::take(v));
             }
         }

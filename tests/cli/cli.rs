@@ -170,6 +170,53 @@ fn same_seed_and_threads_give_identical_epoch_losses() {
     assert_ne!(a, run("det-c", "8"), "the seed matters");
 }
 
+/// bf16 training on the CPU through each way its products can run: widened to f32
+/// (every CPU; forced here as CI forces it) and AVX512-BF16's `vdpbf16ps` (skipped, and
+/// said so, on a CPU without it). The log line names the way; the epochs' losses agree
+/// with each other (products summed in another order) and with f32's within bf16's
+/// rounding.
+#[test]
+fn bf16_training_on_the_cpu_runs_either_way_its_products_can() {
+    let run = |name: &str, precision: &str, env: &[(&str, &str)]| {
+        let out_dir = temp_dir(name);
+        let mut args = vec!["train", "--epochs", "2", "--precision", precision];
+        args.extend(["--out", out_dir.to_str().unwrap()]);
+        args.extend(TINY);
+        let (ok, text, err) = ferrovit_with_env(&args, env);
+        assert!(ok, "{err}");
+        let losses: Vec<f64> = metrics(&out_dir)
+            .iter()
+            .map(|m| m["train_loss"].as_f64().unwrap())
+            .collect();
+        std::fs::remove_dir_all(&out_dir).unwrap();
+        (losses, format!("{text}{err}"))
+    };
+    let (f32s, _) = run("bf16-f32", "f32", &[]);
+    let (widened, log) = run("bf16-widen", "bf16", &[("FERROVIT_CPU_BF16", "widen")]);
+    assert!(
+        log.contains(
+            "bf16 linear layers on the CPU; bf16 GEMMs widened to f32 (FERROVIT_CPU_BF16)"
+        ),
+        "{log}"
+    );
+    let close = |a: &[f64], b: &[f64], tol: f64, what: &str| {
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= tol * x.abs(), "{what}: {a:?} vs {b:?}");
+        }
+    };
+    close(&f32s, &widened, 2e-2, "bf16 (widened) against f32");
+    if !ferrovit::backend::cpu::bf16gemm::has_dot() {
+        eprintln!("SKIPPED the vdpbf16ps run: this CPU has no AVX512-BF16");
+        return;
+    }
+    let (dot, log) = run("bf16-dot", "bf16", &[("FERROVIT_CPU_BF16", "dot")]);
+    assert!(
+        log.contains("bf16 GEMMs vdpbf16ps (FERROVIT_CPU_BF16)"),
+        "{log}"
+    );
+    close(&widened, &dot, 5e-3, "vdpbf16ps against widened");
+}
+
 #[test]
 fn flags_override_the_config_file() {
     let dir = temp_dir("config");

@@ -3,6 +3,7 @@
 //! It is also the reference every other backend is tested against.
 
 pub mod attention;
+pub mod bf16gemm;
 pub mod math;
 pub mod ops;
 pub mod optim;
@@ -16,8 +17,7 @@ use super::check::{
 use super::gemm;
 use super::{AdamStep, AttnDims, AugmentBatch, Backend, DropoutKey, DropoutMode, SgdStep};
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Device, Tensor};
-use std::borrow::Cow;
+use crate::tensor::{convert, Buf, DType, Device, Tensor};
 
 /// Sets the number of CPU threads (rayon's global pool, which the GEMMs use too).
 /// Call once, before any compute; `0` means one per core.
@@ -72,30 +72,62 @@ pub fn physical_memory() -> Option<u64> {
 
 pub struct CpuBackend;
 
-/// An input as f32: f32 data as is, bf16 (mixed precision's activations) widened exactly.
-fn read(t: &Tensor) -> Result<Cow<'_, [f32]>> {
-    match t.dtype() {
-        DType::BF16 => Ok(Cow::Owned(t.to_vec_f32())),
-        _ => t.f32s().map(Cow::Borrowed),
+/// An input's elements as f32: f32 data as is, bf16 (mixed precision's activations)
+/// widened exactly into a pooled buffer.
+enum F32s<'a> {
+    Borrowed(&'a [f32]),
+    Widened(Buf),
+}
+
+impl std::ops::Deref for F32s<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            F32s::Borrowed(s) => s,
+            F32s::Widened(b) => b.as_slice(),
+        }
     }
+}
+
+fn read(t: &Tensor) -> Result<F32s<'_>> {
+    match t.dtype() {
+        DType::BF16 => Ok(F32s::Widened(widened(t.bf16s()?))),
+        _ => t.f32s().map(F32s::Borrowed),
+    }
+}
+
+/// bf16 values widened into a pooled f32 buffer.
+fn widened(h: &[half::bf16]) -> Buf {
+    let mut b = Buf::uninit(h.len());
+    convert::widen(h, b.as_mut_slice());
+    b
 }
 
 /// Runs `f` on an output's data as f32: a bf16 output is widened first (for ops that
 /// read or accumulate into it) and rounded back to nearest even afterwards, which is
 /// how the GPU kernels store bf16 too (they compute in f32).
 fn write<R>(t: &mut Tensor, f: impl FnOnce(&mut [f32]) -> Result<R>) -> Result<R> {
+    write_as(t, true, f)
+}
+
+/// As [`write`]; `f` does not read the output when `!reads` (a bf16 output is then not
+/// widened first).
+fn write_as<R>(t: &mut Tensor, reads: bool, f: impl FnOnce(&mut [f32]) -> Result<R>) -> Result<R> {
     if t.dtype() != DType::BF16 {
         return f(t.f32s_mut()?);
     }
-    let mut v = t.to_vec_f32();
-    let r = f(&mut v)?;
-    *t = Tensor::from_vec(v, t.shape().clone())?.try_to_dtype(DType::BF16)?;
+    let mut v = match reads {
+        true => widened(t.bf16s()?),
+        false => Buf::uninit(t.numel()),
+    };
+    let r = f(v.as_mut_slice())?;
+    convert::narrow(v.as_slice(), t.bf16s_mut()?);
     Ok(r)
 }
 
 /// `c (+)= op(a) · op(b) (+ bias)` with f32 accumulation, for f32 operands or bf16 ones
-/// (both the same: mixed precision), widened exactly; a bf16 `c` is rounded once, after
-/// the bias is added, as on a GPU.
+/// (both the same: mixed precision; the bf16 GEMM of [`bf16gemm`]); a bf16 `c` is
+/// rounded once, after the bias is added, as on a GPU.
 #[allow(clippy::too_many_arguments)]
 fn gemm_into(
     c: &mut Tensor,
@@ -108,17 +140,31 @@ fn gemm_into(
     bias: Option<&[f32]>,
 ) -> Result<()> {
     check_matmul(c, a, b, (m, n, k))?;
-    let (a, b) = (read(a)?, read(b)?);
-    write(c, |c| {
-        match bias {
-            Some(bias) => {
-                ops::fill_rows(c, bias);
-                gemm::matmul(c, &a, ta, &b, tb, (m, n, k), true);
+    let half = a.dtype() == DType::BF16 && b.dtype() == DType::BF16;
+    let (av, bv) = (view(ta, m, k), view(tb, k, n));
+    write_as(c, accumulate, |c| {
+        let accumulate = accumulate || bias.is_some();
+        if let Some(bias) = bias {
+            ops::fill_rows(c, bias);
+        }
+        match half {
+            true => bf16gemm::matmul(c, a.bf16s()?, av, b.bf16s()?, bv, accumulate),
+            false => {
+                let (a, b) = (read(a)?, read(b)?);
+                let d = gemm::Mat::dense(m, n);
+                gemm::matmul_views(c, d, &a, av, &b, bv, accumulate, gemm::Par::Pool);
             }
-            None => gemm::matmul(c, &a, ta, &b, tb, (m, n, k), accumulate),
         }
         Ok(())
     })
+}
+
+/// A dense `[rows, cols]` operand, or (`t`) the transpose of a dense `[cols, rows]` one.
+fn view(t: bool, rows: usize, cols: usize) -> gemm::Mat {
+    match t {
+        true => gemm::Mat::dense(cols, rows).t(),
+        false => gemm::Mat::dense(rows, cols),
+    }
 }
 
 impl Backend for CpuBackend {

@@ -2,44 +2,13 @@
 //! with the variant picked at run time.
 //!
 //! The crate builds for the baseline x86-64 target (so one binary runs anywhere);
-//! `simd_fn!` recompiles a loop body with wider vector features and dispatches on
-//! `is_x86_feature_detected!` (cached, one atomic load per call). Bodies use no
-//! explicit `mul_add` and Rust does not contract floating point, so every variant
-//! gives bit-identical results.
+//! `simd_fn!` (crate::simd) recompiles a loop body with wider vector features and
+//! dispatches at run time. Bodies use no explicit `mul_add` and Rust does not contract
+//! floating point, so every variant gives bit-identical results.
 
 use super::math;
 use crate::backend::spec::mix64;
-
-macro_rules! simd_fn {
-    ($(#[$m:meta])* pub fn $name:ident($($a:ident : $t:ty),* $(,)?) $body:block) => {
-        $(#[$m])*
-        #[allow(clippy::too_many_arguments)]
-        pub fn $name($($a: $t),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn v4($($a: $t),*) $body
-                #[target_feature(enable = "avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn v3($($a: $t),*) $body
-                if std::is_x86_feature_detected!("avx512f")
-                    && std::is_x86_feature_detected!("avx512dq")
-                    && std::is_x86_feature_detected!("avx512vl")
-                    && std::is_x86_feature_detected!("avx512bw")
-                {
-                    // SAFETY: the CPU has the features `v4` was compiled for.
-                    return unsafe { v4($($a),*) };
-                }
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                    // SAFETY: as above, for `v3`.
-                    return unsafe { v3($($a),*) };
-                }
-            }
-            $body
-        }
-    };
-}
+use crate::simd::simd_fn;
 
 /// Sum with 16 independent accumulators (vectorisable; a fixed order, so results do
 /// not depend on the variant).

@@ -1,4 +1,7 @@
-"""PyTorch side of the ViT training-throughput benchmark (compare with `ferrovit bench`).
+"""PyTorch side of the ViT throughput benchmark (compare with `ferrovit bench`): the
+training step (forward, backward, AdamW) and inference (forward in eval mode under
+torch.inference_mode, predictions read), each the median of --steps after --warmup,
+in f32 or under torch.autocast(device, torch.bfloat16).
 
 Examples: python3 scripts/bench_torch.py --preset all --batch 128 --threads 2 --steps 10
           python3 scripts/bench_torch.py --device cuda --autocast bf16 --compile --batch 512
@@ -43,17 +46,36 @@ def bench(preset, args):
             times.append(dt)
 
     step_s = statistics.median(times)
+    infer_s = time_inference(step_model, images, autocast, args)
     framework = ("pytorch-compile" if args.compile else "pytorch-eager") + (
         "-bf16" if args.autocast == "bf16" else "")
     print(f"{preset} [{framework}] batch={args.batch} threads={args.threads}: "
           f"{args.batch / step_s:.1f} img/s, {step_s * 1e3:.1f} ms/step (median of {len(times)}), "
-          f"loss={loss.item():.4f}")
+          f"loss={loss.item():.4f}; inference {args.batch / infer_s:.1f} img/s")
     print(json.dumps({
         "preset": preset, "framework": framework, "batch": args.batch, "threads": args.threads,
         "device": args.device,
         "images_per_s_median": args.batch / step_s, "step_s_median": step_s,
+        "infer_images_per_s_median": args.batch / infer_s, "infer_s_median": infer_s,
         "torch_version": torch.__version__,
     }))
+
+
+def time_inference(model, images, autocast, args):
+    """Median seconds per inference batch: eval mode, no autograd, predictions read."""
+    model.eval()
+    times = []
+    with torch.inference_mode():
+        for i in range(args.warmup + args.steps):
+            t0 = time.perf_counter()
+            with autocast:
+                predictions = model(images).argmax(-1)
+            predictions.cpu()
+            dt = time.perf_counter() - t0
+            if i >= args.warmup:
+                times.append(dt)
+    model.train()
+    return statistics.median(times)
 
 
 def main():

@@ -1133,13 +1133,14 @@ struct BenchResult {
     infer: f64,
     /// Steps run, warm-up included (the profile's divisor).
     steps_run: f64,
+    /// The CUDA profile's (kernel, calls, ms) over the training steps (FERROVIT_PROFILE=1).
+    profile: Vec<(String, u64, f64)>,
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
     let r = bench_run(&a)?;
-    let profile = profile_rows(r.device);
     if a.json {
-        println!("{}", bench_json(&r, profile));
+        println!("{}", bench_json(&r));
         return Ok(());
     }
     let on = match r.device {
@@ -1164,7 +1165,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     if let Some(choice) = bf16_choice(&r) {
         println!("{choice}");
     }
-    print_profile(r.device, profile, r.steps_run);
+    print_profile(r.device, &r.profile, r.steps_run);
     Ok(())
 }
 
@@ -1206,6 +1207,8 @@ fn bench_run(a: &BenchArgs) -> Result<BenchResult> {
         times.push(t0.elapsed().as_secs_f64());
     }
     let (statistic, step) = timing(device, times, start)?;
+    // the training steps' kernels only
+    let profile = profile_rows(device);
     let infer = time_inference(&mut engine, &images, &labels, a)?;
     Ok(BenchResult {
         params: cfg.num_params(),
@@ -1216,6 +1219,7 @@ fn bench_run(a: &BenchArgs) -> Result<BenchResult> {
         step,
         infer,
         steps_run: (a.warmup + a.steps) as f64,
+        profile,
     })
 }
 
@@ -1260,12 +1264,13 @@ fn bf16_choice(r: &BenchResult) -> Option<cpu::bf16gemm::Bf16Choice> {
 }
 
 /// `bench --json`: the result, and the CUDA profile's rows per step.
-fn bench_json(r: &BenchResult, profile: Vec<(String, u64, f64)>) -> serde_json::Value {
+fn bench_json(r: &BenchResult) -> serde_json::Value {
     let per_step = |x: f64| x / r.steps_run;
-    let profile: Vec<serde_json::Value> = profile
-        .into_iter()
+    let profile: Vec<serde_json::Value> = r
+        .profile
+        .iter()
         .map(|(kernel, calls, ms)| {
-            serde_json::json!({"kernel": kernel, "ms": per_step(ms), "calls": per_step(calls as f64)})
+            serde_json::json!({"kernel": kernel, "ms": per_step(*ms), "calls": per_step(*calls as f64)})
         })
         .collect();
     serde_json::json!({
@@ -1312,7 +1317,7 @@ fn profile_rows(device: Device) -> Vec<(String, u64, f64)> {
 }
 
 /// The per-kernel times of a CUDA device (FERROVIT_PROFILE=1), per step of `steps`.
-fn print_profile(device: Device, rows: Vec<(String, u64, f64)>, steps: f64) {
+fn print_profile(device: Device, rows: &[(String, u64, f64)], steps: f64) {
     if rows.is_empty() {
         return;
     }
@@ -1331,7 +1336,7 @@ fn print_profile(device: Device, rows: Vec<(String, u64, f64)>, steps: f64) {
             "{:>9.3} ms {:>5.1}% {:>6} calls  {what}",
             ms / steps,
             100.0 * ms / total,
-            calls as f64 / steps
+            *calls as f64 / steps
         );
     }
 }

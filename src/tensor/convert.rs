@@ -41,13 +41,7 @@ simd_fn! {
 /// # Panics
 /// If the lengths differ.
 pub fn narrow(src: &[f32], dst: &mut [bf16]) {
-    assert_eq!(src.len(), dst.len(), "narrow: lengths differ");
-    if src.len() <= CHUNK {
-        return narrow_chunk(src, dst);
-    }
-    dst.par_chunks_mut(CHUNK)
-        .zip(src.par_chunks(CHUNK))
-        .for_each(|(d, s)| narrow_chunk(s, d));
+    chunked(src, dst, narrow_chunk);
 }
 
 /// `dst[i] = f32(src[i])` (exact).
@@ -55,13 +49,18 @@ pub fn narrow(src: &[f32], dst: &mut [bf16]) {
 /// # Panics
 /// If the lengths differ.
 pub fn widen(src: &[bf16], dst: &mut [f32]) {
-    assert_eq!(src.len(), dst.len(), "widen: lengths differ");
+    chunked(src, dst, widen_chunk);
+}
+
+/// `f` over matching chunks of `src` and `dst`, in parallel when they are large.
+fn chunked<S: Sync, D: Send>(src: &[S], dst: &mut [D], f: fn(&[S], &mut [D])) {
+    assert_eq!(src.len(), dst.len(), "bf16 conversion: lengths differ");
     if src.len() <= CHUNK {
-        return widen_chunk(src, dst);
+        return f(src, dst);
     }
     dst.par_chunks_mut(CHUNK)
         .zip(src.par_chunks(CHUNK))
-        .for_each(|(d, s)| widen_chunk(s, d));
+        .for_each(|(d, s)| f(s, d));
 }
 
 #[cfg(test)]

@@ -275,10 +275,10 @@ mod dot {
                 let nc = NC.min(n - jc);
                 for (blk, pc) in (0..k).step_by(2 * KP).enumerate() {
                     let kc = (2 * KP).min(k - pc);
-                    pack_b(pb, rhs, b.row_block(pc, kc).col_block(jc, nc));
+                    pack(pb, rhs, b.row_block(pc, kc).col_block(jc, nc).t(), NR);
                     for ic in (0..m).step_by(MC) {
                         let mc = MC.min(m - ic);
-                        pack_a(pa, lhs, a.row_block(ic, mc).col_block(pc, kc));
+                        pack(pa, lhs, a.row_block(ic, mc).col_block(pc, kc), MR);
                         let first = blk == 0 && !acc;
                         // SAFETY: (ic, jc) + the block lies inside the caller's c.
                         let out = unsafe { c.add(ic * ldc + jc) };
@@ -319,38 +319,21 @@ mod dot {
         u32::from(lo.to_bits()) | u32::from(hi.to_bits()) << 16
     }
 
-    /// B's block `v` (kc × nc) as panels of NR columns: per k-pair, NR words.
-    fn pack_b(out: &mut Vec<u32>, src: &[bf16], v: Mat) {
-        let pairs = v.rows.div_ceil(2);
-        out.clear();
-        out.resize(v.cols.div_ceil(NR) * pairs * NR, 0);
-        let at = |i: usize, j: usize| match i < v.rows {
-            true => src[v.offset + i * v.rs + j * v.cs],
-            false => bf16::ZERO,
-        };
-        for (jp, panel) in out.chunks_mut(pairs * NR).enumerate() {
-            for (p, words) in panel.chunks_mut(NR).enumerate() {
-                for (c, w) in words.iter_mut().enumerate().take(v.cols - jp * NR) {
-                    let j = jp * NR + c;
-                    *w = pair(at(2 * p, j), at(2 * p + 1, j));
-                }
-            }
-        }
-    }
-
-    /// A's block `v` (mc × kc) as panels of MR rows: per k-pair, MR words.
-    fn pack_a(out: &mut Vec<u32>, src: &[bf16], v: Mat) {
+    /// The rows of `v` (k along its columns) as panels of `r` rows: per k-pair, `r`
+    /// words (rows past `v.rows` and a k past `v.cols` are zero). A's blocks are packed
+    /// as they are, B's transposed (rows are its columns).
+    fn pack(out: &mut Vec<u32>, src: &[bf16], v: Mat, r: usize) {
         let pairs = v.cols.div_ceil(2);
         out.clear();
-        out.resize(v.rows.div_ceil(MR) * pairs * MR, 0);
+        out.resize(v.rows.div_ceil(r) * pairs * r, 0);
         let at = |i: usize, j: usize| match j < v.cols {
             true => src[v.offset + i * v.rs + j * v.cs],
             false => bf16::ZERO,
         };
-        for (ip, panel) in out.chunks_mut(pairs * MR).enumerate() {
-            for (p, words) in panel.chunks_mut(MR).enumerate() {
-                for (r, w) in words.iter_mut().enumerate().take(v.rows - ip * MR) {
-                    let i = ip * MR + r;
+        for (ip, panel) in out.chunks_mut(pairs * r).enumerate() {
+            for (p, words) in panel.chunks_mut(r).enumerate() {
+                for (x, w) in words.iter_mut().enumerate().take(v.rows - ip * r) {
+                    let i = ip * r + x;
                     *w = pair(at(i, 2 * p), at(i, 2 * p + 1));
                 }
             }

@@ -50,6 +50,7 @@ fn gigabyte_state() -> Snapshot {
     ferrovit::Vit::skeleton(&cfg, &mut store).expect("model");
     let mut s = vit_state();
     s.model = cfg;
+    s.layout = ferrovit::dist::Layout::single(s.model.depth);
     s.optimizer = None;
     s.tensors = store
         .named_parameters()

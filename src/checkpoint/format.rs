@@ -253,24 +253,22 @@ impl Index {
     /// state (when saved) for every one of them, nothing else; the weight map naming
     /// exactly the model tensors, each with a file of its chunks.
     fn check_names(&self) -> Result<()> {
-        // the model's tensors by name and shape, from a skeleton (untouched zeros:
-        // address space only, which must still fit)
+        // the model's tensors by name and shape, from its configuration (no tensor
+        // allocated: a reader must be able to hold the weights, though)
         self.model.check_fits(4, "its weights")?;
-        let mut store = crate::autograd::ParamStore::new();
-        crate::nn::Vit::skeleton(&self.model, &mut store)?;
         let state: &[&str] = self.optimizer.map_or(&[], |k| k.state_names());
         // an EMA, when saved, covers every weight
         let ema = self.tensors.values().any(|t| t.group == Group::Ema);
         let mut want = BTreeMap::new();
-        for (n, t) in store.named_parameters() {
-            want.insert(n.to_string(), (Group::Model, t.dims().to_vec()));
+        for (n, dims) in crate::nn::Vit::param_shapes(&self.model)? {
             for s in state {
-                want.insert(format!("{s}.{n}"), (Group::Optimizer, t.dims().to_vec()));
+                want.insert(format!("{s}.{n}"), (Group::Optimizer, dims.clone()));
             }
             if ema {
                 let name = format!("{}{n}", crate::optim::EMA_PREFIX);
-                want.insert(name, (Group::Ema, t.dims().to_vec()));
+                want.insert(name, (Group::Ema, dims.clone()));
             }
+            want.insert(n, (Group::Model, dims));
         }
         for (name, t) in &self.tensors {
             match want.remove(name) {

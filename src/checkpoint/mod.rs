@@ -10,6 +10,7 @@
 //! - [`export_safetensors`] / [`import_safetensors`] (`import.rs`): the model's
 //!   weights to and from one plain safetensors file, for other tools.
 
+mod crc_copy;
 mod format;
 mod import;
 mod reader;

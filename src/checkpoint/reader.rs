@@ -163,22 +163,33 @@ impl Checkpoint {
         Ok(bytes)
     }
 
-    /// Copies a chunk into `dst`, checksumming each block just before copying it (one
-    /// pass over the source), blocks in parallel, their CRCs combined in order; on a
-    /// mismatch `dst` holds garbage and the error says so.
+    /// Copies every chunk of tensor `name` to its place in `dst` (the tensor's bytes),
+    /// checksums verified; on an error `dst` may hold part of the data.
+    fn copy_chunks(&self, name: &str, t: &TensorEntry, dst: &mut [u8]) -> Result<()> {
+        let size = t.dtype.size_in_bytes() as u64;
+        for c in &t.chunks {
+            // the index's checks keep every chunk inside its tensor; checked again here
+            let part = chunk_place(c, size)
+                .and_then(|r| dst.get_mut(r))
+                .ok_or_else(|| Error::Format {
+                    path: self.dir.join(INDEX),
+                    msg: format!("tensor `{name}`: a chunk lies outside the tensor"),
+                })?;
+            self.copy_chunk(name, t, c, part)?;
+        }
+        Ok(())
+    }
+
+    /// Copies a chunk into `dst` (its length) in one pass over the source: tasks of
+    /// [`TASK`] bytes in parallel, their CRCs combined in order; on a mismatch `dst`
+    /// holds garbage and the error says so.
     fn copy_chunk(&self, name: &str, t: &TensorEntry, c: &Chunk, dst: &mut [u8]) -> Result<()> {
         use rayon::prelude::*;
-        const BLOCK: usize = 256 << 10;
         let src = self.chunk_range(name, t, c)?;
         let parts: Vec<crc32fast::Hasher> = src
-            .par_chunks(BLOCK)
-            .zip(dst.par_chunks_mut(BLOCK))
-            .map(|(s, d)| {
-                let mut h = crc32fast::Hasher::new();
-                h.update(s);
-                d.copy_from_slice(s);
-                h
-            })
+            .par_chunks(TASK)
+            .zip(dst.par_chunks_mut(TASK))
+            .map(|(s, d)| super::crc_copy::checksum_copy(s, d))
             .collect();
         let mut crc = crc32fast::Hasher::new();
         for p in &parts {
@@ -201,13 +212,8 @@ impl Checkpoint {
             self.read_into(name, &mut out)?;
             return Ok(out);
         }
-        let size = dtype.size_in_bytes();
-        let mut bytes = vec![0u8; t.numel() as usize * size];
-        for c in &t.chunks {
-            let at = c.offset as usize * size;
-            let len = (c.end - c.start) as usize;
-            self.copy_chunk(name, t, c, &mut bytes[at..at + len])?;
-        }
+        let mut bytes = vec![0u8; t.numel() as usize * dtype.size_in_bytes()];
+        self.copy_chunks(name, t, &mut bytes)?;
         Tensor::from_le_bytes(&bytes, dtype, t.shape.as_slice())
     }
 
@@ -227,13 +233,7 @@ impl Checkpoint {
                 ),
             });
         }
-        let dst: &mut [u8] = bytemuck::cast_slice_mut(dst.f32s_mut()?);
-        for c in &t.chunks {
-            let at = c.offset as usize * 4;
-            let len = (c.end - c.start) as usize;
-            self.copy_chunk(name, t, c, &mut dst[at..at + len])?;
-        }
-        Ok(())
+        self.copy_chunks(name, t, bytemuck::cast_slice_mut(dst.f32s_mut()?))
     }
 
     /// A zero-copy view of an F32 tensor stored in one chunk, straight from the page
@@ -289,6 +289,16 @@ impl Checkpoint {
         }
         Ok(report)
     }
+}
+
+/// Bytes per parallel task of a chunk copy (each a CRC to combine).
+const TASK: usize = 1 << 20;
+
+/// The bytes chunk `c` fills among its tensor's (of `size`-byte elements).
+fn chunk_place(c: &Chunk, size: u64) -> Option<std::ops::Range<usize>> {
+    let at = usize::try_from(c.offset.checked_mul(size)?).ok()?;
+    let len = usize::try_from(c.end.checked_sub(c.start)?).ok()?;
+    Some(at..at.checked_add(len)?)
 }
 
 /// Reads, verifies and parses a checkpoint's index: its bytes must match

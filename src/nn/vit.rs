@@ -349,6 +349,36 @@ impl Vit {
         Vit::build(config, store, &mut Init::zeros(), Part::whole(config.depth))
     }
 
+    /// The names and shapes of the parameters [`Vit::new`] registers, in its order,
+    /// from the configuration alone: no tensor is allocated (a checkpoint's index is
+    /// checked against them). `tests/core/vit.rs` holds them equal to the model's.
+    pub fn param_shapes(config: &VitConfig) -> Result<Vec<(String, Vec<usize>)>> {
+        config.validate()?;
+        let c = config;
+        let d = c.dim;
+        // a linear layer's weight and bias; a LayerNorm's are those of weight `[d]`
+        let linear = |p: &str, w: Vec<usize>| {
+            let bias = vec![w[0]];
+            [(format!("{p}.weight"), w), (format!("{p}.bias"), bias)]
+        };
+        let patch = vec![d, c.in_channels, c.patch_size, c.patch_size];
+        let mut v = linear("patch_embed.proj", patch).to_vec();
+        v.push(("cls_token".into(), vec![1, 1, d]));
+        v.push(("pos_embed".into(), vec![1, c.tokens(), d]));
+        for i in 0..c.depth {
+            let p = format!("blocks.{i}");
+            v.extend(linear(&format!("{p}.norm1"), vec![d]));
+            v.extend(linear(&format!("{p}.attn.qkv"), vec![3 * d, d]));
+            v.extend(linear(&format!("{p}.attn.proj"), vec![d, d]));
+            v.extend(linear(&format!("{p}.norm2"), vec![d]));
+            v.extend(linear(&format!("{p}.mlp.fc1"), vec![c.mlp_dim, d]));
+            v.extend(linear(&format!("{p}.mlp.fc2"), vec![d, c.mlp_dim]));
+        }
+        v.extend(linear("norm", vec![d]));
+        v.extend(linear("head", vec![c.num_classes, d]));
+        Ok(v)
+    }
+
     fn build(
         config: &VitConfig,
         store: &mut ParamStore,

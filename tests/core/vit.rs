@@ -133,6 +133,33 @@ fn parameter_names_are_global_and_ordered() {
 }
 
 #[test]
+fn param_shapes_are_the_built_models() {
+    let odd = VitConfig {
+        image_size: 24,
+        patch_size: 8,
+        in_channels: 1,
+        num_classes: 7,
+        dim: 12,
+        depth: 3,
+        heads: 3,
+        mlp_dim: 20,
+        ..VitConfig::preset("vit_tiny_patch4_32").unwrap()
+    };
+    let presets = PRESETS.iter().map(|n| VitConfig::preset(n).unwrap());
+    for cfg in presets.chain([odd.clone()]) {
+        let mut store = ParamStore::new();
+        Vit::skeleton(&cfg, &mut store).unwrap();
+        let built: Vec<(String, Vec<usize>)> = store
+            .named_parameters()
+            .map(|(n, t)| (n.to_string(), t.dims().to_vec()))
+            .collect();
+        assert_eq!(Vit::param_shapes(&cfg).unwrap(), built, "{cfg:?}");
+    }
+    let bad = VitConfig { dim: 0, ..odd };
+    assert!(Vit::param_shapes(&bad).is_err());
+}
+
+#[test]
 fn initialisation_follows_pytorch_defaults_and_is_seeded() {
     let cfg = VitConfig::preset("vit_lite_depth7_patch4_32").unwrap();
     let (mut a, mut b, mut c) = (ParamStore::new(), ParamStore::new(), ParamStore::new());

@@ -9,7 +9,7 @@ use ferrovit::checkpoint::{
 };
 use ferrovit::engine::{Engine, TrainConfig};
 use ferrovit::rng::Rng;
-use ferrovit::{Tensor, VitConfig};
+use ferrovit::{Device, Tensor, VitConfig};
 use std::path::{Path, PathBuf};
 
 fn small(classes: usize) -> VitConfig {
@@ -507,6 +507,60 @@ fn every_corruption_gives_a_precise_error() {
         }
     }
     assert_eq!(try_load(&clean).unwrap(), state(&e));
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+/// A flipped bit anywhere in a tensor's bytes (its first, either side of a 64-byte
+/// line, past a 1 MiB parallel task, its last) is refused by `read` and `read_into`
+/// alike, naming the file, the tensor and its bytes.
+#[test]
+fn a_flip_anywhere_in_a_tensor_is_refused_by_every_read() {
+    let cfg = VitConfig {
+        dim: 256,
+        depth: 1,
+        mlp_dim: 1280,
+        ..small(10)
+    };
+    let e = Engine::new(&cfg, TrainConfig::default()).unwrap();
+    let (root, clean) = saved(&e, "flip-anywhere");
+    let name = "blocks.0.mlp.fc1.weight";
+    let ck = Checkpoint::open(&clean).unwrap();
+    let c = ck.index.tensors[name].chunks[0].clone();
+    assert!(
+        c.end - c.start > 1 << 20,
+        "the tensor spans two parallel tasks"
+    );
+    let want = ck.read(name).unwrap().to_vec_f32();
+    let mut into = Tensor::zeros(ck.index.tensors[name].shape.as_slice(), Device::Cpu);
+    ck.read_into(name, &mut into).unwrap();
+    assert_eq!(into.to_vec_f32(), want);
+    let file = clean.join(&c.file);
+    let original = std::fs::read(&file).unwrap();
+    let bytes = format!("bytes {}..{}", c.start, c.end);
+    let wants = [
+        c.file.as_str(),
+        "`blocks.0.mlp.fc1.weight`",
+        "checksum mismatch",
+        &bytes,
+    ];
+    for at in [
+        c.start,
+        c.start + 63,
+        c.start + 64,
+        c.start + (1 << 20) + 1,
+        c.end - 1,
+    ] {
+        let mut b = original.clone();
+        b[at as usize] ^= 0x04;
+        std::fs::write(&file, &b).unwrap();
+        let ck = Checkpoint::open(&clean).unwrap();
+        for err in [ck.read(name).map(drop), ck.read_into(name, &mut into)] {
+            let err = err.expect_err("a flipped bit must be refused").to_string();
+            for w in wants {
+                assert!(err.contains(w), "flip at {at}: `{w}` not in: {err}");
+            }
+        }
+    }
     std::fs::remove_dir_all(root).unwrap();
 }
 

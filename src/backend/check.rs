@@ -123,9 +123,16 @@ pub(crate) fn check_augment(batch: &AugmentBatch) -> Result<usize> {
     Ok(batch.outputs() * plane)
 }
 
-/// Every partner one of the `rows` images, lambda in [0, 1], CutMix's box inside the
-/// image.
+/// No more outputs than images, every partner one of the `rows` images, lambda in
+/// [0, 1], CutMix's box inside the image.
 fn check_augment_mix(m: &AugmentMix, rows: usize, side: usize) -> Result<()> {
+    if m.partner.len() > rows {
+        return Err(Error::shape(
+            "augment",
+            format!("at most {rows} mixed images"),
+            format!("{} partners", m.partner.len()),
+        ));
+    }
     if let Some(p) = m.partner.iter().find(|&&p| p as usize >= rows) {
         return Err(Error::shape(
             "augment",

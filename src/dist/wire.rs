@@ -19,9 +19,11 @@ pub(crate) fn comm(msg: String) -> Error {
 /// Time left until `deadline`, `None` once it passed (never a zero duration, which
 /// socket timeouts reject).
 pub(crate) fn remaining(deadline: Instant) -> Option<Duration> {
+    // never None before the deadline: a wait must not end early
     deadline
         .checked_duration_since(Instant::now())
-        .filter(|d| *d >= Duration::from_millis(1))
+        .filter(|d| !d.is_zero())
+        .map(|d| d.max(Duration::from_millis(1)))
 }
 
 pub(crate) fn timed_out() -> io::Error {

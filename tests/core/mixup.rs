@@ -333,6 +333,7 @@ fn the_augment_op_refuses_a_bad_mix() {
         (lam(0.5), vec![1, 2], "partner 2"),
         (lam(1.5), vec![1, 0], "lambda 1.5"),
         (boxed(33), vec![1, 0], "rows 0..33"),
+        (lam(0.5), vec![1, 0, 1], "3 partners"),
     ] {
         let bad = RawImages {
             mix: Some(RawMix { mix, partner }),

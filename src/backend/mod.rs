@@ -213,6 +213,13 @@ pub trait Backend: Send + Sync {
     /// backend's device, stored as `dtype`).
     fn augment(&self, batch: &AugmentBatch, dtype: DType) -> Result<Tensor>;
 
+    /// A mixed-precision GEMM operand: `t`'s values rounded to bf16, stored as this
+    /// backend multiplies them fastest (bf16; the CPU keeps them in f32 where its bf16
+    /// products would widen them anyway, so they are widened once, not per product).
+    fn gemm_operand(&self, t: &Tensor) -> Result<Tensor> {
+        t.try_to_dtype(DType::BF16)
+    }
+
     /// Sets every element of every tensor (f32) to `value` (zero_grad; the CUDA backend:
     /// one launch for all of them).
     fn fill_all(&self, ts: &mut [&mut Tensor], value: f32) -> Result<()> {

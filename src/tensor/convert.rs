@@ -29,6 +29,14 @@ simd_fn! {
 }
 
 simd_fn! {
+    fn round_chunk(src: &[f32], dst: &mut [f32]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = f32::from_bits(u32::from(narrow_one(s).to_bits()) << 16);
+        }
+    }
+}
+
+simd_fn! {
     fn widen_chunk(src: &[bf16], dst: &mut [f32]) {
         for (d, &s) in dst.iter_mut().zip(src) {
             *d = f32::from_bits(u32::from(s.to_bits()) << 16);
@@ -50,6 +58,14 @@ pub fn narrow(src: &[f32], dst: &mut [bf16]) {
 /// If the lengths differ.
 pub fn widen(src: &[bf16], dst: &mut [f32]) {
     chunked(src, dst, widen_chunk);
+}
+
+/// `dst[i] = f32(bf16(src[i]))`: the values bf16 storage would hold, kept as f32.
+///
+/// # Panics
+/// If the lengths differ.
+pub fn round(src: &[f32], dst: &mut [f32]) {
+    chunked(src, dst, round_chunk);
 }
 
 /// `f` over matching chunks of `src` and `dst`, in parallel when they are large.
@@ -101,6 +117,11 @@ mod tests {
         assert_eq!(got, want);
         let scalar: Vec<u16> = xs.iter().map(|&x| narrow_one(x).to_bits()).collect();
         assert_eq!(scalar, want);
+        let mut rounded = vec![0.0f32; xs.len()];
+        round(&xs, &mut rounded);
+        for (r, &w) in rounded.iter().zip(&want) {
+            assert_eq!(r.to_bits(), u32::from(w) << 16);
+        }
         let mut back = vec![0.0f32; xs.len()];
         let halves: Vec<bf16> = want.iter().map(|&b| bf16::from_bits(b)).collect();
         widen(&halves, &mut back);

@@ -1,13 +1,13 @@
 //! The linear layer `y = act(x Wᵀ + b)`, its activation (GELU) fused into the GEMM's
 //! epilogue or into one bias+GELU pass, and its backward: GELU's, the bias's, W's and
-//! x's gradients. Under [`Precision::Bf16`] the GEMMs read bf16 copies of x and W made
-//! once in the forward and kept for the backward.
+//! x's gradients. Under [`Precision::Bf16`] the GEMMs read copies of x and W rounded to
+//! bf16 (`Backend::gemm_operand`) made once in the forward and kept for the backward.
 
 use super::Op;
 use crate::autograd::grad::as_dtype;
 use crate::autograd::{Graph, Out, Precision, Var};
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::Tensor;
 use std::borrow::Cow;
 
 /// Activation fused into a linear layer's epilogue.
@@ -24,7 +24,7 @@ pub(in crate::autograd) struct LinearOp {
     b: Option<Var>,
     /// pre-activation output, kept when the activation is GELU
     pre: Option<Tensor>,
-    /// bf16 copies of x and W that the forward GEMM used ([`Precision::Bf16`])
+    /// x and W rounded to bf16 as the forward GEMM used them ([`Precision::Bf16`])
     half: Option<(Tensor, Tensor)>,
 }
 
@@ -59,7 +59,10 @@ impl Graph<'_> {
         let mut out = self.out_as(&with_last(xv.dims(), out_f), store)?;
         let half = match self.precision {
             Precision::F32 => None,
-            Precision::Bf16 => Some((xv.try_to_dtype(DType::BF16)?, wv.try_to_dtype(DType::BF16)?)),
+            Precision::Bf16 => Some((
+                self.backend.gemm_operand(xv)?,
+                self.backend.gemm_operand(wv)?,
+            )),
         };
         let (xv, wv) = half.as_ref().map_or((xv, wv), |(x, w)| (x, w));
         let bias = b.map(|b| self.value(b));
@@ -139,10 +142,10 @@ impl Graph<'_> {
             self.update_grad(b, |_, db| be.bias_grad(&dpre, db))?;
         }
         let (wt, xt) = ((out_f, in_f, n), (n, in_f, out_f));
-        // mixed precision: the GEMMs take the output gradient in bf16 (rounded once
-        // here unless it is stored so already)
+        // mixed precision: the GEMMs take the output gradient rounded to bf16 (once
+        // here; as the backend multiplies it fastest)
         let dpre = match half {
-            Some(_) => as_dtype(&dpre, DType::BF16)?,
+            Some(_) => Cow::Owned(be.gemm_operand(&dpre)?),
             None => Cow::Borrowed(&*dpre),
         };
         self.update_grad(*w, |s, dw| {

@@ -200,7 +200,7 @@ impl Backend for CpuBackend {
     fn fill_rows(&self, out: &mut Tensor, bias: &Tensor) -> Result<()> {
         check_rows("fill_rows", out, bias)?;
         let bias = bias.f32s()?;
-        write(out, |out| {
+        write_as(out, false, |out| {
             ops::fill_rows(out, bias);
             Ok(())
         })
@@ -218,7 +218,7 @@ impl Backend for CpuBackend {
         check_rows("bias_gelu", pre, bias)?;
         let bias = bias.f32s()?;
         write(pre, |pre| {
-            write(out, |out| {
+            write_as(out, false, |out| {
                 ops::bias_gelu(pre, bias, out);
                 Ok(())
             })
@@ -228,7 +228,7 @@ impl Backend for CpuBackend {
     fn gelu_backward(&self, dy: &Tensor, pre: &Tensor, dpre: &mut Tensor) -> Result<()> {
         check_same("gelu_backward", dy, &[pre, dpre])?;
         let (dy, pre) = (read(dy)?, read(pre)?);
-        write(dpre, |dpre| {
+        write_as(dpre, false, |dpre| {
             ops::gelu_backward(&dy, &pre, dpre);
             Ok(())
         })
@@ -247,7 +247,7 @@ impl Backend for CpuBackend {
         check_layernorm(x, (gamma, beta), y, (mean, rstd))?;
         let (x, g, b) = (x.f32s()?, gamma.f32s()?, beta.f32s()?);
         let (mean, rstd) = (mean.f32s_mut()?, rstd.f32s_mut()?);
-        write(y, |y| {
+        write_as(y, false, |y| {
             ops::layernorm(x, g, b, eps, y, mean, rstd);
             Ok(())
         })
@@ -276,7 +276,7 @@ impl Backend for CpuBackend {
     fn patchify(&self, images: &Tensor, patch: usize, out: &mut Tensor) -> Result<()> {
         let (b, c, h, w) = check_patchify(images, patch, out)?;
         let images = read(images)?;
-        write(out, |out| {
+        write_as(out, false, |out| {
             ops::patchify(&images, (b, c, h, w), patch, out);
             Ok(())
         })
@@ -318,7 +318,7 @@ impl Backend for CpuBackend {
         // mixed precision: probabilities rounded to bf16 for their product, as on a GPU
         let bf16 = qkv.dtype() == DType::BF16;
         let (qkv, probs) = (read(qkv)?, probs.f32s_mut()?);
-        write(out, |out| {
+        write_as(out, false, |out| {
             attention::attention(&qkv, dims, probs, out, bf16);
             Ok(())
         })
@@ -337,7 +337,7 @@ impl Backend for CpuBackend {
         check_attn_backward(dims, qkv, dqkv, accumulate)?;
         let bf16 = qkv.dtype() == DType::BF16;
         let (dout, qkv) = (read(dout)?, read(qkv)?);
-        write(dqkv, |dqkv| {
+        write_as(dqkv, accumulate, |dqkv| {
             if !accumulate {
                 dqkv.fill(0.0);
             }
@@ -392,7 +392,8 @@ impl Backend for CpuBackend {
             DropoutMode::Accumulate => simd::DropMode::Accumulate,
             DropoutMode::AddTo(r) => simd::DropMode::AddTo(r.f32s()?),
         };
-        write(out, |out| {
+        let reads = matches!(mode, simd::DropMode::Accumulate);
+        write_as(out, reads, |out| {
             ops::dropout(x, p, key, samples, mode, out);
             Ok(())
         })
@@ -462,6 +463,18 @@ impl Backend for CpuBackend {
         let (p, g, b) = (p.f32s_mut()?, g.f32s()?, buf.f32s_mut()?);
         optim::sgd(p, g, b, step);
         Ok(())
+    }
+
+    fn gemm_operand(&self, t: &Tensor) -> Result<Tensor> {
+        if bf16gemm::path() != bf16gemm::Bf16Path::Widen {
+            return t.try_to_dtype(DType::BF16);
+        }
+        let mut out = Tensor::try_uninit(t.shape().clone(), Device::Cpu)?;
+        match t.dtype() {
+            DType::BF16 => convert::widen(t.bf16s()?, out.f32s_mut()?),
+            _ => convert::round(&read(t)?, out.f32s_mut()?),
+        }
+        Ok(out)
     }
 
     fn augment(&self, batch: &AugmentBatch, dtype: DType) -> Result<Tensor> {

@@ -214,8 +214,8 @@ pub trait Backend: Send + Sync {
     fn augment(&self, batch: &AugmentBatch, dtype: DType) -> Result<Tensor>;
 
     /// A mixed-precision GEMM operand: `t`'s values rounded to bf16, stored as this
-    /// backend multiplies them fastest (bf16; the CPU keeps them in f32 where its bf16
-    /// products would widen them anyway, so they are widened once, not per product).
+    /// backend multiplies them fastest (as bf16; the CPU holds them widened in f32
+    /// where its bf16 products would widen them anyway, so once, not per product).
     fn gemm_operand(&self, t: &Tensor) -> Result<Tensor> {
         t.try_to_dtype(DType::BF16)
     }

@@ -37,6 +37,14 @@ simd_fn! {
 }
 
 simd_fn! {
+    fn round_in_place_chunk(x: &mut [f32]) {
+        for v in x.iter_mut() {
+            *v = f32::from_bits(u32::from(narrow_one(*v).to_bits()) << 16);
+        }
+    }
+}
+
+simd_fn! {
     fn widen_chunk(src: &[bf16], dst: &mut [f32]) {
         for (d, &s) in dst.iter_mut().zip(src) {
             *d = f32::from_bits(u32::from(s.to_bits()) << 16);
@@ -66,6 +74,14 @@ pub fn widen(src: &[bf16], dst: &mut [f32]) {
 /// If the lengths differ.
 pub fn round(src: &[f32], dst: &mut [f32]) {
     chunked(src, dst, round_chunk);
+}
+
+/// `x[i] = f32(bf16(x[i]))`, as [`round`] in place.
+pub fn round_in_place(x: &mut [f32]) {
+    if x.len() <= CHUNK {
+        return round_in_place_chunk(x);
+    }
+    x.par_chunks_mut(CHUNK).for_each(round_in_place_chunk);
 }
 
 /// `f` over matching chunks of `src` and `dst`, in parallel when they are large.

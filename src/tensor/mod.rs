@@ -106,6 +106,10 @@ impl fmt::Display for Shape {
 pub enum CpuStorage {
     F32(pool::Buf),
     BF16(pool::Bf16Buf),
+    /// bf16 values held widened in f32, each element exactly a bf16: mixed precision's
+    /// activations where the CPU runs its bf16 products on the f32 path, so that ops
+    /// read them without converting. The same values as `BF16`, twice the bytes.
+    BF16Wide(pool::Buf),
     F16(Vec<f16>),
 }
 
@@ -128,6 +132,15 @@ fn on_device(op: &'static str, b: &DevBuf) -> Error {
         "{op}: the tensor is on {}; copy it to the cpu with to_device(Device::Cpu)",
         Device::Cuda(b.id)
     ))
+}
+
+/// Asked for bf16 elements of a tensor that holds them widened in f32.
+fn widened_error(op: &'static str) -> Error {
+    Error::DType {
+        op,
+        expected: "BF16 held as bf16",
+        actual: "BF16 held widened in f32",
+    }
 }
 
 impl Tensor {
@@ -177,14 +190,14 @@ impl Tensor {
         })
     }
 
-    /// As [`Tensor::try_uninit`] with any dtype (16-bit CPU data starts zeroed).
+    /// As [`Tensor::try_uninit`] with any dtype (CPU f16 data starts zeroed).
     pub fn try_uninit_as(shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Tensor> {
         let shape = shape.into();
         match (device, dtype) {
             (_, DType::F32) => Tensor::try_uninit(shape, device),
             (Device::Cuda(id), _) => Tensor::cuda_uninit(id, shape, dtype),
             (Device::Cpu, DType::BF16) => Ok(Tensor {
-                storage: Storage::Cpu(CpuStorage::BF16(pool::Bf16Buf::zeroed(shape.numel()))),
+                storage: Storage::Cpu(CpuStorage::BF16(pool::Bf16Buf::uninit(shape.numel()))),
                 shape,
             }),
             (Device::Cpu, DType::F16) => Ok(Tensor {
@@ -272,7 +285,7 @@ impl Tensor {
     pub fn dtype(&self) -> DType {
         match &self.storage {
             Storage::Cpu(CpuStorage::F32(_)) => DType::F32,
-            Storage::Cpu(CpuStorage::BF16(_)) => DType::BF16,
+            Storage::Cpu(CpuStorage::BF16(_) | CpuStorage::BF16Wide(_)) => DType::BF16,
             Storage::Cpu(CpuStorage::F16(_)) => DType::F16,
             Storage::Cuda(_, dtype) => *dtype,
         }
@@ -312,17 +325,18 @@ impl Tensor {
                 op: "f32s_mut",
                 expected: "F32",
                 actual: match other {
-                    Storage::Cpu(CpuStorage::BF16(_)) => "BF16",
-                    _ => "F16",
+                    Storage::Cpu(CpuStorage::F16(_)) => "F16",
+                    _ => "BF16",
                 },
             }),
         }
     }
 
-    /// The bf16 elements of a CPU tensor.
+    /// The bf16 elements of a CPU tensor held as bf16 (not [`CpuStorage::BF16Wide`]).
     pub fn bf16s(&self) -> Result<&[bf16]> {
         match &self.storage {
             Storage::Cpu(CpuStorage::BF16(b)) => Ok(b),
+            Storage::Cpu(CpuStorage::BF16Wide(_)) => Err(widened_error("bf16s")),
             Storage::Cuda(b, _) => Err(on_device("bf16s", b)),
             _ => Err(Error::DType {
                 op: "bf16s",
@@ -336,6 +350,7 @@ impl Tensor {
         let actual = self.dtype().name();
         match &mut self.storage {
             Storage::Cpu(CpuStorage::BF16(b)) => Ok(b),
+            Storage::Cpu(CpuStorage::BF16Wide(_)) => Err(widened_error("bf16s_mut")),
             Storage::Cuda(b, _) => Err(on_device("bf16s_mut", b)),
             _ => Err(Error::DType {
                 op: "bf16s_mut",
@@ -343,6 +358,76 @@ impl Tensor {
                 actual,
             }),
         }
+    }
+
+    /// A CPU bf16 tensor's elements where they are held widened in f32
+    /// ([`CpuStorage::BF16Wide`]); `None` for any other storage.
+    pub fn bf16_wide(&self) -> Option<&[f32]> {
+        match &self.storage {
+            Storage::Cpu(CpuStorage::BF16Wide(b)) => Some(b.as_slice()),
+            _ => None,
+        }
+    }
+
+    /// Writes a CPU bf16 tensor through f32 and leaves it held widened
+    /// ([`CpuStorage::BF16Wide`]): `f` gets the elements as f32 (their values when
+    /// `reads`, unspecified otherwise), and what it leaves is rounded to bf16 (nearest
+    /// even) in place, so the tensor holds exactly what bf16 storage would.
+    pub fn write_bf16_wide<R>(
+        &mut self,
+        reads: bool,
+        f: impl FnOnce(&mut [f32]) -> Result<R>,
+    ) -> Result<R> {
+        if let Storage::Cpu(CpuStorage::BF16(h)) = &self.storage {
+            let mut b = pool::Buf::uninit(h.len());
+            if reads {
+                convert::widen(h, b.as_mut_slice());
+            }
+            self.storage = Storage::Cpu(CpuStorage::BF16Wide(b));
+        }
+        let actual = self.dtype().name();
+        let wide = match &mut self.storage {
+            Storage::Cpu(CpuStorage::BF16Wide(b)) => b.as_mut_slice(),
+            Storage::Cuda(b, _) => return Err(on_device("write_bf16_wide", b)),
+            _ => {
+                return Err(Error::DType {
+                    op: "write_bf16_wide",
+                    expected: "BF16",
+                    actual,
+                })
+            }
+        };
+        let r = f(wide)?;
+        convert::round_in_place(wide);
+        Ok(r)
+    }
+
+    /// `self`'s values rounded to bf16 (nearest even) as a CPU bf16 tensor held widened
+    /// in f32 ([`CpuStorage::BF16Wide`]); one already held so is shared, not copied.
+    pub fn to_bf16_wide(&self) -> Result<Tensor> {
+        let wide = match &self.storage {
+            Storage::Cpu(CpuStorage::BF16Wide(b)) => b.share(),
+            Storage::Cpu(CpuStorage::BF16(h)) => {
+                let mut b = pool::Buf::uninit(h.len());
+                convert::widen(h, b.as_mut_slice());
+                b
+            }
+            Storage::Cpu(CpuStorage::F32(x)) => {
+                let mut b = pool::Buf::uninit(x.as_slice().len());
+                convert::round(x.as_slice(), b.as_mut_slice());
+                b
+            }
+            Storage::Cpu(CpuStorage::F16(_)) => {
+                let mut b = pool::Buf::from_vec(self.to_vec_f32());
+                convert::round_in_place(b.as_mut_slice());
+                b
+            }
+            Storage::Cuda(b, _) => return Err(on_device("to_bf16_wide", b)),
+        };
+        Ok(Tensor {
+            shape: self.shape.clone(),
+            storage: Storage::Cpu(CpuStorage::BF16Wide(wide)),
+        })
     }
 
     fn dtype_error(&self, op: &'static str) -> Error {
@@ -363,7 +448,7 @@ impl Tensor {
                 Ok(t) => t.to_vec_f32(),
                 Err(e) => panic!("{e}"),
             },
-            Storage::Cpu(CpuStorage::F32(b)) => b.as_slice().to_vec(),
+            Storage::Cpu(CpuStorage::F32(b) | CpuStorage::BF16Wide(b)) => b.as_slice().to_vec(),
             Storage::Cpu(CpuStorage::BF16(v)) => {
                 let mut out = vec![0.0; v.len()];
                 convert::widen(v, &mut out);
@@ -403,6 +488,7 @@ impl Tensor {
                 convert::widen(h, out.as_mut_slice());
                 CpuStorage::F32(out)
             }
+            (Storage::Cpu(CpuStorage::BF16Wide(b)), DType::F32) => CpuStorage::F32(b.clone()),
             _ => {
                 let v = self.to_vec_f32();
                 match dtype {
@@ -428,6 +514,7 @@ impl Tensor {
     pub fn share(&self) -> Tensor {
         let storage = match &self.storage {
             Storage::Cpu(CpuStorage::F32(b)) => Storage::Cpu(CpuStorage::F32(b.share())),
+            Storage::Cpu(CpuStorage::BF16Wide(b)) => Storage::Cpu(CpuStorage::BF16Wide(b.share())),
             other => other.clone(),
         };
         Tensor {
@@ -458,6 +545,12 @@ impl Tensor {
                 out.extend(b.as_slice().iter().flat_map(|x| x.to_le_bytes()))
             }
             Storage::Cpu(CpuStorage::BF16(v)) => out.extend(v.iter().flat_map(|x| x.to_le_bytes())),
+            Storage::Cpu(CpuStorage::BF16Wide(b)) => out.extend(
+                // exact: every element is a bf16
+                b.as_slice()
+                    .iter()
+                    .flat_map(|&x| bf16::from_f32(x).to_le_bytes()),
+            ),
             Storage::Cpu(CpuStorage::F16(v)) => out.extend(v.iter().flat_map(|x| x.to_le_bytes())),
         }
     }

@@ -94,12 +94,6 @@ impl Bf16Buf {
         Bf16Buf(take(len).unwrap_or_else(|| vec![bf16::ZERO; len]))
     }
 
-    pub fn zeroed(len: usize) -> Bf16Buf {
-        let mut b = Bf16Buf::uninit(len);
-        b.0.fill(bf16::ZERO);
-        b
-    }
-
     pub fn from_vec(v: Vec<bf16>) -> Bf16Buf {
         Bf16Buf(v)
     }

@@ -53,6 +53,62 @@ fn half_precision_storage_round_trips() {
     );
 }
 
+/// bf16 held widened in f32 (the CPU's mixed precision where its bf16 products run
+/// in f32) holds exactly what bf16 storage holds, through every conversion.
+#[test]
+fn bf16_held_widened_holds_what_bf16_storage_holds() {
+    // a value that rounds up, ties both ways, a NaN, an infinity, a denormal
+    let tie_down = f32::from_bits(0x3f80_8000); // halfway: rounds to the even 1.0
+    let tie_up = f32::from_bits(0x3f81_8000); // halfway: rounds up, to even
+    let vals = vec![
+        1.0 / 3.0,
+        tie_down,
+        tie_up,
+        -7.77,
+        f32::NAN,
+        f32::INFINITY,
+        1e-40,
+    ];
+    let f = Tensor::from_vec(vals.clone(), [7]).unwrap();
+    let narrow = f.to_dtype(DType::BF16);
+    let check = |wide: &Tensor| {
+        assert_eq!(wide.dtype(), DType::BF16);
+        let held = wide.bf16_wide().expect("held widened");
+        let want = narrow.to_vec_f32();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(held), bits(&want));
+        assert_eq!(bits(&wide.to_vec_f32()), bits(&want));
+        assert_eq!(wide.to_le_bytes(), narrow.to_le_bytes());
+        let back = wide.to_dtype(DType::F32);
+        assert_eq!(bits(back.f32s().unwrap()), bits(&want));
+        // asking for bf16 elements says how they are held
+        let e = wide.bf16s().unwrap_err().to_string();
+        assert!(e.contains("widened"), "{e}");
+    };
+    check(&f.to_bf16_wide().unwrap());
+    check(&narrow.to_bf16_wide().unwrap());
+    // writing through f32 rounds what the writer leaves
+    let mut t = Tensor::try_uninit_as([7], DType::BF16, Device::Cpu).unwrap();
+    assert!(t.bf16_wide().is_none());
+    t.write_bf16_wide(false, |x| {
+        x.copy_from_slice(&vals);
+        Ok(())
+    })
+    .unwrap();
+    check(&t);
+    // a read-modify-write sees the current values
+    let mut n = narrow.clone();
+    n.write_bf16_wide(true, |x| {
+        assert_eq!(x[0], 0.333_984_38);
+        Ok(())
+    })
+    .unwrap();
+    check(&n);
+    let mut f32_tensor = f.clone();
+    let e = f32_tensor.write_bf16_wide(false, |_| Ok(())).unwrap_err();
+    assert!(e.to_string().contains("F32"), "{e}");
+}
+
 #[test]
 fn byte_length_mismatch_is_an_error() {
     let e = Tensor::from_le_bytes(&[0u8; 10], DType::F32, [3])

@@ -1,5 +1,7 @@
 //! The CPU backend: f32, multi-threaded with rayon, GEMMs through the `gemm` crate;
-//! bf16 activations (mixed precision) are widened on read and rounded where stored.
+//! bf16 activations (mixed precision) are rounded where stored, and held widened in f32
+//! where the bf16 products run on the f32 path (so reading them costs nothing), as bf16
+//! otherwise (widened on read).
 //! It is also the reference every other backend is tested against.
 
 pub mod attention;
@@ -72,8 +74,8 @@ pub fn physical_memory() -> Option<u64> {
 
 pub struct CpuBackend;
 
-/// An input's elements as f32: f32 data as is, bf16 (mixed precision's activations)
-/// widened exactly into a pooled buffer.
+/// An input's elements as f32: f32 data and bf16 held widened as they are, bf16 held
+/// as bf16 (mixed precision's activations) widened exactly into a pooled buffer.
 enum F32s<'a> {
     Borrowed(&'a [f32]),
     Widened(Buf),
@@ -90,6 +92,9 @@ impl std::ops::Deref for F32s<'_> {
 }
 
 fn read(t: &Tensor) -> Result<F32s<'_>> {
+    if let Some(wide) = t.bf16_wide() {
+        return Ok(F32s::Borrowed(wide));
+    }
     match t.dtype() {
         DType::BF16 => Ok(F32s::Widened(widened(t.bf16s()?))),
         _ => t.f32s().map(F32s::Borrowed),
@@ -103,9 +108,10 @@ fn widened(h: &[half::bf16]) -> Buf {
     b
 }
 
-/// Runs `f` on an output's data as f32: a bf16 output is widened first (for ops that
-/// read or accumulate into it) and rounded back to nearest even afterwards, which is
-/// how the GPU kernels store bf16 too (they compute in f32).
+/// Runs `f` on an output's data as f32: a bf16 output is rounded to nearest even
+/// afterwards, which is how the GPU kernels store bf16 too (they compute in f32). It is
+/// then held widened where the bf16 products run on the f32 path ([`holds_wide`]),
+/// as bf16 otherwise (widened first for ops that read or accumulate into it).
 fn write<R>(t: &mut Tensor, f: impl FnOnce(&mut [f32]) -> Result<R>) -> Result<R> {
     write_as(t, true, f)
 }
@@ -116,6 +122,9 @@ fn write_as<R>(t: &mut Tensor, reads: bool, f: impl FnOnce(&mut [f32]) -> Result
     if t.dtype() != DType::BF16 {
         return f(t.f32s_mut()?);
     }
+    if t.bf16_wide().is_some() || holds_wide() {
+        return t.write_bf16_wide(reads, f);
+    }
     let mut v = match reads {
         true => widened(t.bf16s()?),
         false => Buf::uninit(t.numel()),
@@ -123,6 +132,12 @@ fn write_as<R>(t: &mut Tensor, reads: bool, f: impl FnOnce(&mut [f32]) -> Result
     let r = f(v.as_mut_slice())?;
     convert::narrow(v.as_slice(), t.bf16s_mut()?);
     Ok(r)
+}
+
+/// Whether bf16 activations are held widened in f32: where the bf16 products run on
+/// the f32 path (they would widen them anyway, and every other op reads f32).
+fn holds_wide() -> bool {
+    bf16gemm::path() == bf16gemm::Bf16Path::Widen
 }
 
 /// `c (+)= op(a) · op(b) (+ bias)` with f32 accumulation, for f32 operands or bf16 ones
@@ -140,7 +155,8 @@ fn gemm_into(
     bias: Option<&[f32]>,
 ) -> Result<()> {
     check_matmul(c, a, b, (m, n, k))?;
-    let half = a.dtype() == DType::BF16 && b.dtype() == DType::BF16;
+    let held_bf16 = |t: &Tensor| t.dtype() == DType::BF16 && t.bf16_wide().is_none();
+    let half = held_bf16(a) && held_bf16(b);
     let (av, bv) = (view(ta, m, k), view(tb, k, n));
     write_as(c, accumulate, |c| {
         let accumulate = accumulate || bias.is_some();
@@ -466,15 +482,10 @@ impl Backend for CpuBackend {
     }
 
     fn gemm_operand(&self, t: &Tensor) -> Result<Tensor> {
-        if bf16gemm::path() != bf16gemm::Bf16Path::Widen {
-            return t.try_to_dtype(DType::BF16);
+        match holds_wide() {
+            true => t.to_bf16_wide(),
+            false => t.try_to_dtype(DType::BF16),
         }
-        let mut out = Tensor::try_uninit(t.shape().clone(), Device::Cpu)?;
-        match t.dtype() {
-            DType::BF16 => convert::widen(t.bf16s()?, out.f32s_mut()?),
-            _ => convert::round(&read(t)?, out.f32s_mut()?),
-        }
-        Ok(out)
     }
 
     fn augment(&self, batch: &AugmentBatch, dtype: DType) -> Result<Tensor> {

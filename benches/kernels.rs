@@ -3,6 +3,7 @@
 //! training step's time goes; `train_step` is the figure that matters.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use ferrovit::backend::cpu::ops::Round;
 use ferrovit::backend::cpu::{attention, ops, simd};
 use ferrovit::backend::gemm;
 use ferrovit::backend::AttnDims;
@@ -48,13 +49,15 @@ fn kernels(c: &mut Criterion) {
     let attn_flops = (4 * B * H * T * T * (D / H)) as u64;
     g.throughput(Throughput::Elements(attn_flops));
     g.bench_function("attention_forward_flops", |b| {
-        b.iter(|| attention::attention(&qkv, dims, &mut probs, &mut out, false))
+        b.iter(|| attention::attention(&qkv, dims, &mut probs, (&mut out, Round::No), false))
     });
     let dout = randv(n * D, 3, 1.0);
     let mut dqkv = vec![0.0; n * 3 * D];
     g.throughput(Throughput::Elements(2 * attn_flops));
     g.bench_function("attention_backward_flops", |b| {
-        b.iter(|| attention::attention_backward(&dout, &qkv, &probs, dims, &mut dqkv, false))
+        b.iter(|| {
+            attention::attention_backward(&dout, &qkv, &probs, dims, (&mut dqkv, Round::No), false)
+        })
     });
 
     let gamma = randv(D, 4, 1.0);
@@ -62,7 +65,17 @@ fn kernels(c: &mut Criterion) {
     let (mut y, mut mean, mut rstd) = (vec![0.0; n * D], vec![0.0; n], vec![0.0; n]);
     g.throughput(Throughput::Elements((n * D) as u64));
     g.bench_function("layernorm_forward", |b| {
-        b.iter(|| ops::layernorm(&x, &gamma, &beta, 1e-6, &mut y, &mut mean, &mut rstd))
+        b.iter(|| {
+            ops::layernorm(
+                &x,
+                &gamma,
+                &beta,
+                1e-6,
+                (&mut y, Round::No),
+                &mut mean,
+                &mut rstd,
+            )
+        })
     });
     let (mut dx, mut dg, mut db) = (vec![0.0; n * D], vec![0.0; D], vec![0.0; D]);
     g.bench_function("layernorm_backward", |b| {
@@ -72,7 +85,7 @@ fn kernels(c: &mut Criterion) {
     });
     let mut pre = x.clone();
     g.bench_function("bias_gelu", |b| {
-        b.iter(|| ops::bias_gelu(&mut pre, &gamma, &mut y))
+        b.iter(|| ops::bias_gelu(&mut pre, &gamma, &mut y, (Round::No, Round::No)))
     });
     let samples: Vec<u64> = (0..B as u64).collect();
     let key = ferrovit::backend::DropoutKey {
@@ -81,7 +94,17 @@ fn kernels(c: &mut Criterion) {
         per_sample: false,
     };
     g.bench_function("dropout_add", |b| {
-        b.iter(|| ops::dropout(&dout, 0.1, key, &samples, simd::DropMode::AddTo(&x), &mut y))
+        b.iter(|| {
+            ops::dropout(
+                &dout,
+                0.1,
+                key,
+                &samples,
+                simd::DropMode::AddTo(&x),
+                &mut y,
+                Round::No,
+            )
+        })
     });
     g.finish();
 }

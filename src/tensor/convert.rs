@@ -37,7 +37,8 @@ simd_fn! {
 }
 
 simd_fn! {
-    fn round_in_place_chunk(x: &mut [f32]) {
+    /// As [`round_in_place`] on the calling thread (for blocks a task has just written).
+    pub fn round_in_place_serial(x: &mut [f32]) {
         for v in x.iter_mut() {
             *v = f32::from_bits(u32::from(narrow_one(*v).to_bits()) << 16);
         }
@@ -79,9 +80,9 @@ pub fn round(src: &[f32], dst: &mut [f32]) {
 /// `x[i] = f32(bf16(x[i]))`, as [`round`] in place.
 pub fn round_in_place(x: &mut [f32]) {
     if x.len() <= CHUNK {
-        return round_in_place_chunk(x);
+        return round_in_place_serial(x);
     }
-    x.par_chunks_mut(CHUNK).for_each(round_in_place_chunk);
+    x.par_chunks_mut(CHUNK).for_each(round_in_place_serial);
 }
 
 /// `f` over matching chunks of `src` and `dst`, in parallel when they are large.

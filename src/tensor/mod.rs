@@ -369,15 +369,11 @@ impl Tensor {
         }
     }
 
-    /// Writes a CPU bf16 tensor through f32 and leaves it held widened
-    /// ([`CpuStorage::BF16Wide`]): `f` gets the elements as f32 (their values when
-    /// `reads`, unspecified otherwise), and what it leaves is rounded to bf16 (nearest
-    /// even) in place, so the tensor holds exactly what bf16 storage would.
-    pub fn write_bf16_wide<R>(
-        &mut self,
-        reads: bool,
-        f: impl FnOnce(&mut [f32]) -> Result<R>,
-    ) -> Result<R> {
+    /// A CPU bf16 tensor's elements as f32 for writing, held widened from now on
+    /// ([`CpuStorage::BF16Wide`]): their values when `reads` (or when already held so),
+    /// unspecified otherwise. The writer must leave every element a bf16 value (round
+    /// what it writes: [`convert::round_in_place`]) — that is what this storage holds.
+    pub fn bf16_wide_mut(&mut self, reads: bool) -> Result<&mut [f32]> {
         if let Storage::Cpu(CpuStorage::BF16(h)) = &self.storage {
             let mut b = pool::Buf::uninit(h.len());
             if reads {
@@ -386,20 +382,15 @@ impl Tensor {
             self.storage = Storage::Cpu(CpuStorage::BF16Wide(b));
         }
         let actual = self.dtype().name();
-        let wide = match &mut self.storage {
-            Storage::Cpu(CpuStorage::BF16Wide(b)) => b.as_mut_slice(),
-            Storage::Cuda(b, _) => return Err(on_device("write_bf16_wide", b)),
-            _ => {
-                return Err(Error::DType {
-                    op: "write_bf16_wide",
-                    expected: "BF16",
-                    actual,
-                })
-            }
-        };
-        let r = f(wide)?;
-        convert::round_in_place(wide);
-        Ok(r)
+        match &mut self.storage {
+            Storage::Cpu(CpuStorage::BF16Wide(b)) => Ok(b.as_mut_slice()),
+            Storage::Cuda(b, _) => Err(on_device("bf16_wide_mut", b)),
+            _ => Err(Error::DType {
+                op: "bf16_wide_mut",
+                expected: "BF16",
+                actual,
+            }),
+        }
     }
 
     /// `self`'s values rounded to bf16 (nearest even) as a CPU bf16 tensor held widened

@@ -5,8 +5,10 @@
 //! tiny products; they run in parallel over images × heads, each single-threaded, and
 //! read q, k, v in place through strides — no reshapes or copies.
 
+use super::ops::Round;
 use crate::backend::gemm::{matmul_raw, Mat, Par, SharedMut};
 use crate::backend::AttnDims;
+use crate::tensor::convert::round_in_place_serial;
 use rayon::prelude::*;
 
 impl AttnDims {
@@ -38,17 +40,32 @@ impl AttnDims {
     }
 }
 
-/// Rounds to the nearest bf16 value (even on ties), kept in f32.
-fn round_bf16(x: &mut [f32]) {
-    x.iter_mut()
-        .for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
+/// Rounds the elements of view `m` (unit column stride) of the buffer at `ptr` as
+/// `round` says.
+///
+/// # Safety
+/// The view must lie inside the buffer, and no other thread may touch its elements.
+unsafe fn round_view(ptr: SharedMut, m: Mat, round: Round) {
+    debug_assert!(m.cs == 1);
+    for r in 0..m.rows {
+        round.block(std::slice::from_raw_parts_mut(
+            ptr.get().add(m.offset + r * m.rs),
+            m.cols,
+        ));
+    }
 }
 
 /// `out = softmax(q kᵀ / sqrt(hd)) v` per head; saves the probabilities
 /// (`probs`, `[b, heads, queries, t]`) for the backward pass. With `round` (mixed
 /// precision) the probabilities are rounded to bf16 before they multiply v, as the
-/// GPU's kernels (and FlashAttention) do.
-pub fn attention(qkv: &[f32], dims: AttnDims, probs: &mut [f32], out: &mut [f32], round: bool) {
+/// GPU's kernels (and FlashAttention) do; `out` is rounded as `store` says.
+pub fn attention(
+    qkv: &[f32],
+    dims: AttnDims,
+    probs: &mut [f32],
+    (out, store): (&mut [f32], Round),
+    round: bool,
+) {
     let (t, q, d) = (dims.tokens, dims.queries, dims.dim);
     assert!(qkv.len() == dims.batch * t * 3 * d && out.len() == dims.batch * q * d && q <= t);
     assert!(probs.len() == dims.batch * dims.heads * q * t && d % dims.heads == 0);
@@ -72,7 +89,7 @@ pub fn attention(qkv: &[f32], dims: AttnDims, probs: &mut [f32], out: &mut [f32]
         }
         super::simd::softmax_rows(p, t, scale);
         if round {
-            round_bf16(p);
+            round_in_place_serial(p);
         }
         unsafe {
             matmul_raw(
@@ -85,18 +102,20 @@ pub fn attention(qkv: &[f32], dims: AttnDims, probs: &mut [f32], out: &mut [f32]
                 false,
                 Par::Single,
             );
+            round_view(out_ptr, dims.out_view(b, h), store);
         }
     });
 }
 
 /// Backward of [`attention`]: `dqkv += …` given `dout` and the saved `probs`; with
-/// `round`, the score gradient dS is rounded to bf16 before its products.
+/// `round`, the score gradient dS is rounded to bf16 before its products; `dqkv` is
+/// rounded as `store` says.
 pub fn attention_backward(
     dout: &[f32],
     qkv: &[f32],
     probs: &[f32],
     dims: AttnDims,
-    dqkv: &mut [f32],
+    (dqkv, store): (&mut [f32], Round),
     round: bool,
 ) {
     let (t, q, d) = (dims.tokens, dims.queries, dims.dim);
@@ -139,7 +158,7 @@ pub fn attention_backward(
             // 1/sqrt(hd) of the forward folded in)
             super::simd::softmax_backward_rows(ds, p, t, scale);
             if round {
-                round_bf16(ds);
+                round_in_place_serial(ds);
             }
             unsafe {
                 // dQ += dS K
@@ -164,6 +183,9 @@ pub fn attention_backward(
                     true,
                     Par::Single,
                 );
+                for which in 0..3 {
+                    round_view(dqkv_ptr, dims.qkv_view(b, h, which), store);
+                }
             }
         },
     );

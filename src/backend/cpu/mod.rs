@@ -20,6 +20,7 @@ use super::gemm;
 use super::{AdamStep, AttnDims, AugmentBatch, Backend, DropoutKey, DropoutMode, SgdStep};
 use crate::error::{Error, Result};
 use crate::tensor::{convert, Buf, DType, Device, Tensor};
+use ops::Round;
 
 /// Sets the number of CPU threads (rayon's global pool, which the GEMMs use too).
 /// Call once, before any compute; `0` means one per core.
@@ -108,28 +109,34 @@ fn widened(h: &[half::bf16]) -> Buf {
     b
 }
 
-/// Runs `f` on an output's data as f32: a bf16 output is rounded to nearest even
-/// afterwards, which is how the GPU kernels store bf16 too (they compute in f32). It is
-/// then held widened where the bf16 products run on the f32 path ([`holds_wide`]),
-/// as bf16 otherwise (widened first for ops that read or accumulate into it).
-fn write<R>(t: &mut Tensor, f: impl FnOnce(&mut [f32]) -> Result<R>) -> Result<R> {
+/// Runs `f` on an output's data as f32; a bf16 output is rounded to nearest even,
+/// which is how the GPU kernels store bf16 too (they compute in f32). Where the bf16
+/// products run on the f32 path ([`holds_wide`]) it is held widened in f32 and `f`
+/// rounds what it writes, block by block, as the [`Round`] it is given says; otherwise
+/// it is held as bf16, widened first for ops that read or accumulate into it, and
+/// narrowed afterwards.
+fn write<R>(t: &mut Tensor, f: impl FnOnce(&mut [f32], Round) -> Result<R>) -> Result<R> {
     write_as(t, true, f)
 }
 
 /// As [`write`]; `f` does not read the output when `!reads` (a bf16 output is then not
 /// widened first).
-fn write_as<R>(t: &mut Tensor, reads: bool, f: impl FnOnce(&mut [f32]) -> Result<R>) -> Result<R> {
+fn write_as<R>(
+    t: &mut Tensor,
+    reads: bool,
+    f: impl FnOnce(&mut [f32], Round) -> Result<R>,
+) -> Result<R> {
     if t.dtype() != DType::BF16 {
-        return f(t.f32s_mut()?);
+        return f(t.f32s_mut()?, Round::No);
     }
     if t.bf16_wide().is_some() || holds_wide() {
-        return t.write_bf16_wide(reads, f);
+        return f(t.bf16_wide_mut(reads)?, Round::Bf16);
     }
     let mut v = match reads {
         true => widened(t.bf16s()?),
         false => Buf::uninit(t.numel()),
     };
-    let r = f(v.as_mut_slice())?;
+    let r = f(v.as_mut_slice(), Round::No)?;
     convert::narrow(v.as_slice(), t.bf16s_mut()?);
     Ok(r)
 }
@@ -158,10 +165,10 @@ fn gemm_into(
     let held_bf16 = |t: &Tensor| t.dtype() == DType::BF16 && t.bf16_wide().is_none();
     let half = held_bf16(a) && held_bf16(b);
     let (av, bv) = (view(ta, m, k), view(tb, k, n));
-    write_as(c, accumulate, |c| {
+    write_as(c, accumulate, |c, round| {
         let accumulate = accumulate || bias.is_some();
         if let Some(bias) = bias {
-            ops::fill_rows(c, bias);
+            ops::fill_rows(c, bias, Round::No);
         }
         match half {
             true => bf16gemm::matmul(c, a.bf16s()?, av, b.bf16s()?, bv, accumulate),
@@ -171,6 +178,9 @@ fn gemm_into(
                 gemm::matmul_views(c, d, &a, av, &b, bv, accumulate, gemm::Par::Pool);
             }
         }
+        // a pass of its own: rounding in blocks as the product finishes them would
+        // split the GEMM into calls that each pack its operands again (slower)
+        round.all(c);
         Ok(())
     })
 }
@@ -216,8 +226,8 @@ impl Backend for CpuBackend {
     fn fill_rows(&self, out: &mut Tensor, bias: &Tensor) -> Result<()> {
         check_rows("fill_rows", out, bias)?;
         let bias = bias.f32s()?;
-        write_as(out, false, |out| {
-            ops::fill_rows(out, bias);
+        write_as(out, false, |out, round| {
+            ops::fill_rows(out, bias, round);
             Ok(())
         })
     }
@@ -233,9 +243,9 @@ impl Backend for CpuBackend {
         check_same("bias_gelu", pre, &[out])?;
         check_rows("bias_gelu", pre, bias)?;
         let bias = bias.f32s()?;
-        write(pre, |pre| {
-            write_as(out, false, |out| {
-                ops::bias_gelu(pre, bias, out);
+        write(pre, |pre, round_pre| {
+            write_as(out, false, |out, round_out| {
+                ops::bias_gelu(pre, bias, out, (round_pre, round_out));
                 Ok(())
             })
         })
@@ -244,8 +254,8 @@ impl Backend for CpuBackend {
     fn gelu_backward(&self, dy: &Tensor, pre: &Tensor, dpre: &mut Tensor) -> Result<()> {
         check_same("gelu_backward", dy, &[pre, dpre])?;
         let (dy, pre) = (read(dy)?, read(pre)?);
-        write_as(dpre, false, |dpre| {
-            ops::gelu_backward(&dy, &pre, dpre);
+        write_as(dpre, false, |dpre, round| {
+            ops::gelu_backward(&dy, &pre, dpre, round);
             Ok(())
         })
     }
@@ -263,8 +273,8 @@ impl Backend for CpuBackend {
         check_layernorm(x, (gamma, beta), y, (mean, rstd))?;
         let (x, g, b) = (x.f32s()?, gamma.f32s()?, beta.f32s()?);
         let (mean, rstd) = (mean.f32s_mut()?, rstd.f32s_mut()?);
-        write_as(y, false, |y| {
-            ops::layernorm(x, g, b, eps, y, mean, rstd);
+        write_as(y, false, |y, round| {
+            ops::layernorm(x, g, b, eps, (y, round), mean, rstd);
             Ok(())
         })
     }
@@ -292,8 +302,8 @@ impl Backend for CpuBackend {
     fn patchify(&self, images: &Tensor, patch: usize, out: &mut Tensor) -> Result<()> {
         let (b, c, h, w) = check_patchify(images, patch, out)?;
         let images = read(images)?;
-        write_as(out, false, |out| {
-            ops::patchify(&images, (b, c, h, w), patch, out);
+        write_as(out, false, |out, round| {
+            ops::patchify(&images, (b, c, h, w), patch, out, round);
             Ok(())
         })
     }
@@ -334,8 +344,8 @@ impl Backend for CpuBackend {
         // mixed precision: probabilities rounded to bf16 for their product, as on a GPU
         let bf16 = qkv.dtype() == DType::BF16;
         let (qkv, probs) = (read(qkv)?, probs.f32s_mut()?);
-        write_as(out, false, |out| {
-            attention::attention(&qkv, dims, probs, out, bf16);
+        write_as(out, false, |out, round| {
+            attention::attention(&qkv, dims, probs, (out, round), bf16);
             Ok(())
         })
     }
@@ -353,11 +363,11 @@ impl Backend for CpuBackend {
         check_attn_backward(dims, qkv, dqkv, accumulate)?;
         let bf16 = qkv.dtype() == DType::BF16;
         let (dout, qkv) = (read(dout)?, read(qkv)?);
-        write_as(dqkv, accumulate, |dqkv| {
+        write_as(dqkv, accumulate, |dqkv, round| {
             if !accumulate {
                 dqkv.fill(0.0);
             }
-            attention::attention_backward(&dout, &qkv, probs.f32s()?, dims, dqkv, bf16);
+            attention::attention_backward(&dout, &qkv, probs.f32s()?, dims, (dqkv, round), bf16);
             Ok(())
         })
     }
@@ -409,8 +419,8 @@ impl Backend for CpuBackend {
             DropoutMode::AddTo(r) => simd::DropMode::AddTo(r.f32s()?),
         };
         let reads = matches!(mode, simd::DropMode::Accumulate);
-        write_as(out, reads, |out| {
-            ops::dropout(x, p, key, samples, mode, out);
+        write_as(out, reads, |out, round| {
+            ops::dropout(x, p, key, samples, mode, out, round);
             Ok(())
         })
     }

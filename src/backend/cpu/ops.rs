@@ -8,12 +8,38 @@
 use super::simd::{self, DropMode};
 use crate::backend::spec::{mix64, site_key};
 use crate::backend::{AugmentBatch, DropoutKey};
+use crate::tensor::convert;
 use rayon::prelude::*;
 
 /// Elements per parallel task for elementwise loops.
 const CHUNK: usize = 1 << 15;
 /// Rows per parallel task for row-wise kernels whose rows are a few hundred wide.
 const ROWS: usize = 32;
+
+/// Whether a kernel rounds its output to bf16 (nearest even) as it writes it: mixed
+/// precision's activations held widened in f32 (`CpuStorage::BF16Wide`), rounded block
+/// by block while each block is still in cache rather than in a pass of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Round {
+    No,
+    Bf16,
+}
+
+impl Round {
+    /// Rounds a block the calling task has just written.
+    pub fn block(self, x: &mut [f32]) {
+        if self == Round::Bf16 {
+            convert::round_in_place_serial(x);
+        }
+    }
+
+    /// Rounds a whole output, in a parallel pass of its own.
+    pub fn all(self, x: &mut [f32]) {
+        if self == Round::Bf16 {
+            convert::round_in_place(x);
+        }
+    }
+}
 
 /// `dst += src`
 pub fn add_assign(dst: &mut [f32], src: &[f32]) {
@@ -74,10 +100,12 @@ where
 
 /// Every row of `out` (`[n, d]`) set to `bias` (`[d]`): the start value of a GEMM that
 /// accumulates, which fuses the bias add into the product.
-pub fn fill_rows(out: &mut [f32], bias: &[f32]) {
+pub fn fill_rows(out: &mut [f32], bias: &[f32], round: Round) {
     let d = bias.len();
-    out.par_chunks_mut(d * ROWS)
-        .for_each(|c| c.chunks_mut(d).for_each(|r| r.copy_from_slice(bias)));
+    out.par_chunks_mut(d * ROWS).for_each(|c| {
+        c.chunks_mut(d).for_each(|r| r.copy_from_slice(bias));
+        round.block(c);
+    });
 }
 
 /// `db += column sums of dy` (`dy` is `[n, d]`).
@@ -90,19 +118,27 @@ pub fn bias_grad(dy: &[f32], db: &mut [f32]) {
     });
 }
 
-/// In one pass: `pre += bias` (row-wise) and `out = gelu(pre)`.
-pub fn bias_gelu(pre: &mut [f32], bias: &[f32], out: &mut [f32]) {
+/// In one pass: `pre += bias` (row-wise) and `out = gelu(pre)`, each rounded as its
+/// [`Round`] says (the GELU reads `pre` before it is rounded, as the GPU kernel does).
+pub fn bias_gelu(pre: &mut [f32], bias: &[f32], out: &mut [f32], round: (Round, Round)) {
     let d = bias.len();
     pre.par_chunks_mut(d * ROWS)
         .zip(out.par_chunks_mut(d * ROWS))
-        .for_each(|(p, o)| simd::bias_gelu_rows(p, bias, o));
+        .for_each(|(p, o)| {
+            simd::bias_gelu_rows(p, bias, o);
+            round.0.block(p);
+            round.1.block(o);
+        });
 }
 
 /// `dpre = dy * gelu'(pre)` (overwrites `dpre`).
-pub fn gelu_backward(dy: &[f32], pre: &[f32], dpre: &mut [f32]) {
+pub fn gelu_backward(dy: &[f32], pre: &[f32], dpre: &mut [f32], round: Round) {
     dpre.par_chunks_mut(CHUNK)
         .zip(dy.par_chunks(CHUNK).zip(pre.par_chunks(CHUNK)))
-        .for_each(|(o, (g, x))| simd::gelu_backward(g, x, o));
+        .for_each(|(o, (g, x))| {
+            simd::gelu_backward(g, x, o);
+            round.block(o);
+        });
 }
 
 /// LayerNorm over the last dimension `d` of `x` (`[n, d]`); saves per-row mean and
@@ -112,7 +148,7 @@ pub fn layernorm(
     gamma: &[f32],
     beta: &[f32],
     eps: f32,
-    y: &mut [f32],
+    (y, round): (&mut [f32], Round),
     mean: &mut [f32],
     rstd: &mut [f32],
 ) {
@@ -121,7 +157,8 @@ pub fn layernorm(
         .zip(x.par_chunks(d * ROWS))
         .zip(mean.par_chunks_mut(ROWS).zip(rstd.par_chunks_mut(ROWS)))
         .for_each(|((y, x), (mean, rstd))| {
-            simd::layernorm_rows(x, gamma, beta, eps, y, mean, rstd)
+            simd::layernorm_rows(x, gamma, beta, eps, y, mean, rstd);
+            round.block(y);
         });
 }
 
@@ -177,6 +214,7 @@ pub fn patchify(
     (b, c, h, w): (usize, usize, usize, usize),
     p: usize,
     out: &mut [f32],
+    round: Round,
 ) {
     let (gh, gw) = (h / p, w / p);
     let plen = c * p * p;
@@ -195,6 +233,7 @@ pub fn patchify(
                     }
                 }
             }
+            round.block(o);
         });
 }
 
@@ -279,6 +318,7 @@ pub fn dropout(
     samples: &[u64],
     mode: DropMode,
     out: &mut [f32],
+    round: Round,
 ) {
     let per = x.len() / samples.len();
     let threshold = (p as f64 * 65536.0).round() as u32;
@@ -298,6 +338,7 @@ pub fn dropout(
             } else {
                 simd::dropout_sample(x, sample_base(key, s), threshold, scale, mode, o)
             }
+            round.block(o);
         });
 }
 

@@ -106,9 +106,10 @@ impl fmt::Display for Shape {
 pub enum CpuStorage {
     F32(pool::Buf),
     BF16(pool::Bf16Buf),
-    /// bf16 values held widened in f32, each element exactly a bf16: mixed precision's
-    /// activations where the CPU runs its bf16 products on the f32 path, so that ops
-    /// read them without converting. The same values as `BF16`, twice the bytes.
+    /// bf16 values held widened in f32, each element exactly a bf16: how the CPU holds
+    /// mixed precision's activations, so that no op (the bf16 GEMMs included, which
+    /// read the upper 16 bits) converts to read them. The same values as `BF16`, twice
+    /// the bytes.
     BF16Wide(pool::Buf),
     F16(Vec<f16>),
 }
@@ -342,20 +343,6 @@ impl Tensor {
                 op: "bf16s",
                 expected: "BF16",
                 actual: self.dtype().name(),
-            }),
-        }
-    }
-
-    pub fn bf16s_mut(&mut self) -> Result<&mut [bf16]> {
-        let actual = self.dtype().name();
-        match &mut self.storage {
-            Storage::Cpu(CpuStorage::BF16(b)) => Ok(b),
-            Storage::Cpu(CpuStorage::BF16Wide(_)) => Err(widened_error("bf16s_mut")),
-            Storage::Cuda(b, _) => Err(on_device("bf16s_mut", b)),
-            _ => Err(Error::DType {
-                op: "bf16s_mut",
-                expected: "BF16",
-                actual,
             }),
         }
     }

@@ -1,11 +1,13 @@
-//! Matrix products of bf16 operands on the CPU, with f32 accumulation.
+//! Matrix products of bf16 operands on the CPU, with f32 accumulation. The operands
+//! are bf16 values held widened in f32, as the CPU holds mixed precision's activations
+//! (`CpuStorage::BF16Wide`): no conversion pass either way.
 //!
 //! Two ways, picked once per process ([`path`]):
 //! - [`Bf16Path::Dot`]: AVX512-BF16's `vdpbf16ps` (two bf16 products added into each
-//!   f32 lane per instruction) on operands packed in k-pairs, 12 × 32 output tiles, the
-//!   output split into one block per thread as the f32 GEMM splits it;
-//! - [`Bf16Path::Widen`]: the operands widened exactly to f32 and multiplied by the f32
-//!   GEMM — every CPU has it.
+//!   f32 lane per instruction) on operands packed in k-pairs (each value's upper 16
+//!   bits: exact, as it is a bf16), 12 × 32 output tiles, the output split into one
+//!   block per thread as the f32 GEMM splits it;
+//! - [`Bf16Path::Widen`]: the f32 GEMM on them as they are — every CPU has it.
 //!
 //! Both give exact products summed in f32; the sums may differ in order (and so in
 //! the last bits). `FERROVIT_CPU_BF16=dot|widen` forces one (`dot` needs the CPU
@@ -15,8 +17,6 @@
 //! (docs/PERFORMANCE.md).
 
 use crate::backend::gemm::{self, Mat, Par, SharedMut};
-use crate::tensor::convert;
-use half::bf16;
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -25,7 +25,7 @@ use std::time::Instant;
 pub enum Bf16Path {
     /// `vdpbf16ps` on packed bf16 operands.
     Dot,
-    /// Operands widened to f32, then the f32 GEMM.
+    /// The f32 GEMM on the values held widened.
     Widen,
 }
 
@@ -127,7 +127,7 @@ fn decide() -> Bf16Choice {
 /// GFLOP/s of `path` on a 256 × 256 × 256 product on this thread (best of 5).
 fn timed(path: Bf16Path) -> f64 {
     const N: usize = 256;
-    let a: Vec<bf16> = (0..N * N).map(|i| bf16::from_f32((i % 7) as f32)).collect();
+    let a: Vec<f32> = (0..N * N).map(|i| (i % 7) as f32).collect();
     let mut c = vec![0.0f32; N * N];
     let v = Mat::dense(N, N);
     let best = (0..5)
@@ -140,12 +140,13 @@ fn timed(path: Bf16Path) -> f64 {
     2.0 * (N * N * N) as f64 / best.max(1e-9) / 1e9
 }
 
-/// `c (+)= a · b` for a dense row-major f32 `c` `[a.rows, b.cols]` and bf16 views `a`,
-/// `b`, the way [`path`] says, on all of rayon's threads.
+/// `c (+)= a · b` for a dense row-major f32 `c` `[a.rows, b.cols]` and views `a`, `b`
+/// of bf16 values held widened in f32 (every element exactly a bf16: the dot path
+/// reads only its upper 16 bits), the way [`path`] says, on all of rayon's threads.
 ///
 /// # Panics
 /// If the views' shapes disagree or reach outside their slices (a bug in ferrovit).
-pub fn matmul(c: &mut [f32], lhs: &[bf16], a: Mat, rhs: &[bf16], b: Mat, accumulate: bool) {
+pub fn matmul(c: &mut [f32], lhs: &[f32], a: Mat, rhs: &[f32], b: Mat, accumulate: bool) {
     matmul_with(path(), c, lhs, a, rhs, b, accumulate, Par::Pool);
 }
 
@@ -158,9 +159,9 @@ pub fn matmul(c: &mut [f32], lhs: &[bf16], a: Mat, rhs: &[bf16], b: Mat, accumul
 pub fn matmul_with(
     path: Bf16Path,
     c: &mut [f32],
-    lhs: &[bf16],
+    lhs: &[f32],
     a: Mat,
-    rhs: &[bf16],
+    rhs: &[f32],
     b: Mat,
     accumulate: bool,
     par: Par,
@@ -181,10 +182,7 @@ pub fn matmul_with(
     }
     let d = Mat::dense(a.rows, b.cols);
     match path {
-        Bf16Path::Widen => {
-            let ((wa, va), (wb, vb)) = (widen_view(lhs, a), widen_view(rhs, b));
-            gemm::matmul_views(c, d, wa.as_slice(), va, wb.as_slice(), vb, accumulate, par);
-        }
+        Bf16Path::Widen => gemm::matmul_views(c, d, lhs, a, rhs, b, accumulate, par),
         Bf16Path::Dot => {
             assert!(has_dot(), "the vdpbf16ps path on a CPU without AVX512-BF16");
             #[cfg(target_arch = "x86_64")]
@@ -195,21 +193,13 @@ pub fn matmul_with(
     }
 }
 
-/// The memory a view spans, widened (pooled), and the same view into it.
-fn widen_view(src: &[bf16], v: Mat) -> (crate::tensor::Buf, Mat) {
-    let span = &src[v.offset..v.extent()];
-    let mut out = crate::tensor::Buf::uninit(span.len());
-    convert::widen(span, out.as_mut_slice());
-    (out, Mat { offset: 0, ..v })
-}
-
 #[cfg(target_arch = "x86_64")]
 mod dot {
     //! The `vdpbf16ps` GEMM: B packed per 32 columns, A per 12 rows, both in k-pairs
-    //! (`[x(k), x(k + 1)]` in one 32-bit word), zero-padded to whole tiles and pairs.
+    //! (`[x(k), x(k + 1)]` as bf16 in one 32-bit word), zero-padded to whole tiles and
+    //! pairs.
 
     use super::{Mat, SharedMut};
-    use half::bf16;
     use std::arch::x86_64::*;
     use std::cell::RefCell;
 
@@ -230,9 +220,9 @@ mod dot {
     /// along its longer side (or on this thread alone when `single`).
     pub fn matmul(
         c: &mut [f32],
-        lhs: &[bf16],
+        lhs: &[f32],
         a: Mat,
-        rhs: &[bf16],
+        rhs: &[f32],
         b: Mat,
         accumulate: bool,
         single: bool,
@@ -268,7 +258,7 @@ mod dot {
     }
 
     /// One thread's product into `c` (row stride `ldc`), blocked for the caches.
-    fn block(c: *mut f32, ldc: usize, lhs: &[bf16], a: Mat, rhs: &[bf16], b: Mat, acc: bool) {
+    fn block(c: *mut f32, ldc: usize, lhs: &[f32], a: Mat, rhs: &[f32], b: Mat, acc: bool) {
         let (m, n, k) = (a.rows, b.cols, a.cols);
         PACKS.with(|p| {
             let (pa, pb) = &mut *p.borrow_mut();
@@ -314,22 +304,23 @@ mod dot {
         }
     }
 
-    /// Two bf16 values as one 32-bit word, `lo` in the low half.
+    /// Two bf16 values held widened as one 32-bit word of bf16s, `lo` in the low half:
+    /// each one's upper 16 bits, which are the whole value.
     #[inline(always)]
-    fn pair(lo: bf16, hi: bf16) -> u32 {
-        u32::from(lo.to_bits()) | u32::from(hi.to_bits()) << 16
+    fn pair(lo: f32, hi: f32) -> u32 {
+        lo.to_bits() >> 16 | (hi.to_bits() & 0xffff_0000)
     }
 
     /// The rows of `v` (k along its columns) as panels of `r` rows: per k-pair, `r`
     /// words (rows past `v.rows` and a k past `v.cols` are zero). A's blocks are packed
     /// as they are, B's transposed (rows are its columns).
-    fn pack(out: &mut Vec<u32>, src: &[bf16], v: Mat, r: usize) {
+    fn pack(out: &mut Vec<u32>, src: &[f32], v: Mat, r: usize) {
         let pairs = v.cols.div_ceil(2);
         out.clear();
         out.resize(v.rows.div_ceil(r) * pairs * r, 0);
         let at = |i: usize, j: usize| match j < v.cols {
             true => src[v.offset + i * v.rs + j * v.cs],
-            false => bf16::ZERO,
+            false => 0.0,
         };
         for (ip, panel) in out.chunks_mut(pairs * r).enumerate() {
             for (p, words) in panel.chunks_mut(r).enumerate() {
@@ -392,6 +383,7 @@ mod dot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::bf16;
 
     /// Both paths against an f64 reference of the same bf16 values: odd shapes (edge
     /// tiles, an odd k), every transpose, several k-blocks, accumulation, one and all
@@ -412,19 +404,21 @@ mod tests {
             (12, 32, 2),
             (300, 40, 7),
         ] {
-            let val = |i: usize, s: usize| bf16::from_f32(((i * s) % 23) as f32 / 8.0 - 1.4);
-            let a: Vec<bf16> = (0..m * k).map(|i| val(i, 7919)).collect();
-            let b: Vec<bf16> = (0..k * n).map(|i| val(i, 104_729)).collect();
+            // bf16 values held widened, as the CPU holds bf16 activations
+            let val =
+                |i: usize, s: usize| bf16::from_f32(((i * s) % 23) as f32 / 8.0 - 1.4).to_f32();
+            let a: Vec<f32> = (0..m * k).map(|i| val(i, 7919)).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| val(i, 104_729)).collect();
             let want: Vec<f64> = (0..m * n)
                 .map(|ij| {
                     let (i, j) = (ij / n, ij % n);
                     (0..k)
-                        .map(|p| a[i * k + p].to_f64() * b[p * n + j].to_f64())
+                        .map(|p| f64::from(a[i * k + p]) * f64::from(b[p * n + j]))
                         .sum()
                 })
                 .collect();
-            let at: Vec<bf16> = (0..k * m).map(|x| a[(x % m) * k + x / m]).collect();
-            let bt: Vec<bf16> = (0..n * k).map(|x| b[(x % k) * n + x / k]).collect();
+            let at: Vec<f32> = (0..k * m).map(|x| a[(x % m) * k + x / m]).collect();
+            let bt: Vec<f32> = (0..n * k).map(|x| b[(x % k) * n + x / k]).collect();
             for &path in &paths {
                 for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
                     let (la, va) = match ta {

@@ -1,7 +1,6 @@
 //! The CPU backend: f32, multi-threaded with rayon, GEMMs through the `gemm` crate;
-//! bf16 activations (mixed precision) are rounded where stored, and held widened in f32
-//! where the bf16 products run on the f32 path (so reading them costs nothing), as bf16
-//! otherwise (widened on read).
+//! bf16 activations (mixed precision) are rounded where stored and held widened in f32
+//! (`CpuStorage::BF16Wide`), so no op converts to read them, the bf16 GEMMs included.
 //! It is also the reference every other backend is tested against.
 
 pub mod attention;
@@ -75,8 +74,8 @@ pub fn physical_memory() -> Option<u64> {
 
 pub struct CpuBackend;
 
-/// An input's elements as f32: f32 data and bf16 held widened as they are, bf16 held
-/// as bf16 (mixed precision's activations) widened exactly into a pooled buffer.
+/// An input's elements as f32: f32 data and bf16 held widened as they are; bf16 held
+/// as bf16 (a tensor converted with `to_dtype`) widened exactly into a pooled buffer.
 enum F32s<'a> {
     Borrowed(&'a [f32]),
     Widened(Buf),
@@ -109,18 +108,16 @@ fn widened(h: &[half::bf16]) -> Buf {
     b
 }
 
-/// Runs `f` on an output's data as f32; a bf16 output is rounded to nearest even,
-/// which is how the GPU kernels store bf16 too (they compute in f32). Where the bf16
-/// products run on the f32 path ([`holds_wide`]) it is held widened in f32 and `f`
-/// rounds what it writes, block by block, as the [`Round`] it is given says; otherwise
-/// it is held as bf16, widened first for ops that read or accumulate into it, and
-/// narrowed afterwards.
+/// Runs `f` on an output's data as f32. A bf16 output is held widened in f32 from then
+/// on, and `f` rounds what it writes to bf16 (nearest even), block by block, as the
+/// [`Round`] it is given says — which is how the GPU kernels store bf16 too (they
+/// compute in f32).
 fn write<R>(t: &mut Tensor, f: impl FnOnce(&mut [f32], Round) -> Result<R>) -> Result<R> {
     write_as(t, true, f)
 }
 
-/// As [`write`]; `f` does not read the output when `!reads` (a bf16 output is then not
-/// widened first).
+/// As [`write`]; `f` does not read the output when `!reads` (a bf16 output held as
+/// bf16 is then not widened first).
 fn write_as<R>(
     t: &mut Tensor,
     reads: bool,
@@ -129,22 +126,7 @@ fn write_as<R>(
     if t.dtype() != DType::BF16 {
         return f(t.f32s_mut()?, Round::No);
     }
-    if t.bf16_wide().is_some() || holds_wide() {
-        return f(t.bf16_wide_mut(reads)?, Round::Bf16);
-    }
-    let mut v = match reads {
-        true => widened(t.bf16s()?),
-        false => Buf::uninit(t.numel()),
-    };
-    let r = f(v.as_mut_slice(), Round::No)?;
-    convert::narrow(v.as_slice(), t.bf16s_mut()?);
-    Ok(r)
-}
-
-/// Whether bf16 activations are held widened in f32: where the bf16 products run on
-/// the f32 path (they would widen them anyway, and every other op reads f32).
-fn holds_wide() -> bool {
-    bf16gemm::path() == bf16gemm::Bf16Path::Widen
+    f(t.bf16_wide_mut(reads)?, Round::Bf16)
 }
 
 /// `c (+)= op(a) · op(b) (+ bias)` with f32 accumulation, for f32 operands or bf16 ones
@@ -162,18 +144,17 @@ fn gemm_into(
     bias: Option<&[f32]>,
 ) -> Result<()> {
     check_matmul(c, a, b, (m, n, k))?;
-    let held_bf16 = |t: &Tensor| t.dtype() == DType::BF16 && t.bf16_wide().is_none();
-    let half = held_bf16(a) && held_bf16(b);
+    let half = a.dtype() == DType::BF16 && b.dtype() == DType::BF16;
     let (av, bv) = (view(ta, m, k), view(tb, k, n));
     write_as(c, accumulate, |c, round| {
         let accumulate = accumulate || bias.is_some();
         if let Some(bias) = bias {
             ops::fill_rows(c, bias, Round::No);
         }
+        let (a, b) = (read(a)?, read(b)?);
         match half {
-            true => bf16gemm::matmul(c, a.bf16s()?, av, b.bf16s()?, bv, accumulate),
+            true => bf16gemm::matmul(c, &a, av, &b, bv, accumulate),
             false => {
-                let (a, b) = (read(a)?, read(b)?);
                 let d = gemm::Mat::dense(m, n);
                 gemm::matmul_views(c, d, &a, av, &b, bv, accumulate, gemm::Par::Pool);
             }
@@ -492,10 +473,7 @@ impl Backend for CpuBackend {
     }
 
     fn gemm_operand(&self, t: &Tensor) -> Result<Tensor> {
-        match holds_wide() {
-            true => t.to_bf16_wide(),
-            false => t.try_to_dtype(DType::BF16),
-        }
+        t.to_bf16_wide()
     }
 
     fn augment(&self, batch: &AugmentBatch, dtype: DType) -> Result<Tensor> {

@@ -191,14 +191,16 @@ impl Tensor {
         })
     }
 
-    /// As [`Tensor::try_uninit`] with any dtype (CPU f16 data starts zeroed).
+    /// As [`Tensor::try_uninit`] with any dtype (bf16 on the CPU held widened in f32,
+    /// [`CpuStorage::BF16Wide`]; f16 there starts zeroed).
     pub fn try_uninit_as(shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Tensor> {
         let shape = shape.into();
         match (device, dtype) {
             (_, DType::F32) => Tensor::try_uninit(shape, device),
             (Device::Cuda(id), _) => Tensor::cuda_uninit(id, shape, dtype),
+            // held widened, as the CPU backend writes and reads bf16 activations
             (Device::Cpu, DType::BF16) => Ok(Tensor {
-                storage: Storage::Cpu(CpuStorage::BF16(pool::Bf16Buf::uninit(shape.numel()))),
+                storage: Storage::Cpu(CpuStorage::BF16Wide(pool::Buf::uninit(shape.numel()))),
                 shape,
             }),
             (Device::Cpu, DType::F16) => Ok(Tensor {

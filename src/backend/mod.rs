@@ -214,8 +214,8 @@ pub trait Backend: Send + Sync {
     fn augment(&self, batch: &AugmentBatch, dtype: DType) -> Result<Tensor>;
 
     /// A mixed-precision GEMM operand: `t`'s values rounded to bf16, stored as this
-    /// backend multiplies them fastest (as bf16; the CPU holds them widened in f32
-    /// where its bf16 products would widen them anyway, so once, not per product).
+    /// backend holds bf16 (as bf16; the CPU holds them widened in f32), made once per
+    /// use rather than per product.
     fn gemm_operand(&self, t: &Tensor) -> Result<Tensor> {
         t.try_to_dtype(DType::BF16)
     }

@@ -53,8 +53,8 @@ fn half_precision_storage_round_trips() {
     );
 }
 
-/// bf16 held widened in f32 (the CPU's mixed precision where its bf16 products run
-/// in f32) holds exactly what bf16 storage holds, through every conversion.
+/// bf16 held widened in f32 (how the CPU holds mixed precision's activations) holds
+/// exactly what bf16 storage holds, through every conversion.
 #[test]
 fn bf16_held_widened_holds_what_bf16_storage_holds() {
     // a value that rounds up, ties both ways, a NaN, an infinity, a denormal

@@ -131,7 +131,9 @@ fn write_as<R>(
 
 /// `c (+)= op(a) · op(b) (+ bias)` with f32 accumulation, for f32 operands or bf16 ones
 /// (both the same: mixed precision; the bf16 GEMM of [`bf16gemm`]); a bf16 `c` is
-/// rounded once, after the bias is added, as on a GPU.
+/// rounded once, after the bias is added, as on a GPU (the bias is added after the
+/// product, in the pass that rounds it, rather than filled in first for it to accumulate
+/// onto: the GEMM then need not read `c`).
 #[allow(clippy::too_many_arguments)]
 fn gemm_into(
     c: &mut Tensor,
@@ -147,10 +149,6 @@ fn gemm_into(
     let half = a.dtype() == DType::BF16 && b.dtype() == DType::BF16;
     let (av, bv) = (view(ta, m, k), view(tb, k, n));
     write_as(c, accumulate, |c, round| {
-        let accumulate = accumulate || bias.is_some();
-        if let Some(bias) = bias {
-            ops::fill_rows(c, bias, Round::No);
-        }
         let (a, b) = (read(a)?, read(b)?);
         match half {
             true => bf16gemm::matmul(c, &a, av, &b, bv, accumulate),
@@ -159,9 +157,13 @@ fn gemm_into(
                 gemm::matmul_views(c, d, &a, av, &b, bv, accumulate, gemm::Par::Pool);
             }
         }
-        // a pass of its own: rounding in blocks as the product finishes them would
-        // split the GEMM into calls that each pack its operands again (slower)
-        round.all(c);
+        // a pass of its own, which also adds the bias: rounding in blocks as the
+        // product finishes them would split the GEMM into calls that each pack its
+        // operands again (slower)
+        match bias {
+            Some(bias) => ops::add_rows(c, bias, round),
+            None => round.all(c),
+        }
         Ok(())
     })
 }

@@ -98,12 +98,21 @@ where
     }
 }
 
-/// Every row of `out` (`[n, d]`) set to `bias` (`[d]`): the start value of a GEMM that
-/// accumulates, which fuses the bias add into the product.
+/// Every row of `out` (`[n, d]`) set to `bias` (`[d]`), rounded as `round` says.
 pub fn fill_rows(out: &mut [f32], bias: &[f32], round: Round) {
     let d = bias.len();
     out.par_chunks_mut(d * ROWS).for_each(|c| {
         c.chunks_mut(d).for_each(|r| r.copy_from_slice(bias));
+        round.block(c);
+    });
+}
+
+/// `bias` (`[d]`) added to every row of `out` (`[n, d]`), rounded as `round` says: a
+/// GEMM's bias, added in the same pass that rounds its output.
+pub fn add_rows(out: &mut [f32], bias: &[f32], round: Round) {
+    let d = bias.len();
+    out.par_chunks_mut(d * ROWS).for_each(|c| {
+        simd::add_bias_rows(c, bias);
         round.block(c);
     });
 }

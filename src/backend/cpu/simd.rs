@@ -46,6 +46,15 @@ pub fn dot(x: &[f32], y: &[f32]) -> f32 {
 }
 
 simd_fn! {
+    /// Rows of `x` (width `bias.len()`): `x += bias`.
+    pub fn add_bias_rows(x: &mut [f32], bias: &[f32]) {
+        for r in x.chunks_mut(bias.len()) {
+            r.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+        }
+    }
+}
+
+simd_fn! {
     /// Rows of `pre` (width `bias.len()`): `pre += bias; out = gelu(pre)`.
     pub fn bias_gelu_rows(pre: &mut [f32], bias: &[f32], out: &mut [f32]) {
         for (p, o) in pre.chunks_mut(bias.len()).zip(out.chunks_mut(bias.len())) {

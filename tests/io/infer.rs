@@ -1,6 +1,6 @@
 //! `ferrovit infer` and `ferrovit eval`: predictions equal the training engine's,
-//! weights are used in place, checkpoints of any layout work, and bad inputs are clear
-//! errors with nothing printed as a result.
+//! weights are used in place, bf16 on the CPU agrees with f32, checkpoints of any layout
+//! work, and bad inputs are clear errors with nothing printed as a result.
 
 use crate::common;
 
@@ -85,8 +85,8 @@ fn predictions_and_accuracy_match_the_training_engine() {
     let args: Vec<&str> = paths.iter().map(|p| p.to_str().unwrap()).collect();
     let (ok, stdout, err) = ferrovit(&[&["infer", "--ckpt", ckpt, "--json"], &args[..]].concat());
     assert!(ok, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    for (k, item) in v.as_array().unwrap().iter().enumerate() {
+    let tops: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    for (k, item) in tops.as_array().unwrap().iter().enumerate() {
         assert_eq!(item["image"], args[k]);
         assert_eq!(item["top"][0]["index"], want[k]);
         assert_eq!(item["top"].as_array().unwrap().len(), 3);
@@ -110,6 +110,35 @@ fn predictions_and_accuracy_match_the_training_engine() {
     assert_eq!(v["confusion"].as_array().unwrap().len(), 10);
     let (ok, stdout, _) = ferrovit(&["eval", "--ckpt", ckpt]);
     assert!(ok && stdout.contains("accuracy") && stdout.contains("confusion matrix"));
+
+    // bf16 on the CPU (activations rounded where stored) agrees with f32 to bf16's
+    // precision: eval's accuracy, and each image's f32 top class and its probability
+    let bf16 = ["--precision", "bf16"];
+    let (ok, stdout, err) = ferrovit(&[&["eval", "--ckpt", ckpt, "--json"], &bf16[..]].concat());
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let acc16 = v["accuracy"].as_f64().unwrap();
+    assert!((acc16 - acc).abs() <= 0.02, "bf16 eval {acc16}, f32 {acc}");
+    let infer16 = [&["infer", "--ckpt", ckpt, "--json"], &bf16[..], &args[..]].concat();
+    let (ok, stdout, err) = ferrovit(&infer16);
+    assert!(ok, "{err}");
+    let tops16: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    for (f, h) in tops
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(tops16.as_array().unwrap())
+    {
+        let top = &f["top"][0];
+        let same = h["top"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["index"] == top["index"]);
+        let p = |t: &serde_json::Value| t["probability"].as_f64().unwrap();
+        let same = same.unwrap_or_else(|| panic!("bf16 lost the f32 top class: {f} / {h}"));
+        assert!((p(same) - p(top)).abs() < 0.05, "{f} / {h}");
+    }
     std::fs::remove_dir_all(out).unwrap();
 }
 

@@ -321,16 +321,14 @@ impl Tensor {
     }
 
     pub fn f32s_mut(&mut self) -> Result<&mut [f32]> {
+        let actual = self.dtype().name();
         match &mut self.storage {
             Storage::Cpu(CpuStorage::F32(b)) => Ok(b.as_mut_slice()),
             Storage::Cuda(b, _) => Err(on_device("f32s_mut", b)),
-            other => Err(Error::DType {
+            _ => Err(Error::DType {
                 op: "f32s_mut",
                 expected: "F32",
-                actual: match other {
-                    Storage::Cpu(CpuStorage::F16(_)) => "F16",
-                    _ => "BF16",
-                },
+                actual,
             }),
         }
     }

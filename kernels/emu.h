@@ -85,6 +85,10 @@ inline T atomicAdd(T* p, T v) {
 }
 template <class T>
 inline T __ldg(const T* p) { return *p; }
+template <class T>
+inline T __ldcg(const T* p) { return *p; }
+// Orders this thread's memory accesses against other blocks' (the blocks' OS threads).
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 inline float __expf(float x) { return std::exp(x); }

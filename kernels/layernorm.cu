@@ -1,9 +1,8 @@
 // LayerNorm over rows of `d` f32 values (the output f32 or bf16) (the CPU backend's ops::layernorm and
 // layernorm_backward). One warp per row for the forward pass and the input gradient
 // (block 128 = 4 rows, grid ceil(rows / 4)); the parameter gradients are column sums,
-// done deterministically in two passes: per-chunk partials here, then reduce.cu's
-// add_column_partials_f32.
-#include "common.cuh"
+// done deterministically in one launch (columns.cuh).
+#include "columns.cuh"
 
 // y = (x - mean) * rstd * gamma + beta; saves mean and rstd per row. y is f32, or bf16
 // (rounded) under mixed precision, where it only feeds a GEMM.
@@ -71,22 +70,23 @@ extern "C" __global__ void layernorm_backward_dx_bf16(const fv_bf16* __restrict_
   ln_backward_dx(dy, x, gamma, mean, rstd, dx, rows, d);
 }
 
-// Partial dgamma (dy * xhat) and dbeta (dy) column sums of one chunk of rows:
-// grid (ceil(d / 32), chunks), block (32, 8); partial is [2][chunks][d] (gamma, then beta).
+// dgamma += column sums of dy * xhat, dbeta += column sums of dy, in one launch: grid
+// (ceil(d / 32), chunks of rows_per_chunk rows), block (32, FV_COLUMN_ROWS), counters as
+// columns.cuh says; partial (scratch) is [2][chunks][d] (gamma's, then beta's).
 template <class T>
-__device__ __forceinline__ void ln_param_grad_partial(const T* __restrict__ dy,
+__device__ __forceinline__ void ln_param_grad(const T* __restrict__ dy,
     const float* __restrict__ x, const float* __restrict__ mean, const float* __restrict__ rstd,
-    float* __restrict__ partial, int rows, int d, int rows_per_chunk) {
-  __shared__ float sg[8][33];
-  __shared__ float sb[8][33];
+    float* partial, float* dgamma, float* dbeta, unsigned* counters, int rows, int d, int rows_per_chunk) {
+  __shared__ float sg[FV_COLUMN_ROWS][33];
+  __shared__ float sb[FV_COLUMN_ROWS][33];
   int col = blockIdx.x * 32 + threadIdx.x;
-  int start = blockIdx.y * rows_per_chunk;
-  int end = min(rows, start + rows_per_chunk);
+  long start = (long)blockIdx.y * rows_per_chunk;
+  long end = min((long)rows, start + rows_per_chunk);
   float ag = 0.f, ab = 0.f;
   if (col < d) {
-    for (int r = start + threadIdx.y; r < end; r += 8) {
-      float g = fv_f32(dy[(long)r * d + col]);
-      ag += g * (x[(long)r * d + col] - mean[r]) * rstd[r];
+    for (long r = start + threadIdx.y; r < end; r += FV_COLUMN_ROWS) {
+      float g = fv_f32(dy[r * d + col]);
+      ag += g * (x[r * d + col] - mean[r]) * rstd[r];
       ab += g;
     }
   }
@@ -95,19 +95,21 @@ __device__ __forceinline__ void ln_param_grad_partial(const T* __restrict__ dy,
   __syncthreads();
   if (threadIdx.y == 0 && col < d) {
     float tg = 0.f, tb = 0.f;
-    for (int k = 0; k < 8; k++) { tg += sg[k][threadIdx.x]; tb += sb[k][threadIdx.x]; }
+    for (int k = 0; k < FV_COLUMN_ROWS; k++) { tg += sg[k][threadIdx.x]; tb += sb[k][threadIdx.x]; }
     long chunks = gridDim.y;
     partial[(long)blockIdx.y * d + col] = tg;
     partial[(chunks + blockIdx.y) * d + col] = tb;
   }
+  float* out[2] = {dgamma, dbeta};
+  fv_last_block_adds(partial, out, 2, counters, d);
 }
-extern "C" __global__ void layernorm_param_grad_partial_f32(const float* __restrict__ dy,
+extern "C" __global__ void layernorm_param_grad_f32(const float* __restrict__ dy,
     const float* __restrict__ x, const float* __restrict__ mean, const float* __restrict__ rstd,
-    float* __restrict__ partial, int rows, int d, int rows_per_chunk) {
-  ln_param_grad_partial(dy, x, mean, rstd, partial, rows, d, rows_per_chunk);
+    float* partial, float* dgamma, float* dbeta, unsigned* counters, int rows, int d, int rows_per_chunk) {
+  ln_param_grad(dy, x, mean, rstd, partial, dgamma, dbeta, counters, rows, d, rows_per_chunk);
 }
-extern "C" __global__ void layernorm_param_grad_partial_bf16(const fv_bf16* __restrict__ dy,
+extern "C" __global__ void layernorm_param_grad_bf16(const fv_bf16* __restrict__ dy,
     const float* __restrict__ x, const float* __restrict__ mean, const float* __restrict__ rstd,
-    float* __restrict__ partial, int rows, int d, int rows_per_chunk) {
-  ln_param_grad_partial(dy, x, mean, rstd, partial, rows, d, rows_per_chunk);
+    float* partial, float* dgamma, float* dbeta, unsigned* counters, int rows, int d, int rows_per_chunk) {
+  ln_param_grad(dy, x, mean, rstd, partial, dgamma, dbeta, counters, rows, d, rows_per_chunk);
 }

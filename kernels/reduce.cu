@@ -1,16 +1,20 @@
 // Deterministic reductions (no float atomics on global memory): column sums of a row-major
-// matrix in two passes (per-chunk partials, then an in-order sum of the partials), and
-// the per-block f64 sums of squares for global-norm clipping.
-#include "common.cuh"
+// matrix in one launch (per-chunk partials; the block that finishes a group of columns last
+// adds that group's partials in a fixed order), and the per-block f64 sums of squares for
+// global-norm clipping.
+#include "columns.cuh"
 
-// grid (ceil(cols/32), ceil(rows/rows_per_chunk)), block (32, 8) (blockDim.y <= 32):
-// partial[by*cols + j] = sum of x[r*ld + j] over rows r of chunk by (overwrite). The
-// threads of one column take interleaved rows, then thread y = 0 adds their sums in y order.
-// x of type T (f32, or a bf16 activation's gradient under mixed precision).
+// grid (ceil(cols/32), ceil(rows/rows_per_chunk)), block (32, FV_COLUMN_ROWS), counters
+// zero and at least gridDim.x of them: out[j] += sum of x[r*ld + j] over every row r. Each
+// block writes its chunk's sum to partial[blockIdx.y*cols + j] (the threads of a column take
+// interleaved rows, then the rows are added in order); the last block of a column group
+// adds them up (fv_last_block_adds). x of type T (f32, or a bf16 activation's gradient
+// under mixed precision).
 template <class T>
-__device__ __forceinline__ void fv_column_sums(const T* __restrict__ x, float* __restrict__ partial, int rows,
-                                               int cols, long ld, int rows_per_chunk) {
-  __shared__ float sums[32][33];
+__device__ __forceinline__ void fv_column_sums(const T* __restrict__ x, float* partial, float* out,
+                                               unsigned* counters, int rows, int cols, long ld,
+                                               int rows_per_chunk) {
+  __shared__ float sums[FV_COLUMN_ROWS][33];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int j = blockIdx.x * 32 + tx;
   const long r0 = (long)blockIdx.y * rows_per_chunk;
@@ -18,50 +22,24 @@ __device__ __forceinline__ void fv_column_sums(const T* __restrict__ x, float* _
   if (r1 > rows) r1 = rows;
   float acc = 0.f;
   if (j < cols) {
-    for (long r = r0 + ty; r < r1; r += blockDim.y) acc += fv_f32(x[r * ld + j]);
+    for (long r = r0 + ty; r < r1; r += FV_COLUMN_ROWS) acc += fv_f32(x[r * ld + j]);
   }
   sums[ty][tx] = acc;
   __syncthreads();
   if (ty == 0 && j < cols) {
     float s = sums[0][tx];
-    for (int k = 1; k < (int)blockDim.y; ++k) s += sums[k][tx];
+    for (int k = 1; k < FV_COLUMN_ROWS; ++k) s += sums[k][tx];
     partial[(long)blockIdx.y * cols + j] = s;
   }
+  fv_last_block_adds(partial, &out, 1, counters, cols);
 }
-extern "C" __global__ void column_sums_f32(const float* __restrict__ x, float* __restrict__ partial, int rows,
-                                           int cols, long ld, int rows_per_chunk) {
-  fv_column_sums(x, partial, rows, cols, ld, rows_per_chunk);
+extern "C" __global__ void column_sums_f32(const float* __restrict__ x, float* partial, float* out,
+                                           unsigned* counters, int rows, int cols, long ld, int rows_per_chunk) {
+  fv_column_sums(x, partial, out, counters, rows, cols, ld, rows_per_chunk);
 }
-extern "C" __global__ void column_sums_bf16(const fv_bf16* __restrict__ x, float* __restrict__ partial, int rows,
-                                            int cols, long ld, int rows_per_chunk) {
-  fv_column_sums(x, partial, rows, cols, ld, rows_per_chunk);
-}
-
-// The partials of column j summed in chunk order: partial[0*cols+j] + partial[1*cols+j] + ...
-__device__ __forceinline__ float fv_sum_partials(const float* __restrict__ partial, int chunks, int cols, long j) {
-  float s = 0.f;
-  for (int c = 0; c < chunks; ++c) s += partial[(long)c * cols + j];
-  return s;
-}
-
-// grid-stride over j < cols, block 256: out[j] += the partials of column j (chunk order).
-extern "C" __global__ void add_column_partials_f32(const float* __restrict__ partial, float* __restrict__ out,
-                                                   int chunks, int cols) {
-  for (long j = fv_global_id(); j < cols; j += fv_grid_stride()) out[j] += fv_sum_partials(partial, chunks, cols, j);
-}
-
-// grid-stride over j < 2 cols, block 256: two column sums' partials stacked ([2][chunks][cols],
-// as layernorm_param_grad_partial writes dgamma's and dbeta's) added to out_a and out_b in one
-// launch.
-extern "C" __global__ void add_column_partials_pair_f32(const float* __restrict__ partial,
-                                                        float* __restrict__ out_a, float* __restrict__ out_b,
-                                                        int chunks, int cols) {
-  for (long j = fv_global_id(); j < 2l * cols; j += fv_grid_stride()) {
-    const bool b = j >= cols;
-    const long c = b ? j - cols : j;
-    const float s = fv_sum_partials(partial + (b ? (long)chunks * cols : 0l), chunks, cols, c);
-    (b ? out_b : out_a)[c] += s;
-  }
+extern "C" __global__ void column_sums_bf16(const fv_bf16* __restrict__ x, float* partial, float* out,
+                                            unsigned* counters, int rows, int cols, long ld, int rows_per_chunk) {
+  fv_column_sums(x, partial, out, counters, rows, cols, ld, rows_per_chunk);
 }
 
 // The f64 sum of `acc` over the block, written to *out by thread 0 (every thread calls it).

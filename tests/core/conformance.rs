@@ -234,12 +234,19 @@ impl Suite {
             self.casts_round_as_the_host_does(&v);
         }
 
-        // the output gradient in f32, or in bf16 (a bf16 activation's, mixed precision)
-        for dtype in [DType::F32, DType::BF16] {
+        // the output gradient in f32, or in bf16 (a bf16 activation's, mixed precision);
+        // 581 rows: ten chunks of rows, added up by the last block of each column group
+        // (one after the other, so each launch finds the counters the last one left)
+        for (dtype, rows) in [
+            (DType::F32, n),
+            (DType::BF16, n),
+            (DType::F32, 581),
+            (DType::BF16, 581),
+        ] {
             self.check(
-                &format!("bias_grad {dtype}"),
+                &format!("bias_grad {dtype}, {rows} rows"),
                 1e-5,
-                vec![x.to_dtype(dtype), self.rand(&[d])],
+                vec![self.rand(&[rows, d]).to_dtype(dtype), self.rand(&[d])],
                 &|be, t| {
                     let [dy, db] = t else { unreachable!() };
                     be.bias_grad(dy, db).map(|_| 0.0)
@@ -315,8 +322,9 @@ impl Suite {
                 );
             }
         }
-        // 150 rows: the parameter gradients' column sums over three chunks of rows
-        for rows in [n, 150] {
+        // 150 and 581 rows: the parameter gradients' column sums over three and ten chunks
+        // of rows
+        for rows in [n, 150, 581] {
             let x = if rows == n {
                 x.clone()
             } else {

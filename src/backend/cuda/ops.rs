@@ -87,8 +87,8 @@ fn attention_on_tensor_cores(qkv: &Tensor, dims: AttnDims) -> bool {
 
 /// Threads per block of the 1-D (grid-stride) kernels.
 const THREADS: u32 = 256;
-/// Rows per block of the two-pass column sums.
-const ROWS_PER_CHUNK: usize = 64;
+/// Rows of threads in a column-sum block (kernels/columns.cuh: `FV_COLUMN_ROWS`).
+const COLUMN_ROWS: usize = 8;
 /// Warps per block of the one-warp-per-row kernels.
 const ROW_WARPS: usize = 4;
 /// Threads per block of the attention kernels (kernels/attention.cu: 8 warps).
@@ -103,6 +103,9 @@ pub struct CudaBackend {
     /// newest first: every dropout site of a step shares one upload of the sample
     /// indices, and every step one copy of the optimizer's table.
     uploads: Mutex<Vec<(Vec<u8>, Tensor)>>,
+    /// The column sums' per-column-group counters (kernels/columns.cuh), zero between
+    /// launches; grown when a launch needs more.
+    counters: Mutex<Option<Tensor>>,
 }
 
 /// Inputs up to this size are kept in the upload cache, this many of them.
@@ -119,12 +122,35 @@ fn long(v: usize) -> Arg {
     Arg::I64(v as i64)
 }
 
+/// The grid of a one-launch column sum of `rows` x `cols` (kernels/columns.cuh) and its
+/// rows per chunk: about √rows chunks of about √rows rows, so that a thread adds about as
+/// many values of its chunk as the last block's threads add partials; at least 64 rows
+/// (8 values a thread, and fewer blocks where rows are few, as the emulated device
+/// prefers), so the partials are at most a 64th of the input, or one row.
+fn column_grid(rows: usize, cols: usize) -> Result<([u32; 3], Arg)> {
+    let chunk = rows
+        .isqrt()
+        .max(8 * COLUMN_ROWS)
+        .next_multiple_of(COLUMN_ROWS);
+    let dim = |v: usize, what: &str| {
+        u32::try_from(v)
+            .map_err(|_| Error::Config(format!("{what} = {v} is too large for a CUDA grid")))
+    };
+    let grid = [
+        dim(cols.div_ceil(32), "column groups")?,
+        dim(rows.div_ceil(chunk), "row chunks")?,
+        1,
+    ];
+    Ok((grid, int(chunk, "rows per chunk")?))
+}
+
 impl CudaBackend {
     pub(crate) fn new(gpu: Arc<dyn Gpu>, device: Device) -> Self {
         CudaBackend {
             gpu,
             device,
             uploads: Mutex::new(Vec::new()),
+            counters: Mutex::new(None),
         }
     }
 
@@ -223,7 +249,6 @@ impl CudaBackend {
         Tensor::try_uninit([n.max(1)], self.device)
     }
 
-    /// `out[j] += Σ_r x[r * ld + j]` for `j < cols`, deterministically in two passes.
     /// The checked GEMM `c (+)= op(a) · op(b)` (no bias): f32 or bf16 operands (both
     /// the same), an f32 or bf16 result; f32 accumulation.
     #[allow(clippy::too_many_arguments)]
@@ -256,7 +281,8 @@ impl CudaBackend {
         })
     }
 
-    /// `out[j] += sum_r x[r * ld + j]`; `kernel` is `column_sums_f32` or `_bf16` (x's dtype).
+    /// `out[j] += sum_r x[r * ld + j]` for `j < cols`, deterministically in one launch;
+    /// `kernel` is `column_sums_f32` or `_bf16` (x's dtype).
     fn column_sums(
         &self,
         kernel: &'static str,
@@ -267,32 +293,31 @@ impl CudaBackend {
         if rows == 0 || cols == 0 {
             return Ok(());
         }
-        let chunks = rows.div_ceil(ROWS_PER_CHUNK);
-        let mut partial = self.scratch(chunks * cols)?;
+        let (grid, chunk) = column_grid(rows, cols)?;
+        let mut partial = self.scratch(grid[1] as usize * cols)?;
         let p = self.ptr_mut(&mut partial)?;
-        self.launch(
-            kernel,
-            [cols.div_ceil(32) as u32, chunks as u32, 1],
-            [32, 8, 1],
-            0,
-            &[
-                x,
-                p,
-                int(rows, "rows")?,
-                int(cols, "columns")?,
-                long(ld),
-                int(ROWS_PER_CHUNK, "chunk")?,
-            ],
-        )?;
-        self.add_partials(p, chunks, cols, out)
+        self.with_counters(grid[0] as usize, |counters| {
+            let (rows, cols) = (int(rows, "rows")?, int(cols, "columns")?);
+            let args = [x, p, out, counters, rows, cols, long(ld), chunk];
+            self.launch(kernel, grid, [32, COLUMN_ROWS as u32, 1], 0, &args)
+        })
     }
 
-    fn add_partials(&self, partial: Arg, chunks: usize, cols: usize, out: Arg) -> Result<()> {
-        self.elementwise(
-            "add_column_partials_f32",
-            cols,
-            &[partial, out, int(chunks, "chunks")?, int(cols, "columns")?],
-        )
+    /// Runs `launch` with the address of `groups` zeroed column-group counters
+    /// (kernels/columns.cuh; the kernels leave them zero). One buffer serves every
+    /// launch, as all are ordered on one stream; the lock keeps it alive meanwhile.
+    fn with_counters(&self, groups: usize, launch: impl FnOnce(Arg) -> Result<()>) -> Result<()> {
+        let mut counters = self
+            .counters
+            .lock()
+            .map_err(|_| Error::Device("column-sum counters poisoned by a panic".into()))?;
+        let buffer = match counters.take() {
+            Some(t) if t.numel() >= groups => t,
+            _ => Tensor::try_zeros([groups.max(1024)], self.device)?,
+        };
+        let r = buffer.cuda_ptr().map(Arg::Ptr).and_then(launch);
+        *counters = Some(buffer);
+        r
     }
 
     /// `data` in device memory (read-only for kernels): its address and the buffer that
@@ -499,15 +524,9 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let [dx_kernel, partial_kernel] = match dy.dtype() {
-            DType::BF16 => [
-                "layernorm_backward_dx_bf16",
-                "layernorm_param_grad_partial_bf16",
-            ],
-            _ => [
-                "layernorm_backward_dx_f32",
-                "layernorm_param_grad_partial_f32",
-            ],
+        let [dx_kernel, param_kernel] = match dy.dtype() {
+            DType::BF16 => ["layernorm_backward_dx_bf16", "layernorm_param_grad_bf16"],
+            _ => ["layernorm_backward_dx_f32", "layernorm_param_grad_f32"],
         };
         let (dy, x, g, mu, rs) = (
             self.act(dy)?,
@@ -522,19 +541,14 @@ impl Backend for CudaBackend {
             rows,
             &[dy, x, g, mu, rs, self.ptr_mut(dx)?, rows_a, d_a],
         )?;
-        let chunks = rows.div_ceil(ROWS_PER_CHUNK);
-        let mut partial = self.scratch(2 * chunks * d)?;
+        let (grid, chunk) = column_grid(rows, d)?;
+        let mut partial = self.scratch(2 * grid[1] as usize * d)?;
         let p = self.ptr_mut(&mut partial)?;
-        self.launch(
-            partial_kernel,
-            [d.div_ceil(32) as u32, chunks as u32, 1],
-            [32, 8, 1],
-            0,
-            &[dy, x, mu, rs, p, rows_a, d_a, int(ROWS_PER_CHUNK, "chunk")?],
-        )?;
         let (dg, db) = (self.ptr_mut(dgamma)?, self.ptr_mut(dbeta)?);
-        let args = [p, dg, db, int(chunks, "chunks")?, int(d, "columns")?];
-        self.elementwise("add_column_partials_pair_f32", 2 * d, &args)
+        self.with_counters(grid[0] as usize, |counters| {
+            let args = [dy, x, mu, rs, p, dg, db, counters, rows_a, d_a, chunk];
+            self.launch(param_kernel, grid, [32, COLUMN_ROWS as u32, 1], 0, &args)
+        })
     }
 
     fn patchify(&self, images: &Tensor, patch: usize, out: &mut Tensor) -> Result<()> {

@@ -23,3 +23,19 @@ extern "C" __global__ void cast_f32_bf16(const float* __restrict__ x, fv_bf16* _
 extern "C" __global__ void cast_bf16_f32(const fv_bf16* __restrict__ x, float* __restrict__ out, long n) {
   fv_cast(x, out, n);
 }
+
+// grid = number of chunks, block 256: many f32 tensors cast to bf16 in one launch (mixed
+// precision's copies of the weights). table holds 3 u64 per tensor: source address,
+// destination address, element count; block k covers elements [chunk_start[k],
+// min(chunk_start[k] + chunk, n)) of tensor chunk_tensor[k].
+extern "C" __global__ void cast_multi_f32_bf16(const unsigned long long* __restrict__ table,
+                                               const int* __restrict__ chunk_tensor,
+                                               const long* __restrict__ chunk_start, int chunk) {
+  const unsigned long long* t = table + 3l * chunk_tensor[blockIdx.x];
+  const float* x = (const float*)(size_t)t[0];
+  fv_bf16* out = (fv_bf16*)(size_t)t[1];
+  const long n = (long)t[2];
+  const long start = chunk_start[blockIdx.x];
+  const long end = start + chunk < n ? start + chunk : n;
+  for (long i = start + threadIdx.x; i < end; i += blockDim.x) out[i] = fv_as<fv_bf16>(x[i]);
+}

@@ -76,6 +76,9 @@ pub struct Graph<'a> {
     store: Store<'a>,
     nodes: Vec<Node>,
     param_vars: Vec<Option<Var>>,
+    /// Mixed precision's bf16 copies of the matrix parameters, made together at the
+    /// first GEMM that needs one ([`Graph::gemm_weight`]).
+    half_params: Vec<Option<Tensor>>,
     backend: &'static dyn Backend,
     device: Device,
     precision: Precision,
@@ -96,6 +99,7 @@ impl<'a> Graph<'a> {
             store,
             nodes: Vec::new(),
             param_vars: vec![None; n],
+            half_params: vec![None; n],
             backend: backend::for_device(device),
             device,
             precision: Precision::F32,

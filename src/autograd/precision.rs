@@ -1,8 +1,9 @@
 //! Mixed-precision policy: the precision a graph computes in ([`Precision`]) and how
 //! each op's output is stored under it ([`Out`]).
 
-use super::Graph;
-use crate::error::Result;
+use super::ops::Op;
+use super::{Graph, ParamId, Var};
+use crate::error::{Error, Result};
 use crate::tensor::{DType, Shape, Tensor};
 
 /// The precision a graph computes in. Parameters, every gradient, optimizer state,
@@ -52,5 +53,38 @@ impl Graph<'_> {
             _ => DType::F32,
         };
         Tensor::try_uninit_as(Shape::new(dims), dtype, self.device)
+    }
+
+    /// `w` as a mixed-precision GEMM operand ([`Backend::gemm_operand`]). A parameter's
+    /// is made once per graph: the first one casts every matrix parameter of the graph's
+    /// store (two or more dimensions: the GEMM weights, with the position embedding and
+    /// class token, a few thousand values) in one backend call, one launch on a GPU
+    /// instead of one per layer.
+    ///
+    /// [`Backend::gemm_operand`]: crate::backend::Backend::gemm_operand
+    pub(super) fn gemm_weight(&mut self, w: Var) -> Result<Tensor> {
+        let Op::Param(id) = self.nodes[w.0].op else {
+            return self.backend.gemm_operand(self.value(w));
+        };
+        if self.half_params[id.0].is_none() {
+            let ids: Vec<ParamId> = (0..self.store.len())
+                .map(ParamId)
+                .filter(|&p| {
+                    self.half_params[p.0].is_none()
+                        && (p == id || self.store.get(p).value.dims().len() >= 2)
+                })
+                .collect();
+            let values: Vec<&Tensor> = ids.iter().map(|&p| &self.store.get(p).value).collect();
+            let halves = self.backend.gemm_operands(&values)?;
+            for (p, h) in ids.into_iter().zip(halves) {
+                self.half_params[p.0] = Some(h);
+            }
+        }
+        self.half_params[id.0].clone().ok_or_else(|| {
+            let name = &self.store.get(id).name;
+            Error::Device(format!(
+                "the backend made no bf16 copy of parameter `{name}`"
+            ))
+        })
     }
 }

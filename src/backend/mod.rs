@@ -220,6 +220,12 @@ pub trait Backend: Send + Sync {
         t.try_to_dtype(DType::BF16)
     }
 
+    /// [`Backend::gemm_operand`] of each tensor (the CUDA backend: one launch for all the
+    /// f32 ones).
+    fn gemm_operands(&self, ts: &[&Tensor]) -> Result<Vec<Tensor>> {
+        ts.iter().map(|t| self.gemm_operand(t)).collect()
+    }
+
     /// Sets every element of every tensor (f32) to `value` (zero_grad; the CUDA backend:
     /// one launch for all of them).
     fn fill_all(&self, ts: &mut [&mut Tensor], value: f32) -> Result<()> {

@@ -139,6 +139,32 @@ impl Suite {
             .add_assign(&mut dev16.clone(), &dev16)
             .unwrap_err();
         assert!(err.to_string().contains("BF16 tensor"), "{err}");
+        // mixed precision's copies of the weights, many tensors at once (one launch on a
+        // GPU): one over a chunk (8192 elements), one already bf16, an empty one
+        let ts = [
+            v.clone(),
+            self.rand(&[3, 5000]),
+            v.to_dtype(DType::BF16),
+            Tensor::zeros([0], Device::Cpu),
+            self.rand(&[7]),
+        ];
+        let dev: Vec<Tensor> = ts
+            .iter()
+            .map(|t| t.to_device(self.device).unwrap())
+            .collect();
+        let halves = for_device(self.device)
+            .gemm_operands(&dev.iter().collect::<Vec<_>>())
+            .unwrap();
+        assert_eq!(halves.len(), ts.len());
+        for (i, (t, h)) in ts.iter().zip(&halves).enumerate() {
+            assert_eq!(h.dtype(), DType::BF16, "gemm_operands {i}");
+            assert_eq!(
+                h.to_device(Device::Cpu).unwrap().to_vec_f32(),
+                t.to_dtype(DType::BF16).to_vec_f32(),
+                "gemm_operands {i} on {}",
+                self.device
+            );
+        }
         self.checked.set(self.checked.get() + 1);
     }
 

@@ -292,15 +292,18 @@ fn a_train_step_launches_what_it_should() {
         47,
         "{table}"
     );
+    // the weights' bf16 copies in one launch; what is left casts output gradients
+    assert_eq!(named("cast_multi_f32_bf16"), 1, "{table}");
+    assert!(named("cast_f32_bf16") <= 4, "{table}");
     let kernels = calls(&|w| !w.starts_with("GEMM"));
     let gemms = calls(&|w| w.starts_with("GEMM"));
     assert_eq!(gemms, 89, "{table}");
-    // 199 since 2026-11-30 (245 on 2026-11-29, 422 before the changes above; the first
+    // 170 since 2026-11-30 (245 on 2026-11-29, 422 before the changes above; the first
     // step also zeroes the column sums' counters, once): raise it only for a launch
     // added on purpose
     assert!(
-        kernels <= 199,
-        "{kernels} kernel launches in a vit_lite bf16 step, more than the 199 budgeted:\n{table}"
+        kernels <= 170,
+        "{kernels} kernel launches in a vit_lite bf16 step, more than the 170 budgeted:\n{table}"
     );
 }
 

@@ -54,16 +54,16 @@ impl Graph<'_> {
         store: Out,
     ) -> Result<Var> {
         let out_f = self.linear_check(x, w, b)?;
+        let half = match self.precision {
+            Precision::F32 => None,
+            Precision::Bf16 => {
+                let w = self.gemm_weight(w)?;
+                Some((self.backend.gemm_operand(self.value(x))?, w))
+            }
+        };
         let (xv, wv) = (self.value(x), self.value(w));
         let mnk = (xv.shape().rows(), out_f, xv.shape().last());
         let mut out = self.out_as(&with_last(xv.dims(), out_f), store)?;
-        let half = match self.precision {
-            Precision::F32 => None,
-            Precision::Bf16 => Some((
-                self.backend.gemm_operand(xv)?,
-                self.backend.gemm_operand(wv)?,
-            )),
-        };
         let (xv, wv) = half.as_ref().map_or((xv, wv), |(x, w)| (x, w));
         let bias = b.map(|b| self.value(b));
         let pre = match act {

@@ -1031,6 +1031,31 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
+    fn gemm_operands(&self, ts: &[&Tensor]) -> Result<Vec<Tensor>> {
+        let mut out = Vec::with_capacity(ts.len());
+        let (mut table, mut lens) = (Vec::new(), Vec::new());
+        for t in ts {
+            if t.dtype() != DType::F32 {
+                out.push(self.gemm_operand(t)?);
+                continue;
+            }
+            let mut half = Tensor::try_uninit_as(t.shape().clone(), DType::BF16, self.device)?;
+            let dst = addr(self.act_mut(&mut half)?);
+            table.extend([addr(self.ptr(t)?), dst, t.numel() as u64]);
+            lens.push(t.numel());
+            out.push(half);
+        }
+        if lens.iter().sum::<usize>() == 0 {
+            return Ok(out);
+        }
+        let (tab, _t) = self.upload(&table)?;
+        let (which, start, blocks, _c) = self.chunks(&lens)?;
+        let args = [tab, which, start, int(MULTI_CHUNK, "chunk")?];
+        let grid = [blocks as u32, 1, 1];
+        self.launch("cast_multi_f32_bf16", grid, [THREADS, 1, 1], 0, &args)?;
+        Ok(out)
+    }
+
     fn fill_all(&self, ts: &mut [&mut Tensor], value: f32) -> Result<()> {
         let mut table = Vec::with_capacity(2 * ts.len());
         for t in ts.iter_mut() {

@@ -1069,7 +1069,21 @@ fn ckpt_verify(dir: PathBuf, json: bool) -> Result<()> {
 /// `ckpt list`: committed checkpoints (the `latest` and `best` ones marked), then
 /// uncommitted directories, removed with `clean`; as JSON with `json`.
 fn ckpt_list(root: &std::path::Path, clean: bool, json: bool) -> Result<()> {
+    if !root.is_dir() {
+        return Err(Error::Config(format!(
+            "{} is not a directory of checkpoints",
+            text::path(root)
+        )));
+    }
     let l = checkpoint::list(root)?;
+    let run_dir = root.join("checkpoints");
+    if l.committed.is_empty() && l.uncommitted.is_empty() && run_dir.is_dir() {
+        tracing::warn!(
+            "no checkpoints directly in {}: a run keeps them in {}",
+            text::path(root),
+            text::path(&run_dir)
+        );
+    }
     let named = |pointer: &str| {
         let name = checkpoint::read_pointer(root, pointer);
         move |p: &std::path::Path| {

@@ -44,10 +44,12 @@ pub struct Listing {
     pub uncommitted: Vec<PathBuf>,
 }
 
-/// Lists a checkpoint root: sub-directories with `index.json` are committed, except
-/// the writer's hidden temporary directories (`.tmp-…`, `.old-…`), which never are,
-/// whatever they hold; those and directories without an index are listed as
-/// uncommitted.
+/// Lists a checkpoint root. Sub-directories with `index.json` are committed, except
+/// hidden ones. Uncommitted are the directories only a save makes: the writer's
+/// temporaries (`.tmp-…`, `.old-…`, `.del-…`, whatever they hold) and directories named
+/// as checkpoints (`step-…`) without an index. Anything else under the root is not a
+/// checkpoint's and is left out (so `ckpt list --clean` never removes it). A missing
+/// root lists nothing.
 pub fn list(root: &Path) -> Result<Listing> {
     let mut l = Listing::default();
     if !root.exists() {
@@ -55,16 +57,18 @@ pub fn list(root: &Path) -> Result<Listing> {
     }
     for e in std::fs::read_dir(root).map_err(|e| Error::io(root, e))? {
         let p = e.map_err(|e| Error::io(root, e))?.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if !p.is_dir() {
             continue;
         }
-        let hidden = p
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_none_or(|n| n.starts_with('.'));
-        if !hidden && p.join(INDEX).is_file() {
+        let temporary = [".tmp-", ".old-", ".del-"]
+            .iter()
+            .any(|t| name.starts_with(t));
+        if temporary {
+            l.uncommitted.push(p);
+        } else if !name.starts_with('.') && p.join(INDEX).is_file() {
             l.committed.push(p);
-        } else {
+        } else if writer::is_checkpoint_name(name) {
             l.uncommitted.push(p);
         }
     }

@@ -149,6 +149,12 @@ pub fn checkpoint_name(step: u64) -> String {
     format!("step-{step:010}")
 }
 
+/// Whether `name` is one [`checkpoint_name`] makes.
+pub fn is_checkpoint_name(name: &str) -> bool {
+    name.strip_prefix("step-")
+        .is_some_and(|d| d.len() >= 10 && d.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Fault injection for crash tests: with `FERROVIT_FAULT_SAVE=k` and
 /// `FERROVIT_FAULT_STOP_AT_BYTE=n`, save number k (0-based, in this process) stops
 /// once n bytes of its files (shards, then the index) are written — or, when n is past

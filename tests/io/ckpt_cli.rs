@@ -238,8 +238,13 @@ fn ckpt_json_outputs_carry_the_checkpoint() {
         (Some(bytes), Some(true))
     );
 
-    // an interrupted save beside it, then listed, then cleaned
+    // an interrupted save and a checkpoint-named directory without an index beside it,
+    // then listed, then cleaned; a folder of the user's is neither listed nor removed
     std::fs::create_dir_all(root.join(".tmp-step-0000000099")).unwrap();
+    std::fs::create_dir_all(root.join("step-0000000098")).unwrap();
+    let notes = root.join("my-notes");
+    std::fs::create_dir_all(&notes).unwrap();
+    std::fs::write(notes.join("todo.txt"), "keep me").unwrap();
     let (ok, l) = json(&["ckpt", "list", root.to_str().unwrap(), "--json"]);
     assert!(ok);
     assert_eq!(
@@ -247,11 +252,25 @@ fn ckpt_json_outputs_carry_the_checkpoint() {
         serde_json::json!([{"path": d, "latest": true, "best": false}])
     );
     let uncommitted = l["uncommitted"].as_array().unwrap();
-    assert_eq!(uncommitted.len(), 1, "{l}");
+    assert_eq!(uncommitted.len(), 2, "{l}");
     assert_eq!(uncommitted[0]["removed"], false);
     let (ok, l) = json(&["ckpt", "list", root.to_str().unwrap(), "--clean", "--json"]);
     assert!(ok && l["uncommitted"][0]["removed"] == true, "{l}");
-    assert!(!Path::new(l["uncommitted"][0]["path"].as_str().unwrap()).exists());
+    for u in l["uncommitted"].as_array().unwrap() {
+        assert!(!Path::new(u["path"].as_str().unwrap()).exists(), "{u}");
+    }
+    assert!(notes.join("todo.txt").is_file(), "--clean removed a user's folder");
+    assert!(dir.join("index.json").is_file());
+    // the folder above the checkpoints (a run's): nothing listed or removed, a hint;
+    // a missing root: an error naming it
+    let above = root.parent().unwrap();
+    let (ok, said, err) = ferrovit(&["ckpt", "list", above.to_str().unwrap(), "--clean"]);
+    assert!(ok && said.contains("a run keeps them in"), "{said}{err}");
+    assert!(!said.contains("removed") && !said.contains("committed"), "{said}");
+    assert!(dir.join("index.json").is_file() && notes.is_dir());
+    let missing = root.join("no-such-root");
+    let (ok, _, err) = ferrovit(&["ckpt", "list", missing.to_str().unwrap()]);
+    assert!(!ok && err.contains("no-such-root") && err.contains("not a directory"), "{err}");
 
     // a truncated shard: ok false, the file named, a failing exit
     let shard = dir.join(v["tensors"][0]["files"][0].as_str().unwrap());

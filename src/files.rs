@@ -119,10 +119,30 @@ fn temp_beside(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
+/// Checks that `path` may be written by renaming a finished file over it: nothing is
+/// there yet, or a regular file. A directory, a symbolic link, a named pipe or a device
+/// (`/dev/null`, `/dev/stdout`) would be replaced itself rather than written to, so
+/// they are refused, named.
+pub fn check_output(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Err(Error::Config(format!(
+            "{}: is a symbolic link; give the file it points to, or a new name",
+            crate::text::path(path)
+        ))),
+        Ok(m) if !m.is_file() => Err(Error::Config(format!(
+            "{}: is {}, not a file this could write",
+            crate::text::path(path),
+            kind_of(m.file_type())
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Replaces `path` by `bytes` as a whole: written (and synced, where a full disk
 /// shows) under a temporary name, then renamed over it. On failure the temporary file
 /// is removed and `path` is left as it was.
 pub fn write_replacing(path: &Path, bytes: &[u8]) -> Result<()> {
+    check_output(path)?;
     let tmp = temp_beside(path);
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;

@@ -441,8 +441,31 @@ pub fn export_safetensors(dir: &Path, out: &Path) -> Result<usize> {
     export_weights(dir, out, Weights::Raw)
 }
 
+/// Refuses an export to `out` that would replace something other than a file, or
+/// write into the checkpoint directory it reads (over its own shards or index).
+fn check_export_target(dir: &Path, out: &Path) -> Result<()> {
+    crate::files::check_output(out)?;
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if let (Ok(a), Ok(b)) = (parent.canonicalize(), dir.canonicalize()) {
+        if a == b {
+            return Err(Error::Config(format!(
+                "{}: inside the checkpoint being exported ({}); write the export elsewhere",
+                crate::text::path(out),
+                crate::text::path(dir)
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// As [`export_safetensors`], the trained weights or their EMA.
 pub fn export_weights(dir: &Path, out: &Path, weights: Weights) -> Result<usize> {
+    let tmp = out.with_extension("safetensors.part");
+    check_export_target(dir, out)?;
+    crate::files::check_output(&tmp)?;
     let ckpt = Checkpoint::open(dir)?;
     let names = ckpt.names(Group::Model);
     let tensors: Vec<(String, Tensor)> = names
@@ -457,7 +480,6 @@ pub fn export_weights(dir: &Path, out: &Path, weights: Weights) -> Result<usize>
         .map(|(n, t)| (n.as_str(), t.dtype(), t.dims()))
         .collect();
     let (header, _) = shard_header(&meta)?;
-    let tmp = out.with_extension("safetensors.part");
     let write = || -> std::io::Result<()> {
         use std::io::Write;
         let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);

@@ -1,7 +1,7 @@
 //! `ferrovit ckpt …` on a checkpoint written by `ferrovit train`, and the checkpoint
 //! read by Python's `safetensors` (scripts/check_checkpoint.py).
 
-use crate::common::{edit_index, ferrovit, temp_dir, TINY};
+use crate::common::{edit_index, ferrovit, mkfifo, temp_dir, TINY};
 use std::path::Path;
 use std::process::Command;
 
@@ -259,18 +259,27 @@ fn ckpt_json_outputs_carry_the_checkpoint() {
     for u in l["uncommitted"].as_array().unwrap() {
         assert!(!Path::new(u["path"].as_str().unwrap()).exists(), "{u}");
     }
-    assert!(notes.join("todo.txt").is_file(), "--clean removed a user's folder");
+    assert!(
+        notes.join("todo.txt").is_file(),
+        "--clean removed a user's folder"
+    );
     assert!(dir.join("index.json").is_file());
     // the folder above the checkpoints (a run's): nothing listed or removed, a hint;
     // a missing root: an error naming it
     let above = root.parent().unwrap();
     let (ok, said, err) = ferrovit(&["ckpt", "list", above.to_str().unwrap(), "--clean"]);
     assert!(ok && said.contains("a run keeps them in"), "{said}{err}");
-    assert!(!said.contains("removed") && !said.contains("committed"), "{said}");
+    assert!(
+        !said.contains("removed") && !said.contains("committed"),
+        "{said}"
+    );
     assert!(dir.join("index.json").is_file() && notes.is_dir());
     let missing = root.join("no-such-root");
     let (ok, _, err) = ferrovit(&["ckpt", "list", missing.to_str().unwrap()]);
-    assert!(!ok && err.contains("no-such-root") && err.contains("not a directory"), "{err}");
+    assert!(
+        !ok && err.contains("no-such-root") && err.contains("not a directory"),
+        "{err}"
+    );
 
     // a truncated shard: ok false, the file named, a failing exit
     let shard = dir.join(v["tensors"][0]["files"][0].as_str().unwrap());
@@ -359,5 +368,53 @@ fn python_safetensors_reads_every_shard_and_the_export() {
             && text.contains("32 model tensors with equal values"),
         "{text}"
     );
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+/// `ckpt export` writes by renaming a finished file over its target: a target that is
+/// not a file (a link, a directory, a named pipe) or that lies inside the checkpoint it
+/// reads is refused, named, and left as it was.
+#[test]
+fn export_refuses_a_target_it_would_replace() {
+    let out = temp_dir("ckpt-export-target");
+    let dir = train_one_epoch(&out);
+    let d = dir.to_str().unwrap();
+    let (pipe, link, folder) = (out.join("pipe"), out.join("link"), out.join("folder"));
+    mkfifo(&pipe);
+    std::os::unix::fs::symlink(out.join("elsewhere"), &link).unwrap();
+    std::fs::create_dir(&folder).unwrap();
+    let shard = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .unwrap();
+    for (target, says) in [
+        (&pipe, "named pipe"),
+        (&link, "symbolic link"),
+        (&folder, "a directory"),
+        (&shard, "inside the checkpoint"),
+        (&dir.join("index.json"), "inside the checkpoint"),
+        (&dir.join("new.safetensors"), "inside the checkpoint"),
+    ] {
+        let t = target.to_str().unwrap();
+        let (ok, _, err) = ferrovit(&["ckpt", "export", "--safetensors", t, d]);
+        assert!(
+            !ok && err.contains(says)
+                && err.contains(target.file_name().unwrap().to_str().unwrap()),
+            "{t}: {err}"
+        );
+    }
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::symlink_metadata(&pipe)
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(folder.is_dir() && !dir.join("new.safetensors").exists());
+    let (ok, said, err) = ferrovit(&["ckpt", "verify", d]);
+    assert!(ok && said.starts_with("ok:"), "{said}{err}");
     std::fs::remove_dir_all(out).unwrap();
 }

@@ -74,6 +74,7 @@ impl Classifier {
                 Ok(t) => t,
                 Err(_) => ckpt.read(&stored)?.to_dtype(crate::tensor::DType::F32),
             };
+            crate::checkpoint::check_finite(dir, &stored, &p.value)?;
         }
         let saved = &ckpt.index.training.classes;
         let named_classes = saved.len() == cfg.num_classes;

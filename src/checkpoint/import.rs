@@ -79,7 +79,11 @@ pub fn import_safetensors(file: &Path, out_root: &Path, opts: &ImportOptions) ->
         path: file.to_path_buf(),
         msg,
     };
+    refuse_used_root(out_root)?;
     let mut tensors = read_safetensors(file, &opts.map)?;
+    for (name, t) in &tensors {
+        super::check_finite(file, name, t)?;
+    }
     let all = tensors.len();
     tensors.retain(|(n, _)| !opts.ignore.iter().any(|p| n.starts_with(p.as_str())));
     refuse_unsupported(&tensors).map_err(format)?;
@@ -111,6 +115,22 @@ pub fn import_safetensors(file: &Path, out_root: &Path, opts: &ImportOptions) ->
         fresh_head,
         heads_from,
     })
+}
+
+/// Refuses to import into a root that already holds checkpoints (or a `latest`
+/// pointer): the import would replace its `step-0000000000` and move `latest` to it.
+fn refuse_used_root(root: &Path) -> Result<()> {
+    let l = super::list(root)?;
+    let taken = l.committed.first().or(l.uncommitted.first()).cloned();
+    let taken = taken.or_else(|| Some(root.join("latest")).filter(|p| p.exists()));
+    match taken {
+        None => Ok(()),
+        Some(p) => Err(Error::Config(format!(
+            "{} already holds checkpoints ({}); import into a new directory",
+            crate::text::path(root),
+            crate::text::path(&p)
+        ))),
+    }
 }
 
 /// Refuses tensors of timm features ferrovit's ViT lacks, naming the tensor.

@@ -291,6 +291,7 @@ impl Engine {
         for (name, from, to) in &report.resampled {
             loaded.push((name.clone(), resampled_pos_embed(&ckpt, name, *from, *to)?));
         }
+
         // Optimizer state: all of it (same optimizer, every tensor present) or none.
         let state_names: Vec<String> = self
             .optimizer
@@ -325,6 +326,9 @@ impl Engine {
             true => self.ema_from(&ckpt)?,
             false => Vec::new(),
         };
+        for (name, t) in loaded.iter().chain(&ema) {
+            check_finite(dir, name, t)?;
+        }
         report.loaded = loaded.len() + state.len() + ema.len();
         let params = self.params_mut();
         for (n, t) in loaded {
@@ -439,6 +443,30 @@ fn first_difference(r: &LoadReport) -> String {
 /// of tensors written.
 pub fn export_safetensors(dir: &Path, out: &Path) -> Result<usize> {
     export_weights(dir, out, Weights::Raw)
+}
+
+/// Refuses weights with a NaN or infinite element (a diverged run, a damaged or
+/// hostile file), naming `file`, the tensor and the element: nothing computed from them
+/// would mean anything, and evaluation would report a plausible-looking accuracy.
+pub fn check_finite(file: &Path, name: &str, t: &Tensor) -> Result<()> {
+    let widened;
+    let values = match t.f32s() {
+        Ok(v) => v,
+        Err(_) => {
+            widened = t.to_vec_f32();
+            &widened[..]
+        }
+    };
+    match values.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(Error::Format {
+            path: file.to_path_buf(),
+            msg: format!(
+                "`{name}` element {i} is {}: the weights are not finite (a diverged run, or a damaged file)",
+                values[i]
+            ),
+        }),
+    }
 }
 
 /// Refuses an export to `out` that would replace something other than a file, or

@@ -398,10 +398,17 @@ fn import_makes_a_weights_only_checkpoint_of_an_exported_file() {
 
     // names the model lacks are refused; a head of another size is a fresh one
     let renamed = [("blocks.".to_string(), "layers.".to_string())];
-    let err = import_safetensors(&file, &out, &opts(3, &renamed))
+    let err = import_safetensors(&file, &root.join("renamed"), &opts(3, &renamed))
         .unwrap_err()
         .to_string();
     assert!(err.contains("--map") && err.contains("`layers.0."), "{err}");
+    // a root that holds checkpoints is not imported into (its step-0000000000 and
+    // `latest` would be replaced)
+    let err = import_safetensors(&file, &out, &opts(3, &[]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("already holds checkpoints"), "{err}");
+    assert_eq!(weights(&other), weights(&e));
     let out10 = root.join("imported10");
     let done = import_safetensors(&file, &out10, &opts(10, &[])).unwrap();
     assert!(done.fresh_head && done.model.num_classes == 10);
@@ -414,6 +421,40 @@ fn import_makes_a_weights_only_checkpoint_of_an_exported_file() {
     {
         assert_eq!(ck.read(n).unwrap().to_vec_f32(), t.to_vec_f32(), "{n}");
     }
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+/// Weights with a NaN are refused wherever they would be computed with — a training
+/// load, an inference load, an import — naming the tensor and the element; an export
+/// copies what it finds.
+#[test]
+fn weights_that_are_not_finite_are_refused() {
+    let mut e = Engine::new(&small(10), TrainConfig::default()).unwrap();
+    let head = e.params().iter().find(|p| p.name == "head.weight").unwrap();
+    let mut values = head.value.to_vec_f32();
+    values[17] = f32::NAN;
+    let nan = Tensor::from_vec(values, head.value.dims()).unwrap();
+    e.params_mut().set("head.weight", nan).unwrap();
+    let (root, dir) = saved(&e, "not-finite");
+    let says = "`head.weight` element 17 is NaN";
+    let mut fresh = Engine::new(&small(10), TrainConfig::default()).unwrap();
+    let err = fresh
+        .load_checkpoint(&dir, LoadOptions::default())
+        .unwrap_err();
+    assert!(err.to_string().contains(says), "{err}");
+    let Err(err) = ferrovit::infer::Classifier::load(&dir) else {
+        panic!("NaN weights loaded for inference");
+    };
+    assert!(err.to_string().contains(says), "{err}");
+    let file = root.join("nan.safetensors");
+    export_safetensors(&dir, &file).unwrap();
+    let opts = ImportOptions {
+        heads: Some(4),
+        ..Default::default()
+    };
+    let err = import_safetensors(&file, &root.join("imported"), &opts).unwrap_err();
+    assert!(err.to_string().contains(says), "{err}");
+    assert!(!root.join("imported").exists());
     std::fs::remove_dir_all(root).unwrap();
 }
 

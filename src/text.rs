@@ -29,6 +29,28 @@ pub fn escape(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// An error message as printed: escaped as [`escape`] does, and at most about
+/// [`MAX_LINE`] characters — a message that quotes hostile input (a million-entry list
+/// from a file, a config line of nested brackets) keeps its start and end, with how
+/// much was left out between them.
+pub fn error_line(msg: &str) -> String {
+    let msg = escape(msg);
+    let n = msg.chars().count();
+    if n <= MAX_LINE {
+        return msg.into_owned();
+    }
+    let (head, tail) = (MAX_LINE * 3 / 4, MAX_LINE / 4);
+    let start: String = msg.chars().take(head).collect();
+    let end: String = msg.chars().skip(n - tail).collect();
+    format!(
+        "{start} … ({} characters left out) … {end}",
+        n - head - tail
+    )
+}
+
+/// The longest error line printed whole.
+pub const MAX_LINE: usize = 2000;
+
 /// A path, escaped as [`escape`] does (bytes that are not UTF-8 shown as U+FFFD).
 pub fn path(p: &std::path::Path) -> String {
     escape(&p.to_string_lossy()).into_owned()

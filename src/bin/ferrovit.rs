@@ -423,7 +423,7 @@ fn main() -> ExitCode {
             return match launch(a) {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
                 Err(e) => {
-                    eprintln!("error: {}", escape(&e.to_string()));
+                    eprintln!("error: {}", text::error_line(&e.to_string()));
                     ExitCode::FAILURE
                 }
             };
@@ -432,8 +432,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // names in messages come from files and checkpoints: shown escaped
-            let e = escape(&e.to_string()).into_owned();
+            // names in messages come from files and checkpoints: shown escaped, and cut
+            // short where they quote much of one
+            let e = text::error_line(&e.to_string());
             // under a launcher every rank reports; say which one this is
             match std::env::var("RANK") {
                 Ok(r) if std::env::var("WORLD_SIZE").is_ok_and(|w| w != "1") => {

@@ -828,3 +828,21 @@ fn with_fresh_out<'a>(args: &[&'a str], out: &'a str) -> Vec<&'a str> {
     }
     args
 }
+
+/// An error that quotes hostile input (a config line of 100,000 nested brackets) is one
+/// line of bounded length that keeps the file's name and says what it left out.
+#[test]
+fn an_error_quoting_hostile_input_is_cut_short() {
+    let dir = temp_dir("cli-long-error");
+    let config = dir.join("nested.toml");
+    std::fs::write(&config, "[".repeat(100_000)).unwrap();
+    let (ok, _, err) = ferrovit(&["train", "--config", config.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.len() < 3000, "{} bytes of error", err.len());
+    assert!(
+        err.contains("nested.toml") && err.contains("characters left out"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

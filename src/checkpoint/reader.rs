@@ -307,9 +307,13 @@ fn chunk_place(c: &Chunk, size: u64) -> Option<std::ops::Range<usize>> {
 pub fn read_index(dir: &Path) -> Result<Index> {
     let path = dir.join(INDEX);
     if !dir.is_dir() {
+        let msg = match std::fs::metadata(dir) {
+            Ok(_) => "not a directory (a checkpoint is a directory of shards and an index)",
+            Err(_) => "checkpoint directory does not exist",
+        };
         return Err(Error::Format {
             path: dir.to_path_buf(),
-            msg: "checkpoint directory does not exist".into(),
+            msg: msg.into(),
         });
     }
     let bytes = read_bounded(&path, MAX_INDEX_BYTES, Links::Refuse).map_err(|e| match e {

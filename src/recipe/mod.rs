@@ -392,6 +392,12 @@ fn train_rank(
     let precision = opts.precision.resolve(device);
     let engine = build_engine(opts, &cfg, precision, par)?;
     logger.info(describe_run(&dir, sizes, &classes, &cfg, opts));
+    if opts.batch_size > sizes.0 {
+        logger.warn(format!(
+            "--batch-size {} is more than the {} training images: one smaller batch per epoch",
+            opts.batch_size, sizes.0
+        ));
+    }
     logger.debug(format!("compute on {}", describe_threads()));
     if world > 1 {
         logger.info(describe_layout(opts, &layout, nccl));

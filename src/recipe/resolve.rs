@@ -62,7 +62,13 @@ pub fn resume_options(
         // the saved stage boundaries and micro-batch count were for the saved stages
         taken.extend(["stages".into(), "microbatches".into()]);
     }
-    let resolved = TrainOptions::merged(&saved, opts, &taken)?;
+    let resolved = TrainOptions::merged(&saved, opts, &taken).map_err(|e| match e {
+        Error::Config(m) => Error::Config(format!(
+            "{m} (resuming with the options saved in {})",
+            source.display()
+        )),
+        e => e,
+    })?;
     logger.info(format!(
         "resuming with the run's options from {}{}",
         source.display(),

@@ -142,6 +142,19 @@ fn inspect_verify_list_export_import() {
     );
     let (ok, _, err) = ferrovit(&["ckpt", "verify", "/nonexistent/ckpt"]);
     assert!(!ok && err.contains("does not exist"), "{err}");
+    // a named pipe given as a checkpoint: said so, also to a resume
+    let pipe = out.join("pipe");
+    mkfifo(&pipe);
+    let p = pipe.to_str().unwrap();
+    let (ok, _, err) = ferrovit(&["ckpt", "verify", p]);
+    assert!(
+        !ok && err.to_lowercase().contains("pipe: not a directory"),
+        "{err}"
+    );
+    let fresh = out.join("fresh");
+    let (ok, _, err) = ferrovit(&["train", "--resume", p, "--out", fresh.to_str().unwrap()]);
+    assert!(!ok && err.contains("pipe: not a directory"), "{err}");
+    assert!(!fresh.exists());
     std::fs::remove_dir_all(out).unwrap();
 }
 

@@ -262,6 +262,10 @@ struct Cifar10Args {
     /// Where --download fetches from
     #[arg(long, default_value = cifar10::URL)]
     url: String,
+    /// Give up on --download when connecting, or any read, takes this long
+    /// [default: 30 s to connect, 60 s for each read]
+    #[arg(long, value_name = "SECS", requires = "download")]
+    timeout: Option<f64>,
 }
 
 #[derive(Subcommand)]
@@ -782,7 +786,11 @@ fn data_cifar10(a: Cifar10Args) -> Result<()> {
     let (dir, train, test) = match (&a.download, &a.archive) {
         (Some(dir), _) => {
             println!("downloading {} into {}", a.url, dir.display());
-            let (archive, train, test) = cifar10::download(&a.url, dir)?;
+            let timeouts = match a.timeout {
+                Some(secs) => cifar10::Timeouts::both(secs)?,
+                None => cifar10::Timeouts::default(),
+            };
+            let (archive, train, test) = cifar10::download(&a.url, dir, timeouts)?;
             println!("downloaded {}", archive.display());
             (dir.clone(), train, test)
         }

@@ -5,8 +5,11 @@
 //! them. Images are decoded with the `image` crate, converted to RGB, and brought to
 //! S × S (`--image-size`, 32 by default): the shorter side is resized to S (bilinear),
 //! then the centre is cropped.
-//! Files with other extensions and hidden files are skipped; a file with an image
-//! extension that does not decode is an error naming it.
+//! Files with other extensions, hidden files and regular files beside the class
+//! folders are skipped; a file with an image extension that does not decode is an
+//! error naming it, whatever its name's encoding. An entry beside the class folders
+//! that is neither a folder nor a regular file (a named pipe, a looping link) is an
+//! error naming it.
 //!
 //! An image's size is checked from its header before anything is decoded or resized:
 //! a few kilobytes of PNG can claim 10,000,000 × 1 pixels, which the resize to a
@@ -21,16 +24,16 @@ use std::path::{Path, PathBuf};
 /// File extensions read as images (case-insensitive).
 pub const IMAGE_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
 
+/// Whether `path` names an image: not hidden, with an image extension. A name need not
+/// be UTF-8 (the test is on its lossy form), so no image is skipped for its name.
 fn is_image(path: &Path) -> bool {
     let hidden = path
         .file_name()
-        .and_then(|n| n.to_str())
-        .is_none_or(|n| n.starts_with('.'));
+        .is_none_or(|n| n.to_string_lossy().starts_with('.'));
     !hidden
-        && path
-            .extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        && path.extension().is_some_and(|e| {
+            IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_ascii_lowercase().as_str())
+        })
 }
 
 fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -72,6 +75,17 @@ fn check_dimensions(path: &Path, (w, h): (u32, u32)) -> Result<()> {
     })
 }
 
+/// The width and height a PNG's header declares (its first chunk, IHDR, right after
+/// the signature); `None` when `bytes` do not start so.
+fn png_dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
+    let rest = bytes.strip_prefix(b"\x89PNG\r\n\x1a\n")?;
+    if rest.get(4..8)? != b"IHDR" {
+        return None;
+    }
+    let be = |at: usize| Some(u32::from_be_bytes(rest.get(at..at + 4)?.try_into().ok()?));
+    Some((be(8)?, be(12)?))
+}
+
 /// Decodes an image file into planar `[3, 32, 32]` RGB bytes ([`load_image_at`] 32).
 pub fn load_image(path: &Path) -> Result<Vec<u8>> {
     load_image_at(path, 32)
@@ -91,6 +105,11 @@ pub fn load_image_at(path: &Path, side: usize) -> Result<Vec<u8>> {
         path: path.to_path_buf(),
         msg: format!("cannot decode image: {e}"),
     };
+    // a PNG's size from its header by hand first: the decoder refuses a size whose
+    // buffer would overflow its arithmetic (2^31 − 1 a side) as "Memory limit exceeded"
+    if let Some(size) = png_dimensions(&bytes) {
+        check_dimensions(path, size)?;
+    }
     // the header alone first (no limits there, so the error below names the size)
     check_dimensions(path, reader()?.into_dimensions().map_err(cannot)?)?;
     let mut decoder = reader()?;
@@ -141,18 +160,44 @@ pub fn resize_planar(img: &[u8], from: usize, to: usize) -> Vec<u8> {
     to_planar(&image::DynamicImage::ImageRgb8(rgb), to)
 }
 
+/// The class sub-folders of a split (`train/` or `test/`), sorted: (name, path).
+/// Hidden entries and regular files are skipped; anything else — a named pipe, a
+/// socket, a device, a dangling or looping link — and a folder whose name is not UTF-8
+/// are errors naming it (never skipped silently).
+fn class_dirs(split: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut classes = Vec::new();
+    for path in sorted_entries(split)? {
+        let Some(name) = path.file_name().map(|n| n.to_owned()) else {
+            continue;
+        };
+        if name.to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
+        if meta.is_file() {
+            continue;
+        }
+        let refuse = |msg: &str| Error::Format {
+            path: path.clone(),
+            msg: msg.into(),
+        };
+        if !meta.is_dir() {
+            return Err(refuse(
+                "is neither a class folder nor a regular file (a named pipe, socket or device?)",
+            ));
+        }
+        let Some(name) = name.to_str() else {
+            return Err(refuse("a class folder's name must be UTF-8 text"));
+        };
+        classes.push((name.to_string(), path));
+    }
+    Ok(classes)
+}
+
 /// Reads one split (`train/` or `test/`) with the given class list, images `side` × `side`.
 fn read_split(dir: &Path, classes: &[String], side: usize) -> Result<Dataset> {
     let mut files = Vec::new();
-    for class_dir in sorted_entries(dir)? {
-        if !class_dir.is_dir() {
-            continue;
-        }
-        let name = class_dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default()
-            .to_string();
+    for (name, class_dir) in class_dirs(dir)? {
         let label = classes
             .iter()
             .position(|c| *c == name)
@@ -196,11 +241,9 @@ pub fn read_image_folder(dir: &Path) -> Result<(Dataset, Dataset)> {
 /// The train and test splits of an image folder, images `side` × `side`.
 pub fn read_image_folder_at(dir: &Path, side: usize) -> Result<(Dataset, Dataset)> {
     let train_dir = dir.join("train");
-    let classes: Vec<String> = sorted_entries(&train_dir)?
+    let classes: Vec<String> = class_dirs(&train_dir)?
         .into_iter()
-        .filter(|p| p.is_dir())
-        .filter_map(|p| p.file_name().and_then(|n| n.to_str()).map(String::from))
-        .filter(|n| !n.starts_with('.'))
+        .map(|(name, _)| name)
         .collect();
     if classes.is_empty() || classes.len() > 256 {
         return Err(Error::Format {

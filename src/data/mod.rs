@@ -207,7 +207,8 @@ impl Dataset {
                 msg: "data directory does not exist (or is not a directory)".into(),
             });
         }
-        if dir.join("batches.meta.txt").is_file() {
+        // whatever its kind: a pipe or a dangling link is refused by name when read
+        if std::fs::symlink_metadata(dir.join("batches.meta.txt")).is_ok() {
             Dataset::cifar_dir(dir)
         } else if dir.join("train").is_dir() {
             folder::read_image_folder_at(dir, side)

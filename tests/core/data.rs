@@ -1,7 +1,7 @@
 //! Data sets: the CIFAR-10 binary reader's checks, the image-folder reader, and the
 //! CIFAR-10 archive extraction and download (from archives built here).
 
-use crate::common::{ferrovit, mkfifo, png_header, temp_dir, within_20s};
+use crate::common::{dir_snapshot, ferrovit, mkfifo, png_header, temp_dir, within_20s};
 use ferrovit::data::{cifar10, default_data_dir, Dataset};
 use std::io::Write;
 use std::path::Path;
@@ -160,11 +160,7 @@ fn extract_archive_then_train_on_it() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("cut.tar.gz"), "{e}");
-    assert_eq!(
-        std::fs::read_dir(dir.join("cut")).unwrap().count(),
-        0,
-        "nothing left behind"
-    );
+    assert!(!dir.join("cut").exists(), "nothing left behind");
     // an archive missing a member
     let partial = dir.join("partial.tar.gz");
     digits_archive(&partial, Some("test_batch.bin"));
@@ -250,6 +246,369 @@ fn download_from_a_local_server() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// One tar entry as written: its header's type, path, declared size and link target,
+/// then the bytes after it (which need not match the declared size).
+struct Member {
+    kind: tar::EntryType,
+    path: String,
+    size: u64,
+    link: Option<&'static str>,
+    data: Vec<u8>,
+}
+
+/// A regular file `cifar-10-batches-bin/NAME`.
+fn member(name: &str, data: Vec<u8>) -> Member {
+    Member {
+        kind: tar::EntryType::Regular,
+        path: format!("cifar-10-batches-bin/{name}"),
+        size: data.len() as u64,
+        link: None,
+        data,
+    }
+}
+
+/// An entry `cifar-10-batches-bin/NAME` of another kind, with no data.
+fn special(name: &str, kind: tar::EntryType, link: Option<&'static str>) -> Member {
+    Member {
+        kind,
+        path: format!("cifar-10-batches-bin/{name}"),
+        size: 0,
+        link,
+        data: Vec::new(),
+    }
+}
+
+/// The members of the digits archive ([`digits_archive`]), in its order.
+fn digits_members() -> Vec<Member> {
+    let src = default_data_dir();
+    let read = |name: &str| std::fs::read(src.join(name)).unwrap();
+    let mut m = vec![
+        member("batches.meta.txt", read("batches.meta.txt")),
+        member("data_batch_1.bin", read("data_batch_1.bin")),
+        member("test_batch.bin", read("test_batch.bin")),
+    ];
+    for i in 2..=5 {
+        m.push(member(
+            &format!("data_batch_{i}.bin"),
+            read("data_batch_1.bin"),
+        ));
+    }
+    m
+}
+
+/// Writes `members` as a gzip'd tar, headers exactly as given, then `zeros` MiB of
+/// zero bytes after the end-of-archive blocks (inside the gzip stream).
+fn write_tar_gz(path: &Path, members: &[Member], zeros: usize) {
+    let f = std::fs::File::create(path).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
+    for m in members {
+        let mut h = tar::Header::new_gnu();
+        // raw, so `..` can be written too
+        h.as_old_mut().name[..m.path.len()].copy_from_slice(m.path.as_bytes());
+        h.set_entry_type(m.kind);
+        h.set_size(m.size);
+        h.set_mode(0o644);
+        if let Some(link) = m.link {
+            h.set_link_name(link).unwrap();
+        }
+        h.set_cksum();
+        gz.write_all(h.as_bytes()).unwrap();
+        gz.write_all(&m.data).unwrap();
+        gz.write_all(&vec![0; (512 - m.data.len() % 512) % 512])
+            .unwrap();
+    }
+    gz.write_all(&[0; 1024]).unwrap();
+    let mib = vec![0u8; 1 << 20];
+    for _ in 0..zeros {
+        gz.write_all(&mib).unwrap();
+    }
+    gz.finish().unwrap();
+}
+
+/// Every way an archive can be bad leaves a complete data set in `--dir` untouched
+/// (no file replaced, nothing added, no staging directory left) and creates no `--dir`
+/// that was not there; members are refused from their headers before being written.
+#[test]
+fn a_bad_archive_leaves_the_target_directory_as_it_was() {
+    use tar::EntryType;
+    let dir = temp_dir("bad-archives");
+    let keep = dir.join("keep");
+    let good = dir.join("good.tar.gz");
+    write_tar_gz(&good, &digits_members(), 0);
+    assert_eq!(cifar10::extract(&good, &keep).unwrap(), (7185, 360));
+    let before = dir_snapshot(&keep);
+    assert_eq!(before.len(), 7);
+
+    let with = |change: &dyn Fn(&mut Vec<Member>)| {
+        let mut m = digits_members();
+        change(&mut m);
+        m
+    };
+    let find = |m: &mut Vec<Member>, name: &str| {
+        m.iter()
+            .position(|x| x.path.ends_with(name))
+            .expect("member")
+    };
+    let cases: Vec<(&str, Vec<Member>, &str)> = vec![
+        (
+            "label",
+            with(&|m| {
+                let i = find(m, "test_batch.bin");
+                m[i].data[3073] = 250;
+            }),
+            "member cifar-10-batches-bin/test_batch.bin: record 1: label 250 is out of range",
+        ),
+        (
+            "duplicate",
+            with(&|m| m.push(member("test_batch.bin", vec![0; 3073]))),
+            "member cifar-10-batches-bin/test_batch.bin appears twice",
+        ),
+        (
+            "wrong-size",
+            with(&|m| {
+                let i = find(m, "data_batch_2.bin");
+                m[i].data.truncate(3073 * 7 + 5);
+                m[i].size = m[i].data.len() as u64;
+            }),
+            "member cifar-10-batches-bin/data_batch_2.bin: size 21516 is not a positive multiple",
+        ),
+        (
+            "symlink",
+            with(&|m| {
+                let i = find(m, "test_batch.bin");
+                m[i] = special("test_batch.bin", EntryType::Symlink, Some("/etc/passwd"));
+            }),
+            "test_batch.bin is a symbolic link, not a regular file",
+        ),
+        (
+            "hardlink",
+            with(&|m| {
+                let i = find(m, "test_batch.bin");
+                m[i] = special("test_batch.bin", EntryType::Link, Some("/etc/passwd"));
+            }),
+            "test_batch.bin is a hard link, not a regular file",
+        ),
+        (
+            "fifo",
+            with(&|m| {
+                let i = find(m, "test_batch.bin");
+                m[i] = special("test_batch.bin", EntryType::Fifo, None);
+            }),
+            "test_batch.bin is a named pipe (FIFO), not a regular file",
+        ),
+        (
+            "directory",
+            with(&|m| {
+                let i = find(m, "test_batch.bin");
+                m[i] = special("test_batch.bin", EntryType::Directory, None);
+            }),
+            "test_batch.bin is a directory, not a regular file",
+        ),
+        (
+            "unknown",
+            with(&|m| m.insert(1, member("notes.txt", b"hello".to_vec()))),
+            "unexpected member cifar-10-batches-bin/notes.txt (5 bytes)",
+        ),
+        (
+            "traversal",
+            with(&|m| {
+                let i = find(m, "data_batch_1.bin");
+                m[i].path = "../data_batch_1.bin".into();
+            }),
+            "unexpected member ../data_batch_1.bin",
+        ),
+        (
+            // a header claiming 3 GiB: refused before a byte of it is written
+            "huge",
+            with(&|m| {
+                let i = find(m, "data_batch_1.bin");
+                m[i].size = 3 << 30;
+                m[i].data.truncate(1 << 20);
+            }),
+            "data_batch_1.bin declares 3221225472 bytes, over the 30730000 bytes",
+        ),
+        (
+            "big-meta",
+            with(&|m| m[0] = member("batches.meta.txt", vec![b'a'; 5000])),
+            "batches.meta.txt declares 5000 bytes, over the 4096 bytes",
+        ),
+        (
+            "missing",
+            with(&|m| {
+                let i = find(m, "data_batch_3.bin");
+                m.remove(i);
+            }),
+            "missing data_batch_3.bin",
+        ),
+    ];
+    for (name, members, want) in cases {
+        let archive = dir.join(format!("{name}.tar.gz"));
+        write_tar_gz(&archive, &members, 0);
+        let e = cifar10::extract(&archive, &keep).unwrap_err().to_string();
+        let shown = format!("{name}.tar.gz");
+        assert!(e.contains(&shown) && e.contains(want), "{name}: {e}");
+        assert!(dir_snapshot(&keep) == before, "{name}: --dir changed");
+        let fresh = dir.join("fresh");
+        let e = cifar10::extract(&archive, &fresh.join("sub")).unwrap_err();
+        assert!(e.to_string().contains(want), "{name}: {e}");
+        assert!(!fresh.exists(), "{name}: an empty --dir was left behind");
+    }
+
+    // a stream that decompresses to more than any CIFAR-10 archive can hold
+    let bomb = dir.join("bomb.tar.gz");
+    write_tar_gz(&bomb, &digits_members(), 200);
+    let e = cifar10::extract(&bomb, &keep).unwrap_err().to_string();
+    let cap = cifar10::MAX_TAR_BYTES;
+    assert!(
+        e.contains("bomb.tar.gz") && e.contains(&format!("decompresses to over {cap} bytes")),
+        "{e}"
+    );
+    assert!(dir_snapshot(&keep) == before, "bomb: --dir changed");
+    // bytes after the gzip stream
+    let mut bytes = std::fs::read(&good).unwrap();
+    bytes.extend_from_slice(b"GARBAGE");
+    let trailing = dir.join("trailing.tar.gz");
+    std::fs::write(&trailing, bytes).unwrap();
+    let e = cifar10::extract(&trailing, &keep).unwrap_err().to_string();
+    assert!(
+        e.contains("trailing.tar.gz: data after the end of the gzip stream"),
+        "{e}"
+    );
+    assert!(dir_snapshot(&keep) == before, "trailing: --dir changed");
+
+    // a good archive again replaces the files, and leaves others alone
+    std::fs::write(keep.join("mine.txt"), "mine").unwrap();
+    std::fs::write(keep.join("test_batch.bin"), vec![0u8; 3073]).unwrap();
+    assert_eq!(cifar10::extract(&good, &keep).unwrap(), (7185, 360));
+    let mut after = dir_snapshot(&keep);
+    assert_eq!(
+        after.remove(Path::new("mine.txt")),
+        Some(Some(b"mine".to_vec()))
+    );
+    assert!(after == before);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--archive` must be a regular file (a named pipe would hang the read); nothing is
+/// created when it is not.
+#[test]
+fn archives_that_are_not_regular_files_are_refused_at_once() {
+    let dir = temp_dir("archive-kinds");
+    let fifo = dir.join("fifo.tar.gz");
+    mkfifo(&fifo);
+    let out = dir.join("out");
+    let (f, o) = (fifo.clone(), out.clone());
+    let e = within_20s(move || cifar10::extract(&f, &o).unwrap_err().to_string());
+    assert!(e.contains("fifo.tar.gz") && e.contains("named pipe"), "{e}");
+    assert!(!out.exists());
+    let (ok, _, err) = ferrovit(&[
+        "data",
+        "cifar10",
+        "--archive",
+        dir.to_str().unwrap(),
+        "--dir",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("is a directory"), "{err}");
+    assert!(!out.exists(), "no empty --dir left behind");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A server that sends `bytes` (then, with `endless`, zeros for as long as the client
+/// reads) and holds the connection open until told to go (at most 30 s).
+fn serve_and_hold(
+    bytes: Vec<u8>,
+    endless: bool,
+) -> (
+    String,
+    std::sync::mpsc::Sender<()>,
+    std::thread::JoinHandle<()>,
+) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut req = [0u8; 4096];
+        let _ = std::io::Read::read(&mut conn, &mut req);
+        let _ = conn.write_all(&bytes);
+        let zeros = vec![0u8; 1 << 16];
+        while endless && rx.try_recv().is_err() && conn.write_all(&zeros).is_ok() {}
+        let _ = rx.recv_timeout(std::time::Duration::from_secs(30));
+    });
+    (format!("http://127.0.0.1:{port}/c.tar.gz"), tx, server)
+}
+
+/// `--download` gives up on a silent or stalled server after `--timeout`, refuses a
+/// body larger than any CIFAR-10 archive from its `Content-Length`, and leaves no
+/// `.part` file and no directory it created.
+#[test]
+fn downloads_time_out_and_refuse_oversized_bodies() {
+    let dir = temp_dir("download-limits");
+    let data = dir.join("new");
+    let download = |url: &str| {
+        let t = std::time::Instant::now();
+        let (ok, _, err) = ferrovit(&[
+            "data",
+            "cifar10",
+            "--download",
+            data.to_str().unwrap(),
+            "--url",
+            url,
+            "--timeout",
+            "1",
+        ]);
+        assert!(!ok, "{err}");
+        assert!(err.contains(url), "{err}");
+        assert!(t.elapsed().as_secs() < 15, "took {:?}: {err}", t.elapsed());
+        assert!(!data.exists(), "nothing left behind: {err}");
+        err
+    };
+    // accepts, reads the request, never answers
+    let (url, done, server) = serve_and_hold(Vec::new(), false);
+    let err = download(&url);
+    assert!(
+        err.contains("download failed") && err.contains("timeout"),
+        "{err}"
+    );
+    done.send(()).unwrap();
+    server.join().unwrap();
+    // stalls after 3 bytes of the body
+    let head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nabc".to_vec();
+    let (url, done, server) = serve_and_hold(head, false);
+    let err = download(&url);
+    assert!(
+        err.contains("download interrupted after 3 bytes") && err.contains("timeout"),
+        "{err}"
+    );
+    done.send(()).unwrap();
+    server.join().unwrap();
+    // announces 100 TB and streams zeros
+    let head = b"HTTP/1.1 200 OK\r\nContent-Length: 100000000000000\r\n\r\n".to_vec();
+    let (url, done, server) = serve_and_hold(head, true);
+    let err = download(&url);
+    let limit = cifar10::MAX_ARCHIVE_BYTES;
+    assert!(
+        err.contains(&format!(
+            "announces 100000000000000 bytes, over the {limit}-byte limit"
+        )),
+        "{err}"
+    );
+    let _ = done.send(());
+    server.join().unwrap();
+    // a body that is no CIFAR-10 archive: refused, nothing kept
+    let junk = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello".to_vec();
+    let (url, done, server) = serve_and_hold(junk, false);
+    let err = download(&url);
+    assert!(err.contains("not a valid CIFAR-10 binary archive"), "{err}");
+    done.send(()).unwrap();
+    server.join().unwrap();
+    // the timeout is checked
+    let (ok, _, err) = ferrovit(&["data", "cifar10", "--download", "x", "--timeout", "0"]);
+    assert!(!ok && err.contains("--timeout 0"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn image_sizes_are_checked_from_the_header_before_decoding() {
     use ferrovit::data::folder::load_image;
@@ -268,6 +627,8 @@ fn image_sizes_are_checked_from_the_header_before_decoding() {
         (10_000_000, 1, "over 16384 pixels"),
         (3_000_000, 1, "over 16384 pixels"),
         (16_384, 16_384, "over 67108864 pixels"),
+        (100_000, 100_000, "over 16384 pixels"),
+        (2_147_483_647, 2_147_483_647, "over 16384 pixels"),
     ] {
         let p = dir.join(format!("claims-{w}x{h}.png"));
         std::fs::write(&p, png_header(w, h)).unwrap();
@@ -304,6 +665,17 @@ fn pipes_and_devices_are_refused_at_once() {
         e.contains("data_batch_1.bin") && e.contains("named pipe (FIFO)"),
         "{e}"
     );
+    // the class names file is a named pipe: said so, not "no batches.meta.txt"
+    std::fs::remove_file(cifar.join("batches.meta.txt")).unwrap();
+    mkfifo(&cifar.join("batches.meta.txt"));
+    let c = cifar.clone();
+    let e = within_20s(move || Dataset::open(&c).unwrap_err().to_string());
+    assert!(
+        e.contains("batches.meta.txt") && e.contains("named pipe (FIFO)"),
+        "{e}"
+    );
+    std::fs::remove_file(cifar.join("batches.meta.txt")).unwrap();
+    std::fs::write(cifar.join("batches.meta.txt"), "a\nb\n").unwrap();
     // a symbolic link is followed, but must end at a regular file
     std::fs::remove_file(cifar.join("data_batch_1.bin")).unwrap();
     std::fs::write(cifar.join("data_batch_1.bin"), vec![1u8; 3073]).unwrap();
@@ -421,4 +793,55 @@ fn data_sets_at_another_image_size_and_normalisation() {
     let (raw, _) = custom.raw_batch(&[3], None).unwrap();
     assert_eq!(raw.norm, norm);
     assert_eq!(raw.to_images().unwrap().to_vec_f32(), x.to_vec_f32());
+}
+
+/// An image folder skips nothing silently: an image whose name is not UTF-8 is read;
+/// a class entry that is neither a folder nor a regular file (a named pipe, a looping
+/// link) and a class folder whose name is not UTF-8 are errors naming them.
+#[test]
+fn image_folders_read_or_refuse_every_entry_never_skip_it() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = temp_dir("folder-entries");
+    for split in ["train", "test"] {
+        for class in ["a", "b"] {
+            let d = dir.join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            write_image(&d.join("x.png"), 32, 32, 0);
+        }
+    }
+    std::fs::write(dir.join("train/notes.txt"), "a regular file: skipped").unwrap();
+    let odd = std::ffi::OsStr::from_bytes(b"\xff\xfe.png");
+    write_image(&dir.join("train/a").join(odd), 32, 32, 0);
+    let (train, test) = Dataset::open(&dir).unwrap();
+    assert_eq!(
+        (train.len(), test.len()),
+        (3, 2),
+        "the non-UTF-8 name is read"
+    );
+    assert_eq!(train.labels, [0, 0, 1]);
+
+    let check = |what: &str, want: &str| {
+        let d = dir.clone();
+        let e = within_20s(move || Dataset::open(&d).unwrap_err().to_string());
+        assert!(e.contains(want), "{what}: {e}");
+    };
+    for split in ["train", "test"] {
+        let fifo = dir.join(split).join("c");
+        mkfifo(&fifo);
+        check(
+            "fifo",
+            &format!("{split}/c: is neither a class folder nor a regular file"),
+        );
+        std::fs::remove_file(&fifo).unwrap();
+        let lp = dir.join(split).join("loop");
+        std::os::unix::fs::symlink("loop", &lp).unwrap();
+        check("loop", &format!("{split}/loop: "));
+        std::fs::remove_file(&lp).unwrap();
+        let bad = dir.join(split).join(std::ffi::OsStr::from_bytes(b"c\xff"));
+        std::fs::create_dir(&bad).unwrap();
+        check("name", "class folder's name must be UTF-8");
+        std::fs::remove_dir(&bad).unwrap();
+    }
+    assert!(Dataset::open(&dir).is_ok());
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -258,18 +258,12 @@ fn unpack(file: std::fs::File, len: u64, archive: &Path, staging: &Path) -> Resu
         found.push(name);
     }
     // Drain the stream to its end: the gzip trailer's CRC-32 checks every byte; and
-    // nothing may follow it.
+    // nothing but zero padding (as tape-blocked archives have; Python's gzip skips it
+    // too) may follow it.
     let mut stream = tar.into_inner();
     std::io::copy(&mut stream, &mut std::io::sink())
         .map_err(|e| bad(format!("corrupt or truncated archive: {e}")))?;
-    let mut after = [0u8; 1];
-    if stream
-        .inner
-        .into_inner()
-        .read(&mut after)
-        .map_err(|e| Error::io(archive, e))?
-        > 0
-    {
+    if !only_zeros(stream.inner.into_inner()).map_err(|e| Error::io(archive, e))? {
         return Err(bad("data after the end of the gzip stream".into()));
     }
     let missing: Vec<&str> = FILES[..7]
@@ -284,6 +278,20 @@ fn unpack(file: std::fs::File, len: u64, archive: &Path, staging: &Path) -> Resu
         )));
     }
     Ok(())
+}
+
+/// Whether everything `r` has left is zero bytes.
+fn only_zeros(mut r: impl Read) -> std::io::Result<bool> {
+    let mut buf = [0u8; 1 << 14];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => return Ok(true),
+            Ok(n) if buf[..n].iter().any(|&b| b != 0) => return Ok(false),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// What a tar entry that is not a regular file is, for an error message.

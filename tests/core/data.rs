@@ -475,6 +475,14 @@ fn a_bad_archive_leaves_the_target_directory_as_it_was() {
         "{e}"
     );
     assert!(dir_snapshot(&keep) == before, "trailing: --dir changed");
+    // zero padding after it (a tape-blocked archive) is not data
+    let mut bytes = std::fs::read(&good).unwrap();
+    bytes.resize(bytes.len() + 10240, 0);
+    let padded = dir.join("padded.tar.gz");
+    std::fs::write(&padded, bytes).unwrap();
+    let fresh = dir.join("from-padded");
+    cifar10::extract(&padded, &fresh).unwrap();
+    assert!(fresh.join("test_batch.bin").is_file());
 
     // a good archive again replaces the files, and leaves others alone
     std::fs::write(keep.join("mine.txt"), "mine").unwrap();

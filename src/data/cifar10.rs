@@ -429,9 +429,11 @@ fn commit(staging: &Path, dir: &Path) -> Result<()> {
 /// progress bar when stderr is a terminal) and extracts it. Returns the archive path
 /// and the train and test sizes. On failure `dir` is left as it was.
 pub fn download(url: &str, dir: &Path, timeouts: Timeouts) -> Result<(PathBuf, usize, usize)> {
-    let created = create_missing_dirs(dir)?;
     let archive = dir.join(ARCHIVE);
     let part = dir.join(format!("{ARCHIVE}.part"));
+    // a link (or pipe) left at the .part name would be written through, not replaced
+    crate::files::check_output(&part)?;
+    let created = create_missing_dirs(dir)?;
     let result = fetch(url, &part, timeouts).and_then(|()| {
         let sizes = extract(&part, dir).map_err(|e| Error::Format {
             path: PathBuf::from(url),

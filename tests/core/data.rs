@@ -572,6 +572,27 @@ fn downloads_time_out_and_refuse_oversized_bodies() {
         assert!(!data.exists(), "nothing left behind: {err}");
         err
     };
+    // a link at the .part name is refused before anything is fetched or written
+    let linked = dir.join("linked");
+    std::fs::create_dir(&linked).unwrap();
+    let victim = dir.join("victim.txt");
+    std::fs::write(&victim, "precious").unwrap();
+    let part = linked.join("cifar-10-binary.tar.gz.part");
+    std::os::unix::fs::symlink(&victim, &part).unwrap();
+    let (ok, _, err) = ferrovit(&[
+        "data",
+        "cifar10",
+        "--download",
+        linked.to_str().unwrap(),
+        "--url",
+        "http://127.0.0.1:9/x.tar.gz",
+    ]);
+    assert!(!ok && err.contains("symbolic link"), "{err}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    assert!(std::fs::symlink_metadata(&part)
+        .unwrap()
+        .file_type()
+        .is_symlink());
     // accepts, reads the request, never answers
     let (url, done, server) = serve_and_hold(Vec::new(), false);
     let err = download(&url);

@@ -593,45 +593,38 @@ fn downloads_time_out_and_refuse_oversized_bodies() {
         .unwrap()
         .file_type()
         .is_symlink());
+    // a server sending `head` (then zeros forever when `endless`) is refused with an
+    // error that says each of `says`
+    let refused = |head: &[u8], endless: bool, says: &[&str]| {
+        let (url, done, server) = serve_and_hold(head.to_vec(), endless);
+        let err = download(&url);
+        assert!(says.iter().all(|s| err.contains(s)), "{says:?}: {err}");
+        let _ = done.send(());
+        server.join().unwrap();
+    };
     // accepts, reads the request, never answers
-    let (url, done, server) = serve_and_hold(Vec::new(), false);
-    let err = download(&url);
-    assert!(
-        err.contains("download failed") && err.contains("timeout"),
-        "{err}"
-    );
-    done.send(()).unwrap();
-    server.join().unwrap();
+    refused(b"", false, &["download failed", "timeout"]);
     // stalls after 3 bytes of the body
-    let head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nabc".to_vec();
-    let (url, done, server) = serve_and_hold(head, false);
-    let err = download(&url);
-    assert!(
-        err.contains("download interrupted after 3 bytes") && err.contains("timeout"),
-        "{err}"
+    refused(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nabc",
+        false,
+        &["download interrupted after 3 bytes", "timeout"],
     );
-    done.send(()).unwrap();
-    server.join().unwrap();
     // announces 100 TB and streams zeros
-    let head = b"HTTP/1.1 200 OK\r\nContent-Length: 100000000000000\r\n\r\n".to_vec();
-    let (url, done, server) = serve_and_hold(head, true);
-    let err = download(&url);
     let limit = cifar10::MAX_ARCHIVE_BYTES;
-    assert!(
-        err.contains(&format!(
+    refused(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100000000000000\r\n\r\n",
+        true,
+        &[&format!(
             "announces 100000000000000 bytes, over the {limit}-byte limit"
-        )),
-        "{err}"
+        )],
     );
-    let _ = done.send(());
-    server.join().unwrap();
     // a body that is no CIFAR-10 archive: refused, nothing kept
-    let junk = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello".to_vec();
-    let (url, done, server) = serve_and_hold(junk, false);
-    let err = download(&url);
-    assert!(err.contains("not a valid CIFAR-10 binary archive"), "{err}");
-    done.send(()).unwrap();
-    server.join().unwrap();
+    refused(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+        false,
+        &["not a valid CIFAR-10 binary archive"],
+    );
     // the timeout is checked
     let (ok, _, err) = ferrovit(&["data", "cifar10", "--download", "x", "--timeout", "0"]);
     assert!(!ok && err.contains("--timeout 0"), "{err}");

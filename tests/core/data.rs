@@ -680,22 +680,18 @@ fn pipes_and_devices_are_refused_at_once() {
     std::fs::create_dir_all(&cifar).unwrap();
     std::fs::write(cifar.join("batches.meta.txt"), "a\nb\n").unwrap();
     std::fs::write(cifar.join("test_batch.bin"), vec![0u8; 3073]).unwrap();
+    // opening the data set names `file` as a named pipe, at once
+    let refused_as_pipe = |file: &str| {
+        let c = cifar.clone();
+        let e = within_20s(move || Dataset::open(&c).unwrap_err().to_string());
+        assert!(e.contains(file) && e.contains("named pipe (FIFO)"), "{e}");
+    };
     mkfifo(&cifar.join("data_batch_1.bin"));
-    let c = cifar.clone();
-    let e = within_20s(move || Dataset::open(&c).unwrap_err().to_string());
-    assert!(
-        e.contains("data_batch_1.bin") && e.contains("named pipe (FIFO)"),
-        "{e}"
-    );
+    refused_as_pipe("data_batch_1.bin");
     // the class names file is a named pipe: said so, not "no batches.meta.txt"
     std::fs::remove_file(cifar.join("batches.meta.txt")).unwrap();
     mkfifo(&cifar.join("batches.meta.txt"));
-    let c = cifar.clone();
-    let e = within_20s(move || Dataset::open(&c).unwrap_err().to_string());
-    assert!(
-        e.contains("batches.meta.txt") && e.contains("named pipe (FIFO)"),
-        "{e}"
-    );
+    refused_as_pipe("batches.meta.txt");
     std::fs::remove_file(cifar.join("batches.meta.txt")).unwrap();
     std::fs::write(cifar.join("batches.meta.txt"), "a\nb\n").unwrap();
     // a symbolic link is followed, but must end at a regular file
